@@ -1,0 +1,96 @@
+"""Decode tokens/s of the reference engine with continuous batching at 1, 8 and 32 concurrent
+requests, against sequential transformers `generate` on the same weights, in the same run.
+
+    python bench/engine_decode.py [--tokens 64] [--concurrency 1 8 32] [--json-out FILE]
+
+Prints a JSON document and a table. Target (issue 2): >= 4x the sequential baseline at 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from services.engines.protocol import EngineRequest, SamplingParams  # noqa: E402
+from services.engines.reference import ReferenceEngine  # noqa: E402
+from services.model.loader import load_model  # noqa: E402
+from services.settings import EngineSettings, ModelSettings  # noqa: E402
+from services.tokenizer import PromptTokenizer  # noqa: E402
+
+
+def prompt(tokenizer, i: int) -> list[int]:
+    return tokenizer.encode_chat([{"role": "user", "content": f"request {i}: " + "tell me " * 12}],
+                                 effort="none").ids
+
+
+def sequential_generate(bundle, tokenizer, n_requests: int, tokens: int) -> float:
+    """Tokens/s of `model.generate`, one request after another (the baseline)."""
+    start, produced = time.perf_counter(), 0
+    for i in range(n_requests):
+        ids = torch.tensor([prompt(tokenizer, i)])
+        out = bundle.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                    do_sample=False)
+        produced += out.shape[1] - ids.shape[1]
+    return produced / (time.perf_counter() - start)
+
+
+async def batched(bundle, tokenizer, concurrency: int, tokens: int) -> dict:
+    engine = ReferenceEngine(bundle, EngineSettings(), role="both", context_length=32768,
+                             eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode)
+    requests = [EngineRequest(f"r{i}", prompt(tokenizer, i),
+                              SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+                for i in range(concurrency)]
+    results = await asyncio.gather(*(engine.prefill(r) for r in requests))
+    start = time.perf_counter()
+
+    async def drain(request, result):
+        n = 0
+        async for chunk in engine.decode(request, result.first_token, result.kv):
+            n += len(chunk.token_ids)
+        return n
+
+    produced = sum(await asyncio.gather(*(drain(r, p) for r, p in zip(requests, results))))
+    elapsed = time.perf_counter() - start
+    return {"concurrency": concurrency, "decode_tokens": produced,
+            "tokens_per_s": produced / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tokenizer, bundle = PromptTokenizer(), load_model(ModelSettings())
+    baseline = sequential_generate(bundle, tokenizer, args.baseline_requests, args.tokens)
+    rows = [asyncio.run(batched(bundle, tokenizer, c, args.tokens)) for c in args.concurrency]
+    for row in rows:
+        row["speedup_vs_generate"] = row["tokens_per_s"] / baseline
+    report = {"bench": "engine_decode", "model": "stand-in", "torch_threads": 1,
+              "tokens_per_request": args.tokens, "baseline_generate_tokens_per_s": baseline,
+              "batched": rows, "target": ">= 4x baseline at 32 concurrent",
+              "target_met": any(r["concurrency"] == 32 and r["speedup_vs_generate"] >= 4
+                                for r in rows)}
+    print(json.dumps(report, indent=2))
+    print(f"\n{'mode':>22} | {'tokens/s':>9} | {'x generate':>10}")
+    print(f"{'sequential generate':>22} | {baseline:9.1f} | {1.0:10.2f}")
+    for row in rows:
+        print(f"{'batched c=' + str(row['concurrency']):>22} | {row['tokens_per_s']:9.1f} | "
+              f"{row['speedup_vs_generate']:10.2f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

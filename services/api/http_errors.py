@@ -1,0 +1,32 @@
+"""The one place errors become HTTP responses or SSE error events."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.responses import JSONResponse
+
+from services.errors import StackError, from_exception
+
+log = logging.getLogger("small4.ingress")
+
+
+def as_stack_error(exc: BaseException) -> StackError:
+    """Our typed error for any exception; unexpected ones are logged, never leaked."""
+    error = from_exception(exc)
+    if error.status >= 500 and not isinstance(exc, StackError):
+        log.error("unexpected error: %r", exc, exc_info=exc)
+    return error
+
+
+def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """An OpenAI-style JSON error with the request id in the body and the header."""
+    error = as_stack_error(exc)
+    headers = {"x-request-id": request_id} if request_id else {}
+    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
+
+
+def sse_error(exc: BaseException, request_id: str) -> str:
+    """An SSE `data:` event carrying the error body, for errors after the stream started."""
+    return f"data: {json.dumps(as_stack_error(exc).body(request_id))}\n\n"

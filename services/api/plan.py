@@ -1,0 +1,82 @@
+"""From a validated chat request to what the pool needs: applied effort, prompt ids, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.api.schemas import ChatCompletionRequest
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from services.routing import applied_effort
+from services.settings import LimitSettings, ModelSettings, RoutingSettings
+from services.tokenizer import PromptTokenizer
+
+
+@dataclass
+class RequestPlan:
+    """Everything decided about a request before it is sent to a pool."""
+
+    request: ChatCompletionRequest
+    effort: str
+    engine_request: EngineRequest
+    tools_enabled: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.engine_request.prompt_ids)
+
+
+def plan_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
+                 routing: RoutingSettings, limits: LimitSettings,
+                 tokenizer: PromptTokenizer) -> RequestPlan:
+    """Check the request against the model and limits and encode its prompt."""
+    if req.model != model.name:
+        raise ModelNotFound(f"the model {req.model!r} does not exist; this endpoint serves "
+                            f"{model.name!r}", param="model")
+    if len(req.messages) > limits.max_messages:
+        raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
+                             param="messages")
+    _check_image_urls(req)
+    effort = applied_effort(req.reasoning_effort, routing)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools)
+    max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, seed=req.seed, stop=req.stop_strings)
+    engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
+    return RequestPlan(req, effort, engine_request,
+                       tools_enabled=bool(req.tools) and req.tool_choice != "none")
+
+
+def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSettings,
+                limits: LimitSettings) -> int:
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    room = model.context_length - prompt_len
+    if room <= 0:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {model.context_length} tokens; the "
+            f"messages have {prompt_len}", param="messages")
+    if asked is None:
+        return min(limits.max_tokens_default, room)
+    if asked <= 0:
+        raise InvalidRequest(f"{field} must be at least 1, got {asked}", param=field)
+    if asked > limits.max_tokens_cap:
+        raise InvalidRequest(f"{field} must be at most {limits.max_tokens_cap}, got {asked}",
+                             param=field)
+    if asked > room:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {model.context_length} tokens; the "
+            f"messages have {prompt_len} and {field} asks for {asked}", param="messages")
+    return asked
+
+
+def _check_image_urls(req: ChatCompletionRequest) -> None:
+    for i, message in enumerate(req.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            url = getattr(getattr(part, "image_url", None), "url", None)
+            if url is not None and not url.startswith("data:"):
+                raise InvalidRequest("image URLs are disabled on this endpoint; send the image "
+                                     "as a data: URL", param=f"messages.{i}.content.{j}.image_url")

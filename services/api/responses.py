@@ -1,0 +1,49 @@
+"""OpenAI response bodies: the completion object, stream chunks, usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def usage(prompt: int, completion: int, reasoning: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def tool_call_dicts(calls, start: int = 0, *, streaming: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for i, call in enumerate(calls, start):
+        item = {"id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+        if streaming:
+            item["index"] = i
+        out.append(item)
+    return out
+
+
+def completion(meta: dict[str, Any], *, content: str, reasoning: str, tool_calls: list,
+               finish_reason: str, usage_body: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_call_dicts(tool_calls)
+    return {**meta, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                         "logprobs": None}],
+            "usage": usage_body}
+
+
+def chunk(meta: dict[str, Any], delta: dict[str, Any], finish_reason: str | None = None,
+          usage_body: dict[str, Any] | None = None, *, include_usage: bool = False) -> dict:
+    body = {**meta, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                         "logprobs": None}]}
+    if include_usage:
+        body["usage"] = usage_body
+    return body
+
+
+def usage_chunk(meta: dict[str, Any], usage_body: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage_body}

@@ -1,0 +1,136 @@
+"""The OpenAI chat-completions wire schema we accept, validated before anything else runs.
+
+Unknown top-level fields are ignored (as common OpenAI-compatible servers do); fields we cannot
+honour (`n > 1`) are refused. Validation errors become `InvalidRequest` naming the field path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.errors import InvalidRequest
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Wire):
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+class ImagePart(_Wire):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Wire):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionSpec(_Wire):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Wire):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    reasoning_effort: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        """Messages as plain dicts for mistral-common (developer → system)."""
+        out = []
+        for message in self.messages:
+            item = message.model_dump(exclude_none=True)
+            if item["role"] == "developer":
+                item["role"] = "system"
+            item.pop("reasoning_content", None)
+            out.append(item)
+        return out
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """Validate a decoded JSON body, raising `InvalidRequest` that names the first bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", param=None)
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"] if not _is_union_tag(p)]
+        param = ".".join(loc) or None
+        raise InvalidRequest(f"{param}: {error['msg']}" if param else error["msg"],
+                             param=param) from None
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic inserts the union member's name ("str", "list[...]", "text") into error paths
+    return isinstance(part, str) and (part in {"str", "function-after[_stops(), nullable[union[str,list[str]]]]"}
+                                      or "[" in part or part in {"text", "image_url"})

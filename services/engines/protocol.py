@@ -1,0 +1,97 @@
+"""The engine seam: what every engine (reference, simulated, SGLang) offers the workers.
+
+Calling convention:
+- `prefill(request)` runs the whole prompt and returns a `PrefillResult`: the first sampled token
+  and the engine's KV export (`kv`; None where the engine hands KV over by itself, as SGLang does
+  through its bootstrap server).
+- `decode(request, first_token, kv)` is an async iterator of `TokenChunk`s: the tokens sampled
+  *after* `first_token`, in order, several per chunk when the engine is ahead of its consumer. The
+  last chunk has `finish_reason` set. Closing the iterator early aborts the request.
+- `abort(request_id)` frees the request's KV at once, wherever it is (waiting, prefilling,
+  decoding); it returns whether the engine held the request.
+- `stats()` is cheap and synchronous: running/waiting requests, KV tokens held and capacity, health.
+Errors are `services.errors.StackError`s: `InvalidRequest` for the client's mistakes (named field),
+`EngineError` for the engine's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling for one request; `temperature == 0` is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class EngineRequest:
+    """What an engine sees: token ids, sampling, images as CHW float32 arrays (or refs to them)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    images: list[Any] = field(default_factory=list)
+    trace_headers: dict[str, str] = field(default_factory=dict)
+    # Engine-specific routing fields (SGLang bootstrap host/port/room); empty for the reference.
+    handoff: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrefillResult:
+    """The first sampled token and the KV export of a prompt."""
+
+    request_id: str
+    first_token: int
+    prompt_tokens: int
+    kv: Any = None
+    cached_tokens: int = 0
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+
+
+@dataclass
+class TokenChunk:
+    """Tokens produced since the last chunk; `finish_reason` set on the last one."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A point-in-time view of an engine's load and health."""
+
+    kind: str
+    role: str
+    running: int
+    waiting: int
+    kv_tokens: int
+    kv_capacity: int
+    healthy: bool = True
+    detail: str = ""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Prefill, decode, abort, stats: the four calls a worker makes on its engine."""
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult: ...
+
+    def decode(self, request: EngineRequest, first_token: int, kv: Any) -> AsyncIterator[TokenChunk]: ...
+
+    async def abort(self, request_id: str) -> bool: ...
+
+    def stats(self) -> EngineStats: ...

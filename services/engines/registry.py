@@ -1,0 +1,31 @@
+"""Build the engine named in settings; unknown kinds raise, heavy engines import lazily."""
+
+from __future__ import annotations
+
+from services.engines.protocol import Engine
+from services.settings import EngineSettings, ModelSettings
+from services.tokenizer import PromptTokenizer
+
+
+def build_engine(model: ModelSettings, engine: EngineSettings, *, role: str,
+                 tokenizer: PromptTokenizer) -> Engine:
+    """An engine of `engine.kind` for `role` ("prefill", "decode" or "both")."""
+    if engine.kind == "reference":
+        from services.engines.reference import ReferenceEngine
+        from services.model.loader import load_model
+
+        bundle = load_model(model)
+        if bundle.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the model's vocabulary ({bundle.vocab_size}) is smaller than the "
+                             f"tokenizer's ({tokenizer.vocab_size}); use a matching tokenizer")
+        return ReferenceEngine(bundle, engine, role=role, context_length=model.context_length,
+                               eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode)
+    if engine.kind == "simulated":
+        from services.engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(engine, role=role, context_length=model.context_length,
+                               tokenizer=tokenizer)
+    if engine.kind == "sglang":
+        raise ValueError("the SGLang engine needs a GPU host with the 'sglang' extra installed "
+                         "(pip install '.[sglang]')")
+    raise ValueError(f"unknown engine kind {engine.kind!r}")

@@ -1,0 +1,115 @@
+"""Typed, picklable errors with an HTTP status and an OpenAI-style body.
+
+Every error that crosses a Ray hop is one of these (pydantic's own errors do not survive Ray's
+exception wrapping), and the ingress maps them to HTTP or to an SSE error event in one place.
+"""
+
+from __future__ import annotations
+
+
+class StackError(Exception):
+    """Base error: `status`, OpenAI `type`, the offending `param`, a machine `code`."""
+
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 request_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.code
+        self.request_id = request_id
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.request_id))
+
+    def body(self, request_id: str | None = None, trace_id: str | None = None) -> dict:
+        """The OpenAI error body: `{"error": {"message", "type", "param", "code", ...}}`."""
+        error = {"message": self.message, "type": self.type, "param": self.param,
+                 "code": self.code}
+        rid = request_id or self.request_id
+        if rid:
+            error["request_id"] = rid
+        if trace_id:
+            error["trace_id"] = trace_id
+        return {"error": error}
+
+
+def _rebuild(cls, message, param, code, request_id):
+    return cls(message, param=param, code=code, request_id=request_id)
+
+
+class InvalidRequest(StackError):
+    """The client's request is malformed or out of range (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt plus the requested output does not fit the model's context (400)."""
+
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(StackError):
+    """The request names a model this endpoint does not serve (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(StackError):
+    """No such route (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Overloaded(StackError):
+    """No capacity right now; retry later (503)."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "overloaded"
+
+
+class RequestAborted(StackError):
+    """The request was cancelled (client gone or aborted) before it finished (499-style)."""
+
+    status = 499
+    type = "request_aborted"
+    code = "aborted"
+
+
+class KVHandoffFailed(StackError):
+    """The KV cache could not be handed from prefill to decode (502)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "kv_handoff_failed"
+
+
+class EngineError(StackError):
+    """An engine failed while serving the request (500)."""
+
+    status = 500
+    type = "internal_error"
+    code = "engine_error"
+
+
+def from_exception(exc: BaseException) -> StackError:
+    """Unwrap Ray's exception wrappers to our typed error; anything else becomes `EngineError`."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, StackError):
+            return exc
+        cause = getattr(exc, "cause", None) or exc.__cause__
+        if cause is None:
+            break
+        exc, seen = cause, seen + 1
+    return EngineError(f"internal error: {type(exc).__name__}")

@@ -1,0 +1,46 @@
+"""The KV-handoff seam: how a prompt's KV cache gets from a prefill engine to a decode engine.
+
+Calling convention (the decode side drives; see `services.kv.transfer` for the states):
+- `open(request_id)` on the decode side reserves a transfer and returns a `KVTicket` to send along
+  with the prefill request (SGLang: the bootstrap host/port/room both engines meet at).
+- `send(ticket, kv)` on the prefill side, after prefill, makes the KV available and returns the
+  ticket to hand back (object store: `ray.put`; SGLang: nothing, its engine pushes the KV itself).
+- `receive(ticket)` on the decode side returns the KV in the engine's import form (None where the
+  engine pulls it itself); raises `KVHandoffFailed` on timeout or loss.
+- `release(ticket)` frees whatever the transfer still holds; safe to call twice.
+`concurrent` says whether the decode engine may start before prefill finishes (SGLang) or only
+after (object store: sequential).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class KVTicket:
+    """A transfer's identity and, once sent, where its KV is. Picklable; crosses Ray hops."""
+
+    request_id: str
+    backend: str
+    payload: Any = None
+    num_tokens: int = 0
+    nbytes: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class KVHandoff(Protocol):
+    """Moves one request's KV from prefill to decode."""
+
+    backend: str
+    concurrent: bool
+
+    def open(self, request_id: str) -> KVTicket: ...
+
+    async def send(self, ticket: KVTicket, kv: Any) -> KVTicket: ...
+
+    async def receive(self, ticket: KVTicket) -> Any: ...
+
+    def release(self, ticket: KVTicket) -> None: ...

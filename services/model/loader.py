@@ -1,0 +1,76 @@
+"""Load the model an engine runs: the seeded stand-in, or a local HF checkpoint directory.
+
+Only local files are read (no hub access): a directory of `Mistral3ForConditionalGeneration` (the
+real architecture) or of any causal LM transformers can load. The tokenizer is always
+mistral-common's (the prompt format is Mistral's), so a checkpoint's vocabulary must cover it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.errors import InvalidRequest
+from services.model.standin import IMAGE_TOKEN_ID, build_standin_model
+from services.settings import ModelSettings
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model plus the facts engines need about it."""
+
+    model: Any
+    image_token_id: int | None
+    has_vision: bool
+    vocab_size: int
+    description: str
+
+    def embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
+        """Input embeddings for `ids` [1, n], with each image's vision features at its `[IMG]` slots."""
+        embeds = self.model.get_input_embeddings()(ids)
+        if not images:
+            return embeds
+        if not self.has_vision:
+            raise InvalidRequest("this model has no vision tower; remove the image parts",
+                                 param="messages")
+        core = self.model.model
+        features = [
+            core.get_image_features(pixel_values=px[None].to(embeds.dtype),
+                                    image_sizes=torch.tensor([list(px.shape[-2:])]),
+                                    return_dict=True).pooler_output[0]
+            for px in images
+        ]
+        feats = torch.cat(features, dim=0).to(embeds.dtype)
+        mask = ids == self.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise InvalidRequest(
+                f"prompt has {int(mask.sum())} image slots but the images fill {feats.shape[0]}",
+                param="messages")
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), feats)
+
+
+def load_model(settings: ModelSettings) -> ModelBundle:
+    """Build or load the model named by `settings` (stand-in from seed, or a local checkpoint)."""
+    dtype = getattr(torch, settings.dtype)
+    if settings.source == "standin":
+        model = build_standin_model(settings.seed, dtype)
+        return ModelBundle(model, IMAGE_TOKEN_ID, True, model.config.text_config.vocab_size,
+                           f"stand-in (seed {settings.seed})")
+    return _load_checkpoint(Path(settings.path), dtype)
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> ModelBundle:
+    from transformers import AutoModelForCausalLM, Mistral3ForConditionalGeneration
+
+    config = json.loads((path / "config.json").read_text())
+    if "Mistral3ForConditionalGeneration" in config.get("architectures", []):
+        model = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                                 local_files_only=True)
+        vocab = model.config.text_config.vocab_size
+        return ModelBundle(model.eval(), model.config.image_token_index, True, vocab, str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return ModelBundle(model.eval(), None, False, model.config.vocab_size, str(path))

@@ -1,0 +1,47 @@
+"""Pool choice: the request's reasoning effort picks a pool; a saturated pool spills over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.errors import InvalidRequest
+from services.settings import PoolSettings, RoutingSettings
+
+
+@dataclass(frozen=True)
+class PoolChoice:
+    """The effort applied, the pool that serves the request, and whether it spilled over."""
+
+    effort: str
+    pool: str
+    home_pool: str
+
+    @property
+    def spilled(self) -> bool:
+        return self.pool != self.home_pool
+
+
+def applied_effort(requested: str | None, routing: RoutingSettings) -> str:
+    """Map an OpenAI effort (minimal|low|medium|high|none) to the model's (none|high)."""
+    name = routing.default_effort if requested is None else requested
+    if name not in routing.effort_map:
+        allowed = ", ".join(sorted(routing.effort_map))
+        raise InvalidRequest(f"reasoning_effort must be one of {allowed}; got {name!r}",
+                             param="reasoning_effort")
+    return routing.effort_map[name]
+
+
+def choose_pool(effort: str, pools: dict[str, PoolSettings], in_flight: dict[str, int],
+                routing: RoutingSettings) -> PoolChoice:
+    """The least-loaded pool serving `effort`; if every such pool is at its queue limit and
+    spillover is on, the least-loaded other pool with room."""
+    def load(name: str) -> float:
+        return in_flight.get(name, 0) / pools[name].max_queue
+
+    home = min((n for n, p in pools.items() if p.effort == effort), key=load)
+    if load(home) < 1.0 or not routing.spillover:
+        return PoolChoice(effort, home, home)
+    others = [n for n in pools if pools[n].effort != effort and load(n) < 1.0]
+    if not others:
+        return PoolChoice(effort, home, home)
+    return PoolChoice(effort, min(others, key=load), home)

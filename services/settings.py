@@ -1,0 +1,151 @@
+"""Typed settings of the request path; the root that composes them lives in `cluster.settings`.
+
+Every model forbids unknown keys, so a typo in a profile fails at load time naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Effort = Literal["none", "high"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(Strict):
+    """Which weights and tokenizer to serve, and under which name."""
+
+    name: str = "mistral-small-4"
+    source: Literal["standin", "checkpoint"] = "standin"
+    seed: int = 0
+    path: Path | None = Field(None, description="local HF checkpoint directory (source=checkpoint)")
+    tokenizer: Path | None = Field(None, description="tekken.json; default: the stand-in's")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    context_length: int = Field(32768, gt=0)
+
+    @model_validator(mode="after")
+    def _path_for_checkpoint(self):
+        if self.source == "checkpoint" and self.path is None:
+            raise ValueError("model.path is required when model.source is 'checkpoint'")
+        return self
+
+
+class SimulatedTiming(Strict):
+    """Timing model of the simulated engine (milliseconds)."""
+
+    prefill_ms_per_token: float = Field(0.0, ge=0)
+    prefill_base_ms: float = Field(0.0, ge=0)
+    decode_step_ms: float = Field(0.0, ge=0)
+    decode_ms_per_seq: float = Field(0.0, ge=0)
+    output: Literal["echo", "counter"] = "echo"
+
+
+class EngineSettings(Strict):
+    """The engine behind every worker of the stack and its capacity."""
+
+    kind: Literal["reference", "simulated", "sglang"] = "reference"
+    prefill_chunk_tokens: int = Field(512, gt=0)
+    max_running_requests: int = Field(64, gt=0)
+    kv_capacity_tokens: int = Field(262144, gt=0)
+    torch_threads: int = Field(1, gt=0)
+    simulated: SimulatedTiming = SimulatedTiming()
+
+
+class KVHandoffSettings(Strict):
+    """How prefill hands the KV cache to decode."""
+
+    backend: Literal["object_store", "local", "sglang"] = "object_store"
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class RoleSettings(Strict):
+    """One role (prefill or decode) of one pool: its replicas and their resources."""
+
+    replicas: int = Field(1, ge=0)
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, gt=0)
+
+
+class PoolSettings(Strict):
+    """A replica pool serving one reasoning effort."""
+
+    effort: Effort
+    prefill: RoleSettings = RoleSettings()
+    decode: RoleSettings = RoleSettings()
+    max_queue: int = Field(32, gt=0, description="in-flight requests before spillover")
+
+
+class RoutingSettings(Strict):
+    """How a request's `reasoning_effort` picks a pool."""
+
+    effort_map: dict[str, Effort] = {"none": "none", "minimal": "none", "low": "none",
+                                     "medium": "high", "high": "high"}
+    default_effort: str = "none"
+    spillover: bool = True
+
+    @model_validator(mode="after")
+    def _default_known(self):
+        if self.default_effort not in self.effort_map:
+            raise ValueError(f"routing.default_effort {self.default_effort!r} is not in effort_map")
+        return self
+
+
+class StreamSettings(Strict):
+    """Coalescing of tokens from decode to the ingress: flush at N tokens or after T ms."""
+
+    interval_tokens: int = Field(16, gt=0)
+    interval_ms: float = Field(20.0, ge=0)
+
+
+class LimitSettings(Strict):
+    """Per-request limits enforced at the ingress."""
+
+    max_tokens_default: int = Field(1024, gt=0)
+    max_tokens_cap: int = Field(32768, gt=0)
+    max_messages: int = Field(512, gt=0)
+
+
+class IngressDeploymentSettings(Strict):
+    """The HTTP ingress deployment."""
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    max_ongoing_requests: int = Field(256, gt=0)
+
+
+class ServiceSettings(Strict):
+    """Everything a request-path deployment needs; each deployment reads only its own part."""
+
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    kv_handoff: KVHandoffSettings = KVHandoffSettings()
+    pools: dict[str, PoolSettings] = {"fast": PoolSettings(effort="none"),
+                                      "deep": PoolSettings(effort="high")}
+    routing: RoutingSettings = RoutingSettings()
+    stream: StreamSettings = StreamSettings()
+    limits: LimitSettings = LimitSettings()
+    ingress: IngressDeploymentSettings = IngressDeploymentSettings()
+
+    @model_validator(mode="after")
+    def _every_effort_has_a_pool(self):
+        served = {p.effort for p in self.pools.values()}
+        missing = sorted(set(self.routing.effort_map.values()) - served)
+        if missing:
+            raise ValueError(f"no pool serves effort {missing}; add a pool with that effort")
+        return self
+
+
+class IngressSettings(Strict):
+    """What the ingress needs: the served model, routing, the pools' limits, request limits."""
+
+    model: ModelSettings
+    engine_kind: str
+    routing: RoutingSettings
+    pools: dict[str, PoolSettings]
+    limits: LimitSettings

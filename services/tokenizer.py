@@ -1,0 +1,86 @@
+"""Mistral's prompt format through mistral-common: OpenAI messages in, token ids out, and back.
+
+The ingress owns this; engines only ever see the ids. Decoding keeps control tokens (`[THINK]`,
+`[TOOL_CALLS]`, ...) so the output parser can split reasoning and tool calls.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.errors import InvalidRequest
+from services.model.standin import write_standin_tokenizer
+
+
+@dataclass
+class EncodedPrompt:
+    """Prompt ids with image placeholders expanded, plus the images' CHW float32 pixels."""
+
+    ids: list[int]
+    images: list[np.ndarray]
+    effort: str
+
+
+def standin_tokenizer_path() -> Path:
+    """Where the stand-in `tekken.json` is written (built from mistral-common's own vocabulary)."""
+    return write_standin_tokenizer(Path(tempfile.gettempdir()) / "small4-standin")
+
+
+class PromptTokenizer:
+    """mistral-common's tokenizer with the few calls the stack makes."""
+
+    def __init__(self, path: Path | None = None):
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self.path = Path(path) if path else standin_tokenizer_path()
+        self._mt = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
+        self._raw = self._mt.instruct_tokenizer.tokenizer
+
+    @cached_property
+    def eos_id(self) -> int:
+        return self._raw.eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._raw.n_words
+
+    def special(self, name: str) -> int:
+        """The id of a control token by its name, e.g. `[THINK]`."""
+        return self._raw.get_special_token(name)
+
+    def encode_chat(self, messages: list[dict[str, Any]], *, effort: str,
+                    tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+        """Encode an OpenAI-shaped conversation the way Mistral's own tokenizer does."""
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        try:
+            request = ChatCompletionRequest.from_openai(messages, tools=tools or None,
+                                                        reasoning_effort=effort)
+            tokenized = self._mt.encode_chat_completion(request)
+        except (MistralCommonException, ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(f"messages could not be encoded: {_first_line(exc)}",
+                                 param="messages") from None
+        return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` with control tokens kept as their names."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        return self._mt.decode(ids, special_token_policy=SpecialTokenPolicy.KEEP)
+
+    def token_piece(self, token_id: int) -> str:
+        """One token's text; control tokens as their names."""
+        return self.decode([token_id])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

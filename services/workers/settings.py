@@ -1,0 +1,16 @@
+"""The part of the settings a prefill or decode worker receives."""
+
+from __future__ import annotations
+
+from services.settings import (EngineSettings, KVHandoffSettings, ModelSettings, Strict,
+                               StreamSettings)
+
+
+class WorkerSettings(Strict):
+    """One pool's worker: which model and engine it runs, how KV and tokens leave it."""
+
+    pool: str
+    model: ModelSettings
+    engine: EngineSettings
+    kv_handoff: KVHandoffSettings
+    stream: StreamSettings

@@ -1,0 +1,37 @@
+"""Shared fixtures: the stand-in tokenizer and model (built once), and one Ray per test run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from services.tokenizer import PromptTokenizer
+
+    return PromptTokenizer()
+
+
+@pytest.fixture(scope="session")
+def standin():
+    from services.model.loader import load_model
+    from services.settings import ModelSettings
+
+    return load_model(ModelSettings())
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run (≈5 s), on loopback, shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,47 @@
+"""The settings root: the embedded profile loads, unknown keys and bad values name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.settings import SettingsError, load_settings, parse_settings
+
+
+def test_embedded_profile_runs_two_pools_on_cpu():
+    settings = load_settings()
+    assert settings.profile == "local"
+    assert settings.engine.kind == "reference" and settings.model.source == "standin"
+    assert {p.effort for p in settings.pools.values()} == {"none", "high"}
+    assert all(p.prefill.num_gpus == 0 and p.decode.num_gpus == 0
+               for p in settings.pools.values())
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"engine": {"kind": "reference", "turbo": True}}, "engine.turbo"),
+    ({"modle": {}}, "modle"),
+    ({"pools": {"fast": {"effort": "none", "prefill": {"replicas": -1}}}}, "pools.fast.prefill.replicas"),
+    ({"engine": {"kind": "vllm"}}, "engine.kind"),
+])
+def test_bad_settings_name_the_field(data, field):
+    with pytest.raises(SettingsError) as err:
+        parse_settings(data)
+    assert err.value.field == field
+    assert field in str(err.value)
+
+
+def test_checkpoint_source_needs_a_path():
+    with pytest.raises(SettingsError, match="model.path is required"):
+        parse_settings({"model": {"source": "checkpoint"}})
+
+
+def test_every_mapped_effort_needs_a_pool():
+    with pytest.raises(SettingsError, match="no pool serves effort"):
+        parse_settings({"pools": {"fast": {"effort": "none"}}})
+
+
+def test_profile_file_round_trip(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("profile: tiny\nstream: {interval_tokens: 4}\n")
+    settings = load_settings(path)
+    assert settings.profile == "tiny" and settings.stream.interval_tokens == 4
+    assert settings.worker("fast").stream.interval_tokens == 4
