@@ -23,3 +23,4 @@ test: setup
 
 bench: setup
 	.ci/loopback-only $(PY) bench/engine_decode.py
+	.ci/loopback-only $(PY) bench/stack_overhead.py

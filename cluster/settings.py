@@ -49,11 +49,13 @@ class StackSettings(ServiceSettings):
     def worker(self, pool: str) -> WorkerSettings:
         """The sub-settings one pool's prefill and decode workers receive."""
         return WorkerSettings(pool=pool, model=self.model, engine=self.engine,
-                              kv_handoff=self.kv_handoff, stream=self.stream)
+                              kv_handoff=self.kv_handoff, stream=self.stream,
+                              telemetry=self.telemetry)
 
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,
-                               routing=self.routing, pools=self.pools, limits=self.limits)
+                               routing=self.routing, pools=self.pools, limits=self.limits,
+                               telemetry=self.telemetry)
 
 
 def parse_settings(data: dict[str, Any] | None) -> StackSettings:

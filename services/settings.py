@@ -119,6 +119,26 @@ class IngressDeploymentSettings(Strict):
     max_ongoing_requests: int = Field(256, gt=0)
 
 
+class TracingSettings(Strict):
+    """OpenTelemetry tracing; `endpoint` None leaves it to the SDK's `OTEL_*` variables."""
+
+    enabled: bool = False
+    exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] = "otlp_http"
+    endpoint: str | None = None
+    headers: dict[str, str] = {}
+    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    service_name: str = "small4"
+    resource_attributes: dict[str, str] = {}
+    export_interval_ms: int = Field(1000, gt=0)
+
+
+class TelemetrySettings(Strict):
+    """Traces and logs of every deployment."""
+
+    tracing: TracingSettings = TracingSettings()
+    json_logs: bool = True
+
+
 class ServiceSettings(Strict):
     """Everything a request-path deployment needs; each deployment reads only its own part."""
 
@@ -131,6 +151,7 @@ class ServiceSettings(Strict):
     stream: StreamSettings = StreamSettings()
     limits: LimitSettings = LimitSettings()
     ingress: IngressDeploymentSettings = IngressDeploymentSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @model_validator(mode="after")
     def _every_effort_has_a_pool(self):
@@ -149,3 +170,4 @@ class IngressSettings(Strict):
     routing: RoutingSettings
     pools: dict[str, PoolSettings]
     limits: LimitSettings
+    telemetry: TelemetrySettings = TelemetrySettings()

@@ -28,10 +28,18 @@ def standin():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole run (≈5 s), on loopback, shut down at the end."""
+    """One local Ray for the whole run (≈5 s), on loopback, shut down at the end; metrics are
+    reported every second so tests can read Ray's Prometheus endpoint."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
+             logging_level="ERROR", log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_session):
+    node = ray_session._private.worker.global_worker.node
+    return f"http://127.0.0.1:{node.metrics_export_port}/metrics"

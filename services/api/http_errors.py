@@ -20,13 +20,17 @@ def as_stack_error(exc: BaseException) -> StackError:
     return error
 
 
-def error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
-    """An OpenAI-style JSON error with the request id in the body and the header."""
+def error_response(exc: BaseException, request_id: str | None = None,
+                   trace_id: str | None = None) -> JSONResponse:
+    """An OpenAI-style JSON error with the request and trace ids in the body and headers."""
     error = as_stack_error(exc)
-    headers = {"x-request-id": request_id} if request_id else {}
-    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
+    headers = {"x-small4-request-id": request_id} if request_id else {}
+    if trace_id:
+        headers["x-trace-id"] = trace_id
+    return JSONResponse(error.body(request_id, trace_id), status_code=error.status,
+                        headers=headers)
 
 
-def sse_error(exc: BaseException, request_id: str) -> str:
+def sse_error(exc: BaseException, request_id: str, trace_id: str | None = None) -> str:
     """An SSE `data:` event carrying the error body, for errors after the stream started."""
-    return f"data: {json.dumps(as_stack_error(exc).body(request_id))}\n\n"
+    return f"data: {json.dumps(as_stack_error(exc).body(request_id, trace_id))}\n\n"

@@ -1,27 +1,21 @@
-"""Metrics that count in-process and, inside a Ray worker, export through Ray's metrics."""
+"""Metrics that count in-process and, inside a Ray worker, export through Ray's metrics agent
+(Prometheus names get Ray's `ray_` prefix). Local values make them testable without Ray."""
 
 from __future__ import annotations
 
 from collections import Counter as _Tally
+from collections import defaultdict
 
 
-class Counter:
-    """A labelled counter: readable locally (`value`), exported by Ray when Ray is running."""
+class _Metric:
+    kind = ""
 
-    def __init__(self, name: str, description: str, labels: tuple[str, ...]):
-        self.name, self.description, self.labels = name, description, labels
-        self._local: _Tally = _Tally()
+    def __init__(self, name: str, description: str, labels: tuple[str, ...], **options):
+        self.name, self.description, self.labels, self.options = name, description, labels, options
         self._ray = None
 
-    def inc(self, amount: float = 1.0, **tags: str) -> None:
-        key = tuple(tags[label] for label in self.labels)
-        self._local[key] += amount
-        exporter = self._exporter()
-        if exporter is not None:
-            exporter.inc(amount, tags=tags)
-
-    def value(self, **tags: str) -> float:
-        return self._local[tuple(tags[label] for label in self.labels)]
+    def _key(self, tags: dict[str, str]) -> tuple[str, ...]:
+        return tuple(str(tags[label]) for label in self.labels)
 
     def _exporter(self):
         if self._ray is None:
@@ -31,5 +25,91 @@ class Counter:
                 return None
             from ray.util import metrics
 
-            self._ray = metrics.Counter(self.name, self.description, tag_keys=self.labels)
+            self._ray = getattr(metrics, self.kind)(self.name, self.description,
+                                                    tag_keys=self.labels, **self.options)
         return self._ray
+
+
+class Counter(_Metric):
+    """A monotonically increasing, labelled count."""
+
+    kind = "Counter"
+
+    def __init__(self, name, description, labels):
+        super().__init__(name, description, labels)
+        self._local: _Tally = _Tally()
+
+    def inc(self, amount: float = 1.0, **tags: str) -> None:
+        self._local[self._key(tags)] += amount
+        if amount > 0 and (exporter := self._exporter()) is not None:
+            exporter.inc(amount, tags=tags)
+
+    def value(self, **tags: str) -> float:
+        return self._local[self._key(tags)]
+
+
+class Gauge(_Metric):
+    """A labelled last value."""
+
+    kind = "Gauge"
+
+    def __init__(self, name, description, labels):
+        super().__init__(name, description, labels)
+        self._local: dict[tuple[str, ...], float] = {}
+
+    def set(self, value: float, **tags: str) -> None:
+        self._local[self._key(tags)] = value
+        if (exporter := self._exporter()) is not None:
+            exporter.set(value, tags=tags)
+
+    def value(self, **tags: str) -> float | None:
+        return self._local.get(self._key(tags))
+
+
+class Histogram(_Metric):
+    """A labelled distribution with fixed bucket boundaries (seconds)."""
+
+    kind = "Histogram"
+
+    def __init__(self, name, description, labels, boundaries: list[float]):
+        super().__init__(name, description, labels, boundaries=boundaries)
+        self._local: dict[tuple[str, ...], list[float]] = defaultdict(list)
+
+    def observe(self, value: float, **tags: str) -> None:
+        self._local[self._key(tags)].append(value)
+        if (exporter := self._exporter()) is not None:
+            exporter.observe(value, tags=tags)
+
+    def count(self, **tags: str) -> int:
+        return len(self._local.get(self._key(tags), ()))
+
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
+ROLE = ("pool", "role")
+
+TTFT = Histogram("small4_ttft_seconds", "time to first token, as seen by each role", ROLE,
+                 LATENCY_BUCKETS)
+ITL = Histogram("small4_itl_seconds", "time between output tokens", ROLE, ITL_BUCKETS)
+E2E = Histogram("small4_e2e_seconds", "request latency, arrival to last byte", ROLE,
+                LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge("small4_queue_depth", "requests waiting in an engine", ROLE)
+RUNNING = Gauge("small4_running_requests", "requests running in an engine", ROLE)
+KV_USED = Gauge("small4_kv_tokens_used", "KV cache tokens held", ROLE)
+KV_CAPACITY = Gauge("small4_kv_tokens_capacity", "KV cache token capacity", ROLE)
+PROMPT_TOKENS = Counter("small4_prompt_tokens_total", "prompt tokens served", ("pool",))
+COMPLETION_TOKENS = Counter("small4_completion_tokens_total", "completion tokens served",
+                            ("pool",))
+REASONING_TOKENS = Counter("small4_reasoning_tokens_total", "reasoning tokens served", ("pool",))
+SPILLOVER = Counter("small4_spillover_total", "requests served by another pool than their "
+                    "effort's", ("from_pool", "to_pool"))
+ERRORS = Counter("small4_errors_total", "failed requests by error type", ("pool", "role", "type"))
+
+
+def record_engine(stats, pool: str) -> None:
+    """Publish an engine's load gauges (`EngineStats`)."""
+    tags = {"pool": pool, "role": stats.role}
+    QUEUE_DEPTH.set(stats.waiting, **tags)
+    RUNNING.set(stats.running, **tags)
+    KV_USED.set(stats.kv_tokens, **tags)
+    KV_CAPACITY.set(stats.kv_capacity, **tags)

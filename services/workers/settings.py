@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.settings import (EngineSettings, KVHandoffSettings, ModelSettings, Strict,
-                               StreamSettings)
+                               StreamSettings, TelemetrySettings)
 
 
 class WorkerSettings(Strict):
@@ -14,3 +14,4 @@ class WorkerSettings(Strict):
     engine: EngineSettings
     kv_handoff: KVHandoffSettings
     stream: StreamSettings
+    telemetry: TelemetrySettings = TelemetrySettings()

@@ -1,0 +1,154 @@
+"""What the serving stack adds: TTFT over a direct engine call, and streamed tokens/s.
+
+Deploys, on a local Ray, the stack with the simulated engine at zero compute (isolating the
+stack's own cost) and with the reference engine, plus a simulated app without token coalescing
+(one Ray message per token) as the in-run baseline for streaming throughput. Then measures
+(a) p50/p99 time to first token over HTTP minus the same engine's direct in-process TTFT, and
+(b) aggregate streamed tokens/s through the ingress to 1 and 16 concurrent clients.
+
+    .ci/loopback-only python bench/stack_overhead.py [--requests 40] [--tokens 512]
+
+Targets (issue 3, 2-core machine): <= 15 ms p50 added TTFT; >= 5,000 streamed tokens/s with
+coalescing. Prints JSON and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from cluster.settings import parse_settings  # noqa: E402
+from services.engines.protocol import EngineRequest, SamplingParams  # noqa: E402
+from services.engines.registry import build_engine  # noqa: E402
+from services.tokenizer import PromptTokenizer  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Count for me, please."}]
+POOL = {"effort": "none", "max_queue": 64, "prefill": {"num_cpus": 0.1},
+        "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
+BASE = {"model": {"context_length": 8192}, "ingress": {"num_cpus": 0.1},
+        "pools": {"fast": POOL, "deep": POOL | {"effort": "high"}}}
+ZERO = {"kind": "simulated", "simulated": {"output": "counter"}}
+APPS = {
+    "sim": BASE | {"engine": ZERO},
+    "sim_uncoalesced": BASE | {"engine": ZERO, "stream": {"interval_tokens": 1, "interval_ms": 0}},
+    "ref": BASE,
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def direct_ttft(profile: dict, n: int) -> list[float]:
+    """TTFT of the engine called in-process: prefill, then the first token is known."""
+    settings = parse_settings(profile)
+    tokenizer = PromptTokenizer()
+    engine = build_engine(settings.model, settings.engine, role="both", tokenizer=tokenizer)
+    ids = tokenizer.encode_chat(MESSAGES, effort="none").ids
+    out = []
+    for i in range(n + 2):
+        start = time.perf_counter()
+        await engine.prefill(EngineRequest(f"d{i}", ids, SamplingParams(max_tokens=8)))
+        out.append(time.perf_counter() - start)
+    return out[2:]
+
+
+async def http_stream(http: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int]:
+    """(seconds to the first token event, completion tokens) of one streamed request."""
+    body = {"model": "mistral-small-4", "messages": MESSAGES, "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start, ttft, tokens = time.perf_counter(), None, 0
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return ttft, tokens
+
+
+async def measure_ttft(url: str, n: int) -> list[float]:
+    async with httpx.AsyncClient(timeout=60) as http:
+        for _ in range(3):
+            await http_stream(http, url, 2)
+        return [(await http_stream(http, url, 2))[0] for _ in range(n)]
+
+
+async def measure_throughput(url: str, clients: int, tokens: int) -> float:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(http_stream(http, url, tokens) for _ in range(clients)))
+        return sum(t for _, t in results) / (time.perf_counter() - start)
+
+
+def deploy(port: int) -> dict[str, str]:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    urls = {}
+    for name, profile in APPS.items():
+        prefix = f"/{name}"
+        serve.run(build_app(profile), name=name,
+                  route_prefix=prefix)
+        urls[name] = f"http://127.0.0.1:{port}{prefix}"
+    for url in urls.values():
+        while httpx.get(f"{url}/ready", timeout=10).status_code != 200:
+            time.sleep(0.5)
+    return urls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    urls = deploy(args.port)
+    report = {"bench": "stack_overhead", "requests": args.requests, "tokens": args.tokens,
+              "ttft": {}, "throughput_tokens_per_s": {}}
+    for name in ("sim", "ref"):
+        direct = asyncio.run(direct_ttft(APPS[name], args.requests))
+        stack = asyncio.run(measure_ttft(urls[name], args.requests))
+        report["ttft"][name] = {
+            "direct_p50_ms": 1e3 * statistics.median(direct), "direct_p99_ms": 1e3 * pct(direct, .99),
+            "stack_p50_ms": 1e3 * statistics.median(stack), "stack_p99_ms": 1e3 * pct(stack, .99),
+            "added_p50_ms": 1e3 * (statistics.median(stack) - statistics.median(direct)),
+            "added_p99_ms": 1e3 * (pct(stack, .99) - pct(direct, .99))}
+    for name in ("sim", "sim_uncoalesced"):
+        report["throughput_tokens_per_s"][name] = {
+            str(c): asyncio.run(measure_throughput(urls[name], c, args.tokens)) for c in (1, 16)}
+    added = report["ttft"]["sim"]["added_p50_ms"]
+    best = max(report["throughput_tokens_per_s"]["sim"].values())
+    report["targets"] = {"added_ttft_p50_le_15ms": added <= 15.0,
+                         "streamed_ge_5000_tok_s": best >= 5000.0}
+    print(json.dumps(report, indent=2))
+    print(f"\n{'engine':>8} | {'direct p50':>10} | {'stack p50':>9} | {'added p50':>9} | {'added p99':>9}  (ms)")
+    for name, row in report["ttft"].items():
+        print(f"{name:>8} | {row['direct_p50_ms']:10.2f} | {row['stack_p50_ms']:9.2f} | "
+              f"{row['added_p50_ms']:9.2f} | {row['added_p99_ms']:9.2f}")
+    print(f"\n{'app':>16} | {'1 client':>9} | {'16 clients':>10}  (streamed tokens/s)")
+    for name, row in report["throughput_tokens_per_s"].items():
+        print(f"{name:>16} | {row['1']:9.0f} | {row['16']:10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The composition root: settings → the Ray Serve application (what a RayService imports).
+
+Only this module knows Serve's decorators; the deployments are the plain classes of `services`,
+and each receives its peers' handles through its constructor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.settings import StackSettings, parse_settings
+from services.ingress import Ingress
+from services.settings import RoleSettings
+from services.workers.decode import DecodeWorker
+from services.workers.prefill import PrefillWorker
+
+APP_NAME = "small4"
+
+
+@serve.ingress()
+class IngressDeployment(Ingress):
+    """The ingress with its FastAPI app built per replica, after construction."""
+
+    def __serve_build_asgi_app__(self):
+        return self.build_asgi_app()
+
+
+def _role_options(role: RoleSettings) -> dict[str, Any]:
+    return {"num_replicas": role.replicas, "max_ongoing_requests": role.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}}
+
+
+def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application:
+    """The Serve application for a settings mapping (RayService `args`) or a loaded profile."""
+    settings = args if isinstance(args, StackSettings) else parse_settings(args)
+    decoders = {}
+    for name, pool in settings.pools.items():
+        prefill = serve.deployment(PrefillWorker, name=f"{name}-prefill",
+                                   **_role_options(pool.prefill)).bind(settings.worker(name))
+        decoders[name] = serve.deployment(DecodeWorker, name=f"{name}-decode",
+                                          **_role_options(pool.decode)).bind(
+            settings.worker(name), prefill)
+    ingress = settings.ingress
+    return serve.deployment(
+        IngressDeployment, name="ingress", num_replicas=ingress.replicas,
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+    ).bind(settings.ingress_settings(), decoders)

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP ingress: validates, encodes, picks a pool, streams the answer.
+
+It owns the wire format: pools see token ids and sampling params, and send token ids back in
+chunks, which the ingress parses into content, `reasoning_content` and `tool_calls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from opentelemetry.trace import SpanKind
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, StreamingResponse
+
+from services.api import responses
+from services.api.http_errors import error_response, sse_error
+from services.api.output import OutputParser
+from services.api.plan import RequestPlan, plan_request
+from services.api.schemas import parse_chat_request
+from services.context import RequestContext, new_request_id
+from services.errors import EngineError, InvalidRequest, NotFound, StackError
+from services.routing import PoolChoice, choose_pool
+from services.settings import IngressSettings
+from services.telemetry import metrics, tracing
+from services.telemetry.logs import configure_logging, request_line
+from services.tokenizer import PromptTokenizer
+from services.workers.peer import call, close_stream, stream
+
+
+class Ingress:
+    """HTTP front door; `pools` maps pool name to that pool's decode peer."""
+
+    def __init__(self, settings: IngressSettings, pools: dict[str, Any]):
+        self.settings = settings
+        self.pools = pools
+        self.tokenizer = PromptTokenizer(settings.model.tokenizer)
+        self.in_flight = {name: 0 for name in pools}
+        self.created = int(time.time())
+        tracing.configure(settings.telemetry.tracing, role="ingress")
+        self.log = configure_logging(settings.telemetry.json_logs)
+
+    def build_asgi_app(self) -> FastAPI:
+        """The FastAPI app of this replica (built after construction, routes bound to self)."""
+        app = FastAPI(title="small4", docs_url=None, redoc_url=None)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/ready")(self.ready)
+        app.add_exception_handler(StarletteHTTPException, _http_exception)
+        app.add_exception_handler(Exception, lambda request, exc: error_response(exc))
+        return app
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def models(self) -> dict[str, Any]:
+        model = self.settings.model
+        return {"object": "list", "data": [{
+            "id": model.name, "object": "model", "created": self.created, "owned_by": "small4",
+            "engine": self.settings.engine_kind, "context_length": model.context_length,
+            "pools": {n: p.effort for n, p in self.settings.pools.items()}}]}
+
+    async def ready(self) -> JSONResponse:
+        """200 when every pool has a live decode and prefill replica, else 503 with details."""
+        report, ok = {}, True
+        for name, peer in self.pools.items():
+            try:
+                legs = await asyncio.wait_for(call(peer, "readiness"), 5.0)
+                report[name] = {role: s.healthy for role, s in legs.items()}
+                ok &= all(report[name].values())
+            except Exception as exc:
+                report[name], ok = {"error": type(exc).__name__}, False
+        return JSONResponse({"ready": ok, "pools": report}, status_code=200 if ok else 503)
+
+    async def chat_completions(self, request: Request):
+        request_id, started = new_request_id(), time.perf_counter()
+        incoming = _trace_headers(request)
+        span = tracing.start("POST /v1/chat/completions", incoming, kind=SpanKind.SERVER, **{
+            "http.request.method": "POST", "url.path": "/v1/chat/completions",
+            "small4.request_id": request_id})
+        trace_id = tracing.trace_id(span, incoming)
+        try:
+            with tracing.scope("preprocess", span) as pre:
+                plan = plan_request(parse_chat_request(await _json_body(request)), request_id,
+                                    model=self.settings.model, routing=self.settings.routing,
+                                    limits=self.settings.limits, tokenizer=self.tokenizer)
+                pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
+                                    "small4.images": len(plan.engine_request.images)})
+            with tracing.scope("route", span, **{"small4.effort": plan.effort}) as route:
+                choice = self._choose(plan.effort)
+                route.set_attributes({"small4.pool": choice.pool,
+                                      "small4.spillover": choice.spilled})
+        except Exception as exc:
+            return self._refuse(exc, span, request_id, trace_id, started)
+        ctx = RequestContext(request_id, choice.pool, plan.effort,
+                             trace_headers=tracing.headers_of(span, incoming))
+        return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started))
+
+    def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,
+                started: float, pool: str = "none") -> JSONResponse:
+        """The error response for a request that never streamed; counted, logged, traced."""
+        response = error_response(exc, request_id, trace_id)
+        error_type = json.loads(response.body)["error"]["type"]
+        metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
+        tracing.finish(span, exc, **{"http.response.status_code": response.status_code})
+        request_line(self.log, "request refused", request_id=request_id, trace_id=trace_id,
+                     started=started, status=response.status_code, error_type=error_type)
+        return response
+
+    def _choose(self, effort: str) -> PoolChoice:
+        choice = choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing)
+        if choice.spilled:
+            metrics.SPILLOVER.inc(from_pool=choice.home_pool, to_pool=choice.pool)
+        return choice
+
+    async def _serve(self, plan: RequestPlan, choice: PoolChoice, ctx: RequestContext,
+                     trace: _Trace):
+        self.in_flight[choice.pool] += 1
+        chunks = stream(self.pools[choice.pool], "generate", ctx, plan.engine_request)
+        try:
+            first = await chunks.__anext__()
+        except BaseException as exc:
+            await self._release(choice, chunks)
+            if isinstance(exc, asyncio.CancelledError):
+                tracing.finish(trace.span, exc)
+                raise
+            return self._refuse(exc, trace.span, ctx.request_id, trace.trace_id, trace.started,
+                                choice.pool)
+        metrics.TTFT.observe(time.perf_counter() - trace.started, pool=choice.pool,
+                             role="ingress")
+        headers = {"x-small4-request-id": ctx.request_id, "x-small4-pool": choice.pool,
+                   "x-small4-reasoning-effort": plan.effort,
+                   "x-small4-spillover": "1" if choice.spilled else "0"}
+        if trace.trace_id:
+            headers["x-trace-id"] = trace.trace_id
+        answer = _Answer(self, plan, choice, ctx, trace)
+        if plan.request.stream:
+            return StreamingResponse(answer.sse(first, chunks), headers=headers,
+                                     media_type="text/event-stream")
+        try:
+            return JSONResponse(await answer.collect(first, chunks), headers=headers)
+        except StackError as exc:
+            answer.error = exc
+            return error_response(exc, ctx.request_id, trace.trace_id)
+        finally:
+            await answer.close(chunks)
+
+    async def _release(self, choice: PoolChoice, chunks) -> None:
+        self.in_flight[choice.pool] -= 1
+        await close_stream(chunks)
+
+
+@dataclass
+class _Trace:
+    """The request's server span, its trace id, and when the request arrived."""
+
+    span: Any
+    trace_id: str | None
+    started: float
+
+
+class _Answer:
+    """One request's output: parses chunks into the non-streaming body or SSE events."""
+
+    def __init__(self, ingress: Ingress, plan: RequestPlan, choice: PoolChoice,
+                 ctx: RequestContext, trace: _Trace):
+        self.ingress, self.plan, self.choice, self.trace = ingress, plan, choice, trace
+        self.error: BaseException | None = None
+        self.finish_reason: str | None = None
+        self.parser = OutputParser(ingress.tokenizer, tools_enabled=plan.tools_enabled,
+                                   stop=plan.request.stop_strings)
+        self.meta = {"id": ctx.request_id, "created": int(ctx.created),
+                     "model": ingress.settings.model.name, "reasoning_effort": plan.effort,
+                     "pool": choice.pool}
+
+    def usage(self) -> dict[str, Any]:
+        return responses.usage(self.plan.prompt_tokens, self.parser.completion_tokens,
+                               self.parser.reasoning_tokens)
+
+    async def _chunks(self, first, chunks):
+        chunk = first
+        while True:
+            yield chunk
+            if chunk.finish_reason:
+                return
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                raise EngineError("the decode stream ended without a finish reason") from None
+
+    async def collect(self, first, chunks) -> dict[str, Any]:
+        content, reasoning, calls, finish = [], [], [], "stop"
+        async for chunk in self._chunks(first, chunks):
+            for delta in [self.parser.feed(chunk.token_ids)]:
+                content.append(delta.content), reasoning.append(delta.reasoning)
+                calls.extend(delta.tool_calls)
+            finish = chunk.finish_reason or finish
+        delta, finish = self.parser.finish(finish)
+        content.append(delta.content), reasoning.append(delta.reasoning)
+        calls.extend(delta.tool_calls)
+        self.finish_reason = finish
+        return responses.completion(self.meta, content="".join(content),
+                                    reasoning="".join(reasoning), tool_calls=calls,
+                                    finish_reason=finish, usage_body=self.usage())
+
+    async def close(self, chunks) -> None:
+        """Release the pool slot, stop the stream, and account for the request once."""
+        await self.ingress._release(self.choice, chunks)
+        pool, trace = self.choice.pool, self.trace
+        if self.finish_reason:
+            metrics.PROMPT_TOKENS.inc(self.plan.prompt_tokens, pool=pool)
+            metrics.COMPLETION_TOKENS.inc(self.parser.completion_tokens, pool=pool)
+            metrics.REASONING_TOKENS.inc(self.parser.reasoning_tokens, pool=pool)
+        if self.error is not None:
+            metrics.ERRORS.inc(pool=pool, role="ingress",
+                               type=getattr(self.error, "type", "internal_error"))
+        metrics.E2E.observe(time.perf_counter() - trace.started, pool=pool, role="ingress")
+        tracing.finish(trace.span, self.error, **{
+            "small4.finish_reason": self.finish_reason or "abort",
+            "small4.completion_tokens": self.parser.completion_tokens})
+        request_line(self.ingress.log, "request done", request_id=self.meta["id"],
+                     trace_id=trace.trace_id, started=trace.started, pool=pool,
+                     finish_reason=self.finish_reason or "abort",
+                     prompt_tokens=self.plan.prompt_tokens,
+                     completion_tokens=self.parser.completion_tokens,
+                     error_type=getattr(self.error, "type", None))
+
+    async def sse(self, first, chunks):
+        include_usage = bool(self.plan.request.stream_options
+                             and self.plan.request.stream_options.include_usage)
+        n_calls = 0
+        try:
+            yield _event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
+            finish = None
+            async for chunk in self._chunks(first, chunks):
+                delta = self.parser.feed(chunk.token_ids)
+                body = _delta_dict(delta, n_calls)
+                n_calls += len(delta.tool_calls)
+                if body:
+                    yield _event(responses.chunk(self.meta, body))
+                finish = chunk.finish_reason
+            delta, finish = self.parser.finish(finish)
+            self.finish_reason = finish
+            yield _event(responses.chunk(self.meta, _delta_dict(delta, n_calls), finish))
+            if include_usage:
+                yield _event(responses.usage_chunk(self.meta, self.usage()))
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = exc
+            yield sse_error(exc, self.meta["id"], self.trace.trace_id)
+        finally:
+            await self.close(chunks)
+
+
+def _delta_dict(delta, first_index: int) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if delta.content:
+        body["content"] = delta.content
+    if delta.reasoning:
+        body["reasoning_content"] = delta.reasoning
+    if delta.tool_calls:
+        body["tool_calls"] = responses.tool_call_dicts(delta.tool_calls, first_index,
+                                                       streaming=True)
+    return body
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+
+
+def _trace_headers(request: Request) -> dict[str, str]:
+    return {k: v for k in ("traceparent", "tracestate") if (v := request.headers.get(k))}
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+    error = StackError(str(exc.detail))
+    error.status, error.type = exc.status_code, "invalid_request_error"
+    return error_response(error)

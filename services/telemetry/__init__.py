@@ -1,0 +1,1 @@
+"""Traces (OpenTelemetry), metrics (Ray's Prometheus export) and structured logs."""

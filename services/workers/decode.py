@@ -1,0 +1,160 @@
+"""The decode worker: drives the prefill → KV handoff → decode sequence for each request.
+
+It is the orchestrator of the disaggregated path (states in `services.kv.transfer`): it opens a
+transfer, asks a prefill replica of its pool for the prompt's KV, imports it, and streams tokens
+back in coalesced chunks (at most one message per `stream.interval_tokens` tokens or
+`stream.interval_ms`, never one per token). Cancelling the stream aborts whichever leg is live and
+releases the KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.context import RequestContext
+from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
+from services.engines.registry import build_engine
+from services.errors import KVHandoffFailed, StackError, from_exception
+from services.kv.backends import build_handoff
+from services.kv.transfer import KVState, KVTransfer
+from services.settings import StreamSettings
+from services.telemetry import metrics, tracing
+from services.tokenizer import PromptTokenizer
+from services.workers.peer import call
+from services.workers.prefill import PrefillReply
+from services.workers.settings import WorkerSettings
+
+
+@dataclass
+class StreamChunk:
+    """Tokens on their way to the ingress; the first chunk also carries the prefill facts."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+class DecodeWorker:
+    """Serves `generate` for one pool, with `prefill` as its peer (a handle or an object)."""
+
+    role = "decode"
+
+    def __init__(self, settings: WorkerSettings, prefill: Any):
+        self.settings = settings
+        self.prefill = prefill
+        tokenizer = PromptTokenizer(settings.model.tokenizer)
+        self.engine = build_engine(settings.model, settings.engine, role=self.role,
+                                   tokenizer=tokenizer)
+        self.handoff = build_handoff(settings.kv_handoff)
+        self.tags = {"pool": settings.pool, "role": self.role}
+        tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
+
+    async def generate(self, ctx: RequestContext,
+                       request: EngineRequest) -> AsyncIterator[StreamChunk]:
+        """Prefill remotely, import the KV, then stream the decoded tokens in chunks."""
+        received = time.perf_counter()
+        span = tracing.start("decode", ctx.trace_headers, **{
+            "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
+        outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
+        try:
+            reply, kv, transfer = await self._remote_prefill(
+                replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
+                request, span)
+            ttft = time.perf_counter() - received
+            metrics.TTFT.observe(ttft, **self.tags)
+            span.set_attribute("small4.ttft_s", ttft)
+            outcome["tokens_out"] = 1
+            yield StreamChunk([reply.first_token], None, reply.prompt_tokens,
+                              _timings(reply, transfer, self.handoff.backend))
+            stream = self.engine.decode(request, reply.first_token, kv)
+            async with aclosing(coalesce(stream, self.settings.stream, self._observe_itl)) as chunks:
+                async for chunk in chunks:
+                    outcome["tokens_out"] += len(chunk.token_ids)
+                    outcome["finish_reason"] = chunk.finish_reason
+                    yield chunk
+        except Exception as exc:
+            outcome["error"] = exc
+            metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
+            raise
+        finally:
+            tracing.finish(span, outcome["error"], **{
+                "small4.tokens_out": outcome["tokens_out"],
+                "small4.finish_reason": outcome["finish_reason"] or "abort"})
+            metrics.record_engine(self.engine.stats(), self.settings.pool)
+
+    def _observe_itl(self, seconds: float, tokens: int) -> None:
+        for _ in range(tokens):
+            metrics.ITL.observe(seconds / tokens, **self.tags)
+
+    async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
+        transfer = KVTransfer(self.handoff, request.request_id)
+        try:
+            transfer.move(KVState.TRANSFERRING)
+            reply: PrefillReply = await call(self.prefill, "prefill", ctx, request,
+                                             transfer.ticket)
+            transfer.ready(reply.ticket)
+            with tracing.scope("kv_handoff", span, **{
+                    "small4.kv_backend": self.handoff.backend,
+                    "small4.kv_bytes": reply.ticket.nbytes,
+                    "small4.kv_tokens": reply.ticket.num_tokens}):
+                kv = await transfer.consume()
+        except asyncio.CancelledError:
+            transfer.end(KVState.ABORTED)
+            await self._abort_prefill(request.request_id)
+            raise
+        except StackError:
+            transfer.end(KVState.FAILED)
+            raise
+        except Exception as exc:
+            transfer.end(KVState.FAILED)
+            raise KVHandoffFailed(f"prefill failed: {type(exc).__name__}",
+                                  request_id=request.request_id) from exc
+        return reply, kv, transfer
+
+    async def _abort_prefill(self, request_id: str) -> None:
+        try:
+            await asyncio.shield(call(self.prefill, "abort", request_id))
+        except Exception:  # the prefill replica may be gone; its KV went with it
+            pass
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def readiness(self) -> dict[str, EngineStats]:
+        """This replica's and a prefill replica's stats: both legs of the pool answer."""
+        return {"decode": self.engine.stats(), "prefill": await call(self.prefill, "stats")}
+
+
+def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:
+    return {"prefill_queue_s": reply.queue_s, "prefill_s": reply.compute_s,
+            "kv_s": transfer.seconds(KVState.READY, KVState.CONSUMED),
+            "kv_bytes": transfer.ticket.nbytes, "kv_backend": backend}
+
+
+async def coalesce(chunks: AsyncIterator[TokenChunk], interval: StreamSettings,
+                   on_tokens: Callable[[float, int], None] | None = None,
+                   ) -> AsyncIterator[StreamChunk]:
+    """Merge engine chunks until `interval_tokens` or `interval_ms` is reached, or the end;
+    `on_tokens(seconds, n)` hears each engine chunk's arrival gap and size."""
+    pending: list[int] = []
+    last = arrived = time.perf_counter()
+    async for chunk in chunks:
+        pending.extend(chunk.token_ids)
+        now = time.perf_counter()
+        if on_tokens is not None and chunk.token_ids:
+            on_tokens(now - arrived, len(chunk.token_ids))
+        arrived = now
+        due = (len(pending) >= interval.interval_tokens
+               or (now - last) * 1000.0 >= interval.interval_ms)
+        if chunk.finish_reason or (pending and due):
+            yield StreamChunk(pending, chunk.finish_reason)
+            pending, last = [], now

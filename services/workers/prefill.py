@@ -1,0 +1,73 @@
+"""The prefill worker: runs prompts on its engine and sends their KV through the handoff."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from services.context import RequestContext
+from services.engines.protocol import EngineRequest, EngineStats
+from services.engines.registry import build_engine
+from services.kv.backends import build_handoff
+from services.errors import from_exception
+from services.kv.protocol import KVTicket
+from services.telemetry import metrics, tracing
+from services.tokenizer import PromptTokenizer
+from services.workers.settings import WorkerSettings
+
+
+@dataclass
+class PrefillReply:
+    """What decode needs from prefill: the first token, the KV ticket, and timings."""
+
+    first_token: int
+    prompt_tokens: int
+    ticket: KVTicket
+    cached_tokens: int
+    queue_s: float
+    compute_s: float
+
+
+class PrefillWorker:
+    """Serves `prefill` for one pool; a deployment of it scales independently of decode."""
+
+    role = "prefill"
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        tokenizer = PromptTokenizer(settings.model.tokenizer)
+        self.engine = build_engine(settings.model, settings.engine, role=self.role,
+                                   tokenizer=tokenizer)
+        self.handoff = build_handoff(settings.kv_handoff)
+        self.tags = {"pool": settings.pool, "role": self.role}
+        tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
+
+    async def prefill(self, ctx: RequestContext, request: EngineRequest,
+                      ticket: KVTicket) -> PrefillReply:
+        """Run the prompt, send its KV under `ticket`, and return the first token."""
+        started = time.perf_counter()
+        with tracing.scope("prefill", ctx.trace_headers, **{
+                "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool,
+                "small4.prompt_tokens": len(request.prompt_ids),
+                "small4.images": len(request.images)}) as span:
+            try:
+                result = await self.engine.prefill(request)
+                ticket = await self.handoff.send(ticket, result.kv)
+            except Exception as exc:
+                metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
+                raise
+            finally:
+                metrics.record_engine(self.engine.stats(), self.settings.pool)
+            span.set_attributes({"small4.queue_wait_s": result.queue_s,
+                                 "small4.compute_s": result.compute_s,
+                                 "small4.cached_tokens": result.cached_tokens,
+                                 "small4.kv_bytes": ticket.nbytes})
+        metrics.TTFT.observe(time.perf_counter() - started, **self.tags)
+        return PrefillReply(result.first_token, result.prompt_tokens, ticket,
+                            result.cached_tokens, result.queue_s, result.compute_s)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()

@@ -1,0 +1,205 @@
+"""The deployed stack over HTTP with the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from services.api.output import parse_completion
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.engines.reference import ReferenceEngine
+from services.settings import EngineSettings
+
+pytestmark = pytest.mark.ray
+MODEL = "mistral-small-4"
+HELLO = [{"role": "user", "content": "Say something about the sea."}]
+
+
+def engine_level_greedy(standin, tokenizer, messages, effort, max_tokens):
+    """The same prompt straight on a reference engine, no Ray, no HTTP."""
+    engine = ReferenceEngine(standin, EngineSettings(), role="both", context_length=4096,
+                             eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode)
+    request = EngineRequest("direct", tokenizer.encode_chat(messages, effort=effort).ids,
+                            SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+    async def go():
+        result = await engine.prefill(request)
+        tokens, finish = [result.first_token], None
+        async for chunk in engine.decode(request, result.first_token, result.kv):
+            tokens, finish = tokens + chunk.token_ids, chunk.finish_reason
+        return tokens, finish or "length"
+
+    tokens, finish = asyncio.run(go())
+    return tokens, parse_completion(tokenizer, tokens, finish, tools_enabled=False, stop=())
+
+
+def test_greedy_over_http_equals_engine_level_greedy(client, standin, tokenizer):
+    tokens, (content, reasoning, _, finish) = engine_level_greedy(standin, tokenizer, HELLO,
+                                                                  "none", 24)
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24,
+                                           temperature=0)
+    assert reply.choices[0].message.content == (content or None)
+    assert reply.choices[0].finish_reason == finish
+    assert reply.usage.completion_tokens == len(tokens)
+    assert reply.usage.prompt_tokens == len(tokenizer.encode_chat(HELLO, effort="none").ids)
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(client):
+    kwargs = dict(model=MODEL, messages=HELLO, max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True,
+                                                 stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (whole.choices[0].message.content or "")
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert 1 < len(content_chunks) < whole.usage.completion_tokens  # coalesced, yet streamed
+
+
+@pytest.mark.parametrize("effort, pool, applied", [
+    (None, "fast", "none"), ("low", "fast", "none"), ("minimal", "fast", "none"),
+    ("medium", "deep", "high"), ("high", "deep", "high"), ("none", "fast", "none"),
+])
+def test_efforts_land_in_their_pools(client, effort, pool, applied):
+    extra = {} if effort is None else {"reasoning_effort": effort}
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO,
+                                                           max_tokens=2, **extra)
+    assert raw.headers["x-small4-pool"] == pool
+    assert raw.headers["x-small4-reasoning-effort"] == applied
+    assert raw.parse().model_extra["reasoning_effort"] == applied
+
+
+def test_reasoning_content_is_split(sim_client):
+    question = "why is the sky blue"
+    reply = sim_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], reasoning_effort="high")
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning_content"] == question
+    assert message.content == question
+    assert reply.usage.completion_tokens_details.reasoning_tokens >= 2
+    stream = sim_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], reasoning_effort="high",
+        stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == question
+    assert "".join(d.content or "" for d in deltas) == question
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup", "description": "Look a thing up",
+    "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_are_parsed(sim_client, stream):
+    messages = [{"role": "user", "content": "find the tide tables"}]
+    reply = sim_client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                               stream=stream)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        name, args = calls[0].function.name, calls[0].function.arguments
+        assert finish == ["tool_calls"] and len(calls) == 1 and calls[0].index == 0
+    else:
+        call = reply.choices[0].message.tool_calls[0]
+        name, args = call.function.name, call.function.arguments
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert len(call.id) == 9 and call.id.isalnum()
+    assert name == "lookup" and json.loads(args) == {"input": "find the tide tables"}
+
+
+def test_models_lists_the_engine_kind(client, sim_client):
+    ref = client.models.list().data[0]
+    sim = sim_client.models.list().data[0]
+    assert ref.id == sim.id == MODEL
+    assert ref.model_extra["engine"] == "reference" and sim.model_extra["engine"] == "simulated"
+
+
+def test_health_and_ready(stack):
+    assert httpx.get(f"{stack['ref']}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack['ref']}/ready").json()
+    assert ready["ready"] and ready["pools"] == {"fast": {"decode": True, "prefill": True},
+                                                 "deep": {"decode": True, "prefill": True}}
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "many words " * 3000}]}, "messages"),
+])
+def test_client_mistakes_get_400_naming_the_field(client, kwargs, param):
+    args = {"model": MODEL, "messages": HELLO} | kwargs
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**args)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert err.value.body["request_id"].startswith("chatcmpl-")
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "mistral-small-4"}'])
+def test_malformed_bodies_are_400_not_500(stack, body):
+    reply = httpx.post(f"{stack['ref']}/v1/chat/completions", content=body,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_an_openai_404(stack):
+    reply = httpx.get(f"{stack['ref']}/v1/nothing")
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
+
+
+def test_spillover_when_home_pool_is_full(stack, sim_client):
+    """fast has max_queue 1 in the sim app: a second concurrent `none` request goes to deep."""
+    long_text = " ".join(f"word{i}" for i in range(80))  # ~80 steps of 10 ms
+
+    async def both():
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}]}
+            first = asyncio.create_task(http.post(f"{stack['sim']}/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)
+            second = await http.post(f"{stack['sim']}/v1/chat/completions", json=body)
+            return await first, second
+
+    first, second = asyncio.run(both())
+    assert first.headers["x-small4-pool"] == "fast" and first.headers["x-small4-spillover"] == "0"
+    assert second.headers["x-small4-pool"] == "deep" and second.headers["x-small4-spillover"] == "1"
+    assert second.headers["x-small4-reasoning-effort"] == "none"
+    assert second.json()["choices"][0]["message"]["content"] == long_text
+
+
+def test_client_disconnect_aborts_and_frees_kv(stack):
+    from ray import serve
+
+    decode = serve.get_deployment_handle("fast-decode", app_name="ref")
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3000, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{stack['ref']}/v1/chat/completions", json=body,
+                      timeout=60) as reply:
+        lines = reply.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert decode.stats.remote().result().kv_tokens > 0
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = decode.stats.remote().result()
+        if stats.kv_tokens == 0 and stats.running == 0:
+            break
+        time.sleep(0.2)
+    assert (stats.running, stats.kv_tokens) == (0, 0)
