@@ -43,6 +43,8 @@ def cmd_up(args) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
+        if settings.ray.throughput_optimized:  # read by Ray's processes when they start
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024)
     serve.start(http_options={"host": settings.http.host, "port": port})

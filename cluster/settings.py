@@ -30,6 +30,9 @@ class RaySettings(Strict):
 
     num_cpus: int | None = Field(None, gt=0)
     object_store_mb: int = Field(512, gt=64)
+    throughput_optimized: bool = Field(
+        True, description="Ray Serve's high-throughput mode (gRPC between deployments, direct "
+        "ingress, user code on the replica loop); applied when `small4 up` starts Ray")
 
 
 class HttpSettings(Strict):

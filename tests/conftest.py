@@ -9,6 +9,7 @@ import pytest
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `small4 up` runs it
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ app at `/sim` (echo output, so reasoning and tool calls come back deterministica
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -141,3 +142,22 @@ def sim_client(stack):
     with OpenAI(base_url=f"{stack['sim']}/v1", api_key="unused", max_retries=0,
                 timeout=60) as openai_client:
         yield openai_client
+
+
+@pytest.fixture(scope="session")
+def ask(stack):
+    """Call a deployment's method from the test driver: `ask(app, deployment, method)`.
+
+    Handles bind their router to one event loop, so every call runs on one loop thread."""
+    from ray import serve
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def call(app, deployment, method):
+        return await getattr(serve.get_deployment_handle(deployment, app_name=app), method).remote()
+
+    yield lambda *args: asyncio.run_coroutine_threadsafe(call(*args), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
