@@ -15,6 +15,7 @@ from cluster.settings import StackSettings, parse_settings
 from services.ingress import Ingress
 from services.settings import RoleSettings
 from services.workers.decode import DecodeWorker
+from services.workers.multimodal import MultimodalWorker
 from services.workers.prefill import PrefillWorker
 
 APP_NAME = "small4"
@@ -43,9 +44,14 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
         decoders[name] = serve.deployment(DecodeWorker, name=f"{name}-decode",
                                           **_role_options(pool.decode)).bind(
             settings.worker(name), prefill)
+    mm = settings.multimodal
+    multimodal = serve.deployment(
+        MultimodalWorker, name="multimodal", num_replicas=mm.replicas,
+        max_ongoing_requests=mm.max_ongoing_requests, ray_actor_options={"num_cpus": mm.num_cpus},
+    ).bind(settings.multimodal_settings())
     ingress = settings.ingress
     return serve.deployment(
         IngressDeployment, name="ingress", num_replicas=ingress.replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(settings.ingress_settings(), decoders)
+    ).bind(settings.ingress_settings(), decoders, multimodal)

@@ -10,6 +10,7 @@ from cluster.settings import StackSettings
 from services.ingress import Ingress
 from services.settings import KVHandoffSettings
 from services.workers.decode import DecodeWorker
+from services.workers.multimodal import MultimodalWorker
 from services.workers.prefill import PrefillWorker
 
 
@@ -20,4 +21,5 @@ def build_inprocess(settings: StackSettings) -> Ingress:
     for name in settings.pools:
         worker = local.worker(name)
         decoders[name] = DecodeWorker(worker, PrefillWorker(worker))
-    return Ingress(settings.ingress_settings(), decoders)
+    return Ingress(settings.ingress_settings(), decoders,
+                   MultimodalWorker(settings.multimodal_settings()))

@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from services.settings import IngressSettings, ServiceSettings, Strict
+from services.workers.multimodal import MultimodalWorkerSettings
 from services.workers.settings import WorkerSettings
 
 
@@ -54,6 +55,10 @@ class StackSettings(ServiceSettings):
         return WorkerSettings(pool=pool, model=self.model, engine=self.engine,
                               kv_handoff=self.kv_handoff, stream=self.stream,
                               telemetry=self.telemetry)
+
+    def multimodal_settings(self) -> MultimodalWorkerSettings:
+        return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,
+                                        telemetry=self.telemetry)
 
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,

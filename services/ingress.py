@@ -20,24 +20,28 @@ from starlette.responses import JSONResponse, StreamingResponse
 from services.api import responses
 from services.api.http_errors import error_response, sse_error
 from services.api.output import OutputParser
-from services.api.plan import RequestPlan, plan_request
+from services.api.plan import RequestPlan, admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.errors import EngineError, InvalidRequest, NotFound, StackError
+from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, choose_pool
 from services.settings import IngressSettings
 from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
-from services.tokenizer import PromptTokenizer
+from services.tokenizer import EncodedPrompt, PromptTokenizer
 from services.workers.peer import call, close_stream, stream
 
 
 class Ingress:
-    """HTTP front door; `pools` maps pool name to that pool's decode peer."""
+    """HTTP front door; `pools` maps pool name to that pool's decode peer, `multimodal` is the
+    image preprocessing peer (None: images are refused)."""
 
-    def __init__(self, settings: IngressSettings, pools: dict[str, Any]):
+    def __init__(self, settings: IngressSettings, pools: dict[str, Any],
+                 multimodal: Any = None):
         self.settings = settings
         self.pools = pools
+        self.multimodal = multimodal
         self.tokenizer = PromptTokenizer(settings.model.tokenizer)
         self.in_flight = {name: 0 for name in pools}
         self.created = int(time.time())
@@ -86,9 +90,13 @@ class Ingress:
         trace_id = tracing.trace_id(span, incoming)
         try:
             with tracing.scope("preprocess", span) as pre:
-                plan = plan_request(parse_chat_request(await _json_body(request)), request_id,
-                                    model=self.settings.model, routing=self.settings.routing,
-                                    limits=self.settings.limits, tokenizer=self.tokenizer)
+                req = parse_chat_request(await _json_body(request))
+                effort = admit(req, model=self.settings.model, routing=self.settings.routing,
+                               limits=self.settings.limits)
+                prompt = await self._encode(req, effort, RequestContext(
+                    request_id, "", effort, trace_headers=tracing.headers_of(pre, incoming)))
+                plan = plan_request(req, request_id, effort=effort, prompt=prompt,
+                                    model=self.settings.model, limits=self.settings.limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
             with tracing.scope("route", span, **{"small4.effort": plan.effort}) as route:
@@ -100,6 +108,15 @@ class Ingress:
         ctx = RequestContext(request_id, choice.pool, plan.effort,
                              trace_headers=tracing.headers_of(span, incoming))
         return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started))
+
+    async def _encode(self, req, effort: str, ctx: RequestContext) -> EncodedPrompt:
+        """Text stays here; a request with images is encoded by the multimodal deployment."""
+        messages, tools = req.openai_messages(), tools_of(req)
+        if not image_parts(messages):
+            return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+        if self.multimodal is None:
+            raise InvalidRequest("this endpoint does not accept images", param="messages")
+        return await call(self.multimodal, "encode", ctx, messages, effort, tools)
 
     def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,
                 started: float, pool: str = "none") -> JSONResponse:

@@ -119,6 +119,28 @@ class IngressDeploymentSettings(Strict):
     max_ongoing_requests: int = Field(256, gt=0)
 
 
+class ImageSettings(Strict):
+    """What image inputs are accepted, and from where."""
+
+    max_images: int = Field(8, ge=0, description="images per request")
+    max_bytes: int = Field(10 * 1024 * 1024, gt=0, description="encoded bytes per image")
+    max_pixels: int = Field(40_000_000, gt=0, description="decoded width x height per image")
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")
+    allow_urls: bool = Field(False, description="fetch http(s) image URLs (data: URLs always)")
+    url_allowlist: tuple[str, ...] = Field((), description="hosts; '.example.com' = subdomains")
+    url_timeout_s: float = Field(5.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+
+
+class MultimodalSettings(Strict):
+    """The image preprocessing deployment: its replicas and the image policy."""
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0)
+    max_ongoing_requests: int = Field(16, gt=0)
+    images: ImageSettings = ImageSettings()
+
+
 class TracingSettings(Strict):
     """OpenTelemetry tracing; `endpoint` None leaves it to the SDK's `OTEL_*` variables."""
 
@@ -151,6 +173,7 @@ class ServiceSettings(Strict):
     stream: StreamSettings = StreamSettings()
     limits: LimitSettings = LimitSettings()
     ingress: IngressDeploymentSettings = IngressDeploymentSettings()
+    multimodal: MultimodalSettings = MultimodalSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 
     @model_validator(mode="after")

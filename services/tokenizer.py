@@ -56,14 +56,22 @@ class PromptTokenizer:
         return self._raw.get_special_token(name)
 
     def encode_chat(self, messages: list[dict[str, Any]], *, effort: str,
-                    tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
-        """Encode an OpenAI-shaped conversation the way Mistral's own tokenizer does."""
+                    tools: list[dict[str, Any]] | None = None,
+                    images: dict[tuple[int, int], Any] | None = None) -> EncodedPrompt:
+        """Encode an OpenAI-shaped conversation the way Mistral's own tokenizer does.
+
+        `images` maps (message index, part index) of `image_url` parts to decoded PIL images;
+        those parts are encoded from them, never fetched or decoded by mistral-common.
+        """
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         try:
-            request = ChatCompletionRequest.from_openai(messages, tools=tools or None,
+            stripped = _without_images(messages, images or {})
+            request = ChatCompletionRequest.from_openai(stripped, tools=tools or None,
                                                         reasoning_effort=effort)
+            if images:
+                _put_images(request, messages, images)
             tokenized = self._mt.encode_chat_completion(request)
         except (MistralCommonException, ValueError, TypeError, KeyError) as exc:
             raise InvalidRequest(f"messages could not be encoded: {_first_line(exc)}",
@@ -79,6 +87,35 @@ class PromptTokenizer:
     def token_piece(self, token_id: int) -> str:
         """One token's text; control tokens as their names."""
         return self.decode([token_id])
+
+
+def _without_images(messages, images):
+    """Messages with the given image parts replaced by a placeholder text part."""
+    if not images:
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list) and any((i, j) in images for j in range(len(content))):
+            message = {**message, "content": [{"type": "text", "text": "."}]}
+        out.append(message)
+    return out
+
+
+def _put_images(request, messages, images) -> None:
+    """Rebuild the user turns that carry images, with the decoded images in part order."""
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import UserMessage
+
+    if len(request.messages) != len(messages):
+        raise ValueError("messages did not map one to one")
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list) or not any((i, j) in images for j in range(len(content))):
+            continue
+        chunks = [ImageChunk(image=images[(i, j)]) if (i, j) in images
+                  else TextChunk(text=part["text"]) for j, part in enumerate(content)]
+        request.messages[i] = UserMessage(content=chunks)
 
 
 def _first_line(exc: BaseException) -> str:

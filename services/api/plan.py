@@ -9,7 +9,7 @@ from services.engines.protocol import EngineRequest, SamplingParams
 from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
-from services.tokenizer import PromptTokenizer
+from services.tokenizer import EncodedPrompt, PromptTokenizer
 
 
 @dataclass
@@ -26,20 +26,36 @@ class RequestPlan:
         return len(self.engine_request.prompt_ids)
 
 
-def plan_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
-                 routing: RoutingSettings, limits: LimitSettings,
-                 tokenizer: PromptTokenizer) -> RequestPlan:
-    """Check the request against the model and limits and encode its prompt."""
+def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingSettings,
+          limits: LimitSettings) -> str:
+    """Check the request against the served model and limits; return the effort to apply."""
     if req.model != model.name:
         raise ModelNotFound(f"the model {req.model!r} does not exist; this endpoint serves "
                             f"{model.name!r}", param="model")
     if len(req.messages) > limits.max_messages:
         raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
                              param="messages")
-    _check_image_urls(req)
-    effort = applied_effort(req.reasoning_effort, routing)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools)
+    return applied_effort(req.reasoning_effort, routing)
+
+
+def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+
+
+def plan_text_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
+                      routing: RoutingSettings, limits: LimitSettings,
+                      tokenizer: PromptTokenizer) -> RequestPlan:
+    """`admit`, encode locally (no images), `plan_request`: the whole plan of a text request."""
+    effort = admit(req, model=model, routing=routing, limits=limits)
+    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
+    return plan_request(req, request_id, effort=effort, prompt=prompt, model=model,
+                        limits=limits)
+
+
+def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
+                 prompt: EncodedPrompt, model: ModelSettings,
+                 limits: LimitSettings) -> RequestPlan:
+    """Sampling and limits for an encoded prompt: what the pool receives."""
     max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                               top_p=req.top_p, seed=req.seed, stop=req.stop_strings)
@@ -69,14 +85,3 @@ def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSetting
             f"this model's maximum context length is {model.context_length} tokens; the "
             f"messages have {prompt_len} and {field} asks for {asked}", param="messages")
     return asked
-
-
-def _check_image_urls(req: ChatCompletionRequest) -> None:
-    for i, message in enumerate(req.messages):
-        if not isinstance(message.content, list):
-            continue
-        for j, part in enumerate(message.content):
-            url = getattr(getattr(part, "image_url", None), "url", None)
-            if url is not None and not url.startswith("data:"):
-                raise InvalidRequest("image URLs are disabled on this endpoint; send the image "
-                                     "as a data: URL", param=f"messages.{i}.content.{j}.image_url")

@@ -11,6 +11,7 @@ from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
 from services.errors import from_exception
 from services.kv.protocol import KVTicket
+from services.multimodal.refs import resolve
 from services.telemetry import metrics, tracing
 from services.tokenizer import PromptTokenizer
 from services.workers.settings import WorkerSettings
@@ -51,6 +52,7 @@ class PrefillWorker:
                 "small4.prompt_tokens": len(request.prompt_ids),
                 "small4.images": len(request.images)}) as span:
             try:
+                request.images = await resolve(request.images)
                 result = await self.engine.prefill(request)
                 ticket = await self.handoff.send(ticket, result.kv)
             except Exception as exc:

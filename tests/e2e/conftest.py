@@ -22,6 +22,7 @@ TEST_PROFILE = {
                  "prefill": {"num_cpus": 0.1}, "decode": {"num_cpus": 0.1}},
     },
     "ingress": {"num_cpus": 0.1},
+    "multimodal": {"num_cpus": 0.1},
     "stream": {"interval_tokens": 4, "interval_ms": 200},
 }
 SIM_PROFILE = TEST_PROFILE | {

@@ -35,7 +35,8 @@ def test_one_streamed_image_request_is_one_trace_across_processes(stack, otlp):
         assert reply.status_code == 200 and reply.headers["x-trace-id"] == CLIENT_TRACE
         request_id = reply.headers["x-small4-request-id"]
         assert list(reply.iter_lines())[-2] == "data: [DONE]"
-    wanted = {"POST /v1/chat/completions", "preprocess", "route", "decode", "prefill", "kv_handoff"}
+    wanted = {"POST /v1/chat/completions", "preprocess", "multimodal", "route", "decode",
+              "prefill", "kv_handoff"}
     deadline = time.time() + 20
     while time.time() < deadline and not wanted <= {s["name"] for s in otlp.trace(CLIENT_TRACE)}:
         time.sleep(0.3)
@@ -45,11 +46,14 @@ def test_one_streamed_image_request_is_one_trace_across_processes(stack, otlp):
     assert server["parent_id"] == CLIENT_SPAN
     for child in ("preprocess", "route", "decode"):
         assert spans[child]["parent_id"] == server["span_id"], child
+    assert spans["multimodal"]["parent_id"] == spans["preprocess"]["span_id"]
     assert spans["prefill"]["parent_id"] == spans["decode"]["span_id"]
     assert spans["kv_handoff"]["parent_id"] == spans["decode"]["span_id"]
-    roles = {spans[n]["resource"]["small4.role"] for n in ("route", "decode", "prefill")}
-    pids = {spans[n]["resource"]["process.pid"] for n in ("route", "decode", "prefill")}
-    assert roles == {"ingress", "decode", "prefill"} and len(pids) == 3
+    hops = ("route", "multimodal", "decode", "prefill")
+    roles = {spans[n]["resource"]["small4.role"] for n in hops}
+    pids = {spans[n]["resource"]["process.pid"] for n in hops}
+    assert roles == {"ingress", "multimodal", "decode", "prefill"} and len(pids) == 4
+    assert spans["multimodal"]["attributes"]["small4.images"] == 1
     assert spans["preprocess"]["attributes"]["small4.images"] == 1
     assert spans["route"]["attributes"]["small4.pool"] == "fast"
     assert spans["prefill"]["attributes"]["small4.prompt_tokens"] > 10

@@ -1,0 +1,44 @@
+"""The multimodal worker: a CPU deployment that turns a chat with images into prompt ids and
+pixel tensors. The pixels go into Ray's object store here and travel to prefill by reference;
+the ingress and decode only ever hold the references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.context import RequestContext
+from services.multimodal.preprocess import MultimodalPreprocessor
+from services.multimodal.refs import publish
+from services.settings import ImageSettings, ModelSettings, Strict, TelemetrySettings
+from services.telemetry import tracing
+from services.tokenizer import EncodedPrompt, PromptTokenizer
+
+
+class MultimodalWorkerSettings(Strict):
+    """The tokenizer to encode with, the image policy, telemetry."""
+
+    model: ModelSettings
+    images: ImageSettings
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+class MultimodalWorker:
+    """Serves `encode` for requests that carry images."""
+
+    role = "multimodal"
+
+    def __init__(self, settings: MultimodalWorkerSettings):
+        self.preprocessor = MultimodalPreprocessor(PromptTokenizer(settings.model.tokenizer),
+                                                   settings.images)
+        tracing.configure(settings.telemetry.tracing, role=self.role)
+
+    async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
+                     tools: list[dict[str, Any]] | None) -> EncodedPrompt:
+        with tracing.scope("multimodal", ctx.trace_headers,
+                           **{"small4.request_id": ctx.request_id}) as span:
+            prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools)
+            span.set_attributes({"small4.images": len(prompt.images),
+                                 "small4.prompt_tokens": len(prompt.ids),
+                                 "small4.pixel_bytes": sum(a.nbytes for a in prompt.images)})
+        prompt.images = publish(prompt.images)
+        return prompt

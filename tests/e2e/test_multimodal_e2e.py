@@ -1,0 +1,60 @@
+"""Images over HTTP: two images and text give transformers' own greedy output; bad images 400."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.ray
+MODEL = "mistral-small-4"
+
+
+def png_url(size, seed) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_two_images_greedy_equals_transformers_generate(client, standin, tokenizer):
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare these two pictures."},
+        {"type": "image_url", "image_url": {"url": png_url((120, 80), 1)}},
+        {"type": "image_url", "image_url": {"url": png_url((60, 150), 2)}}]}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                           temperature=0)
+    encoded = tokenizer.encode_chat(messages, effort="none")   # mistral-common decodes here
+    sizes = [img.shape[-2:] for img in encoded.images]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    pixels = torch.zeros(len(sizes), 3, height, width)
+    for i, img in enumerate(encoded.images):
+        pixels[i, :, :img.shape[1], :img.shape[2]] = torch.from_numpy(img)
+    out = standin.model.generate(torch.tensor([encoded.ids]), pixel_values=pixels,
+                                 image_sizes=torch.tensor([list(s) for s in sizes]),
+                                 max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    expected = out[0, len(encoded.ids):].tolist()
+    assert reply.usage.prompt_tokens == len(encoded.ids)
+    from services.api.output import parse_completion
+
+    content, *_ = parse_completion(tokenizer, expected, "length", tools_enabled=False)
+    assert reply.choices[0].message.content == content
+    assert reply.usage.completion_tokens == len(expected)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("data:image/png;base64," + base64.b64encode(b"garbage").decode(), "not a readable image"),
+    ("http://169.254.169.254/latest/meta-data/", "URLs are disabled"),
+])
+def test_bad_images_over_http_are_400_naming_the_part(client, url, fragment):
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert err.value.body["param"] == "messages.0.content.1.image_url"
+    assert fragment in err.value.body["message"]

@@ -1,0 +1,149 @@
+"""Image preprocessing equals mistral-common's own encoding; bad images are refused with 400s
+that name the message and part."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from PIL import Image
+
+from services.errors import InvalidRequest
+from services.multimodal.preprocess import MultimodalPreprocessor
+from services.settings import ImageSettings
+
+RNG = np.random.default_rng(11)
+
+
+def noise(size, mode="RGB"):
+    w, h = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]
+    pixels = RNG.integers(0, 255, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def encoded(image: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def palette_with_transparency():
+    image = noise((90, 60)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    image.info["transparency"] = 0
+    return encoded(image, "PNG", transparency=0)
+
+
+def animated_gif():
+    frames = [noise((64, 48)).convert("P") for _ in range(2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    return buf.getvalue()
+
+
+CASES = {
+    "rgb-png-1024x768": lambda: encoded(noise((1024, 768)), "PNG"),
+    "rgb-jpeg-1920x1080": lambda: encoded(noise((1920, 1080)), "JPEG", quality=90),
+    "rgba-png-transparent": lambda: encoded(noise((100, 40), "RGBA"), "PNG"),
+    "p-png-transparent": palette_with_transparency,
+    "l-png-tall": lambda: encoded(noise((30, 500), "L"), "PNG"),
+    "cmyk-jpeg-wide": lambda: encoded(noise((2000, 300), "CMYK"), "JPEG"),
+    "webp": lambda: encoded(noise((333, 222)), "WEBP", quality=80),
+    "gif-first-frame": animated_gif,
+    "tiny-png": lambda: encoded(noise((5, 3)), "PNG"),
+}
+
+
+@pytest.fixture(scope="module")
+def pre(tokenizer):
+    return MultimodalPreprocessor(tokenizer, ImageSettings())
+
+
+def chat(*urls: str, text: str = "Describe both.") -> list[dict]:
+    parts = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "system", "content": "Be exact."}, {"role": "user", "content": parts}]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ids_and_pixels_equal_mistral_commons_own(tokenizer, pre, case):
+    url = data_url(CASES[case]())
+    messages = chat(url, data_url(CASES["tiny-png"]()))
+    ours = asyncio.run(pre.encode(messages, effort="high"))
+    theirs = tokenizer._mt.encode_chat_completion(
+        ChatCompletionRequest.from_openai(messages, reasoning_effort="high"))
+    assert ours.ids == theirs.tokens
+    assert len(ours.images) == len(theirs.images) == 2
+    for a, b in zip(ours.images, theirs.images):
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        assert np.array_equal(a, b)
+    img = tokenizer.special("[IMG]")
+    assert ours.ids.count(img) == sum((a.shape[1] // 28) * (a.shape[2] // 28) for a in ours.images)
+
+
+def png_header_bomb(width=30000, height=30000) -> bytes:
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+REFUSALS = {
+    "corrupt": (lambda: data_url(b"this is not an image at all"), "not a readable image"),
+    "truncated-png": (lambda: data_url(encoded(noise((200, 200)), "PNG")[:600]), "corrupt or truncated"),
+    "header-bomb": (lambda: data_url(png_header_bomb()), "the limit is 40000000 pixels"),
+    "over-pixel-limit": (lambda: data_url(png_header_bomb(9000, 9000)), "9000x9000 pixels"),
+    "bmp": (lambda: data_url(encoded(noise((20, 20)), "BMP"), "image/bmp"), "format BMP"),
+    "not-base64": (lambda: "data:image/png;base64,@@@@", "not valid base64"),
+    "url-disabled": (lambda: "https://images.example.com/cat.png", "URLs are disabled"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_bad_images_are_refused_naming_the_part(pre, case):
+    make, message = REFUSALS[case]
+    messages = chat(data_url(CASES["tiny-png"]()), make())
+    with pytest.raises(InvalidRequest, match=message) as err:
+        asyncio.run(pre.encode(messages, effort="none"))
+    assert err.value.param == "messages.1.content.2.image_url" and err.value.status == 400
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://127.0.0.1/x.png", "non-public address"),
+    ("http://169.254.169.254/latest/meta-data", "non-public address"),
+    ("http://[::1]/x.png", "non-public address"),
+    ("http://10.1.2.3/x.png", "non-public address"),
+    ("http://evil.example.net/x.png", "not allowed"),
+    ("ftp://127.0.0.1/x.png", "must be http"),
+])
+def test_urls_to_private_addresses_or_other_hosts_are_refused(tokenizer, url, message):
+    policy = ImageSettings(allow_urls=True, url_allowlist=(
+        "127.0.0.1", "169.254.169.254", "::1", "10.1.2.3", ".example.com"))
+    with pytest.raises(InvalidRequest, match=message) as err:
+        asyncio.run(MultimodalPreprocessor(tokenizer, policy).encode(chat(url), effort="none"))
+    assert err.value.param == "messages.1.content.1.image_url"
+
+
+def test_too_many_images_names_the_first_extra_part(tokenizer):
+    tiny = data_url(CASES["tiny-png"]())
+    pre = MultimodalPreprocessor(tokenizer, ImageSettings(max_images=2))
+    with pytest.raises(InvalidRequest, match="at most 2 images") as err:
+        asyncio.run(pre.encode(chat(tiny, tiny, tiny), effort="none"))
+    assert err.value.param == "messages.1.content.3"
+
+
+def test_oversized_bytes_are_refused_before_decoding(tokenizer):
+    pre = MultimodalPreprocessor(tokenizer, ImageSettings(max_bytes=1000))
+    with pytest.raises(InvalidRequest, match="larger than 1000 bytes"):
+        asyncio.run(pre.encode(chat(data_url(encoded(noise((200, 200)), "PNG"))), effort="none"))
