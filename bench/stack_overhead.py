@@ -96,7 +96,7 @@ async def measure_throughput(url: str, clients: int, tokens: int) -> float:
         return sum(t for _, t in results) / (time.perf_counter() - start)
 
 
-def deploy(port: int) -> dict[str, str]:
+def deploy(port: int, apps: dict[str, dict] = APPS) -> dict[str, str]:
     import ray
     from ray import serve
 
@@ -106,7 +106,7 @@ def deploy(port: int) -> dict[str, str]:
              logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     urls = {}
-    for name, profile in APPS.items():
+    for name, profile in apps.items():
         prefix = f"/{name}"
         serve.run(build_app(profile), name=name,
                   route_prefix=prefix)

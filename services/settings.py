@@ -151,7 +151,7 @@ class TracingSettings(Strict):
     sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
     service_name: str = "small4"
     resource_attributes: dict[str, str] = {}
-    export_interval_ms: int = Field(1000, gt=0)
+    export_interval_ms: int = Field(5000, gt=0, description="batch export delay (SDK default)")
 
 
 class TelemetrySettings(Strict):

@@ -45,6 +45,7 @@ def configure(settings: TracingSettings, *, role: str, pool: str | None = None) 
         provider.add_span_processor(BatchSpanProcessor(
             exporter, schedule_delay_millis=settings.export_interval_ms))
     _configured["provider"] = provider
+    _configured["tracer"] = provider.get_tracer(TRACER_NAME)
 
 
 def _exporter(settings: TracingSettings):
@@ -64,9 +65,12 @@ def _exporter(settings: TracingSettings):
     return None
 
 
+_NO_OP = trace.NoOpTracer()
+
+
 def tracer() -> trace.Tracer:
-    provider = _configured.get("provider")
-    return provider.get_tracer(TRACER_NAME) if provider else trace.NoOpTracer()
+    """This process's tracer (made once: `get_tracer` builds a new one on every call)."""
+    return _configured.get("tracer", _NO_OP)
 
 
 def flush(timeout_ms: int = 5000) -> None:

@@ -1,0 +1,50 @@
+"""The dashboard and alert rules the chart ships only name metrics the stack exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from services.telemetry import metrics
+
+FILES = Path(__file__).resolve().parents[2] / "helm" / "small4" / "files"
+SUFFIXES = {"Histogram": ("_bucket", "_count", "_sum"), "Counter": ("",), "Gauge": ("",)}
+
+
+def exported_names() -> set[str]:
+    """Prometheus names of every metric the stack defines (Ray prefixes `ray_`)."""
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, metrics._Metric):
+            names |= {f"ray_{value.name}{s}" for s in SUFFIXES[value.kind]}
+    return names
+
+
+def referenced(text: str) -> set[str]:
+    return set(re.findall(r"\bray_small4_\w+", text))
+
+
+def test_dashboard_is_grafana_json_naming_only_exported_metrics():
+    dashboard = json.loads((FILES / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = referenced(" ".join(exprs))
+    assert names and names <= exported_names(), names - exported_names()
+    assert {"ray_small4_ttft_seconds_bucket", "ray_small4_itl_seconds_bucket",
+            "ray_small4_queue_depth", "ray_small4_kv_tokens_used",
+            "ray_small4_errors_total", "ray_small4_spillover_total"} <= names
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_alert_rules_cover_slo_burn_queue_growth_and_errors():
+    rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert {"Small4TTFTBudgetBurnFast", "Small4TTFTBudgetBurnSlow", "Small4QueueGrowing",
+            "Small4ErrorRateHigh"} <= set(alerts)
+    names = referenced(" ".join(r["expr"] for r in alerts.values()))
+    assert names <= exported_names(), names - exported_names()
+    le = {float(v) for v in re.findall(r'le="([0-9.]+)"', alerts["Small4TTFTBudgetBurnFast"]["expr"])}
+    assert le <= set(metrics.LATENCY_BUCKETS), "the SLO threshold must be a bucket boundary"
+    assert all(r["labels"]["severity"] in {"page", "ticket"} for r in alerts.values())
