@@ -24,3 +24,5 @@ test: setup
 bench: setup
 	.ci/loopback-only $(PY) bench/engine_decode.py
 	.ci/loopback-only $(PY) bench/stack_overhead.py
+	.ci/loopback-only $(PY) bench/tracing_overhead.py
+	$(PY) bench/multimodal_preprocess.py
