@@ -213,9 +213,9 @@ class _Answer:
     async def collect(self, first, chunks) -> dict[str, Any]:
         content, reasoning, calls, finish = [], [], [], "stop"
         async for chunk in self._chunks(first, chunks):
-            for delta in [self.parser.feed(chunk.token_ids)]:
-                content.append(delta.content), reasoning.append(delta.reasoning)
-                calls.extend(delta.tool_calls)
+            delta = self.parser.feed(chunk.token_ids)
+            content.append(delta.content), reasoning.append(delta.reasoning)
+            calls.extend(delta.tool_calls)
             finish = chunk.finish_reason or finish
         delta, finish = self.parser.finish(finish)
         content.append(delta.content), reasoning.append(delta.reasoning)

@@ -117,20 +117,31 @@ class ChatCompletionRequest(_Wire):
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """Validate a decoded JSON body, raising `InvalidRequest` that names the first bad field."""
+    """Validate a decoded JSON body, raising `InvalidRequest` that names the bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", param=None)
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = [str(p) for p in error["loc"] if not _is_union_tag(p)]
-        param = ".".join(loc) or None
+        # the deepest error is the most specific one (union members each report their own)
+        error = max(exc.errors(), key=lambda e: len(field_path(e["loc"])))
+        param = ".".join(field_path(error["loc"])) or None
         raise InvalidRequest(f"{param}: {error['msg']}" if param else error["msg"],
                              param=param) from None
 
 
-def _is_union_tag(part: Any) -> bool:
-    # pydantic inserts the union member's name ("str", "list[...]", "text") into error paths
-    return isinstance(part, str) and (part in {"str", "function-after[_stops(), nullable[union[str,list[str]]]]"}
-                                      or "[" in part or part in {"text", "image_url"})
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
+
+
+def field_path(loc: tuple) -> list[str]:
+    """The field names and indices of a pydantic error location, without the union-member tags
+    pydantic inserts (`str`, `list[...]`, `literal[...]`, model class names, a discriminator
+    value repeated before the field it names)."""
+    path: list[str] = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part[:1].isupper()):
+            continue
+        if path and str(part) == path[-1] and isinstance(part, str):
+            continue
+        path.append(str(part))
+    return path

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
 from services.engines.stops import StopChecker
 from services.engines.validation import validate_request
@@ -43,17 +42,9 @@ class SimulatedKV:
 
 
 @dataclass
-class _Sequence:
-    request: EngineRequest
-    plan: list[int]
-    stops: StopChecker
+class _Sequence(Sequence):
+    plan: list[int] = field(default_factory=list)
     produced: int = 1
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    done: bool = False
-
-    @property
-    def reserved(self) -> int:
-        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
 
     @property
     def kv_tokens(self) -> int:
@@ -116,131 +107,45 @@ class SimulatedEngine:
         self.settings, self.timing = settings, settings.simulated
         self.role, self.context_length, self.tokenizer = role, context_length, tokenizer
         self.planner = OutputPlanner(tokenizer, self.timing.output)
-        self._running: dict[str, _Sequence] = {}
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: dict[str, int] = {}
-        self._prefill_waiting = 0
-        self._prefill_lock: asyncio.Lock | None = None
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._batcher = ContinuousBatcher(settings, self._decode_step)
+        self._gate = PrefillGate()
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         validate_request(request, self.context_length, self.tokenizer.vocab_size)
-        self._prefill_lock = self._prefill_lock or asyncio.Lock()
-        queued = time.perf_counter()
-        self._prefill_waiting += 1
-        try:
-            await self._prefill_lock.acquire()
-        finally:
-            self._prefill_waiting -= 1
-        started = time.perf_counter()
-        n = len(request.prompt_ids)
-        self._prefilling[request.request_id] = n
-        try:
+        n, timing = len(request.prompt_ids), {}
+        async with self._gate.turn(request.request_id, timing):
+            self._gate.running[request.request_id] = n
             await asyncio.sleep((self.timing.prefill_base_ms
                                  + self.timing.prefill_ms_per_token * n) / 1000.0)
             first = self.planner.plan(request.prompt_ids, 1)[0]
-        finally:
-            self._prefilling.pop(request.request_id, None)
-            self._prefill_lock.release()
-        done = time.perf_counter()
         return PrefillResult(request.request_id, first, n, SimulatedKV(n),
-                             compute_s=done - started, queue_s=started - queued)
+                             compute_s=timing["compute_s"], queue_s=timing["queue_s"])
 
-    async def decode(self, request: EngineRequest, first_token: int,
-                     kv: SimulatedKV) -> AsyncIterator[TokenChunk]:
+    def decode(self, request: EngineRequest, first_token: int,
+               kv: SimulatedKV) -> AsyncIterator[TokenChunk]:
         validate_request(request, self.context_length, self.tokenizer.vocab_size)
         if kv is None or kv.num_tokens != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
-        plan = self.planner.plan(request.prompt_ids, request.sampling.max_tokens)
-        seq = _Sequence(request, plan, StopChecker(request.sampling, (self.tokenizer.eos_id,),
-                                                   self.tokenizer.decode))
-        finish = seq.stops.check([first_token])
-        if finish:
-            yield TokenChunk([], finish)
-            return
-        self._waiting.append(seq)
-        self._ensure_loop()
-        try:
-            while True:
-                tokens, finish = await self._next_chunk(seq)
-                yield TokenChunk(tokens, finish)
-                if finish:
-                    return
-        finally:
-            if not seq.done:
-                self._drop(request.request_id)
+        stops = StopChecker(request.sampling, (self.tokenizer.eos_id,), self.tokenizer.decode)
+        seq = _Sequence(request, stops,
+                        plan=self.planner.plan(request.prompt_ids, request.sampling.max_tokens))
+        return self._batcher.stream(seq, first_token)
 
-    async def _next_chunk(self, seq: _Sequence) -> tuple[list[int], str | None]:
-        tokens, finish = [], None
-        item = await seq.queue.get()
-        while True:
-            if isinstance(item, BaseException):
-                raise item
-            token, finish = item
-            tokens.append(token)
-            if finish or seq.queue.empty():
-                return tokens, finish
-            item = seq.queue.get_nowait()
-
-    def _ensure_loop(self) -> None:
-        self._wake = self._wake or asyncio.Event()
-        self._wake.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
-
-    def _admit(self) -> None:
-        reserved = sum(s.reserved for s in self._running.values())
-        while self._waiting and len(self._running) < self.settings.max_running_requests:
-            seq = self._waiting[0]
-            if self._running and reserved + seq.reserved > self.settings.kv_capacity_tokens:
-                break
-            self._waiting.popleft()
-            self._running[seq.request.request_id] = seq
-            reserved += seq.reserved
-
-    async def _decode_loop(self) -> None:
-        while True:
-            self._admit()
-            if not self._running:
-                self._wake.clear()
-                if not self._waiting:
-                    return
-                await self._wake.wait()
-                continue
-            batch = list(self._running.values())
-            await asyncio.sleep((self.timing.decode_step_ms
-                                 + self.timing.decode_ms_per_seq * len(batch)) / 1000.0)
-            for seq in batch:
-                if seq.done:
-                    continue
-                token = seq.plan[seq.produced % len(seq.plan)]
-                seq.produced += 1
-                finish = seq.stops.check([token])
-                if finish:
-                    seq.done = True
-                    self._running.pop(seq.request.request_id, None)
-                seq.queue.put_nowait((token, finish))
-
-    def _drop(self, request_id: str) -> bool:
-        seq = self._running.pop(request_id, None)
-        if seq is None:
-            seq = next((s for s in self._waiting if s.request.request_id == request_id), None)
-            if seq is not None:
-                self._waiting.remove(seq)
-        if seq is None:
-            return False
-        seq.done = True
-        seq.queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
-        return True
+    async def _decode_step(self, batch: list[_Sequence]) -> list[int]:
+        await asyncio.sleep((self.timing.decode_step_ms
+                             + self.timing.decode_ms_per_seq * len(batch)) / 1000.0)
+        tokens = []
+        for seq in batch:
+            tokens.append(seq.plan[seq.produced % len(seq.plan)])
+            seq.produced += 1
+        return tokens
 
     async def abort(self, request_id: str) -> bool:
-        return self._drop(request_id)
+        return self._batcher.drop(request_id)
 
     def stats(self) -> EngineStats:
-        live = [s for s in self._running.values() if not s.done] + list(self._waiting)
-        return EngineStats(self.kind, self.role,
-                           running=len(self._running) + len(self._prefilling),
-                           waiting=len(self._waiting) + self._prefill_waiting,
-                           kv_tokens=sum(s.kv_tokens for s in live) + sum(self._prefilling.values()),
+        batcher, gate = self._batcher, self._gate
+        return EngineStats(self.kind, self.role, running=len(batcher.running) + len(gate.running),
+                           waiting=len(batcher.waiting) + gate.waiting,
+                           kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
                            kv_capacity=self.settings.kv_capacity_tokens)

@@ -18,15 +18,13 @@ from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
-from services.engines.registry import build_engine
 from services.errors import KVHandoffFailed, StackError, from_exception
-from services.kv.backends import build_handoff
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings
 from services.telemetry import metrics, tracing
-from services.tokenizer import PromptTokenizer
 from services.workers.peer import call
 from services.workers.prefill import PrefillReply
+from services.workers.engine_host import EngineHost
 from services.workers.settings import WorkerSettings
 
 
@@ -40,20 +38,14 @@ class StreamChunk:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
-class DecodeWorker:
+class DecodeWorker(EngineHost):
     """Serves `generate` for one pool, with `prefill` as its peer (a handle or an object)."""
 
     role = "decode"
 
     def __init__(self, settings: WorkerSettings, prefill: Any):
-        self.settings = settings
+        super().__init__(settings)
         self.prefill = prefill
-        tokenizer = PromptTokenizer(settings.model.tokenizer)
-        self.engine = build_engine(settings.model, settings.engine, role=self.role,
-                                   tokenizer=tokenizer)
-        self.handoff = build_handoff(settings.kv_handoff)
-        self.tags = {"pool": settings.pool, "role": self.role}
-        tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
 
     async def generate(self, ctx: RequestContext,
                        request: EngineRequest) -> AsyncIterator[StreamChunk]:
@@ -123,11 +115,6 @@ class DecodeWorker:
         except Exception:  # the prefill replica may be gone; its KV went with it
             pass
 
-    async def abort(self, request_id: str) -> bool:
-        return await self.engine.abort(request_id)
-
-    async def stats(self) -> EngineStats:
-        return self.engine.stats()
 
     async def readiness(self) -> dict[str, EngineStats]:
         """This replica's and a prefill replica's stats: both legs of the pool answer."""

@@ -6,15 +6,12 @@ import time
 from dataclasses import dataclass
 
 from services.context import RequestContext
-from services.engines.protocol import EngineRequest, EngineStats
-from services.engines.registry import build_engine
-from services.kv.backends import build_handoff
+from services.engines.protocol import EngineRequest
 from services.errors import from_exception
 from services.kv.protocol import KVTicket
 from services.multimodal.refs import resolve
 from services.telemetry import metrics, tracing
-from services.tokenizer import PromptTokenizer
-from services.workers.settings import WorkerSettings
+from services.workers.engine_host import EngineHost
 
 
 @dataclass
@@ -29,19 +26,10 @@ class PrefillReply:
     compute_s: float
 
 
-class PrefillWorker:
+class PrefillWorker(EngineHost):
     """Serves `prefill` for one pool; a deployment of it scales independently of decode."""
 
     role = "prefill"
-
-    def __init__(self, settings: WorkerSettings):
-        self.settings = settings
-        tokenizer = PromptTokenizer(settings.model.tokenizer)
-        self.engine = build_engine(settings.model, settings.engine, role=self.role,
-                                   tokenizer=tokenizer)
-        self.handoff = build_handoff(settings.kv_handoff)
-        self.tags = {"pool": settings.pool, "role": self.role}
-        tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
 
     async def prefill(self, ctx: RequestContext, request: EngineRequest,
                       ticket: KVTicket) -> PrefillReply:
@@ -68,8 +56,3 @@ class PrefillWorker:
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
                             result.cached_tokens, result.queue_s, result.compute_s)
 
-    async def abort(self, request_id: str) -> bool:
-        return await self.engine.abort(request_id)
-
-    async def stats(self) -> EngineStats:
-        return self.engine.stats()

@@ -75,6 +75,11 @@ def test_ingress_plan_encodes_the_same_ids(tokenizer):
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": 3}, "temperature"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0.image_url.url"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"tool_choice": "maybe"}, "tool_choice"),
+    ({"n": 2}, "n"),
 ])
 def test_bad_requests_name_the_field(tokenizer, body, param):
     full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 import torch
 
 from services.engines.protocol import EngineRequest, SamplingParams

@@ -1,0 +1,179 @@
+"""The continuous-batching core shared by the CPU engines: admission, the step loop, per-request
+output queues, abort. An engine supplies only `step(batch) -> one token per sequence`.
+
+Sequences join the running batch between steps when `max_running_requests` and the KV
+reservation (prompt + max_tokens, so a running sequence never runs out) allow; each step's tokens
+go to per-request queues, and a consumer that is slower than the steps receives several tokens in
+one chunk. Prefills run one at a time behind `PrefillGate`, which measures their queue wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from services.engines.protocol import EngineRequest, FinishReason, TokenChunk
+from services.engines.stops import StopChecker
+from services.errors import EngineError
+from services.settings import EngineSettings
+
+
+@dataclass
+class Sequence:
+    """One decoding request; engines subclass it to keep their own per-sequence state."""
+
+    request: EngineRequest
+    stops: StopChecker
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+    @property
+    def kv_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def reserved(self) -> int:
+        return len(self.request.prompt_ids) + self.request.sampling.max_tokens
+
+
+Step = Callable[[list[Sequence]], Awaitable[list[int]]]
+
+
+class ContinuousBatcher:
+    """Runs `step` over the running batch while any sequence is running or waiting."""
+
+    def __init__(self, settings: EngineSettings, step: Step):
+        self.settings = settings
+        self.step = step
+        self.running: dict[str, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.failure = ""
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def stream(self, seq: Sequence, first_token: int) -> AsyncIterator[TokenChunk]:
+        """Decode `seq` after `first_token`; closing the iterator early aborts it."""
+        finish = seq.stops.check([first_token])
+        if finish:
+            yield TokenChunk([], finish)
+            return
+        self.waiting.append(seq)
+        self._ensure_loop()
+        try:
+            while True:
+                tokens, finish = await _next_chunk(seq)
+                yield TokenChunk(tokens, finish)
+                if finish:
+                    return
+        finally:
+            if not seq.done:
+                self.drop(seq.request.request_id)
+
+    def drop(self, request_id: str) -> bool:
+        """Abort a running or waiting sequence now; False when it is not here."""
+        seq = self.running.pop(request_id, None)
+        if seq is None:
+            seq = next((s for s in self.waiting if s.request.request_id == request_id), None)
+            if seq is not None:
+                self.waiting.remove(seq)
+        if seq is None:
+            return False
+        seq.done = True
+        seq.queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        return True
+
+    def kv_tokens(self) -> int:
+        live = [s for s in self.running.values() if not s.done] + list(self.waiting)
+        return sum(s.kv_tokens for s in live)
+
+    def _ensure_loop(self) -> None:
+        self._wake = self._wake or asyncio.Event()
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _admit(self) -> None:
+        reserved = sum(s.reserved for s in self.running.values())
+        while self.waiting and len(self.running) < self.settings.max_running_requests:
+            seq = self.waiting[0]
+            if self.running and reserved + seq.reserved > self.settings.kv_capacity_tokens:
+                break
+            self.waiting.popleft()
+            self.running[seq.request.request_id] = seq
+            reserved += seq.reserved
+
+    async def _loop(self) -> None:
+        while True:
+            self._admit()
+            if not self.running:
+                self._wake.clear()
+                if not self.waiting:
+                    return
+                await self._wake.wait()
+                continue
+            batch = list(self.running.values())
+            try:
+                tokens = await self.step(batch)
+            except Exception as exc:  # an engine fault fails the batch, not the process
+                self.failure = f"{type(exc).__name__}: {exc}"
+                for seq in batch:
+                    self._finish(seq, EngineError(f"decode step failed: {exc}"))
+                continue
+            for seq, token in zip(batch, tokens):
+                if not seq.done:
+                    finish = seq.stops.check([token])
+                    if finish:
+                        self._finish(seq, (token, finish))
+                    else:
+                        seq.queue.put_nowait((token, None))
+
+    def _finish(self, seq: Sequence, item) -> None:
+        seq.done = True
+        self.running.pop(seq.request.request_id, None)
+        seq.queue.put_nowait(item)
+
+
+async def _next_chunk(seq: Sequence) -> tuple[list[int], FinishReason | None]:
+    """Every token queued for `seq` so far (at least one), and the finish reason if it ended."""
+    tokens, finish = [], None
+    item = await seq.queue.get()
+    while True:
+        if isinstance(item, BaseException):
+            raise item
+        token, finish = item
+        tokens.append(token)
+        if finish or seq.queue.empty():
+            return tokens, finish
+        item = seq.queue.get_nowait()
+
+
+class PrefillGate:
+    """Prefills one at a time, FIFO; tracks who waits, who runs, and how long each waited."""
+
+    def __init__(self):
+        self.waiting = 0
+        self.running: dict[str, int] = {}
+        self._lock: asyncio.Lock | None = None
+
+    @asynccontextmanager
+    async def turn(self, request_id: str, timing: dict[str, float]):
+        self._lock = self._lock or asyncio.Lock()
+        queued = time.perf_counter()
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        started = time.perf_counter()
+        self.running[request_id] = 0
+        try:
+            yield
+        finally:
+            self.running.pop(request_id, None)
+            self._lock.release()
+            timing["queue_s"] = started - queued
+            timing["compute_s"] = time.perf_counter() - started

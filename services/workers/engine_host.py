@@ -1,0 +1,31 @@
+"""What a prefill and a decode worker share: an engine, the KV handoff, telemetry, control."""
+
+from __future__ import annotations
+
+from services.engines.protocol import EngineStats
+from services.engines.registry import build_engine
+from services.kv.backends import build_handoff
+from services.telemetry import tracing
+from services.tokenizer import PromptTokenizer
+from services.workers.settings import WorkerSettings
+
+
+class EngineHost:
+    """Owns one engine of `role` for a pool; `abort` and `stats` are its control calls."""
+
+    role = ""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        tokenizer = PromptTokenizer(settings.model.tokenizer)
+        self.engine = build_engine(settings.model, settings.engine, role=self.role,
+                                   tokenizer=tokenizer)
+        self.handoff = build_handoff(settings.kv_handoff)
+        self.tags = {"pool": settings.pool, "role": self.role}
+        tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()
