@@ -12,8 +12,8 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.settings import StackSettings, parse_settings
+from cluster.topology import deployment_options
 from services.ingress import Ingress
-from services.settings import RoleSettings
 from services.workers.decode import DecodeWorker
 from services.workers.multimodal import MultimodalWorker
 from services.workers.prefill import PrefillWorker
@@ -29,20 +29,15 @@ class IngressDeployment(Ingress):
         return self.build_asgi_app()
 
 
-def _role_options(role: RoleSettings) -> dict[str, Any]:
-    return {"num_replicas": role.replicas, "max_ongoing_requests": role.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}}
-
-
 def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application:
     """The Serve application for a settings mapping (RayService `args`) or a loaded profile."""
     settings = args if isinstance(args, StackSettings) else parse_settings(args)
     decoders = {}
     for name, pool in settings.pools.items():
         prefill = serve.deployment(PrefillWorker, name=f"{name}-prefill",
-                                   **_role_options(pool.prefill)).bind(settings.worker(name))
+                                   **deployment_options(pool.prefill)).bind(settings.worker(name))
         decoders[name] = serve.deployment(DecodeWorker, name=f"{name}-decode",
-                                          **_role_options(pool.decode)).bind(
+                                          **deployment_options(pool.decode)).bind(
             settings.worker(name), prefill)
     mm = settings.multimodal
     multimodal = serve.deployment(

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from cluster.topology import TopologyError, TopologySettings, plan_engines
 from services.settings import IngressSettings, ServiceSettings, Strict
 from services.workers.multimodal import MultimodalWorkerSettings
 from services.workers.settings import WorkerSettings
@@ -49,6 +50,19 @@ class StackSettings(ServiceSettings):
     profile: str = "custom"
     ray: RaySettings = RaySettings()
     http: HttpSettings = HttpSettings()
+    topology: TopologySettings = TopologySettings()
+
+    @model_validator(mode="after")
+    def _engines_fit(self):
+        try:
+            self.placements()
+        except TopologyError as exc:
+            raise ValueError(f"topology: {exc}") from None
+        return self
+
+    def placements(self):
+        """Where every GPU engine goes (`cluster.topology.plan_engines`)."""
+        return plan_engines(self.pools, self.topology, {self.http.port: "the HTTP ingress"})
 
     def worker(self, pool: str) -> WorkerSettings:
         """The sub-settings one pool's prefill and decode workers receive."""

@@ -117,15 +117,15 @@ def test_serve_args_are_the_stack_settings_and_build_an_app(render, profile):
 @pytest.mark.parametrize("profile", ["default", "h200x16"])
 def test_gpu_requests_equal_tp_times_engines_per_node(render, profile):
     docs = render(profile)
-    values = merge(yaml.safe_load((CHART / "values.yaml").read_text()), profile_values(profile))
-    gpu = values["gpu"]
+    settings = parse_settings(serve_args(docs))
+    topology = settings.topology
     (worker,) = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = worker["template"]["spec"]["containers"]
-    per_pod = gpu["tensorParallel"] * gpu["enginesPerNode"]
+    per_pod = topology.tensor_parallel * topology.engines_per_node
+    assert worker["replicas"] == topology.nodes == 2
     assert container["resources"]["requests"]["nvidia.com/gpu"] == per_pod == 8
     assert container["resources"]["limits"]["nvidia.com/gpu"] == per_pod
     assert worker["rayStartParams"]["num-gpus"] == str(per_pod)
-    settings = parse_settings(serve_args(docs))
     engines_gpus = sum(role.replicas * role.num_gpus for pool in settings.pools.values()
                        for role in (pool.prefill, pool.decode))
     assert engines_gpus == worker["replicas"] * per_pod == 16
@@ -137,9 +137,9 @@ def test_cpu_profile_requests_no_gpus(render):
     assert parse_settings(serve_args(render("cpu"))).engine.kind == "reference"
 
 
-def test_engines_that_do_not_fit_a_node_are_refused(render):
-    with pytest.raises(helm.HelmError, match="exceeds gpu.gpusPerNode"):
-        render(gpu={"tensorParallel": 4, "enginesPerNode": 4, "gpusPerNode": 8})
+def test_one_worker_pod_per_topology_node(render):
+    with pytest.raises(helm.HelmError, match="must equal stack.topology.nodes"):
+        render(workers={"replicas": 3})
 
 
 def containers(docs):

@@ -1,0 +1,72 @@
+"""GPU topology: the production profile places 8 TP2 engines on 2 nodes; bad profiles are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.settings import SettingsError, load_settings, parse_settings
+from cluster.topology import deployment_options
+
+ROOT = Path(__file__).resolve().parents[2]
+H200 = ROOT / "cluster" / "profiles" / "h200x16.yaml"
+
+
+def h200(**changes) -> dict:
+    data = yaml.safe_load(H200.read_text())
+    for path, value in changes.items():
+        node = data
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return data
+
+
+def test_h200x16_places_eight_tp2_engines_on_two_nodes():
+    placements = load_settings(H200).placements()
+    assert len(placements) == 8
+    assert all(len(p.gpus) == 2 for p in placements)
+    by_node = {}
+    for p in placements:
+        by_node.setdefault(p.node, []).append(p)
+    assert sorted(by_node) == [0, 1] and all(len(v) == 4 for v in by_node.values())
+    for engines in by_node.values():
+        gpus = [g for p in engines for g in p.gpus]
+        assert sorted(gpus) == list(range(8)), "each GPU of a node holds exactly one engine"
+        ports = [p.bootstrap_port for p in engines if p.role == "prefill"]
+        assert len(ports) == len(set(ports)), "prefill engines on a node share a bootstrap port"
+    roles = sorted((p.pool, p.role) for p in placements)
+    assert roles.count(("fast", "prefill")) == 1 and roles.count(("deep", "decode")) == 3
+
+
+def test_gpu_roles_get_one_strict_pack_group_per_engine():
+    settings = load_settings(H200)
+    options = deployment_options(settings.pools["deep"].decode)
+    assert options["num_replicas"] == 3
+    assert options["placement_group_bundles"] == [{"CPU": 4, "GPU": 2}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 2
+    assert "placement_group_bundles" not in deployment_options(load_settings().pools["fast"].decode)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"pools__deep__decode__replicas": 4}, "9 engines at tensor_parallel 2 need 18 GPUs; the cluster has 2 x 8 = 16"),
+    ({"pools__fast__prefill__num_gpus": 1}, "pools.fast.prefill.num_gpus is 1, but an engine at tensor_parallel 2 holds exactly 2"),
+    ({"topology__tensor_parallel": 16, "pools__fast__prefill__num_gpus": 16,
+      "pools__fast__decode__num_gpus": 16, "pools__deep__prefill__num_gpus": 16,
+      "pools__deep__decode__num_gpus": 16}, "tensor_parallel 16 does not fit a node of 8 GPUs"),
+    ({"topology__bootstrap_port_base": 7998}, "include port 8000, used by the HTTP ingress"),
+    ({"topology__bootstrap_port_base": 8078}, "include port 8080, used by Ray's metrics export"),
+])
+def test_impossible_profiles_are_refused_naming_the_problem(changes, problem):
+    with pytest.raises(SettingsError) as err:
+        parse_settings(h200(**changes))
+    assert problem in str(err.value)
+
+
+def test_chart_default_stack_is_the_h200x16_profile():
+    values = yaml.safe_load((ROOT / "helm" / "small4" / "values.yaml").read_text())
+    assert values["stack"] == yaml.safe_load(H200.read_text())
