@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
 from services.api import responses
-from services.api.http_errors import error_response, sse_error
+from services.api.http_errors import as_stack_error, error_response, sse_error
 from services.api.output import OutputParser
 from services.api.plan import RequestPlan, admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
@@ -93,8 +93,7 @@ class Ingress:
                 req = parse_chat_request(await _json_body(request))
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=self.settings.limits)
-                prompt = await self._encode(req, effort, RequestContext(
-                    request_id, "", effort, trace_headers=tracing.headers_of(pre, incoming)))
+                prompt = await self._encode(req, effort, request_id, pre)
                 plan = plan_request(req, request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=self.settings.limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
@@ -109,20 +108,22 @@ class Ingress:
                              trace_headers=tracing.headers_of(span, incoming))
         return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started))
 
-    async def _encode(self, req, effort: str, ctx: RequestContext) -> EncodedPrompt:
+    async def _encode(self, req, effort: str, request_id: str, span) -> EncodedPrompt:
         """Text stays here; a request with images is encoded by the multimodal deployment."""
         messages, tools = req.openai_messages(), tools_of(req)
         if not image_parts(messages):
             return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
         if self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
+        ctx = RequestContext(request_id, "", effort, trace_headers=tracing.headers_of(span))
         return await call(self.multimodal, "encode", ctx, messages, effort, tools)
 
     def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,
                 started: float, pool: str = "none") -> JSONResponse:
         """The error response for a request that never streamed; counted, logged, traced."""
-        response = error_response(exc, request_id, trace_id)
-        error_type = json.loads(response.body)["error"]["type"]
+        error = as_stack_error(exc)
+        response = error_response(error, request_id, trace_id)
+        error_type = error.type
         metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
         tracing.finish(span, exc, **{"http.response.status_code": response.status_code})
         request_line(self.log, "request refused", request_id=request_id, trace_id=trace_id,

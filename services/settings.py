@@ -149,7 +149,7 @@ class TracingSettings(Strict):
     endpoint: str | None = None
     headers: dict[str, str] = {}
     sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
-    service_name: str = "small4"
+    service_name: str | None = Field(None, description="default: OTEL_SERVICE_NAME, else small4")
     resource_attributes: dict[str, str] = {}
     export_interval_ms: int = Field(5000, gt=0, description="batch export delay (SDK default)")
 

@@ -34,8 +34,9 @@ def configure(settings: TracingSettings, *, role: str, pool: str | None = None) 
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    attributes = {"service.name": settings.service_name, "small4.role": role,
-                  "process.pid": os.getpid(), **settings.resource_attributes}
+    service = settings.service_name or os.environ.get("OTEL_SERVICE_NAME") or "small4"
+    attributes = {"service.name": service, "small4.role": role, "process.pid": os.getpid(),
+                  **settings.resource_attributes}
     if pool:
         attributes["small4.pool"] = pool
     provider = TracerProvider(resource=Resource.create(attributes),
