@@ -39,14 +39,9 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
         decoders[name] = serve.deployment(DecodeWorker, name=f"{name}-decode",
                                           **deployment_options(pool.decode)).bind(
             settings.worker(name), prefill)
-    mm = settings.multimodal
-    multimodal = serve.deployment(
-        MultimodalWorker, name="multimodal", num_replicas=mm.replicas,
-        max_ongoing_requests=mm.max_ongoing_requests, ray_actor_options={"num_cpus": mm.num_cpus},
-    ).bind(settings.multimodal_settings())
-    ingress = settings.ingress
-    return serve.deployment(
-        IngressDeployment, name="ingress", num_replicas=ingress.replicas,
-        max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(settings.ingress_settings(), decoders, multimodal)
+    multimodal = serve.deployment(MultimodalWorker, name="multimodal",
+                                  **deployment_options(settings.multimodal)).bind(
+        settings.multimodal_settings())
+    return serve.deployment(IngressDeployment, name="ingress",
+                            **deployment_options(settings.ingress)).bind(
+        settings.ingress_settings(), decoders, multimodal)

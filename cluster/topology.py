@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from services.settings import PoolSettings, RoleSettings, Strict
+from services.settings import DeploymentSettings, PoolSettings, RoleSettings, Strict
 
 RAY_PORTS = {6379: "the Ray GCS", 8080: "Ray's metrics export", 8265: "the Ray dashboard",
              10001: "the Ray client server"}
@@ -101,8 +101,8 @@ def plan_engines(pools: dict[str, PoolSettings], topology: TopologySettings,
             for k, (pool, role, replica) in enumerate(engines)]
 
 
-def deployment_options(role: RoleSettings) -> dict[str, Any]:
-    """Serve options for a role: replicas, resources, and for GPU engines one STRICT_PACK
+def deployment_options(role: DeploymentSettings) -> dict[str, Any]:
+    """Serve options of a deployment: replicas, resources, and for GPU engines one STRICT_PACK
     placement group holding all of an engine's GPUs (so they share a node)."""
     options: dict[str, Any] = {
         "num_replicas": role.replicas, "max_ongoing_requests": role.max_ongoing_requests,

@@ -63,13 +63,19 @@ class KVHandoffSettings(Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
-class RoleSettings(Strict):
-    """One role (prefill or decode) of one pool: its replicas and their resources."""
+class DeploymentSettings(Strict):
+    """A Serve deployment's size: replicas, resources per replica, concurrency per replica."""
 
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, gt=0)
+
+
+class RoleSettings(DeploymentSettings):
+    """One role (prefill or decode) of one pool: its replicas (0 allowed) and resources."""
+
+    replicas: int = Field(1, ge=0)
 
 
 class PoolSettings(Strict):
@@ -111,11 +117,9 @@ class LimitSettings(Strict):
     max_messages: int = Field(512, gt=0)
 
 
-class IngressDeploymentSettings(Strict):
+class IngressDeploymentSettings(DeploymentSettings):
     """The HTTP ingress deployment."""
 
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)
     max_ongoing_requests: int = Field(256, gt=0)
 
 
@@ -132,11 +136,9 @@ class ImageSettings(Strict):
     max_redirects: int = Field(3, ge=0)
 
 
-class MultimodalSettings(Strict):
-    """The image preprocessing deployment: its replicas and the image policy."""
+class MultimodalSettings(DeploymentSettings):
+    """The image preprocessing deployment (CPU): its size and the image policy."""
 
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.25, gt=0)
     max_ongoing_requests: int = Field(16, gt=0)
     images: ImageSettings = ImageSettings()
 

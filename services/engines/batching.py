@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from services.engines.protocol import EngineRequest, FinishReason, TokenChunk
+from services.engines.protocol import EngineRequest, EngineStats, FinishReason, TokenChunk
 from services.engines.stops import StopChecker
 from services.errors import EngineError
 from services.settings import EngineSettings
@@ -177,3 +177,12 @@ class PrefillGate:
             self._lock.release()
             timing["queue_s"] = started - queued
             timing["compute_s"] = time.perf_counter() - started
+
+
+def engine_stats(kind: str, role: str, batcher: ContinuousBatcher, gate: PrefillGate,
+                 capacity: int) -> EngineStats:
+    """An engine's stats from its decode batcher and prefill gate."""
+    return EngineStats(kind, role, running=len(batcher.running) + len(gate.running),
+                       waiting=len(batcher.waiting) + gate.waiting,
+                       kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
+                       kv_capacity=capacity, healthy=not batcher.failure, detail=batcher.failure)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence
+from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
 from services.engines.sampling import sample_token
 from services.engines.stops import StopChecker
@@ -161,12 +161,8 @@ class ReferenceEngine:
         return self._batcher.drop(request_id)
 
     def stats(self) -> EngineStats:
-        batcher, gate = self._batcher, self._gate
-        return EngineStats(self.kind, self.role, running=len(batcher.running) + len(gate.running),
-                           waiting=len(batcher.waiting) + gate.waiting,
-                           kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
-                           kv_capacity=self.settings.kv_capacity_tokens,
-                           healthy=not batcher.failure, detail=batcher.failure)
+        return engine_stats(self.kind, self.role, self._batcher, self._gate,
+                            self.settings.kv_capacity_tokens)
 
 
 def _left_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence
+from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
 from services.engines.stops import StopChecker
 from services.engines.validation import validate_request
@@ -144,8 +144,5 @@ class SimulatedEngine:
         return self._batcher.drop(request_id)
 
     def stats(self) -> EngineStats:
-        batcher, gate = self._batcher, self._gate
-        return EngineStats(self.kind, self.role, running=len(batcher.running) + len(gate.running),
-                           waiting=len(batcher.waiting) + gate.waiting,
-                           kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
-                           kv_capacity=self.settings.kv_capacity_tokens)
+        return engine_stats(self.kind, self.role, self._batcher, self._gate,
+                            self.settings.kv_capacity_tokens)
