@@ -1,10 +1,12 @@
 """The simulated engine: no model, tokens on a timing model (like Dynamo's mocker or llm-d's
 inference simulator), so the whole stack runs at production-like timings on a CPU.
 
-Timing: a prefill takes `prefill_base_ms + prefill_ms_per_token × prompt tokens` (one at a time);
-a decode step for the running batch takes `decode_step_ms + decode_ms_per_seq × batch`, one token
-per sequence. KV is accounted like a real engine (admission by `max_running_requests` and
-`kv_capacity_tokens`), and its export (`SimulatedKV`) travels through the real KV handoff.
+Timing: a prefill takes `prefill_base_ms + prefill_ms_per_token × prompt tokens` (one at a time,
+FIFO); a decode step for the running batch takes `decode_step_ms + decode_ms_per_seq × batch`, one
+token per sequence. With every timing at 0 each step still yields to the event loop once, so this
+mode measures the serving stack's own overhead. KV is accounted like a real engine (admission by
+`max_running_requests` and `kv_capacity_tokens`), and its export (`SimulatedKV`) travels through
+the real KV handoff.
 
 Output is deterministic. `echo`: the last user turn's text, wrapped in `[THINK]…[/THINK]` and
 repeated when the prompt's model settings ask for effort `high`, or, when tools are offered and
@@ -18,6 +20,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
@@ -27,12 +30,17 @@ from services.errors import EngineError
 from services.settings import EngineSettings
 from services.tokenizer import PromptTokenizer
 
-MLA_BYTES_PER_TOKEN = 23040  # Mistral Small 4, BF16 latent + rope key, 36 layers
+MLA_BYTES_PER_TOKEN = 23040  # Mistral Small 4: BF16 latent + rope key, 36 layers
+EMPTY_TURN_REPLY = "ok"
+COUNTER_WORDS = " tick tock"
+_CONTROL_NAMES = ("[INST]", "[/INST]", "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "[IMG]",
+                  "[IMG_BREAK]", "[IMG_END]", "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]",
+                  "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SimulatedKV:
-    """Stands in for a prompt's KV: its size, as the real model's would be."""
+    """Stands in for a prompt's KV: its token count, and its size as the real model's would be."""
 
     num_tokens: int
 
@@ -43,6 +51,8 @@ class SimulatedKV:
 
 @dataclass
 class _Sequence(Sequence):
+    """A decoding request with its output plan; `produced` counts tokens sampled so far."""
+
     plan: list[int] = field(default_factory=list)
     produced: int = 1
 
@@ -50,51 +60,78 @@ class _Sequence(Sequence):
     def kv_tokens(self) -> int:
         return len(self.request.prompt_ids) + self.produced
 
+    def next_token(self) -> int:
+        """The plan's next token; a plan that has run out starts over (counter, ignore_eos)."""
+        token = self.plan[self.produced % len(self.plan)]
+        self.produced += 1
+        return token
+
 
 class OutputPlanner:
-    """The deterministic token plan of a prompt (see module docstring)."""
+    """The deterministic token plan of a prompt (see the module docstring)."""
 
     def __init__(self, tokenizer: PromptTokenizer, mode: str):
-        self.tok, self.mode = tokenizer, mode
-        self.ids = {n: tokenizer.special(n) for n in (
-            "[INST]", "[/INST]", "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "[IMG]",
-            "[IMG_BREAK]", "[IMG_END]", "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]",
-            "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]")}
-        self.words = self._text(" tick tock")
+        self.tokenizer, self.mode = tokenizer, mode
+        self.ids = {name: tokenizer.special(name) for name in _CONTROL_NAMES}
+        self.image_ids = {self.ids["[IMG]"], self.ids["[IMG_BREAK]"], self.ids["[IMG_END]"]}
+        self.counter = self.encode(COUNTER_WORDS)
 
-    def _text(self, text: str) -> list[int]:
-        return list(self.tok._raw.encode(text, bos=False, eos=False))
+    def encode(self, text: str) -> list[int]:
+        """Plain text to Tekken ids, no BOS/EOS."""
+        return list(self.tokenizer._raw.encode(text, bos=False, eos=False))
 
-    def plan(self, prompt: list[int], budget: int) -> list[int]:
+    def plan(self, prompt: list[int]) -> list[int]:
+        """Every token the engine will emit for `prompt`, the first one included."""
         if self.mode == "counter":
-            return (self.words * (budget // len(self.words) + 1))[:budget]
-        echo = self._last_user(prompt) or self._text("ok")
-        tools = self._block(prompt, "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]")
-        if tools and prompt[-1] == self.ids["[/INST]"]:
-            name = json.loads(self.tok.decode(tools))[0]["function"]["name"]
-            args = json.dumps({"input": self.tok.decode(echo)})
-            return ([self.ids["[TOOL_CALLS]"]] + self._text(name) + [self.ids["[ARGS]"]]
-                    + self._text(args) + [self.tok.eos_id])
-        settings = self.tok.decode(self._block(prompt, "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]"))
-        if settings and json.loads(settings).get("reasoning_effort") == "high":
-            return [self.ids["[THINK]"]] + echo + [self.ids["[/THINK]"]] + echo + [self.tok.eos_id]
-        return echo + [self.tok.eos_id]
+            return self.counter
+        echo = self._last_user_text(prompt) or self.encode(EMPTY_TURN_REPLY)
+        eos = self.tokenizer.eos_id
+        tool = self._first_tool_name(prompt)
+        if tool and prompt[-1] == self.ids["[/INST]"]:
+            args = json.dumps({"input": self.tokenizer.decode(echo)})
+            return ([self.ids["[TOOL_CALLS]"]] + self.encode(tool) + [self.ids["[ARGS]"]]
+                    + self.encode(args) + [eos])
+        if self._effort(prompt) == "high":
+            return [self.ids["[THINK]"]] + echo + [self.ids["[/THINK]"]] + echo + [eos]
+        return echo + [eos]
 
     def _block(self, prompt: list[int], start: str, end: str) -> list[int]:
-        a, b = self.ids[start], self.ids[end]
-        if a not in prompt or b not in prompt:
+        """The ids between the first `start` control token and the `end` after it."""
+        begin, finish = self.ids[start], self.ids[end]
+        if begin not in prompt:
             return []
-        i = prompt.index(a)
-        return prompt[i + 1:prompt.index(b, i)]
+        i = prompt.index(begin)
+        j = next((k for k in range(i + 1, len(prompt)) if prompt[k] == finish), i + 1)
+        return prompt[i + 1:j]
 
-    def _last_user(self, prompt: list[int]) -> list[int]:
+    def _decoded_json(self, ids: list[int]) -> Any:
+        """The JSON a block of ids spells, or None where it is absent or malformed."""
+        try:
+            return json.loads(self.tokenizer.decode(ids)) if ids else None
+        except ValueError:
+            return None
+
+    def _effort(self, prompt: list[int]) -> str | None:
+        """The `reasoning_effort` in the prompt's model settings, if any."""
+        settings = self._decoded_json(self._block(prompt, "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]"))
+        return settings.get("reasoning_effort") if isinstance(settings, dict) else None
+
+    def _first_tool_name(self, prompt: list[int]) -> str | None:
+        """The name of the first tool the prompt offers, if any."""
+        tools = self._decoded_json(self._block(prompt, "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]"))
+        try:
+            return str(tools[0]["function"]["name"])
+        except (TypeError, KeyError, IndexError):
+            return None
+
+    def _last_user_text(self, prompt: list[int]) -> list[int]:
+        """The ids of the last `[INST]…[/INST]` turn, image tokens left out."""
         start, end = self.ids["[INST]"], self.ids["[/INST]"]
-        if start not in prompt:
+        i = next((k for k in range(len(prompt) - 1, -1, -1) if prompt[k] == start), None)
+        if i is None:
             return []
-        i = len(prompt) - 1 - prompt[::-1].index(start)
-        j = prompt.index(end, i) if end in prompt[i:] else len(prompt)
-        images = {self.ids["[IMG]"], self.ids["[IMG_BREAK]"], self.ids["[IMG_END]"]}
-        return [t for t in prompt[i + 1:j] if t not in images]
+        j = next((k for k in range(i + 1, len(prompt)) if prompt[k] == end), len(prompt))
+        return [t for t in prompt[i + 1:j] if t not in self.image_ids]
 
 
 class SimulatedEngine:
@@ -109,40 +146,58 @@ class SimulatedEngine:
         self.planner = OutputPlanner(tokenizer, self.timing.output)
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
+        self._prefills: dict[str, asyncio.Task] = {}
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
+        """Wait for the prefill turn, spend the prompt's prefill time, answer the first token.
+
+        The work runs as its own task so `abort` can cancel it wherever it is (queued or running);
+        the caller then sees `asyncio.CancelledError`, as with the reference engine.
+        """
         validate_request(request, self.context_length, self.tokenizer.vocab_size)
+        task = asyncio.ensure_future(self._prefill_in_turn(request))
+        self._prefills[request.request_id] = task
+        try:
+            return await task
+        finally:
+            if self._prefills.get(request.request_id) is task:
+                del self._prefills[request.request_id]
+
+    async def _prefill_in_turn(self, request: EngineRequest) -> PrefillResult:
         n, timing = len(request.prompt_ids), {}
         async with self._gate.turn(request.request_id, timing):
             self._gate.running[request.request_id] = n
             await asyncio.sleep((self.timing.prefill_base_ms
                                  + self.timing.prefill_ms_per_token * n) / 1000.0)
-            first = self.planner.plan(request.prompt_ids, 1)[0]
+            first = self.planner.plan(request.prompt_ids)[0]
         return PrefillResult(request.request_id, first, n, SimulatedKV(n),
                              compute_s=timing["compute_s"], queue_s=timing["queue_s"])
 
     def decode(self, request: EngineRequest, first_token: int,
                kv: SimulatedKV) -> AsyncIterator[TokenChunk]:
+        """Join the running batch; stream the plan after `first_token` until a stop."""
         validate_request(request, self.context_length, self.tokenizer.vocab_size)
-        if kv is None or kv.num_tokens != len(request.prompt_ids):
+        if kv is None or getattr(kv, "num_tokens", None) != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
         stops = StopChecker(request.sampling, (self.tokenizer.eos_id,), self.tokenizer.decode)
-        seq = _Sequence(request, stops,
-                        plan=self.planner.plan(request.prompt_ids, request.sampling.max_tokens))
+        seq = _Sequence(request, stops, plan=self.planner.plan(request.prompt_ids))
         return self._batcher.stream(seq, first_token)
 
     async def _decode_step(self, batch: list[_Sequence]) -> list[int]:
         await asyncio.sleep((self.timing.decode_step_ms
                              + self.timing.decode_ms_per_seq * len(batch)) / 1000.0)
-        tokens = []
-        for seq in batch:
-            tokens.append(seq.plan[seq.produced % len(seq.plan)])
-            seq.produced += 1
-        return tokens
+        return [seq.next_token() for seq in batch]
 
     async def abort(self, request_id: str) -> bool:
-        return self._batcher.drop(request_id)
+        """Free the request now, wherever it is; False when this engine does not hold it."""
+        task = self._prefills.pop(request_id, None)
+        if task is None or task.done():
+            return self._batcher.drop(request_id)
+        task.cancel()
+        await asyncio.sleep(0)  # let the cancelled prefill leave the gate before we answer
+        return True
 
     def stats(self) -> EngineStats:
+        """Running/waiting requests and KV held, prefill and decode together."""
         return engine_stats(self.kind, self.role, self._batcher, self._gate,
                             self.settings.kv_capacity_tokens)
