@@ -11,49 +11,56 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from stack_schema import VALUES_SCHEMA, stack_defs
 
 from cluster.settings import parse_settings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "small4"
 KUBE = "1.32.0"
 PROFILES = ["default", "cpu", "h200x16"]
-CRD_SCHEMAS = {
-    "RayService": json.loads((Path(__file__).parent / "rayservice.schema.json").read_text()),
-    "ServiceMonitor": {"type": "object", "required": ["spec"], "properties": {"spec": {
-        "type": "object", "required": ["selector", "endpoints"]}}},
-    "PodMonitor": {"type": "object", "required": ["spec"], "properties": {"spec": {
-        "type": "object", "required": ["selector", "podMetricsEndpoints"]}}},
-    "PrometheusRule": {"type": "object", "required": ["spec"], "properties": {"spec": {
-        "type": "object", "required": ["groups"], "properties": {"groups": {
-            "type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "rules"]}}}}}},
-}
+GPU_PROFILES = ["default", "h200x16"]
+SCHEMAS = Path(__file__).parent / "schemas"
+CRD_SCHEMAS = {kind: json.loads((SCHEMAS / f"{kind.lower()}.json").read_text())
+               for kind in ("RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule")}
+ALL_OBJECTS = {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                              "prometheusRule": {"enabled": True}},
+               "apiKeys": {"create": True, "keys": ["sk-test-0123456789abcdef"]}}
+TRACING = {"telemetry": {"tracing": {"enabled": True}}}
+# Importing Ray Serve emits pydantic v1-style deprecation warnings from Ray's own config models.
+RAY_SERVE_IMPORT = pytest.mark.filterwarnings(
+    "ignore::pydantic.warnings.PydanticDeprecatedSince20")
 
 
-def merge(base: dict, extra: dict) -> dict:
-    """Helm's values merge: maps merge, anything else replaces, null deletes the key."""
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Overrides on top of a profile's values: maps merge, anything else replaces."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
 def profile_values(profile: str) -> dict:
-    return {} if profile == "default" else yaml.safe_load((CHART / "profiles" / f"{profile}.yaml").read_text())
+    if profile == "default":
+        return {}
+    return yaml.safe_load((CHART / "profiles" / f"{profile}.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
-def render():
-    with helm.Chart.load(CHART) as chart:
-        def go(profile: str = "default", **overrides) -> list[dict]:
-            docs = chart.render(merge(profile_values(profile), overrides), name="rel",
-                                namespace="prod")
-            return [d for text in docs.values() for d in yaml.safe_load_all(text) if d]
-        yield go
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def render(chart):
+    def go(profile: str = "default", release: str = "rel", **overrides) -> list[dict]:
+        values = deep_merge(profile_values(profile), overrides)
+        docs = chart.render(values, name=release, namespace="prod")
+        return [d for text in docs.values() for d in yaml.safe_load_all(text) if d]
+    return go
 
 
 def one(docs: list[dict], kind: str) -> dict:
@@ -62,136 +69,349 @@ def one(docs: list[dict], kind: str) -> dict:
     return found[0]
 
 
-def pod_templates(rayservice: dict) -> list[dict]:
-    cluster = rayservice["spec"]["rayClusterConfig"]
+def cluster_of(docs: list[dict]) -> dict:
+    return one(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def pod_templates(docs: list[dict]) -> list[dict]:
+    cluster = cluster_of(docs)
     return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
 
 
+def containers(docs: list[dict]):
+    for template in pod_templates(docs):
+        yield from template["spec"]["containers"]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
 def serve_args(docs: list[dict]) -> dict:
-    config = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
-    (app,) = config["applications"]
-    assert app["import_path"] == "cluster.app:build_app"
+    (app,) = serve_config(docs)["applications"]
+    assert (app["name"], app["import_path"], app["route_prefix"]) == (
+        "small4", "cluster.app:build_app", "/")
     return app["args"]
 
 
+# Rendering, lint and offline validation
+
 @pytest.mark.parametrize("profile", PROFILES)
-def test_lint_passes(profile):
+def test_lint_passes_strict(profile):
     result = helm.lint(CHART, profile_values(profile), strict=True, kube_version=KUBE)
     assert result["errors"] == []
     assert not [m for m in result["messages"] if m["severity"] > 1], result["messages"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_every_object_validates(render, profile):
-    docs = render(profile, monitoring={"serviceMonitor": {"enabled": True},
-                                       "podMonitor": {"enabled": True},
-                                       "prometheusRule": {"enabled": True}})
-    kinds = {d["kind"] for d in docs}
-    assert {"RayService", "Service", "ServiceAccount", "ConfigMap", "PrometheusRule",
-            "ServiceMonitor", "PodMonitor"} <= kinds
+def test_every_object_validates_offline(render, profile):
+    docs = render(profile, **ALL_OBJECTS)
+    assert {"RayService", "Service", "ServiceAccount", "ConfigMap", "Secret", "PrometheusRule",
+            "ServiceMonitor", "PodMonitor"} <= {d["kind"] for d in docs}
     for doc in docs:
         if doc["kind"] in CRD_SCHEMAS:
             jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
         else:
             kubernetes_validate.validate(doc, KUBE, strict=True)
-    for template in pod_templates(one(docs, "RayService")):
-        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                   "template": template}
-        kubernetes_validate.validate(wrapped, KUBE, strict=True)
+    for template in pod_templates(docs):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": "t"}, "template": template},
+                                     KUBE, strict=True)
+    serve_service = one(docs, "RayService")["spec"]["serveService"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **serve_service},
+                                 KUBE, strict=True)
+
+
+def test_our_schemas_can_fail(render):
+    rayservice = one(render(), "RayService")
+    broken = copy.deepcopy(rayservice)
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replica"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, CRD_SCHEMAS["RayService"])
+    template = pod_templates(render())[1]
+    template["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": "t"}, "template": template},
+                                     KUBE, strict=True)
+
+
+def test_default_renders_the_expected_objects_and_no_secret(render):
+    kinds = sorted(d["kind"] for d in render())
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "RayService", "Service", "ServiceAccount"]
+    assert "PodDisruptionBudget" not in {d["kind"] for d in render("cpu")}
+
+
+def test_upgrade_strategy_is_the_operators_unless_set(render):
+    assert "upgradeStrategy" not in one(render(), "RayService")["spec"]
+    rayservice = one(render(upgradeStrategy="None"), "RayService")
+    assert rayservice["spec"]["upgradeStrategy"] == {"type": "None"}
+    jsonschema.validate(rayservice, CRD_SCHEMAS["RayService"])
+
+
+def test_pod_templates_carry_only_stable_labels(render):
+    for template in pod_templates(render()):
+        assert set(template["metadata"]["labels"]) == {
+            "app.kubernetes.io/name", "app.kubernetes.io/instance", "small4.role"}, (
+            "a label that changes with the chart version would rebuild the cluster")
+
+
+def test_rayservice_name_fits_kuberay_limit(render):
+    rayservice = one(render(release="a-release-name-of-fifty-three-characters-for-testing"),
+                     "RayService")
+    assert len(rayservice["metadata"]["name"]) <= 47
+    jsonschema.validate(rayservice, CRD_SCHEMAS["RayService"])
+
+
+# One schema for local runs and production
+
+def test_values_schema_carries_the_settings_root_schema():
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    assert schema["properties"]["stack"] == {"$ref": "#/$defs/StackSettings"}
+    assert schema["$defs"] == stack_defs(), (
+        "values.schema.json is stale: run `python tests/helm/stack_schema.py`")
+
+
+@pytest.mark.parametrize(("stack", "where"), [
+    ({"engine": {"kind": "sglang", "tensor_parallel": 2}}, "/stack/engine"),
+    ({"pools": {"fast": {"decode": {"replicas": "two"}}}}, "/stack/pools/fast/decode/replicas"),
+    ({"kv_handoff": {"backend": "nccl"}}, "/stack/kv_handoff/backend"),
+])
+def test_helm_refuses_a_stack_the_settings_root_refuses(render, stack, where):
+    with pytest.raises(helm.HelmValuesError, match=where):
+        render(stack=stack)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_serve_args_are_the_stack_settings_and_build_an_app(render, profile):
+def test_stack_of_every_profile_validates_against_the_settings_root(chart, profile):
+    stack = chart.merge_values(profile_values(profile))["stack"]
+    settings = parse_settings(stack)
+    assert settings.profile == ("h200x16" if profile == "default" else profile)
+
+
+@RAY_SERVE_IMPORT
+@pytest.mark.parametrize("profile", PROFILES)
+def test_serve_config_is_ray_serves_and_its_args_build_the_app(chart, render, profile):
+    import ray
     from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
 
     from cluster.app import build_app
 
-    args = serve_args(render(profile))
-    merged = merge(yaml.safe_load((CHART / "values.yaml").read_text()), profile_values(profile))
-    assert args == merged["stack"]
-    settings = parse_settings(args)
-    assert settings.profile == ("h200x16" if profile == "default" else profile)
+    docs = render(profile)
+    ServeDeploySchema.parse_obj(serve_config(docs))
+    args = serve_args(docs)
+    assert args == chart.merge_values(profile_values(profile))["stack"]
+    ray_was_running = ray.is_initialized()
     assert isinstance(build_app(args), Application)
+    assert ray.is_initialized() == ray_was_running, "building the application started Ray"
 
 
-@pytest.mark.parametrize("profile", ["default", "h200x16"])
+@pytest.mark.parametrize("profile", PROFILES)
+def test_serve_listens_on_the_stack_http_port(render, profile):
+    for port, docs in [(8000, render(profile)),
+                       (8100, render(profile, stack={"http": {"port": 8100}}))]:
+        assert serve_config(docs)["http_options"] == {"host": "0.0.0.0", "port": port}
+        head = pod_templates(docs)[0]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": port,
+                         "metrics": 8080}
+        serve_service = one(docs, "RayService")["spec"]["serveService"]
+        assert serve_service["spec"]["ports"] == [{"name": "serve", "port": port,
+                                                   "protocol": "TCP"}]
+        assert serve_service["metadata"]["name"] == one(docs, "RayService")["metadata"]["name"]
+
+
+def test_ray_version_is_the_one_the_project_pins(chart):
+    import ray
+
+    for profile in PROFILES:
+        values = chart.merge_values(profile_values(profile))
+        assert values["rayVersion"] == ray.__version__
+        assert values["image"]["tag"].startswith(values["rayVersion"] + "-")
+
+
+# GPUs and topology
+
+@pytest.mark.parametrize("profile", GPU_PROFILES)
 def test_gpu_requests_equal_tp_times_engines_per_node(render, profile):
     docs = render(profile)
     settings = parse_settings(serve_args(docs))
     topology = settings.topology
-    (worker,) = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (worker,) = cluster_of(docs)["workerGroupSpecs"]
     (container,) = worker["template"]["spec"]["containers"]
     per_pod = topology.tensor_parallel * topology.engines_per_node
-    assert worker["replicas"] == topology.nodes == 2
+    assert (topology.tensor_parallel, topology.engines_per_node) == (2, 4)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == per_pod == 8
     assert container["resources"]["limits"]["nvidia.com/gpu"] == per_pod
     assert worker["rayStartParams"]["num-gpus"] == str(per_pod)
-    engines_gpus = sum(role.replicas * role.num_gpus for pool in settings.pools.values()
-                       for role in (pool.prefill, pool.decode))
-    assert engines_gpus == worker["replicas"] * per_pod == 16
+    assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == topology.nodes
+    engine_gpus = sum(role.replicas * role.num_gpus for pool in settings.pools.values()
+                      for role in (pool.prefill, pool.decode))
+    assert engine_gpus <= worker["replicas"] * per_pod
+    assert engine_gpus == 16 and len(settings.placements()) == 8
+
+
+def test_gpu_count_follows_the_topology(render):
+    docs = render(stack={"topology": {"gpus_per_node": 6, "tensor_parallel": 4},
+                         "pools": {name: {role: {"num_gpus": 4, "replicas": 1}
+                                          for role in ("prefill", "decode")}
+                                   for name in ("fast", "deep")}})
+    (worker,) = cluster_of(docs)["workerGroupSpecs"]
+    assert worker["template"]["spec"]["containers"][0]["resources"]["requests"][
+        "nvidia.com/gpu"] == 4, "one TP4 engine per 6-GPU node uses 4 GPUs"
+
+
+def test_h200x16_profile_is_the_production_shape(chart):
+    values = chart.merge_values(profile_values("h200x16"))
+    stack = values["stack"]
+    shape = {name: (pool["prefill"]["replicas"], pool["decode"]["replicas"])
+             for name, pool in stack["pools"].items()}
+    assert shape == {"fast": (1, 2), "deep": (2, 3)}
+    assert {r["num_gpus"] for p in stack["pools"].values() for r in (p["prefill"], p["decode"])} == {2}
+    assert (stack["engine"]["kind"], stack["kv_handoff"]["backend"]) == ("sglang", "sglang")
+    assert stack["model"]["context_length"] == 262144
+
+
+@pytest.mark.parametrize("profile", GPU_PROFILES)
+def test_checkpoint_lies_on_the_mounted_weights_volume(render, chart, profile):
+    values = chart.merge_values(profile_values(profile))
+    model = values["stack"]["model"]
+    mount = values["workers"]["modelVolume"]["mountPath"]
+    assert model["source"] == "checkpoint" and "mistral-small-4" in model["path"]
+    assert model["path"].startswith(mount.rstrip("/") + "/")
+    worker = pod_templates(render(profile))[1]["spec"]["containers"][0]
+    assert {"name": "models", "mountPath": mount, "readOnly": True} in worker["volumeMounts"]
 
 
 def test_cpu_profile_requests_no_gpus(render):
-    text = json.dumps(render("cpu"))
-    assert "nvidia.com/gpu" not in text
-    assert parse_settings(serve_args(render("cpu"))).engine.kind == "reference"
+    docs = render("cpu")
+    assert "nvidia.com/gpu" not in json.dumps(docs)
+    assert cluster_of(docs)["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] == "0"
+    assert "nodeSelector" not in pod_templates(docs)[1]["spec"]
+    assert parse_settings(serve_args(docs)).engine.kind == "reference"
 
 
 def test_one_worker_pod_per_topology_node(render):
-    with pytest.raises(helm.HelmError, match="must equal stack.topology.nodes"):
+    with pytest.raises(helm.HelmRenderError, match="must equal stack.topology.nodes"):
         render(workers={"replicas": 3})
 
 
-def containers(docs):
-    for template in pod_templates(one(docs, "RayService")):
-        yield from template["spec"]["containers"]
-
-
-def env_of(container) -> dict:
-    return {e["name"]: e.get("value") for e in container["env"]}
-
+# Pods: offline, bounded, non-root
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_container_is_offline_bounded_and_non_root(render, profile):
     docs = render(profile)
-    for template in pod_templates(one(docs, "RayService")):
-        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    for template in pod_templates(docs):
+        security = template["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert template["spec"]["automountServiceAccountToken"] is False
     for container in containers(docs):
-        assert env_of(container)["RAY_USAGE_STATS_ENABLED"] == "0"
-        assert container["resources"]["requests"] and container["resources"]["limits"]
+        env = env_of(container)
+        assert (env["RAY_USAGE_STATS_ENABLED"], env["HF_HUB_OFFLINE"]) == ("0", "1")
+        resources = container["resources"]
+        assert set(resources["requests"]) >= {"cpu", "memory"}
+        assert set(resources["limits"]) >= {"cpu", "memory"}
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
 def test_otel_env_only_when_enabled(render):
     assert not any(k.startswith("OTEL_") for c in containers(render()) for k in env_of(c))
+    assert not any(k.startswith("OTEL_") for c in containers(render("cpu")) for k in env_of(c))
     docs = render(otel={"enabled": True, "endpoint": "http://collector:4318",
-                        "resourceAttributes": {"deployment.environment": "prod"}})
+                        "resourceAttributes": {"deployment.environment": "prod"}}, stack=TRACING)
     for container in containers(docs):
         env = env_of(container)
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4318"
-        assert "deployment.environment=prod" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        assert env["OTEL_SERVICE_NAME"] == "small4"
+        attributes = env["OTEL_RESOURCE_ATTRIBUTES"].split(",")
+        assert {"deployment.environment=prod", "k8s.namespace.name=prod",
+                "k8s.pod.name=$(K8S_POD_NAME)"} <= set(attributes)
+        names = [e["name"] for e in container["env"]]
+        assert names.index("K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert all("OTEL_EXPORTER_OTLP_ENDPOINT" in env_of(c) for c in containers(render("h200x16")))
 
+
+def test_otel_without_stack_tracing_is_refused(render):
+    with pytest.raises(helm.HelmRenderError, match="stack.telemetry.tracing.enabled is false"):
+        render(otel={"enabled": True})
+
+
+def test_extra_env_from_reaches_every_container(render):
+    docs = render(extraEnvFrom=[{"secretRef": {"name": "otlp-auth"}}])
+    assert all(c["envFrom"] == [{"secretRef": {"name": "otlp-auth"}}] for c in containers(docs))
+    assert not any("envFrom" in c for c in containers(render()))
+
+
+# API keys
 
 def test_secret_is_never_rendered_with_a_default_key(render):
-    assert not [d for d in render() if d["kind"] == "Secret"]
-    assert not [d for d in render("cpu") if d["kind"] == "Secret"]
-    with pytest.raises(helm.HelmError, match="apiKeys.keys is empty"):
+    for profile in PROFILES:
+        docs = render(profile)
+        assert not [d for d in docs if d["kind"] == "Secret"]
+        assert not [v for t in pod_templates(docs) for v in t["spec"]["volumes"]
+                    if v["name"] == "api-keys"]
+    with pytest.raises(helm.HelmRenderError, match="apiKeys.keys is empty"):
         render(apiKeys={"create": True})
-    docs = render(apiKeys={"create": True, "keys": ["sk-test-0123456789abcdef"]})
+    with pytest.raises(helm.HelmValuesError, match="/apiKeys/keys/0"):
+        render(apiKeys={"create": True, "keys": ["short"]})
+
+
+def test_created_secret_holds_the_given_keys_and_is_mounted(render):
+    keys = ["sk-test-0123456789abcdef", "sk-test-fedcba9876543210"]
+    docs = render(apiKeys={"create": True, "keys": keys})
     secret = one(docs, "Secret")
-    assert secret["stringData"]["api-keys"].split() == ["sk-test-0123456789abcdef"]
-    for template in pod_templates(one(docs, "RayService")):
+    assert secret["stringData"]["api-keys"].split() == keys
+    for template in pod_templates(docs):
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
-    existing = render(apiKeys={"existingSecret": "ops-keys"})
-    assert not [d for d in existing if d["kind"] == "Secret"]
-    template = pod_templates(one(existing, "RayService"))[0]
-    assert {"name": "api-keys", "secret": {"secretName": "ops-keys"}} in template["spec"]["volumes"]
+        (container,) = template["spec"]["containers"]
+        assert {"name": "api-keys", "mountPath": "/etc/small4/api-keys",
+                "readOnly": True} in container["volumeMounts"]
 
+
+def test_existing_secret_is_referenced_not_rendered(render):
+    docs = render(apiKeys={"existingSecret": "ops-keys"})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for template in pod_templates(docs):
+        assert {"name": "api-keys", "secret": {"secretName": "ops-keys"}} in template["spec"]["volumes"]
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render(apiKeys={"existingSecret": "ops-keys", "create": True,
+                        "keys": ["sk-test-0123456789abcdef"]})
+
+
+# Monitoring
 
 def test_monitoring_objects_ship_the_repo_files(render):
     docs = render(monitoring={"prometheusRule": {"enabled": True}})
     rules = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
     assert one(docs, "PrometheusRule")["spec"] == rules
-    dashboard = json.loads(one(docs, "ConfigMap")["data"]["small4.json"])
+    dashboard_map = one(docs, "ConfigMap")
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["small4.json"])
     assert dashboard == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    assert {"PrometheusRule", "ServiceMonitor", "PodMonitor"}.isdisjoint(
+        d["kind"] for d in render())
+
+
+def test_monitors_select_the_metrics_port(render):
+    docs = render(**ALL_OBJECTS)
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    selector = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    pod_selector = one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"]
+    for template in pod_templates(docs):
+        labels = template["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert pod_selector.items() <= labels.items()
+        assert "metrics" in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+    budget = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    assert budget.items() <= pod_templates(docs)[1]["metadata"]["labels"].items()
+    assert not budget.items() <= pod_templates(docs)[0]["metadata"]["labels"].items()

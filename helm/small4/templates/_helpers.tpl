@@ -1,9 +1,9 @@
-{{/* Names and labels. */}}
+{{/* Names and labels. KubeRay refuses a RayService name over 47 characters. */}}
 {{- define "small4.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 47 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
@@ -23,16 +23,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (include "small4.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
+{{/* The Secret holding API keys, or nothing: the chart never invents a key. */}}
 {{- define "small4.apiKeysSecret" -}}
-{{- if .Values.apiKeys.existingSecret -}}
+{{- if and .Values.apiKeys.existingSecret .Values.apiKeys.create -}}
+{{- fail "set either apiKeys.existingSecret or apiKeys.create, not both" -}}
+{{- else if .Values.apiKeys.existingSecret -}}
 {{- .Values.apiKeys.existingSecret -}}
 {{- else if .Values.apiKeys.create -}}
 {{- printf "%s-api-keys" (include "small4.fullname" .) -}}
 {{- end -}}
 {{- end -}}
 
+{{/* The port Serve's HTTP proxy listens on: the stack's own `http.port`. */}}
+{{- define "small4.httpPort" -}}
+{{- dig "http" "port" 8000 .Values.stack | int -}}
+{{- end -}}
+
 {{/* Environment of every Ray container. */}}
 {{- define "small4.env" -}}
+{{- $tracing := dig "telemetry" "tracing" "enabled" false .Values.stack -}}
+{{- if and .Values.otel.enabled (not $tracing) -}}
+{{- fail "otel.enabled sets the OTLP exporter environment, but stack.telemetry.tracing.enabled is false: nothing would be exported" -}}
+{{- end -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 - name: HF_HUB_OFFLINE
@@ -42,10 +54,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: "1"
 {{- end }}
 {{- if .Values.otel.enabled }}
+- name: K8S_POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: K8S_NODE_NAME
+  valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
-  value: {{ .Values.otel.endpoint | quote }}
-- name: OTEL_EXPORTER_OTLP_PROTOCOL
-  value: {{ .Values.otel.protocol | quote }}
+  value: {{ required "otel.endpoint is required when otel.enabled" .Values.otel.endpoint | quote }}
 - name: OTEL_SERVICE_NAME
   value: {{ .Values.otel.serviceName | quote }}
 - name: OTEL_RESOURCE_ATTRIBUTES
@@ -53,32 +67,39 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
+{{/* Resource attributes; Kubernetes expands $(K8S_*) from the variables defined before. */}}
 {{- define "small4.otelAttributes" -}}
-{{- $attrs := list (printf "k8s.namespace.name=%s" .Release.Namespace) (printf "service.instance.id=%s" .Release.Name) -}}
+{{- $attrs := list (printf "k8s.namespace.name=%s" .Release.Namespace) "k8s.pod.name=$(K8S_POD_NAME)" "k8s.node.name=$(K8S_NODE_NAME)" -}}
 {{- range $k, $v := .Values.otel.resourceAttributes }}{{ $attrs = append $attrs (printf "%s=%s" $k $v) }}{{ end -}}
 {{- join "," $attrs -}}
 {{- end -}}
 
 {{/*
-The one pod spec of head and worker groups. Call with a dict:
-  root: the chart context; role: "head" | "worker"; resources; gpus (per pod, 0 for none);
-  nodeSelector; tolerations; shmSize.
+The one pod spec of the head and worker groups. Call with a dict:
+  root: the chart context; role: "head" | "worker"; group: .Values.head or .Values.workers;
+  gpus: GPUs per pod (0 for none).
+The Ray container comes first (KubeRay requires it). The head declares KubeRay's well-known port
+names: the operator builds the head Service from them and reaches the dashboard by name.
 */}}
 {{- define "small4.podSpec" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
+{{- $group := .group -}}
+{{- $apiKeys := include "small4.apiKeysSecret" $root -}}
+{{- $models := and (eq .role "worker") $v.workers.modelVolume.enabled -}}
 serviceAccountName: {{ include "small4.serviceAccountName" $root }}
+automountServiceAccountToken: false
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 securityContext:
-  {{- toYaml $v.securityContext | nindent 2 }}
-{{- with .nodeSelector }}
+  {{- toYaml $v.podSecurityContext | nindent 2 }}
+{{- with $group.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .tolerations }}
+{{- with $group.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -90,40 +111,46 @@ containers:
       {{- toYaml $v.containerSecurityContext | nindent 6 }}
     env:
       {{- include "small4.env" $root | nindent 6 }}
+    {{- with $v.extraEnvFrom }}
+    envFrom:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     resources:
       requests:
-        {{- toYaml .resources.requests | nindent 8 }}
+        {{- toYaml $group.resources.requests | nindent 8 }}
         {{- if gt (int .gpus) 0 }}
         {{ $v.gpu.resourceName }}: {{ .gpus }}
         {{- end }}
       limits:
-        {{- toYaml .resources.limits | nindent 8 }}
+        {{- toYaml $group.resources.limits | nindent 8 }}
         {{- if gt (int .gpus) 0 }}
         {{ $v.gpu.resourceName }}: {{ .gpus }}
         {{- end }}
     ports:
       {{- if eq .role "head" }}
-      - {containerPort: 6379, name: gcs}
-      - {containerPort: {{ $v.service.port }}, name: serve}
+      - {name: gcs-server, containerPort: 6379}
+      - {name: dashboard, containerPort: 8265}
+      - {name: client, containerPort: 10001}
+      - {name: serve, containerPort: {{ include "small4.httpPort" $root }}}
       {{- end }}
-      - {containerPort: {{ $v.metricsPort }}, name: metrics}
+      - {name: metrics, containerPort: {{ $v.metricsPort }}}
     volumeMounts:
       - {name: shm, mountPath: /dev/shm}
-      {{- if include "small4.apiKeysSecret" $root }}
+      {{- if $apiKeys }}
       - {name: api-keys, mountPath: {{ $v.apiKeys.mountPath }}, readOnly: true}
       {{- end }}
-      {{- if and (eq .role "worker") $v.workers.modelVolume.enabled }}
+      {{- if $models }}
       - {name: models, mountPath: {{ $v.workers.modelVolume.mountPath }}, readOnly: true}
       {{- end }}
 volumes:
   - name: shm
-    emptyDir: {medium: Memory, sizeLimit: {{ .shmSize }}}
-  {{- with include "small4.apiKeysSecret" $root }}
+    emptyDir: {medium: Memory, sizeLimit: {{ $group.shmSize }}}
+  {{- if $apiKeys }}
   - name: api-keys
-    secret: {secretName: {{ . }}}
+    secret: {secretName: {{ $apiKeys }}}
   {{- end }}
-  {{- if and (eq .role "worker") $v.workers.modelVolume.enabled }}
+  {{- if $models }}
   - name: models
-    persistentVolumeClaim: {claimName: {{ $v.workers.modelVolume.persistentVolumeClaim }}, readOnly: true}
+    persistentVolumeClaim: {claimName: {{ required "workers.modelVolume.persistentVolumeClaim is required when the model volume is enabled" $v.workers.modelVolume.persistentVolumeClaim }}, readOnly: true}
   {{- end }}
 {{- end -}}
