@@ -1,17 +1,26 @@
 """Generated token ids → OpenAI output: content, `reasoning_content`, `tool_calls`, incrementally.
 
-Parsing is by token id, never by text, so user text that merely looks like `[THINK]` is never
-mistaken for the control token. States of `OutputParser`:
+Mistral Small 4 writes `[THINK]reasoning[/THINK]answer</s>`, and tool calls as
+`[TOOL_CALLS]name[ARGS]{json}` repeated for parallel calls. Every marker is a single control
+token, so parsing is by token id, never by text: user text that merely reads `[THINK]` is content.
+`OutputParser` is a state machine over those ids:
 
-    CONTENT ──[THINK]──▶ REASONING ──[/THINK]──▶ CONTENT
-    CONTENT ──[TOOL_CALLS]──▶ TOOL_NAME ──[ARGS]──▶ TOOL_ARGS ──[TOOL_CALLS]──▶ TOOL_NAME …
-    any ──</s>──▶ DONE
+    CONTENT   ──[THINK]──────▶ REASONING ──[/THINK]──▶ CONTENT
+    CONTENT   ──[TOOL_CALLS]─▶ TOOL_NAME ──[ARGS]────▶ TOOL_ARGS ──[TOOL_CALLS]──▶ TOOL_NAME …
+    REASONING ──[TOOL_CALLS]─▶ TOOL_NAME   (a tool call ends an unclosed thought)
+    any       ──</s> or a stop string in content──▶ DONE   (later ids are counted, never shown)
 
-Decisions: with tools disabled (`tool_choice: none` or no tools), `[TOOL_CALLS]` and what follows
-is plain content. A tool call's arguments are returned as generated even when they are not valid
-JSON (clients validate, as with OpenAI). An unclosed `[THINK]` keeps its text as reasoning. Stop
-strings apply to content: text that could begin a stop string is held back while streaming, and
-content is cut at the first stop string.
+Decisions:
+- Markers are never shown: a stray `[/THINK]` in content or a nested `[THINK]` is dropped.
+- With tools disabled (no tools, or `tool_choice: none`) the model was not offered tools, so
+  `[TOOL_CALLS]` and what follows are plain text, marker names included (`[TOOL_CALLS]f[ARGS]{}`).
+- A call is complete at the next `[TOOL_CALLS]`, at `</s>` or at `finish`; its arguments are
+  returned as generated (stripped of surrounding whitespace) even when they are not valid JSON,
+  as OpenAI does: clients validate. Inside a call, every id but `[TOOL_CALLS]`, `[ARGS]` and
+  `</s>` is call text.
+- An unclosed `[THINK]` keeps its text as reasoning.
+- Stop strings apply to content only. While streaming, the tail of content that could begin a
+  stop string is held back until it cannot; content ends before the first stop string.
 """
 
 from __future__ import annotations
@@ -23,10 +32,16 @@ from dataclasses import dataclass, field
 
 from services.tokenizer import PromptTokenizer
 
-_ALNUM = string.ascii_letters + string.digits
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_REPLACEMENT = "\ufffd"
+# Window length (ids) past which settled leading ids are dropped. Real text ends a character
+# within a few ids, so only runs of invalid bytes get here; this keeps each feed O(window).
+_MAX_WINDOW = 16
 
 
 class State(enum.Enum):
+    """Where `OutputParser` is in the generated sequence."""
+
     CONTENT = "content"
     REASONING = "reasoning"
     TOOL_NAME = "tool_name"
@@ -34,8 +49,10 @@ class State(enum.Enum):
     DONE = "done"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToolCall:
+    """One parsed tool call; `arguments` is the JSON text as generated, possibly invalid."""
+
     id: str
     name: str
     arguments: str
@@ -43,172 +60,216 @@ class ToolCall:
 
 @dataclass
 class OutputDelta:
+    """What one `feed` or `finish` adds: text and the tool calls completed by it."""
+
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
-
 
 def new_call_id() -> str:
-    """A tool call id in Mistral's format: 9 alphanumeric characters."""
-    return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    """A tool call id in Mistral's format: 9 random alphanumeric characters."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
 
 
 class IncrementalDetokenizer:
-    """Text of a growing id sequence, emitted piecewise, never splitting a UTF-8 character.
+    """Text of a growing id sequence, returned piecewise, never splitting a UTF-8 character.
 
-    Decodes only a window: ids since the last emitted boundary (`prefix`) and the new ones;
-    text ending in U+FFFD (an incomplete byte sequence) is held until it completes.
+    Tekken is byte-level BPE: an id may carry part of a character, which decodes to U+FFFD. Only
+    the window of ids since the last character boundary is decoded; its text up to a trailing
+    U+FFFD is returned and the rest held until later ids complete it (or `flush`). Concatenating
+    every return value gives `tokenizer.decode` of all ids, invalid bytes included.
     """
 
     def __init__(self, tokenizer: PromptTokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
+        self._decode = tokenizer.decode
+        self._window: list[int] = []
+        self._sent = 0
 
     def feed(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        return self._emit(final=False)
+        """The new text that `ids` complete."""
+        if not ids:
+            return ""
+        self._window.extend(ids)
+        text = self._decode(self._window)
+        if not text.endswith(_REPLACEMENT):
+            new = text[self._sent:]
+            self._window, self._sent = [], 0
+            return new
+        ready = len(text.rstrip(_REPLACEMENT))
+        new = text[self._sent:ready]
+        self._sent = max(self._sent, ready)
+        if len(self._window) > _MAX_WINDOW:
+            new += self._drop_settled_head(text)
+        return new
+
+    def _drop_settled_head(self, text: str) -> str:
+        """Drop leading ids whose text no later id can change; return its part not yet sent.
+
+        A split is settled when decoding both sides apart gives the window's text: the id after
+        it does not continue a character, so no later id can. A character is at most four bytes,
+        so of four boundaries between single-byte ids, one is settled.
+        """
+        for split in range(len(self._window) - 1, len(self._window) - 5, -1):
+            head = self._decode(self._window[:split])
+            if head + self._decode(self._window[split:]) == text:
+                new = head[self._sent:]
+                self._window = self._window[split:]
+                self._sent = max(self._sent - len(head), 0)
+                return new
+        return ""
 
     def flush(self) -> str:
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        if self.read == len(self.ids):
-            return ""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix:])
-        if not final and after.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        """Whatever is held, incomplete characters as U+FFFD; the sequence may go on afresh."""
+        new = self._decode(self._window)[self._sent:] if self._window else ""
+        self._window, self._sent = [], 0
+        return new
 
 
-class _StopHold:
-    """Holds back content that could be the start of a stop string; cuts at a stop string."""
+class StopStringHold:
+    """Content up to the first stop string, holding back a tail that could begin one."""
 
     def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.pending = ""
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
         self.stopped = False
 
     def push(self, text: str) -> str:
-        if not self.stops or self.stopped:
-            return "" if self.stopped else text
-        self.pending += text
-        cut = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+        """The part of `text` (after what was held) that is safe to show now."""
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        self.held += text
+        cut = min((i for s in self.stops if (i := self.held.find(s)) >= 0), default=-1)
         if cut >= 0:
-            out, self.pending, self.stopped = self.pending[:cut], "", True
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out
+            shown, self.held, self.stopped = self.held[:cut], "", True
+            return shown
+        keep = max(self._longest_stop_prefix_at_end(s) for s in self.stops)
+        shown, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return shown
+
+    def _longest_stop_prefix_at_end(self, stop: str) -> int:
+        for k in range(min(len(stop) - 1, len(self.held)), 0, -1):
+            if self.held.endswith(stop[:k]):
+                return k
+        return 0
 
     def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
+        """The held tail: the output ended, so it can no longer become a stop string."""
+        shown, self.held = self.held, ""
+        return shown
 
 
 class OutputParser:
-    """Feed generated ids; get content/reasoning/tool-call deltas; `finish` for the last one."""
+    """Feed generated ids; get content, reasoning and completed tool calls; `finish` at the end.
+
+    `completion_tokens` counts every id fed (eos and markers too); `reasoning_tokens` counts the
+    ids from `[THINK]` through `[/THINK]` inclusive.
+    """
 
     def __init__(self, tokenizer: PromptTokenizer, *, tools_enabled: bool,
                  stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.tools_enabled = tools_enabled
-        self.marks = {name: tokenizer.special(name)
-                      for name in ("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]")}
+        self.think, self.end_think, self.tool_calls_mark, self.args_mark = (
+            tokenizer.special(name) for name in ("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]"))
         self.eos = tokenizer.eos_id
         self.state = State.CONTENT
-        self.text = IncrementalDetokenizer(tokenizer)
-        self.hold = _StopHold(stop)
         self.calls: list[ToolCall] = []
-        self._name: list[int] = []
-        self._args: list[int] = []
         self.completion_tokens = 0
         self.reasoning_tokens = 0
+        self._text = IncrementalDetokenizer(tokenizer)
+        self._text_ids: list[int] = []
+        self._hold = StopStringHold(stop)
+        self._name_ids: list[int] = []
+        self._args_ids: list[int] = []
 
     def feed(self, ids: list[int]) -> OutputDelta:
+        """What `ids` add to the output."""
         delta = OutputDelta()
         for token in ids:
             self.completion_tokens += 1
             if self.state is State.DONE:
                 continue
             self._step(token, delta)
-        self._drain_text(delta)
+        self._emit_text(delta)
         return delta
 
-    def _step(self, token: int, delta: OutputDelta) -> None:
-        m, state = self.marks, self.state
-        if state is State.REASONING and token != self.eos:
-            self.reasoning_tokens += 1
-        if token == self.eos:
-            self._end_segment(delta)
+    def finish(self, finish_reason: str) -> tuple[OutputDelta, str]:
+        """The last delta and the OpenAI finish reason (`tool_calls` for calls, then stop)."""
+        delta = OutputDelta()
+        if self.state is not State.DONE:
+            self._close_segment(delta)
             self.state = State.DONE
-        elif state is State.CONTENT and token == m["[THINK]"]:
-            self._switch(State.REASONING, delta)
-            self.reasoning_tokens += 1
-        elif state is State.REASONING and token == m["[/THINK]"]:
-            self._switch(State.CONTENT, delta)
-        elif token == m["[TOOL_CALLS]"] and self.tools_enabled and state is not State.REASONING:
-            self._end_segment(delta)
-            self.state = State.TOOL_NAME
-        elif state is State.TOOL_NAME and token == m["[ARGS]"]:
+        delta.content += self._hold.flush()
+        if self.calls and finish_reason == "stop":
+            return delta, "tool_calls"
+        return delta, finish_reason
+
+    def _step(self, token: int, delta: OutputDelta) -> None:
+        """Move the state machine by one id; markers and eos are never text."""
+        state = self.state
+        if token == self.eos:
+            self._switch(State.DONE, delta)
+        elif token == self.tool_calls_mark and self.tools_enabled:
+            self._switch(State.TOOL_NAME, delta)
+        elif state is State.TOOL_NAME and token == self.args_mark:
             self.state = State.TOOL_ARGS
         elif state is State.TOOL_NAME:
-            self._name.append(token)
+            self._name_ids.append(token)
         elif state is State.TOOL_ARGS:
-            self._args.append(token)
-        else:
-            self._drain_text(delta, self.text.feed([token]))
+            self._args_ids.append(token)
+        elif state is State.REASONING:
+            self.reasoning_tokens += 1
+            if token == self.end_think:
+                self._switch(State.CONTENT, delta)
+            elif token != self.think:
+                self._text_ids.append(token)
+        elif token == self.think:
+            self.reasoning_tokens += 1
+            self._switch(State.REASONING, delta)
+        elif token != self.end_think:
+            self._text_ids.append(token)
 
     def _switch(self, state: State, delta: OutputDelta) -> None:
-        self._drain_text(delta, self.text.flush())
-        self.text = IncrementalDetokenizer(self.tokenizer)
-        self.state = state
+        """Close the open segment, then move on unless a stop string ended the output."""
+        self._close_segment(delta)
+        if self.state is not State.DONE:
+            self.state = state
 
-    def _drain_text(self, delta: OutputDelta, text: str = "") -> None:
-        if not text:
-            return
-        if self.state is State.REASONING:
-            delta.reasoning += text
-        else:
-            delta.content += self.hold.push(text)
-
-    def _end_segment(self, delta: OutputDelta) -> None:
-        """Close whatever is open: flush text, or complete a pending tool call."""
+    def _close_segment(self, delta: OutputDelta) -> None:
+        """End the open text or tool call, so the next state starts clean."""
         if self.state in (State.TOOL_NAME, State.TOOL_ARGS):
-            call = ToolCall(new_call_id(), self.tokenizer.decode(self._name).strip(),
-                            self.tokenizer.decode(self._args).strip())
-            self._name, self._args = [], []
+            decode = self.tokenizer.decode
+            call = ToolCall(new_call_id(), decode(self._name_ids).strip(),
+                            decode(self._args_ids).strip())
+            self._name_ids, self._args_ids = [], []
             self.calls.append(call)
             delta.tool_calls.append(call)
         else:
-            self._drain_text(delta, self.text.flush())
+            self._emit_text(delta, flush=True)
 
-    def finish(self, finish_reason: str | None) -> tuple[OutputDelta, str]:
-        """Flush what is pending; the OpenAI finish reason (tool_calls when calls were made)."""
-        delta = OutputDelta()
-        if self.state is not State.DONE:
-            self._end_segment(delta)
-            self.state = State.DONE
-        delta.content += self.hold.flush()
-        reason = finish_reason or "stop"
-        if self.calls and reason == "stop":
-            reason = "tool_calls"
-        return delta, reason
+    def _emit_text(self, delta: OutputDelta, *, flush: bool = False) -> None:
+        """Detokenize the pending text ids into the delta of the current state."""
+        text = self._text.feed(self._text_ids)
+        self._text_ids = []
+        if flush:
+            text += self._text.flush()
+        if self.state is State.REASONING:
+            delta.reasoning += text
+        elif self.state is State.CONTENT and text:
+            delta.content += self._hold.push(text)
+            if self._hold.stopped:
+                self.state = State.DONE
 
 
 def parse_completion(tokenizer: PromptTokenizer, ids: list[int], finish_reason: str, *,
-                     tools_enabled: bool, stop: tuple[str, ...] = ()):
-    """Non-streaming parse: (content, reasoning, tool_calls, finish_reason)."""
+                     tools_enabled: bool, stop: tuple[str, ...] = ()
+                     ) -> tuple[str, str, list[ToolCall], str]:
+    """The whole output at once: (content, reasoning, tool_calls, finish_reason)."""
     parser = OutputParser(tokenizer, tools_enabled=tools_enabled, stop=stop)
-    first = parser.feed(ids)
+    body = parser.feed(ids)
     last, reason = parser.finish(finish_reason)
-    return (first.content + last.content, first.reasoning + last.reasoning,
-            first.tool_calls + last.tool_calls, reason)
+    return (body.content + last.content, body.reasoning + last.reasoning,
+            body.tool_calls + last.tool_calls, reason)
