@@ -1,93 +1,165 @@
-"""Pure scaling policies for prefill and decode: metrics and state in, replicas and state out.
+"""Pure scaling policies for prefill and decode: metrics and state in, a wish and state out.
 
-Prefill is sized so the queued prompt tokens drain within half the TTFT SLO at the measured
-prefill rate; decode so the KV in use sits at the target utilisation of the replicas' capacity.
-A missed SLO (TTFT p90 for prefill, ITL p90 for decode) asks for one more replica than that.
+Prefill is sized from the prompt tokens arriving per second at the measured prefill rate (held
+at a target utilisation), plus enough to drain the queued prompt tokens within
+`backlog_drain_s`. Decode is sized by the largest of three needs, each at a target utilisation:
+output tokens per second (generated, or arriving requests times their measured mean output
+length, which sees a surge before the batches fill) against a replica's profiled throughput at
+full batch (an MoE step reads more experts as the batch grows, so a lightly loaded engine's
+speed overstates its capacity); concurrency (running and waiting requests, or arrivals times
+the measured decode residency, by Little's law) against the replicas' slots; and KV tokens in
+use against their capacity. A missed SLO (the role's queue wait against its share of the TTFT
+SLO, or ITL p90 against the ITL SLO) asks for one more replica than that, but only while no
+replica is already starting: a cold start takes a minute or more and asking again meanwhile
+would overshoot.
+
 `decide` adds hysteresis: a wish must hold for `upscale_delay_s` (or `downscale_delay_s`) before
-the replica count moves, and a wish that changes direction restarts the clock, so noisy load
-does not make the count oscillate. The clock is injected (`now`), so the same code runs under
-Ray Serve, in tests and in a simulator.
+the count moves, and a wish that changes direction restarts the clock, so noisy load does not
+make the count oscillate. The clock is injected (`now`): the same code runs under Ray Serve, in
+unit tests and in the simulator.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoscaling.metrics import RoleMetrics, Wish
+
 
 class PolicySettings(BaseModel):
-    """SLOs and damping of one pool-and-role's policy."""
+    """SLOs, utilisation targets and damping of one pool-and-role's policy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttft_slo_s: float = Field(2.5, gt=0)
+    ttft_slo_s: float = Field(1.0, gt=0)
     itl_slo_s: float = Field(0.05, gt=0)
-    kv_target_utilisation: float = Field(0.75, gt=0, le=1)
+    queue_wait_share: float = Field(0.5, gt=0, le=1, description="of the TTFT SLO, per role")
+    prefill_target_utilisation: float = Field(0.8, gt=0, le=1)
+    decode_target_utilisation: float = Field(0.85, gt=0, le=1, description="of decode slots")
+    kv_target_utilisation: float = Field(0.8, gt=0, le=1)
+    backlog_drain_s: float = Field(30.0, gt=0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(8, ge=1)
-    upscale_delay_s: float = Field(15.0, ge=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
-
-
-@dataclass(frozen=True)
-class RoleMetrics:
-    """What a pool-and-role's workers report, summed over its replicas."""
-
-    replicas: int
-    queued_prompt_tokens: int = 0
-    prefill_tokens_per_s: float = 0.0  # per replica, measured
-    kv_tokens_used: int = 0
-    kv_capacity_per_replica: int = 1
-    ttft_p90_s: float | None = None
-    itl_p90_s: float | None = None
+    smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement")
+    load_rise_s: float = Field(20.0, ge=0, description="time constant of a rising load")
+    load_fall_s: float = Field(60.0, ge=0, description="time constant of a falling load")
+    prior_prefill_tokens_per_s: float = Field(40_000.0, gt=0)
+    prior_decode_residency_s: float = Field(10.0, gt=0)
 
 
 @dataclass(frozen=True)
 class PolicyState:
-    """The replicas decided last, and a pending wish with the time it first appeared."""
+    """The replicas decided last, a pending wish with when it first appeared, the smoothed
+    capacity estimate (prefill tokens/s per replica, or decode residency in s) and the smoothed
+    load (engines) with when it was last updated."""
 
     replicas: int
     wish: int | None = None
     since: float | None = None
+    estimate: float | None = None
+    load: float | None = None
+    load_at: float | None = None
 
 
-def _clamp(n: int, settings: PolicySettings) -> int:
-    return max(settings.min_replicas, min(settings.max_replicas, n))
+def _ratio(observed: float | None, slo: float) -> float:
+    return 0.0 if observed is None else observed / slo
 
 
-def prefill_wish(m: RoleMetrics, settings: PolicySettings) -> int:
-    """Replicas that drain the prompt queue within half the TTFT SLO."""
-    if m.prefill_tokens_per_s <= 0:
-        return _clamp(m.replicas, settings)
-    budget = m.prefill_tokens_per_s * settings.ttft_slo_s * 0.5
-    need = math.ceil(m.queued_prompt_tokens / budget)
-    if m.ttft_p90_s is not None and m.ttft_p90_s > settings.ttft_slo_s:
+def _smooth(previous: float | None, measured: float, weight: float) -> float | None:
+    if measured <= 0:
+        return previous
+    return measured if previous is None else previous + weight * (measured - previous)
+
+
+def _envelope(previous: float | None, measured: float, weight: float) -> float | None:
+    """Smoothed upward, slowly downward: a lightly loaded engine runs small batches whose
+    fixed cost understates what it prefills when busy."""
+    if previous is not None and measured < previous:
+        return _smooth(previous, measured, weight / 10)
+    return _smooth(previous, measured, weight)
+
+
+def _wish(need: int, load: float, pressure: float, s: PolicySettings) -> Wish:
+    clamped = max(s.min_replicas, min(s.max_replicas, need))
+    return Wish(clamped, s.min_replicas, s.max_replicas, load, pressure)
+
+
+def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySettings,
+            now: float) -> tuple[Wish, PolicyState]:
+    """The wish with the damped decision as its count and the smoothed load as its load.
+
+    The load follows a rise within seconds and a fall over a minute: a surge is seen at once,
+    a dip in noisy load does not give engines away.
+    """
+    load = raw.load
+    tau = s.load_rise_s if state.load is None or raw.load > state.load else s.load_fall_s
+    if state.load is not None and tau > 0:
+        weight = 1 - math.exp(-max(now - state.load_at, 0.0) / tau)
+        load = state.load + weight * (raw.load - state.load)
+    state = replace(state, estimate=estimate, load=load, load_at=now)
+    state = decide(raw.replicas, state, s, now)
+    return replace(raw, replicas=state.replicas, load=load), state
+
+
+def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
+                 now: float) -> tuple[Wish, PolicyState]:
+    """Prefill replicas that keep up with arriving prompt tokens and drain the queue."""
+    estimate = _envelope(state.estimate, m.prefill_tokens_per_s, s.smoothing)
+    rate = estimate or s.prior_prefill_tokens_per_s
+    load = m.arrival_prompt_tokens_per_s / rate
+    backlog = m.queued_prompt_tokens / (rate * s.backlog_drain_s)
+    need = math.ceil(load / s.prefill_target_utilisation + backlog - 1e-9)
+    late = _ratio(m.queue_wait_p90_s, s.ttft_slo_s * s.queue_wait_share)
+    if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
-    return _clamp(need, settings)
+    pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
+    return _damped(_wish(need, load, pressure, s), state, estimate, s, now)
 
 
-def decode_wish(m: RoleMetrics, settings: PolicySettings) -> int:
-    """Replicas that hold the KV in use at the target utilisation."""
-    usable = m.kv_capacity_per_replica * settings.kv_target_utilisation
-    need = math.ceil(m.kv_tokens_used / usable) if usable > 0 else m.replicas
-    if m.itl_p90_s is not None and m.itl_p90_s > settings.itl_slo_s:
+def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
+                now: float) -> tuple[Wish, PolicyState]:
+    """Decode replicas that hold concurrency and KV in use at their target utilisations."""
+    estimate = _smooth(state.estimate, m.decode_residency_s, s.smoothing)
+    residency = estimate or s.prior_decode_residency_s
+    concurrency = max(m.running_requests + m.queued_requests,
+                      m.arrival_requests_per_s * residency)
+    by_slots = concurrency / m.max_running_per_replica if m.max_running_per_replica else 0.0
+    by_kv = m.kv_tokens_used / m.kv_capacity_per_replica if m.kv_capacity_per_replica else 0.0
+    demand = max(m.generated_tokens_per_s, m.arrival_requests_per_s * m.mean_output_tokens)
+    by_rate = (demand / m.decode_tokens_per_s_per_replica
+               if m.decode_tokens_per_s_per_replica else 0.0)
+    by_slots = max(by_slots, by_rate)
+    need = math.ceil(max(by_slots / s.decode_target_utilisation,
+                         by_kv / s.kv_target_utilisation) - 1e-9)
+    late = max(_ratio(m.itl_p90_s, s.itl_slo_s),
+               _ratio(m.queue_wait_p90_s, s.ttft_slo_s * s.queue_wait_share))
+    if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
-    return _clamp(need, settings)
+    pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
+    return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now)
 
 
-def decide(wish: int, state: PolicyState, settings: PolicySettings,
-           now: float) -> PolicyState:
-    """Move to `wish` once it has held, in one direction, for that direction's delay."""
+def decide(wish: int, state: PolicyState, s: PolicySettings, now: float) -> PolicyState:
+    """Move to `wish` once it has held, in one direction, for that direction's delay.
+
+    Upward, the latest wish is taken (the delay already asked for a sustained rise); downward,
+    the largest wish seen while waiting, so a dip in noisy load does not shed too much.
+    """
     if wish == state.replicas:
-        return PolicyState(state.replicas)
+        return replace(state, wish=None, since=None)
     up = wish > state.replicas
     if state.wish is None or (state.wish > state.replicas) != up:
-        return PolicyState(state.replicas, wish, now)
-    delay = settings.upscale_delay_s if up else settings.downscale_delay_s
+        state = replace(state, wish=wish, since=now)
+    elif not up:
+        state = replace(state, wish=max(wish, state.wish))
+    else:
+        state = replace(state, wish=wish)
+    delay = s.upscale_delay_s if up else s.downscale_delay_s
     if now - state.since >= delay:
-        return PolicyState(wish)
-    # keep the clock; remember the most conservative wish seen while waiting
-    kept = min(wish, state.wish) if up else max(wish, state.wish)
-    return PolicyState(state.replicas, kept, state.since)
+        return replace(state, replicas=state.wish, wish=None, since=None)
+    return state

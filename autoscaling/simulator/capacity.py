@@ -1,0 +1,57 @@
+"""What the cluster can carry: engine-seconds per request for each pool and role, and the
+best split of the budget for a workload's mix, from the performance model alone.
+
+Prefill costs a request's prompt at the engine's batch rate (a full batch amortises the
+overhead); decode costs its output tokens at the step time of a full batch at the pool's mean
+context, shared by the batch. The capacity of a split is the request rate at which its most
+loaded pool-and-role reaches full utilisation; the traces are fractions of the best split's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from autoscaling.metrics import Key
+from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.workload import POOLS, Workload, sample_lengths
+
+KEYS: tuple[Key, ...] = tuple((p, r) for p in POOLS for r in ("prefill", "decode"))
+
+
+def engine_seconds_per_request(perf: PerfModel, workload: Workload,
+                               samples: int = 20_000) -> dict[Key, float]:
+    """Mean engine-seconds one request of each pool costs in each role."""
+    rng = np.random.default_rng(12345)
+    cost: dict[Key, float] = {}
+    for pool in POOLS:
+        prompts, outputs = sample_lengths(workload.lengths(pool), samples, rng)
+        flops = np.mean([perf.prompt_flops(int(n)) for n in prompts[:2000]])
+        per_batch = perf.prefill_batch_overhead_s * prompts.mean() / perf.max_batched_tokens
+        cost[(pool, "prefill")] = flops / perf.prefill_flops_per_s + per_batch
+        context = perf.max_running * (prompts.mean() + outputs.mean() / 2)
+        step = perf.decode_step_s(perf.max_running, context)
+        cost[(pool, "decode")] = outputs.mean() * step / perf.max_running
+    return cost
+
+
+def best_split(perf: PerfModel, workload: Workload, budget: int,
+               minimum: int = 1) -> tuple[dict[Key, int], float]:
+    """The split of `budget` engines that carries the most requests/s, and that rate."""
+    demand = {k: c * workload.share(k[0])
+              for k, c in engine_seconds_per_request(perf, workload).items()}
+    best, best_rps = None, -1.0
+    for split in itertools.product(range(minimum, budget + 1), repeat=len(KEYS)):
+        if sum(split) != budget:
+            continue
+        alloc = dict(zip(KEYS, split))
+        rps = split_capacity(alloc, demand)
+        if rps > best_rps:
+            best, best_rps = alloc, rps
+    return best, best_rps
+
+
+def split_capacity(alloc: dict[Key, int], demand: dict[Key, float]) -> float:
+    """Requests/s a split carries at full utilisation, given engine-seconds per request."""
+    return min(alloc[k] / d for k, d in demand.items() if d > 0)

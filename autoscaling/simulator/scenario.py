@@ -1,0 +1,81 @@
+"""One settings root for a simulated benchmark, and the runs it describes: every controller on
+every trace, the same requests (same seed) for each controller.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoscaling.arbiter import ArbiterSettings
+from autoscaling.metrics import Key
+from autoscaling.policy import PolicySettings
+from autoscaling.ray_default import RayAutoscalingConfig
+from autoscaling.simulator.capacity import KEYS, best_split
+from autoscaling.simulator.controllers import (Controller, RayDefaultController, SloController,
+                                               StaticController)
+from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.report import PoolSLO, summarize
+from autoscaling.simulator.sim import Simulation
+from autoscaling.simulator.workload import TraceKind, Workload, arrivals, make_trace
+
+CONTROLLERS = ("static", "ray_default", "slo_arbiter")
+
+
+def _split(fast_p: int, fast_d: int, deep_p: int, deep_d: int) -> dict[str, int]:
+    return {"fast/prefill": fast_p, "fast/decode": fast_d, "deep/prefill": deep_p,
+            "deep/decode": deep_d}
+
+
+class SimSettings(BaseModel):
+    """Everything a simulated run depends on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    perf: PerfModel = PerfModel()
+    workload: Workload = Workload()
+    budget_engines: int = Field(8, gt=0)
+    static_split: dict[str, int] = _split(1, 2, 2, 3)
+    slos: dict[str, PoolSLO] = {"fast": PoolSLO(ttft_s=1.0, itl_s=0.05),
+                                "deep": PoolSLO(ttft_s=4.0, itl_s=0.06)}
+    priorities: dict[str, int] = {"fast": 2, "deep": 1}
+    policy: PolicySettings = PolicySettings()
+    arbiter: ArbiterSettings = ArbiterSettings()
+    # Ray's defaults; at most 5 replicas each, the budget less the other three's minimum
+    ray: RayAutoscalingConfig = RayAutoscalingConfig(max_replicas=5)
+    tick_s: float = Field(1.0, gt=0)
+    grace_s: float = Field(120.0, ge=0)
+
+    def split(self) -> dict[Key, int]:
+        """The static split as (pool, role) keys."""
+        return {tuple(k.split("/")): n for k, n in self.static_split.items()}
+
+
+def make_controller(name: str, s: SimSettings) -> Controller:
+    """A fresh controller called `name`, starting from the static split."""
+    split = s.split()
+    if name == "static":
+        return StaticController(split)
+    if name == "ray_default":
+        return RayDefaultController(split, dict.fromkeys(KEYS, s.ray))
+    if name == "slo_arbiter":
+        policies = {k: s.policy.model_copy(update={
+            "ttft_slo_s": s.slos[k[0]].ttft_s, "itl_slo_s": s.slos[k[0]].itl_s,
+            "max_replicas": s.budget_engines}) for k in KEYS}
+        return SloController(split, policies, s.priorities, s.budget_engines, s.arbiter)
+    raise KeyError(f"unknown controller {name!r}; known: {', '.join(CONTROLLERS)}")
+
+
+def capacity_rps(s: SimSettings) -> float:
+    """Requests/s the budget carries at full utilisation with its best split."""
+    return best_split(s.perf, s.workload, s.budget_engines)[1]
+
+
+def run(trace_kind: TraceKind, controller: str, s: SimSettings, seed: int = 0,
+        duration_s: float | None = None, capacity: float | None = None) -> dict:
+    """Simulate one controller on one trace; the report of `summarize`."""
+    capacity = capacity or capacity_rps(s)
+    trace = make_trace(trace_kind, capacity, s.workload, duration_s, seed)
+    requests = arrivals(trace, s.workload, seed)
+    sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
+                     s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s)
+    return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s)

@@ -1,0 +1,222 @@
+"""The discrete-event loop: arrivals, prefill batches, decode finishes, cold starts, drains and
+the controller's tick, on one heap, deterministic for a given list of requests.
+
+A request queues for its pool's prefill, runs in a batch, queues for a decode slot of its pool,
+and streams: its first token leaves one decode step after it joins a batch (the client's first
+token comes from decode, as in SGLang's PD), its last when the batch has produced its output.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from autoscaling.metrics import Key
+from autoscaling.simulator.cluster import DRAIN_DEADLINE, READY, Cluster, Slot
+from autoscaling.simulator.controllers import Controller
+from autoscaling.simulator.engines import DecodeEngine
+from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.telemetry import RoleWindow
+from autoscaling.simulator.workload import POOLS, Request
+
+PREFILL_DONE, DECODE, TICK = "prefill_done", "decode", "tick"
+
+
+@dataclass
+class SimResult:
+    """Requests as they ended, and the cluster's story over time."""
+
+    requests: list[Request]
+    duration_s: float
+    allocated_engine_s: float
+    busy_engine_s: float
+    engine_moves: int
+    timeline: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+
+
+class Simulation:
+    """One run of one controller over one list of requests."""
+
+    def __init__(self, requests: list[Request], controller: Controller, perf: PerfModel,
+                 budget: int, initial: dict[Key, int], duration_s: float,
+                 tick_s: float = 1.0, window_s: int = 10, grace_s: float = 120.0):
+        self.requests, self.controller, self.perf = requests, controller, perf
+        self.duration_s, self.tick_s, self.end = duration_s, tick_s, duration_s + grace_s
+        self.heap: list = []
+        self.seq = 0
+        self.keys = [(p, r) for p in POOLS for r in ("prefill", "decode")]
+        self.queues: dict[Key, deque] = {k: deque() for k in self.keys}
+        self.queued_tokens = dict.fromkeys(self.keys, 0)
+        self.windows = {k: RoleWindow(window_s) for k in self.keys}
+        self.cluster = Cluster(perf, budget, initial, self.schedule)
+        self.busy_s, self.timeline = 0.0, []
+
+    def schedule(self, when: float, kind: str, *args) -> None:
+        """Put an event on the heap."""
+        self.seq += 1
+        heapq.heappush(self.heap, (when, self.seq, kind, args))
+
+    def run(self) -> SimResult:
+        """Play every event up to the end of the trace plus the grace period."""
+        self.schedule(0.0, TICK)
+        handlers = {PREFILL_DONE: self._prefill_done, DECODE: self._decode, TICK: self._tick,
+                    READY: self._ready, DRAIN_DEADLINE: self._drain_deadline}
+        arrivals, i, now = self.requests, 0, 0.0
+        while True:
+            next_event = self.heap[0][0] if self.heap else float("inf")
+            if i < len(arrivals) and arrivals[i].arrival <= next_event:
+                now = arrivals[i].arrival
+                self._arrive(arrivals[i], now)
+                i += 1
+                continue
+            if next_event > self.end:
+                break
+            now, _, kind, args = heapq.heappop(self.heap)
+            handlers[kind](now, *args)
+        return SimResult(self.requests, self.duration_s, self.cluster.allocated_engine_s(now),
+                         self.busy_s, self.cluster.moves, self.timeline)
+
+    def _arrive(self, request: Request, now: float) -> None:
+        key = (request.pool, "prefill")
+        bucket = self.windows[key].now
+        bucket.arrivals += 1
+        bucket.arrival_tokens += request.prompt
+        self.queues[key].append(request)
+        self.queued_tokens[key] += request.prompt
+        self._kick_prefill(key, now)
+
+    def _kick_prefill(self, key: Key, now: float) -> None:
+        queue = self.queues[key]
+        for slot in self.cluster.slots:
+            if not queue:
+                return
+            if slot.key == key and slot.phase == "ready" and not slot.engine.busy:
+                done = slot.engine.start(queue, now)
+                waits = self.windows[key].now.waits
+                for r in slot.engine.batch:
+                    self.queued_tokens[key] -= r.prompt
+                    waits.append(now - r.arrival)
+                self.schedule(done, PREFILL_DONE, slot, slot.epoch)
+
+    def _prefill_done(self, now: float, slot: Slot, epoch: int) -> None:
+        if slot.epoch != epoch:
+            return
+        engine = slot.engine
+        started = engine.batch[0].prefill_start
+        batch = engine.finish(now)
+        bucket = self.windows[slot.key].now
+        bucket.prefill_tokens += sum(r.prompt for r in batch)
+        bucket.prefill_busy_s += now - started
+        self.busy_s += now - started
+        pool = slot.key[0]
+        decode_key = (pool, "decode")
+        self.windows[decode_key].now.arrivals += len(batch)
+        self.queues[decode_key].extend(batch)
+        if slot.phase == "draining":
+            self._release(slot, now)
+        else:
+            self._kick_prefill(slot.key, now)
+        self._kick_decode(decode_key, now)
+
+    def _kick_decode(self, key: Key, now: float) -> None:
+        queue, touched = self.queues[key], set()
+        window = self.windows[key].now
+        ttfts = self.windows[(key[0], "prefill")].now.ttfts
+        ready = [s for s in self.cluster.slots if s.key == key and s.phase == "ready"]
+        while queue and ready:
+            slot = min(ready, key=lambda s: len(s.engine.running))
+            request = queue[0]
+            if not slot.engine.can_admit(request):
+                break
+            queue.popleft()
+            slot.engine.admit(request, now)
+            window.waits.append(now - request.prefill_end)
+            ttfts.append(request.first_token - request.arrival)
+            window.ttfts.append(request.first_token - request.arrival)
+            touched.add(slot.index)
+        for slot in ready:
+            if slot.index in touched:
+                self._schedule_decode(slot)
+
+    def _schedule_decode(self, slot: Slot) -> None:
+        when = slot.engine.next_finish()
+        if when is not None:
+            self.schedule(when, DECODE, slot, slot.epoch, slot.engine.version)
+
+    def _decode(self, now: float, slot: Slot, epoch: int, version: int) -> None:
+        if slot.epoch != epoch or slot.engine.version != version:
+            return
+        done = slot.engine.finish_due(now)
+        bucket = self.windows[slot.key].now
+        for r in done:
+            bucket.residencies.append(now - r.decode_start)
+            bucket.outputs.append(r.output)
+        if slot.phase == "draining" and not slot.engine.running:
+            self._release(slot, now)
+            return
+        self._schedule_decode(slot)
+        if slot.phase == "ready":
+            self._kick_decode(slot.key, now)
+
+    def _release(self, slot: Slot, now: float) -> None:
+        self.cluster.free(slot, now)
+        self.cluster.fill(now)
+
+    def _ready(self, now: float, slot: Slot, epoch: int) -> None:
+        if slot.epoch != epoch or slot.phase != "starting":
+            return
+        self.cluster.ready(slot, now)
+        if slot.key[1] == "prefill":
+            self._kick_prefill(slot.key, now)
+        else:
+            self._kick_decode(slot.key, now)
+
+    def _drain_deadline(self, now: float, slot: Slot, epoch: int) -> None:
+        if slot.epoch != epoch or slot.phase != "draining":
+            return
+        if isinstance(slot.engine, DecodeEngine):
+            slot.engine.abort_all(now)
+        else:
+            for request in slot.engine.finish(now):
+                request.aborted = True
+        self._release(slot, now)
+
+    def _tick(self, now: float) -> None:
+        metrics = {k: self._metrics(k, now) for k in self.keys}
+        for w in self.windows.values():
+            w.roll()
+        self.cluster.reconcile(self.controller.targets(now, metrics), now)
+        for key in self.keys:  # engines that came back may take queued work
+            (self._kick_prefill if key[1] == "prefill" else self._kick_decode)(key, now)
+        if round(now) % 10 == 0:
+            self.timeline.append((now, {f"{p}/{r}": self.cluster.assigned((p, r))
+                                        for p, r in self.keys}))
+        if now + self.tick_s <= self.end:
+            self.schedule(now + self.tick_s, TICK)
+
+    def _metrics(self, key: Key, now: float):
+        ready = self.cluster.of(key, "ready")
+        running, kv, bucket = 0, 0.0, self.windows[key].now
+        for slot in ready:
+            engine = slot.engine
+            if isinstance(engine, DecodeEngine):
+                running += len(engine.running)
+                if engine.running:
+                    engine.advance(now)
+                    kv += engine.kv_used()
+                    bucket.steps.append(engine.step)
+                    self.busy_s += self.tick_s
+                bucket.generated += engine.produced
+                engine.produced = 0.0
+            else:
+                running += len(engine.batch)
+        full = 0.0
+        if key[1] == "decode":
+            context = kv / running if running else 4096.0
+            n = self.perf.max_running
+            full = n / self.perf.decode_step_s(n, n * context)
+        return self.windows[key].metrics(
+            len(ready), len(self.cluster.of(key, "starting")), len(self.queues[key]),
+            self.queued_tokens[key], running, kv, self.perf.max_running,
+            self.perf.kv_capacity_tokens, full)

@@ -1,0 +1,148 @@
+"""The cluster simulator: its performance model against the anchors, its engines, the cluster's
+engine lifecycle, the traces, determinism, and small runs with sane numbers."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+
+from autoscaling.simulator.capacity import best_split, engine_seconds_per_request
+from autoscaling.simulator.cluster import READY, Cluster
+from autoscaling.simulator.engines import DecodeEngine, PrefillEngine
+from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.report import PoolSLO, meets, recovery_s
+from autoscaling.simulator.scenario import SimSettings, capacity_rps, make_controller, run
+from autoscaling.simulator.workload import Request, Workload, arrivals, make_trace
+
+PERF = PerfModel()
+FP, FD, DP, DD = ("fast", "prefill"), ("fast", "decode"), ("deep", "prefill"), ("deep", "decode")
+
+
+def test_the_performance_model_reproduces_the_anchors():
+    ideal = PERF.model_copy(update={"prefill_efficiency": 1.0, "prefill_batch_overhead_s": 0})
+    assert 8192 / ideal.prefill_s([8192]) == pytest.approx(2 * 34_000, rel=0.03)  # 34k/GPU
+    assert 8192 / PERF.prefill_s([8192]) < 0.7 * 2 * 34_000
+    ceiling = PERF.model_copy(update={"decode_bandwidth_efficiency": 1.0, "step_floor_s": 0})
+    assert 128 / ceiling.decode_step_s(128, 128 * 8192) == pytest.approx(9_561, rel=0.01)
+    tp1 = ceiling.model_copy(update={"gpus_per_engine": 1, "kv_bytes_per_token": 23_040})
+    assert 1 / tp1.decode_step_s(1, 8192) == pytest.approx(764, rel=0.01)
+    assert 32 / tp1.decode_step_s(32, 32 * 8192) == pytest.approx(1_862, rel=0.01)
+    assert 9e6 < PERF.kv_capacity_tokens < 1e7
+
+
+def test_prefill_batches_up_to_the_token_budget_in_order():
+    engine, queue = PrefillEngine(PERF), deque(Request(i, "fast", 0.0, n, 10)
+                                               for i, n in enumerate([6000, 6000, 6000, 100]))
+    done_at = engine.start(queue, 1.0)
+    assert [r.rid for r in engine.batch] == [0, 1] and len(queue) == 2
+    assert done_at == pytest.approx(1.0 + PERF.prefill_s([6000, 6000]))
+    assert [r.prefill_end for r in engine.finish(done_at)] == [done_at, done_at]
+
+
+def test_decode_sequences_gain_a_token_per_step_of_the_whole_batch():
+    engine = DecodeEngine(PERF, 0.0)
+    a, b = Request(0, "fast", 0.0, 1000, 100), Request(1, "fast", 0.0, 1000, 50)
+    engine.admit(a, 0.0)
+    step_one = engine.step
+    engine.admit(b, 0.0)
+    assert engine.step > step_one  # more experts and KV read per step
+    finish_b = engine.next_finish()
+    assert finish_b == pytest.approx(50 * engine.step)
+    assert engine.finish_due(finish_b) == [b] and engine.step < PERF.decode_step_s(2, 2200)
+    alone = engine.step
+    finish_a = engine.next_finish()
+    assert engine.finish_due(finish_a) == [a]
+    assert finish_a == pytest.approx(finish_b + 50 * alone, rel=1e-6)
+    assert engine.kv_reserved == 0 and not engine.running
+
+
+def test_a_moved_engine_drains_then_cold_starts():
+    events = []
+    cluster = Cluster(PERF, 2, {FP: 1, FD: 1}, lambda *e: events.append(e))
+    busy = cluster.of(FD, "ready")[0]
+    busy.engine.admit(Request(0, "fast", 0.0, 100, 1000), 0.0)
+    cluster.reconcile({FP: 1, FD: 0, DD: 1}, 10.0)
+    assert busy.phase == "draining" and cluster.assigned(DD) == 0
+    cluster.free(busy, 30.0)
+    cluster.fill(30.0)
+    assert busy.phase == "starting" and busy.key == DD
+    when, kind, slot, epoch = events[-1]
+    assert kind == READY and when == 30.0 + PERF.cold_start_s
+    cluster.ready(slot, when)
+    assert cluster.assigned(DD) == 1 and cluster.moves == 1
+    assert cluster.allocated_engine_s(200.0) == pytest.approx(200.0 + 30.0 + (200.0 - 30.0))
+
+
+def test_traces_follow_their_shapes():
+    w = Workload()
+    step = make_trace("step", 30.0, w)
+    reqs = arrivals(step, w, seed=1)
+    before = sum(r.arrival < step.step_at_s for r in reqs) / step.step_at_s
+    after = sum(r.arrival >= step.step_at_s for r in reqs) / (step.duration_s - step.step_at_s)
+    assert after / before == pytest.approx(3.0, rel=0.1)
+    assert sum(r.pool == "deep" for r in reqs) / len(reqs) == pytest.approx(0.3, abs=0.02)
+    diurnal = make_trace("diurnal", 30.0, w)
+    rates = diurnal.rates["fast"]
+    t = np.array([0.0, diurnal.duration_s / 2])
+    assert rates(t)[1] / rates(t)[0] == pytest.approx(3.0)
+
+
+def test_capacity_finds_the_best_split():
+    cost = engine_seconds_per_request(PERF, Workload())
+    assert cost[DD] > cost[DP] > cost[FP]
+    split, rps = best_split(PERF, Workload(), 8)
+    assert sum(split.values()) == 8 and split[DD] >= 3 and 15 < rps < 40
+
+
+def test_meeting_the_slo_and_recovering_from_a_step():
+    slo = PoolSLO(ttft_s=1.0, itl_s=0.05)
+    ok = Request(0, "fast", 0.0, 100, 11, first_token=0.5, finish=0.9)
+    slow = Request(1, "fast", 0.0, 100, 11, first_token=0.5, finish=1.6)
+    assert meets(ok, slo) and not meets(slow, slo)
+    assert not meets(Request(2, "fast", 0.0, 100, 11), slo)
+    rolling = [(t, a) for t, a in zip(range(0, 200, 10), [1.0] * 6 + [0.5] * 4 + [0.95] * 10)]
+    assert recovery_s(rolling, 50.0, 150.0, 0.9) == 50.0
+    assert recovery_s([(t, 1.0) for t in range(0, 200, 10)], 50.0, 150.0, 0.9) == 0.0
+    assert recovery_s(rolling[:9], 50.0, 150.0, 0.9) is None
+
+
+SMALL = SimSettings()
+
+
+def test_a_small_run_completes_with_sane_numbers():
+    report = run("steady", "static", SMALL, seed=3, duration_s=300.0, capacity=20.0)
+    assert report["requests"] == pytest.approx(0.6 * 20.0 * 300, rel=0.1)
+    assert report["slo_attainment"] > 0.97
+    assert report["goodput_rps"] == pytest.approx(report["offered_rps"], rel=0.03)
+    assert report["gpu_hours_allocated"] == pytest.approx(16 * (300 + 120) / 3600)
+    assert 0 < report["gpu_hours_busy"] < report["gpu_hours_allocated"]
+    fast = report["pools"]["fast"]
+    assert 0.0 < fast["ttft_p50_s"] < 1.0 and 0.005 < fast["itl_p50_s"] < 0.05
+
+
+def test_runs_are_deterministic_for_a_seed():
+    a = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    b = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    c = run("bursty", "slo_arbiter", SMALL, seed=2, duration_s=300.0, capacity=20.0)
+    assert a == b and a["requests"] != c["requests"]
+
+
+def test_the_slo_policies_move_engines_to_an_overloaded_role():
+    overloaded = SMALL.model_copy(update={"static_split": {"fast/prefill": 2, "fast/decode": 3,
+                                                           "deep/prefill": 2, "deep/decode": 1}})
+    static = run("steady", "static", overloaded, seed=0, duration_s=600.0, capacity=20.0)
+    ours = run("steady", "slo_arbiter", overloaded, seed=0, duration_s=600.0, capacity=20.0)
+    assert all(a < 0.75 for t, a in static["attainment_windows"] if t >= 60)
+    assert all(a > 0.95 for t, a in ours["attainment_windows"] if t >= 240)
+    assert ours["goodput_rps"] > 1.2 * static["goodput_rps"]
+    assert ours["engine_moves"] <= 4
+    final = ours["allocation_timeline"][-1][1]
+    assert sum(final.values()) == 8 and final["deep/decode"] >= 3
+
+
+def test_unknown_controllers_are_refused():
+    with pytest.raises(KeyError, match="unknown controller 'hpa'"):
+        make_controller("hpa", SMALL)
+    assert capacity_rps(SMALL) > 0
