@@ -4,7 +4,7 @@ a static split (fast 1P+2D, deep 2P+3D), Ray Serve's default policy per deployme
 our SLO policies under the GPU-budget arbiter, on the same traces (same seed, same requests).
 
     python bench/simulate_autoscaling.py [--traces step diurnal steady bursty] [--seeds 1]
-                                         [--jobs 2] [--out DIR]
+                                         [--jobs 2] [--out DIR] [--plot FILE.png]
 
 Prints a JSON document and a table. Targets (issue): >= 1.3x the static split's goodput on the
 step and diurnal traces, and the SLO recovered within 60 s of the step. `ceiling` is the offered
@@ -108,12 +108,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(document: dict, path: str) -> None:
+    """SLO attainment over time per controller (left) and our engines per role (right), one
+    row per trace, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(document["runs"])
+    fig, axes = plt.subplots(len(traces), 2, figsize=(13, 3.2 * len(traces)), squeeze=False)
+    for row, trace in zip(axes, traces):
+        for controller, runs in document["runs"][trace].items():
+            points = [(t / 60, a) for t, a in runs[0]["attainment_windows"] if a is not None]
+            row[0].plot(*zip(*points), label=controller)
+        row[0].set(title=f"{trace}: SLO attainment (60 s windows, seed 0)", xlabel="minutes",
+                   ylim=(0, 1.05))
+        row[0].legend(fontsize=8)
+        timeline = document["runs"][trace]["slo_arbiter"][0]["allocation_timeline"]
+        keys = sorted({k for _, alloc in timeline for k in alloc})
+        for key in keys:
+            row[1].step([t / 60 for t, _ in timeline], [a.get(key, 0) for _, a in timeline],
+                        where="post", label=key)
+        row[1].set(title=f"{trace}: engines per pool/role (slo_arbiter)", xlabel="minutes")
+        row[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--traces", nargs="+", default=list(TRACES), choices=TRACES)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", help="directory to write simulate_autoscaling.json into")
+    parser.add_argument("--plot", help="write a PNG of attainment and allocation over time")
     args = parser.parse_args()
 
     settings, start = SimSettings(), time.perf_counter()
@@ -138,6 +168,9 @@ def main() -> None:
     print()
     print(json.dumps(document["targets"], indent=2))
     print(f"wall {document['wall_s']} s")
+    if args.plot:
+        plot(document, args.plot)
+        print(f"plot {args.plot}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "simulate_autoscaling.json"), "w") as f:

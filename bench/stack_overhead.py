@@ -53,7 +53,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def direct_ttft(profile: dict, n: int) -> list[float]:
     """TTFT of the engine called in-process: prefill, then the first token is known."""
-    settings = parse_settings(profile)
+    settings = parse_settings({"auth": {"enabled": False}} | profile)
     tokenizer = PromptTokenizer()
     engine = build_engine(settings.model, settings.engine, role="both", tokenizer=tokenizer)
     ids = tokenizer.encode_chat(MESSAGES, effort="none").ids

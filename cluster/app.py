@@ -35,9 +35,10 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
     decoders = {}
     for name, pool in settings.pools.items():
         prefill = serve.deployment(PrefillWorker, name=f"{name}-prefill",
-                                   **deployment_options(pool.prefill)).bind(settings.worker(name))
+                                   **settings.role_options(name, "prefill")).bind(
+            settings.worker(name))
         decoders[name] = serve.deployment(DecodeWorker, name=f"{name}-decode",
-                                          **deployment_options(pool.decode)).bind(
+                                          **settings.role_options(name, "decode")).bind(
             settings.worker(name), prefill)
     multimodal = serve.deployment(MultimodalWorker, name="multimodal",
                                   **deployment_options(settings.multimodal)).bind(

@@ -1,4 +1,5 @@
-"""`small4`: run the stack locally (`up`), inspect it (`status`), or answer one prompt (`generate`)."""
+"""`small4`: run the stack (`up`), inspect it (`status`), scale a pool's role by hand (`scale`,
+`release`), or answer one prompt in-process (`generate`)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,29 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--config", help="settings YAML (default: the embedded local profile)")
     up.add_argument("--port", type=int, help="HTTP port (default from the profile)")
     up.add_argument("--address", help="join this Ray cluster instead of starting one")
-    status = sub.add_parser("status", help="deployments, replicas and pool health")
+    status = sub.add_parser("status", help="replicas, queue, KV use and SLO attainment per "
+                            "pool and role, and readiness")
     status.add_argument("--address", default="auto")
+    status.add_argument("--app", default=None, help="Serve application (default: small4)")
     status.add_argument("--url", default="http://127.0.0.1:8000")
+    scale = sub.add_parser("scale", help="pin POOL's ROLE at N replicas until `release`")
+    release = sub.add_parser("release", help="hand POOL's ROLE back to the autoscaling policy")
+    for command in (scale, release):
+        command.add_argument("pool")
+        command.add_argument("role", choices=("prefill", "decode"))
+        if command is scale:
+            command.add_argument("replicas", type=int)
+        command.add_argument("--address", default="auto")
+        command.add_argument("--app", default=None, help="Serve application (default: small4)")
     gen = sub.add_parser("generate", help="answer one prompt through prefill → KV → decode")
     gen.add_argument("prompt")
     gen.add_argument("--config")
     gen.add_argument("--effort", default=None)
     gen.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    return {"up": cmd_up, "status": cmd_status, "generate": cmd_generate}[args.command](args)
+    commands = {"up": cmd_up, "status": cmd_status, "scale": cmd_scale, "release": cmd_release,
+                "generate": cmd_generate}
+    return commands[args.command](args)
 
 
 def cmd_up(args) -> int:
@@ -45,6 +59,8 @@ def cmd_up(args) -> int:
     else:
         if settings.ray.throughput_optimized:  # read by Ray's processes when they start
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
+        os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024)
     serve.start(http_options={"host": settings.http.host, "port": port})
@@ -61,21 +77,76 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _connect(address: str) -> bool:
+    """Join the Ray cluster at `address` (a no-op when this process is already in one)."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as exc:
+        print(f"no Ray cluster at {address}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _app(args) -> str:
+    from cluster.app import APP_NAME
+
+    return args.app or APP_NAME
+
+
+def cmd_scale(args) -> int:
+    from autoscaling import control
+
+    if args.replicas < 0:
+        print("replicas must be 0 or more", file=sys.stderr)
+        return 2
+    if not _connect(args.address):
+        return 1
+    app, key = _app(args), (args.pool, args.role)
+    known = control.read_status(app)
+    if known and key not in known:
+        print(f"{args.pool}/{args.role} is not autoscaled in {app}; autoscaled: "
+              f"{', '.join('/'.join(k) for k in sorted(known))}", file=sys.stderr)
+        return 2
+    if key in known and not known[key]["min"] <= args.replicas <= known[key]["max"]:
+        print(f"{args.pool}/{args.role} scales between {known[key]['min']} and "
+              f"{known[key]['max']} replicas; got {args.replicas}", file=sys.stderr)
+        return 2
+    control.set_override(app, args.pool, args.role, args.replicas)
+    print(f"{app}: {args.pool}/{args.role} pinned at {args.replicas} replicas until "
+          f"`small4 release {args.pool} {args.role}`")
+    return 0
+
+
+def cmd_release(args) -> int:
+    from autoscaling import control
+
+    if not _connect(args.address):
+        return 1
+    app = _app(args)
+    had = control.clear_override(app, args.pool, args.role)
+    print(f"{app}: {args.pool}/{args.role} "
+          f"{'released to the policy' if had else 'had no override'}")
+    return 0
+
+
 def cmd_status(args) -> int:
     import httpx
-    import ray
     from ray import serve
 
-    try:
-        ray.init(address=args.address, logging_level="ERROR")
-    except ConnectionError as exc:
-        print(f"no Ray cluster at {args.address}: {exc}", file=sys.stderr)
+    from autoscaling import control
+
+    if not _connect(args.address):
         return 1
     for app_name, app in serve.status().applications.items():
         print(f"application {app_name}: {_name(app.status)}")
         for name, dep in app.deployments.items():
             replicas = ", ".join(f"{n} {_name(s)}" for s, n in dep.replica_states.items())
             print(f"  {name:16s} {_name(dep.status):10s} {replicas}")
+    print(status_table(control.read_status(_app(args))))
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10).json()
         print(json.dumps(ready, indent=2))
@@ -83,6 +154,27 @@ def cmd_status(args) -> int:
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
     return 0 if ready.get("ready") else 2
+
+
+def status_table(rows: dict) -> str:
+    """The autoscaling view: one line per autoscaled pool and role."""
+    if not rows:
+        return "autoscaling: no autoscaled role has reported"
+    head = (f"{'pool/role':16s} {'replicas':>8s} {'target':>6s} {'wish':>4s} {'queue':>5s} "
+            f"{'running':>7s} {'kv use':>7s} {'p90 s':>7s} {'slo s':>6s} {'slo met':>7s} "
+            f"override")
+    lines = [head]
+    for (pool, role), r in sorted(rows.items()):
+        kv = f"{100 * r['kv_used'] / r['kv_capacity']:.1f}%" if r.get("kv_capacity") else "-"
+        p90 = f"{r['latency_p90_s']:.3f}" if r.get("latency_p90_s") is not None else "-"
+        met = f"{100 * r['slo_attainment']:.1f}%" if r.get("slo_attainment") is not None else "-"
+        pinned = "-" if r.get("override") is None else str(r["override"])
+        lines.append(f"{pool + '/' + role:16s} {r['replicas']:>8d} {r['target']:>6d} "
+                     f"{r['wish']:>4d} {r['queued']:>5d} {r['running']:>7d} {kv:>7s} {p90:>7s} "
+                     f"{r['slo_s']:>6.3f} {met:>7s} {pinned}")
+        if r.get("error"):
+            lines.append(f"  ! {r['error']}")
+    return "\n".join(lines)
 
 
 def _name(state) -> str:

@@ -13,10 +13,15 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from cluster.topology import TopologyError, TopologySettings, plan_engines
+from autoscaling.serve_policy import POLICY_PATH, AutoscalingSettings
+from cluster.topology import (TopologyError, TopologySettings, deployment_options, gpu_engines,
+                              plan_engines)
 from services.settings import IngressSettings, ServiceSettings, Strict
 from services.workers.multimodal import MultimodalWorkerSettings
 from services.workers.settings import WorkerSettings
+
+
+ROLES = ("prefill", "decode")
 
 
 class SettingsError(ValueError):
@@ -51,6 +56,7 @@ class StackSettings(ServiceSettings):
     ray: RaySettings = RaySettings()
     http: HttpSettings = HttpSettings()
     topology: TopologySettings = TopologySettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
 
     @model_validator(mode="after")
     def _engines_fit(self):
@@ -58,7 +64,56 @@ class StackSettings(ServiceSettings):
             self.placements()
         except TopologyError as exc:
             raise ValueError(f"topology: {exc}") from None
+        if self.autoscaling.enabled:
+            floor = sum(getattr(p, r).lowest for p in self.pools.values() for r in ROLES)
+            if floor > self.budget_engines():
+                raise ValueError(f"autoscaling: the roles' min_replicas add up to {floor} "
+                                 f"engines; the budget is {self.budget_engines()}")
         return self
+
+    def budget_engines(self) -> int:
+        """Engines all prefill and decode roles may hold together."""
+        if self.autoscaling.budget_engines is not None:
+            return self.autoscaling.budget_engines
+        if gpu_engines(self.pools, self.topology):
+            return self.topology.engines_per_node * self.topology.nodes
+        return sum(getattr(p, r).highest for p in self.pools.values() for r in ROLES)
+
+    def role_options(self, pool: str, role: str) -> dict[str, Any]:
+        """Serve options of one pool's prefill or decode deployment: its size, placement, and
+        our policy when autoscaling is on and the role may scale."""
+        settings = getattr(self.pools[pool], role)
+        options = deployment_options(settings)
+        if not (self.autoscaling.enabled and settings.scalable):
+            return options
+        options.pop("num_replicas")
+        roles, fixed = {}, {}
+        for name, p in self.pools.items():
+            for r in ROLES:
+                s = getattr(p, r)
+                if s.scalable:
+                    roles[f"{name}/{r}"] = [s.replicas, s.lowest, s.highest]
+                else:
+                    fixed[f"{name}/{r}"] = s.replicas
+        slo = self.pools[pool].slo
+        policy = self.autoscaling.policy.model_copy(update={
+            "ttft_slo_s": slo.ttft_s, "itl_slo_s": slo.itl_s,
+            "min_replicas": settings.lowest, "max_replicas": settings.highest})
+        options["autoscaling_config"] = {
+            "min_replicas": settings.lowest, "max_replicas": settings.highest,
+            "initial_replicas": settings.replicas,
+            "look_back_period_s": self.autoscaling.look_back_period_s,
+            # Serve wraps a custom policy in its own delays (30 s up, 600 s down by default);
+            # ours already holds a wish for upscale_delay_s/downscale_delay_s before acting.
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
+                "pool": pool, "role": role, "budget_engines": self.budget_engines(),
+                "priorities": {n: p.priority for n, p in self.pools.items()},
+                "policy": policy.model_dump(), "arbiter": self.autoscaling.arbiter.model_dump(),
+                "roles": roles, "fixed": fixed,
+                "decode_tokens_per_s_per_replica":
+                    self.autoscaling.decode_tokens_per_s_per_replica}}}
+        return options
 
     def placements(self):
         """Where every GPU engine goes (`cluster.topology.plan_engines`)."""
@@ -68,7 +123,7 @@ class StackSettings(ServiceSettings):
         """The sub-settings one pool's prefill and decode workers receive."""
         return WorkerSettings(pool=pool, model=self.model, engine=self.engine,
                               kv_handoff=self.kv_handoff, stream=self.stream,
-                              telemetry=self.telemetry)
+                              telemetry=self.telemetry, slo=self.pools[pool].slo)
 
     def multimodal_settings(self) -> MultimodalWorkerSettings:
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,
@@ -77,7 +132,7 @@ class StackSettings(ServiceSettings):
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,
                                routing=self.routing, pools=self.pools, limits=self.limits,
-                               telemetry=self.telemetry)
+                               auth=self.auth, telemetry=self.telemetry)
 
 
 def parse_settings(data: dict[str, Any] | None) -> StackSettings:
@@ -87,7 +142,10 @@ def parse_settings(data: dict[str, Any] | None) -> StackSettings:
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"]) or None
-        what = "unknown settings key" if error["type"] == "extra_forbidden" else error["msg"]
+        what = {"extra_forbidden": "unknown settings key",
+                "missing": "required"}.get(error["type"], error["msg"])
+        if field == "auth" and error["type"] == "missing":
+            what = "required: give auth.keys_file, or auth.enabled: false to serve without keys"
         raise SettingsError(f"{field}: {what}" if field else what, field) from None
 
 

@@ -106,7 +106,9 @@ def deployment_options(role: DeploymentSettings) -> dict[str, Any]:
     placement group holding all of an engine's GPUs (so they share a node)."""
     options: dict[str, Any] = {
         "num_replicas": role.replicas, "max_ongoing_requests": role.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus}}
+        "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus},
+        "graceful_shutdown_timeout_s": role.drain_deadline_s,
+        "graceful_shutdown_wait_loop_s": 1.0}
     if role.num_gpus > 0:
         options["placement_group_bundles"] = [{"CPU": role.num_cpus, "GPU": role.num_gpus}]
         options["placement_group_strategy"] = "STRICT_PACK"

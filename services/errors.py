@@ -15,15 +15,17 @@ class StackError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 request_id: str | None = None):
+                 request_id: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.code
         self.request_id = request_id
+        self.retry_after = retry_after
 
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.param, self.code, self.request_id))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.request_id,
+                           self.retry_after))
 
     def body(self, request_id: str | None = None, trace_id: str | None = None) -> dict:
         """The OpenAI error body: `{"error": {"message", "type", "param", "code", ...}}`."""
@@ -37,8 +39,8 @@ class StackError(Exception):
         return {"error": error}
 
 
-def _rebuild(cls, message, param, code, request_id):
-    return cls(message, param=param, code=code, request_id=request_id)
+def _rebuild(cls, message, param, code, request_id, retry_after=None):
+    return cls(message, param=param, code=code, request_id=request_id, retry_after=retry_after)
 
 
 class InvalidRequest(StackError):
@@ -68,6 +70,37 @@ class NotFound(StackError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Unauthorized(StackError):
+    """No valid API key (401); the same answer for a missing, unknown or revoked key."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class RateLimited(StackError):
+    """The key is over one of its quotas (429, with `retry_after`)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The request body, or a part of it, is larger than the endpoint accepts (413)."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class DeadlineExceeded(StackError):
+    """The request's deadline passed before it finished (504)."""
+
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 class Overloaded(StackError):
@@ -102,6 +135,34 @@ class EngineError(StackError):
     code = "engine_error"
 
 
+class EngineUnavailable(StackError):
+    """An engine (or its replica) is gone or not answering; another replica may serve (503)."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "engine_unavailable"
+
+
+# Ray's exceptions for a replica that died or cannot be reached (matched by name, anywhere in
+# the exception's class hierarchy, so this module does not import Ray).
+_REPLICA_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError",
+                 "WorkerCrashedError", "NodeDiedError", "OwnerDiedError"}
+
+
+def retryable(exc: BaseException | None) -> bool:
+    """Whether `exc` means the replica failed, not the request: another replica may serve it."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, EngineUnavailable):
+            return True
+        if isinstance(exc, StackError):
+            return False
+        if any(c.__name__ in _REPLICA_GONE for c in type(exc).__mro__):
+            return True
+        exc, seen = getattr(exc, "cause", None) or exc.__cause__, seen + 1
+    return False
+
+
 def from_exception(exc: BaseException) -> StackError:
     """Unwrap Ray's exception wrappers to our typed error; anything else becomes `EngineError`."""
     seen = 0
@@ -112,4 +173,7 @@ def from_exception(exc: BaseException) -> StackError:
         if cause is None:
             break
         exc, seen = cause, seen + 1
+    if retryable(exc):
+        return EngineUnavailable(f"a replica failed while serving the request "
+                                 f"({type(exc).__name__})")
     return EngineError(f"internal error: {type(exc).__name__}")

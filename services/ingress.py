@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +23,11 @@ from services.api.output import OutputParser
 from services.api.plan import RequestPlan, admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
-from services.errors import EngineError, InvalidRequest, NotFound, StackError
+from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, NotFound, StackError,
+                             retryable)
+from services.guard.body import read_json
+from services.guard.keys import ANONYMOUS, KeyRing, Principal
+from services.guard.quotas import Grant, Quotas
 from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, choose_pool
 from services.settings import IngressSettings
@@ -47,6 +51,11 @@ class Ingress:
         self.created = int(time.time())
         tracing.configure(settings.telemetry.tracing, role="ingress")
         self.log = configure_logging(settings.telemetry.json_logs)
+        auth = settings.auth
+        self.keys = KeyRing(auth.keys_file, auth.reload_s) if auth.enabled else None
+        self.quotas = Quotas(auth.default_quota)
+        if self.keys is None:
+            self.log.warning("auth.enabled is false: requests are served without API keys")
 
     def build_asgi_app(self) -> FastAPI:
         """The FastAPI app of this replica (built after construction, routes bound to self)."""
@@ -62,7 +71,17 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    async def models(self) -> dict[str, Any]:
+    def authenticate(self, request: Request) -> Principal:
+        """The caller (401 without a valid key); everyone is anonymous when auth is off."""
+        if self.keys is None:
+            return ANONYMOUS
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    async def models(self, request: Request):
+        try:
+            self.authenticate(request)
+        except StackError as exc:
+            return error_response(exc)
         model = self.settings.model
         return {"object": "list", "data": [{
             "id": model.name, "object": "model", "created": self.created, "owned_by": "small4",
@@ -88,9 +107,13 @@ class Ingress:
             "http.request.method": "POST", "url.path": "/v1/chat/completions",
             "small4.request_id": request_id})
         trace_id = tracing.trace_id(span, incoming)
+        principal, grant = ANONYMOUS, None
         try:
+            principal = self.authenticate(request)
+            span.set_attribute("small4.tenant", principal.tenant)
+            deadline = time.time() + self._timeout(request)
             with tracing.scope("preprocess", span) as pre:
-                req = parse_chat_request(await _json_body(request))
+                req = parse_chat_request(await read_json(request, self.settings.limits))
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=self.settings.limits)
                 prompt = await self._encode(req, effort, request_id, pre)
@@ -98,15 +121,36 @@ class Ingress:
                                     model=self.settings.model, limits=self.settings.limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
+            grant = self.quotas.admit(principal, plan.prompt_tokens
+                                      + plan.engine_request.sampling.max_tokens)
             with tracing.scope("route", span, **{"small4.effort": plan.effort}) as route:
                 choice = self._choose(plan.effort)
                 route.set_attributes({"small4.pool": choice.pool,
                                       "small4.spillover": choice.spilled})
         except Exception as exc:
-            return self._refuse(exc, span, request_id, trace_id, started)
-        ctx = RequestContext(request_id, choice.pool, plan.effort,
-                             trace_headers=tracing.headers_of(span, incoming))
-        return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started))
+            if grant is not None:
+                self.quotas.release(grant, 0)
+            return self._refuse(exc, span, request_id, trace_id, started,
+                                tenant=principal.tenant)
+        ctx = RequestContext(request_id, choice.pool, plan.effort, deadline=deadline,
+                             trace_headers=tracing.headers_of(span, incoming),
+                             tenant=principal.tenant)
+        return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started), grant)
+
+    def _timeout(self, request: Request) -> float:
+        """Seconds this request may take: `x-request-timeout`, capped, or the default."""
+        limits, raw = self.settings.limits, request.headers.get("x-request-timeout")
+        if raw is None:
+            return limits.request_timeout_s
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = float("nan")
+        if not 0 < asked <= limits.max_request_timeout_s:
+            raise InvalidRequest(f"x-request-timeout must be seconds in (0, "
+                                 f"{limits.max_request_timeout_s:g}]; got {raw!r}",
+                                 param="x-request-timeout")
+        return asked
 
     async def _encode(self, req, effort: str, request_id: str, span) -> EncodedPrompt:
         """Text stays here; a request with images is encoded by the multimodal deployment."""
@@ -119,12 +163,13 @@ class Ingress:
         return await call(self.multimodal, "encode", ctx, messages, effort, tools)
 
     def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,
-                started: float, pool: str = "none") -> JSONResponse:
+                started: float, pool: str = "none", tenant: str = "anonymous") -> JSONResponse:
         """The error response for a request that never streamed; counted, logged, traced."""
         error = as_stack_error(exc)
         response = error_response(error, request_id, trace_id)
         error_type = error.type
         metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
+        metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(response.status_code))
         tracing.finish(span, exc, **{"http.response.status_code": response.status_code})
         request_line(self.log, "request refused", request_id=request_id, trace_id=trace_id,
                      started=started, status=response.status_code, error_type=error_type)
@@ -137,18 +182,19 @@ class Ingress:
         return choice
 
     async def _serve(self, plan: RequestPlan, choice: PoolChoice, ctx: RequestContext,
-                     trace: _Trace):
+                     trace: _Trace, grant: Grant | None):
         self.in_flight[choice.pool] += 1
-        chunks = stream(self.pools[choice.pool], "generate", ctx, plan.engine_request)
+        answer = _Answer(self, plan, choice, ctx, trace, grant)
         try:
-            first = await chunks.__anext__()
+            first = await answer.next_chunk()
         except BaseException as exc:
-            await self._release(choice, chunks)
+            await self._release(choice, answer.chunks)
+            self.quotas.release(grant, 0)
             if isinstance(exc, asyncio.CancelledError):
                 tracing.finish(trace.span, exc)
                 raise
             return self._refuse(exc, trace.span, ctx.request_id, trace.trace_id, trace.started,
-                                choice.pool)
+                                choice.pool, ctx.tenant)
         metrics.TTFT.observe(time.perf_counter() - trace.started, pool=choice.pool,
                              role="ingress")
         headers = {"x-small4-request-id": ctx.request_id, "x-small4-pool": choice.pool,
@@ -156,21 +202,21 @@ class Ingress:
                    "x-small4-spillover": "1" if choice.spilled else "0"}
         if trace.trace_id:
             headers["x-trace-id"] = trace.trace_id
-        answer = _Answer(self, plan, choice, ctx, trace)
         if plan.request.stream:
-            return StreamingResponse(answer.sse(first, chunks), headers=headers,
+            return StreamingResponse(answer.sse(first), headers=headers,
                                      media_type="text/event-stream")
         try:
-            return JSONResponse(await answer.collect(first, chunks), headers=headers)
+            return JSONResponse(await answer.collect(first), headers=headers)
         except StackError as exc:
             answer.error = exc
             return error_response(exc, ctx.request_id, trace.trace_id)
         finally:
-            await answer.close(chunks)
+            await answer.close()
 
     async def _release(self, choice: PoolChoice, chunks) -> None:
         self.in_flight[choice.pool] -= 1
-        await close_stream(chunks)
+        if chunks is not None:
+            await close_stream(chunks)
 
 
 @dataclass
@@ -183,11 +229,16 @@ class _Trace:
 
 
 class _Answer:
-    """One request's output: parses chunks into the non-streaming body or SSE events."""
+    """One request's output: owns the decode stream (resumed on another replica when one
+    dies), enforces the deadline, parses chunks into the body or SSE events."""
 
     def __init__(self, ingress: Ingress, plan: RequestPlan, choice: PoolChoice,
-                 ctx: RequestContext, trace: _Trace):
+                 ctx: RequestContext, trace: _Trace, grant: Grant | None):
         self.ingress, self.plan, self.choice, self.trace = ingress, plan, choice, trace
+        self.ctx, self.grant = ctx, grant
+        self.generated: list[int] = []
+        self.resumes = 0
+        self.chunks = self._open(plan.engine_request)
         self.error: BaseException | None = None
         self.finish_reason: str | None = None
         self.parser = OutputParser(ingress.tokenizer, tools_enabled=plan.tools_enabled,
@@ -200,20 +251,53 @@ class _Answer:
         return responses.usage(self.plan.prompt_tokens, self.parser.completion_tokens,
                                self.parser.reasoning_tokens)
 
-    async def _chunks(self, first, chunks):
+    def _open(self, request):
+        return stream(self.ingress.pools[self.choice.pool], "generate", self.ctx, request)
+
+    async def next_chunk(self):
+        """The next chunk within the deadline. When the decode replica (or an engine) fails,
+        the stream resumes on another replica from the prompt plus the tokens already
+        received, so the client sees no gap and no repeat (sampling is keyed by position)."""
+        while True:
+            try:
+                async with asyncio.timeout(self.ctx.remaining_s()):
+                    chunk = await self.chunks.__anext__()
+                self.generated.extend(chunk.token_ids)
+                return chunk
+            except StopAsyncIteration:
+                raise EngineError("the decode stream ended without a finish reason") from None
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed before it finished "
+                                       "(x-request-timeout or limits.request_timeout_s)",
+                                       param="x-request-timeout") from None
+            except Exception as exc:
+                if not retryable(exc) or self.resumes >= self.ingress.settings.limits.max_resumes:
+                    raise
+                self.resumes += 1
+                metrics.RESUMES.inc(pool=self.choice.pool)
+                await close_stream(self.chunks)
+                await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
+                self.chunks = self._open(self._resumed())
+
+    def _resumed(self):
+        """The original request continued after the tokens already received."""
+        request = self.plan.engine_request
+        return replace(request, request_id=f"{request.request_id}-resume{self.resumes}",
+                       prompt_ids=request.prompt_ids + self.generated,
+                       sampling=replace(request.sampling, max_tokens=request.sampling.max_tokens
+                                        - len(self.generated)))
+
+    async def _chunks(self, first):
         chunk = first
         while True:
             yield chunk
             if chunk.finish_reason:
                 return
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                raise EngineError("the decode stream ended without a finish reason") from None
+            chunk = await self.next_chunk()
 
-    async def collect(self, first, chunks) -> dict[str, Any]:
+    async def collect(self, first) -> dict[str, Any]:
         content, reasoning, calls, finish = [], [], [], "stop"
-        async for chunk in self._chunks(first, chunks):
+        async for chunk in self._chunks(first):
             delta = self.parser.feed(chunk.token_ids)
             content.append(delta.content), reasoning.append(delta.reasoning)
             calls.extend(delta.tool_calls)
@@ -226,10 +310,17 @@ class _Answer:
                                     reasoning="".join(reasoning), tool_calls=calls,
                                     finish_reason=finish, usage_body=self.usage())
 
-    async def close(self, chunks) -> None:
+    async def close(self) -> None:
         """Release the pool slot, stop the stream, and account for the request once."""
-        await self.ingress._release(self.choice, chunks)
-        pool, trace = self.choice.pool, self.trace
+        await self.ingress._release(self.choice, self.chunks)
+        used = self.plan.prompt_tokens + self.parser.completion_tokens
+        self.ingress.quotas.release(self.grant, used)
+        pool, trace, tenant = self.choice.pool, self.trace, self.ctx.tenant
+        status = "200" if self.error is None else str(as_stack_error(self.error).status)
+        metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=status)
+        metrics.TENANT_TOKENS.inc(self.plan.prompt_tokens, tenant=tenant, kind="prompt")
+        metrics.TENANT_TOKENS.inc(self.parser.completion_tokens, tenant=tenant,
+                                  kind="completion")
         if self.finish_reason:
             metrics.PROMPT_TOKENS.inc(self.plan.prompt_tokens, pool=pool)
             metrics.COMPLETION_TOKENS.inc(self.parser.completion_tokens, pool=pool)
@@ -248,14 +339,14 @@ class _Answer:
                      completion_tokens=self.parser.completion_tokens,
                      error_type=getattr(self.error, "type", None))
 
-    async def sse(self, first, chunks):
+    async def sse(self, first):
         include_usage = bool(self.plan.request.stream_options
                              and self.plan.request.stream_options.include_usage)
         n_calls = 0
         try:
             yield _event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
             finish = None
-            async for chunk in self._chunks(first, chunks):
+            async for chunk in self._chunks(first):
                 delta = self.parser.feed(chunk.token_ids)
                 body = _delta_dict(delta, n_calls)
                 n_calls += len(delta.tool_calls)
@@ -274,7 +365,7 @@ class _Answer:
             self.error = exc
             yield sse_error(exc, self.meta["id"], self.trace.trace_id)
         finally:
-            await self.close(chunks)
+            await self.close()
 
 
 def _delta_dict(delta, first_index: int) -> dict[str, Any]:
@@ -291,14 +382,6 @@ def _delta_dict(delta, first_index: int) -> dict[str, Any]:
 
 def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the request body is not valid JSON") from None
 
 
 def _trace_headers(request: Request) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, Overloaded
 from services.settings import PoolSettings, RoutingSettings
 
 
@@ -34,14 +34,16 @@ def applied_effort(requested: str | None, routing: RoutingSettings) -> str:
 def choose_pool(effort: str, pools: dict[str, PoolSettings], in_flight: dict[str, int],
                 routing: RoutingSettings) -> PoolChoice:
     """The least-loaded pool serving `effort`; if every such pool is at its queue limit and
-    spillover is on, the least-loaded other pool with room."""
+    spillover is on, the least-loaded other pool with room; with no room anywhere the request
+    may take, `Overloaded` (503, retry after a second) instead of an unbounded wait."""
     def load(name: str) -> float:
         return in_flight.get(name, 0) / pools[name].max_queue
 
     home = min((n for n, p in pools.items() if p.effort == effort), key=load)
-    if load(home) < 1.0 or not routing.spillover:
+    if load(home) < 1.0:
         return PoolChoice(effort, home, home)
     others = [n for n in pools if pools[n].effort != effort and load(n) < 1.0]
-    if not others:
-        return PoolChoice(effort, home, home)
+    if not routing.spillover or not others:
+        raise Overloaded(f"every pool that serves effort {effort!r} is at its queue limit",
+                         retry_after=1.0)
     return PoolChoice(effort, min(others, key=load), home)

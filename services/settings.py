@@ -45,6 +45,15 @@ class SimulatedTiming(Strict):
     output: Literal["echo", "counter"] = "echo"
 
 
+class FaultSettings(Strict):
+    """Faults the simulated engine injects, for fault tests: every Nth prefill fails, and every
+    Nth decode stream fails after some tokens, as a crashed engine would (retryable)."""
+
+    prefill_fail_every: int = Field(0, ge=0, description="0: never")
+    decode_fail_every: int = Field(0, ge=0, description="0: never")
+    decode_fail_after_tokens: int = Field(8, ge=0)
+
+
 class EngineSettings(Strict):
     """The engine behind every worker of the stack and its capacity."""
 
@@ -54,6 +63,7 @@ class EngineSettings(Strict):
     kv_capacity_tokens: int = Field(262144, gt=0)
     torch_threads: int = Field(1, gt=0)
     simulated: SimulatedTiming = SimulatedTiming()
+    faults: FaultSettings = FaultSettings()
 
 
 class KVHandoffSettings(Strict):
@@ -61,21 +71,60 @@ class KVHandoffSettings(Strict):
 
     backend: Literal["object_store", "local", "sglang"] = "object_store"
     timeout_s: float = Field(30.0, gt=0)
+    prefill_timeout_s: float = Field(60.0, gt=0, description="per attempt, queueing included")
+    prefill_attempts: int = Field(3, ge=1, description="on another replica after a failure")
 
 
 class DeploymentSettings(Strict):
-    """A Serve deployment's size: replicas, resources per replica, concurrency per replica."""
+    """A Serve deployment's size: replicas, resources per replica, concurrency per replica,
+    and how long a replica that is going away (scale-down, shutdown) may take to finish its
+    in-flight requests after it stops taking new ones."""
 
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, gt=0)
+    drain_deadline_s: float = Field(60.0, gt=0)
 
 
 class RoleSettings(DeploymentSettings):
-    """One role (prefill or decode) of one pool: its replicas (0 allowed) and resources."""
+    """One role (prefill or decode) of one pool: its replicas (0 allowed) and resources.
+
+    `replicas` is the count at start; with `autoscaling.enabled` the policy moves it between
+    `min_replicas` and `max_replicas` (both default to `replicas`: a fixed role). A replica
+    that is scaled down or shut down stops taking requests and leaves when its in-flight
+    requests finish or `drain_deadline_s` passes.
+    """
 
     replicas: int = Field(1, ge=0)
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_hold_replicas(self):
+        if not self.lowest <= self.replicas <= self.highest:
+            raise ValueError(f"replicas {self.replicas} is outside min_replicas {self.lowest} "
+                             f"and max_replicas {self.highest}")
+        return self
+
+    @property
+    def lowest(self) -> int:
+        return self.replicas if self.min_replicas is None else self.min_replicas
+
+    @property
+    def highest(self) -> int:
+        return self.replicas if self.max_replicas is None else self.max_replicas
+
+    @property
+    def scalable(self) -> bool:
+        return self.highest > self.lowest
+
+
+class SLOSettings(Strict):
+    """A pool's latency objectives: time to first token, and time per output token after it."""
+
+    ttft_s: float = Field(2.0, gt=0)
+    itl_s: float = Field(0.1, gt=0)
 
 
 class PoolSettings(Strict):
@@ -84,7 +133,10 @@ class PoolSettings(Strict):
     effort: Effort
     prefill: RoleSettings = RoleSettings()
     decode: RoleSettings = RoleSettings()
-    max_queue: int = Field(32, gt=0, description="in-flight requests before spillover")
+    max_queue: int = Field(32, gt=0, description="in-flight requests before spillover; when "
+                           "every pool that could take a request is full, it gets 503")
+    priority: int = Field(0, description="who keeps engines when the GPU budget is short")
+    slo: SLOSettings = SLOSettings()
 
 
 class RoutingSettings(Strict):
@@ -110,11 +162,42 @@ class StreamSettings(Strict):
 
 
 class LimitSettings(Strict):
-    """Per-request limits enforced at the ingress."""
+    """Per-request limits enforced at the ingress; size and nesting are checked before the
+    body is parsed."""
 
     max_tokens_default: int = Field(1024, gt=0)
     max_tokens_cap: int = Field(32768, gt=0)
     max_messages: int = Field(512, gt=0)
+    max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
+    max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")
+    max_json_depth: int = Field(32, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="default deadline")
+    max_request_timeout_s: float = Field(3600.0, gt=0, description="cap on x-request-timeout")
+    max_resumes: int = Field(2, ge=0, description="decode restarts after a replica dies")
+
+
+class QuotaSettings(Strict):
+    """A key's quota; None is unlimited."""
+
+    requests_per_s: float | None = Field(None, gt=0)
+    tokens_per_min: float | None = Field(None, gt=0, description="prompt + max_tokens")
+    max_concurrent_streams: int | None = Field(None, gt=0)
+
+
+class AuthSettings(Strict):
+    """API keys. On unless turned off explicitly; the keys file may be a mounted Secret."""
+
+    enabled: bool = True
+    keys_file: Path | None = None
+    reload_s: float = Field(5.0, gt=0)
+    default_quota: QuotaSettings = QuotaSettings()
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self):
+        if self.enabled and self.keys_file is None:
+            raise ValueError("auth.keys_file is required when auth is enabled (set "
+                             "auth.enabled: false to serve without keys)")
+        return self
 
 
 class IngressDeploymentSettings(DeploymentSettings):
@@ -177,6 +260,7 @@ class ServiceSettings(Strict):
     ingress: IngressDeploymentSettings = IngressDeploymentSettings()
     multimodal: MultimodalSettings = MultimodalSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    auth: AuthSettings = Field(description="required: a keys file, or `enabled: false`")
 
     @model_validator(mode="after")
     def _every_effort_has_a_pool(self):
@@ -195,4 +279,5 @@ class IngressSettings(Strict):
     routing: RoutingSettings
     pools: dict[str, PoolSettings]
     limits: LimitSettings
+    auth: AuthSettings
     telemetry: TelemetrySettings = TelemetrySettings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from starlette.responses import JSONResponse
 
@@ -27,6 +28,8 @@ def error_response(exc: BaseException, request_id: str | None = None,
     headers = {"x-small4-request-id": request_id} if request_id else {}
     if trace_id:
         headers["x-trace-id"] = trace_id
+    if error.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(error.body(request_id, trace_id), status_code=error.status,
                         headers=headers)
 

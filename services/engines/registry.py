@@ -9,7 +9,19 @@ from services.tokenizer import PromptTokenizer
 
 def build_engine(model: ModelSettings, engine: EngineSettings, *, role: str,
                  tokenizer: PromptTokenizer) -> Engine:
-    """An engine of `engine.kind` for `role` ("prefill", "decode" or "both")."""
+    """An engine of `engine.kind` for `role` ("prefill", "decode" or "both"), wrapped in fault
+    injection when `engine.faults` asks for any."""
+    built = _build(model, engine, role=role, tokenizer=tokenizer)
+    faults = engine.faults
+    if faults.prefill_fail_every or faults.decode_fail_every:
+        from services.engines.faults import FaultyEngine
+
+        return FaultyEngine(built, faults)
+    return built
+
+
+def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
+           tokenizer: PromptTokenizer) -> Engine:
     if engine.kind == "reference":
         from services.engines.reference import ReferenceEngine
         from services.model.loader import load_model

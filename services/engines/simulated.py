@@ -82,8 +82,9 @@ class OutputPlanner:
 
     def plan(self, prompt: list[int]) -> list[int]:
         """Every token the engine will emit for `prompt`, the first one included."""
-        if self.mode == "counter":
-            return self.counter
+        if self.mode == "counter":  # keyed by position, so a resumed request continues it
+            k = len(prompt) % len(self.counter)
+            return self.counter[k:] + self.counter[:k]
         echo = self._last_user_text(prompt) or self.encode(EMPTY_TURN_REPLY)
         eos = self.tokenizer.eos_id
         tool = self._first_tool_name(prompt)

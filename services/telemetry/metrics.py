@@ -104,6 +104,14 @@ REASONING_TOKENS = Counter("small4_reasoning_tokens_total", "reasoning tokens se
 SPILLOVER = Counter("small4_spillover_total", "requests served by another pool than their "
                     "effort's", ("from_pool", "to_pool"))
 ERRORS = Counter("small4_errors_total", "failed requests by error type", ("pool", "role", "type"))
+REQUESTS = Counter("small4_requests_total", "requests answered at the ingress, by tenant and "
+                   "HTTP status", ("tenant", "pool", "status"))
+TENANT_TOKENS = Counter("small4_tenant_tokens_total", "prompt and completion tokens by tenant",
+                        ("tenant", "kind"))
+RESUMES = Counter("small4_decode_resumes_total", "streams resumed on another decode replica",
+                  ("pool",))
+PREFILL_RETRIES = Counter("small4_prefill_retries_total", "prefills retried on another "
+                          "replica", ("pool",))
 
 
 def record_engine(stats, pool: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
-from services.errors import KVHandoffFailed, StackError, from_exception
+from services.errors import KVHandoffFailed, StackError, from_exception, retryable
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings
 from services.telemetry import metrics, tracing
@@ -54,6 +54,8 @@ class DecodeWorker(EngineHost):
         span = tracing.start("decode", ctx.trace_headers, **{
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
+        self.load.arrived(len(request.prompt_ids))
+        ttft = 0.0
         try:
             reply, kv, transfer = await self._remote_prefill(
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
@@ -78,18 +80,21 @@ class DecodeWorker(EngineHost):
             tracing.finish(span, outcome["error"], **{
                 "small4.tokens_out": outcome["tokens_out"],
                 "small4.finish_reason": outcome["finish_reason"] or "abort"})
+            if outcome["finish_reason"]:
+                self.load.decoded(outcome["tokens_out"],
+                                  time.perf_counter() - received - ttft, ttft)
             metrics.record_engine(self.engine.stats(), self.settings.pool)
 
     def _observe_itl(self, seconds: float, tokens: int) -> None:
         for _ in range(tokens):
             metrics.ITL.observe(seconds / tokens, **self.tags)
+        self.load.generated(tokens, seconds / tokens)
 
     async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
         transfer = KVTransfer(self.handoff, request.request_id)
         try:
             transfer.move(KVState.TRANSFERRING)
-            reply: PrefillReply = await call(self.prefill, "prefill", ctx, request,
-                                             transfer.ticket)
+            reply = await self._prefill_with_retries(ctx, request, transfer)
             transfer.ready(reply.ticket)
             with tracing.scope("kv_handoff", span, **{
                     "small4.kv_backend": self.handoff.backend,
@@ -108,6 +113,30 @@ class DecodeWorker(EngineHost):
             raise KVHandoffFailed(f"prefill failed: {type(exc).__name__}",
                                   request_id=request.request_id) from exc
         return reply, kv, transfer
+
+    async def _prefill_with_retries(self, ctx: RequestContext, request: EngineRequest,
+                                    transfer: KVTransfer) -> PrefillReply:
+        """Prefill on a replica of the pool; when the replica dies, fails as unavailable or
+        does not answer within `prefill_timeout_s`, again (Serve routes the new call to a
+        live replica), up to `prefill_attempts` times. Nothing is reserved on this side
+        until a prefill succeeds."""
+        handoff, last = self.settings.kv_handoff, None
+        for attempt in range(handoff.prefill_attempts):
+            if attempt:
+                metrics.PREFILL_RETRIES.inc(pool=self.settings.pool)
+                await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+            try:
+                async with asyncio.timeout(handoff.prefill_timeout_s):
+                    return await call(self.prefill, "prefill", ctx, request, transfer.ticket)
+            except TimeoutError as exc:
+                await self._abort_prefill(request.request_id)
+                last = exc
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
+                last = exc
+        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
+                              f"(last: {type(last).__name__})", request_id=request.request_id)
 
     async def _abort_prefill(self, request_id: str) -> None:
         try:

@@ -7,6 +7,7 @@ from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
 from services.telemetry import tracing
 from services.tokenizer import PromptTokenizer
+from services.workers.load import LoadWindow
 from services.workers.settings import WorkerSettings
 
 
@@ -22,6 +23,8 @@ class EngineHost:
                                    tokenizer=tokenizer)
         self.handoff = build_handoff(settings.kv_handoff)
         self.tags = {"pool": settings.pool, "role": self.role}
+        slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
+        self.load = LoadWindow(slo)
         tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
 
     async def abort(self, request_id: str) -> bool:
@@ -29,3 +32,16 @@ class EngineHost:
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def replica_name(self) -> str | None:
+        """The Ray actor name of this replica (None in-process): ops and fault tests use it."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_actor_name()
+        except Exception:
+            return None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics (`autoscaling.serve_policy`)."""
+        return self.load.report(self.engine.stats(), self.settings.engine.max_running_requests)

@@ -39,6 +39,7 @@ class PrefillWorker(EngineHost):
                 "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool,
                 "small4.prompt_tokens": len(request.prompt_ids),
                 "small4.images": len(request.images)}) as span:
+            self.load.arrived(len(request.prompt_ids))
             try:
                 request.images = await resolve(request.images)
                 result = await self.engine.prefill(request)
@@ -52,7 +53,9 @@ class PrefillWorker(EngineHost):
                                  "small4.compute_s": result.compute_s,
                                  "small4.cached_tokens": result.cached_tokens,
                                  "small4.kv_bytes": ticket.nbytes})
-        metrics.TTFT.observe(time.perf_counter() - started, **self.tags)
+        elapsed = time.perf_counter() - started
+        metrics.TTFT.observe(elapsed, **self.tags)
+        self.load.prefilled(result.prompt_tokens, result.compute_s, result.queue_s, elapsed)
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
                             result.cached_tokens, result.queue_s, result.compute_s)
 

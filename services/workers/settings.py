@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.settings import (EngineSettings, KVHandoffSettings, ModelSettings, Strict,
-                               StreamSettings, TelemetrySettings)
+from services.settings import (EngineSettings, KVHandoffSettings, ModelSettings, SLOSettings,
+                               Strict, StreamSettings, TelemetrySettings)
 
 
 class WorkerSettings(Strict):
@@ -15,3 +15,4 @@ class WorkerSettings(Strict):
     kv_handoff: KVHandoffSettings
     stream: StreamSettings
     telemetry: TelemetrySettings = TelemetrySettings()
+    slo: SLOSettings = SLOSettings()

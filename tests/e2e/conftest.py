@@ -14,6 +14,7 @@ import pytest
 
 TEST_PROFILE = {
     "profile": "e2e",
+    "auth": {"enabled": False},
     "model": {"context_length": 4096},
     "pools": {
         "fast": {"effort": "none", "max_queue": 8,

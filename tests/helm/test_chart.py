@@ -24,7 +24,8 @@ CRD_SCHEMAS = {kind: json.loads((SCHEMAS / f"{kind.lower()}.json").read_text())
                for kind in ("RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule")}
 ALL_OBJECTS = {"monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                               "prometheusRule": {"enabled": True}},
-               "apiKeys": {"create": True, "keys": ["sk-test-0123456789abcdef"]}}
+               "apiKeys": {"create": True, "existingSecret": "",
+                           "keys": [{"name": "ci", "tenant": "ci", "sha256": "0" * 64}]}}
 TRACING = {"telemetry": {"tracing": {"enabled": True}}}
 # Importing Ray Serve emits pydantic v1-style deprecation warnings from Ray's own config models.
 RAY_SERVE_IMPORT = pytest.mark.filterwarnings(
@@ -355,25 +356,32 @@ def test_secret_is_never_rendered_with_a_default_key(render):
     for profile in PROFILES:
         docs = render(profile)
         assert not [d for d in docs if d["kind"] == "Secret"]
-        assert not [v for t in pod_templates(docs) for v in t["spec"]["volumes"]
-                    if v["name"] == "api-keys"]
+        assert {v["secret"]["secretName"] for t in pod_templates(docs)
+                for v in t["spec"]["volumes"] if v["name"] == "api-keys"} == {"small4-api-keys"}
     with pytest.raises(helm.HelmRenderError, match="apiKeys.keys is empty"):
-        render(apiKeys={"create": True})
+        render(apiKeys={"create": True, "existingSecret": ""})
     with pytest.raises(helm.HelmValuesError, match="/apiKeys/keys/0"):
-        render(apiKeys={"create": True, "keys": ["short"]})
+        render(apiKeys={"create": True, "existingSecret": "", "keys": ["sk-plaintext-key-0123"]})
 
 
-def test_created_secret_holds_the_given_keys_and_is_mounted(render):
-    keys = ["sk-test-0123456789abcdef", "sk-test-fedcba9876543210"]
-    docs = render(apiKeys={"create": True, "keys": keys})
+def test_created_secret_holds_digests_where_the_stack_reads_them(render):
+    from services.guard.keys import KeysFile, digest
+
+    keys = [{"name": "search", "tenant": "search", "sha256": digest("sk-a")},
+            {"name": "ops", "tenant": "ops", "sha256": digest("sk-b"), "revoked": True,
+             "quota": {"requests_per_s": 5}}]
+    docs = render(apiKeys={"create": True, "existingSecret": "", "keys": keys})
     secret = one(docs, "Secret")
-    assert secret["stringData"]["api-keys"].split() == keys
+    parsed = KeysFile.model_validate(yaml.safe_load(secret["stringData"]["keys.yaml"]))
+    assert [k.model_dump(exclude_defaults=True) for k in parsed.keys] == keys
+    stack = parse_settings(serve_args(docs))
     for template in pod_templates(docs):
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
         (container,) = template["spec"]["containers"]
-        assert {"name": "api-keys", "mountPath": "/etc/small4/api-keys",
-                "readOnly": True} in container["volumeMounts"]
+        mount = {"name": "api-keys", "mountPath": "/etc/small4/keys", "readOnly": True}
+        assert mount in container["volumeMounts"]
+        assert str(stack.auth.keys_file).startswith(mount["mountPath"] + "/")
 
 
 def test_existing_secret_is_referenced_not_rendered(render):
@@ -383,7 +391,7 @@ def test_existing_secret_is_referenced_not_rendered(render):
         assert {"name": "api-keys", "secret": {"secretName": "ops-keys"}} in template["spec"]["volumes"]
     with pytest.raises(helm.HelmRenderError, match="not both"):
         render(apiKeys={"existingSecret": "ops-keys", "create": True,
-                        "keys": ["sk-test-0123456789abcdef"]})
+                        "keys": [{"name": "a", "tenant": "a", "sha256": "0" * 64}]})
 
 
 # Monitoring

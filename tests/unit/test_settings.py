@@ -6,6 +6,8 @@ import pytest
 
 from cluster.settings import SettingsError, load_settings, parse_settings
 
+NO_AUTH = {"auth": {"enabled": False}}
+
 
 def test_embedded_profile_runs_two_pools_on_cpu():
     settings = load_settings()
@@ -24,24 +26,33 @@ def test_embedded_profile_runs_two_pools_on_cpu():
 ])
 def test_bad_settings_name_the_field(data, field):
     with pytest.raises(SettingsError) as err:
-        parse_settings(data)
+        parse_settings(data | NO_AUTH)
     assert err.value.field == field
     assert field in str(err.value)
 
 
+def test_auth_must_be_configured_or_turned_off_explicitly():
+    with pytest.raises(SettingsError, match="auth.enabled: false") as err:
+        parse_settings({})
+    assert err.value.field == "auth"
+    with pytest.raises(SettingsError, match="auth.keys_file is required"):
+        parse_settings({"auth": {"enabled": True}})
+    assert not parse_settings(NO_AUTH).auth.enabled
+
+
 def test_checkpoint_source_needs_a_path():
     with pytest.raises(SettingsError, match="model.path is required"):
-        parse_settings({"model": {"source": "checkpoint"}})
+        parse_settings({"model": {"source": "checkpoint"}} | NO_AUTH)
 
 
 def test_every_mapped_effort_needs_a_pool():
     with pytest.raises(SettingsError, match="no pool serves effort"):
-        parse_settings({"pools": {"fast": {"effort": "none"}}})
+        parse_settings({"pools": {"fast": {"effort": "none"}}} | NO_AUTH)
 
 
 def test_profile_file_round_trip(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("profile: tiny\nstream: {interval_tokens: 4}\n")
+    path.write_text("profile: tiny\nstream: {interval_tokens: 4}\nauth: {enabled: false}\n")
     settings = load_settings(path)
     assert settings.profile == "tiny" and settings.stream.interval_tokens == 4
     assert settings.worker("fast").stream.interval_tokens == 4

@@ -49,6 +49,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: "0"
 - name: HF_HUB_OFFLINE
   value: "1"
+- name: RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
+  value: "2"
 {{- if dig "ray" "throughput_optimized" true .Values.stack }}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"

@@ -1,0 +1,89 @@
+"""The meeting point of one application's per-deployment policies: wishes in, engines out.
+
+Ray Serve 2.60 runs a custom policy per deployment (its application-level policy is not yet
+supported), each in the Serve controller's process. Every deployment's policy posts its wish
+here and receives its share of the GPU budget from one `arbitrate` run over all the wishes,
+recomputed at most once per `tick_s` so that the deployments of one control-loop pass see the
+same allocation and the arbiter's state (moves, shortfalls) advances once per tick.
+
+The board lives in an ordinary module (not pickled with the policy), so the deployments of an
+application share it; a role nobody has reported yet counts with its starting replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from autoscaling.arbiter import ArbiterSettings, ArbiterState, BudgetError, arbitrate
+from autoscaling.metrics import Key, Wish
+
+STALE_S = 60.0  # a wish older than this belongs to a deployment that went away
+
+
+@dataclass
+class Board:
+    """One application's wishes, current counts, arbiter state and last allocation."""
+
+    budget: int
+    priorities: dict[str, int]
+    settings: ArbiterSettings = ArbiterSettings()
+    tick_s: float = 0.5
+    wishes: dict[Key, tuple[Wish, float]] = field(default_factory=dict)
+    current: dict[Key, int] = field(default_factory=dict)
+    state: ArbiterState = ArbiterState()
+    alloc: dict[Key, int] = field(default_factory=dict)
+    computed_at: float | None = None
+    error: str | None = None
+    applied_overrides: dict[Key, int] = field(default_factory=dict)
+
+    def seed(self, roles: Mapping[Key, tuple[int, int, int]], now: float) -> None:
+        """Roles not reported yet: (replicas, min, max) at start, with no load."""
+        for key, (replicas, low, high) in roles.items():
+            if key not in self.wishes:
+                self.wishes[key] = (Wish(replicas, low, high), now)
+                self.current.setdefault(key, replicas)
+
+    def decide(self, key: Key, wish: Wish, current: int, now: float,
+               overrides: Callable[[], dict[Key, int]], fixed: Mapping[Key, int]) -> int:
+        """Post `key`'s wish and current count; its engines under the latest allocation."""
+        self.wishes[key], self.current[key] = (wish, now), current
+        for k in [k for k, (_, t) in self.wishes.items() if now - t > STALE_S]:
+            del self.wishes[k]
+            self.current.pop(k, None)
+        due = self.computed_at is None or now - self.computed_at >= self.tick_s
+        if due or key not in self.alloc:
+            self._allocate(now, overrides(), fixed)
+        return self.alloc.get(key, current)
+
+    def _allocate(self, now: float, requested: dict[Key, int], fixed: Mapping[Key, int]) -> None:
+        wishes = {k: w for k, (w, _) in self.wishes.items()}
+        wishes.update({k: Wish(n, n, n) for k, n in fixed.items()})
+        current = {**self.current, **fixed}
+        # An override outside a role's bounds is clipped to them; one that does not fit the
+        # budget with the others is refused as a whole and reported.
+        pinned = {k: max(wishes[k].min_replicas, min(n, wishes[k].max_replicas))
+                  for k, n in requested.items() if k in wishes and k not in fixed}
+        try:
+            alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
+                                          self.state, now, {**pinned, **fixed}, self.settings)
+            self.error = None
+        except BudgetError as exc:
+            self.error = f"overrides ignored: {exc}"
+            pinned = {}
+            alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
+                                          self.state, now, dict(fixed), self.settings)
+        self.alloc, self.computed_at, self.applied_overrides = alloc, now, pinned
+
+
+BOARDS: dict[str, Board] = {}
+
+
+def board_for(app: str, budget: int, priorities: dict[str, int],
+              settings: ArbiterSettings) -> Board:
+    """The application's board (made on first use; a redeploy with new settings replaces it)."""
+    board = BOARDS.get(app)
+    if board is None or (board.budget, board.priorities, board.settings) != (
+            budget, priorities, settings):
+        board = BOARDS[app] = Board(budget, dict(priorities), settings)
+    return board

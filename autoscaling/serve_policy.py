@@ -1,0 +1,177 @@
+"""The adapter to Ray Serve 2.60's custom autoscaling policy: our policies, under Serve.
+
+Each autoscaled prefill or decode deployment gets `AutoscalingConfig(policy=AutoscalingPolicy(
+policy_function="autoscaling.serve_policy:ServePolicy", policy_kwargs=...))`. Serve makes one
+`ServePolicy` per deployment in its controller and calls it every control-loop tick with an
+`AutoscalingContext`. The policy:
+
+1. turns the replicas' reports (`record_autoscaling_stats` of the workers, a
+   `services.workers.load.LoadWindow` each, averaged by Serve over `look_back_period_s`) into
+   the role's `RoleMetrics`: counts and rates summed, capacities per replica, worst p90;
+2. runs the pure prefill or decode policy (`autoscaling.policy`) with its own state;
+3. posts the wish on the application's board (`autoscaling.board`), where one arbiter run fits
+   every role's wish into the GPU budget with the overrides ops pinned (`autoscaling.control`),
+   and returns this deployment's share;
+4. publishes what it saw and decided for `small4 status`.
+
+Serve applies the count; a replica that goes drains (Serve stops routing to it and waits up to
+`graceful_shutdown_timeout_s`, the role's `drain_deadline_s`, for its requests to finish).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoscaling import board, control
+from autoscaling.arbiter import ArbiterSettings
+from autoscaling.metrics import RoleMetrics, Wish
+from autoscaling.policy import PolicySettings, PolicyState, decode_wish, prefill_wish
+
+POLICY_PATH = "autoscaling.serve_policy:ServePolicy"
+SUMMED = ("queued_requests", "running_requests", "kv_tokens_used", "arrival_requests_per_s",
+          "arrival_prompt_tokens_per_s", "generated_tokens_per_s", "slo_met", "slo_total")
+PER_REPLICA = ("max_running_per_replica", "kv_capacity_per_replica", "prefill_tokens_per_s",
+               "decode_residency_s", "mean_output_tokens")
+WORST = ("latency_p90_s", "queue_wait_p90_s")
+PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
+
+
+class AutoscalingSettings(BaseModel):
+    """Autoscaling of the prefill and decode roles whose `max_replicas` exceeds `min_replicas`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    budget_engines: int | None = Field(
+        None, gt=0, description="engines all roles may hold together; default: what the "
+        "topology holds when engines use GPUs, else the sum of the roles' max_replicas")
+    look_back_period_s: float = Field(
+        12.0, gt=10, description="how long Serve keeps reports; must exceed its deprecated "
+        "10 s metrics_interval_s. The policy reads each replica's latest report; the workers "
+        "already average rates over their own 10 s window")
+    decode_tokens_per_s_per_replica: float = Field(
+        0.0, ge=0, description="profiled decode throughput at full batch; 0 = unknown")
+    policy: PolicySettings = PolicySettings()
+    arbiter: ArbiterSettings = ArbiterSettings()
+
+
+def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: int,
+                 starting: int, profiled_tokens_per_s: float = 0.0) -> RoleMetrics:
+    """A role's metrics from Serve's per-replica aggregates of the workers' reports."""
+    def values(name: str) -> list[float]:
+        return list((aggregated.get(name) or {}).values())
+
+    summed = {k: sum(values(k)) for k in SUMMED}
+    per_replica = {k: max(values(k), default=0.0) for k in PER_REPLICA}
+    worst = {k: max(values(k), default=None) for k in WORST}
+    arrivals = summed["arrival_requests_per_s"]
+    mean_prompt = summed["arrival_prompt_tokens_per_s"] / arrivals if arrivals else 0.0
+    latency = worst["latency_p90_s"]
+    return RoleMetrics(
+        replicas=replicas, starting=starting,
+        queued_requests=int(summed["queued_requests"]),
+        queued_prompt_tokens=int(summed["queued_requests"] * mean_prompt),
+        arrival_requests_per_s=arrivals,
+        arrival_prompt_tokens_per_s=summed["arrival_prompt_tokens_per_s"],
+        prefill_tokens_per_s=per_replica["prefill_tokens_per_s"],
+        running_requests=int(summed["running_requests"]),
+        max_running_per_replica=int(per_replica["max_running_per_replica"]),
+        decode_residency_s=per_replica["decode_residency_s"],
+        generated_tokens_per_s=summed["generated_tokens_per_s"],
+        mean_output_tokens=per_replica["mean_output_tokens"],
+        decode_tokens_per_s_per_replica=profiled_tokens_per_s,
+        kv_tokens_used=int(summed["kv_tokens_used"]),
+        kv_capacity_per_replica=int(per_replica["kv_capacity_per_replica"]),
+        itl_p90_s=latency if role == "decode" else None,
+        ttft_p90_s=latency if role == "prefill" else None,
+        queue_wait_p90_s=worst["queue_wait_p90_s"])
+
+
+def latest_reports(ctx) -> dict[str, dict[Any, float]]:
+    """Each running replica's latest report (`raw_metrics`), else Serve's window average."""
+    running = set(ctx.running_replicas)
+    out = {name: {r: v for r, v in per.items() if r in running}
+           for name, per in (ctx.aggregated_metrics or {}).items()}
+    for name, per in (ctx.raw_metrics or {}).items():
+        for replica, series in per.items():
+            if replica in running and series:
+                out.setdefault(name, {})[replica] = series[-1].value
+    return out
+
+
+class ServePolicy:
+    """One deployment's policy; Serve builds it once with `policy_kwargs` and calls it per tick.
+
+    `roles` lists every autoscaled role of the application as "pool/role" → [replicas, min,
+    max], `fixed` the roles that do not scale → replicas; both count against the budget.
+    """
+
+    def __init__(self, pool: str, role: str, budget_engines: int, priorities: dict[str, int],
+                 policy: dict[str, Any], arbiter: dict[str, Any],
+                 roles: dict[str, list[int]], fixed: dict[str, int] | None = None,
+                 decode_tokens_per_s_per_replica: float = 0.0):
+        self.key = (pool, role)
+        self.settings = PolicySettings(**policy)
+        self.budget, self.priorities = budget_engines, dict(priorities)
+        self.arbiter = ArbiterSettings(**arbiter)
+        self.roles = {_split(k): tuple(v) for k, v in roles.items()}
+        self.fixed = {_split(k): n for k, n in (fixed or {}).items()}
+        self.profiled = decode_tokens_per_s_per_replica
+        self.wish = prefill_wish if role == "prefill" else decode_wish
+        self.state: PolicyState | None = None
+        self.published = 0.0
+
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        now = ctx.current_time or time.time()
+        running = len(ctx.running_replicas)
+        metrics = role_metrics(latest_reports(ctx), self.key[1], running,
+                               max(ctx.target_num_replicas - running, 0), self.profiled)
+        state = self.state or PolicyState(ctx.target_num_replicas)
+        wish, self.state = self.wish(metrics, self.settings, state, now)
+        app = ctx.app_name or ""
+        shared = board.board_for(app, self.budget, self.priorities, self.arbiter)
+        shared.seed(self.roles, now)
+        decision = shared.decide(self.key, wish, ctx.target_num_replicas, now,
+                                 lambda: _overrides(app), self.fixed)
+        if now - self.published >= PUBLISH_S:
+            self.published = now
+            _publish(app, self.key, metrics, wish, decision, shared, self.settings, ctx)
+        return decision, {"wish": wish.replicas, "decision": decision}
+
+
+def _split(name: str) -> tuple[str, str]:
+    pool, _, role = name.partition("/")
+    return pool, role
+
+
+def _overrides(app: str) -> dict:
+    try:
+        return control.read_overrides(app)
+    except Exception:  # the KV store is unreachable: keep scaling without overrides
+        return {}
+
+
+def _publish(app: str, key, m: RoleMetrics, wish: Wish, decision: int, shared, s, ctx) -> None:
+    reports = latest_reports(ctx)
+    met = sum((reports.get("slo_met") or {}).values())
+    total = sum((reports.get("slo_total") or {}).values())
+    latency = m.itl_p90_s if key[1] == "decode" else m.ttft_p90_s
+    status = {
+        "replicas": m.replicas, "target": ctx.target_num_replicas, "decision": decision,
+        "wish": wish.replicas, "load_engines": round(wish.load, 3),
+        "min": wish.min_replicas, "max": wish.max_replicas, "budget": shared.budget,
+        "queued": m.queued_requests, "running": m.running_requests,
+        "kv_used": m.kv_tokens_used,
+        "kv_capacity": m.kv_capacity_per_replica * max(m.replicas, 1),
+        "latency_p90_s": latency,
+        "slo_s": s.itl_slo_s if key[1] == "decode" else s.ttft_slo_s,
+        "slo_attainment": met / total if total else None,
+        "override": shared.applied_overrides.get(key), "error": shared.error,
+        "at": time.time()}
+    try:
+        control.publish_status(app, key, status)
+    except Exception:
+        pass

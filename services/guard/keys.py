@@ -1,0 +1,108 @@
+"""API keys: `Authorization: Bearer <key>`, checked against SHA-256 digests in a file.
+
+The keys file (YAML; a mounted Kubernetes Secret in production) holds no key itself:
+
+    keys:
+      - name: search-backend          # shown in logs, metrics and traces with the tenant
+        tenant: search
+        sha256: 9f86d081884c7d65…     # `small4 keys hash` prints it for a new key
+        revoked: false
+        quota: {requests_per_s: 20, tokens_per_min: 200000, max_concurrent_streams: 32}
+
+The file is re-read when its modification time changes (checked at most every `reload_s`), so
+adding, revoking or re-quoting a key needs no restart; a file that fails to parse keeps the last
+good key set and is reported in the log. Digests are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.errors import Unauthorized
+from services.settings import QuotaSettings, Strict
+
+log = logging.getLogger("small4.auth")
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    tenant: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    revoked: bool = False
+    quota: QuotaSettings | None = None
+
+
+class KeysFile(Strict):
+    keys: list[KeyEntry] = []
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's name, its tenant, its quota (None: the default quota)."""
+
+    key: str
+    tenant: str
+    quota: QuotaSettings | None = None
+
+
+ANONYMOUS = Principal("none", "anonymous")
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyRing:
+    """The current key set of one keys file, reloaded when the file changes."""
+
+    def __init__(self, path: Path, reload_s: float = 5.0, clock=time.monotonic):
+        self.path, self.reload_s, self.clock = Path(path), reload_s, clock
+        self.entries: dict[str, KeyEntry] = {}
+        self.mtime: float | None = None
+        self.checked = float("-inf")
+        self._load(strict=True)
+
+    def _load(self, strict: bool) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self.mtime:
+                return
+            data = KeysFile.model_validate(yaml.safe_load(self.path.read_text()) or {})
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            if strict:
+                raise ValueError(f"auth.keys_file {self.path}: {exc}") from None
+            log.error("keys file %s not reloaded, keeping %d keys: %s", self.path,
+                      len(self.entries), exc)
+            return
+        self.entries = {e.sha256: e for e in data.keys}
+        self.mtime = mtime
+        log.info("loaded %d API keys from %s", len(self.entries), self.path)
+
+    def refresh(self) -> None:
+        now = self.clock()
+        if now - self.checked >= self.reload_s:
+            self.checked = now
+            self._load(strict=False)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of a request with this `Authorization` header, or `Unauthorized`."""
+        self.refresh()
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        wanted = digest(key.strip())
+        entry = next((e for d, e in self.entries.items() if hmac.compare_digest(d, wanted)),
+                     None)
+        if entry is None or entry.revoked:
+            raise Unauthorized("invalid API key")  # the same answer for unknown and revoked
+        return Principal(entry.name, entry.tenant, entry.quota)

@@ -1,0 +1,118 @@
+"""Per-key quotas: requests per second and tokens per minute (token buckets), concurrent streams.
+
+A request is admitted when its key has a request token, enough token budget for its prompt plus
+its `max_tokens`, and a free stream slot; otherwise `RateLimited` (429) says which limit and
+after how many seconds to retry (`Retry-After`). Tokens are charged at admission for the whole
+request and the unused part is refunded when it ends, so a burst of long requests cannot
+overdraw the minute's budget. State is per ingress replica: with N replicas a key gets up to N
+times its quota (the documented trade-off for needing no shared store on the request path).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from services.errors import RateLimited
+from services.guard.keys import Principal
+from services.settings import QuotaSettings
+
+
+@dataclass
+class Bucket:
+    """A token bucket of `capacity` refilled at `rate` per second."""
+
+    rate: float
+    capacity: float
+    level: float
+    at: float
+
+    def _fill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+
+    def wait_s(self, amount: float, now: float) -> float:
+        """0 if `amount` is available now, else seconds until it is."""
+        self._fill(now)
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level) / self.rate)
+
+    def take(self, amount: float) -> None:
+        self.level -= amount
+
+    def refund(self, amount: float, now: float) -> None:
+        self._fill(now)
+        self.level = min(self.capacity, self.level + amount)
+
+
+@dataclass
+class _KeyState:
+    requests: Bucket | None
+    tokens: Bucket | None
+    streams: int = 0
+    limits: QuotaSettings = field(default_factory=QuotaSettings)
+
+
+@dataclass
+class Grant:
+    """An admitted request's charge, to settle with `Quotas.release`."""
+
+    key: str
+    tokens: int
+
+
+class Quotas:
+    """Admission against each key's quota (its own, or `default`)."""
+
+    def __init__(self, default: QuotaSettings, clock=time.monotonic):
+        self.default, self.clock = default, clock
+        self.keys: dict[str, _KeyState] = {}
+
+    def _state(self, who: Principal) -> _KeyState:
+        limits = who.quota or self.default
+        state = self.keys.get(who.key)
+        if state is None or state.limits != limits:
+            now = self.clock()
+            rps, tpm = limits.requests_per_s, limits.tokens_per_min
+            state = self.keys[who.key] = _KeyState(
+                Bucket(rps, max(rps, 1.0), max(rps, 1.0), now) if rps else None,
+                Bucket(tpm / 60.0, tpm, tpm, now) if tpm else None,
+                state.streams if state else 0, limits)
+        return state
+
+    def admit(self, who: Principal, tokens: int) -> Grant:
+        """Charge one request of up to `tokens` tokens, or raise `RateLimited`."""
+        state, now = self._state(who), self.clock()
+        limits = state.limits
+        if limits.max_concurrent_streams is not None and \
+                state.streams >= limits.max_concurrent_streams:
+            raise RateLimited(f"key {who.key!r} has {state.streams} requests in flight, its "
+                              f"limit is {limits.max_concurrent_streams}", retry_after=1.0,
+                              code="concurrency_limit_exceeded")
+        if state.requests is not None and (wait := state.requests.wait_s(1, now)) > 0:
+            raise RateLimited(f"key {who.key!r} is over {limits.requests_per_s:g} requests/s",
+                              retry_after=wait, code="requests_per_s_exceeded")
+        if state.tokens is not None and (wait := state.tokens.wait_s(tokens, now)) > 0:
+            if math.isinf(wait):
+                raise RateLimited(f"the request needs {tokens} tokens (prompt + max_tokens); "
+                                  f"key {who.key!r} has {limits.tokens_per_min:g} tokens/min",
+                                  retry_after=60.0, code="tokens_per_min_exceeded")
+            raise RateLimited(f"key {who.key!r} is over {limits.tokens_per_min:g} tokens/min",
+                              retry_after=wait, code="tokens_per_min_exceeded")
+        if state.requests is not None:
+            state.requests.take(1)
+        if state.tokens is not None:
+            state.tokens.take(tokens)
+        state.streams += 1
+        return Grant(who.key, tokens)
+
+    def release(self, grant: Grant | None, used_tokens: int) -> None:
+        """The request ended having used `used_tokens`: free its slot, refund the rest."""
+        state = self.keys.get(grant.key) if grant is not None else None
+        if state is None:
+            return
+        state.streams = max(0, state.streams - 1)
+        if state.tokens is not None and grant.tokens > used_tokens:
+            state.tokens.refund(grant.tokens - used_tokens, self.clock())

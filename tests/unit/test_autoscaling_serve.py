@@ -1,0 +1,175 @@
+"""The Serve adapter of the autoscaling policies, on Ray Serve's real `AutoscalingContext`, and
+the workers' load window: reports → role metrics → policy → board → replicas within budget."""
+
+from __future__ import annotations
+
+import pytest
+from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
+from ray.serve.config import AutoscalingContext
+
+from autoscaling import board as board_module
+from autoscaling.arbiter import ArbiterSettings
+from autoscaling.board import Board
+from autoscaling.metrics import Wish
+from autoscaling.serve_policy import ServePolicy, latest_reports, role_metrics
+from cluster.settings import parse_settings
+from services.engines.protocol import EngineStats
+from services.workers.load import LoadWindow
+
+QUICK_POLICY = {"upscale_delay_s": 1, "downscale_delay_s": 5, "load_rise_s": 0,
+                "load_fall_s": 0, "min_replicas": 1, "max_replicas": 4}
+QUICK_ARBITER = ArbiterSettings(settle_s=0, cooldown_s=0, preempt_settle_s=0, spare="release")
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_load_window_rates_expire_with_the_window():
+    clock = Clock()
+    window = LoadWindow(slo_s=0.05, window_s=10, clock=clock)
+    for _ in range(20):
+        window.arrived(prompt_tokens=100)
+    window.generated(10, 0.02)
+    window.decoded(output_tokens=10, residency_s=0.2, wait_s=0.1)  # 20 ms/token: met
+    window.decoded(output_tokens=10, residency_s=2.0, wait_s=0.1)  # 200 ms/token: missed
+    stats = EngineStats("simulated", "decode", running=3, waiting=2, kv_tokens=500,
+                        kv_capacity=4000)
+    report = window.report(stats, max_running=8)
+    assert report["arrival_requests_per_s"] == pytest.approx(2.0)
+    assert report["arrival_prompt_tokens_per_s"] == pytest.approx(200.0)
+    assert report["decode_residency_s"] == pytest.approx(1.1)
+    assert (report["slo_met"], report["slo_total"]) == (1, 2)
+    assert report["latency_p90_s"] == pytest.approx(0.02)
+    assert (report["running_requests"], report["queued_requests"]) == (3, 2)
+    clock.t += 11  # the window has moved past every event; lifetime means remain
+    later = window.report(stats, max_running=8)
+    assert later["arrival_requests_per_s"] == 0 and later["slo_total"] == 0
+    assert "latency_p90_s" not in later and later["mean_output_tokens"] == 10
+
+
+def replica(name: str) -> ReplicaID:
+    return ReplicaID(name, DeploymentID("fast-decode", "app"))
+
+
+def context(reports: dict[ReplicaID, dict[str, float]], target: int, now: float,
+            state=None, app: str = "app") -> AutoscalingContext:
+    raw = {}
+    for rid, report in reports.items():
+        for name, value in report.items():
+            raw.setdefault(name, {})[rid] = [TimeStampedValue(now - 5, 0.0),
+                                             TimeStampedValue(now, value)]
+    return AutoscalingContext(
+        deployment_id=DeploymentID("fast-decode", app), deployment_name="fast-decode",
+        app_name=app, current_num_replicas=len(reports), target_num_replicas=target,
+        running_replicas=list(reports), total_num_requests=0.0, total_queued_requests=0.0,
+        aggregated_metrics={}, raw_metrics=raw, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=4, policy_state=state or {}, last_scale_up_time=None,
+        last_scale_down_time=None, current_time=now, config=None)
+
+
+def busy(running: int, queued: int) -> dict[str, float]:
+    return {"running_requests": running, "queued_requests": queued,
+            "max_running_per_replica": 4, "kv_tokens_used": 100 * running,
+            "kv_capacity_per_replica": 10_000, "latency_p90_s": 0.04}
+
+
+def test_role_metrics_sum_counts_and_keep_the_worst_latency():
+    a, b = replica("a"), replica("b")
+    reports = latest_reports(context({a: busy(4, 3) | {"latency_p90_s": 0.2},
+                                      b: busy(2, 0)}, 2, 100.0))
+    m = role_metrics(reports, "decode", replicas=2, starting=0)
+    assert (m.running_requests, m.queued_requests, m.kv_tokens_used) == (6, 3, 600)
+    assert m.max_running_per_replica == 4 and m.kv_capacity_per_replica == 10_000
+    assert m.itl_p90_s == 0.2 and m.ttft_p90_s is None
+
+
+def test_latest_reports_ignore_replicas_that_are_gone():
+    a, gone = replica("a"), replica("gone")
+    ctx = context({a: busy(1, 0), gone: busy(9, 9)}, 1, 100.0)
+    ctx.running_replicas = [a]
+    assert latest_reports(ctx)["running_requests"] == {a: 1}
+
+
+def policy(budget: int = 6, fixed=None, app: str = "app") -> ServePolicy:
+    return ServePolicy("fast", "decode", budget, {"fast": 1, "deep": 0}, QUICK_POLICY,
+                       QUICK_ARBITER.model_dump(), roles={"fast/decode": [1, 1, 4]},
+                       fixed=fixed or {"fast/prefill": 1, "deep/prefill": 1,
+                                       "deep/decode": 1})
+
+
+def test_policy_scales_up_after_its_delay_and_down_after_the_load_ends():
+    board_module.BOARDS.clear()
+    p, r = policy(app="up-down"), replica("a")
+    n, _ = p(context({r: busy(4, 8)}, 1, 100.0, app="up-down"))
+    assert n == 1  # the wish must hold for upscale_delay_s
+    n, state = p(context({r: busy(4, 8)}, 1, 101.5, app="up-down"))
+    # 12 requests / 4 slots / 0.85 → 4; the budget (6, 3 held by fixed roles) leaves 3
+    assert n == 3 and state == {"wish": 4, "decision": 3}
+    n, _ = p(context({r: busy(0, 0)}, 3, 102.0, app="up-down"))
+    assert n == 3  # the downscale delay has not passed
+    n, _ = p(context({r: busy(0, 0)}, 3, 108.0, app="up-down"))
+    assert n == 1
+
+
+def test_fixed_roles_and_the_budget_cap_the_decision():
+    board_module.BOARDS.clear()
+    p, r = policy(budget=5, app="capped"), replica("a")
+    p(context({r: busy(4, 12)}, 1, 100.0, app="capped"))
+    n, _ = p(context({r: busy(4, 12)}, 1, 102.0, app="capped"))
+    assert n == 2  # wishes 4, but 3 engines are fixed elsewhere in a budget of 5
+
+
+def test_board_pins_an_override_and_refuses_one_that_does_not_fit():
+    key = ("fast", "decode")
+    shared = Board(budget=4, priorities={"fast": 1}, settings=QUICK_ARBITER)
+    idle = Wish(1, 1, 3, load=0.1)
+    fixed = {("fast", "prefill"): 1}
+    assert shared.decide(key, idle, 1, 0.0, lambda: {key: 3}, fixed) == 3
+    assert shared.applied_overrides == {key: 3}
+    shared.computed_at = None
+    assert shared.decide(key, idle, 3, 1.0, lambda: {}, fixed) == 1  # released
+    shared.computed_at = None
+    assert shared.decide(key, idle, 1, 2.0, lambda: {key: 9}, fixed) == 3  # clipped to max
+    other = ("deep", "decode")
+    shared.seed({other: (2, 2, 2)}, 3.0)
+    shared.computed_at = None
+    assert shared.decide(key, idle, 1, 3.0, lambda: {key: 3}, fixed) == 1
+    assert "overrides ignored" in shared.error
+
+
+def test_settings_wire_our_policy_into_the_scalable_roles_only():
+    settings = parse_settings({
+        "pools": {"fast": {"effort": "none", "priority": 2, "slo": {"itl_s": 0.03},
+                           "decode": {"replicas": 1, "max_replicas": 3}},
+                  "deep": {"effort": "high"}},
+        "autoscaling": {"enabled": True}, "auth": {"enabled": False}})
+    decode = settings.role_options("fast", "decode")
+    assert "num_replicas" not in decode
+    config = decode["autoscaling_config"]
+    assert (config["min_replicas"], config["max_replicas"]) == (1, 3)
+    assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (0.0, 0.0)
+    kwargs = config["policy"]["policy_kwargs"]
+    assert kwargs["policy"]["itl_slo_s"] == 0.03 and kwargs["budget_engines"] == 6
+    assert kwargs["fixed"] == {"fast/prefill": 1, "deep/prefill": 1, "deep/decode": 1}
+    assert settings.role_options("fast", "prefill")["num_replicas"] == 1
+    assert decode["graceful_shutdown_timeout_s"] == 60.0
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**config)  # Serve accepts it
+
+
+def test_min_replicas_beyond_the_budget_are_refused():
+    from cluster.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="budget"):
+        parse_settings({"autoscaling": {"enabled": True, "budget_engines": 3},
+                        "auth": {"enabled": False},
+                        "pools": {"fast": {"effort": "none", "decode": {"min_replicas": 2,
+                                                                        "replicas": 2,
+                                                                        "max_replicas": 4}},
+                                  "deep": {"effort": "high"}}})
