@@ -127,7 +127,8 @@ class ServePolicy:
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
         running = len(ctx.running_replicas)
-        metrics = role_metrics(latest_reports(ctx), self.key[1], running,
+        reports = latest_reports(ctx)
+        metrics = role_metrics(reports, self.key[1], running,
                                max(ctx.target_num_replicas - running, 0), self.profiled)
         state = self.state or PolicyState(ctx.target_num_replicas)
         wish, self.state = self.wish(metrics, self.settings, state, now)
@@ -138,7 +139,8 @@ class ServePolicy:
                                  lambda: _overrides(app), self.fixed)
         if now - self.published >= PUBLISH_S:
             self.published = now
-            _publish(app, self.key, metrics, wish, decision, shared, self.settings, ctx)
+            _publish(app, self.key, metrics, reports, wish, decision, shared, self.settings,
+                     ctx.target_num_replicas)
         return decision, {"wish": wish.replicas, "decision": decision}
 
 
@@ -154,13 +156,13 @@ def _overrides(app: str) -> dict:
         return {}
 
 
-def _publish(app: str, key, m: RoleMetrics, wish: Wish, decision: int, shared, s, ctx) -> None:
-    reports = latest_reports(ctx)
+def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision: int, shared,
+             s, target: int) -> None:
     met = sum((reports.get("slo_met") or {}).values())
     total = sum((reports.get("slo_total") or {}).values())
     latency = m.itl_p90_s if key[1] == "decode" else m.ttft_p90_s
     status = {
-        "replicas": m.replicas, "target": ctx.target_num_replicas, "decision": decision,
+        "replicas": m.replicas, "target": target, "decision": decision,
         "wish": wish.replicas, "load_engines": round(wish.load, 3),
         "min": wish.min_replicas, "max": wish.max_replicas, "budget": shared.budget,
         "queued": m.queued_requests, "running": m.running_requests,
