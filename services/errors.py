@@ -72,6 +72,14 @@ class NotFound(StackError):
     code = "not_found"
 
 
+class MethodNotAllowed(StackError):
+    """The route exists but not for this method (405, with `Allow`)."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class Unauthorized(StackError):
     """No valid API key (401); the same answer for a missing, unknown or revoked key."""
 

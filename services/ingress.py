@@ -17,14 +17,14 @@ from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
-from services.api import responses
+from services.api import openapi, responses
 from services.api.http_errors import as_stack_error, error_response, sse_error
 from services.api.output import OutputParser
 from services.api.plan import RequestPlan, admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
-from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, NotFound, StackError,
-                             retryable)
+from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, MethodNotAllowed,
+                             NotFound, StackError, retryable)
 from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.guard.quotas import Grant, Quotas
@@ -49,6 +49,7 @@ class Ingress:
         self.tokenizer = PromptTokenizer(settings.model.tokenizer)
         self.in_flight = {name: 0 for name in pools}
         self.created = int(time.time())
+        self.spec = openapi.build(settings)
         tracing.configure(settings.telemetry.tracing, role="ingress")
         self.log = configure_logging(settings.telemetry.json_logs)
         auth = settings.auth
@@ -59,9 +60,10 @@ class Ingress:
 
     def build_asgi_app(self) -> FastAPI:
         """The FastAPI app of this replica (built after construction, routes bound to self)."""
-        app = FastAPI(title="small4", docs_url=None, redoc_url=None)
+        app = FastAPI(title="small4", docs_url=None, redoc_url=None, openapi_url=None)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.get("/openapi.json")(self.openapi_spec)
         app.get("/health")(self.health)
         app.get("/ready")(self.ready)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
@@ -76,6 +78,14 @@ class Ingress:
         if self.keys is None:
             return ANONYMOUS
         return self.keys.authenticate(request.headers.get("authorization"))
+
+    async def openapi_spec(self, request: Request):
+        """The OpenAPI spec of this deployment (keyed like every route but the probes)."""
+        try:
+            self.authenticate(request)
+        except StackError as exc:
+            return error_response(exc)
+        return self.spec
 
     async def models(self, request: Request):
         try:
@@ -389,8 +399,14 @@ def _trace_headers(request: Request) -> dict[str, str]:
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's routing errors in our error shape, keeping their headers (405's `Allow`)."""
     if exc.status_code == 404:
         return error_response(NotFound(f"no route {request.method} {request.url.path}"))
-    error = StackError(str(exc.detail))
-    error.status, error.type = exc.status_code, "invalid_request_error"
-    return error_response(error)
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = StackError(str(exc.detail))
+        error.status, error.type = exc.status_code, "invalid_request_error"
+    response = error_response(error)
+    response.headers.update(exc.headers or {})
+    return response

@@ -73,7 +73,10 @@ class PromptTokenizer:
             if images:
                 _put_images(request, messages, images)
             tokenized = self._mt.encode_chat_completion(request)
-        except (MistralCommonException, ValueError, TypeError, KeyError) as exc:
+        except KeyError as exc:
+            raise InvalidRequest(f"messages could not be encoded: a message lacks the field "
+                                 f"{exc.args[0]!r} its role needs", param="messages") from None
+        except (MistralCommonException, ValueError, TypeError) as exc:
             raise InvalidRequest(f"messages could not be encoded: {_first_line(exc)}",
                                  param="messages") from None
         return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)

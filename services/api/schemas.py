@@ -46,13 +46,38 @@ class ToolCall(_Wire):
     function: FunctionCall
 
 
-class Message(_Wire):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+class SystemMessage(_Wire):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Wire):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class AssistantMessage(_Wire):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+
+class ToolMessage(_Wire):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+    name: str | None = None
+
+
+# One schema per role, as in OpenAI's spec: what each role requires is in the schema (and so in
+# the served OpenAPI document); turn order is checked by mistral-common when encoding.
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage,
+                    Field(discriminator="role")]
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class FunctionSpec(_Wire):
@@ -125,7 +150,10 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     except ValidationError as exc:
         # the deepest error is the most specific one (union members each report their own)
         error = max(exc.errors(), key=lambda e: len(field_path(e["loc"])))
-        param = ".".join(field_path(error["loc"])) or None
+        path = field_path(error["loc"])
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            path.append(error["ctx"]["discriminator"].strip("'"))
+        param = ".".join(path) or None
         raise InvalidRequest(f"{param}: {error['msg']}" if param else error["msg"],
                              param=param) from None
 
@@ -135,13 +163,15 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 
 def field_path(loc: tuple) -> list[str]:
     """The field names and indices of a pydantic error location, without the union-member tags
-    pydantic inserts (`str`, `list[...]`, `literal[...]`, model class names, a discriminator
-    value repeated before the field it names)."""
+    pydantic inserts (`str`, `list[...]`, `literal[...]`, model class names, a message's role
+    after its index, a discriminator value repeated before the field it names)."""
     path: list[str] = []
     for part in loc:
         if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part[:1].isupper()):
             continue
         if path and str(part) == path[-1] and isinstance(part, str):
+            continue
+        if part in ROLES and path[-2:-1] == ["messages"]:
             continue
         path.append(str(part))
     return path

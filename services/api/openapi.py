@@ -1,0 +1,134 @@
+"""The OpenAPI 3.1 description of what this deployment accepts and answers.
+
+The request schema is the pydantic wire model narrowed by the deployment's settings (the served
+model name, the `max_tokens` cap, the message count, the deadline header's range), so a request
+valid under the spec is one this deployment serves, and the fuzzing tests can aim at both sides
+of every limit. Served keyed at `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.api.schemas import ChatCompletionRequest
+from services.settings import IngressSettings
+
+_REF = "#/components/schemas/{model}"
+
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]},
+                       "request_id": {"type": "string"}, "trace_id": {"type": "string"}}}}}
+
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+          "properties": {k: {"type": "integer", "minimum": 0}
+                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"],
+              "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                             "function": {"type": "object", "required": ["name", "arguments"],
+                                          "properties": {"name": {"type": "string"},
+                                                         "arguments": {"type": "string"}}}}}
+
+_FINISH = {"enum": ["stop", "length", "tool_calls"]}
+
+COMPLETION = {
+    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"},
+        "created": {"type": "integer"}, "model": {"type": "string"},
+        "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["index", "message", "finish_reason"],
+            "properties": {
+                "index": {"const": 0}, "finish_reason": _FINISH,
+                "message": {"type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                    "reasoning_content": {"type": "string"},
+                    "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}}},
+        "usage": _USAGE}}
+
+# One server-sent event of a stream (OpenAPI 3.1: `schema` describes each event): `data` is a
+# chat.completion.chunk or an error body as JSON, and the last event's is `[DONE]`.
+EVENT = {"type": "object", "required": ["data"],
+         "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}
+
+MODELS = {"type": "object", "required": ["object", "data"],
+          "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+              "type": "object", "required": ["id", "object"],
+              "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}}}}
+
+# Every error the chat route can answer, by status (the body is always `Error`).
+CHAT_ERRORS = {"400": "invalid request or context length exceeded",
+               "401": "missing, unknown or revoked API key", "404": "unknown model",
+               "413": "body or a string in it over the limit",
+               "429": "the key's quota is spent (Retry-After)",
+               "502": "prefill failed on every attempt",
+               "503": "no pool has room, or no engine is up (Retry-After)",
+               "504": "the request's deadline passed"}
+
+
+def build(settings: IngressSettings) -> dict[str, Any]:
+    """The spec for `settings`: paths, bearer security, request/response schemas."""
+    request = ChatCompletionRequest.model_json_schema(ref_template=_REF)
+    schemas = request.pop("$defs")
+    _narrow(request, settings)
+    schemas |= {"ChatCompletionRequest": request, "ChatCompletion": COMPLETION,
+                "ModelList": MODELS, "Error": ERROR}
+    limits = settings.limits
+    errors = {code: _error(why) for code, why in CHAT_ERRORS.items()}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "small4", "version": "1",
+                 "description": f"OpenAI-compatible chat completions for {settings.model.name}"},
+        "security": [{"bearer": []}],
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/chat/completions": {"post": {
+                "operationId": "createChatCompletion",
+                "parameters": [{
+                    "name": "x-request-timeout", "in": "header", "required": False,
+                    "description": "this request's deadline in seconds",
+                    "schema": {"type": "number", "exclusiveMinimum": 0,
+                               "maximum": limits.max_request_timeout_s}}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": _REF.format(model="ChatCompletionRequest")}}}},
+                "responses": {"200": {"description": "the completion, or its SSE stream",
+                                      "content": {
+                                          "application/json": {"schema": {
+                                              "$ref": _REF.format(model="ChatCompletion")}},
+                                          "text/event-stream": {"schema": EVENT}}},
+                              **errors}}},
+            "/v1/models": {"get": {
+                "operationId": "listModels",
+                "responses": {"200": {"description": "the served model", "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model="ModelList")}}}},
+                    "401": errors["401"]}}},
+            "/health": {"get": {"operationId": "health", "security": [],
+                                "responses": {"200": {"description": "the process is up"}}}},
+            "/ready": {"get": {"operationId": "ready", "security": [], "responses": {
+                "200": {"description": "every pool has live prefill and decode replicas"},
+                "503": {"description": "some pool is not ready"}}}},
+        },
+    }
+
+
+def _narrow(request: dict[str, Any], settings: IngressSettings) -> None:
+    """Settings the pydantic model cannot know: the served model, efforts and limits."""
+    limits, props = settings.limits, request["properties"]
+    props["model"] = {"type": "string", "enum": [settings.model.name]}
+    props["reasoning_effort"] = {"anyOf": [{"enum": sorted(settings.routing.effort_map)},
+                                           {"type": "null"}]}
+    props["messages"]["maxItems"] = limits.max_messages
+    for field in ("max_tokens", "max_completion_tokens"):
+        props[field] = {"anyOf": [{"type": "integer", "minimum": 1,
+                                   "maximum": limits.max_tokens_cap}, {"type": "null"}]}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": _REF.format(model="Error")}}}}
