@@ -1,14 +1,14 @@
 """The same composition as `build_app`, as plain objects in one process (no Ray).
 
 Used by `small4 generate` and by tests that exercise the whole request path cheaply: the KV
-handoff is the in-process backend, every other part is the one the Serve app runs.
+handoff is the in-process backend (its other settings kept), every other part is the one the
+Serve app runs.
 """
 
 from __future__ import annotations
 
 from cluster.settings import StackSettings
 from services.ingress import Ingress
-from services.settings import KVHandoffSettings
 from services.workers.decode import DecodeWorker
 from services.workers.multimodal import MultimodalWorker
 from services.workers.prefill import PrefillWorker
@@ -16,7 +16,8 @@ from services.workers.prefill import PrefillWorker
 
 def build_inprocess(settings: StackSettings) -> Ingress:
     """An `Ingress` whose pools are in-process prefill and decode workers sharing one handoff."""
-    local = settings.model_copy(update={"kv_handoff": KVHandoffSettings(backend="local")})
+    local = settings.model_copy(update={
+        "kv_handoff": settings.kv_handoff.model_copy(update={"backend": "local"})})
     decoders = {}
     for name in settings.pools:
         worker = local.worker(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -22,6 +22,12 @@ class RequestContext:
     def remaining_s(self) -> float | None:
         """Seconds left before the deadline (None when there is none)."""
         return None if self.deadline is None else self.deadline - time.time()
+
+    def within(self, seconds: float) -> RequestContext:
+        """A copy whose deadline is at most `seconds` from now (one attempt of a call)."""
+        soonest = time.time() + seconds
+        return replace(self, deadline=soonest if self.deadline is None
+                       else min(self.deadline, soonest))
 
 
 def new_request_id() -> str:

@@ -18,7 +18,8 @@ from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
-from services.errors import KVHandoffFailed, StackError, from_exception, retryable
+from services.errors import (DeadlineExceeded, KVHandoffFailed, StackError, from_exception,
+                             retryable)
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings
 from services.telemetry import metrics, tracing
@@ -26,6 +27,9 @@ from services.workers.peer import call
 from services.workers.prefill import PrefillReply
 from services.workers.engine_host import EngineHost
 from services.workers.settings import WorkerSettings
+
+# How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
+_STUCK_GRACE_S = 1.0
 
 
 @dataclass
@@ -117,26 +121,33 @@ class DecodeWorker(EngineHost):
     async def _prefill_with_retries(self, ctx: RequestContext, request: EngineRequest,
                                     transfer: KVTransfer) -> PrefillReply:
         """Prefill on a replica of the pool; when the replica dies, fails as unavailable or
-        does not answer within `prefill_timeout_s`, again (Serve routes the new call to a
-        live replica), up to `prefill_attempts` times. Nothing is reserved on this side
+        does not finish within `prefill_timeout_s`, again (Serve routes the new call to a
+        live replica), up to `prefill_attempts` times. Each attempt carries its deadline, which
+        the prefill replica enforces itself (freeing what it holds); waiting a little longer
+        here covers a replica too stuck to answer at all. Nothing is reserved on this side
         until a prefill succeeds."""
         handoff, last = self.settings.kv_handoff, None
         for attempt in range(handoff.prefill_attempts):
             if attempt:
                 metrics.PREFILL_RETRIES.inc(pool=self.settings.pool)
                 await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+            if (ctx.remaining_s() or 1.0) <= 0:
+                raise DeadlineExceeded("the request's deadline passed during prefill",
+                                       request_id=request.request_id)
             try:
-                async with asyncio.timeout(handoff.prefill_timeout_s):
-                    return await call(self.prefill, "prefill", ctx, request, transfer.ticket)
+                async with asyncio.timeout(handoff.prefill_timeout_s + _STUCK_GRACE_S):
+                    return await call(self.prefill, "prefill", ctx.within(
+                        handoff.prefill_timeout_s), request, transfer.ticket)
             except TimeoutError as exc:
                 await self._abort_prefill(request.request_id)
                 last = exc
             except Exception as exc:
-                if not retryable(exc):
+                if not (retryable(exc) or isinstance(from_exception(exc), DeadlineExceeded)):
                     raise
                 last = exc
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
-                              f"(last: {type(last).__name__})", request_id=request.request_id)
+                              f"(last: {type(last).__name__})",
+                              request_id=request.request_id)
 
     async def _abort_prefill(self, request_id: str) -> None:
         try:

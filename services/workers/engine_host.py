@@ -42,6 +42,10 @@ class EngineHost:
         except Exception:
             return None
 
+    async def replica_stats(self) -> tuple[str | None, EngineStats]:
+        """This replica's name with its stats, from one call: which replica holds what."""
+        return await self.replica_name(), self.engine.stats()
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics (`autoscaling.serve_policy`)."""
         return self.load.report(self.engine.stats(), self.settings.engine.max_running_requests)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest
-from services.errors import from_exception
+from services.errors import DeadlineExceeded, from_exception
 from services.kv.protocol import KVTicket
 from services.multimodal.refs import resolve
 from services.telemetry import metrics, tracing
@@ -41,9 +42,17 @@ class PrefillWorker(EngineHost):
                 "small4.images": len(request.images)}) as span:
             self.load.arrived(len(request.prompt_ids))
             try:
-                request.images = await resolve(request.images)
-                result = await self.engine.prefill(request)
-                ticket = await self.handoff.send(ticket, result.kv)
+                # This replica enforces the caller's deadline itself, so a prefill that the
+                # caller gave up on stops here and frees its KV (the caller cannot aim an
+                # abort at this replica: Serve routes each call anew).
+                async with asyncio.timeout(ctx.remaining_s()):
+                    request.images = await resolve(request.images)
+                    result = await self.engine.prefill(request)
+                    ticket = await self.handoff.send(ticket, result.kv)
+            except TimeoutError:
+                metrics.ERRORS.inc(type=DeadlineExceeded.type, **self.tags)
+                raise DeadlineExceeded("the prefill did not finish before its deadline",
+                                       request_id=ctx.request_id) from None
             except Exception as exc:
                 metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
                 raise

@@ -7,6 +7,7 @@ token-for-token against the uninterrupted answer."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 
@@ -34,8 +35,11 @@ def guard_profile(keys_file) -> dict:
     return SIM_PROFILE | {
         "profile": "reliability-e2e",
         "auth": {"enabled": True, "keys_file": str(keys_file), "reload_s": 0.5},
+        "model": {"context_length": 16384},
         "engine": {"kind": "simulated", "max_running_requests": 256,
-                   "simulated": {"decode_step_ms": 20, "output": "counter"},
+                   # a 12k-token prompt takes 3 s to prefill: long enough to kill it midway
+                   "simulated": {"decode_step_ms": 20, "output": "counter",
+                                 "prefill_ms_per_token": 0.25},
                    "faults": {"prefill_fail_every": 5, "decode_fail_every": 7,
                               "decode_fail_after_tokens": 8}},
         "pools": {"fast": {"effort": "none"} | pool,
@@ -76,10 +80,11 @@ def content_of(events: list[dict]) -> str:
                    if e.get("choices"))
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, key: str = "sk-good") -> tuple:
+async def stream_one(client: httpx.AsyncClient, url: str, key: str = "sk-good",
+                     body: dict = BODY) -> tuple:
     """(status, finish_reason, content, error) of one streamed request."""
     events, error = [], None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=BODY,
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
                              headers=auth(key)) as response:
         if response.status_code != 200:
             return response.status_code, None, "", json.loads(await response.aread())
@@ -174,6 +179,41 @@ def test_deadline_ends_a_long_request_with_504(guard):
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "deadline_exceeded"
 
 
+def test_a_prefill_replica_killed_mid_prefill_is_retried_on_another(guard, ask):
+    """The replica running a long prefill is killed; the request is prefilled again on the
+    other one and answers exactly what an undisturbed run answers; nothing is held after."""
+    import ray
+
+    url, _ = guard
+    body = BODY | {"stream": False, "messages": [{"role": "user", "content": "count " * 12000}]}
+
+    def ask_once() -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth("sk-good"),
+                          timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(ask_once)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # calls reach either replica: ask until one is busy
+            name, stats = ask("guard", "fast-prefill", "replica_stats")
+            if stats.running:
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                break
+        else:
+            raise AssertionError("no prefill replica ever ran the long prompt")
+        reply = killed.result(timeout=120)
+    assert reply.status_code == 200, reply.text
+    undisturbed = ask_once()
+    assert undisturbed.status_code == 200, undisturbed.text
+    assert (reply.json()["choices"][0]["message"]["content"]
+            == undisturbed.json()["choices"][0]["message"]["content"])
+    for _ in range(6):
+        _, stats = ask("guard", "fast-prefill", "replica_stats")
+        assert (stats.running, stats.waiting) == (0, 0)
+        decode = ask("guard", "fast-decode", "stats")
+        assert decode.kv_tokens == 0 and decode.running == 0
+
+
 def test_load_with_faults_and_a_killed_decode_replica(guard, stack, ask):
     """400 requests, 200 at a time; one decode replica killed mid-run. Every request completes
     with the full greedy answer or ends in a clean error event; none hangs; KV returns to 0."""
@@ -218,3 +258,54 @@ def test_load_with_faults_and_a_killed_decode_replica(guard, stack, ask):
     for _ in range(6):  # whichever replicas answer: nothing held
         stats = ask("guard", "fast-decode", "stats")
         assert stats.kv_tokens == 0 and stats.running == 0
+
+
+def drain_profile(decode_replicas: int) -> dict:
+    """No faults and no resumes: a stream cut by a leaving replica would end in an error."""
+    pool = {"max_queue": 64, "prefill": {"num_cpus": 0.05},
+            "decode": {"num_cpus": 0.05, "replicas": decode_replicas, "drain_deadline_s": 30}}
+    return SIM_PROFILE | {
+        "profile": "drain-e2e",
+        "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 50, "output": "counter"}},
+        "limits": {"max_resumes": 0},
+        "pools": {"fast": {"effort": "none"} | pool, "deep": {"effort": "high"} | pool},
+        "ingress": {"num_cpus": 0.05},
+        "multimodal": {"num_cpus": 0.05},
+    }
+
+
+def test_scale_down_drains_in_flight_streams(stack):
+    """Streams in flight on two decode replicas; the app is redeployed with one. The leaving
+    replica stops taking requests and finishes its streams: every one ends in full."""
+    from ray import serve
+
+    from cluster.app import build_app
+
+    serve.run(build_app(drain_profile(2)), name="drain", route_prefix="/drain")
+    url = stack["ref"] + "/drain"
+    wait_ready(url)
+    body = BODY | {"max_tokens": 80}  # 4 s at 50 ms a step
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            streams = [asyncio.ensure_future(stream_one(client, url, body=body))
+                       for _ in range(8)]
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(serve.run, build_app(drain_profile(1)), name="drain",
+                                    route_prefix="/drain")
+            return await asyncio.gather(*streams)
+
+    try:
+        results = asyncio.run(run())
+        assert [r[:2] for r in results] == [(200, "length")] * 8, results
+        assert len({r[2] for r in results}) == 1 and not any(r[3] for r in results)
+        deadline = time.time() + 15
+        while time.time() < deadline:  # the leaving replica is gone once its streams ended
+            app = serve.status().applications["drain"]
+            replicas = app.deployments["fast-decode"].replica_states
+            if replicas == {"RUNNING": 1}:
+                break
+            time.sleep(0.5)
+        assert replicas == {"RUNNING": 1}, replicas
+    finally:
+        serve.delete("drain")

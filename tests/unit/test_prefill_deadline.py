@@ -1,0 +1,55 @@
+"""A prefill the caller gave up on stops on the prefill replica and frees what it holds: each
+attempt's deadline travels with the call and the prefill worker enforces it itself (in-process
+workers, the simulated engine with a 3 s prefill)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+
+PROFILE = {
+    "profile": "prefill-deadline",
+    "auth": {"enabled": False},
+    "model": {"context_length": 4096},
+    "engine": {"kind": "simulated", "simulated": {"prefill_base_ms": 3000, "output": "counter"}},
+    "kv_handoff": {"prefill_timeout_s": 0.3, "prefill_attempts": 2},
+}
+BODY = {"model": "mistral-small-4", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "count"}]}
+
+
+@pytest.fixture(scope="module")
+def app():
+    ingress = build_inprocess(parse_settings(PROFILE))
+    with TestClient(ingress.build_asgi_app()) as client:
+        yield client, ingress.pools["fast"]
+
+
+def idle(worker) -> bool:
+    stats = worker.engine.stats()
+    return (stats.running, stats.waiting, stats.kv_tokens) == (0, 0, 0)
+
+
+def test_prefill_attempts_that_time_out_are_stopped_where_they_ran(app):
+    client, decode = app
+    started = time.monotonic()
+    reply = client.post("/v1/chat/completions", json=BODY)
+    assert reply.status_code == 502, reply.text
+    assert "prefill failed on 2 attempts" in reply.json()["error"]["message"]
+    # two 0.3 s attempts, not two 3 s prefills run to the end
+    assert time.monotonic() - started < 2.5
+    assert idle(decode.prefill) and idle(decode)
+
+
+def test_a_request_deadline_shorter_than_the_prefill_stops_it(app):
+    client, decode = app
+    reply = client.post("/v1/chat/completions", json=BODY,
+                        headers={"x-request-timeout": "0.2"})
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["code"] == "deadline_exceeded"
+    assert idle(decode.prefill) and idle(decode)
