@@ -295,7 +295,8 @@ class _Answer:
         return replace(request, request_id=f"{request.request_id}-resume{self.resumes}",
                        prompt_ids=request.prompt_ids + self.generated,
                        sampling=replace(request.sampling, max_tokens=request.sampling.max_tokens
-                                        - len(self.generated)))
+                                        - len(self.generated),
+                                        stop_context=tuple(self.generated)))
 
     async def _chunks(self, first):
         chunk = first

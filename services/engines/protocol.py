@@ -34,6 +34,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Tokens generated before this leg (a stream resumed on another replica): a stop string may
+    # begin in them and end in this leg's output. They count toward nothing else.
+    stop_context: tuple[int, ...] = ()
 
 
 @dataclass

@@ -81,10 +81,21 @@ class OutputPlanner:
         return list(self.tokenizer._raw.encode(text, bos=False, eos=False))
 
     def plan(self, prompt: list[int]) -> list[int]:
-        """Every token the engine will emit for `prompt`, the first one included."""
+        """Every token the engine will emit for `prompt`, the first one included. A prompt
+        that ends with the start of this plan (a stream resumed elsewhere) gets the rest of
+        it, as a model continues its own output."""
         if self.mode == "counter":  # keyed by position, so a resumed request continues it
             k = len(prompt) % len(self.counter)
             return self.counter[k:] + self.counter[:k]
+        end = self.ids["[/INST]"]
+        turn_end = next((k for k in range(len(prompt) - 1, -1, -1) if prompt[k] == end), None)
+        if turn_end is not None and turn_end < len(prompt) - 1:
+            sent, full = prompt[turn_end + 1:], self._fresh_plan(prompt[:turn_end + 1])
+            if full[:len(sent)] == sent:
+                return full[len(sent):] or [self.tokenizer.eos_id]
+        return self._fresh_plan(prompt)
+
+    def _fresh_plan(self, prompt: list[int]) -> list[int]:
         echo = self._last_user_text(prompt) or self.encode(EMPTY_TURN_REPLY)
         eos = self.tokenizer.eos_id
         tool = self._first_tool_name(prompt)

@@ -19,6 +19,7 @@ class StopChecker:
         # A stop string is matched in the decoded tail; each token adds at least one character
         # except control tokens, so this many tokens always cover the longest stop string.
         self._tail = max((len(s) for s in params.stop), default=0) + 4
+        self.context = list(params.stop_context[-self._tail:])
 
     def check(self, tokens: list[int]) -> FinishReason | None:
         for token in tokens:
@@ -32,5 +33,5 @@ class StopChecker:
         return None
 
     def _stop_string_hit(self) -> bool:
-        tail = self.detokenize(self.generated[-self._tail:])
+        tail = self.detokenize((self.context + self.generated)[-self._tail:])
         return any(stop in tail for stop in self.params.stop)

@@ -1,0 +1,63 @@
+"""A stream resumed on another decode leg still stops at a stop string that began before the
+break: the resumed leg gets the tokens already sent as stop context (in-process workers, the
+simulated engine echoing the user's text, every second decode stream broken after 2 tokens)."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+from services.engines.protocol import SamplingParams
+from services.engines.stops import StopChecker
+
+PROFILE = {
+    "profile": "resume-stops",
+    "auth": {"enabled": False},
+    "model": {"context_length": 4096},
+    "engine": {"kind": "simulated", "simulated": {"output": "echo"},
+               "faults": {"decode_fail_every": 2, "decode_fail_after_tokens": 2}},
+    "stream": {"interval_tokens": 1},  # every token reaches the ingress before the break
+}
+TEXT = "one two three four five six seven eight nine ten"
+
+
+def chars(ids: list[int]) -> str:
+    return "".join(map(chr, ids))
+
+
+def test_stop_checker_matches_across_the_context_boundary():
+    with_context = StopChecker(SamplingParams(max_tokens=9, stop=("xyz",),
+                                              stop_context=tuple(map(ord, "..xy"))), (), chars)
+    without = StopChecker(SamplingParams(max_tokens=9, stop=("xyz",)), (), chars)
+    assert with_context.check([ord("z")]) == "stop"
+    assert without.check([ord("z")]) is None
+    assert with_context.generated == [ord("z")]  # the context counts toward nothing else
+
+
+@pytest.fixture(scope="module")
+def client():
+    ingress = build_inprocess(parse_settings(PROFILE))
+    with TestClient(ingress.build_asgi_app()) as test_client:
+        yield test_client
+
+
+def ask(client, **extra):
+    body = {"model": "mistral-small-4", "max_tokens": 30, "temperature": 0,
+            "messages": [{"role": "user", "content": TEXT}]} | extra
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_a_stop_string_spanning_the_resume_point_ends_the_stream(client):
+    whole = ask(client)  # decode stream 1: not broken
+    assert whole["choices"][0]["message"]["content"] == TEXT
+    # stream 2 breaks after the prefill token and 2 decoded ones ("one two three"), and resumes
+    # (without the stop context the engine would run on to max_tokens: finish "length")
+    answer = ask(client, stop=["three four"], max_tokens=8)
+    choice = answer["choices"][0]
+    assert choice["message"]["content"] == "one two "
+    assert choice["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] < 8
