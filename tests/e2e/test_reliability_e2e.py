@@ -214,6 +214,35 @@ def test_a_prefill_replica_killed_mid_prefill_is_retried_on_another(guard, ask):
         assert decode.kv_tokens == 0 and decode.running == 0
 
 
+def test_a_client_gone_during_prefill_stops_the_prefill(guard, ask):
+    """The client disconnects while its 3 s prefill runs: the prefill stops on the replica
+    running it (Serve carries the cancellation across), well before it would have ended."""
+    url, _ = guard
+    body = BODY | {"messages": [{"role": "user", "content": "count " * 12000}]}
+
+    def busy() -> list:
+        return [s for _, s in (ask("guard", "fast-prefill", "replica_stats") for _ in range(6))
+                if s.running]
+
+    async def leave_during_prefill() -> float:
+        async with httpx.AsyncClient(timeout=60) as client:
+            request = asyncio.ensure_future(client.post(
+                f"{url}/v1/chat/completions", json=body, headers=auth("sk-good")))
+            deadline = time.time() + 10
+            while not await asyncio.to_thread(busy) and time.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert not request.done(), "the long prefill never showed as running"
+            request.cancel()  # the connection closes: the client is gone
+            return time.time()
+
+    gone = asyncio.run(leave_during_prefill())
+    while busy() and time.time() < gone + 10:
+        time.sleep(0.05)
+    assert time.time() - gone < 1.5, "the prefill ran on after the client left"
+    decode = ask("guard", "fast-decode", "stats")
+    assert decode.kv_tokens == 0 and decode.running == 0
+
+
 def test_load_with_faults_and_a_killed_decode_replica(guard, stack, ask):
     """400 requests, 200 at a time; one decode replica killed mid-run. Every request completes
     with the full greedy answer or ends in a clean error event; none hangs; KV returns to 0."""
