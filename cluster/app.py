@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.settings import StackSettings, parse_settings
+from cluster.settings import SettingsError, StackSettings, parse_settings
 from cluster.topology import deployment_options
 from services.ingress import Ingress
 from services.workers.decode import DecodeWorker
@@ -32,6 +32,10 @@ class IngressDeployment(Ingress):
 def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application:
     """The Serve application for a settings mapping (RayService `args`) or a loaded profile."""
     settings = args if isinstance(args, StackSettings) else parse_settings(args)
+    if settings.kv_handoff.backend in ("local", "paired"):
+        raise SettingsError(f"kv_handoff.backend {settings.kv_handoff.backend!r} hands the KV "
+                            "over inside one process (small4 generate, tests); a Serve app "
+                            "needs object_store or sglang")
     decoders = {}
     for name, pool in settings.pools.items():
         prefill = serve.deployment(PrefillWorker, name=f"{name}-prefill",

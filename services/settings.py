@@ -69,7 +69,7 @@ class EngineSettings(Strict):
 class KVHandoffSettings(Strict):
     """How prefill hands the KV cache to decode."""
 
-    backend: Literal["object_store", "local", "sglang"] = "object_store"
+    backend: Literal["object_store", "local", "paired", "sglang"] = "object_store"
     timeout_s: float = Field(30.0, gt=0)
     prefill_timeout_s: float = Field(60.0, gt=0, description="per attempt, queueing included")
     prefill_attempts: int = Field(3, ge=1, description="on another replica after a failure")

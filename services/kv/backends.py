@@ -1,12 +1,14 @@
-"""CPU implementations of the KV handoff: in-process (colocated) and Ray's object store."""
+"""CPU implementations of the KV handoff: in-process (colocated), Ray's object store, and
+SGLang-style pairing in one process."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 from services.errors import KVHandoffFailed
-from services.kv.protocol import KVTicket
+from services.kv.protocol import KVTicket, PairedKV
 from services.settings import KVHandoffSettings
 
 
@@ -78,10 +80,71 @@ class ObjectStoreHandoff:
         ticket.payload = None
 
 
+# Rooms of the in-process paired handoff: room -> the future its prefill publishes into.
+_ROOMS: dict[int, asyncio.Future] = {}
+
+
+class PairedHandoff:
+    """SGLang's pairing, in one process, on the CPU engines: the decode side opens a room, the
+    prefill side learns it with the request and publishes the first token and KV into it, and
+    the decode side's `receive` waits for them. It exercises the concurrent path of the workers
+    (decode started before prefill ends, a failed prefill ending the decode leg) without a GPU."""
+
+    backend = "paired"
+    concurrent = True
+
+    def __init__(self, settings: KVHandoffSettings):
+        self.timeout_s = settings.timeout_s
+
+    def open(self, request_id: str) -> KVTicket:
+        room = new_room()
+        _ROOMS[room] = asyncio.get_running_loop().create_future()
+        return KVTicket(request_id, self.backend, fields={"bootstrap_room": room})
+
+    def bind(self, ticket: KVTicket) -> KVTicket:
+        ticket.fields["bootstrap_host"] = "in-process"
+        return ticket
+
+    async def send(self, ticket: KVTicket, kv: Any) -> KVTicket:
+        room = _ROOMS.get(ticket.fields["bootstrap_room"])
+        if room is None or room.done():
+            raise KVHandoffFailed(f"the decode side of {ticket.request_id} left its room")
+        room.set_result(kv)
+        ticket.num_tokens, ticket.nbytes = _size(kv.kv)
+        return ticket
+
+    async def receive(self, ticket: KVTicket) -> PairedKV:
+        room = _ROOMS.get(ticket.fields["bootstrap_room"])
+        if room is None:
+            raise KVHandoffFailed(f"no room is open for {ticket.request_id}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(room), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise KVHandoffFailed(f"KV for {ticket.request_id} not received within "
+                                  f"{self.timeout_s}s", request_id=ticket.request_id) from None
+
+    def release(self, ticket: KVTicket) -> None:
+        room = _ROOMS.pop(ticket.fields.get("bootstrap_room"), None)
+        if room is not None and not room.done():
+            room.cancel()
+
+
+def open_rooms() -> int:
+    """Rooms of the in-process paired handoff still open (tests: nothing is left behind)."""
+    return len(_ROOMS)
+
+
+def new_room() -> int:
+    """A bootstrap room: random in [0, 2^63), as SGLang's router draws them."""
+    return secrets.randbits(63)
+
+
 def build_handoff(settings: KVHandoffSettings):
     """The handoff named by `settings.backend`; SGLang's comes with its engine adapter."""
     if settings.backend == "local":
         return LocalHandoff()
+    if settings.backend == "paired":
+        return PairedHandoff(settings)
     if settings.backend == "object_store":
         return ObjectStoreHandoff(settings)
     raise ValueError(f"KV handoff backend {settings.backend!r} is not available on this host; "

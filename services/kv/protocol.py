@@ -9,7 +9,10 @@ Calling convention (the decode side drives; see `services.kv.transfer` for the s
   engine pulls it itself); raises `KVHandoffFailed` on timeout or loss.
 - `release(ticket)` frees whatever the transfer still holds; safe to call twice.
 `concurrent` says whether the decode engine may start before prefill finishes (SGLang) or only
-after (object store: sequential).
+after (object store: sequential). A concurrent handoff also has `bind(ticket)`, called on the
+prefill replica before it runs: it fills in where that replica serves the KV (SGLang: its
+bootstrap host and port), and the decode side learns it before the prefill is done; its
+`receive` returns a `PairedKV`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ class KVTicket:
     num_tokens: int = 0
     nbytes: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PairedKV:
+    """What a concurrent handoff gives the decode engine: the prompt's first token and KV, or
+    neither (SGLang: the decode engine gets both from the prefill engine and streams from the
+    first token)."""
+
+    first_token: int | None = None
+    kv: Any = None
 
 
 @runtime_checkable

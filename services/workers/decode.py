@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
-from services.errors import (DeadlineExceeded, KVHandoffFailed, StackError, from_exception,
-                             retryable)
+from services.errors import (DeadlineExceeded, EngineError, KVHandoffFailed, StackError,
+                             from_exception, retryable)
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings
 from services.telemetry import metrics, tracing
-from services.workers.peer import call
+from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply
 from services.workers.engine_host import EngineHost
 from services.workers.settings import WorkerSettings
@@ -59,19 +59,29 @@ class DecodeWorker(EngineHost):
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
         self.load.arrived(len(request.prompt_ids))
-        ttft = 0.0
+        ttft, leg = 0.0, None
         try:
-            reply, kv, transfer = await self._remote_prefill(
+            leg = await self._start(
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 request, span)
+            tokens = self.engine.decode(request, leg.first_token, leg.kv)
+            if leg.first_token is not None:  # prefill sampled it
+                first = StreamChunk([leg.first_token])
+            else:  # the decode engine streams from the first token (SGLang)
+                head = await anext(tokens, None)
+                if head is None:
+                    raise EngineError("the decode engine ended before its first token",
+                                      request_id=request.request_id)
+                first = StreamChunk(head.token_ids, head.finish_reason)
             ttft = time.perf_counter() - received
             metrics.TTFT.observe(ttft, **self.tags)
             span.set_attribute("small4.ttft_s", ttft)
-            outcome["tokens_out"] = 1
-            yield StreamChunk([reply.first_token], None, reply.prompt_tokens,
-                              _timings(reply, transfer, self.handoff.backend))
-            stream = self.engine.decode(request, reply.first_token, kv)
-            async with aclosing(coalesce(stream, self.settings.stream, self._observe_itl)) as chunks:
+            first.prompt_tokens, first.timings = leg.prompt_tokens, leg.timings
+            outcome["tokens_out"], outcome["finish_reason"] = len(first.token_ids), first.finish_reason
+            yield first
+            if first.finish_reason:
+                return
+            async with aclosing(coalesce(tokens, self.settings.stream, self._observe_itl)) as chunks:
                 async for chunk in chunks:
                     outcome["tokens_out"] += len(chunk.token_ids)
                     outcome["finish_reason"] = chunk.finish_reason
@@ -81,6 +91,8 @@ class DecodeWorker(EngineHost):
             metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
             raise
         finally:
+            if leg is not None:
+                await leg.close()
             tracing.finish(span, outcome["error"], **{
                 "small4.tokens_out": outcome["tokens_out"],
                 "small4.finish_reason": outcome["finish_reason"] or "abort"})
@@ -93,6 +105,14 @@ class DecodeWorker(EngineHost):
         for _ in range(tokens):
             metrics.ITL.observe(seconds / tokens, **self.tags)
         self.load.generated(tokens, seconds / tokens)
+
+    async def _start(self, ctx: RequestContext, request: EngineRequest, span) -> _Leg:
+        """Prefill through the pool's handoff: after it (sequential) or beside it (concurrent)."""
+        if self.handoff.concurrent:
+            return await self._paired_prefill(ctx, request)
+        reply, kv, transfer = await self._remote_prefill(ctx, request, span)
+        return _Leg(reply.first_token, kv, reply.prompt_tokens,
+                    _timings(reply, transfer, self.handoff.backend))
 
     async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
         transfer = KVTransfer(self.handoff, request.request_id)
@@ -118,6 +138,57 @@ class DecodeWorker(EngineHost):
                                   request_id=request.request_id) from exc
         return reply, kv, transfer
 
+    async def _paired_prefill(self, ctx: RequestContext, request: EngineRequest) -> _Leg:
+        """The concurrent handoff (SGLang): per attempt, open a room, learn from the prefill
+        replica where it serves the KV, and start decoding while the prefill runs. A prefill
+        that fails before the KV arrives is retried in a new room, like `_prefill_with_retries`;
+        one that fails after ends this decode leg at once (SGLang's own router leaves it waiting
+        out a 300 s timeout, sglang#9726), and the ingress resumes the stream."""
+        handoff, last = self.settings.kv_handoff, None
+        for attempt in range(handoff.prefill_attempts):
+            await self._before_attempt(attempt, ctx, request)
+            transfer = KVTransfer(self.handoff, request.request_id)
+            legs = stream(self.prefill, "prefill_paired", ctx.within(handoff.prefill_timeout_s),
+                          request, transfer.ticket)
+            replied = received = None
+            try:
+                async with asyncio.timeout(handoff.prefill_timeout_s + _STUCK_GRACE_S):
+                    transfer.move(KVState.TRANSFERRING)
+                    transfer.ready(await anext(legs))
+                    replied = asyncio.ensure_future(anext(legs))
+                    received = asyncio.ensure_future(transfer.consume())
+                    await asyncio.wait({replied, received}, return_when=asyncio.FIRST_COMPLETED)
+                    if replied.done():
+                        replied.result()  # a failed prefill raises here
+                    paired = await received
+            except BaseException as exc:
+                await _cancel(replied, received)
+                await close_stream(legs)
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
+                if cancelled or not _worth_retrying(exc):
+                    raise
+                last = exc
+                continue
+            return _Leg(paired.first_token, paired.kv, len(request.prompt_ids),
+                        {"kv_backend": self.handoff.backend},
+                        self._watch_prefill(request.request_id, legs, replied))
+        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
+                              f"(last: {type(last).__name__})", request_id=request.request_id)
+
+    def _watch_prefill(self, request_id: str, legs: Any, replied: asyncio.Future):
+        """Abort this decode leg if its prefill fails after all; the close of the request."""
+        def on_done(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                asyncio.ensure_future(self.engine.abort(request_id))
+
+        replied.add_done_callback(on_done)
+
+        async def close() -> None:
+            await _cancel(replied)
+            await close_stream(legs)
+        return close
+
     async def _prefill_with_retries(self, ctx: RequestContext, request: EngineRequest,
                                     transfer: KVTransfer) -> PrefillReply:
         """Prefill on a replica of the pool; when the replica dies, fails as unavailable or
@@ -128,12 +199,7 @@ class DecodeWorker(EngineHost):
         until a prefill succeeds."""
         handoff, last = self.settings.kv_handoff, None
         for attempt in range(handoff.prefill_attempts):
-            if attempt:
-                metrics.PREFILL_RETRIES.inc(pool=self.settings.pool)
-                await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
-            if (ctx.remaining_s() or 1.0) <= 0:
-                raise DeadlineExceeded("the request's deadline passed during prefill",
-                                       request_id=request.request_id)
+            await self._before_attempt(attempt, ctx, request)
             try:
                 async with asyncio.timeout(handoff.prefill_timeout_s + _STUCK_GRACE_S):
                     return await call(self.prefill, "prefill", ctx.within(
@@ -142,12 +208,22 @@ class DecodeWorker(EngineHost):
                 await self._abort_prefill(request.request_id)
                 last = exc
             except Exception as exc:
-                if not (retryable(exc) or isinstance(from_exception(exc), DeadlineExceeded)):
+                if not _worth_retrying(exc):
                     raise
                 last = exc
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
                               f"(last: {type(last).__name__})",
                               request_id=request.request_id)
+
+    async def _before_attempt(self, attempt: int, ctx: RequestContext,
+                              request: EngineRequest) -> None:
+        """Back off before a retry; refuse to start an attempt past the request's deadline."""
+        if attempt:
+            metrics.PREFILL_RETRIES.inc(pool=self.settings.pool)
+            await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+        if (ctx.remaining_s() or 1.0) <= 0:
+            raise DeadlineExceeded("the request's deadline passed during prefill",
+                                   request_id=request.request_id)
 
     async def _abort_prefill(self, request_id: str) -> None:
         try:
@@ -159,6 +235,36 @@ class DecodeWorker(EngineHost):
     async def readiness(self) -> dict[str, EngineStats]:
         """This replica's and a prefill replica's stats: both legs of the pool answer."""
         return {"decode": self.engine.stats(), "prefill": await call(self.prefill, "stats")}
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A prefill attempt that failed with its replica, or ran out its own time."""
+    return (isinstance(exc, (TimeoutError, StopAsyncIteration)) or retryable(exc)
+            or isinstance(from_exception(exc), DeadlineExceeded))
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _cancel(*tasks: asyncio.Future | None) -> None:
+    """Cancel the tasks that are still running and wait until they have stopped."""
+    running = [t for t in tasks if t is not None and not t.done()]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
+@dataclass
+class _Leg:
+    """How the decode engine starts: the prompt's first token (None: the engine streams it)
+    and KV, the facts for the first chunk, and what to close when the request ends."""
+
+    first_token: int | None
+    kv: Any
+    prompt_tokens: int
+    timings: dict[str, Any]
+    close: Callable[[], Awaitable[None]] = _nothing
 
 
 def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:

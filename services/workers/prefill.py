@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest
 from services.errors import DeadlineExceeded, from_exception
-from services.kv.protocol import KVTicket
+from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.refs import resolve
 from services.telemetry import metrics, tracing
 from services.workers.engine_host import EngineHost
@@ -47,8 +48,11 @@ class PrefillWorker(EngineHost):
                 # abort at this replica: Serve routes each call anew).
                 async with asyncio.timeout(ctx.remaining_s()):
                     request.images = await resolve(request.images)
+                    request.handoff = dict(ticket.fields)
                     result = await self.engine.prefill(request)
-                    ticket = await self.handoff.send(ticket, result.kv)
+                    kv = (PairedKV(result.first_token, result.kv) if self.handoff.concurrent
+                          else result.kv)
+                    ticket = await self.handoff.send(ticket, kv)
             except TimeoutError:
                 metrics.ERRORS.inc(type=DeadlineExceeded.type, **self.tags)
                 raise DeadlineExceeded("the prefill did not finish before its deadline",
@@ -67,4 +71,13 @@ class PrefillWorker(EngineHost):
         self.load.prefilled(result.prompt_tokens, result.compute_s, result.queue_s, elapsed)
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
                             result.cached_tokens, result.queue_s, result.compute_s)
+
+    async def prefill_paired(self, ctx: RequestContext, request: EngineRequest,
+                             ticket: KVTicket) -> AsyncIterator[KVTicket | PrefillReply]:
+        """The concurrent handoff's prefill (a streaming call, so both parts come from this
+        replica): first the ticket saying where this replica serves the KV, so the decode
+        engine can start and wait for it, then the reply once the KV is sent."""
+        ticket = self.handoff.bind(ticket)
+        yield ticket
+        yield await self.prefill(ctx, request, ticket)
 

@@ -1,0 +1,103 @@
+"""The concurrent (SGLang-style) handoff path of the workers, on the CPU: the in-process `paired`
+backend opens a room per attempt, the prefill replica says where it serves the KV before it runs,
+the decode side waits for the KV beside the prefill. Same answers as the sequential path; failed
+prefills retried in new rooms; nothing left open (rooms, KV) after success, failure or a client
+leaving mid-prefill."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+from services.kv.backends import open_rooms
+
+BODY = {"model": "mistral-small-4", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "count"}]}
+
+
+def profile(backend: str, **engine) -> dict:
+    return {"profile": f"handoff-{backend}", "auth": {"enabled": False},
+            "model": {"context_length": 4096}, "kv_handoff": {"backend": backend},
+            "engine": {"kind": "simulated", "simulated": {"output": "counter"}} | engine}
+
+
+def serve(settings: dict, requests: list[dict], leave_after_s: float | None = None,
+          one_by_one: bool = False):
+    """Answers (status, body) of `requests` sent at once (or `one_by_one`) to an in-process
+    stack, and its fast pool's decode worker; with `leave_after_s`, the client gives up on
+    them after that long."""
+    ingress = build_inprocess(parse_settings(settings))
+
+    async def run():
+        transport = httpx.ASGITransport(app=ingress.build_asgi_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            calls = [client.post("/v1/chat/completions", json=r, timeout=30) for r in requests]
+            if one_by_one:
+                return [(r.status_code, r.json()) for r in [await c for c in calls]]
+            if leave_after_s is None:
+                return [(r.status_code, r.json()) for r in await asyncio.gather(*calls)]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.sleep(leave_after_s)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0.1)
+            return []
+
+    return asyncio.run(run()), ingress.pools["fast"]
+
+
+def nothing_held(decode) -> bool:
+    legs = (decode.engine.stats(), decode.prefill.engine.stats())
+    return open_rooms() == 0 and all((s.running, s.waiting, s.kv_tokens) == (0, 0, 0)
+                                     for s in legs)
+
+
+def content(body: dict) -> str:
+    return body["choices"][0]["message"]["content"]
+
+
+def test_paired_answers_equal_the_sequential_ones():
+    requests = [BODY | {"max_tokens": n} for n in (1, 5, 12)]
+    paired, decode = serve(profile("paired"), requests)
+    sequential, _ = serve(profile("local"), requests)
+    assert [s for s, _ in paired] == [200, 200, 200], paired
+    assert [content(b) for _, b in paired] == [content(b) for _, b in sequential]
+    assert [b["usage"] for _, b in paired] == [b["usage"] for _, b in sequential]
+    assert nothing_held(decode)
+
+
+def test_failed_prefills_are_retried_in_new_rooms():
+    faults = {"faults": {"prefill_fail_every": 2}}  # every other attempt fails
+    answers, decode = serve(profile("paired", **faults), [BODY] * 6, one_by_one=True)
+    assert [s for s, _ in answers] == [200] * 6, answers
+    assert len({content(b) for _, b in answers}) == 1
+    assert nothing_held(decode)
+
+
+def test_a_client_leaving_during_prefill_leaves_nothing_open():
+    slow = {"simulated": {"output": "counter", "prefill_base_ms": 2000}}
+    _, decode = serve(profile("paired", **slow), [BODY] * 2, leave_after_s=0.3)
+    assert nothing_held(decode)
+
+
+@pytest.mark.parametrize("backend", ["paired", "local"])
+def test_a_prefill_that_outlives_its_timeout_is_retried_then_refused(backend):
+    settings = profile(backend, simulated={"output": "counter", "prefill_base_ms": 2000})
+    settings["kv_handoff"] |= {"prefill_timeout_s": 0.2, "prefill_attempts": 2}
+    answers, decode = serve(settings, [BODY])
+    assert answers[0][0] == 502 and "2 attempts" in answers[0][1]["error"]["message"]
+    assert nothing_held(decode)
+
+
+@pytest.mark.parametrize("backend", ["paired", "local"])
+def test_a_serve_app_refuses_in_process_handoffs(backend):
+    from cluster.app import build_app
+    from cluster.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=f"kv_handoff.backend '{backend}'"):
+        build_app(profile(backend))
