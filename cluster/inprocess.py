@@ -1,8 +1,8 @@
 """The same composition as `build_app`, as plain objects in one process (no Ray).
 
-Used by `small4 generate` and by tests that exercise the whole request path cheaply: the KV
-handoff is the in-process backend (its other settings kept), every other part is the one the
-Serve app runs.
+Used by `small4 generate` and by tests that exercise the whole request path cheaply: the object
+store handoff becomes the in-process one (its other settings kept; `paired` and `sglang` work in
+one process as they are), every other part is the one the Serve app runs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from services.workers.prefill import PrefillWorker
 
 def build_inprocess(settings: StackSettings) -> Ingress:
     """An `Ingress` whose pools are in-process prefill and decode workers sharing one handoff."""
+    backend = settings.kv_handoff.backend
+    if backend == "object_store":  # no Ray here; the other backends work in one process
+        backend = "local"
     local = settings.model_copy(update={
-        "kv_handoff": settings.kv_handoff.model_copy(update={"backend": "local"})})
+        "kv_handoff": settings.kv_handoff.model_copy(update={"backend": backend})})
     decoders = {}
     for name in settings.pools:
         worker = local.worker(name)

@@ -64,7 +64,8 @@ def content(body: dict) -> str:
 def test_paired_answers_equal_the_sequential_ones():
     requests = [BODY | {"max_tokens": n} for n in (1, 5, 12)]
     paired, decode = serve(profile("paired"), requests)
-    sequential, _ = serve(profile("local"), requests)
+    sequential, colocated = serve(profile("local"), requests)
+    assert (decode.handoff.backend, colocated.handoff.backend) == ("paired", "local")
     assert [s for s, _ in paired] == [200, 200, 200], paired
     assert [content(b) for _, b in paired] == [content(b) for _, b in sequential]
     assert [b["usage"] for _, b in paired] == [b["usage"] for _, b in sequential]
