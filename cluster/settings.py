@@ -60,6 +60,13 @@ class StackSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _engines_fit(self):
+        sglang = (self.engine.kind == "sglang", self.kv_handoff.backend == "sglang")
+        if any(sglang) and not all(sglang):
+            raise ValueError("engine.kind sglang and kv_handoff.backend sglang go together (the "
+                             "SGLang engines move the KV themselves)")
+        if sglang[0] and not gpu_engines(self.pools, self.topology):
+            raise ValueError("engine.kind sglang needs GPUs: give the prefill and decode roles "
+                             "num_gpus equal to topology.tensor_parallel")
         try:
             self.placements()
         except TopologyError as exc:
@@ -123,7 +130,9 @@ class StackSettings(ServiceSettings):
         """The sub-settings one pool's prefill and decode workers receive."""
         return WorkerSettings(pool=pool, model=self.model, engine=self.engine,
                               kv_handoff=self.kv_handoff, stream=self.stream,
-                              telemetry=self.telemetry, slo=self.pools[pool].slo)
+                              telemetry=self.telemetry, slo=self.pools[pool].slo,
+                              tensor_parallel=self.topology.tensor_parallel,
+                              bootstrap_ports=self.topology.bootstrap_ports())
 
     def multimodal_settings(self) -> MultimodalWorkerSettings:
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,

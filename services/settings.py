@@ -6,7 +6,7 @@ Every model forbids unknown keys, so a typo in a profile fails at load time nami
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +54,20 @@ class FaultSettings(Strict):
     decode_fail_after_tokens: int = Field(8, ge=0)
 
 
+class SGLangSettings(Strict):
+    """What the SGLang engines (GPU hosts) are started with, beyond the model and topology."""
+
+    load_format: Literal["auto", "mistral", "dummy"] = Field(
+        "auto", description="dummy: random weights of the checkpoint's shape (smoke tests)")
+    transfer_backend: Literal["nixl", "mooncake"] = Field(
+        "nixl", description="KV transfer between engines (Mooncake failed at ~4 rps, #23272)")
+    mem_fraction_static: float = Field(0.85, gt=0, lt=1)
+    chunked_prefill_size: int = Field(16384, gt=0)
+    attention_backend: str | None = Field(None, description="None: SGLang's choice")
+    server_args: dict[str, Any] = Field(
+        default_factory=dict, description="further sglang ServerArgs fields, passed as given")
+
+
 class EngineSettings(Strict):
     """The engine behind every worker of the stack and its capacity."""
 
@@ -63,6 +77,7 @@ class EngineSettings(Strict):
     kv_capacity_tokens: int = Field(262144, gt=0)
     torch_threads: int = Field(1, gt=0)
     simulated: SimulatedTiming = SimulatedTiming()
+    sglang: SGLangSettings = SGLangSettings()
     faults: FaultSettings = FaultSettings()
 
 

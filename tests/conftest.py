@@ -14,6 +14,23 @@ os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `small4 up` r
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA and the sglang extra are; elsewhere they are skipped, saying
+    why."""
+    import importlib.util
+
+    import torch
+
+    missing = [why for ok, why in ((torch.cuda.is_available(), "no CUDA device"),
+                                   (importlib.util.find_spec("sglang") is not None,
+                                    "the 'sglang' extra is not installed")) if not ok]
+    if missing:
+        skip = pytest.mark.skip(reason="gpu test: " + " and ".join(missing))
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from services.tokenizer import PromptTokenizer

@@ -5,13 +5,14 @@ from __future__ import annotations
 from services.engines.protocol import Engine
 from services.settings import EngineSettings, ModelSettings
 from services.tokenizer import PromptTokenizer
+from services.workers.settings import WorkerSettings
 
 
 def build_engine(model: ModelSettings, engine: EngineSettings, *, role: str,
-                 tokenizer: PromptTokenizer) -> Engine:
+                 tokenizer: PromptTokenizer, worker: WorkerSettings | None = None) -> Engine:
     """An engine of `engine.kind` for `role` ("prefill", "decode" or "both"), wrapped in fault
-    injection when `engine.faults` asks for any."""
-    built = _build(model, engine, role=role, tokenizer=tokenizer)
+    injection when `engine.faults` asks for any. `worker` (GPU engines) says where it runs."""
+    built = _build(model, engine, role=role, tokenizer=tokenizer, worker=worker)
     faults = engine.faults
     if faults.prefill_fail_every or faults.decode_fail_every:
         from services.engines.faults import FaultyEngine
@@ -21,7 +22,7 @@ def build_engine(model: ModelSettings, engine: EngineSettings, *, role: str,
 
 
 def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
-           tokenizer: PromptTokenizer) -> Engine:
+           tokenizer: PromptTokenizer, worker: WorkerSettings | None) -> Engine:
     if engine.kind == "reference":
         from services.engines.reference import ReferenceEngine
         from services.model.loader import load_model
@@ -38,6 +39,9 @@ def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
         return SimulatedEngine(engine, role=role, context_length=model.context_length,
                                tokenizer=tokenizer)
     if engine.kind == "sglang":
-        raise ValueError("the SGLang engine needs a GPU host with the 'sglang' extra installed "
-                         "(pip install '.[sglang]')")
+        from services.engines.sglang_engine import SGLangEngine
+
+        if worker is None:
+            raise ValueError("the SGLang engine runs inside a prefill or decode worker")
+        return SGLangEngine(worker, role=role, tokenizer=tokenizer)
     raise ValueError(f"unknown engine kind {engine.kind!r}")

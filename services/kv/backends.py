@@ -139,13 +139,16 @@ def new_room() -> int:
     return secrets.randbits(63)
 
 
-def build_handoff(settings: KVHandoffSettings):
-    """The handoff named by `settings.backend`; SGLang's comes with its engine adapter."""
+def build_handoff(settings: KVHandoffSettings, engine: Any = None):
+    """The handoff named by `settings.backend`; SGLang's comes from its engine adapter
+    (`engine.handoff()`), since the engine itself moves the KV."""
     if settings.backend == "local":
         return LocalHandoff()
     if settings.backend == "paired":
         return PairedHandoff(settings)
     if settings.backend == "object_store":
         return ObjectStoreHandoff(settings)
-    raise ValueError(f"KV handoff backend {settings.backend!r} is not available on this host; "
-                     "it needs the SGLang engine (install the 'sglang' extra on a GPU host)")
+    if settings.backend == "sglang" and hasattr(engine, "handoff"):
+        return engine.handoff()
+    raise ValueError(f"KV handoff backend {settings.backend!r} needs its engine: "
+                     f"kv_handoff.backend sglang goes with engine.kind sglang")

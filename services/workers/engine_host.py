@@ -20,8 +20,8 @@ class EngineHost:
         self.settings = settings
         tokenizer = PromptTokenizer(settings.model.tokenizer)
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
-                                   tokenizer=tokenizer)
-        self.handoff = build_handoff(settings.kv_handoff)
+                                   tokenizer=tokenizer, worker=settings)
+        self.handoff = build_handoff(settings.kv_handoff, engine=self.engine)
         self.tags = {"pool": settings.pool, "role": self.role}
         slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
         self.load = LoadWindow(slo)

@@ -16,3 +16,6 @@ class WorkerSettings(Strict):
     stream: StreamSettings
     telemetry: TelemetrySettings = TelemetrySettings()
     slo: SLOSettings = SLOSettings()
+    # GPU engines: GPUs per engine, and the KV bootstrap ports a prefill engine may take
+    tensor_parallel: int = 1
+    bootstrap_ports: list[int] = []

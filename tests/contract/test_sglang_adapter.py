@@ -1,0 +1,178 @@
+"""The SGLang adapter's translation on the CPU: our settings and requests to SGLang 0.5.23's
+`ServerArgs`, `SamplingParams` and `async_generate` arguments, SGLang's outputs and aborts to our
+chunks and errors, the PD pairing fields, the bootstrap port choice. Checked against SGLang's
+real classes where sglang imports (GPU hosts with the extra), else against the signatures
+recorded from its source in `sglang_0.5.23.json`. Starting an engine is left to the `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.settings import load_settings, parse_settings
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.engines.sglang_args import (BOOTSTRAP_FIELDS, OutputReader, generate_args,
+                                          image_data, sampling_args, server_args)
+from services.engines.sglang_engine import SGLangHandoff, engine_env, free_port
+from services.errors import EngineUnavailable, InvalidRequest
+from services.kv.protocol import PairedKV
+
+RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
+PROFILE = load_settings("cluster/profiles/h200x16.yaml")
+PAIRING = {"bootstrap_host": "10.0.0.7", "bootstrap_port": 8999, "bootstrap_room": 12345}
+
+
+def real_names(kind: str) -> set[str] | None:
+    """Parameter names of SGLang's own class or method, when sglang imports here."""
+    try:
+        if kind == "server_args":
+            from sglang.srt.server_args import ServerArgs
+            return set(inspect.signature(ServerArgs).parameters)
+        if kind == "sampling_params":
+            from sglang.srt.sampling.sampling_params import SamplingParams as Theirs
+            return set(inspect.signature(Theirs).parameters)
+        from sglang.srt.entrypoints.engine import Engine
+        return set(inspect.signature(Engine.async_generate).parameters)
+    except ImportError:
+        return None
+
+
+def names(kind: str) -> set[str]:
+    return real_names(kind) or set(RECORDED[kind])
+
+
+def request(**sampling) -> EngineRequest:
+    return EngineRequest("chatcmpl-1", [1, 5, 6, 7], SamplingParams(**({"max_tokens": 8}
+                                                                       | sampling)),
+                         trace_headers={"traceparent": "00-ab-cd-01"}, handoff=dict(PAIRING))
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_server_args_are_sglang_fields_from_the_profile(role):
+    worker = PROFILE.worker("fast")
+    args = server_args(worker.model, worker.engine.sglang, role=role,
+                       tp_size=worker.tensor_parallel, max_running_requests=128,
+                       host="10.0.0.7", bootstrap_port=8999 if role == "prefill" else None)
+    assert set(args) <= names("server_args"), set(args) - names("server_args")
+    assert args["tp_size"] == 2 and args["disaggregation_mode"] == role
+    assert args["skip_tokenizer_init"] is True and args["host"] == "10.0.0.7"
+    assert "mistral-small-4" in args["model_path"]
+    assert ("disaggregation_bootstrap_port" in args) == (role == "prefill")
+
+
+def test_server_args_refuse_overriding_what_the_stack_sets():
+    worker = PROFILE.worker("fast")
+    sglang = worker.engine.sglang.model_copy(update={"server_args": {"tp_size": 4}})
+    with pytest.raises(ValueError, match="may not set tp_size"):
+        server_args(worker.model, sglang, role="decode", tp_size=2, max_running_requests=8,
+                    host="h", bootstrap_port=None)
+
+
+def test_generate_args_send_ids_rid_pairing_and_trace():
+    kwargs = generate_args(request(temperature=0.0, seed=7, stop=("END",)), (2,))
+    assert set(kwargs) <= names("async_generate"), set(kwargs) - names("async_generate")
+    assert kwargs["input_ids"] == [1, 5, 6, 7] and kwargs["rid"] == "chatcmpl-1"
+    assert {f: kwargs[f] for f in BOOTSTRAP_FIELDS} == PAIRING
+    assert kwargs["external_trace_header"] == {"traceparent": "00-ab-cd-01"}
+    assert "prompt" not in kwargs and "image_data" not in kwargs
+
+
+def test_sampling_keeps_control_tokens_and_always_sets_max_new_tokens():
+    params = sampling_args(request(temperature=0.5, top_p=0.9, seed=3,
+                                   stop_token_ids=(9,)), (2,))
+    assert set(params) <= names("sampling_params"), set(params) - names("sampling_params")
+    assert params["max_new_tokens"] == 8 and params["skip_special_tokens"] is False
+    assert params["stop_token_ids"] == [2, 9] and params["sampling_seed"] == 3
+    assert "stop" not in params  # stop strings are matched by us, on ids
+    assert sampling_args(request(ignore_eos=True), (2,))["stop_token_ids"] == []
+
+
+def test_a_request_without_pairing_is_refused():
+    with pytest.raises(ValueError, match="bootstrap_room"):
+        generate_args(EngineRequest("r", [1], SamplingParams(max_tokens=1)), (2,))
+
+
+def test_images_go_as_one_processor_output_item():
+    items = image_data([np.zeros((3, 28, 56), np.float32), np.zeros((3, 14, 14), np.float32)])
+    assert len(items) == 1 and items[0]["format"] == "processor_output"
+    assert items[0]["image_sizes"] == [(28, 56), (14, 14)]
+    assert image_data([]) == []
+
+
+def test_output_reader_takes_cumulative_or_incremental_ids():
+    cumulative = OutputReader("r")
+    assert cumulative.new_tokens({"output_ids": [4], "meta_info": {"completion_tokens": 1}}) == [4]
+    assert cumulative.new_tokens({"output_ids": [4, 5, 6],
+                                  "meta_info": {"completion_tokens": 3}}) == [5, 6]
+    incremental = OutputReader("r")
+    assert incremental.new_tokens({"output_ids": [4], "meta_info": {"completion_tokens": 1}}) == [4]
+    assert incremental.new_tokens({"output_ids": [5, 6],
+                                   "meta_info": {"completion_tokens": 3}}) == [5, 6]
+
+
+def test_finish_reasons_and_aborts_map_to_ours():
+    reader = OutputReader("r")
+    assert reader.finish({"meta_info": {"finish_reason": None}}) is None
+    assert reader.finish({"meta_info": {"finish_reason": {"type": "length", "length": 8}}}) \
+        == "length"
+    assert reader.finish({"meta_info": {"finish_reason": {"type": "stop", "matched": 2}}}) \
+        == "stop"
+    with pytest.raises(EngineUnavailable, match="KVTransferError"):
+        reader.finish({"meta_info": {"finish_reason": {"type": "abort",
+                                                       "message": "KVTransferError"}}})
+    with pytest.raises(InvalidRequest):
+        reader.finish({"meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
+                                                       "message": "too long"}}})
+
+
+def test_handoff_pairs_through_the_prefill_replicas_bootstrap_server():
+    class Prefill:  # what the handoff reads from a started prefill engine
+        host, bootstrap_port = "10.0.0.9", 9000
+
+    decode_side, prefill_side = SGLangHandoff(None), SGLangHandoff(Prefill())
+    assert decode_side.concurrent
+    ticket = decode_side.open("r")
+    other = decode_side.open("r")
+    assert ticket.fields["bootstrap_room"] != other.fields["bootstrap_room"]
+    assert 0 <= ticket.fields["bootstrap_room"] < 2 ** 63
+    bound = prefill_side.bind(ticket)
+    paired = asyncio.run(decode_side.receive(bound))
+    assert isinstance(paired, PairedKV) and paired.first_token is None
+    assert paired.kv == {"bootstrap_room": ticket.fields["bootstrap_room"],
+                         "bootstrap_host": "10.0.0.9", "bootstrap_port": 9000}
+
+
+def test_bootstrap_port_skips_ports_in_use_and_says_when_none_is_left():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            spare = s.getsockname()[1]
+        assert free_port("127.0.0.1", [busy, spare]) == spare
+        with pytest.raises(RuntimeError, match="bootstrap port"):
+            free_port("127.0.0.1", [busy])
+
+
+def test_engine_timeouts_are_bounded_by_ours():
+    env = engine_env(PROFILE.kv_handoff.timeout_s)
+    assert env == {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30",
+                   "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "30"}
+
+
+def test_sglang_engine_and_handoff_go_together_on_gpus():
+    base = {"auth": {"enabled": False}}
+    with pytest.raises(Exception, match="go together"):
+        parse_settings(base | {"engine": {"kind": "sglang"}})
+    with pytest.raises(Exception, match="needs GPUs"):
+        parse_settings(base | {"engine": {"kind": "sglang"},
+                               "kv_handoff": {"backend": "sglang"}})
+    assert PROFILE.engine.kind == "sglang" and PROFILE.engine.sglang.transfer_backend == "nixl"
