@@ -1,6 +1,7 @@
 """Every engine honours the same contract (protocol docstring): run against each implementation.
 
-The SGLang implementation joins this list under the `gpu` marker where CUDA and the extra exist.
+SGLang runs prefill and decode as two paired engines, so it cannot be the one "both" engine
+these tests build; its translation is `test_sglang_adapter.py`, its PD path `tests/gpu`.
 """
 
 from __future__ import annotations
