@@ -7,7 +7,6 @@ chunks, which the ingress parses into content, `reasoning_content` and `tool_cal
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 
 from services.api import openapi, responses
-from services.api.http_errors import as_stack_error, error_response, sse_error
+from services.api.http_errors import as_stack_error, error_response, sse_error, sse_event
 from services.api.output import OutputParser
 from services.api.plan import RequestPlan, admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
@@ -355,20 +354,20 @@ class _Answer:
                              and self.plan.request.stream_options.include_usage)
         n_calls = 0
         try:
-            yield _event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
+            yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
             finish = None
             async for chunk in self._chunks(first):
                 delta = self.parser.feed(chunk.token_ids)
                 body = _delta_dict(delta, n_calls)
                 n_calls += len(delta.tool_calls)
                 if body:
-                    yield _event(responses.chunk(self.meta, body))
+                    yield sse_event(responses.chunk(self.meta, body))
                 finish = chunk.finish_reason
             delta, finish = self.parser.finish(finish)
             self.finish_reason = finish
-            yield _event(responses.chunk(self.meta, _delta_dict(delta, n_calls), finish))
+            yield sse_event(responses.chunk(self.meta, _delta_dict(delta, n_calls), finish))
             if include_usage:
-                yield _event(responses.usage_chunk(self.meta, self.usage()))
+                yield sse_event(responses.usage_chunk(self.meta, self.usage()))
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             raise
@@ -389,10 +388,6 @@ def _delta_dict(delta, first_index: int) -> dict[str, Any]:
         body["tool_calls"] = responses.tool_call_dicts(delta.tool_calls, first_index,
                                                        streaming=True)
     return body
-
-
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def _trace_headers(request: Request) -> dict[str, str]:

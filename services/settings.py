@@ -64,6 +64,9 @@ class SGLangSettings(Strict):
     mem_fraction_static: float = Field(0.85, gt=0, lt=1)
     chunked_prefill_size: int = Field(16384, gt=0)
     attention_backend: str | None = Field(None, description="None: SGLang's choice")
+    deterministic: bool = Field(
+        False, description="honour per-request seeds (SGLang's deterministic inference, pytorch "
+                           "sampling); off, a request's seed is not passed: SGLang ignores it")
     server_args: dict[str, Any] = Field(
         default_factory=dict, description="further sglang ServerArgs fields, passed as given")
 

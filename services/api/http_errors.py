@@ -34,6 +34,16 @@ def error_response(exc: BaseException, request_id: str | None = None,
                         headers=headers)
 
 
+# Characters JSON leaves raw that `str.splitlines()` (and clients built on it) break lines at;
+# SSE itself ends lines only at CR and LF, which JSON always escapes.
+_LINE_BREAKERS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_event(body: dict) -> str:
+    """One SSE `data:` event: the body as JSON on one line for any client's line splitting."""
+    return f"data: {json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKERS)}\n\n"
+
+
 def sse_error(exc: BaseException, request_id: str, trace_id: str | None = None) -> str:
     """An SSE `data:` event carrying the error body, for errors after the stream started."""
-    return f"data: {json.dumps(as_stack_error(exc).body(request_id, trace_id))}\n\n"
+    return sse_event(as_stack_error(exc).body(request_id, trace_id))

@@ -52,6 +52,8 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         args["disaggregation_bootstrap_port"] = bootstrap_port
     if sglang.attention_backend:
         args["attention_backend"] = sglang.attention_backend
+    if sglang.deterministic:
+        args["enable_deterministic_inference"] = True
     if otlp_endpoint:
         args |= {"enable_trace": True, "otlp_traces_endpoint": otlp_endpoint}
     clash = sorted(set(sglang.server_args) & set(args))
@@ -61,8 +63,11 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
     return args | sglang.server_args
 
 
-def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...]) -> dict[str, Any]:
-    """SGLang `SamplingParams` keyword arguments for `request`."""
+def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
+                  seeded: bool = False) -> dict[str, Any]:
+    """SGLang `SamplingParams` keyword arguments for `request`. The seed goes only to an engine
+    started `seeded` (deterministic inference): otherwise SGLang ignores it, and its flashinfer
+    sampler refuses one."""
     s = request.sampling
     params: dict[str, Any] = {
         "max_new_tokens": s.max_tokens,
@@ -74,24 +79,30 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...]) -> dict[str,
         "skip_special_tokens": False,
         "no_stop_trim": True,
     }
-    if s.seed is not None:
+    if seeded and s.seed is not None:
         params["sampling_seed"] = s.seed
     return params
 
 
+def engine_rid(request_id: str, room: int) -> str:
+    """The rid of one pairing attempt: SGLang aborts every rid that *starts with* the one given,
+    and refuses a rid still active, so each attempt gets its own, ended by the room."""
+    return f"{request_id}#{room}"
+
+
 def generate_args(request: EngineRequest, eos_ids: tuple[int, ...], *,
-                  images: list[Any] | None = None) -> dict[str, Any]:
+                  images: list[Any] | None = None, seeded: bool = False) -> dict[str, Any]:
     """`Engine.async_generate` keyword arguments (streamed) for `request`."""
-    kwargs: dict[str, Any] = {
-        "input_ids": list(request.prompt_ids),
-        "sampling_params": sampling_args(request, eos_ids),
-        "rid": request.request_id,
-        "stream": True,
-    }
     missing = [f for f in BOOTSTRAP_FIELDS if f not in request.handoff]
     if missing:
         raise ValueError(f"request {request.request_id} has no PD pairing ({', '.join(missing)} "
                          "missing): SGLang engines run disaggregated")
+    kwargs: dict[str, Any] = {
+        "input_ids": list(request.prompt_ids),
+        "sampling_params": sampling_args(request, eos_ids, seeded),
+        "rid": engine_rid(request.request_id, request.handoff["bootstrap_room"]),
+        "stream": True,
+    }
     kwargs |= {f: request.handoff[f] for f in BOOTSTRAP_FIELDS}
     if request.trace_headers:
         kwargs["external_trace_header"] = dict(request.trace_headers)
@@ -113,8 +124,9 @@ def image_data(pixel_values: list[Any]) -> list[dict[str, Any]]:
 class OutputReader:
     """Turns the dicts of one streamed `async_generate` into our token chunks.
 
-    With `skip_tokenizer_init` each dict carries `output_ids`; they are cumulative unless the
-    engine streams increments, so the reader keeps what it has already passed on either way.
+    With `skip_tokenizer_init` each dict carries `output_ids`: cumulative by default (the same
+    live list each time; a queue of them collapses to the latest), increments with
+    `incremental_streaming_output`; the reader passes on each token once either way.
     """
 
     def __init__(self, request_id: str):

@@ -89,22 +89,26 @@ class SGLangEngine:
                                 host=self.host, bootstrap_port=self.bootstrap_port,
                                 otlp_endpoint=tracing.endpoint if tracing.enabled else None)
         self.engine = sglang.Engine(**self.args)
-        self.live: dict[str, int] = {}  # request id -> KV tokens it holds
-        self.failure: str | None = None
+        self.seeded = worker.engine.sglang.deterministic
+        self.live: dict[str, list] = {}  # request id -> [engine rid, KV tokens it holds]
 
     def handoff(self) -> SGLangHandoff:
         return SGLangHandoff(self)
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """Run the prompt; the engine pushes the KV to the decode engine of the same room."""
-        kwargs = generate_args(request, self.eos_ids, images=image_data(request.images))
+        kwargs = generate_args(request, self.eos_ids, images=image_data(request.images),
+                               seeded=self.seeded)
         kwargs["stream"] = False
         started = time.perf_counter()
-        self.live[request.request_id] = len(request.prompt_ids)
+        self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
         try:
             out = await self.engine.async_generate(**kwargs)
-        except Exception as exc:
-            raise engine_error(request.request_id, type(exc).__name__, str(exc)) from exc
+        except ValueError as exc:  # SGLang's answer to a request it refuses (400)
+            raise engine_error(request.request_id, "abort", str(exc), 400) from exc
+        except Exception as exc:  # e.g. a failed KV transfer (500): retried in a new room
+            raise engine_error(request.request_id, "abort", f"{type(exc).__name__}: {exc}") \
+                from exc
         finally:
             self.live.pop(request.request_id, None)
         OutputReader(request.request_id).finish(out)  # raises if SGLang aborted it
@@ -124,8 +128,9 @@ class SGLangEngine:
         paired = replace(request, handoff=dict(kv or {}))
         reader, stops = OutputReader(request.request_id), StopChecker(
             request.sampling, self.eos_ids, self.detokenize)
-        self.live[request.request_id] = len(request.prompt_ids)
-        outputs = await self.engine.async_generate(**generate_args(paired, self.eos_ids))
+        kwargs = generate_args(paired, self.eos_ids, seeded=self.seeded)
+        self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
+        outputs = await self.engine.async_generate(**kwargs)
         finished = False
         try:
             async for out in outputs:
@@ -133,7 +138,7 @@ class SGLangEngine:
                 ours = stops.check(ids) if ids else None
                 ids = ids[:len(stops.generated) - before]  # none past where we stop
                 theirs = reader.finish(out)
-                self.live[request.request_id] += len(ids)
+                self.live[request.request_id][1] += len(ids)
                 finished = bool(ours or theirs)
                 yield TokenChunk(ids, ours or theirs)
                 if finished:
@@ -145,18 +150,24 @@ class SGLangEngine:
             await outputs.aclose()
 
     async def abort(self, request_id: str) -> bool:
-        """Abort `request_id` in the engine (SGLang has no public abort; this is its
-        tokenizer manager's, which also frees the request's KV)."""
-        held = self.live.pop(request_id, None) is not None
-        self.engine.tokenizer_manager.abort_request(rid=request_id)
-        return held
+        """Abort `request_id`'s engine request (SGLang has no public abort; this is its
+        tokenizer manager's, sync and non-blocking, which also frees the request's KV)."""
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return False
+        self.engine.tokenizer_manager.abort_request(rid=live[0])
+        return True
 
     def stats(self) -> EngineStats:
         """Our own view of the engine: requests in flight and the KV they hold."""
+        try:
+            healthy, detail = bool(self.engine.tokenizer_manager.is_healthy()), ""
+        except Exception as exc:  # a dead scheduler process
+            healthy, detail = False, f"{type(exc).__name__}: {exc}"
         return EngineStats(self.kind, self.role, running=len(self.live), waiting=0,
-                           kv_tokens=sum(self.live.values()),
+                           kv_tokens=sum(tokens for _, tokens in self.live.values()),
                            kv_capacity=self.settings.engine.kv_capacity_tokens,
-                           healthy=self.failure is None, detail=self.failure or "")
+                           healthy=healthy, detail=detail)
 
 
 class SGLangHandoff:

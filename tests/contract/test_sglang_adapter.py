@@ -78,7 +78,7 @@ def test_server_args_refuse_overriding_what_the_stack_sets():
 def test_generate_args_send_ids_rid_pairing_and_trace():
     kwargs = generate_args(request(temperature=0.0, seed=7, stop=("END",)), (2,))
     assert set(kwargs) <= names("async_generate"), set(kwargs) - names("async_generate")
-    assert kwargs["input_ids"] == [1, 5, 6, 7] and kwargs["rid"] == "chatcmpl-1"
+    assert kwargs["input_ids"] == [1, 5, 6, 7] and kwargs["rid"] == "chatcmpl-1#12345"
     assert {f: kwargs[f] for f in BOOTSTRAP_FIELDS} == PAIRING
     assert kwargs["external_trace_header"] == {"traceparent": "00-ab-cd-01"}
     assert "prompt" not in kwargs and "image_data" not in kwargs
@@ -86,12 +86,21 @@ def test_generate_args_send_ids_rid_pairing_and_trace():
 
 def test_sampling_keeps_control_tokens_and_always_sets_max_new_tokens():
     params = sampling_args(request(temperature=0.5, top_p=0.9, seed=3,
-                                   stop_token_ids=(9,)), (2,))
+                                   stop_token_ids=(9,)), (2,), seeded=True)
     assert set(params) <= names("sampling_params"), set(params) - names("sampling_params")
     assert params["max_new_tokens"] == 8 and params["skip_special_tokens"] is False
     assert params["stop_token_ids"] == [2, 9] and params["sampling_seed"] == 3
+    # an engine not started deterministic ignores seeds, and its default sampler refuses one
+    assert "sampling_seed" not in sampling_args(request(seed=3), (2,))
     assert "stop" not in params  # stop strings are matched by us, on ids
     assert sampling_args(request(ignore_eos=True), (2,))["stop_token_ids"] == []
+
+
+def test_each_pairing_attempt_has_an_rid_no_other_starts_with():
+    first = generate_args(request(), (2,))["rid"]
+    resumed = EngineRequest("chatcmpl-1-resume1", [1], SamplingParams(max_tokens=1),
+                            handoff=PAIRING | {"bootstrap_room": 99})
+    assert not generate_args(resumed, (2,))["rid"].startswith(first)
 
 
 def test_a_request_without_pairing_is_refused():

@@ -170,6 +170,7 @@ def test_well_formed_conversations_are_answered_in_full(fuzz, body):
         assert choice["finish_reason"] in {"stop", "length", "tool_calls"}
         assert answer["usage"]["completion_tokens"] <= body["max_tokens"]
         return
+    # splitlines() breaks at U+2028 and the like, as naive SSE clients do: events must not
     lines = [line for line in reply.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]", lines[-3:]
     events = [json.loads(line[6:]) for line in lines[:-1]]

@@ -295,3 +295,14 @@ def test_stop_strings_apply_to_content_only_and_end_the_output(tokenizer, ids_of
     content, reasoning, calls, finish = parse_completion(tokenizer, ids, "stop",
                                                          tools_enabled=True, stop=("END",))
     assert (content, reasoning, calls, finish) == ("fine ", "maybe END", [], "stop")
+
+
+def test_sse_events_stay_one_line_for_any_line_splitting():
+    import json
+
+    from services.api.http_errors import sse_event
+
+    text = "a\u2028b\u2029c\x85d\ne\r\u00e9"
+    event = sse_event({"content": text})
+    assert event.endswith("\n\n") and len(event.rstrip("\n").splitlines()) == 1
+    assert json.loads(event.removeprefix("data: "))["content"] == text
