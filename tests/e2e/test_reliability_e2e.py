@@ -238,7 +238,7 @@ def test_a_client_gone_during_prefill_stops_the_prefill(guard, ask):
     gone = asyncio.run(leave_during_prefill())
     while busy() and time.time() < gone + 10:
         time.sleep(0.05)
-    assert time.time() - gone < 1.5, "the prefill ran on after the client left"
+    assert time.time() - gone < 2.0, "the prefill ran on after the client left"
     decode = ask("guard", "fast-decode", "stats")
     assert decode.kv_tokens == 0 and decode.running == 0
 
