@@ -39,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--config")
     gen.add_argument("--effort", default=None)
     gen.add_argument("--max-tokens", type=int, default=32)
+    spec = sub.add_parser("openapi", help="print the OpenAPI spec a profile serves (no stack "
+                          "needed; the running ingress serves it keyed at /openapi.json)")
+    spec.add_argument("--config")
     args = parser.parse_args(argv)
     commands = {"up": cmd_up, "status": cmd_status, "scale": cmd_scale, "release": cmd_release,
-                "generate": cmd_generate}
+                "generate": cmd_generate, "openapi": cmd_openapi}
     return commands[args.command](args)
 
 
@@ -179,6 +182,14 @@ def status_table(rows: dict) -> str:
 
 def _name(state) -> str:
     return str(getattr(state, "value", state))
+
+
+def cmd_openapi(args) -> int:
+    from cluster.settings import load_settings
+    from services.api import openapi
+
+    print(json.dumps(openapi.build(load_settings(args.config).ingress_settings()), indent=2))
+    return 0
 
 
 def cmd_generate(args) -> int:

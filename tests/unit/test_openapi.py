@@ -1,0 +1,38 @@
+"""The OpenAPI spec a deployment serves: built from the wire model and the profile's settings,
+loadable by schemathesis, and printed by `small4 openapi` without a running stack."""
+
+from __future__ import annotations
+
+import json
+
+import schemathesis
+import yaml
+
+from cluster.cli import main
+from cluster.settings import parse_settings
+from services.api import openapi
+
+PROFILE = {"auth": {"enabled": False}, "model": {"name": "small4-test"},
+           "limits": {"max_tokens_cap": 48, "max_messages": 7}}
+
+
+def test_the_spec_carries_the_profiles_limits_and_names():
+    spec = openapi.build(parse_settings(PROFILE).ingress_settings())
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert request["model"]["enum"] == ["small4-test"]
+    assert request["max_tokens"]["anyOf"][0]["maximum"] == 48
+    assert request["messages"]["maxItems"] == 7
+    assert "high" in request["reasoning_effort"]["anyOf"][0]["enum"]
+    loaded = schemathesis.openapi.from_dict(spec)
+    operations = {op.ok().label for op in loaded.get_all_operations()}
+    assert operations == {"POST /v1/chat/completions", "GET /v1/models", "GET /health",
+                          "GET /ready"}
+    assert spec["paths"]["/health"]["get"]["security"] == []  # probes are open
+
+
+def test_small4_openapi_prints_the_spec_of_a_profile(tmp_path, capsys):
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(PROFILE))
+    assert main(["openapi", "--config", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == openapi.build(parse_settings(PROFILE).ingress_settings())
