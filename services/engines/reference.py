@@ -101,8 +101,7 @@ class ReferenceEngine:
     @torch.inference_mode()
     def _forward_chunk(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[1])[None]
-        out = self.bundle.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
-                                position_ids=positions, logits_to_keep=1)
+        out = self.bundle.forward(cache, inputs_embeds=embeds, position_ids=positions)
         return out.logits[0, -1].float()
 
     # ---- decode --------------------------------------------------------------------------
@@ -147,8 +146,8 @@ class ReferenceEngine:
             mask[row, longest - seq.kv_tokens:] = 1
         ids = torch.tensor([[s.last_token] for s in batch])
         positions = torch.tensor([[s.position] for s in batch])
-        out = self.bundle.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.bundle.forward(cache, input_ids=ids, attention_mask=mask,
+                                  position_ids=positions)
         new_kv = [(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in cache.layers]
         return out.logits[:, -1].float(), new_kv
 

@@ -7,8 +7,9 @@ mistral-common's (the prompt format is Mistral's), so a checkpoint's vocabulary 
 
 from __future__ import annotations
 
+import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ class ModelBundle:
     has_vision: bool
     vocab_size: int
     description: str
+    cache_arg: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes
+        # in 5.40); older releases and other architectures still take `past_key_values`
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, cache: Any, **inputs: Any) -> Any:
+        """One forward that extends `cache` and returns the last position's logits."""
+        return self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
 
     def embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
         """Input embeddings for `ids` [1, n], with each image's vision features at its `[IMG]` slots."""
