@@ -4,16 +4,32 @@ PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run test bench
+LOCK := .ci/constraints.txt
+
+.PHONY: setup run test bench relock
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml gives the ranges; the lock pins what the suite last passed with, so a new
+# release upstream cannot break a clean clone (transformers 5.24 once did).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	$(PY) -m pip check
 	touch $@
+
+# Resolve the ranges afresh in a scratch venv and write the lock; run `make test` after.
+relock:
+	rm -rf .venv-relock
+	python3 -m venv .venv-relock
+	.venv-relock/bin/python -m pip install -q --upgrade pip
+	.venv-relock/bin/python -m pip install -q torch==2.13.0
+	.venv-relock/bin/python -m pip install -q -e ".[dev]"
+	{ sed -n '/^#/p' $(LOCK); .venv-relock/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|small4)'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-relock
 
 run: setup
 	$(VENV)/bin/small4 up
