@@ -5,6 +5,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
 LOCK := .ci/constraints.txt
+CONSTRAINTS ?= $(LOCK)
 
 .PHONY: setup run test bench relock
 setup: $(VENV)/.installed
@@ -15,17 +16,15 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m pip check
 	touch $@
 
-# Resolve the ranges afresh in a scratch venv and write the lock; run `make test` after.
+# Resolve the ranges afresh (the same set-up, unconstrained, in a scratch venv) and write the
+# lock; run `make test` after.
 relock:
 	rm -rf .venv-relock
-	python3 -m venv .venv-relock
-	.venv-relock/bin/python -m pip install -q --upgrade pip
-	.venv-relock/bin/python -m pip install -q torch==2.13.0
-	.venv-relock/bin/python -m pip install -q -e ".[dev]"
+	$(MAKE) setup VENV=.venv-relock CONSTRAINTS=/dev/null
 	{ sed -n '/^#/p' $(LOCK); .venv-relock/bin/python -m pip freeze --exclude-editable \
 	  | grep -viE '^(torch|small4)'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 
+from services.errors import InvalidRequest
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.model.loader import load_model
 from services.settings import ModelSettings
@@ -27,8 +28,9 @@ def test_a_saved_mistral3_checkpoint_loads_with_its_vision_tower(standin, tokeni
     bundle = load_model(ModelSettings(source="checkpoint", path=tmp_path))
     assert bundle.has_vision and bundle.image_token_id == standin.image_token_id
     assert bundle.vocab_size == standin.vocab_size
+    loaded = bundle.model.state_dict()
     for name, tensor in standin.model.state_dict().items():
-        assert torch.equal(bundle.model.state_dict()[name], tensor), name
+        assert torch.equal(loaded[name], tensor), name
     _greedy_equals_generate(bundle, tokenizer)
 
 
@@ -43,5 +45,5 @@ def test_a_text_only_causal_lm_checkpoint_serves_text(tokenizer, tmp_path):
     bundle = load_model(ModelSettings(source="checkpoint", path=tmp_path))
     assert not bundle.has_vision and bundle.vocab_size == 131072
     _greedy_equals_generate(bundle, tokenizer)
-    with pytest.raises(Exception, match="no vision tower"):
+    with pytest.raises(InvalidRequest, match="no vision tower"):
         bundle.embed(torch.tensor([[1, 2]]), [torch.zeros(3, 16, 16)])
