@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from services.errors import InvalidRequest
 from services.engines.protocol import EngineRequest, SamplingParams
+from services.errors import InvalidRequest
 from services.model.loader import load_model
 from services.settings import ModelSettings
 from tests.unit.test_reference_engine import (GREEDY, disaggregated, make_engine, prompt_of,
