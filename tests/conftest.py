@@ -60,6 +60,21 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def serve_url(ray_session):
+    """Serve's HTTP proxy on a free loopback port, started once per run; every tier deploys its
+    apps under their own route prefix beside the others."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
 def metrics_url(ray_session):
     node = ray_session._private.worker.global_worker.node
     return f"http://127.0.0.1:{node.metrics_export_port}/metrics"

@@ -4,7 +4,6 @@ app at `/sim` (echo output, so reasoning and tool calls come back deterministica
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,12 +30,6 @@ SIM_PROFILE = TEST_PROFILE | {
     "pools": {**TEST_PROFILE["pools"],
               "fast": TEST_PROFILE["pools"]["fast"] | {"max_queue": 1}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 180.0) -> None:
@@ -110,19 +103,17 @@ def otlp():
 
 
 @pytest.fixture(scope="session")
-def stack(ray_session, otlp):
+def stack(serve_url, otlp):
     """Base URLs of the deployed apps: {'ref': ..., 'sim': ...}; `ref` traces to `otlp`."""
     from ray import serve
 
     from cluster.app import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     tracing = {"tracing": {"enabled": True, "endpoint": otlp.endpoint, "sampling_ratio": 1.0,
                            "export_interval_ms": 200}}
     serve.run(build_app(TEST_PROFILE | {"telemetry": tracing}), name="ref", route_prefix="/")
     serve.run(build_app(SIM_PROFILE), name="sim", route_prefix="/sim")
-    urls = {"ref": f"http://127.0.0.1:{port}", "sim": f"http://127.0.0.1:{port}/sim"}
+    urls = {"ref": serve_url, "sim": f"{serve_url}/sim"}
     for url in urls.values():
         wait_ready(url)
     yield urls
