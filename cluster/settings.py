@@ -14,8 +14,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from autoscaling.serve_policy import POLICY_PATH, AutoscalingSettings
-from cluster.topology import (TopologyError, TopologySettings, deployment_options, gpu_engines,
-                              plan_engines)
+from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
+                              deployment_options, gpu_engines, plan_engines)
 from services.settings import IngressSettings, ServiceSettings, Strict
 from services.workers.multimodal import MultimodalWorkerSettings
 from services.workers.settings import WorkerSettings
@@ -132,7 +132,8 @@ class StackSettings(ServiceSettings):
                               kv_handoff=self.kv_handoff, stream=self.stream,
                               telemetry=self.telemetry, slo=self.pools[pool].slo,
                               tensor_parallel=self.topology.tensor_parallel,
-                              bootstrap_ports=self.topology.bootstrap_ports())
+                              bootstrap_ports=bootstrap_ports(self.pools, self.topology)
+                              .get(pool, []))
 
     def multimodal_settings(self) -> MultimodalWorkerSettings:
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,

@@ -2,11 +2,12 @@
 to engine placements and the Ray placement-group options of each deployment.
 
 An engine is one prefill or decode replica holding `tensor_parallel` GPUs of one node. Engines are
-packed first-fit, `gpus_per_node // tensor_parallel` per node. Each prefill engine on a node needs
-its own KV bootstrap port: a replica takes a free port in `[bootstrap_port_base,
-bootstrap_port_base + engines per node)` when it starts (Ray decides which node it lands on),
-so that range must hold no other service's port. A profile that does not fit is refused with a
-message naming the problem.
+packed first-fit, `gpus_per_node // tensor_parallel` per node. Every prefill engine serves its KV
+from a bootstrap port fixed before launch: each pool's prefill role owns one port per replica it
+may ever have (`max_replicas`), consecutive from `bootstrap_port_base` in pool order, and replica
+rank r binds its pool's r-th port (`services.engines.bootstrap_port`). No two engines of the
+cluster share a port, whatever node Ray puts them on, and the whole range is checked against the
+other services' ports at load time. A profile that does not fit is refused naming the problem.
 """
 
 from __future__ import annotations
@@ -33,10 +34,6 @@ class TopologySettings(Strict):
     @property
     def engines_per_node(self) -> int:
         return self.gpus_per_node // self.tensor_parallel
-
-    def bootstrap_ports(self) -> list[int]:
-        return list(range(self.bootstrap_port_base,
-                          self.bootstrap_port_base + max(self.engines_per_node, 1)))
 
 
 class TopologyError(ValueError):
@@ -72,6 +69,30 @@ def gpu_engines(pools: dict[str, PoolSettings], topology: TopologySettings) -> l
     return engines
 
 
+def bootstrap_ports(pools: dict[str, PoolSettings],
+                    topology: TopologySettings) -> dict[str, list[int]]:
+    """Each GPU pool's prefill ports: one per replica the role may ever have, in pool order."""
+    ports, first = {}, topology.bootstrap_port_base
+    for name, pool in pools.items():
+        if pool.prefill.num_gpus > 0:
+            ports[name] = list(range(first, first + pool.prefill.highest))
+            first += pool.prefill.highest
+    return ports
+
+
+def check_ports(ports: dict[str, list[int]], taken: dict[int, str]) -> None:
+    """Refuse a bootstrap port range that holds another service's port or leaves the port space."""
+    every = sorted(p for pool in ports.values() for p in pool)
+    if not every:
+        return
+    span = f"bootstrap ports {every[0]}-{every[-1]}"
+    if every[-1] > 65535:
+        raise TopologyError(f"{span} run past 65535: lower topology.bootstrap_port_base")
+    clash = sorted((p, what) for p, what in taken.items() if every[0] <= p <= every[-1])
+    if clash:
+        raise TopologyError(f"{span} include port {clash[0][0]}, used by {clash[0][1]}")
+
+
 def plan_engines(pools: dict[str, PoolSettings], topology: TopologySettings,
                  taken_ports: dict[int, str]) -> list[EnginePlacement]:
     """Pack every GPU engine onto the nodes, or raise `TopologyError` saying why it cannot."""
@@ -88,16 +109,11 @@ def plan_engines(pools: dict[str, PoolSettings], topology: TopologySettings,
             f"{len(engines)} engines at tensor_parallel {tp} need {len(engines) * tp} GPUs; the "
             f"cluster has {topology.nodes} x {topology.gpus_per_node} = "
             f"{topology.nodes * topology.gpus_per_node} ({capacity} engines)")
-    clash = {p: what for p, what in ({**RAY_PORTS, **taken_ports}).items()
-             if p in topology.bootstrap_ports()}
-    if clash:
-        port, what = sorted(clash.items())[0]
-        raise TopologyError(f"bootstrap ports {topology.bootstrap_ports()[0]}-"
-                            f"{topology.bootstrap_ports()[-1]} include port {port}, used by {what}")
+    ports = bootstrap_ports(pools, topology)
+    check_ports(ports, {**RAY_PORTS, **taken_ports})
     return [EnginePlacement(pool, role, replica, node=k // per_node,
                             gpus=tuple(range((k % per_node) * tp, (k % per_node + 1) * tp)),
-                            bootstrap_port=topology.bootstrap_ports()[k % per_node]
-                            if role == "prefill" else None)
+                            bootstrap_port=ports[pool][replica] if role == "prefill" else None)
             for k, (pool, role, replica) in enumerate(engines)]
 
 

@@ -45,7 +45,7 @@ class Ingress:
         self.settings = settings
         self.pools = pools
         self.multimodal = multimodal
-        self.tokenizer = PromptTokenizer(settings.model.tokenizer)
+        self.tokenizer = PromptTokenizer(settings.model.tokenizer_file())
         self.in_flight = {name: 0 for name in pools}
         self.created = int(time.time())
         self.spec = openapi.build(settings)

@@ -34,6 +34,21 @@ class ModelSettings(Strict):
             raise ValueError("model.path is required when model.source is 'checkpoint'")
         return self
 
+    def tokenizer_file(self) -> Path | None:
+        """The `tekken.json` prompts are encoded with, read at start-up (None: the stand-in's).
+
+        A checkpoint's own `tekken.json` wins: encoding a real model's prompts with the
+        stand-in's relabelled vocabulary would feed it other ids. A `model.tokenizer` given
+        beside a checkpoint that carries its own must be the same file, or start-up stops.
+        """
+        own = self.path / "tekken.json" if self.source == "checkpoint" and self.path else None
+        if own is None or not own.is_file():
+            return self.tokenizer
+        if self.tokenizer is not None and Path(self.tokenizer).read_bytes() != own.read_bytes():
+            raise ValueError(f"model.tokenizer {self.tokenizer} differs from the checkpoint's own "
+                             f"{own}: prompts would be encoded with another vocabulary")
+        return own
+
 
 class SimulatedTiming(Strict):
     """Timing model of the simulated engine (milliseconds)."""
@@ -71,6 +86,26 @@ class SGLangSettings(Strict):
         default_factory=dict, description="further sglang ServerArgs fields, passed as given")
 
 
+class SpeculativeSettings(Strict):
+    """Speculative decoding on the SGLang engines (EAGLE with Mistral's companion draft model).
+
+    Both roles get it in PD mode: the decode engine drafts and verifies, and the prefill engine
+    runs the draft model over the prompt too, sending its hidden states with the KV."""
+
+    algorithm: Literal["EAGLE", "EAGLE3"] = "EAGLE"
+    draft_model_path: Path = Field(description="local directory of the draft checkpoint")
+    num_steps: int = Field(3, ge=1, description="draft steps per verification")
+    eagle_topk: int = Field(1, ge=1, description="branches kept per draft step")
+    num_draft_tokens: int = Field(4, ge=2, description="tokens verified per step")
+
+    @model_validator(mode="after")
+    def _draft_tokens_fit(self):
+        if self.eagle_topk == 1 and self.num_draft_tokens > self.num_steps + 1:
+            raise ValueError(f"num_draft_tokens {self.num_draft_tokens} exceeds num_steps + 1 "
+                             f"({self.num_steps + 1}), all a chain of eagle_topk 1 can draft")
+        return self
+
+
 class EngineSettings(Strict):
     """The engine behind every worker of the stack and its capacity."""
 
@@ -81,7 +116,15 @@ class EngineSettings(Strict):
     torch_threads: int = Field(1, gt=0)
     simulated: SimulatedTiming = SimulatedTiming()
     sglang: SGLangSettings = SGLangSettings()
+    speculative: SpeculativeSettings | None = Field(
+        None, description="SGLang only: speculative decoding with a draft model")
     faults: FaultSettings = FaultSettings()
+
+    @model_validator(mode="after")
+    def _speculation_needs_sglang(self):
+        if self.speculative is not None and self.kind != "sglang":
+            raise ValueError("engine.speculative needs engine.kind sglang")
+        return self
 
 
 class KVHandoffSettings(Strict):
@@ -91,6 +134,14 @@ class KVHandoffSettings(Strict):
     timeout_s: float = Field(30.0, gt=0)
     prefill_timeout_s: float = Field(60.0, gt=0, description="per attempt, queueing included")
     prefill_attempts: int = Field(3, ge=1, description="on another replica after a failure")
+    prefill_tokens_per_s_floor: float = Field(
+        2000.0, gt=0, description="the slowest prefill a healthy engine keeps up; each prompt "
+        "token adds 1/floor seconds to its attempt's deadline")
+
+    def attempt_timeout_s(self, prompt_tokens: int) -> float:
+        """How long one prefill attempt of a `prompt_tokens` prompt may take, queueing included:
+        a long prompt gets the time its length needs on top of `prefill_timeout_s`."""
+        return self.prefill_timeout_s + prompt_tokens / self.prefill_tokens_per_s_floor
 
 
 class DeploymentSettings(Strict):

@@ -8,24 +8,39 @@ against the signatures recorded in `tests/contract/sglang_0.5.23.json` elsewhere
 - `generate_args`: one `async_generate` call: ids, sampling (`max_new_tokens` always set; stop
   strings are ours, since an engine without a tokenizer cannot match text), `rid` = our request
   id (needed to abort), the trace header, the PD bootstrap fields, preprocessed images.
+- `image_payload`: a request's images as the one `processor_output` item SGLang takes.
+- `engine_env`: the environment the engine's processes start with.
 - `OutputReader`: SGLang's output dicts to our token chunks and errors.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from services.engines.protocol import EngineRequest, FinishReason
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
-from services.settings import ModelSettings, SGLangSettings
+from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
+                               SpeculativeSettings, TracingSettings)
 
 SGLANG_VERSION = "0.5.23"
 BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+# The host SGLang's own health check and warm-up send PD requests to: a request naming it skips
+# the KV transfer, so one engine can be probed without a peer.
+FAKE_BOOTSTRAP_HOST = "2.2.2.2"
+# What the Mistral-native config remap assumes when params.json names no `max_seq_len`.
+SGLANG_NATIVE_CONTEXT_DEFAULT = 128_000
+# Python packages of each KV transfer backend, and the extra that installs them.
+TRANSFER_PACKAGES = {"nixl": ("nixl._api", "sglang"), "mooncake": ("mooncake.engine", "mooncake")}
+# Beyond our own deadline, how long SGLang's PD clocks wait before they give up on a pairing.
+PD_TIMEOUT_MARGIN_S = 10.0
 
 
 def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_size: int,
                 max_running_requests: int, host: str, bootstrap_port: int | None,
-                otlp_endpoint: str | None = None) -> dict[str, Any]:
+                otlp_endpoint: str | None = None,
+                speculative: SpeculativeSettings | None = None) -> dict[str, Any]:
     """`ServerArgs` keyword arguments of a `role` ("prefill" or "decode") engine."""
     if role not in ("prefill", "decode"):
         raise ValueError(f"an SGLang engine is a prefill or a decode engine, not {role!r}")
@@ -56,11 +71,62 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         args["enable_deterministic_inference"] = True
     if otlp_endpoint:
         args |= {"enable_trace": True, "otlp_traces_endpoint": otlp_endpoint}
+    if speculative is not None:
+        args |= speculative_args(speculative)
     clash = sorted(set(sglang.server_args) & set(args))
     if clash:
         raise ValueError(f"engine.sglang.server_args may not set {', '.join(clash)}: the stack "
                          "sets them from its own settings")
     return args | sglang.server_args
+
+
+def speculative_args(spec: SpeculativeSettings) -> dict[str, Any]:
+    """`ServerArgs` of speculative decoding; the same on both roles (see `SpeculativeSettings`)."""
+    return {"speculative_algorithm": spec.algorithm,
+            "speculative_draft_model_path": str(spec.draft_model_path),
+            "speculative_num_steps": spec.num_steps,
+            "speculative_eagle_topk": spec.eagle_topk,
+            "speculative_num_draft_tokens": spec.num_draft_tokens}
+
+
+def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
+               tracing: TracingSettings) -> dict[str, str]:
+    """Environment for the engine's processes.
+
+    - PD timeouts: SGLang's clocks start before the prefill runs (decode's at `send_metadata`,
+      prefill's bootstrap clock when its sender is made), so a long prompt behind a busy queue
+      legitimately waits. Ours end each attempt (`KVHandoffSettings.attempt_timeout_s`, by prompt
+      length) and abort it by rid; the engine's own clocks are set past the longest attempt any
+      prompt the context admits can get, so the engine never gives up first.
+    - Context: the model card serves 262144 tokens (YaRN factor 128 over 8192 positions:
+      1048576 positional capacity), but SGLang's Mistral-native config remap inserts
+      `max_seq_len = 128000` when params.json has none and reads it before anything else, then
+      refuses a longer `context_length`. The override SGLang provides for this is set exactly
+      when the served context is longer than that assumed default.
+    - Traces: SGLang's exporter speaks gRPC unless told otherwise; it gets our protocol.
+    """
+    wait = math.ceil(kv_handoff.attempt_timeout_s(model.context_length) + PD_TIMEOUT_MARGIN_S)
+    env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(wait),
+           "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(wait)}
+    if model.context_length > SGLANG_NATIVE_CONTEXT_DEFAULT:
+        env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+    if tracing.exporter in ("otlp_http", "otlp_grpc"):
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = ("grpc" if tracing.exporter == "otlp_grpc"
+                                                     else "http/protobuf")
+    return env
+
+
+def require_transfer_backend(backend: str) -> None:
+    """Fail at start-up, naming the extra, when the KV transfer library is not installed
+    (SGLang itself declares no dependency on it and fails only when the first engine starts)."""
+    import importlib
+
+    module, extra = TRANSFER_PACKAGES[backend]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"engine.sglang.transfer_backend {backend} needs {module.split('.')[0]}"
+                           f": pip install '.[{extra}]'") from exc
 
 
 def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
@@ -111,14 +177,79 @@ def generate_args(request: EngineRequest, eos_ids: tuple[int, ...], *,
     return kwargs
 
 
-def image_data(pixel_values: list[Any]) -> list[dict[str, Any]]:
-    """Our preprocessed images (mistral-common's CHW float32 arrays) as SGLang's
-    `processor_output` item: the ids already hold the expanded `[IMG]` layout, so SGLang neither
-    re-tokenises nor re-processes them (one such item per request and modality)."""
+@dataclass(frozen=True)
+class ImageTokens:
+    """The ids of Pixtral's image layout: `[IMG]` per patch, `[IMG_BREAK]` ending each row
+    but the last, `[IMG_END]` ending the image."""
+
+    img: int
+    brk: int
+    end: int
+    patch: int = 28  # pixels per `[IMG]`: patch 14, spatial merge 2
+
+
+def image_payload(prompt_ids: list[int], pixel_values: list[Any],
+                  tokens: ImageTokens) -> tuple[list[int], list[dict[str, Any]]]:
+    """The prompt ids and SGLang `image_data` of a request's preprocessed images.
+
+    SGLang takes one `processor_output` item per request, hashes its features (torch tensors,
+    not numpy arrays) and splits it into one item per image along the tensor's first axis and
+    the offsets given, and its Mistral-native vision tower takes each as a (1, C, H, W) tensor.
+    Images of one request therefore travel as one (N, C, H, W) tensor: when their sizes
+    differ, each is padded at the bottom and right with the normalised mean colour to the
+    largest height and width, and its `[IMG]` block in the ids is laid out for that size (so
+    the ids and the pixels always agree; the prompt grows by the padding's tokens). Images of
+    one size, and every single image, go exactly as mistral-common encoded them.
+    """
     if not pixel_values:
-        return []
-    return [{"format": "processor_output", "pixel_values": list(pixel_values),
-             "image_sizes": [tuple(p.shape[-2:]) for p in pixel_values]}]
+        return list(prompt_ids), []
+    import numpy as np
+    import torch
+
+    height = max(p.shape[-2] for p in pixel_values)
+    width = max(p.shape[-1] for p in pixel_values)
+    batch = np.zeros((len(pixel_values), pixel_values[0].shape[0], height, width), np.float32)
+    for i, p in enumerate(pixel_values):
+        batch[i, :, :p.shape[-2], :p.shape[-1]] = p
+    ids = _relayout(prompt_ids, len(pixel_values), tokens, height // tokens.patch,
+                    width // tokens.patch)
+    item = {"format": "processor_output", "pixel_values": torch.from_numpy(batch),
+            "image_sizes": [(height, width)] * len(pixel_values),
+            "offsets": image_offsets(ids, tokens)}
+    return ids, [item]
+
+
+def image_offsets(ids: list[int], tokens: ImageTokens) -> list[tuple[int, int]]:
+    """(first, last) position of each image's block before its `[IMG_END]`, as SGLang
+    counts them (inclusive)."""
+    spans, start = [], None
+    for i, t in enumerate(ids):
+        if t == tokens.img and start is None:
+            start = i
+        elif t == tokens.end and start is not None:
+            spans.append((start, i - 1))
+            start = None
+    return spans
+
+
+def _relayout(ids: list[int], images: int, tokens: ImageTokens, rows: int,
+              cols: int) -> list[int]:
+    """`ids` with every image block laid out as `rows` x `cols` patches."""
+    block = ([tokens.img] * cols + [tokens.brk]) * rows
+    block[-1] = tokens.end
+    out, inside, found = [], False, 0
+    for t in ids:
+        if t == tokens.img and not inside:
+            inside, found = True, found + 1
+            out += block
+        elif inside and t == tokens.end:
+            inside = False
+        elif not inside:
+            out.append(t)
+    if found != images:
+        raise InvalidRequest(f"the prompt holds {found} image blocks for {images} images",
+                             param="messages")
+    return out
 
 
 class OutputReader:

@@ -1,37 +1,42 @@
 """The SGLang engine (GPU hosts, the `sglang` extra) behind our engine and KV-handoff seams.
 
 One `sglang.Engine` per prefill or decode replica, in PD mode, fed token ids (see
-`sglang_args`). A prefill engine serves its KV from a bootstrap server on the node's routable
-address and a free port of `topology.bootstrap_ports`; the decode side learns them from the
-prefill replica (`SGLangHandoff.bind`) and its engine pulls the KV for the request's room while
-the prefill runs. Stop strings and `stop_context` are ours (`StopChecker`); an engine request
-we stop early, or whose client left, is aborted by `rid`.
+`sglang_args`). A prefill engine serves its KV bootstrap on the node's routable address and the
+port its replica claimed from the pool's fixed range (`bootstrap_port`); the decode side learns
+them from the prefill replica (`SGLangHandoff.bind`) and registers its engine request for the
+room, and the prefill engine writes the KV into the decode engine's memory (NIXL) as it runs.
+The KV has arrived when the decode engine emits its first token (`SGLangHandoff.receive`), so a
+prefill that fails before then is retried in a new room. Stop strings and `stop_context` are ours
+(`StopChecker`); an engine request we stop early, or whose client left, is aborted by `rid`.
 
 Not run here (no GPU in CI): everything that starts `sglang.Engine`. The translation, the
-handoff and the port choice are tested on the CPU.
+handoff, the ports and the probe are tested on the CPU, against SGLang's own classes in the
+conformance tier (`make test-sglang`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+from services.engines.bootstrap_port import claim_port, replica_rank
 from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk)
-from services.engines.sglang_args import (OutputReader, engine_error, generate_args,
-                                          image_data, server_args)
+from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, ImageTokens, OutputReader,
+                                          engine_env, engine_error, generate_args,
+                                          image_payload, require_transfer_backend, server_args)
 from services.engines.stops import StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
 from services.tokenizer import PromptTokenizer
 from services.workers.settings import WorkerSettings
 
-# SGLang's PD timeouts default to 300 s; ours are far shorter (kv_handoff.timeout_s), so an
-# engine never waits on a pairing the stack has given up on.
-TIMEOUT_ENV = ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT")
+PROBE_TIMEOUT_S = 30.0   # one token with no peer; SGLang's own /health_generate allows 20 s
+PROBE_EVERY_S = 10.0     # a healthy engine is probed again this often (a failing one at once)
 
 
 def routable_host() -> str:
@@ -46,24 +51,6 @@ def routable_host() -> str:
     return "127.0.0.1"
 
 
-def free_port(host: str, candidates: list[int]) -> int:
-    """The first of `candidates` nobody on this node listens on (one per prefill engine)."""
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"every KV bootstrap port {candidates[0]}-{candidates[-1]} on {host} is "
-                       "taken: more prefill engines on this node than topology allows")
-
-
-def engine_env(timeout_s: float) -> dict[str, str]:
-    """Environment for the engine's processes: PD timeouts bounded by ours."""
-    return {name: str(max(1, int(timeout_s))) for name in TIMEOUT_ENV}
-
-
 class SGLangEngine:
     """An `Engine` running one SGLang prefill or decode engine in this process's children."""
 
@@ -75,31 +62,41 @@ class SGLangEngine:
         except ImportError as exc:
             raise RuntimeError("engine.kind sglang needs the 'sglang' extra on a GPU host "
                                "(pip install '.[sglang]')") from exc
+        require_transfer_backend(worker.engine.sglang.transfer_backend)
+        if worker.model.tokenizer_file() != worker.model.path / "tekken.json":
+            raise RuntimeError(f"{worker.model.path} has no tekken.json: SGLang serves a "
+                               "Mistral-native checkpoint, whose prompts are encoded with its own")
         self.role, self.settings = role, worker
         self.eos_ids = (tokenizer.eos_id,)
         self.detokenize = tokenizer.decode
+        self.image_tokens = ImageTokens(tokenizer.special("[IMG]"),
+                                        tokenizer.special("[IMG_BREAK]"),
+                                        tokenizer.special("[IMG_END]"))
         self.host = routable_host()
-        self.bootstrap_port = (free_port(self.host, worker.bootstrap_ports)
-                               if role == "prefill" else None)
-        os.environ.update(engine_env(worker.kv_handoff.timeout_s))
+        self.port_claim = (claim_port(worker.bootstrap_ports, replica_rank())
+                           if role == "prefill" else None)
+        self.bootstrap_port = self.port_claim.port if self.port_claim else None
         tracing = worker.telemetry.tracing
+        os.environ.update(engine_env(worker.model, worker.kv_handoff, tracing))
         self.args = server_args(worker.model, worker.engine.sglang, role=role,
                                 tp_size=worker.tensor_parallel,
                                 max_running_requests=worker.engine.max_running_requests,
                                 host=self.host, bootstrap_port=self.bootstrap_port,
-                                otlp_endpoint=tracing.endpoint if tracing.enabled else None)
+                                otlp_endpoint=tracing.endpoint if tracing.enabled else None,
+                                speculative=worker.engine.speculative)
         self.engine = sglang.Engine(**self.args)
         self.seeded = worker.engine.sglang.deterministic
         self.live: dict[str, list] = {}  # request id -> [engine rid, KV tokens it holds]
+        self.health = EngineProbe(self.engine)
 
     def handoff(self) -> SGLangHandoff:
         return SGLangHandoff(self)
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """Run the prompt; the engine pushes the KV to the decode engine of the same room."""
-        kwargs = generate_args(request, self.eos_ids, images=image_data(request.images),
-                               seeded=self.seeded)
-        kwargs["stream"] = False
+        ids, images = image_payload(request.prompt_ids, request.images, self.image_tokens)
+        kwargs = generate_args(request, self.eos_ids, images=images, seeded=self.seeded)
+        kwargs |= {"input_ids": ids, "stream": False}
         started = time.perf_counter()
         self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
         try:
@@ -120,34 +117,28 @@ class SGLangEngine:
                              cached_tokens=int(meta.get("cached_tokens") or 0),
                              compute_s=time.perf_counter() - started)
 
+    async def open_decode(self, request: EngineRequest, pairing: dict[str, Any]) -> DecodeStream:
+        """Start this decode engine's request for the room in `pairing` and wait until the KV
+        has arrived (its first output). Cancelled or failed, it aborts that room's request."""
+        stream = DecodeStream(self, request, pairing)
+        try:
+            await stream.start()
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
     async def decode(self, request: EngineRequest, first_token: int | None,
                      kv: Any) -> AsyncIterator[TokenChunk]:
-        """Stream from the first token; `kv` is the pairing (`SGLangHandoff.receive`)."""
-        if first_token is not None:
-            raise ValueError("an SGLang decode engine pulls the KV and the first token itself")
-        paired = replace(request, handoff=dict(kv or {}))
-        reader, stops = OutputReader(request.request_id), StopChecker(
-            request.sampling, self.eos_ids, self.detokenize)
-        kwargs = generate_args(paired, self.eos_ids, seeded=self.seeded)
-        self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
-        outputs = await self.engine.async_generate(**kwargs)
-        finished = False
-        try:
-            async for out in outputs:
-                ids, before = reader.new_tokens(out), len(stops.generated)
-                ours = stops.check(ids) if ids else None
-                ids = ids[:len(stops.generated) - before]  # none past where we stop
-                theirs = reader.finish(out)
-                self.live[request.request_id][1] += len(ids)
-                finished = bool(ours or theirs)
-                yield TokenChunk(ids, ours or theirs)
-                if finished:
-                    return
-        finally:
-            self.live.pop(request.request_id, None)
-            if not finished:
-                await self.abort(request.request_id)
-            await outputs.aclose()
+        """Stream from the first token; `kv` is the stream `SGLangHandoff.receive` opened."""
+        if first_token is not None or not isinstance(kv, DecodeStream):
+            raise ValueError("an SGLang decode engine streams from the first token of the "
+                             "request its handoff opened")
+        async for chunk in kv.chunks():
+            yield chunk
+
+    async def probe(self) -> bool:
+        return await self.health.check()
 
     async def abort(self, request_id: str) -> bool:
         """Abort `request_id`'s engine request (SGLang has no public abort; this is its
@@ -159,11 +150,9 @@ class SGLangEngine:
         return True
 
     def stats(self) -> EngineStats:
-        """Our own view of the engine: requests in flight and the KV they hold."""
-        try:
-            healthy, detail = bool(self.engine.tokenizer_manager.is_healthy()), ""
-        except Exception as exc:  # a dead scheduler process
-            healthy, detail = False, f"{type(exc).__name__}: {exc}"
+        """Our own view of the engine: requests in flight, the KV they hold, and health from
+        the latest probe (`EngineProbe`), which this call starts again when it is due."""
+        healthy, detail = self.health.status()
         return EngineStats(self.kind, self.role, running=len(self.live), waiting=0,
                            kv_tokens=sum(tokens for _, tokens in self.live.values()),
                            kv_capacity=self.settings.engine.kv_capacity_tokens,
@@ -189,10 +178,107 @@ class SGLangHandoff:
         return ticket
 
     async def send(self, ticket: KVTicket, kv: Any) -> KVTicket:
-        return ticket  # the prefill engine pushed it
+        return ticket  # the prefill engine wrote it into the decode engine's memory
 
-    async def receive(self, ticket: KVTicket) -> PairedKV:
-        return PairedKV(None, dict(ticket.fields))  # the decode engine pulls it
+    async def receive(self, ticket: KVTicket, request: EngineRequest | None = None) -> PairedKV:
+        """Open the decode engine's request for this room and return once the KV is there
+        (its first output): a prefill that fails before then leaves this waiting, and the
+        worker cancels it (aborting the room's request) and retries in a new room."""
+        if request is None:
+            raise ValueError("the SGLang handoff opens the decode request: pass the request")
+        return PairedKV(None, await self.engine.open_decode(request, dict(ticket.fields)))
 
     def release(self, ticket: KVTicket) -> None:
         return None  # the engines free their side when the request ends or is aborted
+
+
+class DecodeStream:
+    """One decode engine request, from its pairing to its end: opened by the handoff (so the
+    worker can tell when the KV arrived), then read by `SGLangEngine.decode`."""
+
+    def __init__(self, engine: SGLangEngine, request: EngineRequest, pairing: dict[str, Any]):
+        self.engine, self.request = engine, replace(request, handoff=pairing)
+        self.reader = OutputReader(request.request_id)
+        self.stops = StopChecker(request.sampling, engine.eos_ids, engine.detokenize)
+        self.outputs, self.head, self.finished = None, None, False
+
+    async def start(self) -> None:
+        kwargs = generate_args(self.request, self.engine.eos_ids, seeded=self.engine.seeded)
+        self.engine.live[self.request.request_id] = [kwargs["rid"],
+                                                     len(self.request.prompt_ids)]
+        self.outputs = await self.engine.engine.async_generate(**kwargs)
+        self.head = await anext(self.outputs)
+
+    async def chunks(self) -> AsyncIterator[TokenChunk]:
+        try:
+            out = self.head
+            while out is not None:
+                chunk = self._chunk(out)
+                yield chunk
+                if chunk.finish_reason:
+                    self.finished = True
+                    return
+                out = await anext(self.outputs, None)
+        finally:
+            await self.close()
+
+    def _chunk(self, out: dict[str, Any]) -> TokenChunk:
+        ids, before = self.reader.new_tokens(out), len(self.stops.generated)
+        ours = self.stops.check(ids) if ids else None
+        ids = ids[:len(self.stops.generated) - before]  # none past where we stop
+        theirs = self.reader.finish(out)
+        live = self.engine.live.get(self.request.request_id)
+        if live is not None:
+            live[1] += len(ids)
+        return TokenChunk(ids, ours or theirs)
+
+    async def close(self) -> None:
+        """Abort the engine request unless it finished, then forget it (in that order: the
+        abort finds the request by its entry in `live`)."""
+        if not self.finished:
+            await self.engine.abort(self.request.request_id)
+        self.engine.live.pop(self.request.request_id, None)
+        if self.outputs is not None:
+            await self.outputs.aclose()
+
+
+class EngineProbe:
+    """Readiness from the engine itself: one token with no peer (the fake bootstrap host SGLang's
+    own health check uses), bounded in time, repeated while it is due. `sglang.Engine` never
+    marks itself up (only SGLang's HTTP server does, after its own warm-up), so its
+    `is_healthy()` alone would say not ready for ever."""
+
+    def __init__(self, engine: Any, timeout_s: float = PROBE_TIMEOUT_S,
+                 every_s: float = PROBE_EVERY_S):
+        self.engine, self.timeout_s, self.every_s = engine, timeout_s, every_s
+        self.healthy, self.detail, self.checked_at = False, "not probed yet", float("-inf")
+        self.running: asyncio.Task | None = None
+
+    def status(self) -> tuple[bool, str]:
+        """The latest result; starts a probe in the background when one is due."""
+        due = time.monotonic() - self.checked_at >= (self.every_s if self.healthy else 0.0)
+        if due and (self.running is None or self.running.done()):
+            try:
+                self.running = asyncio.get_running_loop().create_task(self.check())
+            except RuntimeError:  # no loop here: the next call from the replica's loop starts it
+                pass
+        return self.healthy, self.detail
+
+    async def check(self) -> bool:
+        rid = f"small4-probe-{uuid.uuid4().hex}"
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                out = await self.engine.async_generate(
+                    input_ids=[1], sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+                    bootstrap_host=FAKE_BOOTSTRAP_HOST, bootstrap_room=0, rid=rid, stream=False)
+            reason = ((out or {}).get("meta_info") or {}).get("finish_reason") or {}
+            kind = reason.get("type") if isinstance(reason, dict) else reason
+            self.healthy = kind in ("stop", "length")
+            self.detail = "" if self.healthy else f"probe ended with {reason!r}"
+        except TimeoutError:
+            self.engine.tokenizer_manager.abort_request(rid=rid)
+            self.healthy, self.detail = False, f"no token within {self.timeout_s:g} s"
+        except Exception as exc:  # a dead scheduler process
+            self.healthy, self.detail = False, f"{type(exc).__name__}: {exc}"
+        self.checked_at = time.monotonic()
+        return self.healthy

@@ -30,7 +30,7 @@ class LocalHandoff:
         ticket.num_tokens, ticket.nbytes = _size(kv)
         return ticket
 
-    async def receive(self, ticket: KVTicket) -> Any:
+    async def receive(self, ticket: KVTicket, request: Any = None) -> Any:
         if ticket.payload is None:
             raise KVHandoffFailed(f"no KV was sent for {ticket.request_id}")
         return ticket.payload
@@ -62,7 +62,7 @@ class ObjectStoreHandoff:
         ticket.num_tokens, ticket.nbytes = _size(kv)
         return ticket
 
-    async def receive(self, ticket: KVTicket) -> Any:
+    async def receive(self, ticket: KVTicket, request: Any = None) -> Any:
         import ray
 
         if not ticket.payload:
@@ -113,7 +113,7 @@ class PairedHandoff:
         ticket.num_tokens, ticket.nbytes = _size(kv.kv)
         return ticket
 
-    async def receive(self, ticket: KVTicket) -> PairedKV:
+    async def receive(self, ticket: KVTicket, request: Any = None) -> PairedKV:
         room = _ROOMS.get(ticket.fields["bootstrap_room"])
         if room is None:
             raise KVHandoffFailed(f"no room is open for {ticket.request_id}")

@@ -5,8 +5,9 @@ Calling convention (the decode side drives; see `services.kv.transfer` for the s
   with the prefill request (SGLang: the bootstrap host/port/room both engines meet at).
 - `send(ticket, kv)` on the prefill side, after prefill, makes the KV available and returns the
   ticket to hand back (object store: `ray.put`; SGLang: nothing, its engine pushes the KV itself).
-- `receive(ticket)` on the decode side returns the KV in the engine's import form (None where the
-  engine pulls it itself); raises `KVHandoffFailed` on timeout or loss.
+- `receive(ticket, request)` on the decode side returns the KV in the engine's import form once it
+  is there; raises `KVHandoffFailed` on timeout or loss. SGLang's starts the decode engine's
+  request for the room and returns once that engine has the KV (its first output).
 - `release(ticket)` frees whatever the transfer still holds; safe to call twice.
 `concurrent` says whether the decode engine may start before prefill finishes (SGLang) or only
 after (object store: sequential). A concurrent handoff also has `bind(ticket)`, called on the
@@ -54,6 +55,6 @@ class KVHandoff(Protocol):
 
     async def send(self, ticket: KVTicket, kv: Any) -> KVTicket: ...
 
-    async def receive(self, ticket: KVTicket) -> Any: ...
+    async def receive(self, ticket: KVTicket, request: Any = None) -> Any: ...
 
     def release(self, ticket: KVTicket) -> None: ...

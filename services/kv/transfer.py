@@ -64,9 +64,10 @@ class KVTransfer:
         self.ticket = ticket
         self.move(KVState.READY)
 
-    async def consume(self) -> Any:
-        """Receive the KV and enter CONSUMED."""
-        kv = await self.handoff.receive(self.ticket)
+    async def consume(self, request: Any = None) -> Any:
+        """Receive the KV (of `request`, for a handoff that starts the decode engine's side)
+        and enter CONSUMED."""
+        kv = await self.handoff.receive(self.ticket, request)
         self.move(KVState.CONSUMED)
         return kv
 

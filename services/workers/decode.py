@@ -148,15 +148,16 @@ class DecodeWorker(EngineHost):
         for attempt in range(handoff.prefill_attempts):
             await self._before_attempt(attempt, ctx, request)
             transfer = KVTransfer(self.handoff, request.request_id)
-            legs = stream(self.prefill, "prefill_paired", ctx.within(handoff.prefill_timeout_s),
+            attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
+            legs = stream(self.prefill, "prefill_paired", ctx.within(attempt_s),
                           request, transfer.ticket)
             replied = received = None
             try:
-                async with asyncio.timeout(handoff.prefill_timeout_s + _STUCK_GRACE_S):
+                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
                     transfer.move(KVState.TRANSFERRING)
                     transfer.ready(await anext(legs))
                     replied = asyncio.ensure_future(anext(legs))
-                    received = asyncio.ensure_future(transfer.consume())
+                    received = asyncio.ensure_future(transfer.consume(request))
                     await asyncio.wait({replied, received}, return_when=asyncio.FIRST_COMPLETED)
                     if replied.done():
                         replied.result()  # a failed prefill raises here
@@ -198,12 +199,13 @@ class DecodeWorker(EngineHost):
         here covers a replica too stuck to answer at all. Nothing is reserved on this side
         until a prefill succeeds."""
         handoff, last = self.settings.kv_handoff, None
+        attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
         for attempt in range(handoff.prefill_attempts):
             await self._before_attempt(attempt, ctx, request)
             try:
-                async with asyncio.timeout(handoff.prefill_timeout_s + _STUCK_GRACE_S):
-                    return await call(self.prefill, "prefill", ctx.within(
-                        handoff.prefill_timeout_s), request, transfer.ticket)
+                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
+                    return await call(self.prefill, "prefill", ctx.within(attempt_s), request,
+                                      transfer.ticket)
             except TimeoutError as exc:
                 await self._abort_prefill(request.request_id)
                 last = exc

@@ -18,7 +18,7 @@ class EngineHost:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        tokenizer = PromptTokenizer(settings.model.tokenizer)
+        tokenizer = PromptTokenizer(settings.model.tokenizer_file())
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
                                    tokenizer=tokenizer, worker=settings)
         self.handoff = build_handoff(settings.kv_handoff, engine=self.engine)

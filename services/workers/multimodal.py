@@ -28,7 +28,7 @@ class MultimodalWorker:
     role = "multimodal"
 
     def __init__(self, settings: MultimodalWorkerSettings):
-        self.preprocessor = MultimodalPreprocessor(PromptTokenizer(settings.model.tokenizer),
+        self.preprocessor = MultimodalPreprocessor(PromptTokenizer(settings.model.tokenizer_file()),
                                                    settings.images)
         tracing.configure(settings.telemetry.tracing, role=self.role)
 

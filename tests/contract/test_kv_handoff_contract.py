@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 
+from services.engines.protocol import EngineRequest, SamplingParams
 from services.errors import KVHandoffFailed
 from services.kv.backends import build_handoff
 from services.kv.protocol import KVHandoff, PairedKV
@@ -22,8 +23,20 @@ class BoundPrefillEngine:
     host, bootstrap_port = "10.0.0.9", 9000
 
 
+class DecodeEngine:
+    """What SGLang's `receive` asks of the decode replica's engine: open the room's request
+    (here: hand back the pairing it was opened with; the engine's own stream is
+    `tests/contract/test_sglang_pairing.py`'s)."""
+
+    async def open_decode(self, request, pairing):
+        return pairing
+
+
 class KV:
     num_tokens, nbytes = 7, 7 * 11520
+
+
+REQUEST = EngineRequest("r", [1, 2], SamplingParams(max_tokens=1))
 
 
 def sides(backend: str) -> tuple[KVHandoff, KVHandoff]:
@@ -32,7 +45,7 @@ def sides(backend: str) -> tuple[KVHandoff, KVHandoff]:
     if backend == "sglang":
         from services.engines.sglang_engine import SGLangHandoff
 
-        return SGLangHandoff(None), SGLangHandoff(BoundPrefillEngine())
+        return SGLangHandoff(DecodeEngine()), SGLangHandoff(BoundPrefillEngine())
     return build_handoff(settings), build_handoff(settings)
 
 
@@ -82,12 +95,12 @@ async def delivered(backend: str):
 def test_what_the_prefill_side_sends_the_decode_side_receives(backend):
     async def run():
         decode, sent = await delivered(backend)
-        got = await decode.receive(sent)
+        got = await decode.receive(sent, REQUEST)
         decode.release(sent)
         decode.release(sent)  # twice is harmless
         return got
     got = asyncio.run(run())
-    if backend == "sglang":  # the decode engine pulls KV and first token from the pairing
+    if backend == "sglang":  # the decode engine's request, opened in the prefill's room
         assert got == PairedKV(None, {"bootstrap_room": got.kv["bootstrap_room"],
                                       "bootstrap_host": "10.0.0.9", "bootstrap_port": 9000})
     elif backend == "paired":
@@ -101,7 +114,7 @@ def test_a_ticket_nobody_sent_is_not_waited_on_forever(backend):
         decode, _ = sides(backend)
         ticket = decode.open("r")
         try:
-            return await asyncio.wait_for(decode.receive(ticket), 5)
+            return await asyncio.wait_for(decode.receive(ticket, REQUEST), 5)
         finally:
             decode.release(ticket)
     if backend == "sglang":  # SGLang's decode engine waits (bounded by the PD timeouts)

@@ -7,22 +7,17 @@ recorded from its source in `sglang_0.5.23.json`. Starting an engine is left to 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
-import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cluster.settings import load_settings, parse_settings
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.sglang_args import (BOOTSTRAP_FIELDS, OutputReader, generate_args,
-                                          image_data, sampling_args, server_args)
-from services.engines.sglang_engine import SGLangHandoff, engine_env, free_port
+                                          sampling_args, server_args)
 from services.errors import EngineUnavailable, InvalidRequest
-from services.kv.protocol import PairedKV
 
 RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
 PROFILE = load_settings("cluster/profiles/h200x16.yaml")
@@ -108,13 +103,6 @@ def test_a_request_without_pairing_is_refused():
         generate_args(EngineRequest("r", [1], SamplingParams(max_tokens=1)), (2,))
 
 
-def test_images_go_as_one_processor_output_item():
-    items = image_data([np.zeros((3, 28, 56), np.float32), np.zeros((3, 14, 14), np.float32)])
-    assert len(items) == 1 and items[0]["format"] == "processor_output"
-    assert items[0]["image_sizes"] == [(28, 56), (14, 14)]
-    assert image_data([]) == []
-
-
 def test_output_reader_takes_cumulative_or_incremental_ids():
     cumulative = OutputReader("r")
     assert cumulative.new_tokens({"output_ids": [4], "meta_info": {"completion_tokens": 1}}) == [4]
@@ -139,42 +127,6 @@ def test_finish_reasons_and_aborts_map_to_ours():
     with pytest.raises(InvalidRequest):
         reader.finish({"meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
                                                        "message": "too long"}}})
-
-
-def test_handoff_pairs_through_the_prefill_replicas_bootstrap_server():
-    class Prefill:  # what the handoff reads from a started prefill engine
-        host, bootstrap_port = "10.0.0.9", 9000
-
-    decode_side, prefill_side = SGLangHandoff(None), SGLangHandoff(Prefill())
-    assert decode_side.concurrent
-    ticket = decode_side.open("r")
-    other = decode_side.open("r")
-    assert ticket.fields["bootstrap_room"] != other.fields["bootstrap_room"]
-    assert 0 <= ticket.fields["bootstrap_room"] < 2 ** 63
-    bound = prefill_side.bind(ticket)
-    paired = asyncio.run(decode_side.receive(bound))
-    assert isinstance(paired, PairedKV) and paired.first_token is None
-    assert paired.kv == {"bootstrap_room": ticket.fields["bootstrap_room"],
-                         "bootstrap_host": "10.0.0.9", "bootstrap_port": 9000}
-
-
-def test_bootstrap_port_skips_ports_in_use_and_says_when_none_is_left():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            spare = s.getsockname()[1]
-        assert free_port("127.0.0.1", [busy, spare]) == spare
-        with pytest.raises(RuntimeError, match="bootstrap port"):
-            free_port("127.0.0.1", [busy])
-
-
-def test_engine_timeouts_are_bounded_by_ours():
-    env = engine_env(PROFILE.kv_handoff.timeout_s)
-    assert env == {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30",
-                   "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "30"}
 
 
 def test_sglang_engine_and_handoff_go_together_on_gpus():

@@ -70,3 +70,18 @@ def test_impossible_profiles_are_refused_naming_the_problem(changes, problem):
 def test_chart_default_stack_is_the_h200x16_profile():
     values = yaml.safe_load((ROOT / "helm" / "small4" / "values.yaml").read_text())
     assert values["stack"] == yaml.safe_load(H200.read_text())
+
+
+def test_every_prefill_replica_a_profile_may_run_has_its_own_fixed_port():
+    from cluster.topology import RAY_PORTS, bootstrap_ports
+
+    settings = load_settings(H200)
+    ports = bootstrap_ports(settings.pools, settings.topology)
+    assert {pool: len(p) for pool, p in ports.items()} == {
+        name: settings.pools[name].prefill.max_replicas for name in ("fast", "deep")}
+    every = [p for pool in ports.values() for p in pool]
+    assert len(every) == len(set(every)), "two prefill replicas would share a bootstrap port"
+    assert not set(every) & (set(RAY_PORTS) | {settings.http.port})
+    assert settings.worker("deep").bootstrap_ports == ports["deep"]
+    planned = [p.bootstrap_port for p in settings.placements() if p.role == "prefill"]
+    assert planned == [ports["fast"][0], ports["deep"][0], ports["deep"][1]]

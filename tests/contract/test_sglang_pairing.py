@@ -1,0 +1,259 @@
+"""The SGLang adapter's runtime parts on the CPU: the image payload, the decode stream the handoff
+opens (so a prefill failing before the KV arrives is retried in a new room), aborts, the
+readiness probe, the bootstrap port claims, the engine's environment, speculative decoding and
+the tokenizer choice. The engine is a recording stand-in for the few `sglang.Engine` calls the
+adapter makes; the conformance tier (`tests/sglang`) runs the same payload through SGLang's own
+processor and vision tower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cluster.settings import load_settings, parse_settings
+from services.engines.bootstrap_port import claim_port
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.engines.sglang_args import (BOOTSTRAP_FIELDS, ImageTokens, engine_env,
+                                          image_offsets, image_payload,
+                                          require_transfer_backend, server_args)
+from services.engines.sglang_engine import EngineProbe, SGLangEngine, SGLangHandoff
+from services.errors import InvalidRequest
+from services.kv.protocol import PairedKV
+
+PROFILE = load_settings("cluster/profiles/h200x16.yaml")
+PAIRING = {"bootstrap_host": "10.0.0.7", "bootstrap_port": 8999, "bootstrap_room": 12345}
+TOKENS = ImageTokens(img=10, brk=12, end=13)
+
+
+def request() -> EngineRequest:
+    return EngineRequest("chatcmpl-1", [1, 5, 6, 7], SamplingParams(max_tokens=8),
+                         handoff=dict(PAIRING))
+
+
+def image_block(rows: int, cols: int) -> list[int]:
+    block = ([10] * cols + [12]) * rows
+    return block[:-1] + [13]
+
+
+class RecordingEngine:
+    """The part of `sglang.Engine` the adapter calls, answering from a script of outputs."""
+
+    def __init__(self, outputs: list[dict] | None = None, block: bool = False):
+        self.outputs, self.block, self.calls, self.aborted = outputs or [], block, [], []
+        self.tokenizer_manager = self
+
+    def abort_request(self, rid: str) -> None:
+        self.aborted.append(rid)
+
+    async def async_generate(self, **kwargs):
+        self.calls.append(kwargs)
+        if self.block:
+            await asyncio.Event().wait()  # the KV never arrives
+        if not kwargs.get("stream", True):
+            return self.outputs[-1]
+
+        async def stream():
+            for out in self.outputs:
+                yield out
+        return stream()
+
+
+class Adapter:
+    """What `DecodeStream` and the handoff read of an `SGLangEngine`, around a recording engine
+    (the methods are `SGLangEngine`'s own)."""
+
+    def __init__(self, engine: RecordingEngine):
+        self.engine, self.live, self.eos_ids, self.seeded = engine, {}, (2,), False
+        self.detokenize = lambda ids: " ".join(map(str, ids))
+        self.abort = SGLangEngine.abort.__get__(self)
+        self.open_decode = SGLangEngine.open_decode.__get__(self)
+
+
+def outputs(*cumulative: list[int], finish: str = "length") -> list[dict]:
+    last = len(cumulative) - 1
+    return [{"output_ids": ids, "meta_info": {
+        "completion_tokens": len(ids), "finish_reason": {"type": finish} if i == last else None}}
+        for i, ids in enumerate(cumulative)]
+
+
+def test_images_of_one_size_go_as_encoded_in_one_tensor_item():
+    ids = [1, 3] + image_block(2, 4) + image_block(2, 4) + [7, 4]
+    pixels = [np.full((3, 56, 112), v, np.float32) for v in (0.5, -0.5)]
+    out, items = image_payload(ids, pixels, TOKENS)
+    assert out == ids and len(items) == 1 and items[0]["format"] == "processor_output"
+    batch = items[0]["pixel_values"]
+    assert type(batch).__module__.startswith("torch"), "SGLang hashes tensors, not numpy"
+    assert tuple(batch.shape) == (2, 3, 56, 112) and float(batch[1, 0, 0, 0]) == -0.5
+    assert items[0]["offsets"] == [(2, 10), (12, 20)]
+    assert image_payload([1, 2], [], TOKENS) == ([1, 2], [])
+
+
+def test_images_of_several_sizes_are_padded_to_one_and_their_blocks_laid_out_again():
+    ids = [1] + image_block(2, 4) + [5] + image_block(3, 1) + [6]
+    pixels = [np.ones((3, 56, 112), np.float32), np.ones((3, 84, 28), np.float32)]
+    out, items = image_payload(ids, pixels, TOKENS)
+    assert tuple(items[0]["pixel_values"].shape) == (2, 3, 84, 112)
+    assert out == [1] + image_block(3, 4) + [5] + image_block(3, 4) + [6]
+    assert items[0]["offsets"] == image_offsets(out, TOKENS) == [(1, 14), (17, 30)]
+    padded = items[0]["pixel_values"][1]
+    assert float(padded[:, :, :28].min()) == 1.0 and float(padded[:, :, 28:].abs().max()) == 0.0
+    with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
+        image_payload([1] + image_block(2, 4), pixels, TOKENS)
+
+
+def test_handoff_opens_the_decode_request_in_the_prefill_replicas_room():
+    class Prefill:  # what the handoff reads from a started prefill engine
+        host, bootstrap_port = "10.0.0.9", 9000
+
+    engine = RecordingEngine(outputs([4], [4, 5, 6]))
+    decode_side, prefill_side = SGLangHandoff(Adapter(engine)), SGLangHandoff(Prefill())
+    assert decode_side.concurrent
+    ticket = decode_side.open("r")
+    assert ticket.fields["bootstrap_room"] != decode_side.open("r").fields["bootstrap_room"]
+    assert 0 <= ticket.fields["bootstrap_room"] < 2 ** 63
+    bound = prefill_side.bind(ticket)
+
+    async def run():
+        paired = await decode_side.receive(bound, request())
+        return paired, [c async for c in paired.kv.chunks()]
+
+    paired, chunks = asyncio.run(run())
+    assert isinstance(paired, PairedKV) and paired.first_token is None
+    sent = engine.calls[0]
+    assert {f: sent[f] for f in BOOTSTRAP_FIELDS} == {
+        "bootstrap_room": ticket.fields["bootstrap_room"], "bootstrap_host": "10.0.0.9",
+        "bootstrap_port": 9000}
+    assert [c.token_ids for c in chunks] == [[4], [5, 6]] and chunks[-1].finish_reason == "length"
+    assert engine.aborted == [], "a request that finished is not aborted"
+
+
+def test_a_decode_leg_whose_kv_never_comes_is_aborted_when_the_worker_gives_up():
+    """The worker cancels `receive` when the prefill fails before the KV arrived, then retries
+    in a new room: the old room's decode request is aborted by that room's rid."""
+    engine = RecordingEngine(block=True)
+    handoff = SGLangHandoff(Adapter(engine))
+    ticket = handoff.open("r")
+    ticket.fields |= {"bootstrap_host": "10.0.0.9", "bootstrap_port": 9000}
+
+    async def run():
+        waiting = asyncio.ensure_future(handoff.receive(ticket, request()))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "receive returns only once the KV is there"
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+
+    asyncio.run(run())
+    assert engine.aborted == [f"chatcmpl-1#{ticket.fields['bootstrap_room']}"]
+
+
+def test_a_stream_closed_early_aborts_its_engine_request():
+    engine = RecordingEngine(outputs([4], [4, 5], [4, 5, 6]))
+    adapter = Adapter(engine)
+
+    async def run():
+        stream = await adapter.open_decode(request(), dict(PAIRING))
+        chunks = stream.chunks()
+        await anext(chunks)
+        await chunks.aclose()  # the client left after the first token
+
+    asyncio.run(run())
+    assert engine.aborted == ["chatcmpl-1#12345"] and adapter.live == {}
+
+
+def test_the_probe_makes_an_engine_ready_that_sglang_never_marks_up():
+    engine = RecordingEngine(outputs([7]))
+    probe = EngineProbe(engine, timeout_s=1, every_s=60)
+    assert probe.status() == (False, "not probed yet")
+    assert asyncio.run(probe.check()) and probe.status()[0]
+    sent = engine.calls[0]
+    assert sent["bootstrap_host"] == "2.2.2.2" and sent["sampling_params"]["max_new_tokens"] == 1
+    stuck = EngineProbe(RecordingEngine(block=True), timeout_s=0.05)
+    assert not asyncio.run(stuck.check()) and "no token within" in stuck.detail
+    assert stuck.engine.aborted[0].startswith("small4-probe-")
+
+
+def test_bootstrap_ports_are_claimed_per_replica_and_never_shared(tmp_path):
+    ports = [9100, 9101, 9102]
+    first = claim_port(ports, rank=1, lock_dir=tmp_path)
+    # a second replica starting at the same moment, before any engine has bound its port,
+    # still gets another one (probing which port is free would hand both the same)
+    second = claim_port(ports, rank=1, lock_dir=tmp_path)
+    third = claim_port(ports, rank=0, lock_dir=tmp_path)
+    assert (first.port, second.port, third.port) == (9101, 9102, 9100)
+    with pytest.raises(RuntimeError, match="9100-9102 of this pool is claimed"):
+        claim_port(ports, rank=2, lock_dir=tmp_path)
+    second.release()
+    assert claim_port(ports, rank=2, lock_dir=tmp_path).port == 9102
+
+
+def test_engine_timeouts_outlast_the_longest_attempt_and_256k_is_allowed():
+    env = engine_env(PROFILE.model, PROFILE.kv_handoff, PROFILE.telemetry.tracing)
+    longest = PROFILE.kv_handoff.attempt_timeout_s(PROFILE.model.context_length)
+    for name in ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",
+                 "SGLANG_DISAGGREGATION_WAITING_TIMEOUT"):
+        assert int(env[name]) > longest > PROFILE.kv_handoff.prefill_timeout_s
+    assert env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] == "1"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    short = PROFILE.model.model_copy(update={"context_length": 32768})
+    assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" not in engine_env(
+        short, PROFILE.kv_handoff, PROFILE.telemetry.tracing)
+
+
+def test_a_long_prompt_gets_a_longer_prefill_attempt():
+    handoff = PROFILE.kv_handoff
+    assert handoff.attempt_timeout_s(0) == handoff.prefill_timeout_s
+    assert handoff.attempt_timeout_s(200_000) > handoff.attempt_timeout_s(1000) + 90
+
+
+def test_a_missing_transfer_library_is_named_with_its_extra(monkeypatch):
+    from services.engines import sglang_args
+
+    monkeypatch.setitem(sglang_args.TRANSFER_PACKAGES, "nixl", ("small4_no_such_module", "sglang"))
+    with pytest.raises(RuntimeError, match=r"pip install '\.\[sglang\]'"):
+        require_transfer_backend("nixl")
+
+
+def speculative_profile(**changes) -> dict:
+    spec = {"draft_model_path": "/models/mistral-small-4-119b-2603-eagle", "num_steps": 3,
+            "eagle_topk": 1, "num_draft_tokens": 4} | changes
+    data = yaml.safe_load(Path("cluster/profiles/h200x16.yaml").read_text())
+    data["engine"]["speculative"] = spec
+    return data
+
+
+def test_speculative_decoding_reaches_both_roles():
+    worker = parse_settings(speculative_profile()).worker("deep")
+    for role in ("prefill", "decode"):
+        args = server_args(worker.model, worker.engine.sglang, role=role, tp_size=2,
+                           max_running_requests=8, host="h",
+                           bootstrap_port=1 if role == "prefill" else None,
+                           speculative=worker.engine.speculative)
+        assert args["speculative_algorithm"] == "EAGLE" and args["speculative_num_steps"] == 3
+        assert args["speculative_draft_model_path"].endswith("-eagle")
+    with pytest.raises(Exception, match="num_steps"):
+        parse_settings(speculative_profile(num_draft_tokens=9))
+    with pytest.raises(Exception, match="needs engine.kind sglang"):
+        parse_settings({"auth": {"enabled": False},
+                        "engine": {"speculative": speculative_profile()["engine"]["speculative"]}})
+
+
+def test_prompts_are_encoded_with_the_checkpoints_own_tokenizer(tmp_path):
+    from services.settings import ModelSettings
+    from services.tokenizer import standin_tokenizer_path
+
+    checkpoint = tmp_path / "mistral-small-4-x"
+    checkpoint.mkdir()
+    bare = ModelSettings(source="checkpoint", path=checkpoint)
+    assert bare.tokenizer_file() is None  # no tekken.json: the stand-in's (reference engine)
+    (checkpoint / "tekken.json").write_text('{"other": "vocabulary"}')
+    assert bare.tokenizer_file() == checkpoint / "tekken.json"
+    clash = ModelSettings(source="checkpoint", path=checkpoint,
+                          tokenizer=standin_tokenizer_path())
+    with pytest.raises(ValueError, match="differs from the checkpoint's own"):
+        clash.tokenizer_file()
+    assert ModelSettings().tokenizer_file() is None
