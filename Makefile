@@ -7,7 +7,13 @@ export HF_HUB_OFFLINE := 1
 LOCK := .ci/constraints.txt
 CONSTRAINTS ?= $(LOCK)
 
-.PHONY: setup run test bench relock
+# The SGLang conformance tier runs in its own venv (sglang pins a CUDA torch), built once from
+# its lock and cached outside the clone under the lock's hash.
+SGLANG_LOCK := .ci/sglang-lock.txt
+SGLANG_CACHE ?= $(HOME)/.cache/small4
+SGLANG_VENV ?= $(SGLANG_CACHE)/sglang-$(shell sha256sum $(SGLANG_LOCK) | cut -c1-16)
+
+.PHONY: setup run test bench relock test-sglang relock-sglang
 setup: $(VENV)/.installed
 
 # pyproject.toml gives the ranges; the lock pins what the suite last passed with, so a new
@@ -29,6 +35,32 @@ relock:
 	  | grep -viE '^(torch|small4)'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-relock
+
+# Everything of SGLang that runs without a GPU, against the real library (tests/sglang, and the
+# adapter's contract tests, which use SGLang's own classes where it imports).
+test-sglang: $(SGLANG_VENV)/.installed
+	.ci/loopback-only env PYTHONPATH=$(CURDIR) $(SGLANG_VENV)/bin/python -m pytest -q \
+	  -p no:cacheprovider tests/sglang tests/contract/test_sglang_adapter.py $(PYTEST_ARGS)
+
+$(SGLANG_VENV)/.installed: $(SGLANG_LOCK)
+	rm -rf $(SGLANG_VENV)
+	mkdir -p $(SGLANG_CACHE)
+	python3 -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps -r $(SGLANG_LOCK)
+	$(SGLANG_VENV)/bin/python -m pip check
+	touch $@
+
+# Resolve the sglang extra afresh (with the project's dev tools) and write its lock.
+relock-sglang:
+	rm -rf .venv-relock-sglang
+	python3 -m venv .venv-relock-sglang
+	.venv-relock-sglang/bin/python -m pip install -q --upgrade pip
+	.venv-relock-sglang/bin/python -m pip install -q ".[sglang,dev]"
+	{ sed -n '/^#/p' $(SGLANG_LOCK); .venv-relock-sglang/bin/python -m pip freeze --all \
+	  --exclude-editable | grep -viE '^(small4|pip==)'; } > $(SGLANG_LOCK).new
+	mv $(SGLANG_LOCK).new $(SGLANG_LOCK)
+	rm -rf .venv-relock-sglang
 
 run: setup
 	$(VENV)/bin/small4 up

@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = sub.add_parser("openapi", help="print the OpenAPI spec a profile serves (no stack "
                           "needed; the running ingress serves it keyed at /openapi.json)")
     spec.add_argument("--config")
+    plan = sub.add_parser("plan", help="what a profile will launch: per engine its node, GPUs, "
+                          "bootstrap port and SGLang arguments; or why it is refused")
+    plan.add_argument("--config", help="settings YAML (default: the embedded local profile)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     commands = {"up": cmd_up, "status": cmd_status, "scale": cmd_scale, "release": cmd_release,
-                "generate": cmd_generate, "openapi": cmd_openapi}
+                "generate": cmd_generate, "openapi": cmd_openapi, "plan": cmd_plan}
     return commands[args.command](args)
 
 
@@ -182,6 +186,21 @@ def status_table(rows: dict) -> str:
 
 def _name(state) -> str:
     return str(getattr(state, "value", state))
+
+
+def cmd_plan(args) -> int:
+    from cluster.plan import deploy_plan, plan_table
+    from cluster.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+        entries = deploy_plan(settings)
+    except (SettingsError, ValueError, OSError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(entries, indent=2, default=str) if args.json
+          else plan_table(settings, entries))
+    return 0
 
 
 def cmd_openapi(args) -> int:

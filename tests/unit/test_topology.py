@@ -85,3 +85,19 @@ def test_every_prefill_replica_a_profile_may_run_has_its_own_fixed_port():
     assert settings.worker("deep").bootstrap_ports == ports["deep"]
     planned = [p.bootstrap_port for p in settings.placements() if p.role == "prefill"]
     assert planned == [ports["fast"][0], ports["deep"][0], ports["deep"][1]]
+
+
+def test_plan_shows_each_engines_placement_port_and_sglang_arguments(capsys, tmp_path):
+    from cluster.cli import main
+
+    assert main(["plan", "--config", str(H200), "--json"]) == 0
+    entries = __import__("json").loads(capsys.readouterr().out)
+    assert len(entries) == 8
+    prefill = [e for e in entries if e["role"] == "prefill"]
+    assert [e["sglang_args"]["disaggregation_bootstrap_port"] for e in prefill] == \
+        [e["bootstrap_port"] for e in prefill] == [8998, 9001, 9002]
+    assert all(e["env"]["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] == "1" for e in entries)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(h200(topology__bootstrap_port_base=7998)))
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "include port 8000, used by the HTTP ingress" in capsys.readouterr().err
