@@ -22,7 +22,8 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     missing = [why for ok, why in ((torch.cuda.is_available(), "no CUDA device"),
-                                   (importlib.util.find_spec("sglang") is not None,
+                                   (getattr(importlib.util.find_spec("sglang"), "origin",
+                                            None) is not None,
                                     "the 'sglang' extra is not installed")) if not ok]
     if missing:
         skip = pytest.mark.skip(reason="gpu test: " + " and ".join(missing))

@@ -39,13 +39,20 @@ def gpu_profiles() -> dict[str, dict]:
 # The SGLang modules the tier uses, imported once with their import-time warnings silenced:
 # sglang and the kernel libraries it pulls in deprecate their own names as they load (item 8 of
 # the conformance issue: the suite's warnings-as-errors is for our code and what we call).
+def sglang_installed() -> bool:
+    """The real sglang, not this folder (which pytest's path insertion makes importable as the
+    namespace package `sglang` where the real one is missing)."""
+    spec = importlib.util.find_spec("sglang")
+    return spec is not None and spec.origin is not None
+
+
 SGLANG_MODULES = ("sglang.srt.server_args", "sglang.srt.configs.model_config",
                   "sglang.srt.managers.multimodal_processor", "sglang.srt.managers.tokenizer_manager",
                   "sglang.srt.managers.io_struct", "sglang.srt.models.pixtral",
                   "sglang.srt.layers.layernorm", "sglang.srt.entrypoints.engine",
                   "sglang.srt.sampling.sampling_params", "sglang.srt.environ",
                   "sglang.srt.disaggregation.utils")
-if importlib.util.find_spec("sglang") is not None:
+if sglang_installed():
     import warnings
 
     with warnings.catch_warnings():
@@ -55,7 +62,7 @@ if importlib.util.find_spec("sglang") is not None:
 
 
 def pytest_collection_modifyitems(config, items):
-    if importlib.util.find_spec("sglang") is not None:
+    if sglang_installed():
         return
     skip = pytest.mark.skip(reason="SGLang conformance tier: run `make test-sglang`")
     for item in items:
