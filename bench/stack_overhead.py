@@ -36,8 +36,10 @@ from services.tokenizer import PromptTokenizer  # noqa: E402
 MESSAGES = [{"role": "user", "content": "Count for me, please."}]
 POOL = {"effort": "none", "max_queue": 64, "prefill": {"num_cpus": 0.1},
         "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
-BASE = {"model": {"context_length": 8192}, "ingress": {"num_cpus": 0.1},
+BASE = {"auth": {"enabled": False}, "model": {"context_length": 8192},
+        "ingress": {"num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
         "pools": {"fast": POOL, "deep": POOL | {"effort": "high"}}}
+READY_TIMEOUT_S = 300.0
 ZERO = {"kind": "simulated", "simulated": {"output": "counter"}}
 APPS = {
     "sim": BASE | {"engine": ZERO},
@@ -111,8 +113,11 @@ def deploy(port: int, apps: dict[str, dict] = APPS) -> dict[str, str]:
         serve.run(build_app(profile), name=name,
                   route_prefix=prefix)
         urls[name] = f"http://127.0.0.1:{port}{prefix}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
     for url in urls.values():
         while httpx.get(f"{url}/ready", timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready within {READY_TIMEOUT_S:g} s")
             time.sleep(0.5)
     return urls
 

@@ -1,0 +1,51 @@
+"""Every bench still runs, at tiny sizes (figures are not checked here: they live in the benches'
+own output). Each runs as its own process, as an operator would start it, with a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bench(script: str, *args: str, timeout: float = 420) -> dict:
+    """Run `bench/<script>` and return the JSON report it prints first."""
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
+    return report
+
+
+def test_engine_decode_bench_runs():
+    report = run_bench("engine_decode.py", "--tokens", "4", "--concurrency", "1", "2",
+                       "--baseline-requests", "1")
+    assert report
+
+
+@pytest.mark.ray
+def test_stack_overhead_bench_runs():
+    report = run_bench("stack_overhead.py", "--requests", "2", "--tokens", "8",
+                       "--port", str(free_port()))
+    assert set(report["ttft"]) == {"sim", "ref"}
+    assert report["throughput_tokens_per_s"]["sim"]["16"] > 0
+
+
+@pytest.mark.ray
+def test_tracing_overhead_bench_runs():
+    report = run_bench("tracing_overhead.py", "--requests", "2", "--port", str(free_port()))
+    assert report["otlp_exports_received"] > 0
