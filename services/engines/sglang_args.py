@@ -16,11 +16,11 @@ against the signatures recorded in `tests/contract/sglang_0.5.23.json` elsewhere
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from services.engines.protocol import EngineRequest, FinishReason
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
+from services.multimodal.uniform import ImageTokens, image_offsets
 from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
                                SpeculativeSettings, TracingSettings)
 
@@ -177,79 +177,29 @@ def generate_args(request: EngineRequest, eos_ids: tuple[int, ...], *,
     return kwargs
 
 
-@dataclass(frozen=True)
-class ImageTokens:
-    """The ids of Pixtral's image layout: `[IMG]` per patch, `[IMG_BREAK]` ending each row
-    but the last, `[IMG_END]` ending the image."""
-
-    img: int
-    brk: int
-    end: int
-    patch: int = 28  # pixels per `[IMG]`: patch 14, spatial merge 2
-
-
 def image_payload(prompt_ids: list[int], pixel_values: list[Any],
-                  tokens: ImageTokens) -> tuple[list[int], list[dict[str, Any]]]:
-    """The prompt ids and SGLang `image_data` of a request's preprocessed images.
-
-    SGLang takes one `processor_output` item per request, hashes its features (torch tensors,
-    not numpy arrays) and splits it into one item per image along the tensor's first axis and
-    the offsets given, and its Mistral-native vision tower takes each as a (1, C, H, W) tensor.
-    Images of one request therefore travel as one (N, C, H, W) tensor: when their sizes
-    differ, each is padded at the bottom and right with the normalised mean colour to the
-    largest height and width, and its `[IMG]` block in the ids is laid out for that size (so
-    the ids and the pixels always agree; the prompt grows by the padding's tokens). Images of
-    one size, and every single image, go exactly as mistral-common encoded them.
-    """
+                  tokens: ImageTokens) -> list[dict[str, Any]]:
+    """SGLang's `image_data` for a request's preprocessed images: one `processor_output` item
+    (SGLang takes one per request) holding an (N, C, H, W) torch tensor (it hashes tensors, not
+    numpy arrays) and each image's offsets, along which it splits the item into one per image
+    for its Mistral-native vision tower. That tower takes one size per item, so the multimodal
+    service gives the images of a request one size (`uniform_image_sizes`) for this engine."""
     if not pixel_values:
-        return list(prompt_ids), []
+        return []
     import numpy as np
     import torch
 
-    height = max(p.shape[-2] for p in pixel_values)
-    width = max(p.shape[-1] for p in pixel_values)
-    batch = np.zeros((len(pixel_values), pixel_values[0].shape[0], height, width), np.float32)
-    for i, p in enumerate(pixel_values):
-        batch[i, :, :p.shape[-2], :p.shape[-1]] = p
-    ids = _relayout(prompt_ids, len(pixel_values), tokens, height // tokens.patch,
-                    width // tokens.patch)
-    item = {"format": "processor_output", "pixel_values": torch.from_numpy(batch),
-            "image_sizes": [(height, width)] * len(pixel_values),
-            "offsets": image_offsets(ids, tokens)}
-    return ids, [item]
-
-
-def image_offsets(ids: list[int], tokens: ImageTokens) -> list[tuple[int, int]]:
-    """(first, last) position of each image's block before its `[IMG_END]`, as SGLang
-    counts them (inclusive)."""
-    spans, start = [], None
-    for i, t in enumerate(ids):
-        if t == tokens.img and start is None:
-            start = i
-        elif t == tokens.end and start is not None:
-            spans.append((start, i - 1))
-            start = None
-    return spans
-
-
-def _relayout(ids: list[int], images: int, tokens: ImageTokens, rows: int,
-              cols: int) -> list[int]:
-    """`ids` with every image block laid out as `rows` x `cols` patches."""
-    block = ([tokens.img] * cols + [tokens.brk]) * rows
-    block[-1] = tokens.end
-    out, inside, found = [], False, 0
-    for t in ids:
-        if t == tokens.img and not inside:
-            inside, found = True, found + 1
-            out += block
-        elif inside and t == tokens.end:
-            inside = False
-        elif not inside:
-            out.append(t)
-    if found != images:
-        raise InvalidRequest(f"the prompt holds {found} image blocks for {images} images",
-                             param="messages")
-    return out
+    sizes = {p.shape for p in pixel_values}
+    if len(sizes) > 1:
+        raise EngineError(f"images of {len(sizes)} sizes in one request: the SGLang engine "
+                          "needs them made one size where the prompt is encoded")
+    offsets = image_offsets(prompt_ids, tokens)
+    if len(offsets) != len(pixel_values):
+        raise InvalidRequest(f"the prompt holds {len(offsets)} image blocks for "
+                             f"{len(pixel_values)} images", param="messages")
+    batch = torch.from_numpy(np.stack(pixel_values).astype(np.float32, copy=False))
+    return [{"format": "processor_output", "pixel_values": batch,
+             "image_sizes": [tuple(p.shape[-2:]) for p in pixel_values], "offsets": offsets}]
 
 
 class OutputReader:

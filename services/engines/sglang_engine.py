@@ -26,12 +26,13 @@ from typing import Any
 
 from services.engines.bootstrap_port import claim_port, replica_rank
 from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk)
-from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, ImageTokens, OutputReader,
-                                          engine_env, engine_error, generate_args,
-                                          image_payload, require_transfer_backend, server_args)
+from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, OutputReader, engine_env,
+                                          engine_error, generate_args, image_payload,
+                                          require_transfer_backend, server_args)
 from services.engines.stops import StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
+from services.multimodal.uniform import ImageTokens
 from services.tokenizer import PromptTokenizer
 from services.workers.settings import WorkerSettings
 
@@ -69,9 +70,7 @@ class SGLangEngine:
         self.role, self.settings = role, worker
         self.eos_ids = (tokenizer.eos_id,)
         self.detokenize = tokenizer.decode
-        self.image_tokens = ImageTokens(tokenizer.special("[IMG]"),
-                                        tokenizer.special("[IMG_BREAK]"),
-                                        tokenizer.special("[IMG_END]"))
+        self.image_tokens = ImageTokens.of(tokenizer)
         self.host = routable_host()
         self.port_claim = (claim_port(worker.bootstrap_ports, replica_rank())
                            if role == "prefill" else None)
@@ -94,9 +93,9 @@ class SGLangEngine:
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """Run the prompt; the engine pushes the KV to the decode engine of the same room."""
-        ids, images = image_payload(request.prompt_ids, request.images, self.image_tokens)
+        images = image_payload(request.prompt_ids, request.images, self.image_tokens)
         kwargs = generate_args(request, self.eos_ids, images=images, seeded=self.seeded)
-        kwargs |= {"input_ids": ids, "stream": False}
+        kwargs["stream"] = False
         started = time.perf_counter()
         self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
         try:

@@ -18,12 +18,12 @@ import yaml
 from cluster.settings import load_settings, parse_settings
 from services.engines.bootstrap_port import claim_port
 from services.engines.protocol import EngineRequest, SamplingParams
-from services.engines.sglang_args import (BOOTSTRAP_FIELDS, ImageTokens, engine_env,
-                                          image_offsets, image_payload,
+from services.engines.sglang_args import (BOOTSTRAP_FIELDS, engine_env, image_payload,
                                           require_transfer_backend, server_args)
 from services.engines.sglang_engine import EngineProbe, SGLangEngine, SGLangHandoff
-from services.errors import InvalidRequest
+from services.errors import EngineError, InvalidRequest
 from services.kv.protocol import PairedKV
+from services.multimodal.uniform import ImageTokens
 
 PROFILE = load_settings("cluster/profiles/h200x16.yaml")
 PAIRING = {"bootstrap_host": "10.0.0.7", "bootstrap_port": 8999, "bootstrap_room": 12345}
@@ -81,29 +81,25 @@ def outputs(*cumulative: list[int], finish: str = "length") -> list[dict]:
         for i, ids in enumerate(cumulative)]
 
 
-def test_images_of_one_size_go_as_encoded_in_one_tensor_item():
+def test_images_go_as_one_tensor_item_with_each_images_offsets():
     ids = [1, 3] + image_block(2, 4) + image_block(2, 4) + [7, 4]
     pixels = [np.full((3, 56, 112), v, np.float32) for v in (0.5, -0.5)]
-    out, items = image_payload(ids, pixels, TOKENS)
-    assert out == ids and len(items) == 1 and items[0]["format"] == "processor_output"
+    items = image_payload(ids, pixels, TOKENS)
+    assert len(items) == 1 and items[0]["format"] == "processor_output"
     batch = items[0]["pixel_values"]
     assert type(batch).__module__.startswith("torch"), "SGLang hashes tensors, not numpy"
     assert tuple(batch.shape) == (2, 3, 56, 112) and float(batch[1, 0, 0, 0]) == -0.5
     assert items[0]["offsets"] == [(2, 10), (12, 20)]
-    assert image_payload([1, 2], [], TOKENS) == ([1, 2], [])
-
-
-def test_images_of_several_sizes_are_padded_to_one_and_their_blocks_laid_out_again():
-    ids = [1] + image_block(2, 4) + [5] + image_block(3, 1) + [6]
-    pixels = [np.ones((3, 56, 112), np.float32), np.ones((3, 84, 28), np.float32)]
-    out, items = image_payload(ids, pixels, TOKENS)
-    assert tuple(items[0]["pixel_values"].shape) == (2, 3, 84, 112)
-    assert out == [1] + image_block(3, 4) + [5] + image_block(3, 4) + [6]
-    assert items[0]["offsets"] == image_offsets(out, TOKENS) == [(1, 14), (17, 30)]
-    padded = items[0]["pixel_values"][1]
-    assert float(padded[:, :, :28].min()) == 1.0 and float(padded[:, :, 28:].abs().max()) == 0.0
+    assert image_payload([1, 2], [], TOKENS) == []
     with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
         image_payload([1] + image_block(2, 4), pixels, TOKENS)
+
+
+def test_images_of_several_sizes_must_have_been_made_one_size():
+    ids = [1] + image_block(2, 4) + image_block(3, 1)
+    with pytest.raises(EngineError, match="2 sizes"):
+        image_payload(ids, [np.ones((3, 56, 112), np.float32),
+                            np.ones((3, 84, 28), np.float32)], TOKENS)
 
 
 def test_handoff_opens_the_decode_request_in_the_prefill_replicas_room():

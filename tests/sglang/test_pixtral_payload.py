@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.engines.sglang_args import ImageTokens, image_offsets, image_payload
+from services.engines.sglang_args import image_payload
+from services.multimodal.uniform import ImageTokens, image_offsets, uniform_image_sizes
 from tests.sglang.conftest import gpu_profiles
 from tests.sglang.resolve import environment, profile_args, resolve
 
@@ -83,9 +84,9 @@ def test_images_reach_the_vision_tower_where_our_encoding_put_them(count, tokeni
                                                                     sglang_side):
     images = [Image.new(mode, size, 90) for size, mode in SIZES_MODES[:count]]
     encoded = encode(tokenizer, images)
-    tokens = ImageTokens(tokenizer.special("[IMG]"), tokenizer.special("[IMG_BREAK]"),
-                         tokenizer.special("[IMG_END]"))
-    ids, payload = image_payload(encoded.ids, encoded.images, tokens)
+    tokens = ImageTokens.of(tokenizer)
+    uniform = uniform_image_sizes(encoded, tokens)  # what the multimodal service sends
+    ids, payload = uniform.ids, image_payload(uniform.ids, uniform.images, tokens)
     if len({p.shape for p in encoded.images}) == 1:
         assert ids == encoded.ids, "images of one size go exactly as mistral-common encoded them"
     out, embeddings = through_sglang(sglang_side, ids, payload)

@@ -1,0 +1,44 @@
+"""Images of one request made one size for engines that need it: pixels padded, blocks laid out
+again, ids and pixels agreeing; single and same-size images untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.errors import InvalidRequest
+from services.multimodal.uniform import (ImageTokens, image_offsets, relayout,
+                                         uniform_image_sizes)
+from services.tokenizer import EncodedPrompt
+
+TOKENS = ImageTokens(img=10, brk=12, end=13)
+
+
+def block(rows: int, cols: int) -> list[int]:
+    out = ([10] * cols + [12]) * rows
+    return out[:-1] + [13]
+
+
+def test_images_of_several_sizes_are_padded_to_one_and_laid_out_again():
+    prompt = EncodedPrompt([1] + block(2, 4) + [5] + block(3, 1) + [6],
+                           [np.ones((3, 56, 112), np.float32), np.ones((3, 84, 28), np.float32)],
+                           "none")
+    out = uniform_image_sizes(prompt, TOKENS)
+    assert [p.shape for p in out.images] == [(3, 84, 112)] * 2
+    assert out.ids == [1] + block(3, 4) + [5] + block(3, 4) + [6]
+    assert image_offsets(out.ids, TOKENS) == [(1, 14), (17, 30)]
+    assert float(out.images[1][:, :, :28].min()) == 1.0
+    assert float(np.abs(out.images[1][:, :, 28:]).max()) == 0.0  # the mean colour
+
+
+def test_single_and_same_size_images_are_left_as_encoded():
+    same = EncodedPrompt([1] + block(2, 4) + block(2, 4),
+                         [np.ones((3, 56, 112), np.float32)] * 2, "none")
+    assert uniform_image_sizes(same, TOKENS) is same
+    text = EncodedPrompt([1, 2, 3], [], "none")
+    assert uniform_image_sizes(text, TOKENS) is text
+
+
+def test_a_prompt_whose_blocks_do_not_match_its_images_is_refused():
+    with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
+        relayout([1] + block(2, 2), 2, TOKENS, 3, 3)
