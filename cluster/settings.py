@@ -137,7 +137,8 @@ class StackSettings(ServiceSettings):
 
     def multimodal_settings(self) -> MultimodalWorkerSettings:
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,
-                                        telemetry=self.telemetry)
+                                        telemetry=self.telemetry,
+                                        one_image_size=self.engine.kind == "sglang")
 
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,

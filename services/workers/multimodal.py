@@ -9,6 +9,7 @@ from typing import Any
 from services.context import RequestContext
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.multimodal.refs import publish
+from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import ImageSettings, ModelSettings, Strict, TelemetrySettings
 from services.telemetry import tracing
 from services.tokenizer import EncodedPrompt, PromptTokenizer
@@ -20,6 +21,9 @@ class MultimodalWorkerSettings(Strict):
     model: ModelSettings
     images: ImageSettings
     telemetry: TelemetrySettings = TelemetrySettings()
+    # The engine's vision tower takes one image size per request (SGLang): pad to one here,
+    # where the prompt is encoded, so every later step sees the same ids.
+    one_image_size: bool = False
 
 
 class MultimodalWorker:
@@ -30,6 +34,8 @@ class MultimodalWorker:
     def __init__(self, settings: MultimodalWorkerSettings):
         self.preprocessor = MultimodalPreprocessor(PromptTokenizer(settings.model.tokenizer_file()),
                                                    settings.images)
+        self.one_image_size = settings.one_image_size
+        self.image_tokens = ImageTokens.of(self.preprocessor.tokenizer)
         tracing.configure(settings.telemetry.tracing, role=self.role)
 
     async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
@@ -37,6 +43,8 @@ class MultimodalWorker:
         with tracing.scope("multimodal", ctx.trace_headers,
                            **{"small4.request_id": ctx.request_id}) as span:
             prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools)
+            if self.one_image_size:
+                prompt = uniform_image_sizes(prompt, self.image_tokens)
             span.set_attributes({"small4.images": len(prompt.images),
                                  "small4.prompt_tokens": len(prompt.ids),
                                  "small4.pixel_bytes": sum(a.nbytes for a in prompt.images)})

@@ -42,3 +42,42 @@ def test_single_and_same_size_images_are_left_as_encoded():
 def test_a_prompt_whose_blocks_do_not_match_its_images_is_refused():
     with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
         relayout([1] + block(2, 2), 2, TOKENS, 3, 3)
+
+
+def data_url(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 40, 60)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("one_size", [False, True])
+def test_the_multimodal_worker_makes_one_size_only_for_engines_that_need_it(one_size):
+    import asyncio
+
+    from services.context import RequestContext
+    from services.settings import ImageSettings, ModelSettings
+    from services.workers.multimodal import MultimodalWorker, MultimodalWorkerSettings
+
+    worker = MultimodalWorker(MultimodalWorkerSettings(
+        model=ModelSettings(), images=ImageSettings(), one_image_size=one_size))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(100, 40)}},
+        {"type": "image_url", "image_url": {"url": data_url(30, 90)}},
+        {"type": "text", "text": "Compare."}]}]
+    prompt = asyncio.run(worker.encode(RequestContext("r", "fast", "none"), messages, "none",
+                                       None))
+    shapes = {p.shape for p in prompt.images}
+    assert (shapes == {(3, 112, 112)}) if one_size else (len(shapes) == 2)
+    assert len(image_offsets(prompt.ids, TOKENS)) == 2
+
+
+def test_sglang_profiles_make_one_image_size():
+    from cluster.settings import load_settings
+
+    assert load_settings("cluster/profiles/h200x16.yaml").multimodal_settings().one_image_size
+    assert not load_settings().multimodal_settings().one_image_size
