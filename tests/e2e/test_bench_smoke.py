@@ -50,12 +50,3 @@ def test_tracing_overhead_bench_runs():
     report = run_bench("tracing_overhead.py", "--requests", "2", "--port", str(free_port()))
     # at two requests the batch exporter may not have flushed yet: only the shape is checked
     assert set(report["ttft"]) == {"traced", "untraced"} and "extra_p50_ms" in report
-
-
-def test_multimodal_preprocess_bench_runs():
-    assert run_bench("multimodal_preprocess.py", "--images", "2", "--concurrency", "2")
-
-
-def test_simulate_autoscaling_bench_runs(tmp_path):
-    assert run_bench("simulate_autoscaling.py", "--traces", "steady", "--seeds", "1",
-                     "--jobs", "1", "--out", str(tmp_path))
