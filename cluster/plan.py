@@ -9,6 +9,7 @@ from typing import Any
 from cluster.settings import StackSettings
 from cluster.topology import bootstrap_ports
 from services.engines.sglang_args import engine_env, server_args
+from services.telemetry.tracing import resolve as resolve_tracing
 
 NODE_ADDRESS = "<node address>"  # known only once Ray has placed the replica
 
@@ -22,13 +23,13 @@ def deploy_plan(settings: StackSettings) -> list[dict[str, Any]]:
                                  "node": p.node, "gpus": list(p.gpus),
                                  "bootstrap_port": p.bootstrap_port}
         if settings.engine.kind == "sglang":
-            tracing = worker.telemetry.tracing
+            tracing = resolve_tracing(worker.telemetry.tracing)
             entry["sglang_args"] = server_args(
                 worker.model, worker.engine.sglang, role=p.role,
                 tp_size=worker.tensor_parallel,
                 max_running_requests=worker.engine.max_running_requests, host=NODE_ADDRESS,
                 bootstrap_port=p.bootstrap_port,
-                otlp_endpoint=tracing.endpoint if tracing.enabled else None,
+                otlp_endpoint=tracing and tracing.otlp_endpoint(),
                 speculative=worker.engine.speculative)
             entry["env"] = engine_env(worker.model, worker.kv_handoff, tracing)
         entries.append(entry)

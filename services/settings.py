@@ -296,13 +296,21 @@ class MultimodalSettings(DeploymentSettings):
 
 
 class TracingSettings(Strict):
-    """OpenTelemetry tracing; `endpoint` None leaves it to the SDK's `OTEL_*` variables."""
+    """OpenTelemetry tracing. A field left unset follows OpenTelemetry's `OTEL_*` environment
+    variables as the specification defines them; a field set here wins over the environment."""
 
-    enabled: bool = False
-    exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] = "otlp_http"
-    endpoint: str | None = None
+    enabled: bool | None = Field(
+        None, description="None: on when the environment names an OTLP endpoint "
+        "(OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT) or an exporter (OTEL_TRACES_EXPORTER other than "
+        "none); OTEL_SDK_DISABLED=true turns tracing off whatever this says")
+    exporter: Literal["otlp_http", "otlp_grpc", "console", "none"] | None = Field(
+        None, description="None: OTEL_TRACES_EXPORTER with OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, "
+        "else otlp_http")
+    endpoint: str | None = Field(None, description="None: the SDK's OTEL_EXPORTER_OTLP_* variables")
     headers: dict[str, str] = {}
-    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    sampling_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="parent-based ratio sampler; None: "
+        "OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, else parent-based always-on")
     service_name: str | None = Field(None, description="default: OTEL_SERVICE_NAME, else small4")
     resource_attributes: dict[str, str] = {}
     export_interval_ms: int = Field(5000, gt=0, description="batch export delay (SDK default)")

@@ -22,7 +22,8 @@ from services.engines.protocol import EngineRequest, FinishReason
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
 from services.multimodal.uniform import ImageTokens, image_offsets
 from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
-                               SpeculativeSettings, TracingSettings)
+                               SpeculativeSettings)
+from services.telemetry.tracing import Tracing
 
 SGLANG_VERSION = "0.5.23"
 BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
@@ -90,7 +91,7 @@ def speculative_args(spec: SpeculativeSettings) -> dict[str, Any]:
 
 
 def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
-               tracing: TracingSettings) -> dict[str, str]:
+               tracing: Tracing | None) -> dict[str, str]:
     """Environment for the engine's processes.
 
     - PD timeouts: SGLang's clocks start before the prefill runs (decode's at `send_metadata`,
@@ -103,14 +104,15 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
       `max_seq_len = 128000` when params.json has none and reads it before anything else, then
       refuses a longer `context_length`. The override SGLang provides for this is set exactly
       when the served context is longer than that assumed default.
-    - Traces: SGLang's exporter speaks gRPC unless told otherwise; it gets our protocol.
+    - Traces (`tracing`: as `tracing.resolve` made it for this process, None when off):
+      SGLang's exporter speaks gRPC unless told otherwise; it gets our protocol.
     """
     wait = math.ceil(kv_handoff.attempt_timeout_s(model.context_length) + PD_TIMEOUT_MARGIN_S)
     env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(wait),
            "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(wait)}
     if model.context_length > SGLANG_NATIVE_CONTEXT_DEFAULT:
         env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
-    if tracing.exporter in ("otlp_http", "otlp_grpc"):
+    if tracing is not None and tracing.exporter in ("otlp_http", "otlp_grpc"):
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = ("grpc" if tracing.exporter == "otlp_grpc"
                                                      else "http/protobuf")
     return env

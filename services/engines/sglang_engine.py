@@ -33,6 +33,7 @@ from services.engines.stops import StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.uniform import ImageTokens
+from services.telemetry.tracing import resolve as resolve_tracing
 from services.tokenizer import PromptTokenizer
 from services.workers.settings import WorkerSettings
 
@@ -75,13 +76,13 @@ class SGLangEngine:
         self.port_claim = (claim_port(worker.bootstrap_ports, replica_rank())
                            if role == "prefill" else None)
         self.bootstrap_port = self.port_claim.port if self.port_claim else None
-        tracing = worker.telemetry.tracing
+        tracing = resolve_tracing(worker.telemetry.tracing)
         os.environ.update(engine_env(worker.model, worker.kv_handoff, tracing))
         self.args = server_args(worker.model, worker.engine.sglang, role=role,
                                 tp_size=worker.tensor_parallel,
                                 max_running_requests=worker.engine.max_running_requests,
                                 host=self.host, bootstrap_port=self.bootstrap_port,
-                                otlp_endpoint=tracing.endpoint if tracing.enabled else None,
+                                otlp_endpoint=tracing and tracing.otlp_endpoint(),
                                 speculative=worker.engine.speculative)
         self.engine = sglang.Engine(**self.args)
         self.seeded = worker.engine.sglang.deterministic

@@ -4,15 +4,18 @@ Each process configures its tracer provider once (`configure`), with the pool an
 attributes. The W3C context travels inside `RequestContext.trace_headers`: every hop starts its
 span as a child of the headers it received (`start`/`scope`) and hands its own on (`headers_of`).
 Spans are passed explicitly, never attached to the current context, because a stream's span
-outlives the call that started it. The standard `OTEL_*` variables apply as the SDK defines them; explicit
+outlives the call that started it. `resolve` reads OpenTelemetry's `OTEL_*` variables as the
+specification defines them (an endpoint or exporter in the environment turns tracing on,
+`OTEL_SDK_DISABLED` turns it off, `OTEL_TRACES_SAMPLER(_ARG)` picks the sampler); explicit
 settings win. With tracing off, spans are no-ops but an incoming trace id is still reported.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from opentelemetry import trace
@@ -25,31 +28,102 @@ _configured: dict[str, Any] = {}
 TRACER_NAME = "small4"
 
 
-def configure(settings: TracingSettings, *, role: str, pool: str | None = None) -> None:
+@dataclass(frozen=True)
+class Tracing:
+    """Tracing as it applies in one process: settings, then the environment, then defaults."""
+
+    exporter: str  # otlp_http | otlp_grpc | console | none
+    endpoint: str | None = None  # None: the OTLP exporter reads OTEL_EXPORTER_OTLP_* itself
+    headers: dict[str, str] = field(default_factory=dict)
+    sampling_ratio: float | None = None  # None: the SDK's OTEL_TRACES_SAMPLER(_ARG)
+    service_name: str = "small4"
+    resource_attributes: dict[str, str] = field(default_factory=dict)
+    export_interval_ms: int = 5000
+
+    traces_url: str | None = None  # where an OTLP exporter outside this SDK sends (SGLang's)
+
+    def otlp_endpoint(self) -> str | None:
+        return self.traces_url if self.exporter in ("otlp_http", "otlp_grpc") else None
+
+
+def _traces_url(endpoint: str | None, exporter: str, env: Mapping[str, str]) -> str | None:
+    """The settings' endpoint, else the environment's traces endpoint, else its base endpoint
+    with the HTTP signal path the specification appends."""
+    if endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return endpoint or env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not base:
+        return None
+    return base if exporter == "otlp_grpc" else base.rstrip("/") + "/v1/traces"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() == "true"
+
+
+def resolve(settings: TracingSettings, env: Mapping[str, str] | None = None) -> Tracing | None:
+    """How this process traces, or None for not at all.
+
+    Off when `OTEL_SDK_DISABLED` is true, or settings say `enabled: false`. With `enabled`
+    unset, on exactly when the environment asks for an exporter: an OTLP endpoint
+    (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) or
+    `OTEL_TRACES_EXPORTER` other than `none`. The exporter is the settings', else
+    `OTEL_TRACES_EXPORTER` (`otlp` with `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`: `grpc` or the
+    default `http/protobuf`; `console`; `none`).
+    """
+    env = os.environ if env is None else env
+    if _truthy(env.get("OTEL_SDK_DISABLED")) or settings.enabled is False:
+        return None
+    named = (env.get("OTEL_TRACES_EXPORTER") or "").split(",")[0].strip().lower()
+    asked = bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                 or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) or named not in ("", "none")
+    if settings.enabled is None and not asked:
+        return None
+    exporter = settings.exporter
+    if exporter is None:
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                    or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip()
+        otlp = "otlp_grpc" if protocol == "grpc" else "otlp_http"
+        exporter = {"": otlp, "otlp": otlp, "console": "console", "none": "none"}.get(named)
+        if exporter is None:
+            raise ValueError(f"OTEL_TRACES_EXPORTER={named!r}: small4 exports traces with otlp "
+                             "or console (or none)")
+    return Tracing(exporter=exporter, endpoint=settings.endpoint, headers=dict(settings.headers),
+                   sampling_ratio=settings.sampling_ratio,
+                   service_name=settings.service_name or env.get("OTEL_SERVICE_NAME") or "small4",
+                   resource_attributes=dict(settings.resource_attributes),
+                   export_interval_ms=settings.export_interval_ms,
+                   traces_url=_traces_url(settings.endpoint, exporter, env))
+
+
+def configure(settings: TracingSettings | Tracing | None, *, role: str,
+              pool: str | None = None) -> None:
     """Install this process's tracer provider (first call wins; later calls are ignored)."""
-    if _configured or not settings.enabled:
+    resolved = resolve(settings) if isinstance(settings, TracingSettings) else settings
+    if _configured or resolved is None:
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    service = settings.service_name or os.environ.get("OTEL_SERVICE_NAME") or "small4"
-    attributes = {"service.name": service, "small4.role": role, "process.pid": os.getpid(),
-                  **settings.resource_attributes}
+    attributes = {"service.name": resolved.service_name, "small4.role": role,
+                  "process.pid": os.getpid(), **resolved.resource_attributes}
     if pool:
         attributes["small4.pool"] = pool
-    provider = TracerProvider(resource=Resource.create(attributes),
-                              sampler=ParentBased(TraceIdRatioBased(settings.sampling_ratio)))
-    exporter = _exporter(settings)
+    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER(_ARG) (default parent-based on).
+    sampler = (None if resolved.sampling_ratio is None
+               else ParentBased(TraceIdRatioBased(resolved.sampling_ratio)))
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+    exporter = _exporter(resolved)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(
-            exporter, schedule_delay_millis=settings.export_interval_ms))
+            exporter, schedule_delay_millis=resolved.export_interval_ms))
     _configured["provider"] = provider
     _configured["tracer"] = provider.get_tracer(TRACER_NAME)
 
 
-def _exporter(settings: TracingSettings):
+def _exporter(settings: Tracing):
     headers = settings.headers or None
     if settings.exporter == "otlp_http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

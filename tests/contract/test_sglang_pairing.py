@@ -24,6 +24,7 @@ from services.engines.sglang_engine import EngineProbe, SGLangEngine, SGLangHand
 from services.errors import EngineError, InvalidRequest
 from services.kv.protocol import PairedKV
 from services.multimodal.uniform import ImageTokens
+from services.telemetry.tracing import resolve as resolve_tracing
 
 PROFILE = load_settings("cluster/profiles/h200x16.yaml")
 PAIRING = {"bootstrap_host": "10.0.0.7", "bootstrap_port": 8999, "bootstrap_room": 12345}
@@ -188,7 +189,9 @@ def test_bootstrap_ports_are_claimed_per_replica_and_never_shared(tmp_path):
 
 
 def test_engine_timeouts_outlast_the_longest_attempt_and_256k_is_allowed():
-    env = engine_env(PROFILE.model, PROFILE.kv_handoff, PROFILE.telemetry.tracing)
+    traced = resolve_tracing(PROFILE.telemetry.tracing,
+                             {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    env = engine_env(PROFILE.model, PROFILE.kv_handoff, traced)
     longest = PROFILE.kv_handoff.attempt_timeout_s(PROFILE.model.context_length)
     for name in ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",
                  "SGLANG_DISAGGREGATION_WAITING_TIMEOUT"):
@@ -197,7 +200,7 @@ def test_engine_timeouts_outlast_the_longest_attempt_and_256k_is_allowed():
     assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
     short = PROFILE.model.model_copy(update={"context_length": 32768})
     assert "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN" not in engine_env(
-        short, PROFILE.kv_handoff, PROFILE.telemetry.tracing)
+        short, PROFILE.kv_handoff, None)
 
 
 def test_a_long_prompt_gets_a_longer_prefill_attempt():

@@ -339,9 +339,11 @@ def test_otel_env_only_when_enabled(render):
     assert all("OTEL_EXPORTER_OTLP_ENDPOINT" in env_of(c) for c in containers(render("h200x16")))
 
 
-def test_otel_without_stack_tracing_is_refused(render):
+def test_otel_turns_tracing_on_unless_the_stack_turns_it_off(render):
+    docs = render(otel={"enabled": True})  # the environment alone enables tracing
+    assert all("OTEL_EXPORTER_OTLP_ENDPOINT" in env_of(c) for c in containers(docs))
     with pytest.raises(helm.HelmRenderError, match="stack.telemetry.tracing.enabled is false"):
-        render(otel={"enabled": True})
+        render(otel={"enabled": True}, stack={"telemetry": {"tracing": {"enabled": False}}})
 
 
 def test_extra_env_from_reaches_every_container(render):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cluster.settings import parse_settings
 from services.engines.sglang_args import engine_env, server_args
+from services.telemetry.tracing import resolve as resolve_tracing
 
 # What resolution may say on this CPU machine and why; anything else fails the tier.
 EXPECTED = {
@@ -73,7 +74,8 @@ def profile_args(profile: dict, pool: str, role: str, checkpoint: Path, port: in
                        max_running_requests=worker.engine.max_running_requests,
                        host="10.0.0.7", bootstrap_port=port, speculative=changes.pop(
                            "speculative", worker.engine.speculative))
-    return args, engine_env(model, worker.kv_handoff, worker.telemetry.tracing), worker
+    env = engine_env(model, worker.kv_handoff, resolve_tracing(worker.telemetry.tracing))
+    return args, env, worker
 
 
 @contextmanager

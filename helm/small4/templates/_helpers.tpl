@@ -41,9 +41,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* Environment of every Ray container. */}}
 {{- define "small4.env" -}}
-{{- $tracing := dig "telemetry" "tracing" "enabled" false .Values.stack -}}
-{{- if and .Values.otel.enabled (not $tracing) -}}
-{{- fail "otel.enabled sets the OTLP exporter environment, but stack.telemetry.tracing.enabled is false: nothing would be exported" -}}
+{{- $tracing := dig "telemetry" "tracing" "enabled" "unset" .Values.stack | toString -}}
+{{- if and .Values.otel.enabled (eq $tracing "false") -}}
+{{- fail "otel.enabled sets the OTLP exporter environment, but stack.telemetry.tracing.enabled is false: nothing would be exported (leave it unset: the environment turns tracing on)" -}}
 {{- end -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
