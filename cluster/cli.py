@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import time
+import threading
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray must never phone home
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_up(args) -> int:
+    """Start (or join) Ray, deploy, serve; on SIGTERM or Ctrl-C drain and exit 0."""
     import ray
     from ray import serve
 
@@ -63,25 +65,63 @@ def cmd_up(args) -> int:
     port = args.port or settings.http.port
     if args.address:
         ray.init(address=args.address)
+        metrics = None
     else:
         if settings.ray.throughput_optimized:  # read by Ray's processes when they start
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
         os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
-                 object_store_memory=settings.ray.object_store_mb * 1024 * 1024)
+                 object_store_memory=settings.ray.object_store_mb * 1024 * 1024,
+                 _node_ip_address=settings.ray.node_ip,
+                 _metrics_export_port=settings.ray.metrics_port)
+        metrics = f"http://{_host(settings.ray.node_ip)}:{settings.ray.metrics_port}/metrics"
+    # After ray.init, which installs a SIGTERM handler of its own (exit with the signal number).
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     serve.start(http_options={"host": settings.http.host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    base = f"http://{settings.http.host}:{port}"
+    base = f"http://{_host(settings.http.host)}:{port}"
     print(f"small4 ({settings.profile}, engine {settings.engine.kind}) serving {base}/v1",
           flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-        ray.shutdown()
+    if metrics:
+        print(f"metrics (Prometheus): {metrics}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    print(f"draining: open requests get up to {settings.ray.drain_timeout_s:g} s", flush=True)
+    _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+    print("stopped", flush=True)
     return 0
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _drain(app: str, timeout_s: float, *, owns_ray: bool) -> None:
+    """Delete the app (Serve lets each replica finish its open requests), then stop what
+    this process started. A second signal during the drain is ignored: the drain has a
+    deadline of its own."""
+    import ray
+    from ray import serve
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    done = threading.Event()
+
+    def delete() -> None:
+        try:
+            serve.delete(app, _blocking=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=delete, daemon=True).start()
+    if not done.wait(timeout_s):
+        print(f"drain: {app} not gone after {timeout_s:g} s; stopping anyway", flush=True)
+    if owns_ray:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _connect(address: str) -> bool:

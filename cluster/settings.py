@@ -37,6 +37,14 @@ class RaySettings(Strict):
 
     num_cpus: int | None = Field(None, gt=0)
     object_store_mb: int = Field(512, gt=64)
+    node_ip: str = Field("127.0.0.1", description="the address the Ray node `small4 up` starts "
+                         "binds to; on loopback, Ray's Prometheus endpoint listens on loopback "
+                         "only (it carries every tenant's traffic and has no key)")
+    metrics_port: int = Field(8080, gt=0, lt=65536,
+                              description="Ray's Prometheus metrics port (`small4 up` prints "
+                              "its URL)")
+    drain_timeout_s: float = Field(60, gt=0, description="on SIGTERM or Ctrl-C, how long "
+                                   "`small4 up` lets open requests finish before it stops")
     throughput_optimized: bool = Field(
         True, description="Ray Serve's high-throughput mode (gRPC between deployments, direct "
         "ingress, user code on the replica loop); applied when `small4 up` starts Ray")

@@ -143,7 +143,8 @@ def test_our_schemas_can_fail(render):
 
 def test_default_renders_the_expected_objects_and_no_secret(render):
     kinds = sorted(d["kind"] for d in render())
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "RayService", "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "PodDisruptionBudget", "RayService", "Service",
+                     "ServiceAccount"]
     assert "PodDisruptionBudget" not in {d["kind"] for d in render("cpu")}
 
 
@@ -425,3 +426,22 @@ def test_monitors_select_the_metrics_port(render):
     budget = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
     assert budget.items() <= pod_templates(docs)[1]["metadata"]["labels"].items()
     assert not budget.items() <= pod_templates(docs)[0]["metadata"]["labels"].items()
+
+
+# Network: who reaches the metrics endpoint and the dashboard
+
+def test_network_policy_lets_only_named_peers_scrape_or_reach_the_dashboard(render):
+    policy = one(render(), "NetworkPolicy")["spec"]
+    rules = policy["ingress"]
+    by_port = {p["port"]: rule.get("from") for rule in rules for p in rule.get("ports", ())}
+    assert by_port[8000] is None  # the ingress: anyone (httpFrom empty)
+    assert by_port[8080] == [{"namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert by_port[8265] and by_port[52365] and by_port[8265] != by_port[8080]
+    peers = [rule for rule in rules if "ports" not in rule]
+    assert peers == [{"from": [{"podSelector": {"matchLabels": policy["podSelector"][
+        "matchLabels"]}}]}]  # the release's own pods, every port
+    closed = one(render(networkPolicy={"enabled": True, "metricsFrom": []}), "NetworkPolicy")
+    assert 8080 not in {p["port"] for r in closed["spec"]["ingress"] for p in r.get("ports", ())}
+    assert not [d for d in render(networkPolicy={"enabled": False})
+                if d["kind"] == "NetworkPolicy"]

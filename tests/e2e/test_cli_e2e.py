@@ -1,0 +1,140 @@
+"""`small4 up` as ops run it: a process of its own (its own Ray), its metrics endpoint on loopback
+and printed, and SIGTERM draining an open stream to its end before exiting 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.conftest import SIM_PROFILE
+
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lines_of(process: subprocess.Popen) -> tuple[queue.Queue, threading.Thread]:
+    """The process's output lines as they come (None at the end), and the thread reading them."""
+    out: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in process.stdout:
+            out.put(line.rstrip("\n"))
+        out.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    return out, reader
+
+
+def wait_for(lines: queue.Queue, prefix: str, seen: list[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r} in {timeout}s; output:\n"
+                         + "\n".join(seen[-40:]))
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    port, metrics_port = free_port(), free_port()
+    profile = SIM_PROFILE | {"profile": "cli-e2e",
+                             "ray": {"num_cpus": 2, "object_store_mb": 128,
+                                     "metrics_port": metrics_port}}
+    path = tmp_path_factory.mktemp("up") / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--config", str(path),
+                                "--port", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    (lines, reader), seen = lines_of(process), []
+    try:
+        serving = wait_for(lines, "small4 (cli-e2e", seen, timeout=240)
+        metrics = wait_for(lines, "metrics (Prometheus): ", seen, timeout=10)
+        yield {"process": process, "lines": lines, "seen": seen, "serving": serving,
+               "url": f"http://127.0.0.1:{port}", "metrics_port": metrics_port,
+               "metrics": metrics.split(": ", 1)[1]}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        reader.join(timeout=30)  # at the end of the output, then the pipe can close
+        process.stdout.close()
+
+
+def test_up_prints_a_loopback_metrics_url_that_serves_prometheus(up):
+    assert up["metrics"] == f"http://127.0.0.1:{up['metrics_port']}/metrics"
+    deadline = time.monotonic() + 60
+    while True:  # the metrics agent starts a little after the node
+        try:
+            reply = httpx.get(up["metrics"], timeout=5)
+            if reply.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "metrics endpoint never answered"
+        time.sleep(1)
+    assert listening_on(up["metrics_port"]) == {"127.0.0.1"}
+
+
+def listening_on(port: int) -> set[str]:
+    """The local addresses a listening TCP socket on `port` is bound to (from /proc/net)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                address, hexport = local.split(":")
+                if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                # the kernel writes each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def test_sigterm_drains_an_open_stream_then_exits_zero(up):
+    body = {"model": "mistral-small-4", "stream": True, "max_tokens": 300,
+            "messages": [{"role": "user", "content": "count " * 40}]}
+    events: list[str] = []
+    with httpx.Client(timeout=httpx.Timeout(60.0)) as client, \
+            client.stream("POST", f"{up['url']}/v1/chat/completions", json=body) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 2:  # the stream is open and producing: stop the stack
+                up["process"].send_signal(signal.SIGTERM)
+    assert events[-1] == "[DONE]", events[-3:]
+    finished = [json.loads(e) for e in events[:-1]]
+    assert finished[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert up["process"].wait(timeout=120) == 0
+    wait_for(up["lines"], "stopped", up["seen"], timeout=5)
+    assert any(line.startswith("draining") for line in up["seen"])
