@@ -16,9 +16,8 @@ from pydantic import Field, ValidationError, model_validator
 from autoscaling.serve_policy import POLICY_PATH, AutoscalingSettings
 from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
-from services.settings import IngressSettings, ServiceSettings, Strict
+from services.settings import IngressSettings, ServiceSettings, Strict, WorkerSettings
 from services.workers.multimodal import MultimodalWorkerSettings
-from services.workers.settings import WorkerSettings
 
 
 ROLES = ("prefill", "decode")

@@ -323,6 +323,22 @@ class TelemetrySettings(Strict):
     json_logs: bool = True
 
 
+class WorkerSettings(Strict):
+    """One pool's prefill or decode worker: which model and engine it runs, how KV and tokens
+    leave it."""
+
+    pool: str
+    model: ModelSettings
+    engine: EngineSettings
+    kv_handoff: KVHandoffSettings
+    stream: StreamSettings
+    telemetry: TelemetrySettings = TelemetrySettings()
+    slo: SLOSettings = SLOSettings()
+    # GPU engines: GPUs per engine, and the KV bootstrap ports a prefill engine may take
+    tensor_parallel: int = 1
+    bootstrap_ports: list[int] = []
+
+
 class ServiceSettings(Strict):
     """Everything a request-path deployment needs; each deployment reads only its own part."""
 

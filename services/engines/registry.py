@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from services.engines.protocol import Engine
-from services.settings import EngineSettings, ModelSettings
+from services.settings import EngineSettings, ModelSettings, WorkerSettings
 from services.tokenizer import PromptTokenizer
-from services.workers.settings import WorkerSettings
 
 
 def build_engine(model: ModelSettings, engine: EngineSettings, *, role: str,

@@ -33,9 +33,9 @@ from services.engines.stops import StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.uniform import ImageTokens
+from services.settings import WorkerSettings
 from services.telemetry.tracing import resolve as resolve_tracing
 from services.tokenizer import PromptTokenizer
-from services.workers.settings import WorkerSettings
 
 PROBE_TIMEOUT_S = 30.0   # one token with no peer; SGLang's own /health_generate allows 20 s
 PROBE_EVERY_S = 10.0     # a healthy engine is probed again this often (a failing one at once)

@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory):
 def test_one_request_through_sglang_pd(checkpoint):
     from services.workers.decode import DecodeWorker
     from services.workers.prefill import PrefillWorker
-    from services.workers.settings import WorkerSettings
+    from services.settings import WorkerSettings
 
     # both engines share the one GPU of the smoke machine: a third of its memory each
     worker = WorkerSettings(
