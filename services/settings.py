@@ -106,6 +106,17 @@ class SpeculativeSettings(Strict):
         return self
 
 
+class PrefixCacheSettings(Strict):
+    """Reuse of prompt KV across requests (CPU engines; SGLang's radix cache does it there)."""
+
+    enabled: bool = True
+    block_tokens: int = Field(64, gt=0, description="tokens per cached block: a prompt reuses "
+                              "whole blocks only")
+    capacity_tokens: int | None = Field(None, ge=0, description="tokens of prompt KV kept "
+                                        "(least recently used evicted first); None: the "
+                                        "engine's kv_capacity_tokens")
+
+
 class EngineSettings(Strict):
     """The engine behind every worker of the stack and its capacity."""
 
@@ -114,6 +125,7 @@ class EngineSettings(Strict):
     max_running_requests: int = Field(64, gt=0)
     kv_capacity_tokens: int = Field(262144, gt=0)
     torch_threads: int = Field(1, gt=0)
+    prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
     simulated: SimulatedTiming = SimulatedTiming()
     sglang: SGLangSettings = SGLangSettings()
     speculative: SpeculativeSettings | None = Field(

@@ -180,9 +180,13 @@ class PrefillGate:
 
 
 def engine_stats(kind: str, role: str, batcher: ContinuousBatcher, gate: PrefillGate,
-                 capacity: int) -> EngineStats:
-    """An engine's stats from its decode batcher and prefill gate."""
+                 capacity: int, prefix_cache=None) -> EngineStats:
+    """An engine's stats from its decode batcher, prefill gate and prefix cache (if any)."""
+    cache = prefix_cache.stats if prefix_cache is not None else None
     return EngineStats(kind, role, running=len(batcher.running) + len(gate.running),
                        waiting=len(batcher.waiting) + gate.waiting,
                        kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
-                       kv_capacity=capacity, healthy=not batcher.failure, detail=batcher.failure)
+                       kv_capacity=capacity, healthy=not batcher.failure, detail=batcher.failure,
+                       cache_lookup_tokens=cache.lookup_tokens if cache else 0,
+                       cache_hit_tokens=cache.hit_tokens if cache else 0,
+                       cache_tokens=cache.held_tokens if cache else 0)

@@ -50,6 +50,8 @@ class EngineRequest:
     trace_headers: dict[str, str] = field(default_factory=dict)
     # Engine-specific routing fields (SGLang bootstrap host/port/room); empty for the reference.
     handoff: dict[str, Any] = field(default_factory=dict)
+    # Prefix caching: only prompts of the same salt share cached KV (one per tenant by default).
+    cache_salt: str = ""
 
 
 @dataclass
@@ -85,6 +87,10 @@ class EngineStats:
     kv_capacity: int
     healthy: bool = True
     detail: str = ""
+    # prefix cache: prompt tokens looked up and served from it since start, tokens held now
+    cache_lookup_tokens: int = 0
+    cache_hit_tokens: int = 0
+    cache_tokens: int = 0
 
 
 @runtime_checkable

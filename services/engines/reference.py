@@ -1,7 +1,8 @@
 """The reference engine: transformers on CPU, chunked prefill, continuously batched decode.
 
 Prefill runs a prompt in chunks of `prefill_chunk_tokens` and exports the KV cache as numpy arrays
-(`KVBlob`). Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at the
+(`KVBlob`); with the prefix cache on, the prompt's leading blocks that an earlier prompt of the same
+salt computed are loaded instead of computed, and its new full blocks are kept for later ones. Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at the
 next step: each step left-pads every running sequence's KV to a common length, runs one forward
 pass for the whole batch with true positions and a padding mask, and appends each row's new KV
 back to its sequence. All model calls run on one worker thread; the event loop stays free for
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
+from services.engines.prefix_cache import image_digest, image_marks, prefix_cache_for
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
 from services.engines.sampling import sample_token
 from services.engines.stops import StopChecker
@@ -49,7 +51,7 @@ class ReferenceEngine:
 
     def __init__(self, bundle: ModelBundle, settings: EngineSettings, *, role: str,
                  context_length: int, eos_ids: tuple[int, ...],
-                 detokenize: Callable[[list[int]], str]):
+                 detokenize: Callable[[list[int]], str], image_end_id: int | None = None):
         self.bundle = bundle
         self.settings = settings
         self.role = role
@@ -61,6 +63,8 @@ class ReferenceEngine:
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
         self._aborted: set[str] = set()
+        self.image_end_id = image_end_id
+        self.prefix_cache = prefix_cache_for(settings, role)
 
     # ---- prefill -------------------------------------------------------------------------
     async def prefill(self, request: EngineRequest) -> PrefillResult:
@@ -68,31 +72,56 @@ class ReferenceEngine:
         timing: dict[str, float] = {}
         async with self._gate.turn(request.request_id, timing):
             try:
-                blob, first = await self._run_prefill(request)
+                blob, first, cached = await self._run_prefill(request)
             finally:
                 self._aborted.discard(request.request_id)
         return PrefillResult(request.request_id, first, len(request.prompt_ids), blob,
-                             compute_s=timing["compute_s"], queue_s=timing["queue_s"])
+                             cached_tokens=cached, compute_s=timing["compute_s"],
+                             queue_s=timing["queue_s"])
 
-    async def _run_prefill(self, request: EngineRequest) -> tuple[KVBlob, int]:
+    async def _run_prefill(self, request: EngineRequest) -> tuple[KVBlob, int, int]:
+        """The prompt's KV, its first token, and how many of its tokens came from the cache."""
         from transformers import DynamicCache
 
         loop = asyncio.get_running_loop()
         ids = torch.tensor([request.prompt_ids])
-        images = [torch.as_tensor(np.asarray(img)) for img in request.images]
+        arrays = [np.asarray(img) for img in request.images]
+        images = [torch.as_tensor(a) for a in arrays]
         embeds = await loop.run_in_executor(self._executor, self._embed, ids, images)
-        cache = DynamicCache()
-        chunk = self.settings.prefill_chunk_tokens
-        logits = None
-        for start in range(0, ids.shape[1], chunk):
-            if request.request_id in self._aborted:
-                raise asyncio.CancelledError(f"request {request.request_id} aborted in prefill")
-            end = min(start + chunk, ids.shape[1])
-            logits = await loop.run_in_executor(self._executor, self._forward_chunk,
-                                                embeds[:, start:end], cache, start)
-            self._gate.running[request.request_id] = end
+        cache, prefix = DynamicCache(), self.prefix_cache
+        marks = hit = None
+        if prefix is not None:
+            marks = image_marks(request.prompt_ids, [image_digest(a) for a in arrays],
+                                self.bundle.image_token_id, self.image_end_id)
+            # the last prompt token is always computed: its logits give the first token
+            hit = prefix.acquire(request.prompt_ids, request.cache_salt, marks,
+                                 limit=len(request.prompt_ids) - 1)
+        try:
+            if hit is not None and hit.tokens:
+                await loop.run_in_executor(self._executor, _load_blocks, cache, hit.blocks)
+            done = hit.tokens if hit is not None else 0
+            chunk = self.settings.prefill_chunk_tokens
+            logits = None
+            for start in range(done, ids.shape[1], chunk):
+                if request.request_id in self._aborted:
+                    raise asyncio.CancelledError(
+                        f"request {request.request_id} aborted in prefill")
+                end = min(start + chunk, ids.shape[1])
+                logits = await loop.run_in_executor(self._executor, self._forward_chunk,
+                                                    embeds[:, start:end], cache, start)
+                self._gate.running[request.request_id] = end
+        finally:
+            if hit is not None:
+                prefix.release(hit)
+        if prefix is not None:
+            size = prefix.block_tokens
+            prefix.insert(request.prompt_ids, request.cache_salt, marks,
+                          lambda i: [(layer.keys[:, :, i * size:(i + 1) * size].clone(),
+                                      layer.values[:, :, i * size:(i + 1) * size].clone())
+                                     for layer in cache.layers],
+                          first_block=done // size)
         first = sample_token(logits, request.sampling, len(request.prompt_ids))
-        return KVBlob.from_cache(cache), first
+        return KVBlob.from_cache(cache), first, done
 
     @torch.inference_mode()
     def _embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
@@ -161,7 +190,16 @@ class ReferenceEngine:
 
     def stats(self) -> EngineStats:
         return engine_stats(self.kind, self.role, self._batcher, self._gate,
-                            self.settings.kv_capacity_tokens)
+                            self.settings.kv_capacity_tokens, self.prefix_cache)
+
+
+@torch.inference_mode()
+def _load_blocks(cache, blocks) -> None:
+    """Fill an empty transformers cache with cached blocks' KV, in order."""
+    for layer in range(len(blocks[0].kv)):
+        keys = torch.cat([b.kv[layer][0] for b in blocks], dim=-2)
+        values = torch.cat([b.kv[layer][1] for b in blocks], dim=-2)
+        cache.update(keys, values, layer)
 
 
 def _left_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
             raise ValueError(f"the model's vocabulary ({bundle.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size}); use a matching tokenizer")
         return ReferenceEngine(bundle, engine, role=role, context_length=model.context_length,
-                               eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode)
+                               eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode,
+                               image_end_id=tokenizer.special("[IMG_END]"))
     if engine.kind == "simulated":
         from services.engines.simulated import SimulatedEngine
 

@@ -1,8 +1,8 @@
 """The simulated engine: no model, tokens on a timing model (like Dynamo's mocker or llm-d's
 inference simulator), so the whole stack runs at production-like timings on a CPU.
 
-Timing: a prefill takes `prefill_base_ms + prefill_ms_per_token × prompt tokens` (one at a time,
-FIFO); a decode step for the running batch takes `decode_step_ms + decode_ms_per_seq × batch`, one
+Timing: a prefill takes `prefill_base_ms + prefill_ms_per_token × uncached prompt tokens` (one at
+a time, FIFO; the prefix cache is the reference engine's, block for block, holding no KV); a decode step for the running batch takes `decode_step_ms + decode_ms_per_seq × batch`, one
 token per sequence. With every timing at 0 each step still yields to the event loop once, so this
 mode measures the serving stack's own overhead. KV is accounted like a real engine (admission by
 `max_running_requests` and `kv_capacity_tokens`), and its export (`SimulatedKV`) travels through
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
+from services.engines.prefix_cache import image_digest, image_marks, prefix_cache_for
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
 from services.engines.stops import StopChecker
 from services.engines.validation import validate_request
@@ -159,6 +160,7 @@ class SimulatedEngine:
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
         self._prefills: dict[str, asyncio.Task] = {}
+        self.prefix_cache = prefix_cache_for(settings, role)
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """Wait for the prefill turn, spend the prompt's prefill time, answer the first token.
@@ -176,13 +178,25 @@ class SimulatedEngine:
                 del self._prefills[request.request_id]
 
     async def _prefill_in_turn(self, request: EngineRequest) -> PrefillResult:
-        n, timing = len(request.prompt_ids), {}
+        n, timing, cached = len(request.prompt_ids), {}, 0
         async with self._gate.turn(request.request_id, timing):
             self._gate.running[request.request_id] = n
+            prefix, marks = self.prefix_cache, None
+            if prefix is not None:
+                digests = [repr(i).encode() if _is_ref(i) else image_digest(i)
+                           for i in request.images]
+                marks = image_marks(request.prompt_ids, digests, self.planner.ids["[IMG]"],
+                                    self.planner.ids["[IMG_END]"])
+                hit = prefix.acquire(request.prompt_ids, request.cache_salt, marks, limit=n - 1)
+                prefix.release(hit)  # nothing to read: the simulated KV is a count
+                cached = hit.tokens
             await asyncio.sleep((self.timing.prefill_base_ms
-                                 + self.timing.prefill_ms_per_token * n) / 1000.0)
+                                 + self.timing.prefill_ms_per_token * (n - cached)) / 1000.0)
+            if prefix is not None:
+                prefix.insert(request.prompt_ids, request.cache_salt, marks, lambda i: None,
+                              first_block=cached // prefix.block_tokens)
             first = self.planner.plan(request.prompt_ids)[0]
-        return PrefillResult(request.request_id, first, n, SimulatedKV(n),
+        return PrefillResult(request.request_id, first, n, SimulatedKV(n), cached_tokens=cached,
                              compute_s=timing["compute_s"], queue_s=timing["queue_s"])
 
     def decode(self, request: EngineRequest, first_token: int,
@@ -212,4 +226,9 @@ class SimulatedEngine:
     def stats(self) -> EngineStats:
         """Running/waiting requests and KV held, prefill and decode together."""
         return engine_stats(self.kind, self.role, self._batcher, self._gate,
-                            self.settings.kv_capacity_tokens)
+                            self.settings.kv_capacity_tokens, self.prefix_cache)
+
+
+def _is_ref(image: Any) -> bool:
+    """An object-store reference (the simulated engine never fetches pixels)."""
+    return type(image).__name__ == "ObjectRef"

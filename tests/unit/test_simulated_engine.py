@@ -350,3 +350,24 @@ def test_kv_capacity_holds_back_a_request_that_would_not_fit(tokenizer):
     crowded = asyncio.run(scenario())
     assert (crowded.running, crowded.waiting, crowded.kv_capacity) == (1, 1, capacity)
     assert crowded.kv_tokens > len(first.prompt_ids) + len(second.prompt_ids)
+
+
+def test_prefix_hits_are_the_reference_engines_blocks_and_only_the_rest_is_prefilled(tokenizer):
+    engine = make_engine(tokenizer, {"prefix_cache": {"block_tokens": 16}})
+    words = " ".join(f"w{i}" for i in range(80))
+    first = chat(tokenizer, "a", [{"role": "user", "content": words}])
+    longer = chat(tokenizer, "b", [{"role": "user", "content": words},
+                                   {"role": "assistant", "content": "fine"},
+                                   {"role": "user", "content": "and then?"}])
+
+    async def cached(request, salt=""):
+        request.cache_salt = salt
+        return (await engine.prefill(request)).cached_tokens
+
+    assert asyncio.run(cached(first)) == 0
+    shared = next((k for k, (x, y) in enumerate(zip(first.prompt_ids, longer.prompt_ids))
+                   if x != y), len(first.prompt_ids))  # the next turn extends the first
+    assert asyncio.run(cached(longer)) == shared // 16 * 16 > 0
+    assert asyncio.run(cached(first, salt="another tenant")) == 0
+    stats = engine.stats()
+    assert stats.cache_hit_tokens == shared // 16 * 16 and stats.cache_tokens > 0

@@ -1,0 +1,180 @@
+"""Prefix caching: a hit computes only the uncached suffix and changes nothing in the answer;
+tenants, images, effort and tools never share KV they should not; collisions cannot hand out
+KV of other tokens; eviction is LRU and spares blocks a prefill is reading."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+
+from services.engines.prefix_cache import PrefixCache, image_marks
+from services.engines.protocol import EngineRequest, SamplingParams
+from tests.unit.test_reference_engine import GREEDY, disaggregated, make_engine, prompt_of
+
+BLOCK = 16
+
+
+def cached_engines(standin, tokenizer, **cache):
+    prefix = {"block_tokens": BLOCK} | cache
+    return (make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=32,
+                        prefix_cache=prefix),
+            make_engine(standin, tokenizer, "decode"))
+
+
+def run(prefill, decode, ids, rid, *, salt="t", images=(), n=8):
+    request = EngineRequest(rid, list(ids), SamplingParams(max_tokens=n, **GREEDY),
+                            images=list(images), cache_salt=salt)
+    first = {}
+
+    async def go():
+        original = prefill.prefill
+
+        async def spy(req):
+            result = await original(req)
+            first["cached"] = result.cached_tokens
+            return result
+
+        prefill.prefill = spy
+        try:
+            return await disaggregated(prefill, decode, request)
+        finally:
+            prefill.prefill = original
+
+    tokens = asyncio.run(go())
+    return tokens, first["cached"]
+
+
+def cold(standin, tokenizer, ids, images=(), n=8):
+    prefill = make_engine(standin, tokenizer, "prefill", prefix_cache={"enabled": False})
+    tokens, cached = run(prefill, make_engine(standin, tokenizer, "decode"), ids, "cold",
+                         images=images, n=n)
+    assert cached == 0
+    return tokens
+
+
+def test_a_hit_that_ends_mid_block_computes_the_suffix_and_answers_as_cold(standin, tokenizer):
+    first = prompt_of(tokenizer, 40)
+    second = first[:50] + prompt_of(tokenizer, 12, salt="x")[5:]  # shares 50: 3 blocks + 2
+    prefill, decode = cached_engines(standin, tokenizer)
+    assert run(prefill, decode, first, "a")[1] == 0
+    tokens, cached = run(prefill, decode, second, "b")
+    assert cached == 3 * BLOCK
+    assert tokens == cold(standin, tokenizer, second)
+    again, cached = run(prefill, decode, first, "c")  # the whole prompt but its last token
+    assert cached == (len(first) - 1) // BLOCK * BLOCK
+    assert again == cold(standin, tokenizer, first)
+    stats = prefill.stats()
+    assert stats.cache_hit_tokens == 3 * BLOCK + cached and stats.cache_tokens > 0
+
+
+def test_tenants_never_share_unless_they_have_the_same_salt(standin, tokenizer):
+    prompt = prompt_of(tokenizer, 30)
+    prefill, decode = cached_engines(standin, tokenizer)
+    run(prefill, decode, prompt, "a", salt="tenant-a")
+    assert run(prefill, decode, prompt, "b", salt="tenant-b")[1] == 0
+    assert run(prefill, decode, prompt, "c", salt="tenant-a")[1] > 0
+
+
+def test_effort_and_tools_change_the_prefix_so_such_prompts_never_share(standin, tokenizer):
+    messages = [{"role": "user", "content": " ".join(f"w{i}" for i in range(60))}]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    variants = [tokenizer.encode_chat(messages, effort="none").ids,
+                tokenizer.encode_chat(messages, effort="high").ids,
+                tokenizer.encode_chat(messages, effort="none", tools=[tool]).ids]
+    assert len({tuple(v) for v in variants}) == 3
+    prefill, decode = cached_engines(standin, tokenizer)
+    run(prefill, decode, variants[0], "none")
+    for i, ids in enumerate(variants[1:]):
+        shared = next(k for k, (x, y) in enumerate(zip(variants[0], ids)) if x != y)
+        assert run(prefill, decode, ids, f"v{i}")[1] <= shared // BLOCK * BLOCK
+
+
+def image_prompt(tokenizer, seed: int, words: int = 20):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    text = " ".join(f"w{i}" for i in range(words))
+    return tokenizer.encode_chat([{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": text}]}], effort="none")
+
+
+def test_two_images_of_one_size_share_only_the_text_before_them(standin, tokenizer):
+    one, other = image_prompt(tokenizer, 1), image_prompt(tokenizer, 2)
+    assert one.ids == other.ids  # same size: the ids cannot tell the images apart
+    start = next(i for i, t in enumerate(one.ids) if t == standin.image_token_id)
+    prefill, decode = cached_engines(standin, tokenizer)
+    run(prefill, decode, one.ids, "one", images=one.images)
+    tokens, cached = run(prefill, decode, other.ids, "other", images=other.images)
+    assert cached == start // BLOCK * BLOCK
+    assert tokens == cold(standin, tokenizer, other.ids, other.images)
+    tokens, cached = run(prefill, decode, one.ids, "same", images=one.images)
+    assert cached == (len(one.ids) - 1) // BLOCK * BLOCK > start
+    assert tokens == cold(standin, tokenizer, one.ids, one.images)
+
+
+def test_image_marks_find_where_each_image_begins():
+    img, brk, end = 10, 12, 13
+    ids = [1, 2, img, img, brk, img, img, end, 3, img, end, 4]
+    assert image_marks(ids, [b"a", b"b"], img, end) == {2: b"a", 9: b"b"}
+    conservative = image_marks(ids, [b"a", b"b"], img, None)
+    assert list(conservative) == [2] and conservative[2] not in (b"a", b"b")
+    assert image_marks(ids, [], img, end) == {}
+
+
+class CollidingCache(PrefixCache):
+    """Every block of every prompt gets the same key: a worst-case hash collision."""
+
+    def chain(self, token_ids, salt, image_marks=None):
+        n = len(token_ids) // self.block_tokens
+        return [(b"p", b"same")] * n
+
+
+def test_a_hash_collision_never_hands_out_kv_of_other_tokens():
+    cache = CollidingCache(block_tokens=4, capacity_tokens=64)
+    cache.insert([1, 2, 3, 4], "t", None, lambda i: "kv of 1 2 3 4")
+    assert cache.acquire([1, 2, 3, 4, 5], "t").tokens == 4
+    hit = cache.acquire([9, 9, 9, 9, 5], "t")
+    assert hit.tokens == 0 and hit.blocks == []
+    assert cache.acquire([1, 2, 3, 4, 5], "other tenant").tokens == 0
+
+
+def probe(cache: PrefixCache, ids: list[int]) -> int:
+    """Tokens a lookup would reuse (the lookup is released at once)."""
+    hit = cache.acquire(ids + [0], "")
+    cache.release(hit)
+    return hit.tokens
+
+
+def test_eviction_is_least_recently_used_and_spares_blocks_being_read():
+    cache = PrefixCache(block_tokens=4, capacity_tokens=8)
+    a, b, c, d = [1] * 4, [2] * 4, [3] * 4, [4] * 4
+    cache.insert(a, "", None, lambda i: "a")
+    cache.insert(b, "", None, lambda i: "b")
+    reading = cache.acquire(a + [0], "")  # a is read (and now most recent)
+    cache.insert(c, "", None, lambda i: "c")  # evicts b, the least recent unread block
+    assert (probe(cache, b), probe(cache, c)) == (0, 4)
+    cache.insert(d, "", None, lambda i: "d")  # a is still read: c goes
+    assert (probe(cache, c), probe(cache, d)) == (0, 4)
+    held = cache.acquire(d + [0], "")
+    assert cache.insert([5] * 4, "", None, lambda i: "e") == 0  # both read: nothing fits
+    cache.release(reading)
+    cache.release(held)
+    assert probe(cache, a) == 4 and cache.stats.held_tokens == 8
+    assert cache.stats.evicted_tokens == 8
+
+
+def test_a_hit_never_covers_the_last_prompt_token():
+    cache = PrefixCache(block_tokens=4, capacity_tokens=64)
+    cache.insert([1] * 8, "", None, lambda i: i)
+    assert cache.acquire([1] * 8, "", limit=7).tokens == 4
+    with pytest.raises(ValueError):
+        PrefixCache(block_tokens=0, capacity_tokens=1)
