@@ -16,7 +16,8 @@ from pydantic import Field, ValidationError, model_validator
 from autoscaling.serve_policy import POLICY_PATH, AutoscalingSettings
 from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
-from services.settings import IngressSettings, ServiceSettings, Strict, WorkerSettings
+from services.settings import (EngineSettings, IngressSettings, PrefixRoutingSettings,
+                               ServiceSettings, Strict, WorkerSettings)
 from services.workers.multimodal import MultimodalWorkerSettings
 
 
@@ -98,6 +99,8 @@ class StackSettings(ServiceSettings):
         our policy when autoscaling is on and the role may scale."""
         settings = getattr(self.pools[pool], role)
         options = deployment_options(settings)
+        if role == "prefill" and settings.highest > 1:
+            options |= prefill_router_options(self.routing.prefix, self.engine)
         if not (self.autoscaling.enabled and settings.scalable):
             return options
         options.pop("num_replicas")
@@ -165,6 +168,31 @@ def parse_settings(data: dict[str, Any] | None) -> StackSettings:
         if field == "auth" and error["type"] == "missing":
             what = "required: give auth.keys_file, or auth.enabled: false to serve without keys"
         raise SettingsError(f"{field}: {what}" if field else what, field) from None
+
+
+def prefill_router_options(prefix: PrefixRoutingSettings,
+                           engine: EngineSettings) -> dict[str, Any]:
+    """`request_router_config` of a prefill deployment that may run more than one replica."""
+    if prefix.router == "serve_default":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    if prefix.router == "ray_prefix_affinity":  # Ray's own, a baseline for bench/prefix_routing
+        return {"request_router_config": RequestRouterConfig(
+            request_router_class=RAY_PREFIX_ROUTER)}
+    cache = engine.prefix_cache
+    capacity = (cache.capacity_tokens if cache.capacity_tokens is not None
+                else engine.kv_capacity_tokens)
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="services.workers.prefix_router.CacheAwareRouter",
+        request_router_kwargs={"block_tokens": cache.block_tokens, "capacity_tokens": capacity,
+                               "max_imbalance": prefix.max_imbalance})}
+
+
+# Ray's PrefixCacheAffinityRouter without the `ray[llm]` extra's imports (pyarrow) that its
+# public path `ray.serve.llm.request_router` pulls in.
+RAY_PREFIX_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware."
+                     "prefix_aware_router.PrefixCacheAffinityRouter")
 
 
 def load_settings(path: str | Path | None = None) -> StackSettings:

@@ -220,13 +220,26 @@ class PoolSettings(Strict):
     slo: SLOSettings = SLOSettings()
 
 
+class PrefixRoutingSettings(Strict):
+    """Which prefill replica a prompt goes to, where a pool's prefill role may have several:
+    `cache_aware` (ours: where its prefix is cached, against queued prefill tokens; see
+    services/workers/prefix_router.py), `serve_default` (Serve's power of two choices), or
+    `ray_prefix_affinity` (Ray's PrefixCacheAffinityRouter, a baseline for the bench)."""
+
+    router: Literal["cache_aware", "serve_default", "ray_prefix_affinity"] = "cache_aware"
+    max_imbalance: float = Field(1.5, ge=1.0, description="no replica is chosen while its "
+                                 "queued prefill tokens exceed this × the shortest queue + "
+                                 "one prompt")
+
+
 class RoutingSettings(Strict):
-    """How a request's `reasoning_effort` picks a pool."""
+    """How a request's `reasoning_effort` picks a pool, and a prompt its prefill replica."""
 
     effort_map: dict[str, Effort] = {"none": "none", "minimal": "none", "low": "none",
                                      "medium": "high", "high": "high"}
     default_effort: str = "none"
     spillover: bool = True
+    prefix: PrefixRoutingSettings = PrefixRoutingSettings()
 
     @model_validator(mode="after")
     def _default_known(self):

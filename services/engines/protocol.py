@@ -53,6 +53,12 @@ class EngineRequest:
     # Prefix caching: only prompts of the same salt share cached KV (one per tenant by default).
     cache_salt: str = ""
 
+    @property
+    def prompt(self) -> str:
+        """The prompt as one character per token id: what a text-reading router (Ray's
+        PrefixCacheAffinityRouter) matches prefixes on, exactly as the ids do."""
+        return "".join(map(chr, self.prompt_ids))
+
 
 @dataclass
 class PrefillResult:

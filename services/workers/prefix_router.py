@@ -1,0 +1,156 @@
+"""Cache-aware routing of prefills, on Ray Serve's public `RequestRouter` API.
+
+Each caller (a decode replica's handle to its pool's prefill deployment) keeps an approximate
+index per prefill replica: the prompt blocks it has sent there, keyed as the engines' prefix
+cache keys them (`services.engines.prefix_cache`: salted hash chain, `block_tokens` per block),
+least recently used first and bounded by the replica's cache capacity (so the index forgets as
+the engine evicts). A request goes where its expected time to first token is lowest:
+
+    cost(replica) = queued prefill tokens there + this prompt's tokens not cached there
+
+so a hot prefix stays on the replica that holds it only while that is worth the wait; and no
+replica is chosen while its queue exceeds `max_imbalance` × the shortest queue + one prompt
+(a hot prefix cannot pin one replica while others idle). Queued tokens are what this router
+sent and has not seen complete, or Serve's probed queue length × the mean prompt, whichever
+is larger (other callers route too). A replica that dies or leaves drops out of the index;
+`router_state.correct` trims a replica's index to the prompt KV its engine reports holding (its
+evictions).
+With one replica the router only hands it back.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from services.engines.prefix_cache import PrefixCache
+from services.workers import router_state
+
+
+@dataclass
+class _Routed:
+    replica: ReplicaID
+    tokens: int  # uncached prompt tokens expected to run there
+
+
+class CacheAwareRouter(RequestRouter):
+    """Prefix-cache-aware, load-guarded routing for prefill deployments (see the module)."""
+
+    def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
+                         max_imbalance: float = 1.5, **_: Any) -> None:
+        self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
+        self.block_tokens = block_tokens
+        self.capacity_blocks = max(1, capacity_tokens // block_tokens)
+        self.max_imbalance = max_imbalance
+        self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
+        self.queued: dict[ReplicaID, int] = {}
+        self.routed: dict[str, _Routed] = {}
+        self.mean_prompt = float(block_tokens)
+        self.decisions = {"routed": 0, "predicted_hit_tokens": 0}
+        router_state.register(self)  # for `router_state.correct`
+
+    # ---- choice --------------------------------------------------------------------------
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        if len(candidate_replicas) <= 1:
+            return [candidate_replicas] if candidate_replicas else []
+        request = _engine_request(pending_request)
+        if request is None:
+            return [random.sample(candidate_replicas, len(candidate_replicas))]
+        chain = [key for _, key in self.keys.chain(request.prompt_ids, request.cache_salt)]
+        scored = self.rank(candidate_replicas, chain, len(request.prompt_ids))
+        return [[replica] for _, _, replica in scored]
+
+    def rank(self, replicas: list[RunningReplica], chain: list[bytes],
+             prompt_tokens: int) -> list[tuple[float, int, RunningReplica]]:
+        """(cost, predicted hit tokens, replica), cheapest first; over-queued replicas last."""
+        queued = {r.replica_id: self.queued_tokens(r) for r in replicas}
+        ceiling = self.max_imbalance * min(queued.values()) + prompt_tokens
+        scored = []
+        for replica in replicas:
+            hit = self.predicted_hit(replica.replica_id, chain)
+            cost = queued[replica.replica_id] + prompt_tokens - hit
+            over = queued[replica.replica_id] > ceiling
+            held = len(self.index.get(replica.replica_id, ()))  # ties: the emptier cache
+            scored.append((over, cost, held, random.random(), hit, replica))
+        scored.sort(key=lambda s: s[:4])
+        return [(cost, hit, replica) for _, cost, _, _, hit, replica in scored]
+
+    def predicted_hit(self, replica: ReplicaID, chain: list[bytes]) -> int:
+        index = self.index.get(replica)
+        hit = 0
+        if index:
+            for key in chain:
+                if key not in index:
+                    break
+                hit += self.block_tokens
+        return hit
+
+    def queued_tokens(self, replica: RunningReplica) -> float:
+        probed = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return max(self.queued.get(replica.replica_id, 0), probed * self.mean_prompt)
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        request = _engine_request(pending_request)
+        if request is None:
+            return
+        chain = [key for _, key in self.keys.chain(request.prompt_ids, request.cache_salt)]
+        hit = self.predicted_hit(replica_id, chain)
+        tokens = max(1, len(request.prompt_ids) - hit)
+        self.routed[pending_request.metadata.internal_request_id] = _Routed(replica_id, tokens)
+        self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
+        self.mean_prompt += (len(request.prompt_ids) - self.mean_prompt) / 16
+        self.decisions["routed"] += 1
+        self.decisions["predicted_hit_tokens"] += hit
+        index = self.index.setdefault(replica_id, OrderedDict())
+        for key in chain:  # the engine will hold these blocks once the prefill ran
+            index[key] = None
+            index.move_to_end(key)
+        while len(index) > self.capacity_blocks:
+            index.popitem(last=False)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        routed = self.routed.pop(internal_request_id, None)
+        if routed is not None:
+            left = self.queued.get(routed.replica, 0) - routed.tokens
+            self.queued[routed.replica] = max(0, left)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id for r in replicas}
+        for gone in [r for r in self.index if r not in live]:
+            self._forget(gone)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def _forget(self, replica_id: ReplicaID) -> None:
+        self.index.pop(replica_id, None)
+        self.queued.pop(replica_id, None)
+
+    def correct_replica(self, replica_unique_id: str, held_tokens: int) -> None:
+        """The engine of `replica_unique_id` holds `held_tokens` of prompt KV now: keep no more
+        than that many of the most recent blocks in its index (its evictions, as they happened,
+        including those other callers' prompts caused)."""
+        for replica, index in self.index.items():
+            if replica.unique_id == replica_unique_id:
+                while len(index) > held_tokens // self.block_tokens:
+                    index.popitem(last=False)
+
+
+def _engine_request(pending: PendingRequest | None):
+    """The `EngineRequest` among a prefill call's arguments (None for other calls)."""
+    if pending is None:
+        return None
+    for arg in pending.args:
+        if hasattr(arg, "prompt_ids") and hasattr(arg, "cache_salt"):
+            return arg
+    return None

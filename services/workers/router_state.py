@@ -1,0 +1,27 @@
+"""The cache-aware routers living in this process, so what a prefill reply reports reaches them.
+
+Serve pickles a request router's own module by value, so a registry kept there would be a copy
+per router; this module is imported by reference from both sides (router and decode worker)."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+_routers: weakref.WeakSet = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def register(router: Any) -> None:
+    with _lock:
+        _routers.add(router)
+
+
+def correct(replica_unique_id: str, held_tokens: int) -> None:
+    """A prefill replica reported holding `held_tokens` of prompt KV: every router here trims
+    its index of that replica to it."""
+    with _lock:
+        routers = list(_routers)
+    for router in routers:
+        router.correct_replica(replica_unique_id, held_tokens)

@@ -1,0 +1,138 @@
+"""The cache-aware prefill router on Ray Serve's real `RequestRouter` base: a prompt goes where
+its prefix was sent, unless that replica's queue makes it slower; a hot prefix cannot pin one
+replica; replicas that leave drop out; reports trim the index."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from ray.serve._private.common import (DeploymentHandleSource, DeploymentID, ReplicaID,
+                                       RequestMetadata)
+from ray.serve.request_router import PendingRequest
+
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.workers import router_state
+from services.workers.prefix_router import CacheAwareRouter
+
+BLOCK = 16
+DEPLOYMENT = DeploymentID(name="fast-prefill", app_name="small4")
+
+
+@dataclass
+class Replica:
+    """What the router reads of Serve's RunningReplica."""
+
+    replica_id: ReplicaID
+    max_ongoing_requests: int = 64
+
+
+@pytest.fixture
+def router():
+    async def make():
+        r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK, max_imbalance=1.5)
+        return r
+    return asyncio.run(make())
+
+
+def replicas(n: int) -> list[Replica]:
+    return [Replica(ReplicaID(f"r{i}", DEPLOYMENT)) for i in range(n)]
+
+
+count = iter(range(10**6))
+
+
+def pending(prompt: list[int], salt: str = "t") -> PendingRequest:
+    request = EngineRequest(f"q{next(count)}", prompt, SamplingParams(max_tokens=4),
+                            cache_salt=salt)
+    metadata = RequestMetadata(request_id=request.request_id,
+                               internal_request_id=request.request_id)
+    return PendingRequest(args=[object(), request], kwargs={}, metadata=metadata,
+                          future=None)
+
+
+def route(router, candidates, request) -> Replica:
+    ranks = asyncio.run(router.choose_replicas(candidates, request))
+    chosen = ranks[0][0]
+    router.on_request_routed(request, chosen.replica_id, None)
+    return chosen
+
+
+def conversation(k: int, turns: int) -> list[list[int]]:
+    """Prompts of one conversation: each turn extends the last."""
+    system = [1000 + k] * (8 * BLOCK)
+    return [system + list(range(2000, 2000 + 3 * BLOCK * (t + 1))) for t in range(turns)]
+
+
+def test_each_conversation_stays_on_the_replica_that_holds_its_prefix(router):
+    pool = replicas(3)
+    homes = {}
+    for turn in range(4):
+        for k in range(6):
+            request = pending(conversation(k, 4)[turn])
+            chosen = route(router, pool, request)
+            router.on_request_completed(chosen.replica_id,
+                                        request.metadata.internal_request_id)
+            homes.setdefault(k, set()).add(chosen.replica_id)
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert len(set().union(*homes.values())) == 3  # new conversations go to the emptier caches
+    assert router.decisions["predicted_hit_tokens"] > 0
+
+
+def test_a_hot_prefix_spills_over_when_its_replica_queues(router):
+    pool = replicas(2)
+    prompt = conversation(0, 1)[0]
+    chosen = [route(router, pool, pending(prompt)).replica_id for _ in range(12)]
+    assert len(set(chosen)) == 2, "one replica took every request of a hot prefix"
+    queued = sorted(router.queued.values())
+    assert queued[-1] <= 1.5 * queued[0] + len(prompt)
+
+
+def test_salts_keep_tenants_apart_in_the_index(router):
+    pool = replicas(2)
+    prompt = conversation(1, 1)[0]
+    first = route(router, pool, pending(prompt, salt="a"))
+    router.on_request_completed(first.replica_id, "x")
+    chain = [key for _, key in router.keys.chain(prompt, "b")]
+    assert router.predicted_hit(first.replica_id, chain) == 0
+
+
+def test_a_replica_that_leaves_drops_out_and_reports_trim_the_index(router):
+    pool = replicas(2)
+    request = pending(conversation(2, 1)[0])
+    home = route(router, pool, request)
+    assert router.index[home.replica_id]
+    router_state.correct(home.replica_id.unique_id, held_tokens=2 * BLOCK)
+    assert len(router.index[home.replica_id]) == 2
+    router.on_replica_actor_died(home.replica_id)
+    assert home.replica_id not in router.index and home.replica_id not in router.queued
+
+
+def test_one_replica_is_handed_back_and_other_calls_are_spread(router):
+    one = replicas(1)
+    assert asyncio.run(router.choose_replicas(one, pending([1, 2, 3]))) == [one]
+    other = PendingRequest(args=["not a prompt"], kwargs={},
+                           metadata=RequestMetadata(request_id="h", internal_request_id="h"),
+                           future=None)
+    ranks = asyncio.run(router.choose_replicas(replicas(3), other))
+    assert len(ranks) == 1 and len(ranks[0]) == 3
+
+
+def test_prefill_roles_that_may_have_several_replicas_get_the_router():
+    from cluster.settings import RAY_PREFIX_ROUTER, parse_settings
+
+    def options(prefill: dict, **routing):
+        settings = parse_settings({"pools": {"fast": {"effort": "none", "prefill": prefill},
+                                             "deep": {"effort": "high"}},
+                                   "routing": {"prefix": routing}, "auth": {"enabled": False}})
+        return settings.role_options("fast", "prefill")
+
+    config = options({"replicas": 2})["request_router_config"]
+    assert config.request_router_class.endswith("prefix_router.CacheAwareRouter")
+    assert config.request_router_kwargs["block_tokens"] == 64
+    assert "request_router_config" not in options({"replicas": 1})
+    assert "request_router_config" not in options({"replicas": 2}, router="serve_default")
+    ray_own = options({"replicas": 2}, router="ray_prefix_affinity")["request_router_config"]
+    assert ray_own.request_router_class == RAY_PREFIX_ROUTER
