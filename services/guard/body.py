@@ -104,7 +104,7 @@ def check_encoding(request: Request, head: bytes) -> None:
                 value.strip().strip('"').lower().replace("_", "-") not in ("utf-8", "utf8"):
             raise UnsupportedMediaType(f"request bodies must be UTF-8 JSON; got charset "
                                        f"{value.strip()[:40]!r}")
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in head[:4]:
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 2 and b"\x00" in head[:4]):
         raise UnsupportedMediaType("request bodies must be UTF-8 JSON; this one is UTF-16 "
                                    "or UTF-32")
 
