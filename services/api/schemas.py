@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator)
 
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, clip
 
 
 class _Wire(BaseModel):
@@ -153,10 +153,14 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         # the deepest error is the most specific one (union members each report their own)
         error = max(exc.errors(), key=lambda e: len(field_path(e["loc"])))
         path = field_path(error["loc"])
+        message = error["msg"]
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             path.append(error["ctx"]["discriminator"].strip("'"))
+            if "tag" in error["ctx"]:  # pydantic quotes the caller's tag whole
+                message = (f"{clip(error['ctx']['tag'])} is not one of "
+                           f"{error['ctx']['expected_tags']}")
         param = ".".join(path) or None
-        raise InvalidRequest(f"{param}: {error['msg']}" if param else error["msg"],
+        raise InvalidRequest(f"{param}: {message}" if param else message,
                              param=param) from None
 
 
