@@ -12,6 +12,7 @@ import threading
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray must never phone home
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+EDGE_CALLBACK = "services.guard.http_edge:install"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +72,9 @@ def cmd_up(args) -> int:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
         os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
+        # Serve's HTTP proxy bounds request heads and answers in our error shape (read by
+        # the proxy when it starts, so it must be in the environment Ray starts with).
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", EDGE_CALLBACK)
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024,
                  _node_ip_address=settings.ray.node_ip,

@@ -39,6 +39,12 @@ class StackError(Exception):
         return {"error": error}
 
 
+def clip(value: object, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters, for quoting a caller's input in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _rebuild(cls, message, param, code, request_id, retry_after=None):
     return cls(message, param=param, code=code, request_id=request_id, retry_after=retry_after)
 
@@ -101,6 +107,20 @@ class PayloadTooLarge(InvalidRequest):
 
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its request (body) in time (408)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The body is not in a format the endpoint reads: JSON in UTF-8 (415)."""
+
+    status = 415
+    code = "unsupported_media_type"
 
 
 class DeadlineExceeded(StackError):
@@ -181,6 +201,8 @@ def from_exception(exc: BaseException) -> StackError:
         if cause is None:
             break
         exc, seen = cause, seen + 1
+    if type(exc).__name__ == "ClientDisconnect":  # starlette's, matched by name
+        return RequestAborted("the client went away before the request was read")
     if retryable(exc):
         return EngineUnavailable(f"a replica failed while serving the request "
                                  f"({type(exc).__name__})")

@@ -19,14 +19,15 @@ from starlette.responses import JSONResponse, StreamingResponse
 from services.api import openapi, responses
 from services.api.http_errors import as_stack_error, error_response, sse_error, sse_event
 from services.api.output import OutputParser
-from services.api.plan import RequestPlan, admit, plan_request, tools_of
+from services.api.plan import RequestPlan, admit, plan_request, prompt_floor, tools_of
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, MethodNotAllowed,
-                             NotFound, StackError, retryable)
+                             NotFound, RequestAborted, StackError, clip, retryable)
 from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.guard.quotas import Grant, Quotas
+from services.guard.uploads import Uploads
 from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, choose_pool
 from services.settings import IngressSettings
@@ -54,6 +55,8 @@ class Ingress:
         auth = settings.auth
         self.keys = KeyRing(auth.keys_file, auth.reload_s) if auth.enabled else None
         self.quotas = Quotas(auth.default_quota)
+        self.uploads = Uploads(settings.limits)
+        self.token_bytes = _max_token_bytes(self.tokenizer)
         if self.keys is None:
             self.log.warning("auth.enabled is false: requests are served without API keys")
 
@@ -117,21 +120,29 @@ class Ingress:
             "small4.request_id": request_id})
         trace_id = tracing.trace_id(span, incoming)
         principal, grant = ANONYMOUS, None
+        limits = self.settings.limits
         try:
+            # cheapest first: the key, the deadline header, the key's request and stream
+            # quota, an upload slot; only then is the body read (checked as it streams in),
+            # sized against the context and token quota, and only then tokenised
             principal = self.authenticate(request)
             span.set_attribute("small4.tenant", principal.tenant)
             deadline = time.time() + self._timeout(request)
+            grant = self.quotas.admit_request(principal)
             with tracing.scope("preprocess", span) as pre:
-                req = parse_chat_request(await read_json(request, self.settings.limits))
+                async with self.uploads.slot(principal.ident):
+                    body = await read_json(request, limits)
+                req = parse_chat_request(body)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
-                               limits=self.settings.limits)
+                               limits=limits)
+                floor = prompt_floor(req, self.token_bytes, model=self.settings.model)
+                self.quotas.check_tokens(grant, floor)
                 prompt = await self._encode(req, effort, request_id, pre)
                 plan = plan_request(req, request_id, effort=effort, prompt=prompt,
-                                    model=self.settings.model, limits=self.settings.limits)
+                                    model=self.settings.model, limits=limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
-            grant = self.quotas.admit(principal, plan.prompt_tokens
-                                      + plan.engine_request.sampling.max_tokens)
+            self.quotas.charge(grant, plan.prompt_tokens + plan.engine_request.sampling.max_tokens)
             with tracing.scope("route", span, **{"small4.effort": plan.effort}) as route:
                 choice = self._choose(plan.effort)
                 route.set_attributes({"small4.pool": choice.pool,
@@ -157,7 +168,7 @@ class Ingress:
             asked = float("nan")
         if not 0 < asked <= limits.max_request_timeout_s:
             raise InvalidRequest(f"x-request-timeout must be seconds in (0, "
-                                 f"{limits.max_request_timeout_s:g}]; got {raw!r}",
+                                 f"{limits.max_request_timeout_s:g}]; got {clip(raw)}",
                                  param="x-request-timeout")
         return asked
 
@@ -200,6 +211,7 @@ class Ingress:
             await self._release(choice, answer.chunks)
             self.quotas.release(grant, 0)
             if isinstance(exc, asyncio.CancelledError):
+                metrics.ERRORS.inc(pool=choice.pool, role="ingress", type=RequestAborted.type)
                 tracing.finish(trace.span, exc)
                 raise
             return self._refuse(exc, trace.span, ctx.request_id, trace.trace_id, trace.started,
@@ -219,6 +231,9 @@ class Ingress:
         except StackError as exc:
             answer.error = exc
             return error_response(exc, ctx.request_id, trace.trace_id)
+        except asyncio.CancelledError:
+            answer.error = RequestAborted("the client went away before the answer was sent")
+            raise
         finally:
             await answer.close()
 
@@ -370,6 +385,7 @@ class _Answer:
                 yield sse_event(responses.usage_chunk(self.meta, self.usage()))
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
+            self.error = RequestAborted("the client went away during the stream")
             raise
         except Exception as exc:
             self.error = exc
@@ -388,6 +404,14 @@ def _delta_dict(delta, first_index: int) -> dict[str, Any]:
         body["tool_calls"] = responses.tool_call_dicts(delta.tool_calls, first_index,
                                                        streaming=True)
     return body
+
+
+def _max_token_bytes(tokenizer: PromptTokenizer) -> int:
+    """The longest token of the vocabulary in bytes: text of N bytes is at least N / this
+    many tokens."""
+    raw = tokenizer._raw
+    return max(len(raw.id_to_byte_piece(i, "keep"))
+               for i in range(raw.num_special_tokens, raw.n_words))
 
 
 def _trace_headers(request: Request) -> dict[str, str]:

@@ -268,6 +268,16 @@ class LimitSettings(Strict):
     request_timeout_s: float = Field(600.0, gt=0, description="default deadline")
     max_request_timeout_s: float = Field(3600.0, gt=0, description="cap on x-request-timeout")
     max_resumes: int = Field(2, ge=0, description="decode restarts after a replica dies")
+    body_idle_timeout_s: float = Field(10.0, gt=0, description="longest wait for the next "
+                                       "body bytes before 408")
+    body_timeout_s: float = Field(120.0, gt=0, description="whole-body upload deadline (408)")
+    body_check_budget_s: float = Field(5.0, gt=0, description="CPU time the body's size and "
+                                       "depth check may take (400 beyond)")
+    max_uploads: int = Field(128, gt=0, description="bodies being received at once per "
+                             "ingress replica")
+    max_uploads_per_key: int = Field(64, gt=0, description="bodies one key may be sending at "
+                                     "once per ingress replica")
+    upload_wait_s: float = Field(1.0, ge=0, description="wait for a free upload slot before 429")
 
 
 class QuotaSettings(Strict):

@@ -21,6 +21,24 @@ def as_stack_error(exc: BaseException) -> StackError:
     return error
 
 
+# Messages quote the caller's input (a model name, a union tag, a header): an error never echoes
+# more than this many characters of it back.
+MAX_MESSAGE_CHARS = 1000
+
+
+def error_body(error: StackError, request_id: str | None = None,
+               trace_id: str | None = None) -> dict:
+    """`error.body` with its message and param clipped to a bounded size."""
+    body = error.body(request_id, trace_id)
+    inner = body["error"]
+    message = str(inner["message"])
+    if len(message) > MAX_MESSAGE_CHARS:
+        inner["message"] = f"{message[:MAX_MESSAGE_CHARS]}… (clipped)"
+    if isinstance(inner.get("param"), str) and len(inner["param"]) > 200:
+        inner["param"] = inner["param"][:200] + "…"
+    return body
+
+
 def error_response(exc: BaseException, request_id: str | None = None,
                    trace_id: str | None = None) -> JSONResponse:
     """An OpenAI-style JSON error with the request and trace ids in the body and headers."""
@@ -30,7 +48,7 @@ def error_response(exc: BaseException, request_id: str | None = None,
         headers["x-trace-id"] = trace_id
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
-    return JSONResponse(error.body(request_id, trace_id), status_code=error.status,
+    return JSONResponse(error_body(error, request_id, trace_id), status_code=error.status,
                         headers=headers)
 
 
@@ -46,4 +64,4 @@ def sse_event(body: dict) -> str:
 
 def sse_error(exc: BaseException, request_id: str, trace_id: str | None = None) -> str:
     """An SSE `data:` event carrying the error body, for errors after the stream started."""
-    return sse_event(as_stack_error(exc).body(request_id, trace_id))
+    return sse_event(error_body(as_stack_error(exc), request_id, trace_id))

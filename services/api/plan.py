@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from services.api.schemas import ChatCompletionRequest
 from services.engines.protocol import EngineRequest, SamplingParams
-from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, clip
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
 from services.tokenizer import EncodedPrompt, PromptTokenizer
@@ -30,12 +30,38 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
           limits: LimitSettings) -> str:
     """Check the request against the served model and limits; return the effort to apply."""
     if req.model != model.name:
-        raise ModelNotFound(f"the model {req.model!r} does not exist; this endpoint serves "
+        raise ModelNotFound(f"the model {clip(req.model)} does not exist; this endpoint serves "
                             f"{model.name!r}", param="model")
     if len(req.messages) > limits.max_messages:
         raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
                              param="messages")
     return applied_effort(req.reasoning_effort, routing)
+
+
+def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
+                 model: ModelSettings) -> int:
+    """The fewest tokens the request can cost (its text over the longest token's bytes, plus
+    the asked `max_tokens`), known before tokenising: a prompt that cannot fit the context is
+    refused here, cheaply (a 12 MB prompt is never tokenised)."""
+    text = sum(_text_bytes(m.content) for m in req.messages)
+    text += sum(len(t.model_dump_json()) for t in req.tools or ())
+    floor = text // max(token_bytes, 1)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else \
+        req.max_tokens
+    if floor + max(asked or 0, 0) > model.context_length:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {model.context_length} tokens; the "
+            f"messages have {text} bytes of text, at least {floor} tokens", param="messages")
+    return floor + max(asked or 0, 0)
+
+
+def _text_bytes(content) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content.encode("utf-8", "surrogatepass"))
+    return sum(len(p.text.encode("utf-8", "surrogatepass")) for p in content
+               if getattr(p, "type", None) == "text")
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

@@ -1,16 +1,18 @@
 """The OpenAI chat-completions wire schema we accept, validated before anything else runs.
 
 Unknown top-level fields are ignored (as common OpenAI-compatible servers do); fields we cannot
-honour (`n > 1`) are refused. Validation errors become `InvalidRequest` naming the field path.
+honour (`n > 1`) are refused. Numbers and booleans are strict: `"16"` or `true` for `max_tokens`
+and `"yes"` for `stream` are refused, not coerced. Validation errors become `InvalidRequest` naming the field path.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator)
 
-from services.errors import InvalidRequest
+from services.errors import InvalidRequest, clip
 
 
 class _Wire(BaseModel):
@@ -97,24 +99,24 @@ class NamedToolChoice(_Wire):
 
 
 class StreamOptions(_Wire):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(_Wire):
     model: str
     messages: list[Message] = Field(min_length=1)
     reasoning_effort: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1, le=1)
     user: str | None = None
 
     @field_validator("stop")
@@ -151,10 +153,14 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         # the deepest error is the most specific one (union members each report their own)
         error = max(exc.errors(), key=lambda e: len(field_path(e["loc"])))
         path = field_path(error["loc"])
+        message = error["msg"]
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             path.append(error["ctx"]["discriminator"].strip("'"))
+            if "tag" in error["ctx"]:  # pydantic quotes the caller's tag whole
+                message = (f"{clip(error['ctx']['tag'])} is not one of "
+                           f"{error['ctx']['expected_tags']}")
         param = ".".join(path) or None
-        raise InvalidRequest(f"{param}: {error['msg']}" if param else error["msg"],
+        raise InvalidRequest(f"{param}: {message}" if param else message,
                              param=param) from None
 
 

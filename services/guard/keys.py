@@ -48,11 +48,18 @@ class KeysFile(Strict):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key's name, its tenant, its quota (None: the default quota)."""
+    """Who is calling: the key's name, its tenant, its quota (None: the default quota), and
+    the key's digest, which identifies it (names are labels: two keys may share one)."""
 
     key: str
     tenant: str
     quota: QuotaSettings | None = None
+    key_id: str = ""
+
+    @property
+    def ident(self) -> str:
+        """What per-key state (quotas, upload slots) is keyed by."""
+        return self.key_id or self.key
 
 
 ANONYMOUS = Principal("none", "anonymous")
@@ -105,4 +112,4 @@ class KeyRing:
                      None)
         if entry is None or entry.revoked:
             raise Unauthorized("invalid API key")  # the same answer for unknown and revoked
-        return Principal(entry.name, entry.tenant, entry.quota)
+        return Principal(entry.name, entry.tenant, entry.quota, key_id=entry.sha256)

@@ -61,6 +61,7 @@ class Grant:
 
     key: str
     tokens: int
+    name: str = ""
 
 
 class Quotas:
@@ -72,11 +73,11 @@ class Quotas:
 
     def _state(self, who: Principal) -> _KeyState:
         limits = who.quota or self.default
-        state = self.keys.get(who.key)
+        state = self.keys.get(who.ident)
         if state is None or state.limits != limits:
             now = self.clock()
             rps, tpm = limits.requests_per_s, limits.tokens_per_min
-            state = self.keys[who.key] = _KeyState(
+            state = self.keys[who.ident] = _KeyState(
                 Bucket(rps, max(rps, 1.0), max(rps, 1.0), now) if rps else None,
                 Bucket(tpm / 60.0, tpm, tpm, now) if tpm else None,
                 state.streams if state else 0, limits)
@@ -84,29 +85,61 @@ class Quotas:
 
     def admit(self, who: Principal, tokens: int) -> Grant:
         """Charge one request of up to `tokens` tokens, or raise `RateLimited`."""
-        state, now = self._state(who), self.clock()
+        state = self._state(who)
+        self._check_request(who, state)
+        grant = Grant(who.ident, 0, who.key)
+        self.check_tokens(grant, tokens)
+        self._take_request(state)
+        self.charge(grant, tokens)
+        return grant
+
+    def admit_request(self, who: Principal) -> Grant:
+        """The cheap checks, before the body is read: a stream slot and a request token.
+        Tokens are charged once the request is planned (`charge`)."""
+        state = self._state(who)
+        self._check_request(who, state)
+        self._take_request(state)
+        return Grant(who.ident, 0, who.key)
+
+    def _check_request(self, who: Principal, state: _KeyState) -> None:
         limits = state.limits
         if limits.max_concurrent_streams is not None and \
                 state.streams >= limits.max_concurrent_streams:
             raise RateLimited(f"key {who.key!r} has {state.streams} requests in flight, its "
                               f"limit is {limits.max_concurrent_streams}", retry_after=1.0,
                               code="concurrency_limit_exceeded")
-        if state.requests is not None and (wait := state.requests.wait_s(1, now)) > 0:
+        if state.requests is not None and (wait := state.requests.wait_s(1, self.clock())) > 0:
             raise RateLimited(f"key {who.key!r} is over {limits.requests_per_s:g} requests/s",
                               retry_after=wait, code="requests_per_s_exceeded")
-        if state.tokens is not None and (wait := state.tokens.wait_s(tokens, now)) > 0:
-            if math.isinf(wait):
-                raise RateLimited(f"the request needs {tokens} tokens (prompt + max_tokens); "
-                                  f"key {who.key!r} has {limits.tokens_per_min:g} tokens/min",
-                                  retry_after=60.0, code="tokens_per_min_exceeded")
-            raise RateLimited(f"key {who.key!r} is over {limits.tokens_per_min:g} tokens/min",
-                              retry_after=wait, code="tokens_per_min_exceeded")
+
+    @staticmethod
+    def _take_request(state: _KeyState) -> None:
         if state.requests is not None:
             state.requests.take(1)
-        if state.tokens is not None:
-            state.tokens.take(tokens)
         state.streams += 1
-        return Grant(who.key, tokens)
+
+    def check_tokens(self, grant: Grant, tokens: int) -> None:
+        """Raise `RateLimited` if the key could not pay `tokens` now (nothing is charged)."""
+        state = self.keys.get(grant.key)
+        if state is None or state.tokens is None:
+            return
+        limits = state.limits
+        wait = state.tokens.wait_s(tokens, self.clock())
+        if math.isinf(wait):
+            raise RateLimited(f"the request needs {tokens} tokens (prompt + max_tokens) or "
+                              f"more; key {grant.name!r} has {limits.tokens_per_min:g} "
+                              "tokens/min", retry_after=60.0, code="tokens_per_min_exceeded")
+        if wait > 0:
+            raise RateLimited(f"key {grant.name!r} is over {limits.tokens_per_min:g} "
+                              "tokens/min", retry_after=wait, code="tokens_per_min_exceeded")
+
+    def charge(self, grant: Grant, tokens: int) -> None:
+        """Charge an admitted request's `tokens`, or raise `RateLimited` (then `release` it)."""
+        self.check_tokens(grant, tokens)
+        state = self.keys.get(grant.key)
+        if state is not None and state.tokens is not None:
+            state.tokens.take(tokens)
+        grant.tokens += tokens
 
     def release(self, grant: Grant | None, used_tokens: int) -> None:
         """The request ended having used `used_tokens`: free its slot, refund the rest."""

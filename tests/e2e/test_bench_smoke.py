@@ -50,3 +50,11 @@ def test_tracing_overhead_bench_runs():
     report = run_bench("tracing_overhead.py", "--requests", "2", "--port", str(free_port()))
     # at two requests the batch exporter may not have flushed yet: only the shape is checked
     assert set(report["ttft"]) == {"traced", "untraced"} and "extra_p50_ms" in report
+
+
+def test_body_check_bench_runs():
+    report = run_bench("body_check.py", "--max-mb", "0.1", "--repeat", "1",
+                       "--dense-max-mb", "0.1")
+    assert {r["shape"] for r in report["rows"]} == {"text", "base64", "escapes",
+                                                    "small_messages"}
+    assert all(r["check_ms_per_mb"] > 0 for r in report["rows"])

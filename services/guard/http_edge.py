@@ -1,0 +1,219 @@
+"""The HTTP edge in front of the ingress: Serve's proxy (and a direct-ingress replica's server).
+
+Serve's proxy owns the client connection (uvicorn, httptools' parser), so two things can only be
+done there. Serve runs `install` in each process that starts such a server when the environment
+names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:install`, set by
+`small4 up` and the tests before Ray starts):
+
+- the request head (request line and headers) is limited to `MAX_HEAD_BYTES` while it is read,
+  answered 431 beyond, and must arrive within `HEAD_TIMEOUT_S` (408): uvicorn's httptools
+  protocol has neither limit, so a 64 MB header would be buffered whole before any check ran;
+- `EdgeErrors` makes every answer the proxy itself writes an OpenAI-style JSON error (its own
+  503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
+  ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
+  an SSE error event instead of a bare connection close.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.middleware import Middleware
+
+log = logging.getLogger("small4.edge")
+
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 30.0
+_STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
+                 503: "overloaded_error", 504: "timeout_error"}
+
+
+def install() -> list[Middleware]:
+    """Serve's proxy callback: bound the request head in this process's uvicorn servers, and
+    return the middleware that keeps every edge answer in the OpenAI error shape."""
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{_protocol_class().__name__}"
+    return [Middleware(EdgeErrors)]
+
+
+def _protocol_class():
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # uvicorn's h11 protocol has its own bound, set where it is built
+        return LimitedH11Protocol
+    return LimitedHttpToolsProtocol
+
+
+def error_bytes(status: int, message: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message[:1000],
+                                 "type": _STATUS_TYPES.get(status, "internal_error"
+                                                           if status >= 500 else
+                                                           "invalid_request_error"),
+                                 "param": None, "code": code}}).encode()
+
+
+class _HeadLimit:
+    """Mixin for a uvicorn HTTP protocol: count the bytes of each request head as they arrive
+    and answer 431 past `MAX_HEAD_BYTES`; a head not complete within `HEAD_TIMEOUT_S` gets 408.
+    Body bytes are not counted (the ingress bounds and times the body)."""
+
+    _reading_head = True
+    _head_bytes = 0
+    _head_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def _await_head(self) -> None:
+        self._reading_head, self._head_bytes = True, 0
+        self._stop_head_timer()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._reading_head and not answering and not self.transport.is_closing():
+            self._refuse(408, "Request Timeout", "the request headers did not arrive in "
+                         f"{HEAD_TIMEOUT_S:g} s", "request_timeout")
+
+    def _head_done(self) -> None:
+        self._reading_head = False
+        self._stop_head_timer()
+
+    def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+        body = error_bytes(status, message, code)
+        self.transport.write(b"".join([
+            f"HTTP/1.1 {status} {reason}\r\n".encode(), b"content-type: application/json\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: close\r\n\r\n", body]))
+        self.transport.close()
+        self._stop_head_timer()
+
+    def _feed_head(self, data: bytes, feed) -> None:
+        """Feed `data`, never more than the head's remaining room while the head is read."""
+        if data and self._reading_head and self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        while data and self._reading_head and not self.transport.is_closing():
+            room = MAX_HEAD_BYTES - self._head_bytes
+            if room <= 0:
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"the request line and headers are over {MAX_HEAD_BYTES} bytes",
+                             "headers_too_large")
+                return
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            feed(piece)
+        if data and not self.transport.is_closing():
+            feed(data)
+
+    def connection_lost(self, exc) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is an optional uvicorn extra
+    HttpToolsProtocol = None
+
+if HttpToolsProtocol is not None:
+    class LimitedHttpToolsProtocol(_HeadLimit, HttpToolsProtocol):
+        """uvicorn's httptools protocol with a bounded, timed request head."""
+
+        def data_received(self, data: bytes) -> None:
+            self._feed_head(data, super().data_received)
+
+        def on_headers_complete(self) -> None:
+            self._head_done()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._await_head()
+
+
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with h11's own bound on an incomplete head."""
+
+    def __init__(self, config, *args, **kwargs):
+        config.h11_max_incomplete_event_size = MAX_HEAD_BYTES
+        super().__init__(config, *args, **kwargs)
+
+
+class EdgeErrors:
+    """ASGI middleware: the edge's own answers as OpenAI-style JSON errors, and a cut event
+    stream ended with an SSE error event."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state: dict[str, Any] = {"started": False, "done": False, "sse": False,
+                                 "rewrite": None}
+
+        async def guarded_send(message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                ctype = headers.get(b"content-type", b"")
+                state["sse"] = ctype.startswith(b"text/event-stream")
+                if message["status"] >= 400 and ctype.startswith(b"text/plain"):
+                    state["rewrite"] = (message, [])  # the proxy's own text: rewrite as JSON
+                    return
+                state["started"] = True
+            elif kind == "http.response.body":
+                if state["rewrite"] is not None:
+                    start, parts = state["rewrite"]
+                    parts.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        await _send_json_error(send, start["status"],
+                                               b"".join(parts).decode("utf-8", "replace"),
+                                               _extra_headers(start))
+                        state["started"] = state["done"] = True
+                    return
+                if not message.get("more_body", False):
+                    state["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            log.warning("the edge's app failed: %r", exc)
+        if state["done"]:
+            return
+        if not state["started"]:
+            await _send_json_error(send, 500 if state["rewrite"] is None else
+                                   state["rewrite"][0]["status"],
+                                   "the server failed before answering; retry the request", {})
+        elif state["sse"]:
+            event = json.loads(error_bytes(
+                503, "the stream was cut: the server serving it went away; retry the request",
+                "stream_interrupted"))
+            await send({"type": "http.response.body",
+                        "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": False})
+
+
+def _extra_headers(start) -> dict[bytes, bytes]:
+    keep = (b"retry-after", b"x-request-id")
+    return {k.lower(): v for k, v in start.get("headers", []) if k.lower() in keep}
+
+
+async def _send_json_error(send, status: int, message: str, extra: dict[bytes, bytes]) -> None:
+    codes = {408: "request_timeout", 429: "rate_limit_exceeded", 503: "overloaded"}
+    body = error_bytes(status, message.strip() or "error", codes.get(status, "internal_error"))
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,33 @@
+"""The adversarial tier's edge stack: auth on, the simulated engine, small limits so each attack
+is cheap, deployed once under `/adv-edge` beside the other tiers' apps."""
+
+from __future__ import annotations
+
+import pytest
+from edge_kit import KEYS, ROUTE, digest, edge_profile, wait_health
+
+
+@pytest.fixture(scope="session")
+def edge(serve_url, tmp_path_factory):
+    """The edge app's base URL (auth on; `KEYS` hold the keys by name)."""
+    import yaml
+    from ray import serve
+
+    from cluster.app import build_app
+
+    keys_file = tmp_path_factory.mktemp("edge") / "keys.yaml"
+    entries = [{"name": "alpha", "tenant": "t-alpha", "sha256": digest(KEYS["alpha"]),
+                "quota": {"requests_per_s": 0.2}},
+               # the same name on another key: a label, not an identity
+               {"name": "alpha", "tenant": "t-alpha", "sha256": digest(KEYS["alpha-twin"]),
+                "quota": {"requests_per_s": 0.2}},
+               {"name": "beta", "tenant": "t-beta", "sha256": digest(KEYS["beta"])},
+               {"name": "slow", "tenant": "t-slow", "sha256": digest(KEYS["slow"])}]
+    keys_file.write_text(yaml.safe_dump({"keys": entries}))
+    serve.run(build_app(edge_profile(str(keys_file))), name="adv-edge", route_prefix=ROUTE)
+    url = f"{serve_url}{ROUTE}"
+    wait_health(url)
+    yield url
+    serve.delete("adv-edge")
+
+

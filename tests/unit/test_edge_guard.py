@@ -1,0 +1,259 @@
+"""The edge's guards without Ray: the streaming body check, encodings, upload slots, quotas by
+key, bounded error echo, and the proxy callback's head limit and error shapes on a real uvicorn
+server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.requests import ClientDisconnect
+
+from services.api.http_errors import error_response
+from services.api.schemas import parse_chat_request
+from services.errors import (InvalidRequest, PayloadTooLarge, RateLimited, RequestAborted,
+                             StackError, UnsupportedMediaType, from_exception)
+from services.guard.body import ShapeCheck, check_encoding, parse_json
+from services.guard.keys import Principal
+from services.guard.quotas import Quotas
+from services.guard.uploads import Uploads
+from services.settings import LimitSettings, QuotaSettings
+
+SMALL = LimitSettings(max_string_bytes=40, max_json_depth=4)
+_REFERENCE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\\n\té[]{}', max_size=50),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(alphabet='k"\\[', max_size=5), inner, max_size=3), max_leaves=12)
+
+
+def outcome(raw: bytes, chunk: int, limits: LimitSettings = SMALL) -> str:
+    check = ShapeCheck(limits)
+    try:
+        for i in range(0, len(raw), chunk):
+            check.feed(raw[i:i + chunk])
+        check.finish()
+    except StackError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def expected(value) -> str:
+    raw = json.dumps(value).encode()
+
+    def depth(v):
+        if isinstance(v, (list, dict)):
+            items = v.values() if isinstance(v, dict) else v
+            return 1 + max((depth(x) for x in items), default=0)
+        return 0
+
+    longest = max((m.end() - m.start() - 2 for m in _REFERENCE_STRING.finditer(raw)), default=0)
+    over = [n for ok, n in ((longest <= 40, "PayloadTooLarge"),
+                            (depth(value) <= 4, "InvalidRequest")) if not ok]
+    return over[0] if len(over) == 1 else ("ok" if not over else "either")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values, st.integers(1, 40))
+def test_streaming_check_agrees_with_whole_body_limits_at_any_chunking(value, chunk):
+    raw = json.dumps(value).encode()
+    want, got = expected(value), outcome(raw, chunk)
+    assert got == want or (want == "either" and got != "ok")
+
+
+def test_escape_heavy_strings_and_deep_nesting_are_refused():
+    limits = LimitSettings()
+    assert outcome(b'"' + b'\\"' * 80_000, 65536, limits) == "InvalidRequest"  # never closes
+    assert outcome(b'["' + b'\\\\' * 80_000 + b'"]', 65536, limits) == "ok"
+    assert outcome(b"[" * 100_000, 65536, limits) == "InvalidRequest"
+    over = b'"' + b"x" * (limits.max_string_bytes + 1) + b'"'
+    assert outcome(over, 65536, limits) == "PayloadTooLarge"
+
+
+def test_a_body_too_costly_to_check_is_refused_with_a_code():
+    check = ShapeCheck(LimitSettings(body_check_budget_s=1e-9))
+    with pytest.raises(InvalidRequest) as info:
+        check.feed(b'{"a": "b"}' * 1000)
+    assert info.value.code == "body_too_complex"
+
+
+class _Headers:
+    def __init__(self, content_type: str):
+        self.headers = {"content-type": content_type}
+
+
+@pytest.mark.parametrize("head, content_type", [
+    ('{"a": 1}'.encode("utf-16"), "application/json"),
+    ('{"a": 1}'.encode("utf-16-le"), "application/json"),
+    ('{"a": 1}'.encode("utf-32-be"), "application/json"),
+    (b'{"a": 1}', "application/json; charset=utf-16")])
+def test_non_utf8_bodies_are_415(head, content_type):
+    with pytest.raises(UnsupportedMediaType):
+        check_encoding(_Headers(content_type), head)
+
+
+def test_utf8_bodies_pass_the_encoding_check():
+    check_encoding(_Headers("application/json; charset=UTF-8"), b'{"a": 1}')
+    check_encoding(_Headers("application/json"), b"[1]")
+
+
+def test_a_5000_digit_seed_is_refused_naming_seed():
+    body = parse_json(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+                      b'"seed": ' + b"9" * 5000 + b"}")
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat_request(body)
+    assert info.value.param == "seed"
+
+
+def test_invalid_utf8_and_runaway_recursion_are_400():
+    with pytest.raises(InvalidRequest):
+        parse_json(b'{"a": "\xff"}')
+    with pytest.raises(InvalidRequest):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_client_disconnect_is_an_aborted_request_not_an_internal_error():
+    error = from_exception(ClientDisconnect())
+    assert isinstance(error, RequestAborted) and error.type == "request_aborted"
+
+
+def test_errors_clip_what_they_quote():
+    response = error_response(InvalidRequest("bad " + "x" * 1_000_000, param="p" * 5000))
+    assert len(response.body) < 3000
+    assert json.loads(response.body)["error"]["message"].startswith("bad xxx")
+
+
+def test_keys_sharing_a_name_have_separate_quotas():
+    quotas = Quotas(QuotaSettings(requests_per_s=1))
+    first = Principal("same", "t", key_id="a" * 64)
+    twin = Principal("same", "t", key_id="b" * 64)
+    quotas.admit(first, 1)
+    quotas.admit(twin, 1)
+    with pytest.raises(RateLimited):
+        quotas.admit(first, 1)
+
+
+def test_upload_slots_per_key_then_per_replica():
+    async def scenario():
+        uploads = Uploads(LimitSettings(max_uploads=3, max_uploads_per_key=2,
+                                        upload_wait_s=0.05))
+        async with uploads.slot("a"), uploads.slot("a"):
+            with pytest.raises(RateLimited) as info:
+                async with uploads.slot("a"):
+                    pass
+            assert info.value.code == "upload_limit_exceeded"
+            async with uploads.slot("b"):  # another key still gets the replica's last slot
+                with pytest.raises(RateLimited):
+                    async with uploads.slot("c"):
+                        pass
+        async with uploads.slot("a"), uploads.slot("a"):  # all freed
+            pass
+        assert uploads.total == 0 and not uploads.by_key
+
+    asyncio.run(scenario())
+
+
+# --- the proxy callback, on a real uvicorn server ----------------------------------------
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/boom":
+        raise RuntimeError("the replica died")
+    if scope["path"] == "/cut":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        raise RuntimeError("the replica died mid-stream")
+    if scope["path"] == "/busy":
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"Too many requests"})
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"status": "ok"}'})
+
+
+@pytest.fixture(scope="module")
+def edge_server():
+    import uvicorn
+    from uvicorn import config as uvicorn_config
+
+    from services.guard import http_edge
+
+    saved = dict(uvicorn_config.HTTP_PROTOCOLS)
+    middleware = http_edge.install()
+    app = middleware[0].cls(_app)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", port
+    server.should_exit = True
+    thread.join(10)
+    uvicorn_config.HTTP_PROTOCOLS.clear()
+    uvicorn_config.HTTP_PROTOCOLS.update(saved)
+
+
+def test_a_huge_header_is_431_before_it_is_read_whole(edge_server):
+    _, port = edge_server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-junk: ")
+        sent = 0
+        try:
+            while sent < 8 * 1024 * 1024:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert sent < 8 * 1024 * 1024  # the server stopped reading long before the end
+    assert b'"headers_too_large"' in answer
+
+
+def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):
+    url, _ = edge_server
+    response = httpx.get(f"{url}/health", headers={"x-big": "a" * 30_000}, timeout=10)
+    assert response.status_code == 200
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            assert client.post(f"{url}/health", content=b"x" * 200_000).status_code == 200
+
+
+def test_edge_failures_are_json_errors_and_cut_streams_end_with_an_error_event(edge_server):
+    url, _ = edge_server
+    boom = httpx.get(f"{url}/boom", timeout=10)
+    assert boom.status_code == 500 and boom.json()["error"]["type"] == "internal_error"
+    busy = httpx.get(f"{url}/busy", timeout=10)
+    assert busy.status_code == 503
+    assert busy.json()["error"] == {"message": "Too many requests", "type": "overloaded_error",
+                                    "param": None, "code": "overloaded"}
+    cut = httpx.get(f"{url}/cut", timeout=10)
+    events = [line[6:] for line in cut.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
+
+
+def test_stack_errors_have_their_statuses():
+    assert PayloadTooLarge("x").status == 413 and UnsupportedMediaType("x").status == 415
