@@ -14,6 +14,7 @@ is enforced while it waits for a thread and while it decodes (`services.multimod
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,8 +45,8 @@ class MultimodalPreprocessor:
     def __init__(self, tokenizer: PromptTokenizer, settings: ImageSettings):
         self.tokenizer = tokenizer
         self.settings = settings
-        self.pool = ThreadPoolExecutor(settings.decode_threads,
-                                       thread_name_prefix="image-decode")
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="image-decode",
+                                       initializer=_below_other_work)
 
     async def encode(self, messages: list[dict[str, Any]], *, effort: str,
                      tools: list[dict[str, Any]] | None = None,
@@ -99,6 +100,17 @@ async def _fetch_all(urls: list[tuple[str, str]], settings: ImageSettings,
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _below_other_work() -> None:
+    """Run the calling decode thread at a lower CPU priority than the rest of the process and
+    machine (Linux niceness is per thread): when cores are short, requests that only need a
+    moment of CPU, and health checks, go first."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+    except (AttributeError, OSError):
+        return  # no per-thread priorities here: decode at the process's own
 
 
 def _param(i: int, j: int) -> str:

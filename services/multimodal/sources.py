@@ -37,6 +37,11 @@ def data_url_bytes(url: str, settings: ImageSettings, param: str) -> bytes:
         raise InvalidRequest("image data is not valid base64", param=param) from None
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for an error message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
     host = host.lower().rstrip(".")
     return any(host == entry or (entry.startswith(".") and host.endswith(entry))
@@ -70,7 +75,7 @@ def parse_target(url: str, param: str) -> Target:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidRequest(f"image URL is malformed ({exc})", param=param) from None
+        raise InvalidRequest(f"image URL is malformed ({_shown(str(exc))})", param=param) from None
     if parts.scheme not in ("http", "https"):
         raise InvalidRequest("image URLs must be http(s) or data:", param=param)
     if not parts.hostname:
@@ -85,16 +90,18 @@ def parse_target(url: str, param: str) -> Target:
 async def resolve_public(target: Target, settings: ImageSettings, param: str) -> str:
     """Check `target` against the policy; return a public address of its host to connect to."""
     if not host_allowed(target.host, settings.url_allowlist):
-        raise InvalidRequest(f"image host {target.host!r} is not allowed", param=param)
+        raise InvalidRequest(f"image host {_shown(target.host)} is not allowed", param=param)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port,
                                                              type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError):
-        raise InvalidRequest(f"image host {target.host!r} does not resolve", param=param) from None
+        raise InvalidRequest(f"image host {_shown(target.host)} does not resolve",
+                             param=param) from None
     addresses = sorted({info[4][0] for info in infos})
     admit = settings.admit_loopback_for_tests
     if not addresses or not all(public_address(a, admit) for a in addresses):
-        raise InvalidRequest(f"image host {target.host!r} resolves to a non-public address",
+        raise InvalidRequest(f"image host {_shown(target.host)} resolves to a non-public "
+                             "address",
                              param=param)
     return addresses[0]
 
