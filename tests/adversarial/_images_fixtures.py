@@ -119,6 +119,15 @@ def chat(*urls: str, text: str = "What is this?") -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up mid-answer (a fetch cut at its deadline) are expected here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 class ImageServer:
     """A threading HTTP server on 127.0.0.1 serving the URL tests' routes:
 
@@ -133,8 +142,7 @@ class ImageServer:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.drip_s, self.huge_bytes = drip_s, huge_bytes
         self.stopping = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
