@@ -137,7 +137,7 @@ class Ingress:
                                limits=limits)
                 floor = prompt_floor(req, self.token_bytes, model=self.settings.model)
                 self.quotas.check_tokens(grant, floor)
-                prompt = await self._encode(req, effort, request_id, pre)
+                prompt = await self._encode(req, effort, request_id, pre, deadline)
                 plan = plan_request(req, request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
@@ -172,14 +172,16 @@ class Ingress:
                                  param="x-request-timeout")
         return asked
 
-    async def _encode(self, req, effort: str, request_id: str, span) -> EncodedPrompt:
+    async def _encode(self, req, effort: str, request_id: str, span,
+                      deadline: float | None = None) -> EncodedPrompt:
         """Text stays here; a request with images is encoded by the multimodal deployment."""
         messages, tools = req.openai_messages(), tools_of(req)
         if not image_parts(messages):
             return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
         if self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
-        ctx = RequestContext(request_id, "", effort, trace_headers=tracing.headers_of(span))
+        ctx = RequestContext(request_id, "", effort, deadline=deadline,
+                             trace_headers=tracing.headers_of(span))
         return await call(self.multimodal, "encode", ctx, messages, effort, tools)
 
     def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,

@@ -317,10 +317,19 @@ class ImageSettings(Strict):
     max_bytes: int = Field(10 * 1024 * 1024, gt=0, description="encoded bytes per image")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded width x height per image")
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")
+    max_request_pixels: int = Field(48_000_000, gt=0, description="decoded width x height "
+                                    "summed over a request's images, checked before decoding")
+    max_jpeg_scans: int = Field(32, gt=0, description="start-of-scan markers per JPEG (each "
+                                "progressive scan costs a pass over the whole image)")
+    decode_threads: int = Field(2, gt=0, description="images decoded at once per replica; "
+                                "further requests wait their turn within their deadline")
     allow_urls: bool = Field(False, description="fetch http(s) image URLs (data: URLs always)")
     url_allowlist: tuple[str, ...] = Field((), description="hosts; '.example.com' = subdomains")
-    url_timeout_s: float = Field(5.0, gt=0)
+    url_timeout_s: float = Field(5.0, gt=0, description="whole fetch, redirects included")
     max_redirects: int = Field(3, ge=0)
+    admit_loopback_for_tests: bool = Field(False, description="tests only: also fetch from "
+                                           "loopback addresses (a local test server); never on "
+                                           "in a profile")
 
 
 class MultimodalSettings(DeploymentSettings):

@@ -49,13 +49,7 @@ class ModelBundle:
         if not self.has_vision:
             raise InvalidRequest("this model has no vision tower; remove the image parts",
                                  param="messages")
-        core = self.model.model
-        features = [
-            core.get_image_features(pixel_values=px[None].to(embeds.dtype),
-                                    image_sizes=torch.tensor([list(px.shape[-2:])]),
-                                    return_dict=True).pooler_output[0]
-            for px in images
-        ]
+        features = [_image_features(self.model.model, px.to(embeds.dtype)) for px in images]
         feats = torch.cat(features, dim=0).to(embeds.dtype)
         mask = ids == self.image_token_id
         if int(mask.sum()) != feats.shape[0]:
@@ -63,6 +57,21 @@ class ModelBundle:
                 f"prompt has {int(mask.sum())} image slots but the images fill {feats.shape[0]}",
                 param="messages")
         return embeds.masked_scatter(mask[..., None].expand_as(embeds), feats)
+
+
+def _image_features(core: Any, px: torch.Tensor) -> torch.Tensor:
+    """One CHW image's vision features, one row per `[IMG]` slot.
+
+    transformers' Mistral3 loses an image that fills a single slot (it squeezes the slot axis of
+    its [1, hidden] result away and then fails to split it), so such an image goes through the
+    tower as a batch of two copies and the first copy's row is kept: the tower attends within
+    each image only, so the row is the one the image alone would give."""
+    merged = core.vision_tower.patch_size * core.config.spatial_merge_size
+    batch, sizes = px[None], torch.tensor([list(px.shape[-2:])])
+    if (px.shape[-2] // merged) * (px.shape[-1] // merged) == 1:
+        batch, sizes = torch.cat([batch, batch]), sizes.repeat(2, 1)
+    return core.get_image_features(pixel_values=batch, image_sizes=sizes,
+                                   return_dict=True).pooler_output[0]
 
 
 def load_model(settings: ModelSettings) -> ModelBundle:

@@ -1,35 +1,55 @@
-"""Image bytes → a PIL image, refusing what is corrupt, unsupported or too large to decode."""
+"""Image bytes → a PIL image, decoded in small blocks so a deadline can stop it part-way.
+
+Pillow's decoders pull their input through the file object in blocks; the one here raises
+`DecodeStopped` from `read` once the caller says stop, which ends the decode between two blocks
+(libjpeg runs a progressive JPEG's scans as their bytes arrive, so a block costs at most a few
+scans). Headers were checked first (`services.multimodal.header`), so what is decoded here is
+within the size and scan limits.
+"""
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 from services.errors import InvalidRequest
 from services.settings import ImageSettings
 
+# Bytes handed to the decoder between two checks of the deadline.
+BLOCK_BYTES = 16 * 1024
 
-def decode_image(data: bytes, settings: ImageSettings, param: str):
-    """Open and fully decode an image (GIFs: the first frame); the size is checked from the
-    header before any pixel is decoded, so a decompression bomb costs nothing."""
+
+class DecodeStopped(Exception):
+    """Decoding stopped part-way because the caller's deadline passed or it gave up."""
+
+
+class _StoppableBytes(io.BytesIO):
+    """In-memory bytes whose `read` raises `DecodeStopped` once `stop()` is true."""
+
+    def __init__(self, data: bytes, stop: Callable[[], bool]):
+        super().__init__(data)
+        self.stop = stop
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.stop():
+            raise DecodeStopped
+        return super().read(size)
+
+
+def decode_image(data: bytes, settings: ImageSettings, param: str,
+                 stop: Callable[[], bool] = lambda: False):
+    """Fully decode an image whose header passed the limits (GIFs: the first frame)."""
     from PIL import Image, UnidentifiedImageError
 
-    if len(data) > settings.max_bytes:
-        raise InvalidRequest(f"image is larger than {settings.max_bytes} bytes", param=param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=None)
-            if image.format not in settings.formats:
-                raise InvalidRequest(f"image format {image.format} is not accepted; use one of "
-                                     f"{', '.join(settings.formats)}", param=param)
-            width, height = image.size
-            if width * height > settings.max_pixels or width == 0 or height == 0:
-                raise InvalidRequest(f"image is {width}x{height} pixels; the limit is "
-                                     f"{settings.max_pixels} pixels", param=param)
+            image = Image.open(_StoppableBytes(data, stop), formats=settings.formats)
+            image.decodermaxblock = BLOCK_BYTES
             image.seek(0)
             image.load()
-    except InvalidRequest:
+    except DecodeStopped:
         raise
     except Image.DecompressionBombError:
         raise InvalidRequest(f"image is too large to decode; the limit is {settings.max_pixels} "

@@ -42,7 +42,8 @@ class MultimodalWorker:
                      tools: list[dict[str, Any]] | None) -> EncodedPrompt:
         with tracing.scope("multimodal", ctx.trace_headers,
                            **{"small4.request_id": ctx.request_id}) as span:
-            prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools)
+            prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools,
+                                                    deadline=ctx.deadline)
             if self.one_image_size:
                 prompt = uniform_image_sizes(prompt, self.image_tokens)
             span.set_attributes({"small4.images": len(prompt.images),
