@@ -132,10 +132,10 @@ class DecodeWorker(EngineHost):
         except StackError:
             transfer.end(KVState.FAILED)
             raise
-        except Exception as exc:
+        except Exception as exc:  # the engine's own failure, not the request's
             transfer.end(KVState.FAILED)
-            raise KVHandoffFailed(f"prefill failed: {type(exc).__name__}",
-                                  request_id=request.request_id) from exc
+            raise EngineError("prefill failed with an internal engine error",
+                              request_id=request.request_id) from exc
         finally:
             if legs is not None:  # the prefill replica lets go of the KV it kept for us
                 await asyncio.shield(close_stream(legs))
@@ -244,7 +244,9 @@ class DecodeWorker(EngineHost):
 
 
 def _worth_retrying(exc: BaseException) -> bool:
-    """A prefill attempt that failed with its replica, or ran out its own time."""
+    """A prefill attempt that failed with its replica, or ran out its own time. Anything the
+    request caused (`InvalidRequest`: bad input, the engine rejecting it) or the engine raised
+    deterministically fails the same way on every replica: answered once, never retried."""
     return (isinstance(exc, (TimeoutError, StopAsyncIteration)) or retryable(exc)
             or isinstance(from_exception(exc), DeadlineExceeded))
 

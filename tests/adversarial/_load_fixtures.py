@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import threading
+from collections import Counter
 import time
 from dataclasses import dataclass
 
@@ -106,9 +107,10 @@ async def run_load(url: str, payloads: list[dict], concurrency: int,
 @dataclass
 class LoadStack:
     transport: str
+    app: str
     url: str
     ask: Asker
-    baseline_objects: int
+    baseline_objects: Counter
 
 
 class Asker:
@@ -167,26 +169,28 @@ def load_stack(request, serve_url):
     asker = Asker(name)
     warm = asyncio.run(run_load(url, [body(), body(images=1)] * 2, 4))
     assert all(o.ok for o in warm), warm
-    yield LoadStack(request.param, url, asker, sum(stored_objects().values()))
+    yield LoadStack(request.param, name, url, asker, stored_objects(name))
     asker.close()
     serve.delete(name)
 
 
-def stored_objects() -> dict[int, int]:
-    """Objects with a value that each Ray worker process still refers to: pid -> count."""
+def stored_objects(app: str) -> Counter:
+    """Objects with a value that the replicas of `app` refer to, by deployment."""
     import ray
     from ray._private.internal_api import node_stats
 
-    held: dict[int, int] = {}
+    deployments = {a["Pid"]: a["Name"].split("#")[1] for a in ray._private.state.actors().values()
+                   if a.get("State") == "ALIVE" and (a.get("Name") or "").startswith(
+                       f"SERVE_REPLICA::{app}#")}
+    held: Counter = Counter()
     for node in ray.nodes():
         if not node["Alive"]:
             continue
-        stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"],
-                           include_memory_info=True)
+        stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"])
         for worker in stats.core_workers_stats:
-            n = sum(1 for ref in worker.object_refs if ref.object_size > 0)
-            if n:
-                held[worker.pid] = held.get(worker.pid, 0) + n
+            if worker.pid in deployments:
+                held[deployments[worker.pid]] += sum(1 for ref in worker.object_refs
+                                                     if ref.object_size > 0)
     return held
 
 
