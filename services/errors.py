@@ -62,6 +62,13 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class InputRejected(InvalidRequest):
+    """The engine could not process the request's input (400): deterministic, so it is answered
+    once and never retried on another replica (each would fail the same way)."""
+
+    code = "input_rejected"
+
+
 class ModelNotFound(StackError):
     """The request names a model this endpoint does not serve (404)."""
 

@@ -25,7 +25,7 @@ from services.engines.protocol import EngineRequest, EngineStats, PrefillResult,
 from services.engines.sampling import sample_token
 from services.engines.stops import StopChecker
 from services.engines.validation import validate_request
-from services.errors import EngineError
+from services.errors import EngineError, InputRejected
 from services.kv.blob import KVBlob
 from services.model.loader import ModelBundle
 from services.settings import EngineSettings
@@ -87,7 +87,14 @@ class ReferenceEngine:
         ids = torch.tensor([request.prompt_ids])
         arrays = [np.asarray(img) for img in request.images]
         images = [torch.as_tensor(a) for a in arrays]
-        embeds = await loop.run_in_executor(self._executor, self._embed, ids, images)
+        try:
+            embeds = await loop.run_in_executor(self._executor, self._embed, ids, images)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            if not images or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise InputRejected(f"the model's vision encoder could not take these images "
+                                f"({type(exc).__name__})", param="messages",
+                                request_id=request.request_id) from None
         cache, prefix = DynamicCache(), self.prefix_cache
         marks = hit = None
         if prefix is not None:

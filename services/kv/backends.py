@@ -8,6 +8,7 @@ import secrets
 from typing import Any
 
 from services.errors import KVHandoffFailed
+from services.kv.held import Held
 from services.kv.protocol import KVTicket, PairedKV
 from services.settings import KVHandoffSettings
 
@@ -40,10 +41,13 @@ class LocalHandoff:
 
 
 class ObjectStoreHandoff:
-    """KV through Ray's object store: prefill `ray.put`s it, decode fetches it by reference.
+    """KV through Ray's object store: prefill puts it, decode fetches it by identity.
 
-    The object lives while a ticket refers to it; `release` drops the decode side's reference,
-    so an aborted or failed request leaves nothing behind once the prefill side has returned.
+    The ticket carries a `Held` (the object's id and owner, not a counted reference: Ray
+    miscounts references nested in Serve calls, see `services.kv.held`). The prefill side keeps
+    the KV alive until it releases its ticket, which its worker does once the decode side has
+    closed the call the ticket came back in (it has the KV, gave up, or was cancelled) or the
+    handoff's timeout has passed; so nothing outlives a request, whatever became of it.
     """
 
     backend = "object_store"
@@ -56,19 +60,17 @@ class ObjectStoreHandoff:
         return KVTicket(request_id, self.backend)
 
     async def send(self, ticket: KVTicket, kv: Any) -> KVTicket:
-        import ray
-
-        ticket.payload = [ray.put(kv)]  # in a list so Ray never resolves it implicitly
+        ticket.payload = Held.put(kv)
         ticket.num_tokens, ticket.nbytes = _size(kv)
         return ticket
 
     async def receive(self, ticket: KVTicket, request: Any = None) -> Any:
         import ray
 
-        if not ticket.payload:
+        if ticket.payload is None:
             raise KVHandoffFailed(f"no KV was sent for {ticket.request_id}")
         try:
-            return await asyncio.wait_for(ticket.payload[0], self.timeout_s)
+            return await asyncio.wait_for(ticket.payload.fetch(), self.timeout_s)
         except asyncio.TimeoutError:
             raise KVHandoffFailed(
                 f"KV for {ticket.request_id} not received within {self.timeout_s}s") from None

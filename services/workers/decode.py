@@ -115,10 +115,10 @@ class DecodeWorker(EngineHost):
                     _timings(reply, transfer, self.handoff.backend))
 
     async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
-        transfer = KVTransfer(self.handoff, request.request_id)
+        transfer, legs = KVTransfer(self.handoff, request.request_id), None
         try:
             transfer.move(KVState.TRANSFERRING)
-            reply = await self._prefill_with_retries(ctx, request, transfer)
+            reply, legs = await self._prefill_with_retries(ctx, request, transfer)
             transfer.ready(reply.ticket)
             with tracing.scope("kv_handoff", span, **{
                     "small4.kv_backend": self.handoff.backend,
@@ -132,10 +132,13 @@ class DecodeWorker(EngineHost):
         except StackError:
             transfer.end(KVState.FAILED)
             raise
-        except Exception as exc:
+        except Exception as exc:  # the engine's own failure, not the request's
             transfer.end(KVState.FAILED)
-            raise KVHandoffFailed(f"prefill failed: {type(exc).__name__}",
-                                  request_id=request.request_id) from exc
+            raise EngineError("prefill failed with an internal engine error",
+                              request_id=request.request_id) from exc
+        finally:
+            if legs is not None:  # the prefill replica lets go of the KV it kept for us
+                await asyncio.shield(close_stream(legs))
         return reply, kv, transfer
 
     async def _paired_prefill(self, ctx: RequestContext, request: EngineRequest) -> _Leg:
@@ -191,26 +194,27 @@ class DecodeWorker(EngineHost):
         return close
 
     async def _prefill_with_retries(self, ctx: RequestContext, request: EngineRequest,
-                                    transfer: KVTransfer) -> PrefillReply:
+                                    transfer: KVTransfer) -> tuple[PrefillReply, Any]:
         """Prefill on a replica of the pool; when the replica dies, fails as unavailable or
         does not finish within `prefill_timeout_s`, again (Serve routes the new call to a
         live replica), up to `prefill_attempts` times. Each attempt carries its deadline, which
         the prefill replica enforces itself (freeing what it holds); waiting a little longer
-        here covers a replica too stuck to answer at all. Nothing is reserved on this side
-        until a prefill succeeds."""
+        here covers a replica too stuck to answer at all. Returns the reply and the open call
+        it came in: the prefill replica keeps the KV until that call is closed."""
         handoff, last = self.settings.kv_handoff, None
         attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
         for attempt in range(handoff.prefill_attempts):
             await self._before_attempt(attempt, ctx, request)
+            legs = stream(self.prefill, "prefill_held", ctx.within(attempt_s), request,
+                          transfer.ticket)
             try:
                 async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
-                    return await call(self.prefill, "prefill", ctx.within(attempt_s), request,
-                                      transfer.ticket)
-            except TimeoutError as exc:
-                await self._abort_prefill(request.request_id)
-                last = exc
-            except Exception as exc:
-                if not _worth_retrying(exc):
+                    return await anext(legs), legs
+            except BaseException as exc:
+                await asyncio.shield(close_stream(legs))
+                if isinstance(exc, TimeoutError):
+                    await self._abort_prefill(request.request_id)
+                elif isinstance(exc, asyncio.CancelledError) or not _worth_retrying(exc):
                     raise
                 last = exc
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
@@ -240,7 +244,9 @@ class DecodeWorker(EngineHost):
 
 
 def _worth_retrying(exc: BaseException) -> bool:
-    """A prefill attempt that failed with its replica, or ran out its own time."""
+    """A prefill attempt that failed with its replica, or ran out its own time. Anything the
+    request caused (`InvalidRequest`: bad input, the engine rejecting it) or the engine raised
+    deterministically fails the same way on every replica: answered once, never retried."""
     return (isinstance(exc, (TimeoutError, StopAsyncIteration)) or retryable(exc)
             or isinstance(from_exception(exc), DeadlineExceeded))
 

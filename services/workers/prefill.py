@@ -72,6 +72,18 @@ class PrefillWorker(EngineHost):
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
                             result.cached_tokens, result.queue_s, result.compute_s)
 
+    async def prefill_held(self, ctx: RequestContext, request: EngineRequest,
+                           ticket: KVTicket) -> AsyncIterator[PrefillReply]:
+        """The sequential handoff's prefill as a streaming call: the reply, then the KV it
+        sent is kept on this replica until the caller closes the call (it has the KV, gave up,
+        or was cancelled) or the handoff's timeout passes, and released then."""
+        reply = await self.prefill(ctx, request, ticket)
+        try:
+            yield reply
+            await asyncio.sleep(self.settings.kv_handoff.timeout_s)
+        finally:
+            self.handoff.release(reply.ticket)
+
     async def prefill_paired(self, ctx: RequestContext, request: EngineRequest,
                              ticket: KVTicket) -> AsyncIterator[KVTicket | PrefillReply]:
         """The concurrent handoff's prefill (a streaming call, so both parts come from this

@@ -1,0 +1,97 @@
+"""Errors are classified where they arise: input the engine cannot take is the caller's
+mistake, answered once as a 400 naming the field, and never retried on another replica as if
+the replica had died; a replica that dies is retried. In-process workers, the reference engine
+(its real vision tower) and the reference prefill → decode handoff."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cluster.settings import parse_settings
+from services.context import RequestContext
+from services.engines.protocol import EngineRequest, SamplingParams
+from services.errors import EngineUnavailable, InputRejected, from_exception
+from services.workers.decode import DecodeWorker
+from services.workers.prefill import PrefillWorker
+
+PROFILE = {"profile": "kv-errors", "auth": {"enabled": False},
+           "kv_handoff": {"backend": "local", "prefill_attempts": 3}}
+
+
+class CountingPrefill(PrefillWorker):
+    """The real prefill worker, counting the attempts that reach it."""
+
+    attempts = 0
+
+    async def prefill_held(self, *args):
+        self.attempts += 1
+        async for item in super().prefill_held(*args):
+            yield item
+
+
+@pytest.fixture(scope="module")
+def workers():
+    settings = parse_settings(PROFILE).worker("fast")
+    prefill = CountingPrefill(settings)
+    return DecodeWorker(settings, prefill), prefill
+
+
+def image_request(tokenizer, pixels) -> EngineRequest:
+    """A prompt with one image's tokens, its pixels replaced by `pixels`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 40, 60)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    prompt = tokenizer.encode_chat([{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": url}}]}], effort="none")
+    return EngineRequest("bad-image", prompt.ids, SamplingParams(max_tokens=2, temperature=0),
+                         images=[pixels])
+
+
+async def first_chunk(decode, request):
+    ctx = RequestContext(request.request_id, "fast", "none")
+    async for chunk in decode.generate(ctx, request):
+        return chunk
+
+
+def test_pixels_the_vision_tower_cannot_take_are_a_400_answered_once(workers, tokenizer):
+    decode, prefill = workers
+    prefill.attempts = 0
+    bad = np.zeros((3, 1, 1), dtype=np.float32)  # no patch fits: the tower fails on it
+    with pytest.raises(InputRejected) as err:
+        asyncio.run(first_chunk(decode, image_request(tokenizer, bad)))
+    error = from_exception(err.value)
+    assert (error.status, error.param, error.code) == (400, "messages", "input_rejected")
+    assert "RuntimeError" not in error.message or "vision" in error.message
+    assert prefill.attempts == 1
+    assert (decode.engine.stats().kv_tokens, prefill.engine.stats().kv_tokens) == (0, 0)
+
+
+def test_a_replica_failure_is_still_retried(workers, tokenizer):
+    decode, prefill = workers
+    prefill.attempts = 0
+    real = prefill.engine.prefill
+    calls = []
+
+    async def dies_once(request):
+        calls.append(request.request_id)
+        if len(calls) == 1:
+            raise EngineUnavailable("the prefill engine died")
+        return await real(request)
+
+    prefill.engine.prefill = dies_once
+    try:
+        request = EngineRequest("retried", [1, 2, 3], SamplingParams(max_tokens=2,
+                                                                     temperature=0))
+        assert asyncio.run(first_chunk(decode, request)).token_ids
+    finally:
+        del prefill.engine.prefill
+    assert prefill.attempts == 2
