@@ -12,7 +12,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.simulator.sim import SimResult
-from autoscaling.simulator.telemetry import percentile
+from autoscaling.window import percentile
 from autoscaling.simulator.workload import POOLS, Request
 
 

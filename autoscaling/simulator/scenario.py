@@ -65,6 +65,12 @@ def make_controller(name: str, s: SimSettings) -> Controller:
     raise KeyError(f"unknown controller {name!r}; known: {', '.join(CONTROLLERS)}")
 
 
+def role_slos(s: SimSettings) -> dict[Key, float]:
+    """Each role's latency objective as its workers' windows count it."""
+    return {(p, r): slo.ttft_s if r == "prefill" else slo.itl_s
+            for p, slo in s.slos.items() for r in ("prefill", "decode")}
+
+
 def capacity_rps(s: SimSettings) -> float:
     """Requests/s the budget carries at full utilisation with its best split."""
     return best_split(s.perf, s.workload, s.budget_engines)[1]
@@ -77,5 +83,6 @@ def run(trace_kind: TraceKind, controller: str, s: SimSettings, seed: int = 0,
     trace = make_trace(trace_kind, capacity, s.workload, duration_s, seed)
     requests = arrivals(trace, s.workload, seed)
     sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
-                     s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s)
+                     s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s,
+                     slos=role_slos(s))
     return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s)
