@@ -123,9 +123,9 @@ def test_a_small_run_completes_with_sane_numbers():
 
 
 def test_runs_are_deterministic_for_a_seed():
-    a = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
-    b = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
-    c = run("bursty", "slo_arbiter", SMALL, seed=2, duration_s=300.0, capacity=20.0)
+    a = run("bursty", "ours", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    b = run("bursty", "ours", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    c = run("bursty", "ours", SMALL, seed=2, duration_s=300.0, capacity=20.0)
     assert a == b and a["requests"] != c["requests"]
 
 
@@ -133,7 +133,7 @@ def test_the_slo_policies_move_engines_to_an_overloaded_role():
     overloaded = SMALL.model_copy(update={"static_split": {"fast/prefill": 2, "fast/decode": 3,
                                                            "deep/prefill": 2, "deep/decode": 1}})
     static = run("steady", "static", overloaded, seed=0, duration_s=600.0, capacity=20.0)
-    ours = run("steady", "slo_arbiter", overloaded, seed=0, duration_s=600.0, capacity=20.0)
+    ours = run("steady", "ours", overloaded, seed=0, duration_s=600.0, capacity=20.0)
     assert all(a < 0.75 for t, a in static["attainment_windows"] if t >= 60)
     assert all(a > 0.95 for t, a in ours["attainment_windows"] if t >= 240)
     assert ours["goodput_rps"] > 1.2 * static["goodput_rps"]
