@@ -291,14 +291,14 @@ def plot(results: dict, path: Path) -> bool:
                 row[0].plot(*zip(*points), label=policy)
         row[0].set(title=f"{trace}: SLO attainment (60 s windows, seed 0)", xlabel="minutes",
                    ylim=(0, 1.05))
-        row[0].legend(fontsize=8)
+        row[0].legend(fontsize=8, loc="lower left")
         shown = "ours" if "ours" in results[trace] else next(iter(results[trace]))
         timeline = results[trace][shown][0]["allocation_timeline"]
         for key in sorted({k for _, alloc in timeline for k in alloc}):
             row[1].step([t / 60 for t, _ in timeline], [a.get(key, 0) for _, a in timeline],
                         where="post", label=key)
         row[1].set(title=f"{trace}: engines per pool/role ({shown})", xlabel="minutes")
-        row[1].legend(fontsize=8)
+        row[1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -50,3 +50,13 @@ def test_tracing_overhead_bench_runs():
     report = run_bench("tracing_overhead.py", "--requests", "2", "--port", str(free_port()))
     # at two requests the batch exporter may not have flushed yet: only the shape is checked
     assert set(report["ttft"]) == {"traced", "untraced"} and "extra_p50_ms" in report
+
+
+def test_simulate_autoscaling_bench_runs():
+    report = run_bench("simulate_autoscaling.py", "--traces", "steady", "mix-shift",
+                       "--duration-s", "90", "--seeds", "1", "--holdout-minutes", "1",
+                       "--jobs", "1")
+    assert {r["trace"] for r in report["summary"]} == {"steady", "mix-shift", "holdout"}
+    assert {r["policy"] for r in report["summary"]} == {"static", "ray_default", "planner",
+                                                         "ours"}
+    assert "ceiling" in report["targets"]["mix-shift"]
