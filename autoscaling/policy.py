@@ -48,6 +48,10 @@ class PolicySettings(BaseModel):
     smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement")
     load_rise_s: float = Field(20.0, ge=0, description="time constant of a rising load")
     load_fall_s: float = Field(60.0, ge=0, description="time constant of a falling load")
+    burst_memory_s: float = Field(
+        300.0, ge=0, description="the wish keeps room for the highest load seen, decaying "
+        "over this time constant: bursts shorter than a cold start cannot be chased, so a "
+        "role that keeps seeing them is provisioned for them (0: off)")
     prior_prefill_tokens_per_s: float = Field(40_000.0, gt=0)
     prior_decode_residency_s: float = Field(10.0, gt=0)
 
@@ -64,6 +68,7 @@ class PolicyState:
     estimate: float | None = None
     load: float | None = None
     load_at: float | None = None
+    peak: float | None = None
 
 
 def _ratio(observed: float | None, slo: float) -> float:
@@ -90,20 +95,29 @@ def _wish(need: int, load: float, pressure: float, s: PolicySettings) -> Wish:
 
 
 def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySettings,
-            now: float) -> tuple[Wish, PolicyState]:
+            now: float, utilisation: float) -> tuple[Wish, PolicyState]:
     """The wish with the damped decision as its count and the smoothed load as its load.
 
     The load follows a rise within seconds and a fall over a minute: a surge is seen at once,
-    a dip in noisy load does not give engines away.
+    a dip in noisy load does not give engines away. The count also holds room, at the target
+    `utilisation`, for the peak load seen recently (decaying over `burst_memory_s`): the
+    arbiter grants that from engines no role needs now, and the spares follow it.
     """
     load = raw.load
+    elapsed = max(now - state.load_at, 0.0) if state.load_at is not None else 0.0
     tau = s.load_rise_s if state.load is None or raw.load > state.load else s.load_fall_s
     if state.load is not None and tau > 0:
-        weight = 1 - math.exp(-max(now - state.load_at, 0.0) / tau)
-        load = state.load + weight * (raw.load - state.load)
-    state = replace(state, estimate=estimate, load=load, load_at=now)
-    state = decide(raw.replicas, state, s, now)
-    return replace(raw, replicas=state.replicas, load=load), state
+        load = state.load + (1 - math.exp(-elapsed / tau)) * (raw.load - state.load)
+    peak = raw.load
+    if state.peak is not None and s.burst_memory_s > 0:
+        peak = max(peak, state.peak * math.exp(-elapsed / s.burst_memory_s))
+    need = raw.replicas
+    if s.burst_memory_s > 0:
+        need = max(need, min(s.max_replicas, math.ceil(peak / utilisation - 1e-9)))
+    state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak)
+    state = decide(need, state, s, now)
+    return replace(raw, replicas=state.replicas, load=load,
+                   peak=peak if s.burst_memory_s > 0 else load), state
 
 
 def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -118,7 +132,8 @@ def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
-    return _damped(_wish(need, load, pressure, s), state, estimate, s, now)
+    return _damped(_wish(need, load, pressure, s), state, estimate, s, now,
+                   s.prefill_target_utilisation)
 
 
 def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -141,7 +156,8 @@ def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
-    return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now)
+    return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now,
+                   s.decode_target_utilisation)
 
 
 def decide(wish: int, state: PolicyState, s: PolicySettings, now: float) -> PolicyState:

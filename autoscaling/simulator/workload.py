@@ -96,9 +96,9 @@ def sample_lengths(lengths: Lengths, n: int, rng: np.random.Generator) -> tuple:
             np.clip(output, 2, lengths.output_max).astype(int))
 
 
-PREFILL_HEAVY = {"fast": Lengths(prompt_median=8000, prompt_sigma=0.6, prompt_max=32768,
+PREFILL_HEAVY = {"fast": Lengths(prompt_median=4000, prompt_sigma=0.6, prompt_max=32768,
                                  output_median=150, output_sigma=0.6, output_max=2048),
-                 "deep": Lengths(prompt_median=16000, prompt_sigma=0.6, prompt_max=65536,
+                 "deep": Lengths(prompt_median=12000, prompt_sigma=0.6, prompt_max=65536,
                                  output_median=500, output_sigma=0.6, output_max=4096)}
 DECODE_HEAVY = {"fast": Lengths(prompt_median=1000, prompt_sigma=0.7, prompt_max=16384,
                                 output_median=1200, output_sigma=0.6, output_max=8192),
