@@ -95,20 +95,22 @@ def _wish(need: int, load: float, pressure: float, s: PolicySettings) -> Wish:
 
 
 def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySettings,
-            now: float, utilisation: float) -> tuple[Wish, PolicyState]:
+            now: float, utilisation: float, arriving: float) -> tuple[Wish, PolicyState]:
     """The wish with the damped decision as its count and the smoothed load as its load.
 
     The load follows a rise within seconds and a fall over a minute: a surge is seen at once,
     a dip in noisy load does not give engines away. The count also holds room, at the target
     `utilisation`, for the peak load seen recently (decaying over `burst_memory_s`): the
-    arbiter grants that from engines no role needs now, and the spares follow it.
+    arbiter grants that from engines no role needs now, and the spares follow it. The peak
+    is of the load `arriving` (work per second coming in, not a backlog that a shortfall left
+    behind), so a role that was short is not provisioned for its own queue.
     """
     load = raw.load
     elapsed = max(now - state.load_at, 0.0) if state.load_at is not None else 0.0
     tau = s.load_rise_s if state.load is None or raw.load > state.load else s.load_fall_s
     if state.load is not None and tau > 0:
         load = state.load + (1 - math.exp(-elapsed / tau)) * (raw.load - state.load)
-    peak = raw.load
+    peak = arriving
     if state.peak is not None and s.burst_memory_s > 0:
         peak = max(peak, state.peak * math.exp(-elapsed / s.burst_memory_s))
     need = raw.replicas
@@ -117,7 +119,7 @@ def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySett
     state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak)
     state = decide(need, state, s, now)
     return replace(raw, replicas=state.replicas, load=load,
-                   peak=peak if s.burst_memory_s > 0 else load), state
+                   peak=peak if s.burst_memory_s > 0 else None), state
 
 
 def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -133,7 +135,7 @@ def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
     return _damped(_wish(need, load, pressure, s), state, estimate, s, now,
-                   s.prefill_target_utilisation)
+                   s.prefill_target_utilisation, load)
 
 
 def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -156,8 +158,14 @@ def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
+    arriving = 0.0
+    if m.max_running_per_replica:
+        arriving = m.arrival_requests_per_s * residency / m.max_running_per_replica
+    if m.decode_tokens_per_s_per_replica:
+        arriving = max(arriving, m.arrival_requests_per_s * m.mean_output_tokens
+                       / m.decode_tokens_per_s_per_replica)
     return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now,
-                   s.decode_target_utilisation)
+                   s.decode_target_utilisation, arriving)
 
 
 def decide(wish: int, state: PolicyState, s: PolicySettings, now: float) -> PolicyState:

@@ -182,4 +182,4 @@ def test_a_role_that_keeps_seeing_bursts_keeps_room_for_them():
     off = s.model_copy(update={"burst_memory_s": 0})
     w, _ = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), off,
                         PolicyState(3, peak=3.0, load_at=0.0), 1.0)
-    assert w.replicas == 1 and w.peak == w.load
+    assert w.replicas == 1 and w.peak is None
