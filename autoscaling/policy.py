@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.metrics import RoleMetrics, Wish
 
+TREND_FAST_S, TREND_SLOW_S = 30.0, 120.0  # time constants of the trend's two averages
+
 
 class PolicySettings(BaseModel):
     """SLOs, utilisation targets and damping of one pool-and-role's policy."""
@@ -52,6 +54,8 @@ class PolicySettings(BaseModel):
         300.0, ge=0, description="the wish keeps room for the highest load seen, decaying "
         "over this time constant: bursts shorter than a cold start cannot be chased, so a "
         "role that keeps seeing them is provisioned for them (0: off)")
+    lead_s: float = Field(90.0, ge=0, description="a rising load is provisioned for where "
+                          "its trend takes it this far ahead (about a cold start; 0: off)")
     prior_prefill_tokens_per_s: float = Field(40_000.0, gt=0)
     prior_decode_residency_s: float = Field(10.0, gt=0)
 
@@ -69,6 +73,8 @@ class PolicyState:
     load: float | None = None
     load_at: float | None = None
     peak: float | None = None
+    trend_fast: float | None = None
+    trend_slow: float | None = None
 
 
 def _ratio(observed: float | None, slo: float) -> float:
@@ -110,13 +116,25 @@ def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySett
     tau = s.load_rise_s if state.load is None or raw.load > state.load else s.load_fall_s
     if state.load is not None and tau > 0:
         load = state.load + (1 - math.exp(-elapsed / tau)) * (raw.load - state.load)
+    # A rising load is led by its trend over `lead_s` (about a cold start): an engine asked
+    # for now arrives when the load has got there. The trend is the gap between a fast and a
+    # slow average of the arriving load, over the gap between their time constants.
+    fast, slow = arriving, arriving
+    if state.trend_fast is not None and s.lead_s > 0:
+        fast = state.trend_fast + (1 - math.exp(-elapsed / TREND_FAST_S)) * (
+            arriving - state.trend_fast)
+        slow = state.trend_slow + (1 - math.exp(-elapsed / TREND_SLOW_S)) * (
+            arriving - state.trend_slow)
+        rise = max(fast - slow, 0.0) / (TREND_SLOW_S - TREND_FAST_S)
+        arriving = max(arriving, fast + rise * (TREND_FAST_S + s.lead_s))
     peak = arriving
     if state.peak is not None and s.burst_memory_s > 0:
         peak = max(peak, state.peak * math.exp(-elapsed / s.burst_memory_s))
     need = raw.replicas
     if s.burst_memory_s > 0:
         need = max(need, min(s.max_replicas, math.ceil(peak / utilisation - 1e-9)))
-    state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak)
+    state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak,
+                    trend_fast=fast, trend_slow=slow)
     state = decide(need, state, s, now)
     return replace(raw, replicas=state.replicas, load=load,
                    peak=peak if s.burst_memory_s > 0 else None), state

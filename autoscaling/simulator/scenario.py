@@ -47,6 +47,10 @@ class SimSettings(BaseModel):
     # Ray's defaults; at most 5 replicas each, the budget less the other three's minimum
     ray: RayAutoscalingConfig = RayAutoscalingConfig(max_replicas=5)
     tick_s: float = Field(1.0, gt=0)
+    # The stack's prefill attempt deadline (kv_handoff.prefill_timeout_s and
+    # prefill_tokens_per_s_floor): a prompt still queued past it is dropped with an error.
+    prefill_timeout_s: float | None = Field(60.0, gt=0)
+    prefill_tokens_per_s_floor: float = Field(2000.0, gt=0)
     grace_s: float = Field(120.0, ge=0)
 
     def split(self) -> dict[Key, int]:
@@ -103,6 +107,7 @@ def run_trace(trace: Trace, controller: str, s: SimSettings, seed: int = 0) -> d
     requests = arrivals(trace, s.workload, seed)
     sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
                      s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s,
-                     slos=role_slos(s))
+                     slos=role_slos(s), prefill_deadline=None if s.prefill_timeout_s is None
+                     else (s.prefill_timeout_s, s.prefill_tokens_per_s_floor))
     return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s,
                      shifts=trace.shifts)

@@ -41,7 +41,8 @@ class Simulation:
     def __init__(self, requests: list[Request], controller: Controller, perf: PerfModel,
                  budget: int, initial: dict[Key, int], duration_s: float,
                  tick_s: float = 1.0, grace_s: float = 120.0,
-                 slos: dict[Key, float] | None = None):
+                 slos: dict[Key, float] | None = None,
+                 prefill_deadline: tuple[float, float] | None = None):
         self.requests, self.controller, self.perf = requests, controller, perf
         self.duration_s, self.tick_s, self.end = duration_s, tick_s, duration_s + grace_s
         self.heap: list = []
@@ -55,6 +56,8 @@ class Simulation:
         self.windows = {k: LoadWindow(slos.get(k, float("inf")), lambda: self.now)
                         for k in self.keys}
         self.cluster = Cluster(perf, budget, initial, self.schedule)
+        # (seconds, prompt tokens/s floor): a prompt waits at most seconds + tokens / floor
+        self.prefill_timeout_s, self.prefill_floor = prefill_deadline or (None, 1.0)
         self.busy_s, self.timeline = 0.0, []
 
     def schedule(self, when: float, kind: str, *args) -> None:
@@ -92,11 +95,21 @@ class Simulation:
     def _kick_prefill(self, key: Key, now: float) -> None:
         queue = self.queues[key]
         for slot in self.cluster.slots:
+            self._expire(queue, now)
             if not queue:
                 return
             if slot.key == key and slot.phase == "ready" and not slot.engine.busy:
                 done = slot.engine.start(queue, now)
                 self.schedule(done, PREFILL_DONE, slot, slot.epoch)
+
+    def _expire(self, queue: deque, now: float) -> None:
+        """Drop the queue's head while it is past its prefill deadline, as the stack's prefill
+        attempt deadline does (the client gets an error; the request counts as missed)."""
+        if self.prefill_timeout_s is None:
+            return
+        while queue and now - queue[0].arrival > (self.prefill_timeout_s
+                                                  + queue[0].prompt / self.prefill_floor):
+            queue.popleft().aborted = True
 
     def _prefill_done(self, now: float, slot: Slot, epoch: int) -> None:
         if slot.epoch != epoch:
