@@ -94,9 +94,10 @@ def needed(w: Wish, held: int, settings: ArbiterSettings) -> int:
     held are kept while the load stays above the critical utilisation less the band, so a load
     hovering at a boundary does not move an engine.
     """
-    up = math.ceil(w.load / settings.critical_utilisation - 1e-9)
+    load = _peak(w)
+    up = math.ceil(load / settings.critical_utilisation - 1e-9)
     low = settings.critical_utilisation - settings.utilisation_band
-    down = math.ceil(w.load / low - 1e-9) if low > 0 else held
+    down = math.ceil(load / low - 1e-9) if low > 0 else held
     kept = min(max(held, up), max(up, down))
     return max(w.min_replicas, min(max(w.replicas, held), w.max_replicas, kept))
 
@@ -142,7 +143,7 @@ def place_spares(goal: dict[Key, int], wishes: Mapping[Key, Wish], budget: int,
     if settings.spare == "release":
         return placed
     open_keys = [k for k in wishes if k not in overrides]
-    total_load = sum(wishes[k].load for k in open_keys)
+    total_load = sum(_peak(wishes[k]) for k in open_keys)
     for _ in range(budget - sum(goal.values())):
         room = [k for k in open_keys if placed[k] < wishes[k].max_replicas]
         if settings.spare != "proportional":
@@ -157,9 +158,13 @@ def place_spares(goal: dict[Key, int], wishes: Mapping[Key, Wish], budget: int,
 
 def _spare_score(k: Key, placed: int, held: int, w: Wish, total_load: float, budget: int,
                  settings: ArbiterSettings) -> tuple:
-    share = budget * w.load / total_load if total_load > 0 else float(held)
+    share = budget * _peak(w) / total_load if total_load > 0 else float(held)
     sticky = settings.spare_margin if placed < held else 0.0
     return (share - placed + sticky, k)
+
+
+def _peak(w: Wish) -> float:
+    return w.load if w.peak is None else max(w.load, w.peak)
 
 
 def _move(current: dict[Key, int], goal: dict[Key, int], wishes: Mapping[Key, Wish],
@@ -204,8 +209,8 @@ def _may_give(d: Key, r: Key, alloc: Mapping[Key, int], wishes: Mapping[Key, Wis
     if any(m[0] == r and m[1] == d for m in moves):
         return False  # an engine went from r to d within the cooldown: not straight back
     left = alloc[d] - 1
-    if left > 0 and wishes[d].load / left <= settings.critical_utilisation:
-        return True
+    if left > 0 and _peak(wishes[d]) / left <= settings.critical_utilisation:
+        return True  # carries even its recent peak without the engine
     if short_for < settings.preempt_settle_s:
         return False
     if priorities.get(r[0], 0) > priorities.get(d[0], 0):

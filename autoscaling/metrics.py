@@ -44,7 +44,8 @@ class Wish:
 
     `load` is the work in engines at full utilisation (fractional), which the arbiter uses to
     place spare engines in proportion; `pressure` is the worst observed/SLO ratio (> 1 means
-    the SLO is being missed), which breaks ties under contention.
+    the SLO is being missed), which breaks ties under contention; `peak` is the highest load seen recently (decaying),
+    for which the spare engines are kept (`load` when not given).
     """
 
     replicas: int
@@ -52,3 +53,4 @@ class Wish:
     max_replicas: int = 8
     load: float = 0.0
     pressure: float = 0.0
+    peak: float | None = None  # the recent peak load (engines), where the spares go

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.metrics import RoleMetrics, Wish
 
+TREND_FAST_S, TREND_SLOW_S = 30.0, 120.0  # time constants of the trend's two averages
+
 
 class PolicySettings(BaseModel):
     """SLOs, utilisation targets and damping of one pool-and-role's policy."""
@@ -48,6 +50,12 @@ class PolicySettings(BaseModel):
     smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement")
     load_rise_s: float = Field(20.0, ge=0, description="time constant of a rising load")
     load_fall_s: float = Field(60.0, ge=0, description="time constant of a falling load")
+    burst_memory_s: float = Field(
+        300.0, ge=0, description="the wish keeps room for the highest load seen, decaying "
+        "over this time constant: bursts shorter than a cold start cannot be chased, so a "
+        "role that keeps seeing them is provisioned for them (0: off)")
+    lead_s: float = Field(90.0, ge=0, description="a rising load is provisioned for where "
+                          "its trend takes it this far ahead (about a cold start; 0: off)")
     prior_prefill_tokens_per_s: float = Field(40_000.0, gt=0)
     prior_decode_residency_s: float = Field(10.0, gt=0)
 
@@ -64,6 +72,9 @@ class PolicyState:
     estimate: float | None = None
     load: float | None = None
     load_at: float | None = None
+    peak: float | None = None
+    trend_fast: float | None = None
+    trend_slow: float | None = None
 
 
 def _ratio(observed: float | None, slo: float) -> float:
@@ -90,20 +101,43 @@ def _wish(need: int, load: float, pressure: float, s: PolicySettings) -> Wish:
 
 
 def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySettings,
-            now: float) -> tuple[Wish, PolicyState]:
+            now: float, utilisation: float, arriving: float) -> tuple[Wish, PolicyState]:
     """The wish with the damped decision as its count and the smoothed load as its load.
 
     The load follows a rise within seconds and a fall over a minute: a surge is seen at once,
-    a dip in noisy load does not give engines away.
+    a dip in noisy load does not give engines away. The count also holds room, at the target
+    `utilisation`, for the peak load seen recently (decaying over `burst_memory_s`): the
+    arbiter grants that from engines no role needs now, and the spares follow it. The peak
+    is of the load `arriving` (work per second coming in, not a backlog that a shortfall left
+    behind), so a role that was short is not provisioned for its own queue.
     """
     load = raw.load
+    elapsed = max(now - state.load_at, 0.0) if state.load_at is not None else 0.0
     tau = s.load_rise_s if state.load is None or raw.load > state.load else s.load_fall_s
     if state.load is not None and tau > 0:
-        weight = 1 - math.exp(-max(now - state.load_at, 0.0) / tau)
-        load = state.load + weight * (raw.load - state.load)
-    state = replace(state, estimate=estimate, load=load, load_at=now)
-    state = decide(raw.replicas, state, s, now)
-    return replace(raw, replicas=state.replicas, load=load), state
+        load = state.load + (1 - math.exp(-elapsed / tau)) * (raw.load - state.load)
+    # A rising load is led by its trend over `lead_s` (about a cold start): an engine asked
+    # for now arrives when the load has got there. The trend is the gap between a fast and a
+    # slow average of the arriving load, over the gap between their time constants.
+    fast, slow = arriving, arriving
+    if state.trend_fast is not None and s.lead_s > 0:
+        fast = state.trend_fast + (1 - math.exp(-elapsed / TREND_FAST_S)) * (
+            arriving - state.trend_fast)
+        slow = state.trend_slow + (1 - math.exp(-elapsed / TREND_SLOW_S)) * (
+            arriving - state.trend_slow)
+        rise = max(fast - slow, 0.0) / (TREND_SLOW_S - TREND_FAST_S)
+        arriving = max(arriving, fast + rise * (TREND_FAST_S + s.lead_s))
+    peak = arriving
+    if state.peak is not None and s.burst_memory_s > 0:
+        peak = max(peak, state.peak * math.exp(-elapsed / s.burst_memory_s))
+    need = raw.replicas
+    if s.burst_memory_s > 0:
+        need = max(need, min(s.max_replicas, math.ceil(peak / utilisation - 1e-9)))
+    state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak,
+                    trend_fast=fast, trend_slow=slow)
+    state = decide(need, state, s, now)
+    return replace(raw, replicas=state.replicas, load=load,
+                   peak=peak if s.burst_memory_s > 0 else None), state
 
 
 def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -118,7 +152,8 @@ def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
-    return _damped(_wish(need, load, pressure, s), state, estimate, s, now)
+    return _damped(_wish(need, load, pressure, s), state, estimate, s, now,
+                   s.prefill_target_utilisation, load)
 
 
 def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
@@ -141,7 +176,14 @@ def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if late > 1 and m.starting == 0:
         need = max(need, m.replicas + 1)
     pressure = max(late, _ratio(m.ttft_p90_s, s.ttft_slo_s))
-    return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now)
+    arriving = 0.0
+    if m.max_running_per_replica:
+        arriving = m.arrival_requests_per_s * residency / m.max_running_per_replica
+    if m.decode_tokens_per_s_per_replica:
+        arriving = max(arriving, m.arrival_requests_per_s * m.mean_output_tokens
+                       / m.decode_tokens_per_s_per_replica)
+    return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now,
+                   s.decode_target_utilisation, arriving)
 
 
 def decide(wish: int, state: PolicyState, s: PolicySettings, now: float) -> PolicyState:

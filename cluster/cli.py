@@ -48,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
                           "bootstrap port and SGLang arguments; or why it is refused")
     plan.add_argument("--config", help="settings YAML (default: the embedded local profile)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    simulate = sub.add_parser("simulate", help="capacity planner: replay traffic through the "
+                              "cluster simulator under each autoscaling policy; the smallest "
+                              "budget and split that meet the SLOs")
+    from cluster.simulate import add_arguments as simulate_arguments
+
+    simulate_arguments(simulate)
     args = parser.parse_args(argv)
     commands = {"up": cmd_up, "status": cmd_status, "scale": cmd_scale, "release": cmd_release,
-                "generate": cmd_generate, "openapi": cmd_openapi, "plan": cmd_plan}
+                "generate": cmd_generate, "openapi": cmd_openapi, "plan": cmd_plan,
+                "simulate": cmd_simulate}
     return commands[args.command](args)
 
 
@@ -245,6 +252,12 @@ def cmd_plan(args) -> int:
     print(json.dumps(entries, indent=2, default=str) if args.json
           else plan_table(settings, entries))
     return 0
+
+
+def cmd_simulate(args) -> int:
+    from cluster.simulate import run
+
+    return run(args)
 
 
 def cmd_openapi(args) -> int:

@@ -55,3 +55,25 @@ def best_split(perf: PerfModel, workload: Workload, budget: int,
 def split_capacity(alloc: dict[Key, int], demand: dict[Key, float]) -> float:
     """Requests/s a split carries at full utilisation, given engine-seconds per request."""
     return min(alloc[k] / d for k, d in demand.items() if d > 0)
+
+
+def demand_peaks(perf: PerfModel, requests: list, window_s: float = 300.0) -> dict[Key, float]:
+    """Each (pool, role)'s busiest `window_s` in engines at full utilisation, from the
+    requests' own lengths (prefill at the batch rate, decode at a full batch's step at the
+    request's mean context): what a split fixed for this traffic must hold."""
+    if not requests:
+        return dict.fromkeys(KEYS, 0.0)
+    end = max(r.arrival for r in requests)
+    bins = int(end // window_s) + 1
+    load = {k: np.zeros(bins) for k in KEYS}
+    for r in requests:
+        i = int(r.arrival // window_s)
+        prefill = (perf.prompt_flops(r.prompt) / perf.prefill_flops_per_s
+                   + perf.prefill_batch_overhead_s * r.prompt / perf.max_batched_tokens)
+        context = perf.max_running * (r.prompt + r.output / 2)
+        decode = r.output * perf.decode_step_s(perf.max_running, context) / perf.max_running
+        load[(r.pool, "prefill")][i] += prefill
+        load[(r.pool, "decode")][i] += decode
+    span = np.full(bins, window_s)
+    span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
+    return {k: float((v / span).max()) for k, v in load.items()}

@@ -58,7 +58,7 @@ class RayDefaultController:
 class SloController:
     """Prefill and decode SLO policies per (pool, role), fitted into the budget."""
 
-    name = "slo_arbiter"
+    name = "ours"
 
     def __init__(self, split: Mapping[Key, int], settings: Mapping[Key, PolicySettings],
                  priorities: Mapping[str, int], budget: int,

@@ -12,7 +12,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.simulator.sim import SimResult
-from autoscaling.simulator.telemetry import percentile
+from autoscaling.window import percentile
 from autoscaling.simulator.workload import POOLS, Request
 
 
@@ -94,8 +94,8 @@ def pool_summary(requests: list[Request], ok: list[bool], duration: float) -> di
 def summarize(result: SimResult, slos: dict[str, PoolSLO], gpus_per_engine: int,
               step_at_s: float | None = None, window_s: float = 60.0,
               fine_window_s: float = 10.0, recovery_target: float = 0.9,
-              recovery_horizon_s: float = 600.0) -> dict:
-    """The JSON-ready report of one run."""
+              recovery_horizon_s: float = 600.0, shifts: tuple[float, ...] = ()) -> dict:
+    """The JSON-ready report of one run; recovery is measured after a step or each shift."""
     reqs, d = result.requests, result.duration_s
     ok = [meets(r, slos[r.pool]) for r in reqs]
     good = sum(ok)
@@ -118,6 +118,10 @@ def summarize(result: SimResult, slos: dict[str, PoolSLO], gpus_per_engine: int,
     if step_at_s is not None:
         report.update(_after_step(reqs, ok, attainment(fine, fine_window_s, span), step_at_s,
                                   d, recovery_horizon_s, recovery_target))
+    if shifts:
+        rolling = attainment(fine, fine_window_s, span)
+        report["recovery_after_shift_s"] = [recovery_s(rolling, t, recovery_horizon_s,
+                                                       recovery_target) for t in shifts]
     return report
 
 

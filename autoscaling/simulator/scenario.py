@@ -4,6 +4,8 @@ every trace, the same requests (same seed) for each controller.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.arbiter import ArbiterSettings
@@ -14,11 +16,12 @@ from autoscaling.simulator.capacity import KEYS, best_split
 from autoscaling.simulator.controllers import (Controller, RayDefaultController, SloController,
                                                StaticController)
 from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.planner import PlannerController, PlannerSettings
 from autoscaling.simulator.report import PoolSLO, summarize
 from autoscaling.simulator.sim import Simulation
-from autoscaling.simulator.workload import TraceKind, Workload, arrivals, make_trace
+from autoscaling.simulator.workload import Trace, TraceKind, Workload, arrivals, make_trace
 
-CONTROLLERS = ("static", "ray_default", "slo_arbiter")
+CONTROLLERS = ("static", "ray_default", "planner", "ours")
 
 
 def _split(fast_p: int, fast_d: int, deep_p: int, deep_d: int) -> dict[str, int]:
@@ -40,9 +43,14 @@ class SimSettings(BaseModel):
     priorities: dict[str, int] = {"fast": 2, "deep": 1}
     policy: PolicySettings = PolicySettings()
     arbiter: ArbiterSettings = ArbiterSettings()
+    planner: PlannerSettings = PlannerSettings()
     # Ray's defaults; at most 5 replicas each, the budget less the other three's minimum
     ray: RayAutoscalingConfig = RayAutoscalingConfig(max_replicas=5)
     tick_s: float = Field(1.0, gt=0)
+    # The stack's prefill attempt deadline (kv_handoff.prefill_timeout_s and
+    # prefill_tokens_per_s_floor): a prompt still queued past it is dropped with an error.
+    prefill_timeout_s: float | None = Field(60.0, gt=0)
+    prefill_tokens_per_s_floor: float = Field(2000.0, gt=0)
     grace_s: float = Field(120.0, ge=0)
 
     def split(self) -> dict[Key, int]:
@@ -57,7 +65,10 @@ def make_controller(name: str, s: SimSettings) -> Controller:
         return StaticController(split)
     if name == "ray_default":
         return RayDefaultController(split, dict.fromkeys(KEYS, s.ray))
-    if name == "slo_arbiter":
+    if name == "planner":
+        slos = {p: (v.ttft_s, v.itl_s) for p, v in s.slos.items()}
+        return PlannerController(split, s.perf, slos, s.budget_engines, s.planner)
+    if name == "ours":
         policies = {k: s.policy.model_copy(update={
             "ttft_slo_s": s.slos[k[0]].ttft_s, "itl_slo_s": s.slos[k[0]].itl_s,
             "max_replicas": s.budget_engines}) for k in KEYS}
@@ -65,17 +76,38 @@ def make_controller(name: str, s: SimSettings) -> Controller:
     raise KeyError(f"unknown controller {name!r}; known: {', '.join(CONTROLLERS)}")
 
 
-def capacity_rps(s: SimSettings) -> float:
-    """Requests/s the budget carries at full utilisation with its best split."""
-    return best_split(s.perf, s.workload, s.budget_engines)[1]
+def role_slos(s: SimSettings) -> dict[Key, float]:
+    """Each role's latency objective as its workers' windows count it."""
+    return {(p, r): slo.ttft_s if r == "prefill" else slo.itl_s
+            for p, slo in s.slos.items() for r in ("prefill", "decode")}
+
+
+def capacity_rps(s: SimSettings, workload: Workload | None = None) -> float:
+    """Requests/s the budget carries at full utilisation with its best split, for the
+    settings' workload or `workload`."""
+    return _capacity(s.perf, workload or s.workload, s.budget_engines)
+
+
+@lru_cache(maxsize=64)
+def _capacity(perf: PerfModel, workload: Workload, budget: int) -> float:
+    return best_split(perf, workload, budget)[1]
 
 
 def run(trace_kind: TraceKind, controller: str, s: SimSettings, seed: int = 0,
         duration_s: float | None = None, capacity: float | None = None) -> dict:
-    """Simulate one controller on one trace; the report of `summarize`."""
+    """Simulate one controller on one synthetic trace; the report of `summarize`."""
     capacity = capacity or capacity_rps(s)
-    trace = make_trace(trace_kind, capacity, s.workload, duration_s, seed)
+    trace = make_trace(trace_kind, capacity, s.workload, duration_s, seed,
+                       capacity_of=lambda w: capacity_rps(s, w))
+    return run_trace(trace, controller, s, seed)
+
+
+def run_trace(trace: Trace, controller: str, s: SimSettings, seed: int = 0) -> dict:
+    """Simulate one controller on `trace` (drawn with `seed`, or replayed from a file)."""
     requests = arrivals(trace, s.workload, seed)
     sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
-                     s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s)
-    return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s)
+                     s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s,
+                     slos=role_slos(s), prefill_deadline=None if s.prefill_timeout_s is None
+                     else (s.prefill_timeout_s, s.prefill_tokens_per_s_floor))
+    return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s,
+                     shifts=trace.shifts)

@@ -12,13 +12,13 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from autoscaling.metrics import Key
+from autoscaling.metrics import Key, RoleMetrics
 from autoscaling.simulator.cluster import DRAIN_DEADLINE, READY, Cluster, Slot
 from autoscaling.simulator.controllers import Controller
 from autoscaling.simulator.engines import DecodeEngine
 from autoscaling.simulator.perf import PerfModel
-from autoscaling.simulator.telemetry import RoleWindow
 from autoscaling.simulator.workload import POOLS, Request
+from autoscaling.window import LoadWindow
 
 PREFILL_DONE, DECODE, TICK = "prefill_done", "decode", "tick"
 
@@ -40,16 +40,24 @@ class Simulation:
 
     def __init__(self, requests: list[Request], controller: Controller, perf: PerfModel,
                  budget: int, initial: dict[Key, int], duration_s: float,
-                 tick_s: float = 1.0, window_s: int = 10, grace_s: float = 120.0):
+                 tick_s: float = 1.0, grace_s: float = 120.0,
+                 slos: dict[Key, float] | None = None,
+                 prefill_deadline: tuple[float, float] | None = None):
         self.requests, self.controller, self.perf = requests, controller, perf
         self.duration_s, self.tick_s, self.end = duration_s, tick_s, duration_s + grace_s
         self.heap: list = []
         self.seq = 0
         self.keys = [(p, r) for p in POOLS for r in ("prefill", "decode")]
         self.queues: dict[Key, deque] = {k: deque() for k in self.keys}
-        self.queued_tokens = dict.fromkeys(self.keys, 0)
-        self.windows = {k: RoleWindow(window_s) for k in self.keys}
+        # The workers' own window (autoscaling.window), on the simulation's clock; `slos` are
+        # each role's latency objective (TTFT for prefill, seconds per token for decode).
+        slos = slos or {}
+        self.now = 0.0
+        self.windows = {k: LoadWindow(slos.get(k, float("inf")), lambda: self.now)
+                        for k in self.keys}
         self.cluster = Cluster(perf, budget, initial, self.schedule)
+        # (seconds, prompt tokens/s floor): a prompt waits at most seconds + tokens / floor
+        self.prefill_timeout_s, self.prefill_floor = prefill_deadline or (None, 1.0)
         self.busy_s, self.timeline = 0.0, []
 
     def schedule(self, when: float, kind: str, *args) -> None:
@@ -66,38 +74,42 @@ class Simulation:
         while True:
             next_event = self.heap[0][0] if self.heap else float("inf")
             if i < len(arrivals) and arrivals[i].arrival <= next_event:
-                now = arrivals[i].arrival
+                now = self.now = arrivals[i].arrival
                 self._arrive(arrivals[i], now)
                 i += 1
                 continue
             if next_event > self.end:
                 break
             now, _, kind, args = heapq.heappop(self.heap)
+            self.now = now
             handlers[kind](now, *args)
         return SimResult(self.requests, self.duration_s, self.cluster.allocated_engine_s(now),
                          self.busy_s, self.cluster.moves, self.timeline)
 
     def _arrive(self, request: Request, now: float) -> None:
         key = (request.pool, "prefill")
-        bucket = self.windows[key].now
-        bucket.arrivals += 1
-        bucket.arrival_tokens += request.prompt
+        self.windows[key].arrived(request.prompt)
         self.queues[key].append(request)
-        self.queued_tokens[key] += request.prompt
         self._kick_prefill(key, now)
 
     def _kick_prefill(self, key: Key, now: float) -> None:
         queue = self.queues[key]
         for slot in self.cluster.slots:
+            self._expire(queue, now)
             if not queue:
                 return
             if slot.key == key and slot.phase == "ready" and not slot.engine.busy:
                 done = slot.engine.start(queue, now)
-                waits = self.windows[key].now.waits
-                for r in slot.engine.batch:
-                    self.queued_tokens[key] -= r.prompt
-                    waits.append(now - r.arrival)
                 self.schedule(done, PREFILL_DONE, slot, slot.epoch)
+
+    def _expire(self, queue: deque, now: float) -> None:
+        """Drop the queue's head while it is past its prefill deadline, as the stack's prefill
+        attempt deadline does (the client gets an error; the request counts as missed)."""
+        if self.prefill_timeout_s is None:
+            return
+        while queue and now - queue[0].arrival > (self.prefill_timeout_s
+                                                  + queue[0].prompt / self.prefill_floor):
+            queue.popleft().aborted = True
 
     def _prefill_done(self, now: float, slot: Slot, epoch: int) -> None:
         if slot.epoch != epoch:
@@ -105,13 +117,15 @@ class Simulation:
         engine = slot.engine
         started = engine.batch[0].prefill_start
         batch = engine.finish(now)
-        bucket = self.windows[slot.key].now
-        bucket.prefill_tokens += sum(r.prompt for r in batch)
-        bucket.prefill_busy_s += now - started
-        self.busy_s += now - started
+        busy, tokens = now - started, sum(r.prompt for r in batch)
+        self.busy_s += busy
         pool = slot.key[0]
         decode_key = (pool, "decode")
-        self.windows[decode_key].now.arrivals += len(batch)
+        prefill_window, decode_window = self.windows[slot.key], self.windows[decode_key]
+        for r in batch:
+            prefill_window.prefilled(r.prompt, busy * r.prompt / tokens, started - r.arrival,
+                                     now - r.arrival)
+            decode_window.arrived(r.prompt)
         self.queues[decode_key].extend(batch)
         if slot.phase == "draining":
             self._release(slot, now)
@@ -121,8 +135,7 @@ class Simulation:
 
     def _kick_decode(self, key: Key, now: float) -> None:
         queue, touched = self.queues[key], set()
-        window = self.windows[key].now
-        ttfts = self.windows[(key[0], "prefill")].now.ttfts
+        window = self.windows[key]
         ready = [s for s in self.cluster.slots if s.key == key and s.phase == "ready"]
         while queue and ready:
             slot = min(ready, key=lambda s: len(s.engine.running))
@@ -131,9 +144,7 @@ class Simulation:
                 break
             queue.popleft()
             slot.engine.admit(request, now)
-            window.waits.append(now - request.prefill_end)
-            ttfts.append(request.first_token - request.arrival)
-            window.ttfts.append(request.first_token - request.arrival)
+            window.waited(now - request.prefill_end)
             touched.add(slot.index)
         for slot in ready:
             if slot.index in touched:
@@ -148,10 +159,9 @@ class Simulation:
         if slot.epoch != epoch or slot.engine.version != version:
             return
         done = slot.engine.finish_due(now)
-        bucket = self.windows[slot.key].now
+        window = self.windows[slot.key]
         for r in done:
-            bucket.residencies.append(now - r.decode_start)
-            bucket.outputs.append(r.output)
+            window.decoded(r.output, now - r.decode_start)
         if slot.phase == "draining" and not slot.engine.running:
             self._release(slot, now)
             return
@@ -184,8 +194,6 @@ class Simulation:
 
     def _tick(self, now: float) -> None:
         metrics = {k: self._metrics(k, now) for k in self.keys}
-        for w in self.windows.values():
-            w.roll()
         self.cluster.reconcile(self.controller.targets(now, metrics), now)
         for key in self.keys:  # engines that came back may take queued work
             (self._kick_prefill if key[1] == "prefill" else self._kick_decode)(key, now)
@@ -195,9 +203,10 @@ class Simulation:
         if now + self.tick_s <= self.end:
             self.schedule(now + self.tick_s, TICK)
 
-    def _metrics(self, key: Key, now: float):
+    def _metrics(self, key: Key, now: float) -> RoleMetrics:
+        """What the role's workers would report now, through the same window and report."""
         ready = self.cluster.of(key, "ready")
-        running, kv, bucket = 0, 0.0, self.windows[key].now
+        running, kv, window = 0, 0.0, self.windows[key]
         for slot in ready:
             engine = slot.engine
             if isinstance(engine, DecodeEngine):
@@ -205,9 +214,9 @@ class Simulation:
                 if engine.running:
                     engine.advance(now)
                     kv += engine.kv_used()
-                    bucket.steps.append(engine.step)
                     self.busy_s += self.tick_s
-                bucket.generated += engine.produced
+                if engine.produced:
+                    window.generated(engine.produced, engine.step)
                 engine.produced = 0.0
             else:
                 running += len(engine.batch)
@@ -216,7 +225,7 @@ class Simulation:
             context = kv / running if running else 4096.0
             n = self.perf.max_running
             full = n / self.perf.decode_step_s(n, n * context)
-        return self.windows[key].metrics(
-            len(ready), len(self.cluster.of(key, "starting")), len(self.queues[key]),
-            self.queued_tokens[key], running, kv, self.perf.max_running,
-            self.perf.kv_capacity_tokens, full)
+        report = window.snapshot(len(self.queues[key]), running, self.perf.max_running, int(kv),
+                                 self.perf.kv_capacity_tokens)
+        return report.role_metrics(key[1], len(ready), len(self.cluster.of(key, "starting")),
+                                   full)

@@ -58,3 +58,13 @@ def test_body_check_bench_runs():
     assert {r["shape"] for r in report["rows"]} == {"text", "base64", "escapes",
                                                     "small_messages"}
     assert all(r["check_ms_per_mb"] > 0 for r in report["rows"])
+
+
+def test_simulate_autoscaling_bench_runs():
+    report = run_bench("simulate_autoscaling.py", "--traces", "steady", "mix-shift",
+                       "--duration-s", "90", "--seeds", "1", "--holdout-minutes", "1",
+                       "--jobs", "1")
+    assert {r["trace"] for r in report["summary"]} == {"steady", "mix-shift", "holdout"}
+    assert {r["policy"] for r in report["summary"]} == {"static", "ray_default", "planner",
+                                                         "ours"}
+    assert "ceiling" in report["targets"]["mix-shift"]

@@ -160,3 +160,17 @@ def test_the_budget_can_shrink_and_free_engines_are_used():
     assert sum(alloc.values()) == 6 and alloc[FP] == 1
     alloc = arbitrate_once(w, current={FP: 1, FD: 1, DP: 1, DD: 1})
     assert sum(alloc.values()) == 8
+
+
+def test_recent_peaks_count_as_need_and_a_peaked_donor_is_not_raided_for_a_burst():
+    # fast/prefill idles between bursts it keeps seeing (peak 1.5 engines); deep/decode is
+    # in a burst of its own: the engine fast/prefill holds for its bursts stays with it
+    wishes = {FP: Wish(2, load=0.3, peak=1.5), FD: Wish(1, load=0.5),
+              DP: Wish(1, load=0.5), DD: Wish(6, load=5.5)}
+    current = {FP: 2, FD: 1, DP: 1, DD: 4}
+    settings = ArbiterSettings(settle_s=0, preempt_settle_s=90)
+    alloc, _ = arbitrate(wishes, 8, PRIORITY, current, ArbiterState(), 0.0, None, settings)
+    assert alloc[FP] == 2 and sum(alloc.values()) == 8
+    without = {**wishes, FP: Wish(2, load=0.3)}
+    alloc, _ = arbitrate(without, 8, PRIORITY, current, ArbiterState(), 0.0, None, settings)
+    assert alloc[FP] == 1 and alloc[DD] == 5

@@ -160,3 +160,26 @@ def test_prefill_is_damped_too():
         _, state = prefill_wish(m, S, state, float(t))
         counts.append(state.replicas)
     assert changes(counts) <= 2
+
+
+def test_a_role_that_keeps_seeing_bursts_keeps_room_for_them():
+    s = PolicySettings(max_replicas=8, upscale_delay_s=0, downscale_delay_s=0, load_rise_s=0,
+                       load_fall_s=0, burst_memory_s=300)
+    state, t = PolicyState(1), 0.0
+    for burst in range(3):  # 20 s at 3 engines of prompts, 100 s at 0.5
+        for _ in range(20):
+            w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=120_000), s, state, t)
+            t += 1
+        for _ in range(100):
+            w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), s, state, t)
+            t += 1
+        assert w.load == pytest.approx(0.5)  # what it carries now
+        assert w.peak > 2.0 and w.replicas >= 3  # room for the burst it keeps seeing
+    for _ in range(900):  # the bursts stop: the room goes as the memory decays
+        w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), s, state, t)
+        t += 1
+    assert w.peak < 0.6 and w.replicas == 1
+    off = s.model_copy(update={"burst_memory_s": 0})
+    w, _ = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), off,
+                        PolicyState(3, peak=3.0, load_at=0.0), 1.0)
+    assert w.replicas == 1 and w.peak is None

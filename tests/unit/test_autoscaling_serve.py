@@ -17,7 +17,7 @@ from services.engines.protocol import EngineStats
 from services.workers.load import LoadWindow
 
 QUICK_POLICY = {"upscale_delay_s": 1, "downscale_delay_s": 5, "load_rise_s": 0,
-                "load_fall_s": 0, "min_replicas": 1, "max_replicas": 4}
+                "load_fall_s": 0, "min_replicas": 1, "max_replicas": 4, "burst_memory_s": 0}
 QUICK_ARBITER = ArbiterSettings(settle_s=0, cooldown_s=0, preempt_settle_s=0, spare="release")
 
 

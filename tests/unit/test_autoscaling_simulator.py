@@ -123,9 +123,9 @@ def test_a_small_run_completes_with_sane_numbers():
 
 
 def test_runs_are_deterministic_for_a_seed():
-    a = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
-    b = run("bursty", "slo_arbiter", SMALL, seed=1, duration_s=300.0, capacity=20.0)
-    c = run("bursty", "slo_arbiter", SMALL, seed=2, duration_s=300.0, capacity=20.0)
+    a = run("bursty", "ours", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    b = run("bursty", "ours", SMALL, seed=1, duration_s=300.0, capacity=20.0)
+    c = run("bursty", "ours", SMALL, seed=2, duration_s=300.0, capacity=20.0)
     assert a == b and a["requests"] != c["requests"]
 
 
@@ -133,7 +133,7 @@ def test_the_slo_policies_move_engines_to_an_overloaded_role():
     overloaded = SMALL.model_copy(update={"static_split": {"fast/prefill": 2, "fast/decode": 3,
                                                            "deep/prefill": 2, "deep/decode": 1}})
     static = run("steady", "static", overloaded, seed=0, duration_s=600.0, capacity=20.0)
-    ours = run("steady", "slo_arbiter", overloaded, seed=0, duration_s=600.0, capacity=20.0)
+    ours = run("steady", "ours", overloaded, seed=0, duration_s=600.0, capacity=20.0)
     assert all(a < 0.75 for t, a in static["attainment_windows"] if t >= 60)
     assert all(a > 0.95 for t, a in ours["attainment_windows"] if t >= 240)
     assert ours["goodput_rps"] > 1.2 * static["goodput_rps"]
@@ -146,3 +146,51 @@ def test_unknown_controllers_are_refused():
     with pytest.raises(KeyError, match="unknown controller 'hpa'"):
         make_controller("hpa", SMALL)
     assert capacity_rps(SMALL) > 0
+
+
+@pytest.mark.parametrize("kind", ["mix-shift", "length-shift", "mix-length"])
+def test_traces_where_the_mix_moves_shift_and_come_back(kind):
+    w = Workload()
+    trace = make_trace(kind, 20.0, w, capacity_of=lambda _: 20.0)
+    a, b = trace.shifts
+    assert (a, b) == (1200.0, 2400.0) and trace.duration_s == 3600.0
+    reqs = arrivals(trace, w, seed=3)
+
+    def phase(lo, hi):
+        inside = [r for r in reqs if lo <= r.arrival < hi]
+        deep = sum(r.pool == "deep" for r in inside) / len(inside)
+        prompt = np.mean([r.prompt for r in inside])
+        output = np.mean([r.output for r in inside])
+        return deep, prompt / output
+
+    first, middle, last = phase(0, a), phase(a + 300, b), phase(b + 300, 3600)
+    if kind in ("mix-shift", "mix-length"):
+        assert first[0] == pytest.approx(0.2, abs=0.03)
+        assert middle[0] == pytest.approx(0.7, abs=0.03)
+    else:
+        assert first[0] == pytest.approx(0.3, abs=0.03) == middle[0]
+    if kind != "mix-shift":  # decode-heavy (or today's) outside, prefill-heavy in the middle
+        assert middle[1] > 5 * first[1]
+    assert last == pytest.approx(first, rel=0.15)
+
+
+def test_the_planner_sizes_roles_from_profiled_throughput_within_the_budget():
+    from autoscaling.metrics import RoleMetrics
+    from autoscaling.simulator.planner import (PlannerController, decode_tokens_per_s,
+                                               fit_budget, prefill_tokens_per_s)
+
+    split = {FP: 1, FD: 1, DP: 1, DD: 1}
+    planner = PlannerController(split, PERF, {"fast": (1.0, 0.05), "deep": (4.0, 0.06)}, 8)
+    busy = {FP: RoleMetrics(1, arrival_requests_per_s=20, arrival_prompt_tokens_per_s=60_000),
+            FD: RoleMetrics(1, mean_output_tokens=300),
+            DP: RoleMetrics(1, arrival_requests_per_s=2, arrival_prompt_tokens_per_s=8_000),
+            DD: RoleMetrics(1, mean_output_tokens=3000)}
+    for t in range(59):
+        assert planner.targets(float(t), busy) == split  # once per interval
+    plan = planner.targets(60.0, busy)
+    assert plan[FP] == int(np.ceil(60_000 / prefill_tokens_per_s(PERF, 3000)))
+    assert plan[DD] == int(np.ceil(2 * 3000 / decode_tokens_per_s(PERF, 4000 + 1500, 0.06)))
+    assert sum(plan.values()) <= 8
+    assert fit_budget({FP: 6, FD: 2, DP: 3, DD: 5}, 8, 1) == {FP: 3, FD: 1, DP: 2, DD: 2}
+    # the profile: a longer ITL allows a bigger batch, so more tokens/s
+    assert decode_tokens_per_s(PERF, 4000, 0.02) < decode_tokens_per_s(PERF, 4000, 0.06)

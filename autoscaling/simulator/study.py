@@ -1,0 +1,319 @@
+"""A capacity study: policies x traces x seeds in the simulator, the figures that compare them,
+and the answer an ops person acts on. `small4 simulate` and `bench/simulate_autoscaling.py`
+both run this.
+
+- `run_study` runs every (trace, policy, seed) (a trace file once: its requests are fixed),
+  in a process pool, reporting progress.
+- `summarise` gives one row per trace and policy: goodput at SLO, its ratio to the static split
+  and to the planner, per seed, and the ceiling (offered / static goodput: no policy beats the
+  static split by more).
+- `verdict` checks the issue's targets; `answer` finds the smallest budget and split meeting
+  the SLOs: a fixed split sized for the traffic's busiest five minutes, and our policy at the
+  smallest budget that keeps `SLO_TARGET` of requests within SLO, both checked by simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from autoscaling.simulator.capacity import KEYS, demand_peaks
+from autoscaling.simulator.scenario import (CONTROLLERS, SimSettings, capacity_rps, run_trace)
+from autoscaling.simulator.tracefile import TraceSource, load_trace
+from autoscaling.simulator.workload import SHIFTING, Trace, TraceKind, arrivals, make_trace
+
+SLO_TARGET = 0.95  # of requests within SLO, where the budget carries the load
+RECOVERY_TARGET = 0.9
+RATIO_SHIFTING = 1.3
+NOT_CARRIED = ("bursty",)  # bursts at 1.6x the best split's capacity: no budget-bound policy
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """A synthetic trace kind, or trace files replayed (picklable, rebuilt in each worker)."""
+
+    label: str
+    kind: TraceKind | None = None
+    sources: tuple[TraceSource, ...] = ()
+    speedup: float = 1.0
+    duration_s: float | None = None
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the requests come from files (the same whatever the seed)."""
+        return bool(self.sources)
+
+    def build(self, s: SimSettings, seed: int) -> Trace:
+        """The trace for `seed`."""
+        if self.replayed:
+            return load_trace(list(self.sources), self.speedup, self.label)
+        return make_trace(self.kind, capacity_rps(s), s.workload, self.duration_s, seed,
+                          capacity_of=lambda w: capacity_rps(s, w))
+
+
+def file_spec(sources: list[TraceSource], speedup: float) -> TraceSpec:
+    """One spec replaying every file together (checked here, so errors come before runs)."""
+    trace = load_trace(sources, speedup)
+    return TraceSpec(trace.name, sources=tuple(sources), speedup=speedup)
+
+
+def _one(job: tuple) -> tuple:
+    spec, controller, seed, s = job
+    return spec.label, controller, seed, run_trace(spec.build(s, seed), controller, s, seed)
+
+
+def run_jobs(jobs: list[tuple], workers: int, progress: Progress | None) -> list[tuple]:
+    """Run `jobs` (spec, controller, seed, settings), reporting each as it ends."""
+    done: list[tuple] = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            for result in pool.map(_one, jobs):
+                done.append(result)
+                if progress:
+                    progress(len(done), len(jobs), " ".join(map(str, result[:3])))
+    else:
+        for job in jobs:
+            done.append(_one(job))
+            if progress:
+                progress(len(done), len(jobs), " ".join(map(str, done[-1][:3])))
+    return done
+
+
+def run_study(specs: list[TraceSpec], policies: list[str], seeds: int, s: SimSettings,
+              workers: int = 2, progress: Progress | None = None) -> dict:
+    """Reports by trace label, then policy: one per seed (one for a replayed file)."""
+    unknown = [p for p in policies if p not in CONTROLLERS]
+    if unknown:
+        raise KeyError(f"unknown policy {unknown[0]!r}; known: {', '.join(CONTROLLERS)}")
+    jobs = [(spec, c, seed, s) for spec in specs for c in policies
+            for seed in range(1 if spec.replayed else seeds)]
+    results: dict = {spec.label: {c: [] for c in policies} for spec in specs}
+    for label, controller, _, report in sorted(run_jobs(jobs, workers, progress),
+                                               key=lambda d: d[2]):
+        results[label][controller].append(report)
+    return results
+
+
+def summarise(results: dict, s: SimSettings) -> list[dict]:
+    """One row per trace and policy, averaged over seeds, with ratios and the ceiling."""
+    rows = []
+    for trace, by_policy in results.items():
+        statics = [r["goodput_rps"] for r in by_policy.get("static", [])]
+        planners = [r["goodput_rps"] for r in by_policy.get("planner", [])]
+        for policy, runs in by_policy.items():
+            goodput = mean(r["goodput_rps"] for r in runs)
+            row = {"trace": trace, "policy": policy, "goodput_rps": round(goodput, 3),
+                   "offered_rps": round(mean(r["offered_rps"] for r in runs), 3),
+                   "goodput_by_seed": [round(r["goodput_rps"], 3) for r in runs],
+                   "slo_attainment": round(mean(r["slo_attainment"] or 0 for r in runs), 4),
+                   "gpu_hours": round(mean(r["gpu_hours_allocated"] for r in runs), 3),
+                   "engine_moves": round(mean(r["engine_moves"] for r in runs), 1),
+                   "recovery_s": _recovery(runs)}
+            if statics:
+                row["vs_static"] = round(goodput / mean(statics), 3)
+                row["vs_static_by_seed"] = [round(r["goodput_rps"] / b, 3) if b else None
+                                            for r, b in zip(runs, statics)]
+                row["ceiling"] = round(row["offered_rps"] / mean(statics), 3)
+            if planners:
+                row["vs_planner"] = round(goodput / mean(planners), 3)
+                row["vs_planner_by_seed"] = [round(r["goodput_rps"] / b, 3) if b else None
+                                             for r, b in zip(runs, planners)]
+            rows.append(row)
+    return rows
+
+
+def _recovery(runs: list[dict]) -> list | None:
+    """Per seed: seconds to recover after the step, or after each shift."""
+    if "recovery_after_shift_s" in runs[0]:
+        return [r["recovery_after_shift_s"] for r in runs]
+    if "recovery_s" in runs[0]:
+        return [r["recovery_s"] for r in runs]
+    return None
+
+
+def verdict(rows: list[dict], s: SimSettings) -> dict:
+    """The issue's targets for our policy, each with the figures behind it."""
+    ours = {r["trace"]: r for r in rows if r["policy"] == "ours"}
+    limit = s.perf.cold_start_s + 60.0
+    out: dict = {"recovery_limit_s": limit}
+    for trace, r in ours.items():
+        t: dict = {}
+        if "vs_static" in r:
+            t["vs_static"], t["ceiling"] = r["vs_static"], r["ceiling"]
+            t["vs_static_by_seed"] = r["vs_static_by_seed"]
+            t["at_least_static"] = min(x for x in r["vs_static_by_seed"] if x is not None) >= 1.0
+            if trace in ("mix-shift", "length-shift"):
+                t["target_1_3x_met"] = r["vs_static"] >= RATIO_SHIFTING
+        if "vs_planner" in r:
+            t["vs_planner"], t["vs_planner_by_seed"] = r["vs_planner"], r["vs_planner_by_seed"]
+            t["at_least_planner"] = r["vs_planner"] >= 1.0
+        if trace not in NOT_CARRIED:
+            t["slo_attainment"] = r["slo_attainment"]
+            t["slo_target_met"] = r["slo_attainment"] >= SLO_TARGET
+        if trace in SHIFTING and r["recovery_s"] is not None:
+            flat = [x for seed in r["recovery_s"] for x in seed]
+            t["recovery_target_met"] = all(x is not None and x <= limit for x in flat)
+        out[trace] = t
+    return out
+
+
+def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
+           progress: Progress | None = None, max_budget: int = 32) -> dict:
+    """The smallest budget and split that keep `SLO_TARGET` of this traffic within SLO.
+
+    A fixed split: each role sized for its busiest five minutes at 85 % utilisation, then
+    grown one engine at a time at the role with the most work per engine until the static
+    split meets the target in simulation. Our policy: from the busiest five minutes of all
+    roles together, the budget grown until our policy meets the target.
+    """
+    n_seeds = 1 if spec.replayed else seeds
+    peaks = [demand_peaks(s.perf, arrivals(spec.build(s, k), s.workload, k))
+             for k in range(n_seeds)]
+    peak = {k: max(p[k] for p in peaks) for k in KEYS}
+    split = {k: max(1, math.ceil(peak[k] / 0.85 - 1e-9)) for k in KEYS}
+    fixed = _grow(spec, s, n_seeds, split, peak, workers, progress, max_budget)
+    together = max(sum(p.values()) for p in peaks)
+    budget = max(len(KEYS), math.ceil(together / 0.85 - 1e-9))
+    ours = None
+    while budget <= max_budget:
+        settings = _with(s, budget, s.split())
+        att = _attainment(spec, settings, "ours", n_seeds, workers, progress)
+        if att >= SLO_TARGET:
+            ours = {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,
+                    "slo_attainment": round(att, 4)}
+            break
+        budget += 1
+    return {"trace": spec.label, "fixed_split": fixed, "ours": ours,
+            "busiest_5min_engines": {f"{p}/{r}": round(v, 2) for (p, r), v in peak.items()}}
+
+
+def _with(s: SimSettings, budget: int, split: dict) -> SimSettings:
+    """`s` with a budget and a starting (and static) split that fits it."""
+    start = dict(split)
+    while sum(start.values()) > budget:
+        k = max(start, key=lambda k: start[k])
+        start[k] -= 1
+    while sum(start.values()) < budget:
+        k = min(start, key=lambda k: start[k])
+        start[k] += 1
+    return s.model_copy(update={"budget_engines": budget,
+                                "static_split": {f"{p}/{r}": n for (p, r), n in start.items()}})
+
+
+def _attainment(spec: TraceSpec, s: SimSettings, policy: str, seeds: int, workers: int,
+                progress: Progress | None) -> float:
+    jobs = [(spec, policy, k, s) for k in range(seeds)]
+    done = run_jobs(jobs, workers, None)
+    att = mean(r[3]["slo_attainment"] or 0.0 for r in done)
+    if progress:
+        progress(0, 0, f"answer {spec.label}: {policy} with {s.budget_engines} engines "
+                       f"{s.static_split}: {100 * att:.1f}% within SLO")
+    return att
+
+
+def _grow(spec: TraceSpec, s: SimSettings, seeds: int, split: dict, peak: dict, workers: int,
+          progress: Progress | None, max_budget: int) -> dict | None:
+    while sum(split.values()) <= max_budget:
+        budget = sum(split.values())
+        settings = _with(s, budget, split)
+        settings = settings.model_copy(update={"static_split": {
+            f"{p}/{r}": n for (p, r), n in split.items()}})
+        att = _attainment(spec, settings, "static", seeds, workers, progress)
+        if att >= SLO_TARGET:
+            return {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,
+                    "split": {f"{p}/{r}": n for (p, r), n in split.items()},
+                    "slo_attainment": round(att, 4)}
+        k = max(split, key=lambda k: peak[k] / split[k])
+        split = {**split, k: split[k] + 1}
+    return None
+
+
+def answer_line(a: dict) -> str:
+    """One sentence an ops person can act on."""
+    parts = [f"{a['trace']}:"]
+    if a["ours"]:
+        o = a["ours"]
+        parts.append(f"with our autoscaling, {o['budget_engines']} engines ({o['gpus']} GPUs) "
+                     f"keep {100 * o['slo_attainment']:.1f}% within SLO;")
+    else:
+        parts.append("our autoscaling meets the SLOs at no budget tried;")
+    if a["fixed_split"]:
+        f = a["fixed_split"]
+        split = ", ".join(f"{k} {n}" for k, n in f["split"].items())
+        parts.append(f"a fixed split needs {f['budget_engines']} engines ({f['gpus']} GPUs): "
+                     f"{split} ({100 * f['slo_attainment']:.1f}%).")
+    else:
+        parts.append("no fixed split tried meets them.")
+    return " ".join(parts)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a fixed-width table."""
+    head = (f"{'trace':>13} | {'policy':>11} | {'goodput/s':>9} | {'x static':>8} | "
+            f"{'ceiling':>7} | {'x planner':>9} | {'SLO met':>7} | {'GPU-h':>6} | "
+            f"{'moves':>5} | recovery s")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def num(key: str, width: int) -> str:
+            return f"{r[key]:{width}.2f}" if key in r else " " * (width - 1) + "-"
+        recovery = "" if r["recovery_s"] is None else json.dumps(r["recovery_s"])
+        lines.append(f"{r['trace']:>13} | {r['policy']:>11} | {r['goodput_rps']:9.2f} | "
+                     f"{num('vs_static', 8)} | {num('ceiling', 7)} | {num('vs_planner', 9)} | "
+                     f"{100 * r['slo_attainment']:6.1f}% | {r['gpu_hours']:6.2f} | "
+                     f"{r['engine_moves']:5.1f} | {recovery}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Attainment over time per policy (left) and engines per pool and role under our policy
+    (right), one row per trace, seed 0; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(results)
+    fig, axes = plt.subplots(len(traces), 2, figsize=(13, 3.2 * len(traces)), squeeze=False)
+    for row, trace in zip(axes, traces):
+        for policy, runs in results[trace].items():
+            points = [(t / 60, a) for t, a in runs[0]["attainment_windows"] if a is not None]
+            if points:
+                row[0].plot(*zip(*points), label=policy)
+        row[0].set(title=f"{trace}: SLO attainment (60 s windows, seed 0)", xlabel="minutes",
+                   ylim=(0, 1.05))
+        row[0].legend(fontsize=8, loc="lower left")
+        shown = "ours" if "ours" in results[trace] else next(iter(results[trace]))
+        timeline = results[trace][shown][0]["allocation_timeline"]
+        for key in sorted({k for _, alloc in timeline for k in alloc}):
+            row[1].step([t / 60 for t, _ in timeline], [a.get(key, 0) for _, a in timeline],
+                        where="post", label=key)
+        row[1].set(title=f"{trace}: engines per pool/role ({shown})", xlabel="minutes")
+        row[1].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(document: dict, out: Path, name: str = "simulate") -> tuple[Path, Path | None]:
+    """`<name>.json` and `<name>.png` into `out`; the PNG path is None when skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{name}.json"
+    json_path.write_text(json.dumps(document, indent=1))
+    png = out / f"{name}.png"
+    return json_path, png if plot(document["runs"], png) else None
+
+
+def default_workers() -> int:
+    """Two processes at most: the machines this runs on are shared."""
+    return max(1, min(2, os.cpu_count() or 1))

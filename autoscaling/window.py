@@ -1,0 +1,203 @@
+"""The one load window a worker keeps and a simulated engine keeps: what the autoscaler sees.
+
+Production workers (`services.workers.load`) and the simulator (`autoscaling.simulator.sim`)
+both record their events here and both turn it into the same typed `LoadReport`, so the policy
+in the simulator sees what it sees under Ray Serve. Pure: the clock is injected (the worker
+passes `time.monotonic`, the simulator its event time, tests a fake).
+
+Two spans, one per kind of signal:
+
+- rates, latencies, waits and SLO counts over the last `window_s` seconds (10 by default, a
+  Prometheus `rate()` over the workers' series would use the same), in one-second buckets;
+- the mean output length over the last `output_window_s` seconds (300 by default): long enough
+  that a burst of short answers does not hide the long ones still decoding, short enough that
+  a shift to long reasoning outputs is seen within minutes (the worker used to average over its
+  whole life, the simulator over 30 minutes).
+
+Samples per bucket are capped (`MAX_SAMPLES`) so a burst cannot grow a window without bound.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from autoscaling.metrics import RoleMetrics
+
+MAX_SAMPLES = 4096
+WINDOW_S = 10
+OUTPUT_WINDOW_S = 300
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of `values`, None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class _Bucket:
+    second: int
+    arrivals: int = 0
+    arrival_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_busy_s: float = 0.0
+    generated: float = 0.0
+    residencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # TTFT (prefill) or ITL (decode)
+    waits: list[float] = field(default_factory=list)
+    slo_met: int = 0
+    slo_total: int = 0
+
+
+def _add(samples: list, value: float) -> None:
+    if len(samples) < MAX_SAMPLES:
+        samples.append(value)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One replica's (or one simulated engine group's) load: window figures and the
+    instantaneous counts the caller passes in. Field names are those of `RoleMetrics` where
+    they mean the same thing."""
+
+    arrival_requests_per_s: float = 0.0
+    arrival_prompt_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # per busy second; 0 when nothing was prefilled
+    generated_tokens_per_s: float = 0.0
+    decode_residency_s: float = 0.0
+    mean_output_tokens: float = 0.0  # over `output_window_s`
+    latency_p50_s: float | None = None
+    latency_p90_s: float | None = None
+    queue_wait_p90_s: float | None = None
+    slo_met: int = 0
+    slo_total: int = 0
+    queued_requests: int = 0
+    running_requests: int = 0
+    max_running_per_replica: int = 0
+    kv_tokens_used: int = 0
+    kv_capacity_per_replica: int = 0
+
+    def stats(self) -> dict[str, float]:
+        """Numbers only, as Ray Serve's `record_autoscaling_stats` takes them: a percentile
+        with no samples is left out."""
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
+
+    def role_metrics(self, role: Literal["prefill", "decode"], replicas: int, starting: int = 0,
+                     decode_tokens_per_s_per_replica: float = 0.0) -> RoleMetrics:
+        """The policy's view of this report (summed over replicas already, if it was)."""
+        mean_prompt = (self.arrival_prompt_tokens_per_s / self.arrival_requests_per_s
+                       if self.arrival_requests_per_s else 0.0)
+        return RoleMetrics(
+            replicas=replicas, starting=starting, queued_requests=self.queued_requests,
+            queued_prompt_tokens=int(self.queued_requests * mean_prompt),
+            arrival_requests_per_s=self.arrival_requests_per_s,
+            arrival_prompt_tokens_per_s=self.arrival_prompt_tokens_per_s,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            running_requests=self.running_requests,
+            max_running_per_replica=self.max_running_per_replica,
+            decode_residency_s=self.decode_residency_s,
+            generated_tokens_per_s=self.generated_tokens_per_s,
+            mean_output_tokens=self.mean_output_tokens,
+            decode_tokens_per_s_per_replica=decode_tokens_per_s_per_replica,
+            kv_tokens_used=self.kv_tokens_used,
+            kv_capacity_per_replica=self.kv_capacity_per_replica,
+            itl_p50_s=self.latency_p50_s if role == "decode" else None,
+            itl_p90_s=self.latency_p90_s if role == "decode" else None,
+            ttft_p90_s=self.latency_p90_s if role == "prefill" else None,
+            queue_wait_p90_s=self.queue_wait_p90_s)
+
+
+class LoadWindow:
+    """The recent load of one prefill or decode worker. `slo_s` is its role's latency
+    objective: time to first token (prefill) or seconds per output token (decode)."""
+
+    def __init__(self, slo_s: float, clock: Callable[[], float], window_s: int = WINDOW_S,
+                 output_window_s: int = OUTPUT_WINDOW_S):
+        if window_s < 1 or output_window_s < 1:
+            raise ValueError("windows are whole seconds, at least one")
+        self.slo_s, self.clock = slo_s, clock
+        self.window_s, self.output_window_s = window_s, output_window_s
+        self.buckets: deque[_Bucket] = deque()
+        self.outputs: deque[list] = deque()  # [second, sum, count]
+        self.output_sum, self.output_count = 0, 0
+
+    def _now(self) -> _Bucket:
+        second = int(self.clock())
+        if not self.buckets or self.buckets[-1].second != second:
+            self.buckets.append(_Bucket(second))
+        while self.buckets[0].second <= second - self.window_s:
+            self.buckets.popleft()
+        while self.outputs and self.outputs[0][0] <= second - self.output_window_s:
+            _, total, count = self.outputs.popleft()
+            self.output_sum, self.output_count = self.output_sum - total, self.output_count - count
+        return self.buckets[-1]
+
+    def arrived(self, prompt_tokens: int) -> None:
+        """A request arrived for this role."""
+        b = self._now()
+        b.arrivals += 1
+        b.arrival_tokens += prompt_tokens
+
+    def prefilled(self, tokens: int, compute_s: float, wait_s: float, ttft_s: float) -> None:
+        """A prompt finished prefill here: `compute_s` of engine time, after `wait_s` queued,
+        `ttft_s` after it arrived."""
+        b = self._now()
+        b.prefill_tokens += tokens
+        b.prefill_busy_s += compute_s
+        _add(b.waits, wait_s)
+        _add(b.latencies, ttft_s)
+        b.slo_total += 1
+        b.slo_met += ttft_s <= self.slo_s
+
+    def waited(self, wait_s: float) -> None:
+        """A request waited `wait_s` in this role's queue before its work began."""
+        _add(self._now().waits, wait_s)
+
+    def generated(self, tokens: float, seconds_per_token: float) -> None:
+        """`tokens` more output tokens left, `seconds_per_token` apart."""
+        b = self._now()
+        b.generated += tokens
+        for _ in range(min(int(tokens), 64)):
+            _add(b.latencies, seconds_per_token)
+
+    def decoded(self, output_tokens: int, residency_s: float, wait_s: float | None = None) -> None:
+        """A request left decode after `residency_s`, having waited `wait_s` (if known)."""
+        b = self._now()
+        _add(b.residencies, residency_s)
+        if wait_s is not None:
+            _add(b.waits, wait_s)
+        if self.outputs and self.outputs[-1][0] == b.second:
+            self.outputs[-1][1] += output_tokens
+            self.outputs[-1][2] += 1
+        else:
+            self.outputs.append([b.second, output_tokens, 1])
+        self.output_sum += output_tokens
+        self.output_count += 1
+        b.slo_total += 1
+        b.slo_met += residency_s / max(output_tokens, 1) <= self.slo_s
+
+    def snapshot(self, queued: int = 0, running: int = 0, max_running: int = 0, kv_used: int = 0,
+                 kv_capacity: int = 0) -> LoadReport:
+        """The window's figures with the caller's instantaneous counts."""
+        self._now()
+        b, span = self.buckets, float(self.window_s)
+        busy = sum(x.prefill_busy_s for x in b)
+        residencies = [r for x in b for r in x.residencies]
+        latencies = [v for x in b for v in x.latencies]
+        return LoadReport(
+            arrival_requests_per_s=sum(x.arrivals for x in b) / span,
+            arrival_prompt_tokens_per_s=sum(x.arrival_tokens for x in b) / span,
+            prefill_tokens_per_s=sum(x.prefill_tokens for x in b) / busy if busy else 0.0,
+            generated_tokens_per_s=sum(x.generated for x in b) / span,
+            decode_residency_s=sum(residencies) / len(residencies) if residencies else 0.0,
+            mean_output_tokens=self.output_sum / self.output_count if self.output_count else 0.0,
+            latency_p50_s=percentile(latencies, 0.5), latency_p90_s=percentile(latencies, 0.9),
+            queue_wait_p90_s=percentile([v for x in b for v in x.waits], 0.9),
+            slo_met=sum(x.slo_met for x in b), slo_total=sum(x.slo_total for x in b),
+            queued_requests=queued, running_requests=running, max_running_per_replica=max_running,
+            kv_tokens_used=int(kv_used), kv_capacity_per_replica=int(kv_capacity))

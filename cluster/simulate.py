@@ -1,0 +1,118 @@
+"""`small4 simulate`: the capacity planner. Replays trace files (or synthetic traces) through the
+cluster simulator under each policy, writes JSON and a PNG, prints a table and the smallest
+budget and split that meet the SLOs.
+
+Exit codes: 0 done; 2 the input was refused (a bad trace file, an unknown policy or trace).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from autoscaling.simulator.scenario import CONTROLLERS, SimSettings
+from autoscaling.simulator.study import (TraceSpec, answer, answer_line, default_workers,
+                                         file_spec, run_study, summarise, table, verdict, write)
+from autoscaling.simulator.tracefile import TraceFileError, TraceSource
+from autoscaling.simulator.workload import TRACES
+
+POLICIES = (*CONTROLLERS, "all")
+
+
+def add_arguments(parser) -> None:
+    """The subcommand's options."""
+    parser.add_argument("--trace", action="append", default=[], metavar="FILE[:EFFORT]",
+                        help="CSV TIMESTAMP,ContextTokens,GeneratedTokens[,Effort]; repeat for "
+                        "one file per pool (EFFORT: none, low, medium, high, ...)")
+    parser.add_argument("--kind", action="append", choices=TRACES, default=[],
+                        help="a synthetic trace (repeatable; default: steady when no --trace)")
+    parser.add_argument("--speedup", type=float, default=1.0,
+                        help="divide the trace files' time by this")
+    parser.add_argument("--budget-engines", type=int, default=None,
+                        help="engines (TP2, 2 GPUs each) all roles share; default 8")
+    parser.add_argument("--policy", choices=POLICIES, default="all")
+    parser.add_argument("--seeds", type=int, default=1, help="request draws per synthetic trace")
+    parser.add_argument("--out", default=".", help="directory for simulate.json and simulate.png")
+    parser.add_argument("--no-answer", action="store_true",
+                        help="skip the search for the smallest budget and split")
+    parser.add_argument("--jobs", type=int, default=default_workers())
+
+
+def progress(done: int, total: int, what: str) -> None:
+    """One line per finished run, on stderr."""
+    head = f"[{done}/{total}] " if total else ""
+    print(f"{head}{what}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    """The subcommand."""
+    started = time.perf_counter()
+    s = SimSettings()
+    if args.budget_engines is not None:
+        if args.budget_engines < 4:
+            print("--budget-engines must be at least 4 (one engine per pool and role)",
+                  file=sys.stderr)
+            return 2
+        s = _budget(s, args.budget_engines)
+    if args.seeds < 1:
+        print("--seeds must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        specs = [TraceSpec(k, kind=k) for k in args.kind]
+        if args.trace:
+            specs.append(file_spec([TraceSource.parse(t) for t in args.trace], args.speedup))
+    except TraceFileError as exc:
+        print(f"small4 simulate: {exc}", file=sys.stderr)
+        return 2
+    specs = specs or [TraceSpec("steady", kind="steady")]
+    policies = list(CONTROLLERS) if args.policy == "all" else [args.policy]
+    results = run_study(specs, policies, args.seeds, s, args.jobs, progress)
+    rows = summarise(results, s)
+    answers = [] if args.no_answer else [answer(spec, s, args.seeds, args.jobs, progress)
+                                         for spec in specs]
+    document = {"settings": {"budget_engines": s.budget_engines, "static_split": s.static_split,
+                             "slos": {k: v.model_dump() for k, v in s.slos.items()},
+                             "cold_start_s": s.perf.cold_start_s},
+                "seeds": args.seeds, "summary": rows, "targets": verdict(rows, s),
+                "answers": answers, "runs": results,
+                "wall_s": round(time.perf_counter() - started, 1)}
+    json_path, png = write(document, Path(args.out))
+    print(table(rows))
+    print()
+    for a in answers:
+        print(answer_line(a))
+    print(f"wrote {json_path}" + (f" and {png}" if png else
+                                 "; PNG skipped: matplotlib is not installed (pip install "
+                                 "'small4-serve[dev]')"))
+    return 0
+
+
+def _budget(s: SimSettings, budget: int) -> SimSettings:
+    """Settings with `budget` engines; the static split scaled to it, one engine per role at
+    least."""
+    split = s.split()
+    total = sum(split.values())
+    scaled = {k: max(1, round(n * budget / total)) for k, n in split.items()}
+    while sum(scaled.values()) > budget:
+        k = max(scaled, key=lambda k: scaled[k])
+        scaled[k] -= 1
+    while sum(scaled.values()) < budget:
+        k = max(split, key=lambda k: split[k] * budget / total - scaled[k])
+        scaled[k] += 1
+    return s.model_copy(update={"budget_engines": budget, "static_split": {
+        f"{p}/{r}": n for (p, r), n in scaled.items()}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run as `python -m cluster.simulate` (what `small4 simulate` calls)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="small4 simulate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

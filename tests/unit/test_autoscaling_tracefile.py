@@ -1,0 +1,107 @@
+"""Trace files for `small4 simulate`: the public trace columns, one file per pool or mixed, and
+clear refusals (exit 2) naming the file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoscaling.simulator.tracefile import (TraceFileError, TraceSource, load_trace,
+                                             read_rows)
+from cluster.cli import main
+
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_mixed_file_routes_each_row_by_its_effort(tmp_path):
+    path = write(tmp_path, "mixed.csv", f"{HEADER},Effort\n"
+                 "2023-11-16 18:15:46.6805900,4000,200,high\n"
+                 "2023-11-16 18:15:48.1805900,1500,100,none\n"
+                 "\n"
+                 "2023-11-16 18:15:50.6805900,900,30,medium\n")
+    trace = load_trace([TraceSource.parse(str(path))], speedup=2.0)
+    assert [(r.pool, r.prompt, r.output) for r in trace.requests] == [
+        ("deep", 4000, 200), ("fast", 1500, 100), ("deep", 900, 30)]
+    assert [r.arrival for r in trace.requests] == pytest.approx([0.0, 0.75, 2.0])
+
+
+def test_one_file_per_pool_takes_the_effort_after_its_name(tmp_path):
+    chat = write(tmp_path, "chat.csv", f"{HEADER}\n10,100,20\n12.5,300,40\n")
+    agents = write(tmp_path, "agents.csv", f"{HEADER}\n11,8000,3000\n")
+    trace = load_trace([TraceSource.parse(f"{chat}:none"), TraceSource.parse(f"{agents}:high")])
+    assert [(r.arrival, r.pool) for r in trace.requests] == [
+        (0.0, "fast"), (1.0, "deep"), (2.5, "fast")]
+    assert trace.duration_s == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("body, message", [
+    (f"{HEADER}\n0,100,20\n1,abc,3\n", "line 3: ContextTokens must be a number"),
+    (f"{HEADER}\n0,100,20\n1,100\n", "line 3: 2 fields, the header has 3"),
+    (f"{HEADER}\n0,100,-5\n", "line 2: GeneratedTokens must be a whole number"),
+    (f"{HEADER}\nyesterday,100,5\n", "line 2: TIMESTAMP must be seconds or an ISO"),
+    (f"{HEADER},Effort\n0,100,5,extreme\n", "line 2: unknown Effort 'extreme'"),
+    ("", "empty file"),
+    (f"{HEADER}\n", "no requests after the header"),
+    ("TIMESTAMP,ContextTokens,Output\n0,1,2\n", "unknown column 'Output'"),
+    ("TIMESTAMP,ContextTokens\n0,1\n", "missing column 'GeneratedTokens'"),
+])
+def test_bad_files_are_refused_naming_the_problem(tmp_path, body, message):
+    path = write(tmp_path, "t.csv", body)
+    with pytest.raises(TraceFileError, match=message):
+        read_rows(TraceSource(path, "none"))
+
+
+def test_a_file_without_effort_needs_one_after_its_name(tmp_path):
+    path = write(tmp_path, "t.csv", f"{HEADER}\n0,100,20\n")
+    with pytest.raises(TraceFileError, match="no Effort column"):
+        read_rows(TraceSource.parse(str(path)))
+    with pytest.raises(TraceFileError, match="unknown effort 'hgh'"):
+        TraceSource.parse(f"{path}:hgh")
+
+
+@pytest.mark.parametrize("body, message", [
+    (f"{HEADER}\n0,100,20\n1.5,abc,3\n", "t.csv line 3: ContextTokens must be a number"),
+    ("", "t.csv: empty file"),
+    (f"{HEADER},Priority\n0,100,20,1\n", "t.csv: unknown column 'Priority'"),
+])
+def test_small4_simulate_refuses_a_bad_file_with_exit_2(tmp_path, capsys, body, message):
+    path = write(tmp_path, "t.csv", body)
+    assert main(["simulate", "--trace", f"{path}:none", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "simulate.json").exists()
+
+
+def test_small4_simulate_refuses_a_missing_file_and_a_tiny_budget(tmp_path, capsys):
+    assert main(["simulate", "--trace", str(tmp_path / "none.csv:high")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["simulate", "--budget-engines", "2", "--kind", "steady"]) == 2
+    assert "at least 4" in capsys.readouterr().err
+
+
+def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_path, capsys):
+    rows = "".join(f"{i * 0.25:.2f},{1500 + 37 * (i % 9)},{120 + i % 50},"
+                   f"{'high' if i % 4 == 0 else 'none'}\n" for i in range(240))
+    path = write(tmp_path, "ops.csv", f"{HEADER},Effort\n{rows}")
+    out = tmp_path / "out"
+    assert main(["simulate", "--trace", str(path), "--speedup", "2", "--out", str(out),
+                 "--jobs", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "[1/4] ops.csv static 0" in printed.err  # progress while it runs
+    assert "ours" in printed.out and "planner" in printed.out and "x static" in printed.out
+    assert "ops.csv: with our autoscaling, 4 engines (8 GPUs)" in printed.out
+    assert "a fixed split needs 4 engines (8 GPUs): fast/prefill 1" in printed.out
+    import json
+
+    document = json.loads((out / "simulate.json").read_text())
+    assert {r["policy"] for r in document["summary"]} == {"static", "ray_default", "planner",
+                                                           "ours"}
+    assert document["answers"][0]["ours"]["slo_attainment"] >= 0.95
+    assert (out / "simulate.png").exists()
