@@ -29,7 +29,7 @@ from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.guard.quotas import Grant, Quotas
 from services.guard.uploads import Uploads
 from services.multimodal.preprocess import image_parts
-from services.routing import PoolChoice, choose_pool
+from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
 from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
@@ -142,6 +142,8 @@ class Ingress:
                                     model=self.settings.model, limits=limits)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
+                plan.engine_request.cache_salt = cache_salt(principal.tenant,
+                                                            self.settings.routing.prefix)
             self.quotas.charge(grant, plan.prompt_tokens + plan.engine_request.sampling.max_tokens)
             with tracing.scope("route", span, **{"small4.effort": plan.effort}) as route:
                 choice = self._choose(plan.effort)
@@ -263,6 +265,7 @@ class _Answer:
         self.ingress, self.plan, self.choice, self.trace = ingress, plan, choice, trace
         self.ctx, self.grant = ctx, grant
         self.generated: list[int] = []
+        self.cached_tokens = 0  # of the prompt, reused from a prefix cache (first leg's)
         self.resumes = 0
         self.chunks = self._open(plan.engine_request)
         self.error: BaseException | None = None
@@ -275,7 +278,7 @@ class _Answer:
 
     def usage(self) -> dict[str, Any]:
         return responses.usage(self.plan.prompt_tokens, self.parser.completion_tokens,
-                               self.parser.reasoning_tokens)
+                               self.parser.reasoning_tokens, self.cached_tokens)
 
     def _open(self, request):
         return stream(self.ingress.pools[self.choice.pool], "generate", self.ctx, request)
@@ -288,6 +291,8 @@ class _Answer:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
+                if not self.generated and not self.resumes and chunk.timings:
+                    self.cached_tokens = int(chunk.timings.get("cached_tokens") or 0)
                 self.generated.extend(chunk.token_ids)
                 return chunk
             except StopAsyncIteration:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.errors import InvalidRequest, Overloaded
-from services.settings import PoolSettings, RoutingSettings
+from services.settings import PoolSettings, PrefixRoutingSettings, RoutingSettings
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,12 @@ def choose_pool(effort: str, pools: dict[str, PoolSettings], in_flight: dict[str
         raise Overloaded(f"every pool that serves effort {effort!r} is at its queue limit",
                          retry_after=1.0)
     return PoolChoice(effort, min(others, key=load), home)
+
+
+def cache_salt(tenant: str, prefix: PrefixRoutingSettings) -> str:
+    """The prefix-cache salt of `tenant`'s prompts: its own, unless `routing.prefix.
+    shared_tenants` puts it in a group, whose tenants then share one."""
+    for group, tenants in prefix.shared_tenants.items():
+        if tenant in tenants:
+            return f"group:{group}"
+    return f"tenant:{tenant}"

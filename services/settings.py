@@ -230,6 +230,20 @@ class PrefixRoutingSettings(Strict):
     max_imbalance: float = Field(1.5, ge=1.0, description="no replica is chosen while its "
                                  "queued prefill tokens exceed this × the shortest queue + "
                                  "one prompt")
+    shared_tenants: dict[str, list[str]] = Field(
+        {}, description="groups of tenants whose prompts may share cached KV (a hit is visibly "
+        "faster, so a shared cache tells one tenant what another sent); every other tenant's "
+        "cache is its own")
+
+    @model_validator(mode="after")
+    def _one_group_per_tenant(self):
+        seen: dict[str, str] = {}
+        for group, tenants in self.shared_tenants.items():
+            for tenant in tenants:
+                if seen.setdefault(tenant, group) != group:
+                    raise ValueError(f"routing.prefix.shared_tenants: tenant {tenant!r} is in "
+                                     f"both {seen[tenant]!r} and {group!r}")
+        return self
 
 
 class RoutingSettings(Strict):

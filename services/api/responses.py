@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def usage(prompt: int, completion: int, reasoning: int) -> dict[str, Any]:
+def usage(prompt: int, completion: int, reasoning: int, cached: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 

@@ -110,14 +110,27 @@ TENANT_TOKENS = Counter("small4_tenant_tokens_total", "prompt and completion tok
                         ("tenant", "kind"))
 RESUMES = Counter("small4_decode_resumes_total", "streams resumed on another decode replica",
                   ("pool",))
+REPLICA = ("pool", "role", "replica")
+CACHE_LOOKUP_TOKENS = Gauge("small4_prefix_cache_lookup_tokens", "prompt tokens looked up in "
+                            "the prefix cache since the engine started", REPLICA)
+CACHE_HIT_TOKENS = Gauge("small4_prefix_cache_hit_tokens", "prompt tokens served from the "
+                         "prefix cache since the engine started (hit rate: ÷ lookup tokens)",
+                         REPLICA)
+CACHE_TOKENS = Gauge("small4_prefix_cache_tokens", "prompt KV tokens the prefix cache holds",
+                     REPLICA)
 PREFILL_RETRIES = Counter("small4_prefill_retries_total", "prefills retried on another "
                           "replica", ("pool",))
 
 
-def record_engine(stats, pool: str) -> None:
-    """Publish an engine's load gauges (`EngineStats`)."""
+def record_engine(stats, pool: str, replica: str = "") -> None:
+    """Publish an engine's load gauges (`EngineStats`), and its prefix cache's per replica."""
     tags = {"pool": pool, "role": stats.role}
     QUEUE_DEPTH.set(stats.waiting, **tags)
     RUNNING.set(stats.running, **tags)
     KV_USED.set(stats.kv_tokens, **tags)
     KV_CAPACITY.set(stats.kv_capacity, **tags)
+    if stats.cache_lookup_tokens:
+        mine = tags | {"replica": replica or "-"}
+        CACHE_LOOKUP_TOKENS.set(stats.cache_lookup_tokens, **mine)
+        CACHE_HIT_TOKENS.set(stats.cache_hit_tokens, **mine)
+        CACHE_TOKENS.set(stats.cache_tokens, **mine)

@@ -26,6 +26,7 @@ from services.telemetry import metrics, tracing
 from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply
 from services.workers.engine_host import EngineHost
+from services.workers import router_state
 from services.workers.settings import WorkerSettings
 
 # How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
@@ -111,6 +112,8 @@ class DecodeWorker(EngineHost):
         if self.handoff.concurrent:
             return await self._paired_prefill(ctx, request)
         reply, kv, transfer = await self._remote_prefill(ctx, request, span)
+        if reply.replica:  # what the prefill replica holds now corrects the routers' index
+            router_state.correct(reply.replica, reply.cache_tokens)
         return _Leg(reply.first_token, kv, reply.prompt_tokens,
                     _timings(reply, transfer, self.handoff.backend))
 
@@ -277,6 +280,7 @@ class _Leg:
 
 def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:
     return {"prefill_queue_s": reply.queue_s, "prefill_s": reply.compute_s,
+            "cached_tokens": reply.cached_tokens,
             "kv_s": transfer.seconds(KVState.READY, KVState.CONSUMED),
             "kv_bytes": transfer.ticket.nbytes, "kv_backend": backend}
 

@@ -23,6 +23,7 @@ class EngineHost:
                                    tokenizer=tokenizer, worker=settings)
         self.handoff = build_handoff(settings.kv_handoff, engine=self.engine)
         self.tags = {"pool": settings.pool, "role": self.role}
+        self.replica = _replica_id()
         slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
         self.load = LoadWindow(slo)
         tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
@@ -49,3 +50,13 @@ class EngineHost:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics (`autoscaling.serve_policy`)."""
         return self.load.report(self.engine.stats(), self.settings.engine.max_running_requests)
+
+
+def _replica_id() -> str:
+    """This Serve replica's unique id ("" outside Serve: tests, `small4 generate`)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return ""

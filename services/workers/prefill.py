@@ -26,6 +26,10 @@ class PrefillReply:
     cached_tokens: int
     queue_s: float
     compute_s: float
+    # which replica ran it, and the prompt KV its engine holds now (cache-aware routers
+    # trim their index of it to that)
+    replica: str = ""
+    cache_tokens: int = 0
 
 
 class PrefillWorker(EngineHost):
@@ -61,7 +65,8 @@ class PrefillWorker(EngineHost):
                 metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
                 raise
             finally:
-                metrics.record_engine(self.engine.stats(), self.settings.pool)
+                stats = self.engine.stats()
+                metrics.record_engine(stats, self.settings.pool, self.replica)
             span.set_attributes({"small4.queue_wait_s": result.queue_s,
                                  "small4.compute_s": result.compute_s,
                                  "small4.cached_tokens": result.cached_tokens,
@@ -70,7 +75,8 @@ class PrefillWorker(EngineHost):
         metrics.TTFT.observe(elapsed, **self.tags)
         self.load.prefilled(result.prompt_tokens, result.compute_s, result.queue_s, elapsed)
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
-                            result.cached_tokens, result.queue_s, result.compute_s)
+                            result.cached_tokens, result.queue_s, result.compute_s,
+                            self.replica, stats.cache_tokens)
 
     async def prefill_held(self, ctx: RequestContext, request: EngineRequest,
                            ticket: KVTicket) -> AsyncIterator[PrefillReply]:

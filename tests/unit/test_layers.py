@@ -3,6 +3,7 @@ imports upward, engines know nothing of workers, services and autoscaling never 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -13,7 +14,7 @@ LINT = [str(Path(sys.executable).parent / "lint-imports")]
 
 
 def lint(cwd: Path, config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(LINT + ["--config", str(config), "--no-cache"], cwd=cwd, text=True,
+    return subprocess.run(LINT + [str(config), "--no-cache"], cwd=cwd, text=True,
                           capture_output=True, timeout=120,
                           env={"PYTHONPATH": str(cwd), "PATH": str(Path(sys.executable).parent)})
 
@@ -39,10 +40,10 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    lines = [f"root_packages = {config['root_packages']!r}".replace("'", '"')]
-    for contract in config["contracts"]:
+    lines = [f"root_packages = {json.dumps(config['root_packages'])}"]
+    for contract in config["contracts"]:  # JSON strings and lists are TOML ones
         lines.append("[[tool.importlinter.contracts]]")
-        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in contract.items()]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in contract.items()]
     (tmp_path / "lint.toml").write_text("[tool.importlinter]\n" + "\n".join(lines) + "\n")
     result = lint(tmp_path, tmp_path / "lint.toml")
     assert result.returncode != 0
