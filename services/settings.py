@@ -337,6 +337,9 @@ class ImageSettings(Strict):
                                 "progressive scan costs a pass over the whole image)")
     decode_threads: int = Field(2, gt=0, description="images decoded at once per replica; "
                                 "further requests wait their turn within their deadline")
+    decode_niceness: int = Field(10, ge=0, le=19, description="how far below the node's other "
+                                 "work decode threads run when cores are short (Linux niceness "
+                                 "added per thread; 0: same priority)")
     allow_urls: bool = Field(False, description="fetch http(s) image URLs (data: URLs always)")
     url_allowlist: tuple[str, ...] = Field((), description="hosts; '.example.com' = subdomains")
     url_timeout_s: float = Field(5.0, gt=0, description="whole fetch, redirects included")

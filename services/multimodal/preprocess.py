@@ -46,7 +46,8 @@ class MultimodalPreprocessor:
         self.tokenizer = tokenizer
         self.settings = settings
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="image-decode",
-                                       initializer=_below_other_work)
+                                       initializer=_below_other_work,
+                                       initargs=(settings.decode_niceness,))
 
     async def encode(self, messages: list[dict[str, Any]], *, effort: str,
                      tools: list[dict[str, Any]] | None = None,
@@ -102,13 +103,14 @@ async def _fetch_all(urls: list[tuple[str, str]], settings: ImageSettings,
             task.cancel()
 
 
-def _below_other_work() -> None:
-    """Run the calling decode thread at a lower CPU priority than the rest of the process and
-    machine (Linux niceness is per thread): when cores are short, requests that only need a
-    moment of CPU, and health checks, go first."""
+def _below_other_work(niceness: int) -> None:
+    """Run the calling decode thread `niceness` below the rest of the process and node (Linux
+    niceness is per thread): when cores are short, requests that only need a moment of CPU,
+    and health checks, go first; on idle cores it changes nothing."""
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + niceness))
     except (AttributeError, OSError):
         return  # no per-thread priorities here: decode at the process's own
 
