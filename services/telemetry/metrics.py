@@ -114,7 +114,7 @@ REPLICA = ("pool", "role", "replica")
 CACHE_LOOKUP_TOKENS = Gauge("small4_prefix_cache_lookup_tokens", "prompt tokens looked up in "
                             "the prefix cache since the engine started", REPLICA)
 CACHE_HIT_TOKENS = Gauge("small4_prefix_cache_hit_tokens", "prompt tokens served from the "
-                         "prefix cache since the engine started (hit rate: ÷ lookup tokens)",
+                         "prefix cache since the engine started (hit rate: divide by lookup tokens)",
                          REPLICA)
 CACHE_TOKENS = Gauge("small4_prefix_cache_tokens", "prompt KV tokens the prefix cache holds",
                      REPLICA)
