@@ -67,3 +67,31 @@ def test_nothing_is_held_after_the_load(load_stack):
                 if n > (images if d == "multimodal" else 4)}
 
     assert not settle(grown, timeout_s=30), "objects held after the load, by deployment"
+
+
+def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack):
+    """Image streams run on both decode replicas; the one running some is killed. Each is
+    resumed on the other from where it was cut (its images prefilled again, so their pixels
+    must still be there) and ends in full: same answer as one never cut."""
+    import ray
+
+    ask = load_stack.ask
+    payloads = [body(images=1, seed=7, max_tokens=120) for _ in range(16)]
+
+    async def run():
+        load = asyncio.ensure_future(run_load(load_stack.url, payloads, 16))
+        deadline = time.time() + 30
+        while time.time() < deadline and not load.done():
+            name, stats = await asyncio.to_thread(ask, "fast-decode", "replica_stats")
+            if stats.running >= 2:
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no decode replica was ever running image streams")
+        return await load
+
+    outcomes = asyncio.run(run())
+    assert all(o.ok and o.finish == "length" for o in outcomes), [
+        o for o in outcomes if not o.ok][:2]
+    assert len({o.content for o in outcomes}) == 1
