@@ -38,7 +38,8 @@ def owner(ray_session):
 
         def holds(self, key: bytes) -> bool:
             counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
-            return any(ref.binary() == key for ref in counts)
+            return any(getattr(ref, "binary", lambda: ref)() in (key, key.hex().encode())
+                       for ref in counts)
 
     actor = Owner.remote()
     yield actor
