@@ -13,9 +13,9 @@ Three passes, each pure:
    recent peak (the bursts its role keeps seeing, `Wish.peak`) counts as load in the first
    tier: bursts shorter than a cold start cannot be chased, only provisioned for.
 2. Spares: engines nobody wished for are kept warm where the work is, in proportion to each
-   one's recent peak load, and stay where they are unless the shortfall elsewhere exceeds the holder's by
-   `spare_margin` engines (a uniform surge then needs no cold start). `stay` keeps them where
-   they are; `release` hands them back.
+   one's recent peak load, and stay where they are unless the shortfall elsewhere exceeds the
+   holder's by `spare_margin` engines (a uniform surge then needs no cold start). `stay` keeps
+   them where they are; `release` hands them back.
 3. Moves: from the current assignment towards the goal, taking free engines first, then engines
    from the lowest-priority holders with the largest surplus. A shortfall must have lasted
    `settle_s` before an engine moves for it, and an engine that moved from one (pool, role) to
