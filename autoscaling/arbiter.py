@@ -9,19 +9,21 @@ Three passes, each pure:
    highest pool priority first, then the busiest. Then up to its wish (the headroom of its
    target utilisation): the busiest first, priority breaking ties, with `held_bonus` credited
    to one that would otherwise give up an engine it holds (headroom is not worth a cold
-   start). "Busiest" is load per engine, with `late_bonus` added for a missed SLO.
+   start). "Busiest" is load per engine, with `late_bonus` added for a missed SLO. A wish's
+   recent peak (the bursts its role keeps seeing, `Wish.peak`) counts as load in the first
+   tier: bursts shorter than a cold start cannot be chased, only provisioned for.
 2. Spares: engines nobody wished for are kept warm where the work is, in proportion to each
-   one's load, and stay where they are unless the shortfall elsewhere exceeds the holder's by
-   `spare_margin` engines (a uniform surge then needs no cold start). `stay` keeps them where
-   they are; `release` hands them back.
+   one's recent peak load, and stay where they are unless the shortfall elsewhere exceeds the
+   holder's by `spare_margin` engines (a uniform surge then needs no cold start). `stay` keeps
+   them where they are; `release` hands them back.
 3. Moves: from the current assignment towards the goal, taking free engines first, then engines
    from the lowest-priority holders with the largest surplus. A shortfall must have lasted
    `settle_s` before an engine moves for it, and an engine that moved from one (pool, role) to
-   another does not move back along that pair within `cooldown_s`. A donor that
-   would run above the critical utilisation without the engine gives it only for a shortfall
-   that has lasted `preempt_settle_s` (about a cold start), and only to a higher priority or
-   to an equal that is busier than the donor would be by `imbalance_margin`: under a burst that
-   overloads everyone alike, moving an engine only takes it out of service for a cold start.
+   another does not move back along that pair within `cooldown_s`. A donor that would run
+   above the critical utilisation at its recent peak without the engine gives it only for a
+   shortfall that has lasted `preempt_settle_s`, and only to a higher priority or to an equal
+   that is busier than the donor would be by `imbalance_margin`: under a burst that overloads
+   everyone alike, moving an engine only takes it out of service for a cold start.
    A minimum or an override overrides all of these.
 
 No allocation ever exceeds the budget; minimums and overrides that do not fit are refused.
@@ -52,8 +54,8 @@ class ArbiterSettings(BaseModel):
     held_bonus: float = Field(0.2, ge=0, description="utilisation credited to engines held")
     late_bonus: float = Field(0.1, ge=0, description="utilisation credited to a missed SLO")
     cooldown_s: float = Field(300.0, ge=0, description="HPA's and KEDA's default, 300 s")
-    settle_s: float = Field(30.0, ge=0)
-    preempt_settle_s: float = Field(90.0, ge=0, description="to take from a busy donor")
+    settle_s: float = Field(20.0, ge=0)
+    preempt_settle_s: float = Field(45.0, ge=0, description="to take from a busy donor")
     imbalance_margin: float = Field(0.1, ge=0, description="utilisation, between equals")
     spare: Literal["proportional", "stay", "release"] = "proportional"
     spare_margin: float = Field(0.75, ge=0, description="engines of load shortfall")

@@ -42,10 +42,10 @@ class RoleMetrics:
 class Wish:
     """What a policy asks for: a replica count, the work behind it, and how late it runs.
 
-    `load` is the work in engines at full utilisation (fractional), which the arbiter uses to
-    place spare engines in proportion; `pressure` is the worst observed/SLO ratio (> 1 means
-    the SLO is being missed), which breaks ties under contention; `peak` is the highest load seen recently (decaying),
-    for which the spare engines are kept (`load` when not given).
+    `load` is the work in engines at full utilisation (fractional); `pressure` is the worst
+    observed/SLO ratio (> 1 means the SLO is being missed), which breaks ties under
+    contention; `peak` is the highest work arriving seen recently (decaying), which the arbiter
+    counts as need and places spare engines by (`load` when not given).
     """
 
     replicas: int

@@ -13,6 +13,12 @@ SLO, or ITL p90 against the ITL SLO) asks for one more replica than that, but on
 replica is already starting: a cold start takes a minute or more and asking again meanwhile
 would overshoot.
 
+Both remember the bursts their role keeps seeing: the wish holds room (at the target
+utilisation) for the recent peak of the work arriving, decaying over `burst_memory_s` times a
+factor that grows with each burst that came back, so recurring bursts shorter than a cold start
+are provisioned for while a one-off rise is let go; a rising load is led by its trend over
+`lead_s` (about a cold start). Decode's forecast from arrivals can be capped (`forecast_cap`).
+
 `decide` adds hysteresis: a wish must hold for `upscale_delay_s` (or `downscale_delay_s`) before
 the count moves, and a wish that changes direction restarts the clock, so noisy load does not
 make the count oscillate. The clock is injected (`now`): the same code runs under Ray Serve, in
@@ -29,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoscaling.metrics import RoleMetrics, Wish
 
 TREND_FAST_S, TREND_SLOW_S = 30.0, 120.0  # time constants of the trend's two averages
+BURST_COUNT_SPAN = 10  # bursts are counted over this many memories
 
 
 class PolicySettings(BaseModel):
@@ -73,6 +80,8 @@ class PolicyState:
     load: float | None = None
     load_at: float | None = None
     peak: float | None = None
+    bursts: float = 0.0
+    dip: float | None = None
     trend_fast: float | None = None
     trend_slow: float | None = None
 
@@ -127,14 +136,23 @@ def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySett
             arriving - state.trend_slow)
         rise = max(fast - slow, 0.0) / (TREND_SLOW_S - TREND_FAST_S)
         arriving = max(arriving, fast + rise * (TREND_FAST_S + s.lead_s))
-    peak = arriving
+    peak, bursts, dip = arriving, state.bursts, state.dip
     if state.peak is not None and s.burst_memory_s > 0:
-        peak = max(peak, state.peak * math.exp(-elapsed / s.burst_memory_s))
+        # The memory lengthens with every burst that came back (to near the peak, at least
+        # twice the low) after the load had fallen below half the peak: a one-off rise is let
+        # go, recurring bursts are held.
+        bursts *= math.exp(-elapsed / (s.burst_memory_s * BURST_COUNT_SPAN))
+        held = state.peak * math.exp(-elapsed / (s.burst_memory_s * (1 + bursts) ** 2))
+        if arriving < 0.5 * held:
+            dip = arriving if dip is None else min(dip, arriving)
+        elif dip is not None and arriving >= max(0.8 * held, 2 * dip):
+            bursts, dip = bursts + 1, None
+        peak = max(arriving, held)
     need = raw.replicas
     if s.burst_memory_s > 0:
         need = max(need, min(s.max_replicas, math.ceil(peak / utilisation - 1e-9)))
     state = replace(state, estimate=estimate, load=load, load_at=now, peak=peak,
-                    trend_fast=fast, trend_slow=slow)
+                    bursts=bursts, dip=dip, trend_fast=fast, trend_slow=slow)
     state = decide(need, state, s, now)
     return replace(raw, replicas=state.replicas, load=load,
                    peak=peak if s.burst_memory_s > 0 else None), state

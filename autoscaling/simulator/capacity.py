@@ -57,12 +57,14 @@ def split_capacity(alloc: dict[Key, int], demand: dict[Key, float]) -> float:
     return min(alloc[k] / d for k, d in demand.items() if d > 0)
 
 
-def demand_peaks(perf: PerfModel, requests: list, window_s: float = 300.0) -> dict[Key, float]:
+def demand_peaks(perf: PerfModel, requests: list,
+                 window_s: float = 300.0) -> tuple[dict[Key, float], float]:
     """Each (pool, role)'s busiest `window_s` in engines at full utilisation, from the
     requests' own lengths (prefill at the batch rate, decode at a full batch's step at the
-    request's mean context): what a split fixed for this traffic must hold."""
+    request's mean context): what a split fixed for this traffic must hold; and the busiest
+    `window_s` of all roles together: what a budget that follows the load must hold."""
     if not requests:
-        return dict.fromkeys(KEYS, 0.0)
+        return dict.fromkeys(KEYS, 0.0), 0.0
     end = max(r.arrival for r in requests)
     bins = int(end // window_s) + 1
     load = {k: np.zeros(bins) for k in KEYS}
@@ -76,4 +78,5 @@ def demand_peaks(perf: PerfModel, requests: list, window_s: float = 300.0) -> di
         load[(r.pool, "decode")][i] += decode
     span = np.full(bins, window_s)
     span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
-    return {k: float((v / span).max()) for k, v in load.items()}
+    total = sum(v / span for v in load.values())
+    return {k: float((v / span).max()) for k, v in load.items()}, float(total.max())

@@ -32,7 +32,8 @@ AUTO_PROFILE = SIM_PROFILE | {
     "autoscaling": {
         "enabled": True,
         "policy": {"upscale_delay_s": 1, "downscale_delay_s": 3, "load_rise_s": 1,
-                   "load_fall_s": 2, "smoothing": 0.5, "prior_decode_residency_s": 3},
+                   "load_fall_s": 2, "smoothing": 0.5, "prior_decode_residency_s": 3,
+                   "burst_memory_s": 2, "lead_s": 1},
         "arbiter": {"settle_s": 0, "cooldown_s": 0, "preempt_settle_s": 0, "spare": "release"}},
 }
 

@@ -162,23 +162,35 @@ def test_prefill_is_damped_too():
     assert changes(counts) <= 2
 
 
-def test_a_role_that_keeps_seeing_bursts_keeps_room_for_them():
+def test_a_role_that_keeps_seeing_bursts_keeps_room_for_them_and_a_one_off_rise_goes():
     s = PolicySettings(max_replicas=8, upscale_delay_s=0, downscale_delay_s=0, load_rise_s=0,
                        load_fall_s=0, burst_memory_s=300)
+
+    def feed(state, t, tokens_per_s, seconds):
+        for _ in range(seconds):
+            w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=tokens_per_s), s,
+                                    state, t)
+            t += 1
+        return w, state, t
+
     state, t = PolicyState(1), 0.0
-    for burst in range(3):  # 20 s at 3 engines of prompts, 100 s at 0.5
-        for _ in range(20):
-            w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=120_000), s, state, t)
-            t += 1
-        for _ in range(100):
-            w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), s, state, t)
-            t += 1
+    for _ in range(4):  # 20 s at 3 engines of prompts, 100 s at 0.5
+        w, state, t = feed(state, t, 120_000, 20)
+        w, state, t = feed(state, t, 20_000, 100)
         assert w.load == pytest.approx(0.5)  # what it carries now
         assert w.peak > 2.0 and w.replicas >= 3  # room for the burst it keeps seeing
-    for _ in range(900):  # the bursts stop: the room goes as the memory decays
-        w, state = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), s, state, t)
-        t += 1
-    assert w.peak < 0.6 and w.replicas == 1
+    assert state.bursts > 2.5  # the first burst has nothing to come back to
+    w, state, t = feed(state, t, 20_000, 600)  # a long gap: still held for the next burst
+    assert w.replicas >= 3
+    w, state, t = feed(state, t, 20_000, 6 * 3600)  # the bursts stopped for good
+    assert w.replicas == 1
+
+    w, state, t = feed(PolicyState(1), 0.0, 20_000, 60)  # one rise, then back: let go
+    w, state, t = feed(state, t, 120_000, 120)
+    assert w.replicas >= 3
+    w, state, t = feed(state, t, 20_000, 600)
+    assert w.replicas == 1 and state.bursts == 0
+
     off = s.model_copy(update={"burst_memory_s": 0})
     w, _ = prefill_wish(prefill(arrival_prompt_tokens_per_s=20_000), off,
                         PolicyState(3, peak=3.0, load_at=0.0), 1.0)
