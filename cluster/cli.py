@@ -63,20 +63,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_up(args) -> int:
     """Start (or join) Ray, deploy, serve; on SIGTERM or Ctrl-C drain and exit 0."""
-    import ray
-    from ray import serve
-
-    from cluster.app import APP_NAME, build_app
     from cluster.settings import load_settings
 
     settings = load_settings(args.config)
     port = args.port or settings.http.port
+    if settings.ray.throughput_optimized and not args.address:
+        # Read when `ray.serve` is first imported (the handles' transport) and by the
+        # processes Ray starts: set before both.
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_app
+
     if args.address:
         ray.init(address=args.address)
         metrics = None
     else:
-        if settings.ray.throughput_optimized:  # read by Ray's processes when they start
-            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
         os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
         # Serve's HTTP proxy bounds request heads and answers in our error shape (read by

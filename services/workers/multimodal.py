@@ -49,5 +49,8 @@ class MultimodalWorker:
             span.set_attributes({"small4.images": len(prompt.images),
                                  "small4.prompt_tokens": len(prompt.ids),
                                  "small4.pixel_bytes": sum(a.nbytes for a in prompt.images)})
-        prompt.images = publish(prompt.images)
+        # kept for the request's life: prefill retries and resumes fetch them again
+        left = ctx.remaining_s()
+        prompt.images = publish(prompt.images, **({} if left is None else
+                                                  {"hold_s": max(1.0, left)}))
         return prompt

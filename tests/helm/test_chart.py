@@ -316,6 +316,9 @@ def test_every_container_is_offline_bounded_and_non_root(render, profile):
     for container in containers(docs):
         env = env_of(container)
         assert (env["RAY_USAGE_STATS_ENABLED"], env["HF_HUB_OFFLINE"]) == ("0", "1")
+        # Serve's proxy bounds request heads (431) and answers edge errors as JSON
+        callback = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+        assert callback == "services.guard.http_edge:install"
         resources = container["resources"]
         assert set(resources["requests"]) >= {"cpu", "memory"}
         assert set(resources["limits"]) >= {"cpu", "memory"}

@@ -51,6 +51,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: "1"
 - name: RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
   value: "2"
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH  # bounded request heads, JSON edge errors
+  value: "services.guard.http_edge:install"
 {{- if dig "ray" "throughput_optimized" true .Values.stack }}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
