@@ -51,6 +51,7 @@ class Ingress:
         self.created = int(time.time())
         self.spec = openapi.build(settings)
         tracing.configure(settings.telemetry.tracing, role="ingress")
+        metrics.show_tenants(settings.telemetry.tenant_labels)
         self.log = configure_logging(settings.telemetry.json_logs)
         auth = settings.auth
         self.keys = KeyRing(auth.keys_file, auth.reload_s) if auth.enabled else None

@@ -382,6 +382,9 @@ class TelemetrySettings(Strict):
 
     tracing: TracingSettings = TracingSettings()
     json_logs: bool = True
+    tenant_labels: bool = Field(False, description="label request and token counters by tenant "
+                                "(anyone who can scrape the metrics then reads each tenant's "
+                                "traffic); off: the tenant label reads `all`")
 
 
 class WorkerSettings(Strict):

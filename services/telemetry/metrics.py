@@ -48,6 +48,26 @@ class Counter(_Metric):
         return self._local[self._key(tags)]
 
 
+class TenantCounter(Counter):
+    """A counter with a `tenant` label that names the tenant only where settings ask for it
+    (`telemetry.tenant_labels`, see `show_tenants`); otherwise the label reads `all`."""
+
+    show = False
+
+    def inc(self, amount: float = 1.0, **tags: str) -> None:
+        if not TenantCounter.show:
+            tags = tags | {"tenant": "all"}
+        super().inc(amount, **tags)
+
+    def value(self, **tags: str) -> float:
+        return super().value(**(tags if TenantCounter.show else tags | {"tenant": "all"}))
+
+
+def show_tenants(on: bool) -> None:
+    """Whether this process's tenant-labelled counters name tenants."""
+    TenantCounter.show = on
+
+
 class Gauge(_Metric):
     """A labelled last value."""
 
@@ -104,9 +124,9 @@ REASONING_TOKENS = Counter("small4_reasoning_tokens_total", "reasoning tokens se
 SPILLOVER = Counter("small4_spillover_total", "requests served by another pool than their "
                     "effort's", ("from_pool", "to_pool"))
 ERRORS = Counter("small4_errors_total", "failed requests by error type", ("pool", "role", "type"))
-REQUESTS = Counter("small4_requests_total", "requests answered at the ingress, by tenant and "
+REQUESTS = TenantCounter("small4_requests_total", "requests answered at the ingress, by tenant and "
                    "HTTP status", ("tenant", "pool", "status"))
-TENANT_TOKENS = Counter("small4_tenant_tokens_total", "prompt and completion tokens by tenant",
+TENANT_TOKENS = TenantCounter("small4_tenant_tokens_total", "prompt and completion tokens by tenant",
                         ("tenant", "kind"))
 RESUMES = Counter("small4_decode_resumes_total", "streams resumed on another decode replica",
                   ("pool",))

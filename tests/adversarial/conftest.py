@@ -1,5 +1,5 @@
 """The adversarial tier's edge stack: auth on, the simulated engine, small limits so each attack
-is cheap, deployed once under `/adv-edge` beside the other tiers' apps."""
+is cheap, deployed per module under `/adv-edge` beside the other tiers' apps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pytest
 from edge_kit import KEYS, ROUTE, digest, edge_profile, wait_health
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def edge(serve_url, tmp_path_factory):
-    """The edge app's base URL (auth on; `KEYS` hold the keys by name)."""
+    """The edge app's base URL (auth on; `KEYS` hold the keys by name); deployed per module
+    and deleted after it, so the tiers after this one get the CPUs back."""
     import yaml
     from ray import serve
 

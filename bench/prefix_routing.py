@@ -1,0 +1,306 @@
+"""What routing by prefix buys: multi-turn conversations and agent sessions on the reference
+engine, one pool with several prefill replicas, the same trace through three prefill routers.
+
+Conversations share long system prompts (agent sessions also a tool list), run 4-8 turns each
+(every turn resends the whole conversation), and arrive interleaved. Per router: Serve's default
+(power of two choices), Ray's `PrefixCacheAffinityRouter` (reading the prompt as one character per
+token), ours (`cache_aware`). Reported per router: cached-token ratio (usage's
+`prompt_tokens_details.cached_tokens` over prompt tokens), prefill tokens computed, TTFT p50/p90
+by turn, requests per prefill replica (from the prefill spans, sent to a local OTLP sink); and the
+ratio a single replica holding every conversation would get (the same trace through one
+unbounded prefix cache), the ceiling the routers are measured against.
+
+    .ci/loopback-only python bench/prefix_routing.py [--conversations 12] [--replicas 2]
+
+Targets (issue 16): ours >= 90 % of the single-replica ratio; requests max/min across replicas
+<= 1.5; TTFT p50 from turn 3 on at least 2x better than Serve's default; ahead of Ray's router on
+cached-token ratio and on TTFT p90. Prints JSON and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from services.engines.prefix_cache import PrefixCache  # noqa: E402
+from services.tokenizer import PromptTokenizer  # noqa: E402
+
+ROUTERS = ("serve_default", "ray_prefix_affinity", "cache_aware")
+READY_TIMEOUT_S = 300.0
+BLOCK = 64
+TOOLS = [{"type": "function", "function": {
+    "name": f"tool_{i}", "description": f"Does step {i} of the build: " + "careful " * 20,
+    "parameters": {"type": "object", "properties": {
+        "path": {"type": "string", "description": "file to act on"},
+        "mode": {"type": "string", "enum": ["read", "write", "check"]}},
+        "required": ["path"]}}} for i in range(12)]
+
+
+def profile(router: str, replicas: int, endpoint: str) -> dict:
+    pool = {"effort": "none", "max_queue": 64,
+            "prefill": {"replicas": replicas, "num_cpus": 0.1},
+            "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
+    return {"auth": {"enabled": False}, "model": {"context_length": 32768},
+            "engine": {"prefill_chunk_tokens": 512},
+            "ingress": {"num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
+            "pools": {"fast": pool},
+            "routing": {"effort_map": {"none": "none"}, "default_effort": "none",
+                        "spillover": False, "prefix": {"router": router}},
+            "telemetry": {"tracing": {"enabled": True, "endpoint": endpoint,
+                                      "sampling_ratio": 1.0, "export_interval_ms": 200}}}
+
+
+# ---- the trace --------------------------------------------------------------------------
+
+def system_prompt(k: int, words: int) -> str:
+    return f"You are assistant {k}. " + " ".join(f"rule{k}-{i}" for i in range(words))
+
+
+def conversations(n: int, words: int, seed: int) -> list[dict]:
+    """Half chat sessions (system prompt A or B), half agent sessions (system C + tools)."""
+    rng = random.Random(seed)
+    out = []
+    for c in range(n):
+        agent = c % 2 == 1
+        out.append({"id": c, "system": system_prompt(2 if agent else c % 4 // 2, words),
+                    "tools": TOOLS if agent else None, "turns": rng.randint(4, 8),
+                    "think_s": [rng.uniform(0.0, 0.3) for _ in range(8)],
+                    "users": [f"step {t} of task {c}: " + " ".join(
+                        f"w{rng.randint(0, 999)}" for _ in range(rng.randint(20, 60)))
+                        for t in range(8)]})
+    return out
+
+
+# ---- spans: which prefill replica served each request ------------------------------------
+
+class SpanSink:
+    """A real OTLP/HTTP receiver on loopback that keeps the prefill spans' process ids."""
+
+    def __init__(self):
+        self.prefills: list[dict] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                sink.ingest(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def ingest(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest)
+
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans:
+            attrs = {a.key: a.value for a in resource.resource.attributes}
+            pid = attrs["process.pid"].int_value if "process.pid" in attrs else -1
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    if span.name == "prefill":
+                        self.prefills.append({"pid": pid, "trace": span.trace_id.hex()})
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---- one router's run -------------------------------------------------------------------
+
+async def one_turn(http: httpx.AsyncClient, url: str, convo: dict, messages: list[dict]):
+    body = {"model": "mistral-small-4", "messages": messages, "max_tokens": 8,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if convo["tools"]:
+        body["tools"] = convo["tools"]
+    start, ttft, text, usage, trace = time.perf_counter(), None, "", {}, None
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        trace = reply.headers.get("x-trace-id")
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event.get("choices"):
+                ttft = time.perf_counter() - start
+            for choice in event.get("choices", ()):
+                text += choice.get("delta", {}).get("content") or ""
+            usage = event.get("usage") or usage
+    return ttft, text, usage, trace
+
+
+async def run_trace(url: str, convos: list[dict], tokenizer: PromptTokenizer,
+                    order: list) -> list[dict]:
+    rows: list[dict] = []
+
+    async def session(convo: dict):
+        messages = [{"role": "system", "content": convo["system"]}]
+        for turn in range(convo["turns"]):
+            await asyncio.sleep(convo["think_s"][turn])
+            messages.append({"role": "user", "content": convo["users"][turn]})
+            order.append(tokenizer.encode_chat(messages, effort="none",
+                                               tools=convo["tools"]).ids)
+            ttft, text, usage, trace = await one_turn(http, url, convo, messages)
+            details = usage.get("prompt_tokens_details") or {}
+            rows.append({"conversation": convo["id"], "turn": turn + 1, "ttft_s": ttft,
+                         "prompt_tokens": usage.get("prompt_tokens", 0),
+                         "cached_tokens": details.get("cached_tokens", 0), "trace": trace})
+            messages.append({"role": "assistant", "content": text or "ok"})
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as http:
+        await asyncio.gather(*(session(c) for c in convos))
+    return rows
+
+
+def ideal_ratio(order: list[list[int]]) -> float:
+    """Cached-token ratio of one replica holding every conversation: the trace, in the order it
+    was sent, through one unbounded prefix cache."""
+    cache, cached, total = PrefixCache(BLOCK, 1 << 40), 0, 0
+    for ids in order:
+        hit = cache.acquire(ids, "", limit=len(ids) - 1)
+        cache.release(hit)
+        cached, total = cached + hit.tokens, total + len(ids)
+        cache.insert(ids, "", None, lambda i: None)
+    return cached / max(1, total)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def summarise(rows: list[dict], replicas: Counter, ideal: float) -> dict:
+    prompt = sum(r["prompt_tokens"] for r in rows)
+    cached = sum(r["cached_tokens"] for r in rows)
+    by_turn = defaultdict(list)
+    for r in rows:
+        by_turn[r["turn"]].append(r["ttft_s"])
+    late = [r["ttft_s"] for r in rows if r["turn"] >= 3]
+    counts = sorted(replicas.values())
+    return {"requests": len(rows), "prompt_tokens": prompt, "cached_tokens": cached,
+            "cached_ratio": cached / max(1, prompt), "of_single_replica": cached / max(1, prompt)
+            / max(ideal, 1e-9), "prefill_tokens_computed": prompt - cached,
+            "ttft_ms_by_turn": {t: {"p50": 1e3 * statistics.median(v), "p90": 1e3 * pct(v, .9)}
+                                for t, v in sorted(by_turn.items())},
+            "ttft_p50_ms_turn3plus": 1e3 * statistics.median(late) if late else 0.0,
+            "ttft_p90_ms": 1e3 * pct([r["ttft_s"] for r in rows], .9),
+            "requests_per_replica": counts,
+            "load_max_over_min": counts[-1] / counts[0] if len(counts) > 1 and counts[0] else
+            float("inf") if len(counts) > 1 else 1.0}
+
+
+def wait_ready(url: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready within {READY_TIMEOUT_S:g} s")
+        time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--system-words", type=int, default=900, help="about 2 tokens each")
+    parser.add_argument("--replicas", type=int, default=2, help="prefill replicas")
+    parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8767)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    sink, tokenizer = SpanSink(), PromptTokenizer()
+    convos = conversations(args.conversations, args.system_words, args.seed)
+    report = {"bench": "prefix_routing", "conversations": args.conversations,
+              "prefill_replicas": args.replicas, "block_tokens": BLOCK, "routers": {}}
+    try:
+        for router in args.routers:
+            url = f"http://127.0.0.1:{args.port}/{router}"
+            serve.run(build_app(profile(router, args.replicas, sink.endpoint)), name=router,
+                      route_prefix=f"/{router}")
+            wait_ready(url)
+            order: list = []
+            rows = asyncio.run(run_trace(url, convos, tokenizer, order))
+            time.sleep(1.5)  # the replicas' span exporters flush every 200 ms
+            traces = {r["trace"] for r in rows}
+            per_replica = Counter(s["pid"] for s in sink.prefills if s["trace"] in traces)
+            report["ideal_cached_ratio"] = ideal_ratio(order)
+            report["routers"][router] = summarise(rows, per_replica,
+                                                  report["ideal_cached_ratio"])
+            serve.delete(router)
+    finally:
+        sink.close()
+        serve.shutdown()
+        ray.shutdown()
+    report["targets"] = targets(report)
+    print(json.dumps(report, indent=2))
+    table(report)
+
+
+def targets(report: dict) -> dict:
+    r = report["routers"]
+    if "cache_aware" not in r:
+        return {}
+    ours = r["cache_aware"]
+    out = {"cached_ratio_ge_90pct_of_single_replica": ours["of_single_replica"] >= 0.9,
+           "load_max_over_min_le_1_5": ours["load_max_over_min"] <= 1.5}
+    if "serve_default" in r:
+        out["ttft_p50_turn3plus_2x_better_than_serve_default"] = (
+            2 * ours["ttft_p50_ms_turn3plus"] <= r["serve_default"]["ttft_p50_ms_turn3plus"])
+    if "ray_prefix_affinity" in r:
+        ray_own = r["ray_prefix_affinity"]
+        out["ahead_of_ray_on_cached_ratio"] = ours["cached_ratio"] > ray_own["cached_ratio"]
+        out["ahead_of_ray_on_ttft_p90"] = ours["ttft_p90_ms"] < ray_own["ttft_p90_ms"]
+    return out
+
+
+def table(report: dict) -> None:
+    print(f"\nsingle replica holding every conversation: cached ratio "
+          f"{report['ideal_cached_ratio']:.3f}")
+    print(f"{'router':>20} | {'cached':>6} | {'of ideal':>8} | {'computed':>8} | "
+          f"{'p50 t>=3':>8} | {'p90':>7} | {'max/min':>7} | per replica")
+    for name, row in report["routers"].items():
+        print(f"{name:>20} | {row['cached_ratio']:6.3f} | {row['of_single_replica']:8.2f} | "
+              f"{row['prefill_tokens_computed']:8d} | {row['ttft_p50_ms_turn3plus']:8.1f} | "
+              f"{row['ttft_p90_ms']:7.1f} | {row['load_max_over_min']:7.2f} | "
+              f"{row['requests_per_replica']}")
+    print(f"\n{'router':>20} | TTFT p50/p90 ms by turn")
+    for name, row in report["routers"].items():
+        turns = "  ".join(f"t{t}: {v['p50']:.0f}/{v['p90']:.0f}"
+                          for t, v in row["ttft_ms_by_turn"].items())
+        print(f"{name:>20} | {turns}")
+    print("\ntargets:", json.dumps(report.get("targets", {})))
+
+
+if __name__ == "__main__":
+    main()
