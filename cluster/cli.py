@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--address", default="auto")
     status.add_argument("--app", default=None, help="Serve application (default: small4)")
     status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--metrics-url", default=None, help="Ray's Prometheus endpoint "
+                        "(default: this node's), for the prefix-cache table")
     scale = sub.add_parser("scale", help="pin POOL's ROLE at N replicas until `release`")
     release = sub.add_parser("release", help="hand POOL's ROLE back to the autoscaling policy")
     for command in (scale, release):
@@ -208,6 +210,7 @@ def cmd_status(args) -> int:
             replicas = ", ".join(f"{n} {_name(s)}" for s, n in dep.replica_states.items())
             print(f"  {name:16s} {_name(dep.status):10s} {replicas}")
     print(status_table(control.read_status(_app(args))))
+    print(_cache_view(args.metrics_url))
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10).json()
         print(json.dumps(ready, indent=2))
@@ -215,6 +218,26 @@ def cmd_status(args) -> int:
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
     return 0 if ready.get("ready") else 2
+
+
+def _cache_view(url: str | None) -> str:
+    """The prefix-cache table from Ray's Prometheus endpoint (this node's by default)."""
+    import httpx
+
+    from cluster.cache_status import cache_rows, cache_table
+
+    if url is None:
+        try:
+            import ray
+
+            node = ray._private.worker.global_worker.node
+            url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+        except Exception as exc:  # an older or remote driver: say so, show the rest
+            return f"prefix cache: no metrics endpoint known ({type(exc).__name__}); --metrics-url"
+    try:
+        return cache_table(cache_rows(httpx.get(url, timeout=10).text))
+    except httpx.HTTPError as exc:
+        return f"prefix cache: {url} did not answer ({type(exc).__name__})"
 
 
 def status_table(rows: dict) -> str:

@@ -175,6 +175,9 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
     """`request_router_config` of a prefill deployment that may run more than one replica."""
     if prefix.router == "serve_default":
         return {}
+    if prefix.router == "cache_aware" and engine.kind != "sglang" and not \
+            engine.prefix_cache.enabled:  # no cache to route to (SGLang's radix cache is always on)
+        return {}
     from ray.serve.config import RequestRouterConfig
 
     if prefix.router == "ray_prefix_affinity":  # Ray's own, a baseline for bench/prefix_routing

@@ -38,6 +38,8 @@ def guard_profile(keys_file) -> dict:
         "model": {"context_length": 16384},
         "engine": {"kind": "simulated", "max_running_requests": 256,
                    # a 12k-token prompt takes 3 s to prefill: long enough to kill it midway
+                   # (every time: these tests resend it, so no prefix cache)
+                   "prefix_cache": {"enabled": False},
                    "simulated": {"decode_step_ms": 20, "output": "counter",
                                  "prefill_ms_per_token": 0.25},
                    "faults": {"prefill_fail_every": 5, "decode_fail_every": 7,

@@ -123,9 +123,10 @@ def test_one_replica_is_handed_back_and_other_calls_are_spread(router):
 def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     from cluster.settings import RAY_PREFIX_ROUTER, parse_settings
 
-    def options(prefill: dict, **routing):
+    def options(prefill: dict, cache: bool = True, **routing):
         settings = parse_settings({"pools": {"fast": {"effort": "none", "prefill": prefill},
                                              "deep": {"effort": "high"}},
+                                   "engine": {"prefix_cache": {"enabled": cache}},
                                    "routing": {"prefix": routing}, "auth": {"enabled": False}})
         return settings.role_options("fast", "prefill")
 
@@ -134,5 +135,6 @@ def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     assert config.request_router_kwargs["block_tokens"] == 64
     assert "request_router_config" not in options({"replicas": 1})
     assert "request_router_config" not in options({"replicas": 2}, router="serve_default")
+    assert "request_router_config" not in options({"replicas": 2}, cache=False)
     ray_own = options({"replicas": 2}, router="ray_prefix_affinity")["request_router_config"]
     assert ray_own.request_router_class == RAY_PREFIX_ROUTER
