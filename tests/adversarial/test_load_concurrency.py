@@ -113,7 +113,9 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack):
     import ray
 
     ask = load_stack.ask
-    payloads = [body(images=1, seed=7, max_tokens=120) for _ in range(16)]
+    # 600 tokens at 10 ms a step: the streams run for seconds, so the kill lands mid-stream
+    # even when a stats call is slow on a busy machine (at 120 they could all end first)
+    payloads = [body(images=1, seed=7, max_tokens=600) for _ in range(16)]
 
     async def run():
         load = asyncio.ensure_future(run_load(load_stack.url, payloads, 16))
