@@ -10,10 +10,9 @@ within the size and scan limits.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Callable
 
-from services.errors import InvalidRequest
+from services.multimodal.header import pillow_errors
 from services.settings import ImageSettings
 
 # Bytes handed to the decoder between two checks of the deadline.
@@ -40,23 +39,11 @@ class _StoppableBytes(io.BytesIO):
 def decode_image(data: bytes, settings: ImageSettings, param: str,
                  stop: Callable[[], bool] = lambda: False):
     """Fully decode an image whose header passed the limits (GIFs: the first frame)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(_StoppableBytes(data, stop), formats=settings.formats)
-            image.decodermaxblock = BLOCK_BYTES
-            image.seek(0)
-            image.load()
-    except DecodeStopped:
-        raise
-    except Image.DecompressionBombError:
-        raise InvalidRequest(f"image is too large to decode; the limit is {settings.max_pixels} "
-                             "pixels", param=param) from None
-    except UnidentifiedImageError:
-        raise InvalidRequest("image data is not a readable image", param=param) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidRequest(f"image data is corrupt or truncated ({type(exc).__name__})",
-                             param=param) from None
+    with pillow_errors(settings, param):  # DecodeStopped is none of Pillow's: it passes
+        image = Image.open(_StoppableBytes(data, stop), formats=settings.formats)
+        image.decodermaxblock = BLOCK_BYTES
+        image.seek(0)
+        image.load()
     return image

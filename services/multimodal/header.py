@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +47,25 @@ def read_header(data: bytes, settings: ImageSettings, param: str) -> ImageHeader
 
     if len(data) > settings.max_bytes:
         raise InvalidRequest(f"image is larger than {settings.max_bytes} bytes", param=param)
+    with pillow_errors(settings, param):
+        with Image.open(io.BytesIO(data)) as image:
+            header = ImageHeader(str(image.format), *image.size)
+    if header.format == "JPEG":
+        header = ImageHeader(header.format, header.width, header.height, jpeg_scans(data))
+    check_header(header, settings, param)
+    return header
+
+
+@contextmanager
+def pillow_errors(settings: ImageSettings, param: str) -> Iterator[None]:
+    """Pillow's verdicts on the caller's bytes as 400s naming `param` (its bomb warning off:
+    our own pixel limits come first)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                header = ImageHeader(str(image.format), *image.size)
+            yield
     except Image.DecompressionBombError:
         raise InvalidRequest(f"image is too large to decode; the limit is {settings.max_pixels} "
                              "pixels", param=param) from None
@@ -58,10 +74,6 @@ def read_header(data: bytes, settings: ImageSettings, param: str) -> ImageHeader
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidRequest(f"image data is corrupt or truncated ({type(exc).__name__})",
                              param=param) from None
-    if header.format == "JPEG":
-        header = ImageHeader(header.format, header.width, header.height, jpeg_scans(data))
-    check_header(header, settings, param)
-    return header
 
 
 def check_header(header: ImageHeader, settings: ImageSettings, param: str) -> None:
