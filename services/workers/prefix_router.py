@@ -51,6 +51,7 @@ class CacheAwareRouter(RequestRouter):
         self.routed: dict[str, _Routed] = {}
         self.mean_prompt = float(block_tokens)
         self.decisions = {"routed": 0, "predicted_hit_tokens": 0}
+        self._chains: dict[str, list[bytes]] = {}  # hashed while choosing, read when routed
         router_state.register(self)  # for `router_state.correct`
 
     # ---- choice --------------------------------------------------------------------------
@@ -62,7 +63,7 @@ class CacheAwareRouter(RequestRouter):
         request = _engine_request(pending_request)
         if request is None:
             return [random.sample(candidate_replicas, len(candidate_replicas))]
-        chain = [key for _, key in self.keys.chain(request.prompt_ids, request.cache_salt)]
+        chain = self._chain(pending_request, request)
         scored = self.rank(candidate_replicas, chain, len(request.prompt_ids))
         return [[replica] for _, _, replica in scored]
 
@@ -95,13 +96,24 @@ class CacheAwareRouter(RequestRouter):
         probed = self.replica_queue_len_cache.get(replica.replica_id) or 0
         return max(self.queued.get(replica.replica_id, 0), probed * self.mean_prompt)
 
+    def _chain(self, pending: PendingRequest, request) -> list[bytes]:
+        """The prompt's block keys, hashed once per request (choosing may be retried)."""
+        rid = pending.metadata.internal_request_id
+        if rid not in self._chains:
+            while len(self._chains) >= 4096:  # requests cancelled before they were routed
+                del self._chains[next(iter(self._chains))]
+            self._chains[rid] = [key for _, key in self.keys.chain(request.prompt_ids,
+                                                                   request.cache_salt)]
+        return self._chains[rid]
+
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         request = _engine_request(pending_request)
         if request is None:
             return
-        chain = [key for _, key in self.keys.chain(request.prompt_ids, request.cache_salt)]
+        chain = self._chain(pending_request, request)
+        self._chains.pop(pending_request.metadata.internal_request_id, None)
         hit = self.predicted_hit(replica_id, chain)
         tokens = max(1, len(request.prompt_ids) - hit)
         self.routed[pending_request.metadata.internal_request_id] = _Routed(replica_id, tokens)
