@@ -65,7 +65,8 @@ def _text_bytes(content) -> int:
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
-    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    """The tools to put in the prompt: none with `tool_choice: none`, so none can be called."""
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_offered else None
 
 
 def plan_text_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
@@ -83,11 +84,12 @@ def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                  limits: LimitSettings) -> RequestPlan:
     """Sampling and limits for an encoded prompt: what the pool receives."""
     max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, seed=req.seed, stop=req.stop_strings)
+    # top_p 0 keeps only the most likely token: greedy decoding, which engines know as such
+    temperature, top_p = (req.temperature, req.top_p) if req.top_p > 0 else (0.0, 1.0)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, seed=req.seed, stop=req.stop_strings)
     engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
-    return RequestPlan(req, effort, engine_request,
-                       tools_enabled=bool(req.tools) and req.tool_choice != "none")
+    return RequestPlan(req, effort, engine_request, tools_enabled=req.tools_offered)
 
 
 def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSettings,

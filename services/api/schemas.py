@@ -1,12 +1,17 @@
 """The OpenAI chat-completions wire schema we accept, validated before anything else runs.
 
-Unknown top-level fields are ignored (as common OpenAI-compatible servers do); fields we cannot
-honour (`n > 1`) are refused. Numbers and booleans are strict: `"16"` or `true` for `max_tokens`
-and `"yes"` for `stream` are refused, not coerced. Validation errors become `InvalidRequest` naming the field path.
+Unknown top-level fields are ignored (as common OpenAI-compatible servers do). Fields of the
+spec that would change the answer but are not implemented yet are declared with the spec's types
+and ranges and listed in `UNSUPPORTED` with their neutral values: a request that sets one to
+anything else is refused with a 400 naming it, never answered as if it had not been set. `null`
+is accepted wherever the spec allows it and means the default. Numbers and booleans are strict:
+`"16"` or `true` for `max_tokens` and `"yes"` for `stream` are refused, not coerced. Validation
+errors become `InvalidRequest` naming the field path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
@@ -66,6 +71,9 @@ class AssistantMessage(_Wire):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     reasoning_content: str | None = None
+    refusal: str | None = None
+    prefix: StrictBool | None = Field(
+        None, description="Mistral's prefill: the last message, an assistant's, is continued")
 
 
 class ToolMessage(_Wire):
@@ -102,22 +110,75 @@ class StreamOptions(_Wire):
     include_usage: bool = Field(False, strict=True)
 
 
+class ResponseFormatText(_Wire):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Wire):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(_Wire):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatJSONSchema(_Wire):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject
+                           | ResponseFormatJSONSchema, Field(discriminator="type")]
+
+
+class Prediction(_Wire):
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
+class FunctionCallChoice(_Wire):
+    name: str
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
+
+
 class ChatCompletionRequest(_Wire):
     model: str
     messages: list[Message] = Field(min_length=1)
     reasoning_effort: str | None = None
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, strict=True)] | None = 1.0
+    top_p: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] | None = 1.0
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI
-    stream: StrictBool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: Annotated[int, Field(ge=1, le=128, strict=True)] | None = 1
     user: str | None = None
+    # declared with the spec's types and ranges; refused unless neutral (see UNSUPPORTED)
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20, strict=True)] | None = None
+    logit_bias: dict[str, StrictInt] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    prediction: Prediction | None = None
+    parallel_tool_calls: StrictBool | None = None
+    functions: list[FunctionSpec] | None = Field(None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | FunctionCallChoice | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """`null` means the field's default, as the spec says."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stop")
     @classmethod
@@ -139,8 +200,46 @@ class ChatCompletionRequest(_Wire):
             if item["role"] == "developer":
                 item["role"] = "system"
             item.pop("reasoning_content", None)
+            item.pop("refusal", None)
+            if not item.get("prefix", True):
+                item.pop("prefix")
             out.append(item)
         return out
+
+    @property
+    def tools_offered(self) -> bool:
+        """Whether the model is shown the tools (`tool_choice: none` hides them)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+def _one_of(*values) -> Callable[[Any], bool]:
+    return lambda value: value in values
+
+
+# Fields of the spec that change the answer and are not implemented yet: the test of the values
+# that mean "as if it were not set", and those values in words. Anything else is refused.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_one_of(None, 1), "1"),
+    "response_format": (lambda v: v is None or v.type == "text", '{"type": "text"}'),
+    "logprobs": (_one_of(None, False), "false"),
+    "top_logprobs": (_one_of(None, 0), "0"),
+    "logit_bias": (lambda v: not v, "{}"),
+    "presence_penalty": (_one_of(None, 0), "0"),
+    "frequency_penalty": (_one_of(None, 0), "0"),
+    "prediction": (_one_of(None), "null"),
+    "parallel_tool_calls": (_one_of(None, True), "true"),
+    "functions": (_one_of(None), "null (use tools)"),
+    "function_call": (_one_of(None, "none", "auto"), '"none" or "auto" (use tool_choice)'),
+    "tool_choice": (_one_of(None, "none", "auto"), '"none" or "auto"'),
+}
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """A 400 naming the first field set to a value this endpoint cannot honour yet."""
+    for name, (neutral, accepted) in UNSUPPORTED.items():
+        if not neutral(getattr(req, name)):
+            raise InvalidRequest(f"{name}: this value is not supported (yet) by this "
+                                 f"endpoint; only {accepted} is accepted", param=name)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -148,7 +247,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", param=None)
     try:
-        return ChatCompletionRequest.model_validate(body)
+        req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         # the deepest error is the most specific one (union members each report their own)
         error = max(exc.errors(), key=lambda e: len(field_path(e["loc"])))
@@ -162,6 +261,8 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         param = ".".join(path) or None
         raise InvalidRequest(f"{param}: {message}" if param else message,
                              param=param) from None
+    refuse_unsupported(req)
+    return req
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}

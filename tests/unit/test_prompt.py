@@ -96,3 +96,96 @@ def test_overlong_prompt_is_refused_with_context_code(tokenizer):
         plan_text_request(parse_chat_request(body), "r1", model=ModelSettings(context_length=256),
                      routing=RoutingSettings(), limits=LimitSettings(), tokenizer=tokenizer)
     assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+
+
+def plan(tokenizer, **body):
+    full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
+    return plan_text_request(parse_chat_request(full), "r1", model=ModelSettings(),
+                             routing=RoutingSettings(), limits=LimitSettings(),
+                             tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("body", [
+    {"n": 2}, {"logprobs": True}, {"top_logprobs": 3}, {"logit_bias": {"17": 5}},
+    {"presence_penalty": 0.5}, {"frequency_penalty": -1}, {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    {"prediction": {"type": "content", "content": "draft"}}, {"parallel_tool_calls": False},
+    {"functions": [WEATHER]}, {"function_call": {"name": "get_weather"}},
+    {"tool_choice": "required"}, {"tool_choice": {"type": "function",
+                                                 "function": {"name": "get_weather"}}},
+])
+def test_fields_we_cannot_honour_yet_are_refused_by_name(tokenizer, body):
+    """Never a 200 that silently ignores a field that changes the answer."""
+    (field,) = body
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, tools=[{"type": "function", "function": WEATHER}], **body)
+    assert (err.value.status, err.value.type, err.value.param) == (
+        400, "invalid_request_error", field)
+    assert "not supported (yet)" in str(err.value)
+
+
+@pytest.mark.parametrize("body", [
+    {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"logit_bias": {}},
+    {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"response_format": {"type": "text"}},
+    {"parallel_tool_calls": True}, {"function_call": "auto"}, {"tool_choice": "auto"},
+    {k: None for k in ("temperature", "top_p", "n", "stream", "max_tokens", "stop", "seed",
+                       "logprobs", "response_format", "presence_penalty", "tool_choice",
+                       "stream_options", "max_completion_tokens", "user")},
+])
+def test_neutral_values_and_nulls_are_the_defaults(tokenizer, body):
+    got = plan(tokenizer, **body)
+    assert got.engine_request.sampling.temperature == 1.0
+    assert got.engine_request.sampling.top_p == 1.0
+    assert got.request.stream is False and got.request.n == 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"frequency_penalty": 5}, "frequency_penalty"), ({"presence_penalty": -2.5}, "presence_penalty"),
+    ({"top_p": 1.5}, "top_p"), ({"temperature": 2.1}, "temperature"), ({"n": 0}, "n"),
+    ({"top_logprobs": 21}, "top_logprobs"), ({"stream": "yes"}, "stream"),
+])
+def test_out_of_range_is_refused_before_unsupported(tokenizer, body, param):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, **body)
+    assert err.value.param == param and "supported" not in str(err.value)
+
+
+def test_top_p_zero_is_greedy(tokenizer):
+    sampling = plan(tokenizer, top_p=0, temperature=0.7).engine_request.sampling
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1.0)
+
+
+def test_tool_choice_none_keeps_the_tools_out_of_the_prompt(tokenizer):
+    tools = [{"type": "function", "function": WEATHER}]
+    hidden = plan(tokenizer, tools=tools, tool_choice="none")
+    assert hidden.tools_enabled is False
+    assert "[AVAILABLE_TOOLS]" not in tokenizer.decode(hidden.engine_request.prompt_ids)
+    assert hidden.engine_request.prompt_ids == plan(tokenizer).engine_request.prompt_ids
+    shown = plan(tokenizer, tools=tools, tool_choice="auto")
+    assert shown.tools_enabled and "[AVAILABLE_TOOLS]" in tokenizer.decode(
+        shown.engine_request.prompt_ids)
+
+
+@pytest.mark.parametrize("effort", ["none", "high"])
+def test_a_last_assistant_prefix_is_continued(tokenizer, effort):
+    """Mistral's prefill: the prompt ends with the assistant's text, no end of turn."""
+    messages = [{"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "The colour is", "prefix": True}]
+    got = plan(tokenizer, messages=messages, reasoning_effort=effort)
+    request = MCRequest(messages=[UserMessage(content="Name a colour."),
+                                  AssistantMessage(content="The colour is", prefix=True)],
+                        reasoning_effort=effort)
+    assert got.engine_request.prompt_ids == tokenizer._mt.encode_chat_completion(request).tokens
+    assert tokenizer.decode(got.engine_request.prompt_ids).endswith("[/INST]The colour is")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "prefix": True},
+     {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "prefix": False}],
+])
+def test_an_assistant_last_without_prefix_or_a_prefix_not_last_is_refused(tokenizer, messages):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, messages=messages)
+    assert (err.value.status, err.value.param) == (400, "messages")
