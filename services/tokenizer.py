@@ -61,15 +61,18 @@ class PromptTokenizer:
         """Encode an OpenAI-shaped conversation the way Mistral's own tokenizer does.
 
         `images` maps (message index, part index) of `image_url` parts to decoded PIL images;
-        those parts are encoded from them, never fetched or decoded by mistral-common.
+        those parts are encoded from them, never fetched or decoded by mistral-common. A last
+        assistant message with `prefix: true` (Mistral's prefill) is continued, not answered.
         """
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        messages, prefill = _prefill(messages)
         try:
             stripped = _without_images(messages, images or {})
             request = ChatCompletionRequest.from_openai(stripped, tools=tools or None,
-                                                        reasoning_effort=effort)
+                                                        reasoning_effort=effort,
+                                                        continue_final_message=prefill)
             if images:
                 _put_images(request, messages, images)
             tokenized = self._mt.encode_chat_completion(request)
@@ -90,6 +93,19 @@ class PromptTokenizer:
     def token_piece(self, token_id: int) -> str:
         """One token's text; control tokens as their names."""
         return self.decode([token_id])
+
+
+def _prefill(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """Messages without `prefix`, and whether the last one is to be continued. Mistral's format
+    continues only the last message, an assistant's (its validator checks the rest)."""
+    marked = [i for i, m in enumerate(messages) if m.get("prefix")]
+    if not marked:
+        return messages, False
+    last = len(messages) - 1
+    if marked != [last] or messages[last].get("role") != "assistant":
+        raise InvalidRequest(f"messages.{marked[0]}.prefix: only the last message, an "
+                             f"assistant's, may be a prefix to continue", param="messages")
+    return [{k: v for k, v in m.items() if k != "prefix"} for m in messages], True
 
 
 def _without_images(messages, images):

@@ -12,8 +12,9 @@ token, so parsing is by token id, never by text: user text that merely reads `[T
 
 Decisions:
 - Markers are never shown: a stray `[/THINK]` in content or a nested `[THINK]` is dropped.
-- With tools disabled (no tools, or `tool_choice: none`) the model was not offered tools, so
-  `[TOOL_CALLS]` and what follows are plain text, marker names included (`[TOOL_CALLS]f[ARGS]{}`).
+- With tools disabled (no tools, or `tool_choice: none`) the model was not offered tools; a call
+  it emits anyway is parsed the same way and then dropped: never returned as a call, never shown
+  as `[TOOL_CALLS]…` text in content, and the finish reason stays the engine's.
 - A call is complete at the next `[TOOL_CALLS]`, at `</s>` or at `finish`; its arguments are
   returned as generated (stripped of surrounding whitespace) even when they are not valid JSON,
   as OpenAI does: clients validate. Inside a call, every id but `[TOOL_CALLS]`, `[ARGS]` and
@@ -212,7 +213,7 @@ class OutputParser:
         state = self.state
         if token == self.eos:
             self._switch(State.DONE, delta)
-        elif token == self.tool_calls_mark and self.tools_enabled:
+        elif token == self.tool_calls_mark:
             self._switch(State.TOOL_NAME, delta)
         elif state is State.TOOL_NAME and token == self.args_mark:
             self.state = State.TOOL_ARGS
@@ -245,8 +246,9 @@ class OutputParser:
             call = ToolCall(new_call_id(), decode(self._name_ids).strip(),
                             decode(self._args_ids).strip())
             self._name_ids, self._args_ids = [], []
-            self.calls.append(call)
-            delta.tool_calls.append(call)
+            if self.tools_enabled:
+                self.calls.append(call)
+                delta.tool_calls.append(call)
         else:
             self._emit_text(delta, flush=True)
 

@@ -210,11 +210,19 @@ def test_finish_reason_without_a_tool_call_is_the_engines(tokenizer, ids_of, eng
     assert parse_completion(tokenizer, ids, engine_reason, tools_enabled=True)[3] == engine_reason
 
 
-def test_tools_disabled_keeps_the_markers_as_content(tokenizer, ids_of, mark):
-    ids = (mark("[TOOL_CALLS]") + ids_of("lookup") + mark("[ARGS]") + ids_of("{}")
-           + [tokenizer.eos_id])
+def test_a_call_with_tools_disabled_is_neither_a_call_nor_text(tokenizer, ids_of, mark):
+    """`tool_choice: none` (or no tools): a call the model emits anyway is dropped, in the
+    whole answer and at every chunking of a stream; the content before it is kept."""
+    ids = (ids_of("Sure.") + mark("[TOOL_CALLS]") + ids_of("lookup") + mark("[ARGS]")
+           + ids_of('{"q": 1}') + mark("[TOOL_CALLS]") + ids_of("other") + [tokenizer.eos_id])
     content, _, calls, finish = parse_completion(tokenizer, ids, "stop", tools_enabled=False)
-    assert (content, calls, finish) == ("[TOOL_CALLS]lookup[ARGS]{}", [], "stop")
+    assert (content, calls, finish) == ("Sure.", [], "stop")
+    rng = random.Random(2)
+    for _ in range(20):
+        parser = OutputParser(tokenizer, tools_enabled=False)
+        pieces, _, calls, finish = stream(parser, ids, random_sizes(rng))
+        assert ("".join(pieces), calls, finish) == ("Sure.", [], "stop")
+        assert parser.completion_tokens == len(ids)
 
 
 def test_unclosed_think_stays_reasoning(tokenizer, ids_of, mark):
