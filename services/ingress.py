@@ -18,12 +18,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from services.api import openapi, responses
 from services.api.http_errors import as_stack_error, error_response, sse_error, sse_event
+from services.api.middleware import CORS, ResponseHeaders, new_trace_id
 from services.api.output import OutputParser
 from services.api.plan import RequestPlan, admit, plan_request, prompt_floor, tools_of
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, MethodNotAllowed,
-                             NotFound, RequestAborted, StackError, clip, retryable)
+                             ModelNotFound, NotFound, RequestAborted, StackError, clip,
+                             retryable)
 from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.guard.quotas import Grant, Quotas
@@ -65,12 +67,17 @@ class Ingress:
         """The FastAPI app of this replica (built after construction, routes bound to self)."""
         app = FastAPI(title="small4", docs_url=None, redoc_url=None, openapi_url=None)
         app.post("/v1/chat/completions")(self.chat_completions)
-        app.get("/v1/models")(self.models)
+        read = ["GET", "HEAD"]  # HEAD answers like GET, without the body
+        app.api_route("/v1/models", methods=read)(self.models)
+        app.api_route("/v1/models/{model:path}", methods=read)(self.model)
         app.get("/openapi.json")(self.openapi_spec)
-        app.get("/health")(self.health)
-        app.get("/ready")(self.ready)
+        app.api_route("/health", methods=read)(self.health)
+        app.api_route("/ready", methods=read)(self.ready)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
         app.add_exception_handler(Exception, lambda request, exc: error_response(exc))
+        if self.settings.auth.cors_origins:
+            app.add_middleware(CORS, origins=list(self.settings.auth.cors_origins))
+        app.add_middleware(ResponseHeaders)  # outermost: every answer gets a trace id
         return app
 
     async def health(self) -> dict[str, str]:
@@ -95,11 +102,25 @@ class Ingress:
             self.authenticate(request)
         except StackError as exc:
             return error_response(exc)
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model: str, request: Request):
+        """The served model's card (`client.models.retrieve`); 404 for any other id."""
+        try:
+            self.authenticate(request)
+            if model != self.settings.model.name:
+                raise ModelNotFound(f"the model {clip(model)} does not exist; this endpoint "
+                                    f"serves {self.settings.model.name!r}", param="model")
+        except StackError as exc:
+            return error_response(exc)
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
         model = self.settings.model
-        return {"object": "list", "data": [{
-            "id": model.name, "object": "model", "created": self.created, "owned_by": "small4",
-            "engine": self.settings.engine_kind, "context_length": model.context_length,
-            "pools": {n: p.effort for n, p in self.settings.pools.items()}}]}
+        return {"id": model.name, "object": "model", "created": self.created,
+                "owned_by": "small4", "engine": self.settings.engine_kind,
+                "context_length": model.context_length,
+                "pools": {n: p.effort for n, p in self.settings.pools.items()}}
 
     async def ready(self) -> JSONResponse:
         """200 when every pool has a live decode and prefill replica, else 503 with details."""
@@ -119,7 +140,7 @@ class Ingress:
         span = tracing.start("POST /v1/chat/completions", incoming, kind=SpanKind.SERVER, **{
             "http.request.method": "POST", "url.path": "/v1/chat/completions",
             "small4.request_id": request_id})
-        trace_id = tracing.trace_id(span, incoming)
+        trace_id = tracing.trace_id(span, incoming) or new_trace_id()
         principal, grant = ANONYMOUS, None
         limits = self.settings.limits
         try:
@@ -229,6 +250,8 @@ class Ingress:
         if trace.trace_id:
             headers["x-trace-id"] = trace.trace_id
         if plan.request.stream:
+            # no cache or proxy may hold the events back
+            headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
             return StreamingResponse(answer.sse(first), headers=headers,
                                      media_type="text/event-stream")
         try:

@@ -309,6 +309,9 @@ class AuthSettings(Strict):
     keys_file: Path | None = None
     reload_s: float = Field(5.0, gt=0)
     default_quota: QuotaSettings = QuotaSettings()
+    # browser origins (e.g. "https://app.example.com") allowed to call the API; empty: CORS off,
+    # no CORS headers and no preflight answered
+    cors_origins: list[str] = []
 
     @model_validator(mode="after")
     def _keys_when_enabled(self):

@@ -25,7 +25,8 @@ def tool_call_dicts(calls, start: int = 0, *, streaming: bool = False) -> list[d
 
 def completion(meta: dict[str, Any], *, content: str, reasoning: str, tool_calls: list,
                finish_reason: str, usage_body: dict[str, Any]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    message: dict[str, Any] = {"role": "assistant", "content": content or None,
+                               "refusal": None}
     if reasoning:
         message["reasoning_content"] = reasoning
     if tool_calls:

@@ -1,0 +1,130 @@
+"""The HTTP surface around the chat route, in process (simulated engine, real FastAPI app):
+model retrieve, HEAD, CORS from settings, a trace id on every answer, SSE cache headers,
+`refusal` in messages, refused fields naming themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+
+ORIGIN = "https://app.example.com"
+PROFILE = {
+    "profile": "http-surface",
+    "auth": {"enabled": False},
+    "model": {"context_length": 4096},
+    "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 1, "output": "counter"}},
+    "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}},
+}
+BODY = {"model": "mistral-small-4", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "count"}]}
+TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def serve(profile, *requests):
+    """Send `requests` ((method, path, kwargs)) to a fresh in-process app; their responses."""
+    app = build_inprocess(parse_settings(profile)).build_asgi_app()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return [await client.request(method, path, timeout=30, **kwargs)
+                    for method, path, kwargs in requests]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return serve(PROFILE,
+                 ("GET", "/v1/models/mistral-small-4", {}),
+                 ("GET", "/v1/models/gpt-4o", {}),
+                 ("HEAD", "/health", {}), ("HEAD", "/v1/models", {}), ("HEAD", "/ready", {}),
+                 ("GET", "/v1/models", {}),
+                 ("OPTIONS", "/v1/chat/completions", {"headers": {
+                     "origin": ORIGIN, "access-control-request-method": "POST"}}),
+                 ("POST", "/v1/chat/completions", {"json": BODY}),
+                 ("POST", "/v1/chat/completions", {"json": BODY | {"stream": True}}),
+                 ("POST", "/v1/chat/completions", {"json": BODY | {"logprobs": True}}),
+                 ("GET", "/nowhere", {}))
+
+
+def test_the_served_model_is_retrievable_and_others_are_404(plain):
+    found, missing = plain[0], plain[1]
+    assert found.status_code == 200
+    assert {k: found.json()[k] for k in ("id", "object", "owned_by")} == {
+        "id": "mistral-small-4", "object": "model", "owned_by": "small4"}
+    assert found.json() == plain[5].json()["data"][0]
+    assert missing.status_code == 404
+    assert missing.json()["error"] | {"message": ""} == {
+        "message": "", "type": "invalid_request_error", "param": "model",
+        "code": "model_not_found"}
+
+
+def test_head_answers_like_get_without_a_body(plain):
+    for response in plain[2:5]:
+        assert response.status_code == 200, response
+        assert response.content == b""
+    assert int(plain[3].headers["content-length"]) == len(plain[5].content)
+
+
+def test_without_origins_cors_is_off(plain):
+    preflight = plain[6]
+    assert preflight.status_code == 405
+    assert not [h for h in preflight.headers if h.startswith("access-control-")]
+
+
+def test_every_answer_carries_a_trace_id(plain):
+    for response in plain:
+        assert TRACE_ID.match(response.headers["x-trace-id"]), response
+
+
+def test_messages_carry_refusal_and_streams_are_not_cached(plain):
+    message = plain[7].json()["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None
+    streamed = plain[8]
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.headers["cache-control"] == "no-cache"
+    assert streamed.headers["x-accel-buffering"] == "no"
+
+
+def test_an_unsupported_field_is_refused_naming_it(plain):
+    refused = plain[9]
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "logprobs")
+    assert "not supported" in error["message"]
+    assert error["trace_id"] == refused.headers["x-trace-id"]
+
+
+def test_an_incoming_traceparent_is_echoed_with_tracing_off():
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    (response, models) = serve(PROFILE, ("POST", "/v1/chat/completions", {
+        "json": BODY, "headers": {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}}),
+        ("GET", "/v1/models", {"headers": {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}}))
+    assert response.headers["x-trace-id"] == models.headers["x-trace-id"] == trace
+
+
+def test_cors_origins_answer_preflights_from_those_origins_only():
+    profile = PROFILE | {"auth": {"enabled": False, "cors_origins": [ORIGIN]}}
+    ask = {"access-control-request-method": "POST",
+           "access-control-request-headers": "authorization, content-type"}
+    allowed, other, simple = serve(
+        profile,
+        ("OPTIONS", "/v1/chat/completions", {"headers": {"origin": ORIGIN} | ask}),
+        ("OPTIONS", "/v1/chat/completions", {"headers": {"origin": "https://evil.example"} | ask}),
+        ("GET", "/v1/models", {"headers": {"origin": ORIGIN}}))
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert other.status_code == 400
+    assert other.json()["error"]["param"] == "origin"
+    assert not [h for h in other.headers if h.startswith("access-control-")]
+    assert simple.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-trace-id" in simple.headers["access-control-expose-headers"]
