@@ -45,8 +45,10 @@ COMPLETION = {
             "type": "object", "required": ["index", "message", "finish_reason"],
             "properties": {
                 "index": {"const": 0}, "finish_reason": _FINISH,
-                "message": {"type": "object", "required": ["role", "content"], "properties": {
+                "message": {"type": "object", "required": ["role", "content", "refusal"],
+                            "properties": {
                     "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                    "refusal": {"type": ["string", "null"]},
                     "reasoning_content": {"type": "string"},
                     "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}}},
         "usage": _USAGE}}
@@ -56,10 +58,17 @@ COMPLETION = {
 EVENT = {"type": "object", "required": ["data"],
          "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}
 
+MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by"],
+         "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                        "created": {"type": "integer"}, "owned_by": {"type": "string"}}}
+
 MODELS = {"type": "object", "required": ["object", "data"],
           "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-              "type": "object", "required": ["id", "object"],
-              "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}}}}
+              "$ref": _REF.format(model="Model")}}}}
+
+# Every answer carries this header (errors and probes too).
+TRACE_HEADER = {"x-trace-id": {"description": "the W3C trace id of this answer", "schema": {
+    "type": "string", "pattern": "^[0-9a-f]{32}$"}}}
 
 # Every error the chat route can answer, by status (the body is always `Error`).
 CHAT_ERRORS = {"400": "invalid request or context length exceeded",
@@ -80,10 +89,10 @@ def build(settings: IngressSettings) -> dict[str, Any]:
     schemas = request.pop("$defs")
     _narrow(request, settings)
     schemas |= {"ChatCompletionRequest": request, "ChatCompletion": COMPLETION,
-                "ModelList": MODELS, "Error": ERROR}
+                "Model": MODEL, "ModelList": MODELS, "Error": ERROR}
     limits = settings.limits
     errors = {code: _error(why) for code, why in CHAT_ERRORS.items()}
-    return {
+    spec = {
         "openapi": "3.1.0",
         "info": {"title": "small4", "version": "1",
                  "description": f"OpenAI-compatible chat completions for {settings.model.name}"},
@@ -100,7 +109,9 @@ def build(settings: IngressSettings) -> dict[str, Any]:
                                "maximum": limits.max_request_timeout_s}}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": _REF.format(model="ChatCompletionRequest")}}}},
-                "responses": {"200": {"description": "the completion, or its SSE stream",
+                "responses": {"200": {"description": "the completion, or its SSE stream "
+                                                     "(sent with cache-control: no-cache)",
+                                      "headers": TRACE_HEADER,
                                       "content": {
                                           "application/json": {"schema": {
                                               "$ref": _REF.format(model="ChatCompletion")}},
@@ -111,6 +122,13 @@ def build(settings: IngressSettings) -> dict[str, Any]:
                 "responses": {"200": {"description": "the served model", "content": {
                     "application/json": {"schema": {"$ref": _REF.format(model="ModelList")}}}},
                     "401": errors["401"]}}},
+            "/v1/models/{model}": {"get": {
+                "operationId": "retrieveModel",
+                "parameters": [{"name": "model", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the served model", "content": {
+                    "application/json": {"schema": {"$ref": _REF.format(model="Model")}}}},
+                    "401": errors["401"], "404": _error("not the served model")}}},
             "/health": {"get": {"operationId": "health", "security": [],
                                 "responses": {"200": {"description": "the process is up"}}}},
             "/ready": {"get": {"operationId": "ready", "security": [], "responses": {
@@ -118,6 +136,19 @@ def build(settings: IngressSettings) -> dict[str, Any]:
                 "503": {"description": "some pool is not ready"}}}},
         },
     }
+    _add_heads(spec["paths"])
+    return spec
+
+
+def _add_heads(paths: dict[str, Any]) -> None:
+    """HEAD answers like GET without a body, on the probes and the model list."""
+    for path in ("/v1/models", "/health", "/ready"):
+        get = paths[path]["get"]
+        paths[path]["head"] = {
+            **{k: v for k, v in get.items() if k != "responses"},
+            "operationId": f"{get['operationId']}Head",
+            "responses": {code: {"description": answer["description"]}
+                          for code, answer in get["responses"].items()}}
 
 
 def _narrow(request: dict[str, Any], settings: IngressSettings) -> None:

@@ -26,8 +26,30 @@ def test_the_spec_carries_the_profiles_limits_and_names():
     loaded = schemathesis.openapi.from_dict(spec)
     operations = {op.ok().label for op in loaded.get_all_operations()}
     assert operations == {"POST /v1/chat/completions", "GET /v1/models", "GET /health",
-                          "GET /ready"}
+                          "GET /ready", "GET /v1/models/{model}", "HEAD /v1/models",
+                          "HEAD /health", "HEAD /ready"}
     assert spec["paths"]["/health"]["get"]["security"] == []  # probes are open
+    assert spec["paths"]["/health"]["head"]["security"] == []
+
+
+def test_the_spec_documents_the_spec_fields_nulls_and_ranges():
+    """What the wire model accepts is what the spec says: nulls where OpenAI allows them,
+    penalties in [-2, 2], top_p from 0, and the fields refused unless neutral declared."""
+    spec = openapi.build(parse_settings(PROFILE).ingress_settings())
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for field in ("temperature", "top_p", "n", "stream", "seed", "stop", "max_tokens"):
+        assert {"type": "null"} in request[field]["anyOf"], field
+    assert request["top_p"]["anyOf"][0]["minimum"] == 0
+    for field in ("presence_penalty", "frequency_penalty"):
+        assert (request[field]["anyOf"][0]["minimum"],
+                request[field]["anyOf"][0]["maximum"]) == (-2, 2)
+    for field in ("response_format", "logprobs", "top_logprobs", "logit_bias", "prediction",
+                  "parallel_tool_calls", "functions", "function_call"):
+        assert field in request, field
+    message = spec["components"]["schemas"]["ChatCompletion"]["properties"]["choices"]["items"][
+        "properties"]["message"]
+    assert "refusal" in message["required"]
+    assert "prefix" in spec["components"]["schemas"]["AssistantMessage"]["properties"]
 
 
 def test_small4_openapi_prints_the_spec_of_a_profile(tmp_path, capsys):
