@@ -200,3 +200,96 @@ def test_client_disconnect_aborts_and_frees_kv(stack, ask):
             break
         time.sleep(0.2)
     assert (stats.running, stats.kv_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"logit_bias": {"1000": 5}}, "logit_bias"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 5}, "frequency_penalty"),  # out of [-2, 2]: a range error
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"prediction": {"type": "content", "content": "The sea"}}, "prediction"),
+    ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+     "tool_choice"),
+    ({"functions": [TOOLS[0]["function"]]}, "functions"),
+])
+def test_fields_we_cannot_honour_are_refused_naming_them(client, kwargs, param):
+    """Never a 200 that ignored a field changing the answer."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **kwargs)
+    assert err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error"
+    assert ("supported" in err.value.body["message"]) is (param != "frequency_penalty")
+
+
+def test_spec_nulls_mean_the_defaults(client):
+    kwargs = dict(model=MODEL, messages=HELLO, max_tokens=6)
+    nulls = client.chat.completions.create(temperature=None, top_p=None, n=None, seed=None,
+                                           stop=None, presence_penalty=None,
+                                           extra_body={"stream": None}, **kwargs)
+    assert nulls.choices[0].finish_reason in ("stop", "length")
+    greedy = client.chat.completions.create(temperature=0, **kwargs)
+    assert client.chat.completions.create(top_p=0, **kwargs).choices[0].message.content == \
+        greedy.choices[0].message.content  # top_p 0 keeps the most likely token only
+
+
+def test_models_retrieve(client):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "small4")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_none_offers_no_tools(sim_client, stream):
+    """The echo engine calls the first tool the prompt offers: with `none` there is none."""
+    messages = [{"role": "user", "content": "find the tide tables"}]
+    reply = sim_client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                               tool_choice="none", stream=stream)
+    if stream:
+        chunks = [c for c in reply if c.choices]
+        assert not [c for c in chunks if c.choices[0].delta.tool_calls]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    else:
+        assert reply.choices[0].message.tool_calls is None
+        content, finish = reply.choices[0].message.content, [reply.choices[0].finish_reason]
+    assert content == "find the tide tables" and finish == ["stop"]
+    assert "[TOOL_CALLS]" not in content
+
+
+def test_assistant_prefill_is_continued(client, tokenizer):
+    messages = [{"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "The colour is", "prefix": True}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    continued = tokenizer.encode_chat(messages, effort="none").ids
+    assert tokenizer.decode(continued).endswith("[/INST]The colour is")
+    assert reply.usage.prompt_tokens == len(continued)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages[:1] + [
+            {"role": "assistant", "content": "The colour is"}], max_tokens=3)
+    assert err.value.body["param"] == "messages"
+
+
+def test_response_headers_and_refusal(stack, sim_client):
+    """The sim app traces nothing: a trace id is made up for every answer anyway."""
+    raw = sim_client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+    assert len(raw.headers["x-trace-id"]) == 32
+    message = json.loads(raw.text)["choices"][0]["message"]
+    assert "refusal" in message and message["refusal"] is None
+    with httpx.stream("POST", f"{stack['sim']}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": HELLO, "stream": True}) as streamed:
+        assert streamed.headers["cache-control"] == "no-cache"
+        assert streamed.headers["x-accel-buffering"] == "no"
+        assert len(streamed.headers["x-trace-id"]) == 32
+        streamed.read()
+    for path in ("/health", "/ready", "/v1/models", "/v1/nothing"):
+        got = httpx.get(f"{stack['sim']}{path}")
+        head = httpx.head(f"{stack['sim']}{path}")
+        assert len(got.headers["x-trace-id"]) == 32, path
+        if path != "/v1/nothing":
+            assert (head.status_code, head.content) == (200, b""), path
