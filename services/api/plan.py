@@ -44,7 +44,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     the asked `max_tokens`), known before tokenising: a prompt that cannot fit the context is
     refused here, cheaply (a 12 MB prompt is never tokenised)."""
     text = sum(_text_bytes(m.content) for m in req.messages)
-    text += sum(len(t.model_dump_json()) for t in req.tools or ())
+    text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else \
         req.max_tokens
