@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.api.schemas import ChatCompletionRequest
+from services.api.schemas import UNSUPPORTED, ChatCompletionRequest
 from services.settings import IngressSettings
 
 _REF = "#/components/schemas/{model}"
@@ -161,6 +161,9 @@ def _narrow(request: dict[str, Any], settings: IngressSettings) -> None:
     for field in ("max_tokens", "max_completion_tokens"):
         props[field] = {"anyOf": [{"type": "integer", "minimum": 1,
                                    "maximum": limits.max_tokens_cap}, {"type": "null"}]}
+    for field, accepted in UNSUPPORTED.items():
+        props[field] = {"anyOf": [*({"const": value} for value in accepted), {"type": "null"}],
+                        "description": "not supported yet: any other value is refused (400)"}
 
 
 def _error(description: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ errors become `InvalidRequest` naming the field path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
@@ -212,34 +212,39 @@ class ChatCompletionRequest(_Wire):
         return bool(self.tools) and self.tool_choice != "none"
 
 
-def _one_of(*values) -> Callable[[Any], bool]:
-    return lambda value: value in values
-
-
-# Fields of the spec that change the answer and are not implemented yet: the test of the values
-# that mean "as if it were not set", and those values in words. Anything else is refused.
-UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_one_of(None, 1), "1"),
-    "response_format": (lambda v: v is None or v.type == "text", '{"type": "text"}'),
-    "logprobs": (_one_of(None, False), "false"),
-    "top_logprobs": (_one_of(None, 0), "0"),
-    "logit_bias": (lambda v: not v, "{}"),
-    "presence_penalty": (_one_of(None, 0), "0"),
-    "frequency_penalty": (_one_of(None, 0), "0"),
-    "prediction": (_one_of(None), "null"),
-    "parallel_tool_calls": (_one_of(None, True), "true"),
-    "functions": (_one_of(None), "null (use tools)"),
-    "function_call": (_one_of(None, "none", "auto"), '"none" or "auto" (use tool_choice)'),
-    "tool_choice": (_one_of(None, "none", "auto"), '"none" or "auto"'),
+# Fields of the spec that change the answer and are not implemented yet, with the JSON values that
+# mean "as if it were not set" (`null` always does). Anything else is refused, and the served
+# OpenAPI spec states these values (api/openapi.py), so generated clients and fuzzers see them.
+UNSUPPORTED: dict[str, list[Any]] = {
+    "n": [1],
+    "response_format": [{"type": "text"}],
+    "logprobs": [False],
+    "top_logprobs": [0],
+    "logit_bias": [{}],
+    "presence_penalty": [0],
+    "frequency_penalty": [0],
+    "prediction": [],
+    "parallel_tool_calls": [True],
+    "functions": [],
+    "function_call": ["none", "auto"],
+    "tool_choice": ["none", "auto"],
 }
+
+
+def _as_json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    return value
 
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """A 400 naming the first field set to a value this endpoint cannot honour yet."""
-    for name, (neutral, accepted) in UNSUPPORTED.items():
-        if not neutral(getattr(req, name)):
+    for name, accepted in UNSUPPORTED.items():
+        value = _as_json(getattr(req, name))
+        if value is not None and value not in accepted:
+            words = " or ".join(json.dumps(v) for v in [*accepted, None])
             raise InvalidRequest(f"{name}: this value is not supported (yet) by this "
-                                 f"endpoint; only {accepted} is accepted", param=name)
+                                 f"endpoint; only {words} is accepted", param=name)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

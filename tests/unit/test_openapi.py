@@ -11,6 +11,7 @@ import yaml
 from cluster.cli import main
 from cluster.settings import parse_settings
 from services.api import openapi
+from services.api.schemas import UNSUPPORTED
 
 PROFILE = {"auth": {"enabled": False}, "model": {"name": "small4-test"},
            "limits": {"max_tokens_cap": 48, "max_messages": 7}}
@@ -37,15 +38,15 @@ def test_the_spec_documents_the_spec_fields_nulls_and_ranges():
     penalties in [-2, 2], top_p from 0, and the fields refused unless neutral declared."""
     spec = openapi.build(parse_settings(PROFILE).ingress_settings())
     request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    for field in ("temperature", "top_p", "n", "stream", "seed", "stop", "max_tokens"):
+    for field in ("temperature", "top_p", "stream", "seed", "stop", "max_tokens"):
         assert {"type": "null"} in request[field]["anyOf"], field
     assert request["top_p"]["anyOf"][0]["minimum"] == 0
-    for field in ("presence_penalty", "frequency_penalty"):
-        assert (request[field]["anyOf"][0]["minimum"],
-                request[field]["anyOf"][0]["maximum"]) == (-2, 2)
+    # fields refused unless neutral: the spec states exactly the values that are accepted
     for field in ("response_format", "logprobs", "top_logprobs", "logit_bias", "prediction",
-                  "parallel_tool_calls", "functions", "function_call"):
-        assert field in request, field
+                  "parallel_tool_calls", "functions", "function_call", "n",
+                  "presence_penalty", "frequency_penalty", "tool_choice"):
+        accepted = [option.get("const") for option in request[field]["anyOf"]]
+        assert accepted == [*UNSUPPORTED[field], None], field
     message = spec["components"]["schemas"]["ChatCompletion"]["properties"]["choices"]["items"][
         "properties"]["message"]
     assert "refusal" in message["required"]
