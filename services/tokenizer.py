@@ -43,6 +43,11 @@ class PromptTokenizer:
         self._mt = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
         self._raw = self._mt.instruct_tokenizer.tokenizer
 
+    @property
+    def mistral(self):
+        """mistral-common's `MistralTokenizer` (its grammar factory is built from it)."""
+        return self._mt
+
     @cached_property
     def eos_id(self) -> int:
         return self._raw.eos_id
@@ -93,6 +98,14 @@ class PromptTokenizer:
     def token_piece(self, token_id: int) -> str:
         """One token's text; control tokens as their names."""
         return self.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes (a piece of a multi-byte character is not text on its own)."""
+        return self._raw.id_to_byte_piece(token_id, special_token_policy="keep")
+
+    def is_control(self, token_id: int) -> bool:
+        """Whether the id is a control token (`[THINK]`, `[TOOL_CALLS]`, end of sequence...)."""
+        return token_id < self._raw.num_special_tokens
 
 
 def _prefill(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:

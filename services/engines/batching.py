@@ -1,5 +1,6 @@
 """The continuous-batching core shared by the CPU engines: admission, the step loop, per-request
-output queues, abort. An engine supplies only `step(batch) -> one token per sequence`.
+output queues, abort. An engine supplies only `step(batch) -> one (token, logprob or None) per
+sequence`.
 
 Sequences join the running batch between steps when `max_running_requests` and the KV
 reservation (prompt + max_tokens, so a running sequence never runs out) allow; each step's tokens
@@ -16,7 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from services.engines.protocol import EngineRequest, EngineStats, FinishReason, TokenChunk
+from services.engines.protocol import (EngineRequest, EngineStats, FinishReason, TokenChunk,
+                                       TokenLogprob)
 from services.engines.stops import StopChecker
 from services.errors import EngineError
 from services.settings import EngineSettings
@@ -30,6 +32,7 @@ class Sequence:
     stops: StopChecker
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
+    finished: bool = False  # its last chunk was handed out
 
     @property
     def kv_tokens(self) -> int:
@@ -40,7 +43,8 @@ class Sequence:
         return len(self.request.prompt_ids) + self.request.sampling.max_tokens
 
 
-Step = Callable[[list[Sequence]], Awaitable[list[int]]]
+Sampled = tuple[int, TokenLogprob | None]
+Step = Callable[[list[Sequence]], Awaitable[list[Sampled]]]
 
 
 class ContinuousBatcher:
@@ -65,9 +69,8 @@ class ContinuousBatcher:
         self._ensure_loop()
         try:
             while True:
-                tokens, finish = await _next_chunk(seq)
-                yield TokenChunk(tokens, finish)
-                if finish:
+                yield await _next_chunk(seq)
+                if seq.finished:
                     return
         finally:
             if not seq.done:
@@ -117,19 +120,19 @@ class ContinuousBatcher:
                 continue
             batch = list(self.running.values())
             try:
-                tokens = await self.step(batch)
+                sampled = await self.step(batch)
             except Exception as exc:  # an engine fault fails the batch, not the process
                 self.failure = f"{type(exc).__name__}: {exc}"
                 for seq in batch:
                     self._finish(seq, EngineError(f"decode step failed: {exc}"))
                 continue
-            for seq, token in zip(batch, tokens):
+            for seq, (token, logprob) in zip(batch, sampled):
                 if not seq.done:
                     finish = seq.stops.check([token])
                     if finish:
-                        self._finish(seq, (token, finish))
+                        self._finish(seq, (token, finish, logprob))
                     else:
-                        seq.queue.put_nowait((token, None))
+                        seq.queue.put_nowait((token, None, logprob))
 
     def _finish(self, seq: Sequence, item) -> None:
         seq.done = True
@@ -137,17 +140,23 @@ class ContinuousBatcher:
         seq.queue.put_nowait(item)
 
 
-async def _next_chunk(seq: Sequence) -> tuple[list[int], FinishReason | None]:
-    """Every token queued for `seq` so far (at least one), and the finish reason if it ended."""
-    tokens, finish = [], None
+async def _next_chunk(seq: Sequence) -> TokenChunk:
+    """Every token queued for `seq` so far (at least one), their logprobs if sampled with them,
+    and the finish reason if it ended (then `seq.finished` is set)."""
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    finish: FinishReason | None = None
     item = await seq.queue.get()
     while True:
         if isinstance(item, BaseException):
             raise item
-        token, finish = item
+        token, finish, logprob = item
         tokens.append(token)
+        if logprob is not None:
+            logprobs.append(logprob)
         if finish or seq.queue.empty():
-            return tokens, finish
+            seq.finished = finish is not None
+            return TokenChunk(tokens, finish, logprobs or None)
         item = seq.queue.get_nowait()
 
 

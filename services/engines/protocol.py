@@ -35,8 +35,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     # Tokens generated before this leg (a stream resumed on another replica): a stop string may
-    # begin in them and end in this leg's output. They count toward nothing else.
+    # begin in them and end in this leg's output, and penalties and the grammar replay them.
     stop_context: tuple[int, ...] = ()
+    # Structured output: a Lark grammar (mistral-common's, checked by the ingress) the tokens
+    # must follow; None is free text.
+    grammar: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives
+    logprobs: int | None = None
 
 
 @dataclass
@@ -60,6 +68,15 @@ class EngineRequest:
         return "".join(map(chr, self.prompt_ids))
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's logprob and the most likely alternatives (id, logprob), best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class PrefillResult:
     """The first sampled token and the KV export of a prompt."""
@@ -71,6 +88,7 @@ class PrefillResult:
     cached_tokens: int = 0
     compute_s: float = 0.0
     queue_s: float = 0.0
+    first_logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -79,6 +97,8 @@ class TokenChunk:
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    # one per token when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

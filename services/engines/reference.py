@@ -15,17 +15,20 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
 from services.engines.prefix_cache import image_digest, image_marks, prefix_cache_for
-from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
-from services.engines.sampling import sample_token
+from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk,
+                                       TokenLogprob)
+from services.engines.sampling import Sampler, sample_batch
 from services.engines.stops import StopChecker
 from services.engines.validation import validate_request
 from services.errors import EngineError, InputRejected
+from services.grammar import Guidance
 from services.kv.blob import KVBlob
 from services.model.loader import ModelBundle
 from services.settings import EngineSettings
@@ -38,6 +41,7 @@ class _Sequence(Sequence):
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     last_token: int = 0
     position: int = 0
+    sampler: Sampler | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -51,7 +55,8 @@ class ReferenceEngine:
 
     def __init__(self, bundle: ModelBundle, settings: EngineSettings, *, role: str,
                  context_length: int, eos_ids: tuple[int, ...],
-                 detokenize: Callable[[list[int]], str], image_end_id: int | None = None):
+                 detokenize: Callable[[list[int]], str], image_end_id: int | None = None,
+                 guidance: Guidance | None = None):
         self.bundle = bundle
         self.settings = settings
         self.role = role
@@ -65,6 +70,7 @@ class ReferenceEngine:
         self._aborted: set[str] = set()
         self.image_end_id = image_end_id
         self.prefix_cache = prefix_cache_for(settings, role)
+        self.guidance = guidance
 
     # ---- prefill -------------------------------------------------------------------------
     async def prefill(self, request: EngineRequest) -> PrefillResult:
@@ -72,15 +78,17 @@ class ReferenceEngine:
         timing: dict[str, float] = {}
         async with self._gate.turn(request.request_id, timing):
             try:
-                blob, first, cached = await self._run_prefill(request)
+                blob, (first, logprob), cached = await self._run_prefill(request)
             finally:
                 self._aborted.discard(request.request_id)
         return PrefillResult(request.request_id, first, len(request.prompt_ids), blob,
                              cached_tokens=cached, compute_s=timing["compute_s"],
-                             queue_s=timing["queue_s"])
+                             queue_s=timing["queue_s"], first_logprob=logprob)
 
-    async def _run_prefill(self, request: EngineRequest) -> tuple[KVBlob, int, int]:
-        """The prompt's KV, its first token, and how many of its tokens came from the cache."""
+    async def _run_prefill(self, request: EngineRequest,
+                           ) -> tuple[KVBlob, tuple[int, TokenLogprob | None], int]:
+        """The prompt's KV, its first token (and logprob), and how many of its tokens came from
+        the cache."""
         from transformers import DynamicCache
 
         loop = asyncio.get_running_loop()
@@ -127,8 +135,12 @@ class ReferenceEngine:
                                       layer.values[:, :, i * size:(i + 1) * size].clone())
                                      for layer in cache.layers],
                           first_block=done // size)
-        first = sample_token(logits, request.sampling, len(request.prompt_ids))
+        first = await loop.run_in_executor(self._executor, self._sample_first, request, logits)
         return KVBlob.from_cache(cache), first, done
+
+    def _sample_first(self, request: EngineRequest, logits: torch.Tensor):
+        sampler = Sampler(request.sampling, self.guidance, request.sampling.stop_context)
+        return sample_batch([sampler], logits[None], [len(request.prompt_ids)])[0]
 
     @torch.inference_mode()
     def _embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
@@ -146,26 +158,35 @@ class ReferenceEngine:
         validate_request(request, self.context_length, self.bundle.vocab_size)
         if kv is None or kv.num_tokens != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
-        seq = _Sequence(request, StopChecker(request.sampling, self.eos_ids, self.detokenize),
+        sampling = request.sampling
+        seq = _Sequence(request, StopChecker(sampling, self.eos_ids, self.detokenize),
                         layers=kv.to_layers(), last_token=first_token,
-                        position=len(request.prompt_ids))
+                        position=len(request.prompt_ids),
+                        sampler=Sampler(sampling, self.guidance,
+                                        (*sampling.stop_context, first_token)))
         return self._batcher.stream(seq, first_token)
 
-    async def _decode_step(self, batch: list[_Sequence]) -> list[int]:
+    async def _decode_step(self, batch: list[_Sequence]) -> list[tuple[int, Any]]:
         loop = asyncio.get_running_loop()
-        logits, new_kv = await loop.run_in_executor(self._executor, self._forward_batch, batch)
-        tokens = []
-        for row, seq in enumerate(batch):
-            if seq.done:  # aborted while the step ran: its KV is already gone
-                tokens.append(-1)
-                continue
+        return await loop.run_in_executor(self._executor, self._step, batch)
+
+    def _step(self, batch: list[_Sequence]) -> list[tuple[int, TokenLogprob | None]]:
+        """One forward pass for the batch, then each row's token (on the engine's thread)."""
+        logits, new_kv = self._forward_batch(batch)
+        live = [row for row, seq in enumerate(batch) if not seq.done]
+        for row in live:
+            seq = batch[row]
             seq.layers = [(torch.cat([k, nk[row:row + 1]], dim=-2),
                            torch.cat([v, nv[row:row + 1]], dim=-2))
                           for (k, v), (nk, nv) in zip(seq.layers, new_kv)]
             seq.position += 1
-            seq.last_token = sample_token(logits[row], seq.request.sampling, seq.position)
-            tokens.append(seq.last_token)
-        return tokens
+        sampled = sample_batch([batch[row].sampler for row in live], logits[live],
+                               [batch[row].position for row in live])
+        out: list[tuple[int, TokenLogprob | None]] = [(-1, None)] * len(batch)
+        for row, (token, logprob) in zip(live, sampled):
+            batch[row].last_token = token
+            out[row] = (token, logprob)
+        return out  # -1: aborted while the step ran, its KV already gone
 
     @torch.inference_mode()
     def _forward_batch(self, batch: list[_Sequence]):

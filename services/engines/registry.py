@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.engines.protocol import Engine
+from services.grammar import Guidance, warmed
 from services.settings import EngineSettings, ModelSettings, WorkerSettings
 from services.tokenizer import PromptTokenizer
 
@@ -32,7 +33,8 @@ def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
                              f"tokenizer's ({tokenizer.vocab_size}); use a matching tokenizer")
         return ReferenceEngine(bundle, engine, role=role, context_length=model.context_length,
                                eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode,
-                               image_end_id=tokenizer.special("[IMG_END]"))
+                               image_end_id=tokenizer.special("[IMG_END]"),
+                               guidance=warmed(Guidance(tokenizer)))
     if engine.kind == "simulated":
         from services.engines.simulated import SimulatedEngine
 

@@ -1,22 +1,104 @@
-"""Token sampling shared by the CPU engines: greedy, temperature, nucleus, reproducible seeds.
+"""Token sampling shared by the CPU engines: logit bias, presence and frequency penalties, grammar
+masks, greedy/temperature/nucleus picks with reproducible seeds, and logprobs.
+
+Each sequence keeps one `Sampler`. Its steps, per token: add `logit_bias`; subtract the penalties
+for the tokens generated so far (OpenAI's definitions: `presence_penalty` once per token seen,
+`frequency_penalty` times its count); mask the ids the request's grammar forbids (llguidance,
+batched over the running sequences by `sample_batch`); then pick. Logprobs are taken from the
+distribution after those steps and before temperature and top-p, so a constrained answer's
+alternatives are the tokens it could have taken.
 
 A seeded request draws each token from a generator keyed by (seed, position), so the same seed
 gives the same tokens whether prefill and decode run in one engine or two, and whichever decode
-replica continues a stream.
+replica continues a stream. A resumed stream's sampler replays the tokens already generated
+(`SamplingParams.stop_context`) into its counts and grammar first.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 import torch
 
-from services.engines.protocol import SamplingParams
+from services.engines.protocol import SamplingParams, TokenLogprob
+from services.grammar import Guidance, allowed
 
 _SEED_STRIDE = 1_000_003
 
 
+class Sampler:
+    """One sequence's sampling state: the tokens it generated and its grammar's position."""
+
+    def __init__(self, params: SamplingParams, guidance: Guidance | None = None,
+                 history: Sequence[int] = ()):
+        self.params = params
+        self.counts: Counter[int] = Counter()
+        self.constraint = None
+        if params.grammar is not None:
+            if guidance is None:
+                raise ValueError("a grammar-constrained request needs an engine with guidance")
+            self.constraint = guidance.constraint(params.grammar)
+        for token in history:
+            self.accept(token)
+
+    def accept(self, token: int) -> None:
+        """Count a generated token and advance the grammar over it."""
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self.counts[token] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bias and penalties applied to one row of logits (a new tensor when any applies)."""
+        params = self.params
+        if params.logit_bias:
+            logits = logits.clone()
+            ids = torch.tensor([i for i, _ in params.logit_bias])
+            logits[ids] += torch.tensor([b for _, b in params.logit_bias])
+        if self.counts:
+            logits = logits.clone() if not params.logit_bias else logits
+            ids = torch.tensor(list(self.counts))
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype)
+            logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+        return logits
+
+    def pick(self, logits: torch.Tensor, position: int) -> tuple[int, TokenLogprob | None]:
+        """The next token from one adjusted, masked row of logits, and its logprobs if asked."""
+        token = _pick(logits, self.params, position)
+        record = None
+        if self.params.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            top = ()
+            if self.params.logprobs:
+                values, ids = torch.topk(logprobs, self.params.logprobs)
+                top = tuple((int(i), float(v)) for i, v in zip(ids, values))
+            record = TokenLogprob(token, float(logprobs[token]), top)
+        self.accept(token)
+        return token, record
+
+
+def sample_batch(samplers: list[Sampler], logits: torch.Tensor,
+                 positions: list[int]) -> list[tuple[int, TokenLogprob | None]]:
+    """One token per row of `logits` ([B, V]), each row by its own sampler; the grammar masks
+    of the constrained rows are computed together and applied in one step."""
+    constrained = [row for row, s in enumerate(samplers) if s.constraint is not None]
+    if constrained:
+        masks = torch.stack([samplers[row].constraint.fill() for row in constrained])
+        forbidden = torch.zeros(logits.shape, dtype=torch.bool)
+        forbidden[constrained] = ~allowed(masks, logits.shape[-1])
+        logits = logits.masked_fill(forbidden, float("-inf"))
+    return [sampler.pick(sampler.adjust(logits[row]), position)
+            for row, (sampler, position) in enumerate(zip(samplers, positions))]
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Pick the next token from one row of logits for the token at `position` of the sequence."""
-    if params.temperature <= 0.0:
+    """Pick from one row of logits with no state (no bias, penalties or grammar)."""
+    return _pick(logits, params, position)
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    if params.temperature <= 0.0 or params.top_p <= 0.0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

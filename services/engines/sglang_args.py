@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from services.engines.protocol import EngineRequest, FinishReason
+from services.engines.protocol import EngineRequest, FinishReason, TokenLogprob
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
 from services.multimodal.uniform import ImageTokens, image_offsets
 from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
@@ -149,6 +149,12 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
     }
     if seeded and s.seed is not None:
         params["sampling_seed"] = s.seed
+    if s.logit_bias:
+        params["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
+    if s.presence_penalty:
+        params["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        params["frequency_penalty"] = s.frequency_penalty
     return params
 
 
@@ -172,6 +178,9 @@ def generate_args(request: EngineRequest, eos_ids: tuple[int, ...], *,
         "stream": True,
     }
     kwargs |= {f: request.handoff[f] for f in BOOTSTRAP_FIELDS}
+    if request.sampling.logprobs is not None:  # the output tokens' logprobs only
+        kwargs |= {"return_logprob": True, "top_logprobs_num": request.sampling.logprobs,
+                   "logprob_start_len": -1}
     if request.trace_headers:
         kwargs["external_trace_header"] = dict(request.trace_headers)
     if images:
@@ -226,6 +235,19 @@ class OutputReader:
             fresh = ids[self.seen:]
         self.seen += len(fresh)
         return fresh
+
+    @staticmethod
+    def logprobs(out: dict[str, Any], count: int) -> list[TokenLogprob] | None:
+        """The logprobs of the last `count` tokens `new_tokens` passed on (SGLang's lists
+        follow `output_ids`: cumulative or incremental alike, the new ones are at the end)."""
+        meta = out.get("meta_info") or {}
+        chosen = meta.get("output_token_logprobs")
+        if not chosen or count == 0:
+            return None
+        tops = meta.get("output_top_logprobs") or [None] * len(chosen)
+        return [TokenLogprob(int(token), float(logprob),
+                             tuple((int(t), float(lp)) for lp, t, *_ in (top or ())))
+                for (logprob, token, *_), top in zip(chosen[-count:], tops[-count:])]
 
     def finish(self, out: dict[str, Any]) -> FinishReason | None:
         """The finish reason once the request ended; SGLang's aborts raise our errors."""

@@ -224,13 +224,15 @@ class DecodeStream:
 
     def _chunk(self, out: dict[str, Any]) -> TokenChunk:
         ids, before = self.reader.new_tokens(out), len(self.stops.generated)
+        logprobs = OutputReader.logprobs(out, len(ids))
         ours = self.stops.check(ids) if ids else None
         ids = ids[:len(self.stops.generated) - before]  # none past where we stop
+        logprobs = logprobs[:len(ids)] if logprobs is not None else None
         theirs = self.reader.finish(out)
         live = self.engine.live.get(self.request.request_id)
         if live is not None:
             live[1] += len(ids)
-        return TokenChunk(ids, ours or theirs)
+        return TokenChunk(ids, ours or theirs, logprobs)
 
     async def close(self) -> None:
         """Abort the engine request unless it finished, then forget it (in that order: the

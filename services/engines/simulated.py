@@ -168,7 +168,8 @@ class SimulatedEngine:
         The work runs as its own task so `abort` can cancel it wherever it is (queued or running);
         the caller then sees `asyncio.CancelledError`, as with the reference engine.
         """
-        validate_request(request, self.context_length, self.tokenizer.vocab_size)
+        validate_request(request, self.context_length, self.tokenizer.vocab_size,
+                         logits=False)
         task = asyncio.ensure_future(self._prefill_in_turn(request))
         self._prefills[request.request_id] = task
         try:
@@ -202,17 +203,18 @@ class SimulatedEngine:
     def decode(self, request: EngineRequest, first_token: int,
                kv: SimulatedKV) -> AsyncIterator[TokenChunk]:
         """Join the running batch; stream the plan after `first_token` until a stop."""
-        validate_request(request, self.context_length, self.tokenizer.vocab_size)
+        validate_request(request, self.context_length, self.tokenizer.vocab_size,
+                         logits=False)
         if kv is None or getattr(kv, "num_tokens", None) != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
         stops = StopChecker(request.sampling, (self.tokenizer.eos_id,), self.tokenizer.decode)
         seq = _Sequence(request, stops, plan=self.planner.plan(request.prompt_ids))
         return self._batcher.stream(seq, first_token)
 
-    async def _decode_step(self, batch: list[_Sequence]) -> list[int]:
+    async def _decode_step(self, batch: list[_Sequence]) -> list[tuple[int, None]]:
         await asyncio.sleep((self.timing.decode_step_ms
                              + self.timing.decode_ms_per_seq * len(batch)) / 1000.0)
-        return [seq.next_token() for seq in batch]
+        return [(seq.next_token(), None) for seq in batch]
 
     async def abort(self, request_id: str) -> bool:
         """Free the request now, wherever it is; False when this engine does not hold it."""

@@ -6,8 +6,10 @@ from services.engines.protocol import EngineRequest
 from services.errors import ContextLengthExceeded, InvalidRequest
 
 
-def validate_request(request: EngineRequest, context_length: int, vocab_size: int) -> None:
-    """Raise `InvalidRequest` for an empty prompt, bad sampling, or a prompt that cannot fit."""
+def validate_request(request: EngineRequest, context_length: int, vocab_size: int, *,
+                     logits: bool = True) -> None:
+    """Raise `InvalidRequest` for an empty prompt, bad sampling, or a prompt that cannot fit;
+    an engine without logits (`logits=False`, the simulated one) refuses what needs them."""
     n = len(request.prompt_ids)
     if n == 0:
         raise InvalidRequest("the prompt is empty", param="messages")
@@ -27,3 +29,16 @@ def validate_request(request: EngineRequest, context_length: int, vocab_size: in
     bad = next((t for t in request.prompt_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"prompt token id {bad} is outside the vocabulary", param="messages")
+    bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias: token id {bad} is outside the vocabulary",
+                             param="logit_bias")
+    if not logits:
+        needs = {"response_format": params.grammar is not None,
+                 "logprobs": params.logprobs is not None, "logit_bias": bool(params.logit_bias),
+                 "presence_penalty": bool(params.presence_penalty),
+                 "frequency_penalty": bool(params.frequency_penalty)}
+        for name, asked in needs.items():
+            if asked:
+                raise InvalidRequest(f"{name}: this engine samples no logits and cannot "
+                                     f"honour it", param=name)

@@ -42,6 +42,7 @@ class PairedKV:
 
     first_token: int | None = None
     kv: Any = None
+    first_logprob: Any = None  # the first token's TokenLogprob when the request asked for them
 
 
 @runtime_checkable

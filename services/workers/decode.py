@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.context import RequestContext
-from services.engines.protocol import EngineRequest, EngineStats, TokenChunk
+from services.engines.protocol import EngineRequest, EngineStats, TokenChunk, TokenLogprob
 from services.errors import (DeadlineExceeded, EngineError, KVHandoffFailed, StackError,
                              from_exception, retryable)
 from services.kv.transfer import KVState, KVTransfer
@@ -41,6 +41,7 @@ class StreamChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 class DecodeWorker(EngineHost):
@@ -67,13 +68,14 @@ class DecodeWorker(EngineHost):
                 request, span)
             tokens = self.engine.decode(request, leg.first_token, leg.kv)
             if leg.first_token is not None:  # prefill sampled it
-                first = StreamChunk([leg.first_token])
+                first = StreamChunk([leg.first_token], logprobs=(
+                    [leg.first_logprob] if leg.first_logprob is not None else None))
             else:  # the decode engine streams from the first token (SGLang)
                 head = await anext(tokens, None)
                 if head is None:
                     raise EngineError("the decode engine ended before its first token",
                                       request_id=request.request_id)
-                first = StreamChunk(head.token_ids, head.finish_reason)
+                first = StreamChunk(head.token_ids, head.finish_reason, logprobs=head.logprobs)
             ttft = time.perf_counter() - received
             metrics.TTFT.observe(ttft, **self.tags)
             span.set_attribute("small4.ttft_s", ttft)
@@ -115,7 +117,8 @@ class DecodeWorker(EngineHost):
         if reply.replica:  # what the prefill replica holds now corrects the routers' index
             router_state.correct(reply.replica, reply.cache_tokens)
         return _Leg(reply.first_token, kv, reply.prompt_tokens,
-                    _timings(reply, transfer, self.handoff.backend))
+                    _timings(reply, transfer, self.handoff.backend),
+                    first_logprob=reply.first_logprob)
 
     async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
         transfer, legs = KVTransfer(self.handoff, request.request_id), None
@@ -179,7 +182,8 @@ class DecodeWorker(EngineHost):
                 continue
             return _Leg(paired.first_token, paired.kv, len(request.prompt_ids),
                         {"kv_backend": self.handoff.backend},
-                        self._watch_prefill(request.request_id, legs, replied))
+                        self._watch_prefill(request.request_id, legs, replied),
+                        first_logprob=paired.first_logprob)
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
                               f"(last: {type(last).__name__})", request_id=request.request_id)
 
@@ -276,6 +280,7 @@ class _Leg:
     prompt_tokens: int
     timings: dict[str, Any]
     close: Callable[[], Awaitable[None]] = _nothing
+    first_logprob: TokenLogprob | None = None
 
 
 def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:
@@ -291,9 +296,11 @@ async def coalesce(chunks: AsyncIterator[TokenChunk], interval: StreamSettings,
     """Merge engine chunks until `interval_tokens` or `interval_ms` is reached, or the end;
     `on_tokens(seconds, n)` hears each engine chunk's arrival gap and size."""
     pending: list[int] = []
+    logprobs: list[TokenLogprob] = []
     last = arrived = time.perf_counter()
     async for chunk in chunks:
         pending.extend(chunk.token_ids)
+        logprobs.extend(chunk.logprobs or ())
         now = time.perf_counter()
         if on_tokens is not None and chunk.token_ids:
             on_tokens(now - arrived, len(chunk.token_ids))
@@ -301,5 +308,5 @@ async def coalesce(chunks: AsyncIterator[TokenChunk], interval: StreamSettings,
         due = (len(pending) >= interval.interval_tokens
                or (now - last) * 1000.0 >= interval.interval_ms)
         if chunk.finish_reason or (pending and due):
-            yield StreamChunk(pending, chunk.finish_reason)
-            pending, last = [], now
+            yield StreamChunk(pending, chunk.finish_reason, logprobs=logprobs or None)
+            pending, logprobs, last = [], [], now

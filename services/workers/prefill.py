@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from services.context import RequestContext
-from services.engines.protocol import EngineRequest
+from services.engines.protocol import EngineRequest, TokenLogprob
 from services.errors import DeadlineExceeded, from_exception
 from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.refs import resolve
@@ -30,6 +30,7 @@ class PrefillReply:
     # trim their index of it to that)
     replica: str = ""
     cache_tokens: int = 0
+    first_logprob: TokenLogprob | None = None
 
 
 class PrefillWorker(EngineHost):
@@ -54,8 +55,8 @@ class PrefillWorker(EngineHost):
                     request.images = await resolve(request.images)
                     request.handoff = dict(ticket.fields)
                     result = await self.engine.prefill(request)
-                    kv = (PairedKV(result.first_token, result.kv) if self.handoff.concurrent
-                          else result.kv)
+                    kv = (PairedKV(result.first_token, result.kv, result.first_logprob)
+                          if self.handoff.concurrent else result.kv)
                     ticket = await self.handoff.send(ticket, kv)
             except TimeoutError:
                 metrics.ERRORS.inc(type=DeadlineExceeded.type, **self.tags)
@@ -76,7 +77,7 @@ class PrefillWorker(EngineHost):
         self.load.prefilled(result.prompt_tokens, result.compute_s, result.queue_s, elapsed)
         return PrefillReply(result.first_token, result.prompt_tokens, ticket,
                             result.cached_tokens, result.queue_s, result.compute_s,
-                            self.replica, stats.cache_tokens)
+                            self.replica, stats.cache_tokens, result.first_logprob)
 
     async def prefill_held(self, ctx: RequestContext, request: EngineRequest,
                            ticket: KVTicket) -> AsyncIterator[PrefillReply]:

@@ -137,3 +137,38 @@ def test_sglang_engine_and_handoff_go_together_on_gpus():
         parse_settings(base | {"engine": {"kind": "sglang"},
                                "kv_handoff": {"backend": "sglang"}})
     assert PROFILE.engine.kind == "sglang" and PROFILE.engine.sglang.transfer_backend == "nixl"
+
+
+def test_sampling_controls_and_logprobs_are_sglangs_fields():
+    """logit_bias keyed by token id strings, penalties as given, and the output tokens'
+    logprobs (with `top_logprobs_num` alternatives) asked of `async_generate`."""
+    req = request(logit_bias=((17, 5.0), (900, -100.0)), presence_penalty=0.5,
+                  frequency_penalty=-1.0, logprobs=3)
+    params = sampling_args(req, (2,))
+    assert set(params) <= names("sampling_params"), set(params) - names("sampling_params")
+    assert params["logit_bias"] == {"17": 5.0, "900": -100.0}
+    assert (params["presence_penalty"], params["frequency_penalty"]) == (0.5, -1.0)
+    kwargs = generate_args(req, (2,))
+    assert set(kwargs) <= names("async_generate"), set(kwargs) - names("async_generate")
+    assert (kwargs["return_logprob"], kwargs["top_logprobs_num"]) == (True, 3)
+    assert "return_logprob" not in generate_args(request(), (2,))
+    try:  # SGLang's own checks of the values, where it imports
+        from sglang.srt.sampling.sampling_params import SamplingParams as Theirs
+    except ImportError:
+        return
+    theirs = Theirs(**params)
+    theirs.normalize(None)
+    theirs.verify(131072)
+
+
+def test_output_reader_takes_the_new_tokens_logprobs():
+    """SGLang's logprob lists follow `output_ids`, cumulative or not: the last ones are new."""
+    out = {"output_ids": [4, 5, 6], "meta_info": {
+        "completion_tokens": 3,
+        "output_token_logprobs": [(-0.1, 4, None), (-0.2, 5, None), (-0.3, 6, None)],
+        "output_top_logprobs": [[(-0.1, 4, None)], [(-0.2, 5, None), (-1.0, 8, None)],
+                                [(-0.3, 6, None), (-2.0, 9, None)]]}}
+    got = OutputReader.logprobs(out, 2)
+    assert [(r.token, r.logprob) for r in got] == [(5, -0.2), (6, -0.3)]
+    assert got[1].top == ((6, -0.3), (9, -2.0))
+    assert OutputReader.logprobs({"output_ids": [4], "meta_info": {}}, 1) is None

@@ -1,0 +1,217 @@
+"""Constrained decoding: Mistral's own grammar for a request's structured-output fields, and the
+token masks that enforce it.
+
+The grammar comes from mistral-common's factory (`mistral_common.guidance`), which knows where the
+Mistral format puts `[THINK]…[/THINK]` and `[TOOL_CALLS]name[ARGS]{…}`; llguidance compiles it
+against the tokenizer and answers, token by token, which ids may come next. The ingress builds and
+checks the grammar (a schema the compiler cannot take is a 400 before any engine sees it); each
+engine keeps one `Constraint` per running sequence and masks that sequence's logits with it.
+
+Decisions where the spec leaves room:
+- With reasoning off (effort `none`) the grammar has no reasoning section; with reasoning on,
+  reasoning stays free text and the constraint applies after `[/THINK]`, but reasoning may use
+  at most `reasoning_budget` tokens, so the constrained answer always has room in `max_tokens`.
+- A forced tool call (`tool_choice` `required` or named) follows the tool's `parameters` schema
+  whether or not the tool says `strict`: a call the caller forced must be usable. A
+  `json_schema` format is enforced whether or not it says `strict`; `json_object` is any object.
+- JSON is compact (no free whitespace between tokens), so a bounded schema has a bounded answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.errors import InvalidRequest, clip
+from services.tokenizer import PromptTokenizer
+
+# mistral-common's think template, as shipped: its reasoning rule, which we give a token budget
+_THINK_RULE = "think: {{ begin_think_token }} content {{ end_think_token }}"
+_BUDGETED_THINK_RULE = ("think: {{ begin_think_token }} reasoning {{ end_think_token }}\n"
+                        "reasoning[max_tokens=%d]: /(.|\\n)+/")
+
+
+@dataclass(frozen=True)
+class StructuredRequest:
+    """The fields of a chat request that decide its grammar, as plain JSON values."""
+
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    reasoning: bool = False
+    reasoning_budget: int = 0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the answer needs a grammar at all: a JSON format, a forced or single call,
+        or a strict tool. Plain text with optional, loose tool calls stays unconstrained."""
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            return True
+        if not self.tools or self.tool_choice == "none":
+            return False
+        forced = self.tool_choice not in (None, "auto")
+        strict = any(t.get("function", {}).get("strict") for t in self.tools)
+        return forced or strict or not self.parallel_tool_calls
+
+
+class Guidance:
+    """Grammars and matchers for one tokenizer (building its llguidance view takes ~1–2 s, once)."""
+
+    def __init__(self, tokenizer: PromptTokenizer):
+        self.tokenizer = tokenizer
+
+    @cached_property
+    def factory(self):
+        from mistral_common.guidance.grammar_factory import GrammarFactory
+
+        return GrammarFactory(self.tokenizer.mistral)
+
+    @property
+    def llg_tokenizer(self):
+        return self.factory.llg_tokenizer
+
+    @cached_property
+    def vocab_size(self) -> int:
+        return self.llg_tokenizer.vocab_size
+
+    def grammar(self, spec: StructuredRequest) -> str | None:
+        """The Lark grammar for a request, checked by the compiler against this tokenizer; None
+        when unconstrained. Raises `InvalidRequest` naming the field it could not be built
+        from. The engines compile it into a matcher per sequence (`constraint`)."""
+        if not spec.constrained:
+            return None
+        from mistral_common.exceptions import MistralCommonException
+
+        try:
+            request = _mistral_request(spec)
+            lark = self.factory.get_grammar_for_chat_request(request, self._template(spec))
+        except (MistralCommonException, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"{field_of(spec)}: {clip(str(exc).splitlines()[0])}",
+                                 param=field_of(spec)) from None
+        if lark is None:
+            return None
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(
+            llguidance.LLMatcher.grammar_from_lark(lark), self.llg_tokenizer)
+        if error:
+            raise InvalidRequest(f"{field_of(spec)}: the grammar compiler cannot take this "
+                                 f"schema: {clip(error.splitlines()[0])}", param=field_of(spec))
+        return lark
+
+    def constraint(self, grammar: str, history: tuple[int, ...] = ()) -> Constraint:
+        """A fresh matcher for `grammar`, advanced over tokens already generated (`history`:
+        a stream resumed on another replica, or decode after the first token)."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.llg_tokenizer,
+                                       llguidance.LLMatcher.grammar_from_lark(grammar),
+                                       log_level=0)
+        constraint = Constraint(matcher, self.vocab_size)
+        for token in history:
+            constraint.advance(token)
+        return constraint
+
+    def _template(self, spec: StructuredRequest) -> str:
+        from mistral_common.guidance import grammar_factory as gf
+
+        if not spec.reasoning:  # no reasoning section at all: the base template
+            return gf.JINJA_PATHS[gf._GrammarVariant.base].read_text(encoding="utf-8")
+        template = self.factory.select_jinja_template()
+        if _THINK_RULE not in template:
+            raise RuntimeError("mistral-common's think template changed; update services/grammar")
+        budget = max(1, spec.reasoning_budget)
+        # the answer starts with its reasoning, as the model does with reasoning on
+        return (template.replace(_THINK_RULE, _BUDGETED_THINK_RULE % budget)
+                .replace("think?", "think"))
+
+
+def warmed(guidance: Guidance) -> Guidance:
+    """Build the tokenizer's llguidance view on a background thread now, so the first
+    constrained request does not wait ~1–2 s for it on the engine's thread."""
+    threading.Thread(target=lambda: guidance.factory, name="guidance-warm", daemon=True).start()
+    return guidance
+
+
+class Constraint:
+    """One sequence's grammar state: which tokens may come next, and each token taken."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.bitmask = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token)
+
+    def fill(self) -> torch.Tensor:
+        """Compute the next-token bitmask into `self.bitmask` (one bit per token id)."""
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(),
+                                             self.bitmask.numel() * 4)
+        return self.bitmask
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error()
+
+
+def allowed(bitmasks: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V/32] int32 bitmasks → [B, vocab] bool, ids past the tokenizer's vocabulary False."""
+    bits = np.unpackbits(bitmasks.numpy().view(np.uint8), axis=-1, bitorder="little")
+    out = torch.zeros(bits.shape[0], vocab, dtype=torch.bool)
+    width = min(vocab, bits.shape[1])
+    out[:, :width] = torch.from_numpy(bits[:, :width].astype(bool))
+    return out
+
+
+def field_of(spec: StructuredRequest) -> str:
+    """The request field a grammar problem is reported against."""
+    fmt = (spec.response_format or {}).get("type", "text")
+    if fmt == "json_schema":
+        return "response_format.json_schema"
+    if fmt != "text":
+        return "response_format"
+    return "tool_choice" if spec.tool_choice not in (None, "auto") else "tools"
+
+
+def _mistral_request(spec: StructuredRequest):
+    """mistral-common's request for the grammar factory: only the grammar's fields matter."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    tools = None
+    if spec.tools:
+        forced = spec.tool_choice not in (None, "auto", "none")
+        tools = []
+        for tool in spec.tools:
+            function = dict(tool["function"])
+            function["strict"] = bool(function.get("strict") or forced)
+            if function.get("parameters"):
+                function["parameters"] = _compact(function["parameters"])
+            tools.append({**tool, "function": function})
+    fields: dict[str, Any] = {"parallel_tool_calls": spec.parallel_tool_calls}
+    if spec.tool_choice is not None:
+        fields["tool_choice"] = spec.tool_choice
+    fmt = spec.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        # json_object is "some JSON object", as OpenAI's SDKs read it
+        named = fmt.get("json_schema") or {"name": "json_object", "schema": {"type": "object"}}
+        # the schema is enforced whether or not it says `strict` (mistral-common would only
+        # keep "some JSON" of a loose one): constrained decoding can always honour it
+        fields["response_format"] = {"type": "json_schema", "json_schema": {
+            **named, "schema": _compact(named.get("schema") or {}), "strict": True}}
+    return ChatCompletionRequest.from_openai([{"role": "user", "content": "-"}], tools=tools,
+                                             **fields)
+
+
+def _compact(schema: dict[str, Any]) -> dict[str, Any]:
+    """JSON without free whitespace between tokens (llguidance's `x-guidance` option): what the
+    model may write between values is then fixed, so a schema's answer has a bounded length."""
+    return {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
