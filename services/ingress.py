@@ -20,7 +20,8 @@ from services.api import openapi, responses
 from services.api.http_errors import as_stack_error, error_response, sse_error, sse_event
 from services.api.middleware import CORS, ResponseHeaders, new_trace_id
 from services.api.output import OutputParser
-from services.api.plan import RequestPlan, admit, plan_request, prompt_floor, tools_of
+from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_floor,
+                               structured_request, tools_of)
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, MethodNotAllowed,
@@ -35,6 +36,7 @@ from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
 from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
+from services.grammar import Guidance, field_of, warmed
 from services.tokenizer import EncodedPrompt, PromptTokenizer
 from services.workers.peer import call, close_stream, stream
 
@@ -49,6 +51,7 @@ class Ingress:
         self.pools = pools
         self.multimodal = multimodal
         self.tokenizer = PromptTokenizer(settings.model.tokenizer_file())
+        self.guidance = warmed(Guidance(self.tokenizer))
         self.in_flight = {name: 0 for name in pools}
         self.created = int(time.time())
         self.spec = openapi.build(settings)
@@ -161,7 +164,17 @@ class Ingress:
                 self.quotas.check_tokens(grant, floor)
                 prompt = await self._encode(req, effort, request_id, pre, deadline)
                 plan = plan_request(req, request_id, effort=effort, prompt=prompt,
-                                    model=self.settings.model, limits=limits)
+                                    model=self.settings.model, limits=limits,
+                                    vocab_size=self.tokenizer.vocab_size)
+                structure = structured_request(plan, limits)
+                if structure.constrained:
+                    if self.settings.engine_kind == "sglang":
+                        raise InvalidRequest(
+                            f"{field_of(structure)}: constrained decoding is not available on "
+                            "this deployment's SGLang engines (their grammar backends cannot "
+                            "take the Mistral tokenizer)", param=field_of(structure))
+                    # compiled off the event loop: schemas vary in cost
+                    constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure))
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
                 plan.engine_request.cache_salt = cache_salt(principal.tenant,
@@ -351,9 +364,18 @@ class _Answer:
                 return
             chunk = await self.next_chunk()
 
+    def _logprobs(self, chunk) -> list[dict[str, Any]] | None:
+        """The chunk's logprob entries when the request asked for logprobs, else None."""
+        if self.plan.engine_request.sampling.logprobs is None:
+            return None
+        return responses.logprob_entries(chunk.logprobs or (), self.ingress.tokenizer)
+
     async def collect(self, first) -> dict[str, Any]:
         content, reasoning, calls, finish = [], [], [], "stop"
+        entries = [] if self.plan.engine_request.sampling.logprobs is not None else None
         async for chunk in self._chunks(first):
+            if entries is not None:
+                entries += self._logprobs(chunk)
             delta = self.parser.feed(chunk.token_ids)
             content.append(delta.content), reasoning.append(delta.reasoning)
             calls.extend(delta.tool_calls)
@@ -364,7 +386,8 @@ class _Answer:
         self.finish_reason = finish
         return responses.completion(self.meta, content="".join(content),
                                     reasoning="".join(reasoning), tool_calls=calls,
-                                    finish_reason=finish, usage_body=self.usage())
+                                    finish_reason=finish, usage_body=self.usage(),
+                                    logprob_list=entries)
 
     async def close(self) -> None:
         """Release the pool slot, stop the stream, and account for the request once."""
@@ -406,8 +429,9 @@ class _Answer:
                 delta = self.parser.feed(chunk.token_ids)
                 body = _delta_dict(delta, n_calls)
                 n_calls += len(delta.tool_calls)
-                if body:
-                    yield sse_event(responses.chunk(self.meta, body))
+                entries = self._logprobs(chunk)
+                if body or entries:
+                    yield sse_event(responses.chunk(self.meta, body, logprob_list=entries))
                 finish = chunk.finish_reason
             delta, finish = self.parser.finish(finish)
             self.finish_reason = finish

@@ -275,6 +275,9 @@ class LimitSettings(Strict):
 
     max_tokens_default: int = Field(1024, gt=0)
     max_tokens_cap: int = Field(32768, gt=0)
+    # With reasoning on and the answer constrained (response_format, a forced tool call), the
+    # reasoning may use this share of max_tokens; the rest is left for the constrained answer.
+    constrained_reasoning_share: float = Field(0.5, gt=0.0, lt=1.0)
     max_messages: int = Field(512, gt=0)
     max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
     max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.api.schemas import ChatCompletionRequest
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, clip
+from services.grammar import StructuredRequest
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
 from services.tokenizer import EncodedPrompt, PromptTokenizer
@@ -71,25 +72,61 @@ def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
 
 def plan_text_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
                       routing: RoutingSettings, limits: LimitSettings,
-                      tokenizer: PromptTokenizer) -> RequestPlan:
+                      tokenizer: PromptTokenizer, vocab_size: int | None = None) -> RequestPlan:
     """`admit`, encode locally (no images), `plan_request`: the whole plan of a text request."""
     effort = admit(req, model=model, routing=routing, limits=limits)
     prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
     return plan_request(req, request_id, effort=effort, prompt=prompt, model=model,
-                        limits=limits)
+                        limits=limits, vocab_size=vocab_size)
 
 
 def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
-                 prompt: EncodedPrompt, model: ModelSettings,
-                 limits: LimitSettings) -> RequestPlan:
+                 prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings,
+                 vocab_size: int | None = None) -> RequestPlan:
     """Sampling and limits for an encoded prompt: what the pool receives."""
     max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
     # top_p 0 keeps only the most likely token: greedy decoding, which engines know as such
     temperature, top_p = (req.temperature, req.top_p) if req.top_p > 0 else (0.0, 1.0)
+    bias = req.logit_bias_ids
+    if vocab_size is not None and any(token >= vocab_size for token, _ in bias):
+        raise InvalidRequest(f"logit_bias: token ids are below {vocab_size} (the vocabulary)",
+                             param="logit_bias")
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                              top_p=top_p, seed=req.seed, stop=req.stop_strings)
+                              top_p=top_p, seed=req.seed, stop=req.stop_strings,
+                              logit_bias=bias, presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
     return RequestPlan(req, effort, engine_request, tools_enabled=req.tools_offered)
+
+
+def structured_request(plan: RequestPlan, limits: LimitSettings) -> StructuredRequest:
+    """What decides the request's grammar; reasoning (any effort but `none`) may use up to
+    `limits.constrained_reasoning_share` of `max_tokens`, so the constrained answer fits."""
+    req = plan.request
+    max_tokens = plan.engine_request.sampling.max_tokens
+    return StructuredRequest(
+        response_format=_json(req.response_format), tools=tools_of(req),
+        tool_choice=_json(req.tool_choice) if req.tools_offered else None,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        reasoning=plan.effort != "none",
+        reasoning_budget=int(max_tokens * limits.constrained_reasoning_share))
+
+
+def constrain(plan: RequestPlan, grammar: str | None) -> None:
+    """Give the plan's engine request its grammar (None: unconstrained)."""
+    if grammar is None:
+        return
+    if any(m.role == "assistant" and getattr(m, "prefix", False) for m in plan.request.messages):
+        raise InvalidRequest("messages: an assistant prefix (prefix: true) cannot be continued "
+                             "under response_format or a forced tool call", param="messages")
+    request = plan.engine_request
+    request.sampling = replace(request.sampling, grammar=grammar)
+
+
+def _json(value):
+    return value.model_dump(exclude_none=True, by_alias=True) if hasattr(
+        value, "model_dump") else value
 
 
 def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSettings,

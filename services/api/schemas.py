@@ -15,7 +15,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 from services.errors import InvalidRequest, clip
 
@@ -94,6 +94,7 @@ class FunctionSpec(_Wire):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(_Wire):
@@ -144,6 +145,7 @@ class FunctionCallChoice(_Wire):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
+MAX_LOGIT_BIAS = 300  # entries; each costs every sampled token of the request
 
 
 class ChatCompletionRequest(_Wire):
@@ -162,17 +164,42 @@ class ChatCompletionRequest(_Wire):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     n: Annotated[int, Field(ge=1, le=128, strict=True)] | None = 1
     user: str | None = None
-    # declared with the spec's types and ranges; refused unless neutral (see UNSUPPORTED)
+    # structured outputs and sampling controls (engines: grammar masks, logits processing)
     response_format: ResponseFormat | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20, strict=True)] | None = None
-    logit_bias: dict[str, StrictInt] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100, strict=True)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    prediction: Prediction | None = None
     parallel_tool_calls: StrictBool | None = None
+    # declared with the spec's types and ranges; refused unless neutral (see UNSUPPORTED)
+    prediction: Prediction | None = None
     functions: list[FunctionSpec] | None = Field(None, min_length=1, max_length=128)
     function_call: Literal["none", "auto"] | FunctionCallChoice | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value):
+        for key in value or {}:
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys are token ids (decimal strings); got {clip(key)}")
+        return value
+
+    @model_validator(mode="after")
+    def _related_fields(self):
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs: logprobs must be true to use top_logprobs",
+                                 param="top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.tools_offered and self.tool_choice not in (None, "auto"):
+                raise InvalidRequest("response_format: a JSON format goes with tool_choice "
+                                     "auto or none only", param="response_format")
+        return self
+
+    @property
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("temperature", "top_p", "n", "stream")
     @classmethod
@@ -217,17 +244,9 @@ class ChatCompletionRequest(_Wire):
 # OpenAPI spec states these values (api/openapi.py), so generated clients and fuzzers see them.
 UNSUPPORTED: dict[str, list[Any]] = {
     "n": [1],
-    "response_format": [{"type": "text"}],
-    "logprobs": [False],
-    "top_logprobs": [0],
-    "logit_bias": [{}],
-    "presence_penalty": [0],
-    "frequency_penalty": [0],
     "prediction": [],
-    "parallel_tool_calls": [True],
     "functions": [],
     "function_call": ["none", "auto"],
-    "tool_choice": ["none", "auto"],
 }
 
 

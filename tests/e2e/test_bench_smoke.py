@@ -37,6 +37,11 @@ def test_engine_decode_bench_runs():
     assert report
 
 
+def test_structured_decoding_bench_runs():
+    report = run_bench("structured_decoding.py", "--tokens", "4", "--concurrency", "1", "2")
+    assert report["constrained_outputs_full_length"] and len(report["rows"]) == 2
+
+
 @pytest.mark.ray
 def test_stack_overhead_bench_runs():
     report = run_bench("stack_overhead.py", "--requests", "2", "--tokens", "8",

@@ -50,8 +50,9 @@ def plain():
                      "origin": ORIGIN, "access-control-request-method": "POST"}}),
                  ("POST", "/v1/chat/completions", {"json": BODY}),
                  ("POST", "/v1/chat/completions", {"json": BODY | {"stream": True}}),
-                 ("POST", "/v1/chat/completions", {"json": BODY | {"logprobs": True}}),
-                 ("GET", "/nowhere", {}))
+                 ("POST", "/v1/chat/completions", {"json": BODY | {"n": 2}}),
+                 ("GET", "/nowhere", {}),
+                 ("POST", "/v1/chat/completions", {"json": BODY | {"logprobs": True}}))
 
 
 def test_the_served_model_is_retrievable_and_others_are_404(plain):
@@ -97,9 +98,16 @@ def test_an_unsupported_field_is_refused_naming_it(plain):
     refused = plain[9]
     assert refused.status_code == 400
     error = refused.json()["error"]
-    assert (error["type"], error["param"]) == ("invalid_request_error", "logprobs")
+    assert (error["type"], error["param"]) == ("invalid_request_error", "n")
     assert "not supported" in error["message"]
     assert error["trace_id"] == refused.headers["x-trace-id"]
+
+
+def test_the_simulated_engine_refuses_what_needs_logits(plain):
+    """It has no logits: logprobs (and grammars, bias, penalties) are refused, not faked."""
+    refused = plain[11]
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "logprobs"
 
 
 def test_an_incoming_traceparent_is_echoed_with_tracing_off():

@@ -34,7 +34,7 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
             "services/engines/__init__.py": "",
             "services/engines/reference.py": "from services.workers import decode\n"}
     for name in ("ingress", "api", "guard", "kv", "multimodal", "routing", "telemetry",
-                 "context", "tokenizer", "model", "errors", "settings"):
+                 "context", "grammar", "tokenizer", "model", "errors", "settings"):
         tree[f"services/{name}.py"] = ""
     for path, text in tree.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)

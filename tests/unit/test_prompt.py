@@ -98,21 +98,16 @@ def test_overlong_prompt_is_refused_with_context_code(tokenizer):
     assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
 
 
-def plan(tokenizer, **body):
+def plan(tokenizer, vocab=False, **body):
     full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
     return plan_text_request(parse_chat_request(full), "r1", model=ModelSettings(),
                              routing=RoutingSettings(), limits=LimitSettings(),
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, vocab_size=tokenizer.vocab_size if vocab else None)
 
 
 @pytest.mark.parametrize("body", [
-    {"n": 2}, {"logprobs": True}, {"top_logprobs": 3}, {"logit_bias": {"17": 5}},
-    {"presence_penalty": 0.5}, {"frequency_penalty": -1}, {"response_format": {"type": "json_object"}},
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-    {"prediction": {"type": "content", "content": "draft"}}, {"parallel_tool_calls": False},
+    {"n": 2}, {"prediction": {"type": "content", "content": "draft"}},
     {"functions": [WEATHER]}, {"function_call": {"name": "get_weather"}},
-    {"tool_choice": "required"}, {"tool_choice": {"type": "function",
-                                                 "function": {"name": "get_weather"}}},
 ])
 def test_fields_we_cannot_honour_yet_are_refused_by_name(tokenizer, body):
     """Never a 200 that silently ignores a field that changes the answer."""
@@ -189,3 +184,28 @@ def test_an_assistant_last_without_prefix_or_a_prefix_not_last_is_refused(tokeni
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, messages=messages)
     assert (err.value.status, err.value.param) == (400, "messages")
+
+
+def test_sampling_controls_reach_the_engine_request(tokenizer):
+    sampling = plan(tokenizer, logit_bias={"17": 5, "900": -100}, presence_penalty=0.5,
+                    frequency_penalty=-1, logprobs=True, top_logprobs=3).engine_request.sampling
+    assert sampling.logit_bias == ((17, 5.0), (900, -100.0))
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
+    assert sampling.logprobs == 3
+    assert plan(tokenizer, logprobs=True).engine_request.sampling.logprobs == 0
+    assert plan(tokenizer, logprobs=False).engine_request.sampling.logprobs is None
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"top_logprobs": 3}, "top_logprobs", "logprobs must be true"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"17": 101}}, "logit_bias.17", "less than or equal to 100"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias", "vocabulary"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required"},
+     "response_format", "tool_choice auto or none"),
+])
+def test_sampling_controls_out_of_their_domain_are_refused_by_name(tokenizer, body, param, words):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, tools=[{"type": "function", "function": WEATHER}], vocab=True, **body)
+    assert err.value.param == param and words in str(err.value), str(err.value)
