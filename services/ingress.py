@@ -387,7 +387,8 @@ class _Answer:
         return responses.completion(self.meta, content="".join(content),
                                     reasoning="".join(reasoning), tool_calls=calls,
                                     finish_reason=finish, usage_body=self.usage(),
-                                    logprob_list=entries)
+                                    logprob_list=entries,
+                                    legacy_functions=self.plan.request.legacy_functions)
 
     async def close(self) -> None:
         """Release the pool slot, stop the stream, and account for the request once."""
@@ -421,13 +422,13 @@ class _Answer:
     async def sse(self, first):
         include_usage = bool(self.plan.request.stream_options
                              and self.plan.request.stream_options.include_usage)
-        n_calls = 0
+        n_calls, legacy = 0, self.plan.request.legacy_functions
         try:
             yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
             finish = None
             async for chunk in self._chunks(first):
                 delta = self.parser.feed(chunk.token_ids)
-                body = _delta_dict(delta, n_calls)
+                body = _delta_dict(delta, n_calls, legacy)
                 n_calls += len(delta.tool_calls)
                 entries = self._logprobs(chunk)
                 if body or entries:
@@ -435,7 +436,10 @@ class _Answer:
                 finish = chunk.finish_reason
             delta, finish = self.parser.finish(finish)
             self.finish_reason = finish
-            yield sse_event(responses.chunk(self.meta, _delta_dict(delta, n_calls), finish))
+            if legacy and finish == "tool_calls":
+                finish = "function_call"
+            yield sse_event(responses.chunk(self.meta, _delta_dict(delta, n_calls, legacy),
+                                            finish))
             if include_usage:
                 yield sse_event(responses.usage_chunk(self.meta, self.usage()))
             yield "data: [DONE]\n\n"
@@ -449,13 +453,17 @@ class _Answer:
             await self.close()
 
 
-def _delta_dict(delta, first_index: int) -> dict[str, Any]:
+def _delta_dict(delta, first_index: int, legacy: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if delta.content:
         body["content"] = delta.content
     if delta.reasoning:
         body["reasoning_content"] = delta.reasoning
-    if delta.tool_calls:
+    if delta.tool_calls and legacy:  # deprecated `functions`: one call, as `function_call`
+        if first_index == 0:
+            call = delta.tool_calls[0]
+            body["function_call"] = {"name": call.name, "arguments": call.arguments}
+    elif delta.tool_calls:
         body["tool_calls"] = responses.tool_call_dicts(delta.tool_calls, first_index,
                                                        streaming=True)
     return body

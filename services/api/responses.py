@@ -41,12 +41,17 @@ def logprob_entries(records, tokenizer) -> list[dict[str, Any]]:
 
 def completion(meta: dict[str, Any], *, content: str, reasoning: str, tool_calls: list,
                finish_reason: str, usage_body: dict[str, Any],
-               logprob_list: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               logprob_list: list[dict[str, Any]] | None = None,
+               legacy_functions: bool = False) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content or None,
                                "refusal": None}
     if reasoning:
         message["reasoning_content"] = reasoning
-    if tool_calls:
+    if tool_calls and legacy_functions:  # the deprecated shape: one call, no id
+        message["function_call"] = {"name": tool_calls[0].name,
+                                    "arguments": tool_calls[0].arguments}
+        finish_reason = "function_call" if finish_reason == "tool_calls" else finish_reason
+    elif tool_calls:
         message["tool_calls"] = tool_call_dicts(tool_calls)
     return {**meta, "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,

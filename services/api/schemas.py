@@ -187,6 +187,29 @@ class ChatCompletionRequest(_Wire):
         return value
 
     @model_validator(mode="after")
+    def _functions_are_tools(self):
+        """The deprecated `functions`/`function_call` are tools with one call at most; the
+        answer comes back in their shape (`message.function_call`), see `legacy_functions`."""
+        if self.functions is None and self.function_call in (None, "none", "auto"):
+            return self  # no functions: "none" and "auto" choose nothing
+        if self.tools is not None or self.tool_choice is not None:
+            raise InvalidRequest("functions: use tools and tool_choice, or the deprecated "
+                                 "functions and function_call, not both", param="functions")
+        if self.functions is None:
+            raise InvalidRequest("function_call: it names one of `functions`, which is not "
+                                 "set", param="function_call")
+        self.tools = [Tool(type="function", function=f) for f in self.functions]
+        choice = self.function_call
+        self.tool_choice = (NamedToolChoice(type="function", function={"name": choice.name})
+                            if isinstance(choice, FunctionCallChoice) else choice)
+        self.parallel_tool_calls = False
+        return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        return self.functions is not None
+
+    @model_validator(mode="after")
     def _related_fields(self):
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs: logprobs must be true to use top_logprobs",
@@ -245,8 +268,6 @@ class ChatCompletionRequest(_Wire):
 UNSUPPORTED: dict[str, list[Any]] = {
     "n": [1],
     "prediction": [],
-    "functions": [],
-    "function_call": ["none", "auto"],
 }
 
 

@@ -182,3 +182,27 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(client, body, param):
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4,
                                        extra_body=body)
     assert caught.value.body["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_deprecated_functions_answer_in_their_own_shape(client, stream):
+    """`functions` + a named `function_call`: one call, as `message.function_call`, finish
+    reason `function_call` (what clients of the deprecated API read)."""
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Time?"}],
+                functions=[CLOCK["function"], WEATHER["function"]],
+                function_call={"name": "get_time"}, max_tokens=120, seed=6)
+    if stream:
+        name, arguments, finish = "", "", None
+        for chunk in client.chat.completions.create(stream=True, **args):
+            if chunk.choices:
+                call = chunk.choices[0].delta.function_call
+                name += (call.name or "") if call else ""
+                arguments += (call.arguments or "") if call else ""
+                finish = chunk.choices[0].finish_reason or finish
+    else:
+        choice = client.chat.completions.create(**args).choices[0]
+        assert choice.message.tool_calls is None
+        name, arguments = choice.message.function_call.name, choice.message.function_call.arguments
+        finish = choice.finish_reason
+    assert (name, finish) == ("get_time", "function_call")
+    jsonschema.validate(json.loads(arguments), CLOCK["function"]["parameters"])

@@ -42,7 +42,7 @@ def test_the_spec_documents_the_spec_fields_nulls_and_ranges():
         assert {"type": "null"} in request[field]["anyOf"], field
     assert request["top_p"]["anyOf"][0]["minimum"] == 0
     # fields refused unless neutral: the spec states exactly the values that are accepted
-    for field in ("prediction", "functions", "function_call", "n"):
+    for field in ("prediction", "n"):
         accepted = [option.get("const") for option in request[field]["anyOf"]]
         assert accepted == [*UNSUPPORTED[field], None], field
     for field in ("presence_penalty", "frequency_penalty"):  # implemented: the spec's range

@@ -107,13 +107,12 @@ def plan(tokenizer, vocab=False, **body):
 
 @pytest.mark.parametrize("body", [
     {"n": 2}, {"prediction": {"type": "content", "content": "draft"}},
-    {"functions": [WEATHER]}, {"function_call": {"name": "get_weather"}},
 ])
 def test_fields_we_cannot_honour_yet_are_refused_by_name(tokenizer, body):
     """Never a 200 that silently ignores a field that changes the answer."""
     (field,) = body
     with pytest.raises(InvalidRequest) as err:
-        plan(tokenizer, tools=[{"type": "function", "function": WEATHER}], **body)
+        plan(tokenizer, **body)
     assert (err.value.status, err.value.type, err.value.param) == (
         400, "invalid_request_error", field)
     assert "not supported (yet)" in str(err.value)
@@ -209,3 +208,23 @@ def test_sampling_controls_out_of_their_domain_are_refused_by_name(tokenizer, bo
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, tools=[{"type": "function", "function": WEATHER}], vocab=True, **body)
     assert err.value.param == param and words in str(err.value), str(err.value)
+
+
+def test_deprecated_functions_are_tools_with_one_call(tokenizer):
+    got = plan(tokenizer, functions=[WEATHER], function_call={"name": "get_weather"})
+    req = got.request
+    assert req.legacy_functions and [t.function.name for t in req.tools] == ["get_weather"]
+    assert req.tool_choice.function == {"name": "get_weather"}
+    assert req.parallel_tool_calls is False and got.tools_enabled
+    assert plan(tokenizer, functions=[WEATHER], function_call="none").tools_enabled is False
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"functions": [WEATHER], "tools": [{"type": "function", "function": WEATHER}]},
+     "functions"),
+    ({"function_call": {"name": "get_weather"}}, "function_call"),
+])
+def test_functions_and_tools_do_not_mix(tokenizer, body, param):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, **body)
+    assert err.value.param == param
