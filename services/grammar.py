@@ -10,7 +10,8 @@ engine keeps one `Constraint` per running sequence and masks that sequence's log
 Decisions where the spec leaves room:
 - With reasoning off (effort `none`) the grammar has no reasoning section; with reasoning on,
   reasoning stays free text and the constraint applies after `[/THINK]`, but reasoning may use
-  at most `reasoning_budget` tokens, so the constrained answer always has room in `max_tokens`.
+  at most `reasoning_budget` tokens, so the constrained answer always has room in `max_tokens`;
+  a forced tool call follows the reasoning at once (no free text before it, as without reasoning).
 - A forced tool call (`tool_choice` `required` or named) follows the tool's `parameters` schema
   whether or not the tool says `strict`: a call the caller forced must be usable. A
   `json_schema` format is enforced whether or not it says `strict`; `json_object` is any object.
@@ -32,6 +33,7 @@ from services.tokenizer import PromptTokenizer
 
 # mistral-common's think template, as shipped: its reasoning rule, which we give a token budget
 _THINK_RULE = "think: {{ begin_think_token }} content {{ end_think_token }}"
+_TEXT_BEFORE_CALLS = "fcalls: content? {{ fcall }}"
 _BUDGETED_THINK_RULE = ("think: {{ begin_think_token }} reasoning {{ end_think_token }}\n"
                         "reasoning[max_tokens=%d]: /(.|\\n)+/")
 
@@ -129,8 +131,15 @@ class Guidance:
             raise RuntimeError("mistral-common's think template changed; update services/grammar")
         budget = max(1, spec.reasoning_budget)
         # the answer starts with its reasoning, as the model does with reasoning on
-        return (template.replace(_THINK_RULE, _BUDGETED_THINK_RULE % budget)
-                .replace("think?", "think"))
+        template = (template.replace(_THINK_RULE, _BUDGETED_THINK_RULE % budget)
+                    .replace("think?", "think"))
+        if spec.tool_choice not in (None, "auto", "none"):
+            # a forced call follows the reasoning at once, as without reasoning (base template)
+            if _TEXT_BEFORE_CALLS not in template:
+                raise RuntimeError("mistral-common's think template changed; update "
+                                   "services/grammar")
+            template = template.replace(_TEXT_BEFORE_CALLS, "fcalls: {{ fcall }}")
+        return template
 
 
 def warmed(guidance: Guidance) -> Guidance:

@@ -38,6 +38,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["zone"],
     "properties": {"zone": {"enum": ["utc", "cet"]}}}}}
+TOOLS = {"get_weather": WEATHER, "get_time": CLOCK}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
 
 
@@ -251,3 +252,14 @@ def test_the_reference_engine_constrains_one_row_of_a_mixed_batch(standin, token
         return await run(EngineRequest("free", prompt, SamplingParams(
             max_tokens=40, temperature=0.0, ignore_eos=True)))
     assert asyncio.run(alone())[0] == free
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_with_reasoning_a_forced_call_follows_the_reasoning_at_once(guidance, tokenizer, seed):
+    spec = StructuredRequest(tools=[WEATHER, CLOCK], tool_choice="required",
+                             parallel_tool_calls=False, reasoning=True, reasoning_budget=10)
+    ids = generate(guidance, tokenizer, spec, seed)
+    end = ids.index(tokenizer.special("[/THINK]"))
+    assert ids[end + 1] == tokenizer.special("[TOOL_CALLS]")
+    (name, args), = calls_of(tokenizer, ids[end + 1:])
+    jsonschema.validate(args, TOOLS[name]["function"]["parameters"])
