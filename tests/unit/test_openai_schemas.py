@@ -1,0 +1,204 @@
+"""Every kind of answer the HTTP surface gives, validated against OpenAI's published schemas
+(a verbatim excerpt vendored under tests/openai_spec, read from disk: no network).
+
+The stack runs in process with the reference engine (the random-weight stand-in: what it writes
+is noise, its shape must still be OpenAI's). Extra fields we add (`reasoning_content`, ...) pass
+where the spec allows additional properties, which is everywhere it does not say otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from jsonschema import Draft202012Validator, validators
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+
+SPEC = Path(__file__).parents[1] / "openai_spec" / "chat_schemas.json"
+SPEC_URI = "urn:openai-openapi:chat-schemas"
+MODEL = "mistral-small-4"
+PROFILE = {
+    "profile": "openai-schemas",
+    "auth": {"enabled": False},
+    "model": {"context_length": 4096},
+    "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}},
+    "stream": {"interval_tokens": 2, "interval_ms": 50},
+}
+ASK = [{"role": "user", "content": "Describe a thing."}]
+BODY = {"model": MODEL, "messages": ASK, "max_tokens": 6, "seed": 1}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"enum": ["utc", "cet"]}}}}}
+FORCED = {"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+          "max_tokens": 40}
+THING = {"type": "json_schema", "json_schema": {"name": "thing", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["ok", "kind"],
+    "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["red", "green", "blue"]}}}}}
+INCLUDE_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+# Effort high under a grammar: free reasoning (`reasoning_content`, our extension), then JSON.
+REASONED = {"reasoning_effort": "high", "response_format": THING, "max_tokens": 80}
+
+
+def nullable(check):
+    """OpenAPI 3.0's `nullable: true` (null is also valid), which some schemas of this 3.1 spec
+    still use; JSON Schema 2020-12 would ignore it and refuse the nulls OpenAI itself sends."""
+    def validate(validator, value, instance, schema):
+        if instance is None and schema.get("nullable") is True:
+            return
+        yield from check(validator, value, instance, schema) or ()
+    return validate
+
+
+OpenAPIValidator = validators.extend(
+    Draft202012Validator,
+    {keyword: nullable(check) for keyword, check in Draft202012Validator.VALIDATORS.items()})
+
+
+@pytest.fixture(scope="module")
+def spec():
+    """A validator per component schema name, resolving `$ref`s inside the vendored file."""
+    document = json.loads(SPEC.read_text(encoding="utf-8"))
+    registry = Registry().with_resource(SPEC_URI, DRAFT202012.create_resource(document))
+    names = document["components"]["schemas"]
+
+    def validator(name: str):
+        assert name in names, name
+        return OpenAPIValidator({"$ref": f"{SPEC_URI}#/components/schemas/{name}"},
+                                registry=registry)
+    return validator
+
+
+def violations(spec, name: str, body) -> list[str]:
+    """Where `body` breaks schema `name`: one line per error, with its JSON path."""
+    return [f"{error.json_path}: {error.message}"
+            for error in spec(name).iter_errors(body)]
+
+
+def events(response: httpx.Response) -> list[dict]:
+    """The JSON payloads of an SSE answer, up to `[DONE]` (which must end it)."""
+    data = [line.removeprefix("data: ") for line in response.text.splitlines()
+            if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", response.text[-200:]
+    return [json.loads(payload) for payload in data[:-1]]
+
+
+REQUESTS = {
+    "plain": ("POST", "/v1/chat/completions", {"json": BODY}),
+    "reasoning": ("POST", "/v1/chat/completions", {"json": BODY | REASONED}),
+    "logprobs": ("POST", "/v1/chat/completions", {"json": BODY | {
+        "logprobs": True, "top_logprobs": 2}}),
+    "forced_tool": ("POST", "/v1/chat/completions", {"json": BODY | FORCED}),
+    "json_schema": ("POST", "/v1/chat/completions", {"json": BODY | {
+        "response_format": THING, "max_tokens": 40}}),
+    "stream": ("POST", "/v1/chat/completions", {"json": BODY | INCLUDE_USAGE}),
+    "stream_logprobs": ("POST", "/v1/chat/completions", {"json": BODY | INCLUDE_USAGE | {
+        "logprobs": True, "top_logprobs": 2}}),
+    "stream_tool": ("POST", "/v1/chat/completions", {"json": BODY | FORCED | INCLUDE_USAGE}),
+    "stream_reasoning": ("POST", "/v1/chat/completions", {"json": BODY | REASONED | {
+        "stream": True}}),
+    "models": ("GET", "/v1/models", {}),
+    "model": ("GET", f"/v1/models/{MODEL}", {}),
+    "bad_field": ("POST", "/v1/chat/completions", {"json": BODY | {"temperature": "hot"}}),
+    "refused_field": ("POST", "/v1/chat/completions", {"json": BODY | {"n": 2}}),
+    "bad_json": ("POST", "/v1/chat/completions", {
+        "content": b"{not json", "headers": {"content-type": "application/json"}}),
+    "unknown_model": ("POST", "/v1/chat/completions", {"json": BODY | {"model": "gpt-4o"}}),
+    "missing_model": ("GET", "/v1/models/gpt-4o", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def answers() -> dict[str, httpx.Response]:
+    """One in-process stack (reference engine), every request of REQUESTS sent once."""
+    app = build_inprocess(parse_settings(PROFILE)).build_asgi_app()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return {name: await client.request(method, path, timeout=120, **kwargs)
+                    for name, (method, path, kwargs) in REQUESTS.items()}
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("name", ["plain", "reasoning", "logprobs", "forced_tool", "json_schema"])
+def test_completions_match_the_completion_schema(answers, spec, name):
+    response = answers[name]
+    assert response.status_code == 200, response.text
+    assert violations(spec, "CreateChatCompletionResponse", response.json()) == []
+
+
+def test_the_variants_carry_what_makes_them_variants(answers):
+    """So each validation above covers the part of the schema it is meant to."""
+    reasoning = answers["reasoning"].json()["choices"][0]["message"]
+    assert reasoning.get("reasoning_content")
+    logprobs = answers["logprobs"].json()["choices"][0]["logprobs"]["content"]
+    assert logprobs and all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+    forced = answers["forced_tool"].json()["choices"][0]
+    assert forced["finish_reason"] == "tool_calls"
+    assert {c["function"]["name"] for c in forced["message"]["tool_calls"]} == {"get_time"}
+    assert json.loads(answers["json_schema"].json()["choices"][0]["message"]["content"])
+
+
+@pytest.mark.parametrize("name", ["stream", "stream_logprobs", "stream_tool", "stream_reasoning"])
+def test_every_stream_chunk_matches_the_chunk_schema(answers, spec, name):
+    response = answers[name]
+    assert response.status_code == 200, response.text
+    chunks = events(response)
+    assert {i: violations(spec, "CreateChatCompletionStreamResponse", chunk)
+            for i, chunk in enumerate(chunks)} == {i: [] for i in range(len(chunks))}
+    if "stream_options" in REQUESTS[name][2]["json"]:  # the usage chunk closes the answer
+        *chunks, last = chunks
+        assert last["choices"] == [] and last["usage"]["total_tokens"] > 0
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+def test_streams_carry_what_makes_them_variants(answers):
+    logprobs = [entry for chunk in events(answers["stream_logprobs"]) for choice in chunk["choices"]
+                if choice["logprobs"] for entry in choice["logprobs"]["content"]]
+    assert logprobs and all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+    calls = [call for chunk in events(answers["stream_tool"]) for choice in chunk["choices"]
+             for call in choice["delta"].get("tool_calls") or []]
+    assert calls and calls[0]["function"]["name"] == "get_time"
+    assert any(choice["delta"].get("reasoning_content")
+               for chunk in events(answers["stream_reasoning"]) for choice in chunk["choices"])
+
+
+def test_models_match_the_model_schemas(answers, spec):
+    assert answers["models"].status_code == answers["model"].status_code == 200
+    assert violations(spec, "ListModelsResponse", answers["models"].json()) == []
+    assert answers["models"].json()["data"]
+    assert violations(spec, "Model", answers["model"].json()) == []
+
+
+@pytest.mark.parametrize("name, status", [
+    ("bad_field", 400), ("refused_field", 400), ("bad_json", 400),
+    ("unknown_model", 404), ("missing_model", 404)])
+def test_errors_match_the_error_schema(answers, spec, name, status):
+    response = answers[name]
+    assert response.status_code == status, response.text
+    assert violations(spec, "ErrorResponse", response.json()) == []
+
+
+def test_the_validator_refuses_what_the_spec_refuses(spec):
+    """The checks above can fail: a missing required field, a wrong type, a null where the spec
+    has no `nullable` are each caught."""
+    message = {"role": "assistant", "content": "hi", "refusal": None}
+    completion = {"id": "x", "object": "chat.completion", "created": 1, "model": MODEL,
+                  "choices": [{"index": 0, "message": message, "finish_reason": "stop",
+                               "logprobs": None}]}
+    assert violations(spec, "CreateChatCompletionResponse", completion) == []
+    del message["refusal"]
+    assert violations(spec, "CreateChatCompletionResponse", completion)
+    assert violations(spec, "Model", {"id": MODEL, "object": "model", "created": "1",
+                                      "owned_by": "small4"})
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+             "choices": [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None}]}
+    assert violations(spec, "CreateChatCompletionStreamResponse", chunk) == []
+    assert violations(spec, "CreateChatCompletionStreamResponse", chunk | {"id": None})
