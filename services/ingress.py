@@ -38,6 +38,8 @@ from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
 from services.grammar import Guidance, field_of, warmed
 from services.tokenizer import EncodedPrompt, PromptTokenizer
+from services.workers.decode import DecodeWorker
+from services.workers.multimodal import MultimodalWorker
 from services.workers.peer import call, close_stream, stream
 
 
@@ -130,7 +132,7 @@ class Ingress:
         report, ok = {}, True
         for name, peer in self.pools.items():
             try:
-                legs = await asyncio.wait_for(call(peer, "readiness"), 5.0)
+                legs = await asyncio.wait_for(call(peer, DecodeWorker.readiness), 5.0)
                 report[name] = {role: s.healthy for role, s in legs.items()}
                 ok &= all(report[name].values())
             except Exception as exc:
@@ -219,7 +221,7 @@ class Ingress:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
         ctx = RequestContext(request_id, "", effort, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
-        return await call(self.multimodal, "encode", ctx, messages, effort, tools)
+        return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
 
     def _refuse(self, exc: BaseException, span, request_id: str, trace_id: str | None,
                 started: float, pool: str = "none", tenant: str = "anonymous") -> JSONResponse:
@@ -318,7 +320,8 @@ class _Answer:
                                self.parser.reasoning_tokens, self.cached_tokens)
 
     def _open(self, request):
-        return stream(self.ingress.pools[self.choice.pool], "generate", self.ctx, request)
+        return stream(self.ingress.pools[self.choice.pool], DecodeWorker.generate, self.ctx,
+                      request)
 
     async def next_chunk(self):
         """The next chunk within the deadline. When the decode replica (or an engine) fails,
@@ -424,7 +427,9 @@ class _Answer:
                              and self.plan.request.stream_options.include_usage)
         n_calls, legacy = 0, self.plan.request.legacy_functions
         try:
-            yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""}))
+            # with include_usage every chunk has `usage`: null until the last one, as OpenAI's
+            yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""},
+                                            include_usage=include_usage))
             finish = None
             async for chunk in self._chunks(first):
                 delta = self.parser.feed(chunk.token_ids)
@@ -432,14 +437,15 @@ class _Answer:
                 n_calls += len(delta.tool_calls)
                 entries = self._logprobs(chunk)
                 if body or entries:
-                    yield sse_event(responses.chunk(self.meta, body, logprob_list=entries))
+                    yield sse_event(responses.chunk(self.meta, body, logprob_list=entries,
+                                                    include_usage=include_usage))
                 finish = chunk.finish_reason
             delta, finish = self.parser.finish(finish)
             self.finish_reason = finish
             if legacy and finish == "tool_calls":
                 finish = "function_call"
             yield sse_event(responses.chunk(self.meta, _delta_dict(delta, n_calls, legacy),
-                                            finish))
+                                            finish, include_usage=include_usage))
             if include_usage:
                 yield sse_event(responses.usage_chunk(self.meta, self.usage()))
             yield "data: [DONE]\n\n"

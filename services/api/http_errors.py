@@ -8,6 +8,7 @@ import math
 
 from starlette.responses import JSONResponse
 
+from services.context import new_request_id
 from services.errors import StackError, from_exception
 
 log = logging.getLogger("small4.ingress")
@@ -41,8 +42,10 @@ def error_body(error: StackError, request_id: str | None = None,
 
 def error_response(exc: BaseException, request_id: str | None = None,
                    trace_id: str | None = None) -> JSONResponse:
-    """An OpenAI-style JSON error with the request and trace ids in the body and headers."""
+    """An OpenAI-style JSON error with the request and trace ids in the body and headers;
+    an error outside a chat request (a probe, the model card, a bad route) gets its own id."""
     error = as_stack_error(exc)
+    request_id = request_id or new_request_id()
     headers = {"x-small4-request-id": request_id} if request_id else {}
     if trace_id:
         headers["x-trace-id"] = trace_id

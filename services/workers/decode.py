@@ -24,7 +24,7 @@ from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings
 from services.telemetry import metrics, tracing
 from services.workers.peer import call, close_stream, stream
-from services.workers.prefill import PrefillReply
+from services.workers.prefill import PrefillReply, PrefillWorker
 from services.workers.engine_host import EngineHost
 from services.workers import router_state
 from services.workers.settings import WorkerSettings
@@ -158,7 +158,7 @@ class DecodeWorker(EngineHost):
             await self._before_attempt(attempt, ctx, request)
             transfer = KVTransfer(self.handoff, request.request_id)
             attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
-            legs = stream(self.prefill, "prefill_paired", ctx.within(attempt_s),
+            legs = stream(self.prefill, PrefillWorker.prefill_paired, ctx.within(attempt_s),
                           request, transfer.ticket)
             replied = received = None
             try:
@@ -212,7 +212,7 @@ class DecodeWorker(EngineHost):
         attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
         for attempt in range(handoff.prefill_attempts):
             await self._before_attempt(attempt, ctx, request)
-            legs = stream(self.prefill, "prefill_held", ctx.within(attempt_s), request,
+            legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s), request,
                           transfer.ticket)
             try:
                 async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
@@ -240,14 +240,14 @@ class DecodeWorker(EngineHost):
 
     async def _abort_prefill(self, request_id: str) -> None:
         try:
-            await asyncio.shield(call(self.prefill, "abort", request_id))
+            await asyncio.shield(call(self.prefill, PrefillWorker.abort, request_id))
         except Exception:  # the prefill replica may be gone; its KV went with it
             pass
 
 
     async def readiness(self) -> dict[str, EngineStats]:
         """This replica's and a prefill replica's stats: both legs of the pool answer."""
-        return {"decode": self.engine.stats(), "prefill": await call(self.prefill, "stats")}
+        return {"decode": self.engine.stats(), "prefill": await call(self.prefill, PrefillWorker.stats)}
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -1,23 +1,41 @@
-"""Call a peer worker the same way whether it is a Ray Serve handle or an in-process object."""
+"""Call a peer worker the same way whether it is a Ray Serve handle or an in-process object.
+
+Calls name the method by the worker class's function, not by a string — `call(peer,
+PrefillWorker.abort, request_id)` — so a renamed or mistyped method fails where the caller is
+imported, and a type checker sees the arguments and the result (`ParamSpec`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Y = TypeVar("Y")
 
 
-async def call(peer: Any, method: str, *args: Any) -> Any:
+def _name(method: Callable[..., Any]) -> str:
+    if isinstance(method, str) or not callable(method):
+        raise TypeError(f"name the method by the worker class's function, not {method!r}")
+    return method.__name__
+
+
+async def call(peer: Any, method: Callable[Concatenate[Any, P], Awaitable[R]],
+               *args: P.args) -> R:
     """`await peer.method(*args)`, through `.remote()` when `peer` is a deployment handle."""
-    target = getattr(peer, method)
+    target = getattr(peer, _name(method))
     if hasattr(target, "remote"):
         return await target.remote(*args)
     return await target(*args)
 
 
-def stream(peer: Any, method: str, *args: Any):
+def stream(peer: Any, method: Callable[Concatenate[Any, P], AsyncIterator[Y]],
+           *args: P.args) -> AsyncIterator[Y]:
     """An async iterator over a streaming call on a handle or an in-process async generator."""
+    name = _name(method)
     if hasattr(peer, "options"):
-        return getattr(peer.options(stream=True), method).remote(*args)
-    return getattr(peer, method)(*args)
+        return getattr(peer.options(stream=True), name).remote(*args)
+    return getattr(peer, name)(*args)
 
 
 async def close_stream(iterator: Any) -> None:

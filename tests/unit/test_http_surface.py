@@ -62,9 +62,9 @@ def test_the_served_model_is_retrievable_and_others_are_404(plain):
         "id": "mistral-small-4", "object": "model", "owned_by": "small4"}
     assert found.json() == plain[5].json()["data"][0]
     assert missing.status_code == 404
-    assert missing.json()["error"] | {"message": ""} == {
+    assert missing.json()["error"] | {"message": "", "request_id": ""} == {
         "message": "", "type": "invalid_request_error", "param": "model",
-        "code": "model_not_found"}
+        "code": "model_not_found", "request_id": ""}
 
 
 def test_head_answers_like_get_without_a_body(plain):

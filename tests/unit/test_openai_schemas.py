@@ -184,6 +184,14 @@ def test_errors_match_the_error_schema(answers, spec, name, status):
     response = answers[name]
     assert response.status_code == status, response.text
     assert violations(spec, "ErrorResponse", response.json()) == []
+    assert response.json()["error"]["request_id"].startswith("chatcmpl-")  # every error
+
+
+def test_with_include_usage_every_chunk_has_usage_null_until_the_last(answers):
+    """As OpenAI sends them: `usage: null` on each chunk, the totals on the last."""
+    chunks = events(answers["stream"])
+    assert chunks and all("usage" in chunk for chunk in chunks)
+    assert [c["usage"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
 
 
 def test_the_validator_refuses_what_the_spec_refuses(spec):

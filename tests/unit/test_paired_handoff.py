@@ -102,3 +102,23 @@ def test_a_serve_app_refuses_in_process_handoffs(backend):
 
     with pytest.raises(SettingsError, match=f"kv_handoff.backend '{backend}'"):
         build_app(profile(backend))
+
+
+def test_peer_calls_name_the_workers_function_not_a_string():
+    """A method named by a string (a typo survives until the call) is refused at once."""
+    import asyncio
+
+    import pytest
+
+    from services.workers.peer import call, stream
+    from services.workers.prefill import PrefillWorker
+
+    class Peer:
+        async def abort(self, request_id):
+            return request_id == "r1"
+
+    assert asyncio.run(call(Peer(), PrefillWorker.abort, "r1")) is True
+    with pytest.raises(TypeError, match="by the worker class's function"):
+        asyncio.run(call(Peer(), "abort", "r1"))
+    with pytest.raises(TypeError):
+        stream(Peer(), "prefill_held")
