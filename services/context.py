@@ -12,8 +12,6 @@ class RequestContext:
     """Per-request context carried ingress → decode → prefill (picklable)."""
 
     request_id: str
-    pool: str
-    effort: str
     deadline: float | None = None
     trace_headers: dict[str, str] = field(default_factory=dict)
     tenant: str = "anonymous"

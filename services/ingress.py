@@ -191,7 +191,7 @@ class Ingress:
                 self.quotas.release(grant, 0)
             return self._refuse(exc, span, request_id, trace_id, started,
                                 tenant=principal.tenant)
-        ctx = RequestContext(request_id, choice.pool, plan.effort, deadline=deadline,
+        ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span, incoming),
                              tenant=principal.tenant)
         return await self._serve(plan, choice, ctx, _Trace(span, trace_id, started), grant)
@@ -219,7 +219,7 @@ class Ingress:
             return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
         if self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
-        ctx = RequestContext(request_id, "", effort, deadline=deadline,
+        ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
         return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
 

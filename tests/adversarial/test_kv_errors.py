@@ -57,7 +57,7 @@ def image_request(tokenizer, pixels) -> EngineRequest:
 
 
 async def first_chunk(decode, request):
-    ctx = RequestContext(request.request_id, "fast", "none")
+    ctx = RequestContext(request.request_id)
     async for chunk in decode.generate(ctx, request):
         return chunk
 

@@ -65,7 +65,7 @@ def test_one_request_through_sglang_pd(checkpoint):
 
     async def run():
         started, first, tokens, finish = time.perf_counter(), None, 0, None
-        async for chunk in decode.generate(RequestContext("smoke-1", "fast", "none"), request):
+        async for chunk in decode.generate(RequestContext("smoke-1"), request):
             first = first or time.perf_counter()
             tokens, finish = tokens + len(chunk.token_ids), chunk.finish_reason or finish
         return first - started, tokens, time.perf_counter() - first, finish

@@ -76,7 +76,7 @@ def test_the_multimodal_worker_makes_one_size_only_for_engines_that_need_it(one_
         {"type": "image_url", "image_url": {"url": data_url(100, 40)}},
         {"type": "image_url", "image_url": {"url": data_url(30, 90)}},
         {"type": "text", "text": "Compare."}]}]
-    prompt = asyncio.run(worker.encode(RequestContext("r", "fast", "none"), messages, "none",
+    prompt = asyncio.run(worker.encode(RequestContext("r"), messages, "none",
                                        None))
     shapes = {p.shape for p in pixels(prompt.images)}
     assert (shapes == {(3, 112, 112)}) if one_size else (len(shapes) == 2)
