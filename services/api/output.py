@@ -209,7 +209,8 @@ class OutputParser:
         return delta, finish_reason
 
     def _step(self, token: int, delta: OutputDelta) -> None:
-        """Move the state machine by one id; markers and eos are never text."""
+        """Move the state machine by one id; control tokens (markers, eos, the rest of the
+        reserved ids a model may still sample) are never text."""
         state = self.state
         if token == self.eos:
             self._switch(State.DONE, delta)
@@ -225,12 +226,12 @@ class OutputParser:
             self.reasoning_tokens += 1
             if token == self.end_think:
                 self._switch(State.CONTENT, delta)
-            elif token != self.think:
+            elif not self.tokenizer.is_control(token):
                 self._text_ids.append(token)
         elif token == self.think:
             self.reasoning_tokens += 1
             self._switch(State.REASONING, delta)
-        elif token != self.end_think:
+        elif not self.tokenizer.is_control(token):
             self._text_ids.append(token)
 
     def _switch(self, state: State, delta: OutputDelta) -> None:

@@ -150,7 +150,7 @@ def test_logprobs_come_with_the_tokens_streamed_and_not(client):
     for entry in entries:  # greedy: the chosen token is the most likely one
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
         assert entry.logprob <= 0 and bytes(entry.bytes).decode("utf-8", "replace")
-    assert "".join(e.token for e in entries) == answer.message.content
+    assert "".join(e.token for e in entries) == (answer.message.content or "")
     streamed = [e for chunk in client.chat.completions.create(stream=True, **args)
                 if chunk.choices and chunk.choices[0].logprobs
                 for e in chunk.choices[0].logprobs.content]

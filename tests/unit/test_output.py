@@ -81,6 +81,16 @@ def test_detokenized_pieces_add_up_to_the_text_and_never_split_a_character(
     assert not any("\ufffd" in piece for piece in pieces)
 
 
+def test_control_tokens_the_format_does_not_use_are_never_text(tokenizer, ids_of, mark):
+    """A reserved id (a random model samples any) or a stray [INST] is no text in content or
+    reasoning; it still counts as a completion token."""
+    ids = (ids_of("a") + [735] + mark("[INST]") + ids_of("b") + mark("[THINK]") + [900]
+           + ids_of("c") + mark("[/THINK]") + [tokenizer.eos_id])
+    content, reasoning, calls, finish = parse_completion(tokenizer, ids, "stop",
+                                                         tools_enabled=True)
+    assert (content, reasoning, finish) == ("ab", "c", "stop")
+
+
 @PROPERTY
 @given(parts=st.lists(st.binary(max_size=6) | st.sampled_from(MULTILINGUAL + list(MARKERS)),
                       max_size=12),
