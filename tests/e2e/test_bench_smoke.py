@@ -48,6 +48,7 @@ def test_stack_overhead_bench_runs():
                        "--port", str(free_port()))
     assert set(report["ttft"]) == {"sim", "ref"}
     assert report["throughput_tokens_per_s"]["sim"]["16"] > 0
+    assert report["echo_ttft_p50_ms"] > 0 and "added_ttft_p50_le_1.5x_echo" in report["targets"]
 
 
 @pytest.mark.ray
