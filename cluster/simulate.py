@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from autoscaling.simulator.prefix import PrefixModel
 from autoscaling.simulator.scenario import CONTROLLERS, SimSettings
 from autoscaling.simulator.study import (TraceSpec, answer, answer_line, default_workers,
-                                         file_spec, run_study, summarise, table, verdict, write)
+                                         file_spec, prefix_rows, prefix_table, run_study,
+                                         summarise, table, verdict, write)
 from autoscaling.simulator.tracefile import TraceFileError, TraceSource
 from autoscaling.simulator.workload import TRACES
 
@@ -37,6 +41,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-answer", action="store_true",
                         help="skip the search for the smallest budget and split")
     parser.add_argument("--jobs", type=int, default=default_workers())
+    parser.add_argument("--prefix-share", type=float, default=0.0, metavar="F",
+                        help="share of each prompt that is a reusable prefix (0 to 1; 0: no "
+                        "prefix cache): runs every policy with random and with cache-aware "
+                        "routing and prints what routing buys")
+    parser.add_argument("--prefix-groups", type=int, default=PrefixModel().groups,
+                        help="distinct prefixes in use per pool (conversations, agents)")
+    parser.add_argument("--prefix-cache-tokens", type=int,
+                        default=PrefixModel().cache_tokens,
+                        help="prefix cache per prefill engine, in tokens")
 
 
 def progress(done: int, total: int, what: str) -> None:
@@ -59,6 +72,15 @@ def run(args) -> int:
         print("--seeds must be at least 1", file=sys.stderr)
         return 2
     try:
+        prefix = PrefixModel(share=args.prefix_share, groups=args.prefix_groups,
+                             cache_tokens=args.prefix_cache_tokens)
+    except ValidationError as exc:
+        bad = exc.errors()[0]
+        print(f"small4 simulate: --prefix-{str(bad['loc'][0]).replace('_tokens', '-tokens')}"
+              f": {bad['msg']}", file=sys.stderr)
+        return 2
+    s = s.model_copy(update={"prefix": prefix})
+    try:
         specs = [TraceSpec(k, kind=k) for k in args.kind]
         if args.trace:
             specs.append(file_spec([TraceSource.parse(t) for t in args.trace], args.speedup))
@@ -69,17 +91,30 @@ def run(args) -> int:
     policies = list(CONTROLLERS) if args.policy == "all" else [args.policy]
     results = run_study(specs, policies, args.seeds, s, args.jobs, progress)
     rows = summarise(results, s)
+    routing_rows = []
+    if prefix.on:  # the same runs with cache-aware routing: what routing buys
+        aware = s.model_copy(update={"prefix": prefix.model_copy(
+            update={"routing": "cache-aware"})})
+        routing_rows = prefix_rows(results, run_study(specs, policies, args.seeds, aware,
+                                                      args.jobs, progress))
     answers = [] if args.no_answer else [answer(spec, s, args.seeds, args.jobs, progress)
                                          for spec in specs]
     document = {"settings": {"budget_engines": s.budget_engines, "static_split": s.static_split,
                              "slos": {k: v.model_dump() for k, v in s.slos.items()},
                              "cold_start_s": s.perf.cold_start_s},
                 "seeds": args.seeds, "summary": rows, "targets": verdict(rows, s),
-                "answers": answers, "runs": results,
+                "answers": answers, "runs": results, "prefix": {
+                    **prefix.model_dump(), "by_routing": routing_rows} if prefix.on else None,
                 "wall_s": round(time.perf_counter() - started, 1)}
     json_path, png = write(document, Path(args.out))
     print(table(rows))
     print()
+    if routing_rows:
+        print(f"prefix {prefix.share:.0%} of each prompt, {prefix.groups} prefixes per pool, "
+              f"{prefix.cache_tokens:,} tokens of cache per prefill engine (the table above: "
+              "random routing):")
+        print(prefix_table(routing_rows))
+        print()
     for a in answers:
         print(answer_line(a))
     print(f"wrote {json_path}" + (f" and {png}" if png else

@@ -17,6 +17,7 @@ from typing import Callable
 from autoscaling.metrics import Key
 from autoscaling.simulator.engines import DecodeEngine, PrefillEngine
 from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.prefix import PrefixModel
 
 READY, DRAIN_DEADLINE = "ready", "drain_deadline"
 
@@ -37,8 +38,8 @@ class Cluster:
     """Slots, their lifecycle, and the accounting of allocated engine-seconds."""
 
     def __init__(self, perf: PerfModel, budget: int, initial: dict[Key, int],
-                 schedule: Callable[..., None]):
-        self.perf, self.schedule = perf, schedule
+                 schedule: Callable[..., None], prefix: PrefixModel | None = None):
+        self.perf, self.schedule, self.prefix = perf, schedule, prefix
         self.slots = [Slot(i) for i in range(budget)]
         self.targets = dict(initial)
         self.short_since: dict[Key, float] = {}
@@ -59,8 +60,8 @@ class Cluster:
 
     def _make_ready(self, slot: Slot, key: Key, now: float) -> None:
         slot.key, slot.phase, slot.since = key, "ready", now
-        slot.engine = PrefillEngine(self.perf) if key[1] == "prefill" else DecodeEngine(
-            self.perf, now)
+        slot.engine = (PrefillEngine(self.perf, self.prefix) if key[1] == "prefill"
+                       else DecodeEngine(self.perf, now))
 
     def reconcile(self, targets: dict[Key, int], now: float) -> list[Slot]:
         """Drain what is over target, start what is under; return slots emptied now."""

@@ -13,26 +13,33 @@ import heapq
 from collections import deque
 
 from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.prefix import PrefixCache, PrefixModel
 from autoscaling.simulator.workload import Request
 
 
 class PrefillEngine:
-    """Takes prompts from its pool's queue, a batch up to the token budget at a time."""
+    """Takes prompts from its pool's queue, a batch up to the token budget at a time; with a
+    prefix model, keeps a prefix cache and prefills only what it does not hold."""
 
-    __slots__ = ("perf", "batch", "done_at")
+    __slots__ = ("perf", "batch", "done_at", "cache", "prefix")
 
-    def __init__(self, perf: PerfModel):
+    def __init__(self, perf: PerfModel, prefix: PrefixModel | None = None):
         self.perf = perf
         self.batch: list[Request] = []
         self.done_at: float | None = None
+        self.prefix = prefix if prefix is not None and prefix.on else None
+        self.cache = PrefixCache(prefix.cache_tokens) if self.prefix else None
 
     @property
     def busy(self) -> bool:
         """Whether a batch is in flight."""
         return bool(self.batch)
 
-    def start(self, queue: deque, now: float) -> float | None:
-        """Take a batch from `queue` (FIFO); return when it completes, None if idle."""
+    def start(self, queue: deque, now: float, others: tuple = ()) -> float | None:
+        """Take a batch from `queue` (FIFO); return when it completes, None if idle.
+        `others`: the prefix caches of the pool's other ready engines."""
+        if self.prefix is not None:
+            return self._start_cached(queue, now, others)
         tokens, budget = 0, self.perf.max_batched_tokens
         while queue and (not self.batch or tokens + queue[0].prompt <= budget):
             request = queue.popleft()
@@ -44,11 +51,61 @@ class PrefillEngine:
         self.done_at = now + self.perf.prefill_s([r.prompt for r in self.batch])
         return self.done_at
 
+    def _start_cached(self, queue: deque, now: float, others: tuple) -> float | None:
+        """A batch by the prefix model's routing: cache-aware takes, among the first
+        `lookahead` queued, the prompts whose prefix it holds before the head, and leaves a
+        prompt whose prefix another engine holds to that one for up to `patience_s`; the token
+        budget counts the tokens to compute."""
+        span = range(min(len(queue), self.prefix.lookahead))
+        picks: list[int] = []
+        if self.prefix.routing == "cache-aware":
+            picks = [i for i in span if self.cache.holds(queue[i])]
+            picks += [i for i in span if i not in picks and not self._leave(queue[i], now,
+                                                                            others)]
+        else:
+            picks = list(span)
+        tokens, budget, chosen = 0, self.perf.max_batched_tokens, []
+        for i in picks:
+            request = queue[i]
+            new = request.prompt - self.cache.hit(request)
+            if chosen and tokens + new > budget:
+                break
+            chosen.append(i)
+            tokens += new
+        for i in sorted(chosen, reverse=True):
+            request = queue[i]
+            del queue[i]
+            request.prefill_start = now
+            request.cached = self.cache.hit(request)
+            self.batch.append(request)
+        if not self.batch:
+            return None
+        self.batch.reverse()  # in queue order
+        self.done_at = now + self.perf.prefill_cached_s([(r.prompt, r.cached)
+                                                         for r in self.batch])
+        return self.done_at
+
+    def _leave(self, request: Request, now: float, others: tuple) -> bool:
+        """Whether to leave `request` to another engine holding its prefix: that engine frees
+        sooner than this one would take to recompute the prefix, and the request has not
+        waited `patience_s` already."""
+        if now - request.arrival >= self.prefix.patience_s:
+            return False
+        for other in others:
+            hit = other.cache.hit(request)
+            if hit > self.cache.hit(request):
+                wait = max(other.done_at - now, 0.0) if other.busy else 0.0
+                if wait < self.perf.prompt_flops(hit) / self.perf.prefill_flops_per_s:
+                    return True
+        return False
+
     def finish(self, now: float) -> list[Request]:
-        """Hand back the completed batch."""
+        """Hand back the completed batch (its prefixes now cached here)."""
         batch, self.batch, self.done_at = self.batch, [], None
         for request in batch:
             request.prefill_end = now
+            if self.cache is not None:
+                self.cache.store(request)
         return batch
 
 

@@ -67,6 +67,12 @@ class PerfModel(BaseModel):
         flops = sum(self.prompt_flops(n) for n in prompts)
         return self.prefill_batch_overhead_s + flops / self.prefill_flops_per_s
 
+    def prefill_cached_s(self, prompts: list[tuple[int, int]]) -> float:
+        """Seconds to prefill a batch of (prompt, cached) token counts: the cached prefix's
+        compute (its tokens and their attention) is not redone."""
+        flops = sum(self.prompt_flops(n) - self.prompt_flops(min(c, n)) for n, c in prompts)
+        return self.prefill_batch_overhead_s + flops / self.prefill_flops_per_s
+
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         """Seconds per decode step for `batch` sequences holding `context_tokens` in all."""
         if batch <= 0:

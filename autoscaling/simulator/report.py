@@ -115,6 +115,12 @@ def summarize(result: SimResult, slos: dict[str, PoolSLO], gpus_per_engine: int,
         "attainment_windows": attainment(window_counts(reqs, ok, d, window_s), window_s),
         "allocation_timeline": [[t, alloc] for t, alloc in result.timeline[::6]],
     }
+    prefix = sum(r.prefix for r in reqs)
+    if prefix:
+        prompt = sum(r.prompt for r in reqs)
+        cached = sum(r.cached for r in reqs)
+        report["prefix"] = {"hit_rate": cached / prefix, "cached_share_of_prompts":
+                            cached / prompt if prompt else 0.0}
     if step_at_s is not None:
         report.update(_after_step(reqs, ok, attainment(fine, fine_window_s, span), step_at_s,
                                   d, recovery_horizon_s, recovery_target))

@@ -16,6 +16,7 @@ from autoscaling.simulator.capacity import KEYS, best_split
 from autoscaling.simulator.controllers import (Controller, RayDefaultController, SloController,
                                                StaticController)
 from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.prefix import PrefixModel
 from autoscaling.simulator.planner import PlannerController, PlannerSettings
 from autoscaling.simulator.report import PoolSLO, summarize
 from autoscaling.simulator.sim import Simulation
@@ -52,6 +53,7 @@ class SimSettings(BaseModel):
     prefill_timeout_s: float | None = Field(60.0, gt=0)
     prefill_tokens_per_s_floor: float = Field(2000.0, gt=0)
     grace_s: float = Field(120.0, ge=0)
+    prefix: PrefixModel = PrefixModel()  # off (share 0) unless asked for
 
     def split(self) -> dict[Key, int]:
         """The static split as (pool, role) keys."""
@@ -108,6 +110,7 @@ def run_trace(trace: Trace, controller: str, s: SimSettings, seed: int = 0) -> d
     sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
                      s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s,
                      slos=role_slos(s), prefill_deadline=None if s.prefill_timeout_s is None
-                     else (s.prefill_timeout_s, s.prefill_tokens_per_s_floor))
+                     else (s.prefill_timeout_s, s.prefill_tokens_per_s_floor),
+                     prefix=s.prefix)
     return summarize(sim.run(), s.slos, s.perf.gpus_per_engine, trace.step_at_s,
                      shifts=trace.shifts)

@@ -17,6 +17,7 @@ from autoscaling.simulator.cluster import DRAIN_DEADLINE, READY, Cluster, Slot
 from autoscaling.simulator.controllers import Controller
 from autoscaling.simulator.engines import DecodeEngine
 from autoscaling.simulator.perf import PerfModel
+from autoscaling.simulator.prefix import PrefixModel, assign
 from autoscaling.simulator.workload import POOLS, Request
 from autoscaling.window import LoadWindow
 
@@ -42,7 +43,8 @@ class Simulation:
                  budget: int, initial: dict[Key, int], duration_s: float,
                  tick_s: float = 1.0, grace_s: float = 120.0,
                  slos: dict[Key, float] | None = None,
-                 prefill_deadline: tuple[float, float] | None = None):
+                 prefill_deadline: tuple[float, float] | None = None,
+                 prefix: PrefixModel | None = None):
         self.requests, self.controller, self.perf = requests, controller, perf
         self.duration_s, self.tick_s, self.end = duration_s, tick_s, duration_s + grace_s
         self.heap: list = []
@@ -55,7 +57,8 @@ class Simulation:
         self.now = 0.0
         self.windows = {k: LoadWindow(slos.get(k, float("inf")), lambda: self.now)
                         for k in self.keys}
-        self.cluster = Cluster(perf, budget, initial, self.schedule)
+        assign(requests, prefix or PrefixModel())
+        self.cluster = Cluster(perf, budget, initial, self.schedule, prefix)
         # (seconds, prompt tokens/s floor): a prompt waits at most seconds + tokens / floor
         self.prefill_timeout_s, self.prefill_floor = prefill_deadline or (None, 1.0)
         self.busy_s, self.timeline = 0.0, []
@@ -99,8 +102,11 @@ class Simulation:
             if not queue:
                 return
             if slot.key == key and slot.phase == "ready" and not slot.engine.busy:
-                done = slot.engine.start(queue, now)
-                self.schedule(done, PREFILL_DONE, slot, slot.epoch)
+                others = () if slot.engine.cache is None else tuple(
+                    s.engine for s in self.cluster.of(key, "ready") if s is not slot)
+                done = slot.engine.start(queue, now, others)
+                if done is not None:
+                    self.schedule(done, PREFILL_DONE, slot, slot.epoch)
 
     def _expire(self, queue: deque, now: float) -> None:
         """Drop the queue's head while it is past its prefill deadline, as the stack's prefill

@@ -274,6 +274,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prefix_rows(random: dict, aware: dict) -> list[dict]:
+    """Per trace and policy, the same runs with random and with cache-aware routing: prefix
+    hit rate, the share of prompt tokens not recomputed, goodput and attainment."""
+    rows = []
+    for trace, by_policy in random.items():
+        for policy, runs in by_policy.items():
+            for routing, got in (("random", runs), ("cache-aware", aware[trace][policy])):
+                prefix = [r.get("prefix") or {} for r in got]
+                rows.append({"trace": trace, "policy": policy, "routing": routing,
+                             "hit_rate": round(mean(p.get("hit_rate", 0.0) for p in prefix), 4),
+                             "cached_share": round(mean(p.get("cached_share_of_prompts", 0.0)
+                                                        for p in prefix), 4),
+                             "goodput_rps": round(mean(r["goodput_rps"] for r in got), 3),
+                             "slo_attainment": round(mean(r["slo_attainment"] or 0
+                                                          for r in got), 4),
+                             "gpu_hours_busy": round(mean(r["gpu_hours_busy"] for r in got), 3)})
+    return rows
+
+
+def prefix_table(rows: list[dict]) -> str:
+    """What routing buys, as a fixed-width table."""
+    head = (f"{'trace':>13} | {'policy':>11} | {'routing':>11} | {'prefix hit':>10} | "
+            f"{'prompt cached':>13} | {'goodput/s':>9} | {'SLO met':>7} | busy GPU-h")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['trace']:>13} | {r['policy']:>11} | {r['routing']:>11} | "
+                     f"{100 * r['hit_rate']:9.1f}% | {100 * r['cached_share']:12.1f}% | "
+                     f"{r['goodput_rps']:9.2f} | {100 * r['slo_attainment']:6.1f}% | "
+                     f"{r['gpu_hours_busy']:.2f}")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> bool:
     """Attainment over time per policy (left) and engines per pool and role under our policy
     (right), one row per trace, seed 0; False when matplotlib is not installed."""

@@ -86,6 +86,9 @@ class Request:
     first_token: float | None = None
     finish: float | None = None
     aborted: bool = False
+    group: int = -1  # prefix group (autoscaling.simulator.prefix), -1 without
+    prefix: int = 0  # tokens of the prompt that are the group's prefix
+    cached: int = 0  # of those, found in the prefilling engine's cache
 
 
 def sample_lengths(lengths: Lengths, n: int, rng: np.random.Generator) -> tuple:

@@ -105,3 +105,22 @@ def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_
                                                            "ours"}
     assert document["answers"][0]["ours"]["slo_attainment"] >= 0.95
     assert (out / "simulate.png").exists()
+
+
+def test_small4_simulate_shows_what_prefix_aware_routing_buys(tmp_path, capsys):
+    assert main(["simulate", "--prefix-share", "1.5", "--no-answer"]) == 2
+    assert "--prefix-share" in capsys.readouterr().err
+    rows = "".join(f"{i * 0.25:.2f},{3000 + 37 * (i % 9)},{60 + i % 50},none\n"
+                   for i in range(240))
+    path = write(tmp_path, "chat.csv", f"{HEADER},Effort\n{rows}")
+    out = tmp_path / "out"
+    assert main(["simulate", "--trace", str(path), "--policy", "static", "--no-answer",
+                 "--prefix-share", "0.8", "--prefix-groups", "4", "--out", str(out),
+                 "--jobs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "prefix hit" in printed and "cache-aware" in printed
+    import json
+
+    by_routing = {r["routing"]: r for r in json.loads(
+        (out / "simulate.json").read_text())["prefix"]["by_routing"]}
+    assert by_routing["cache-aware"]["hit_rate"] >= by_routing["random"]["hit_rate"] > 0
