@@ -9,7 +9,11 @@ stand-in `tekken.json` (a local tokenizer directory: nothing is fetched from Hug
 modes: fixed concurrency (`--concurrency 1 8 32`) and a rate sweep (guidellm's `sweep` profile:
 synchronous, saturated, then constant rates between the two; or `--rates` for given rates). Every
 benchmark is bounded by `--max-requests` and `--max-seconds`, and each guidellm run by a deadline.
-The figures are read from guidellm's own JSON report.
+The figures are read from guidellm's own JSON report. guidellm's target is the server root (it
+appends `/v1/chat/completions`); it runs as its own process, with the Hugging Face offline
+switches set, and under `.ci/loopback-only` its only connections are to the stack on loopback and
+its own worker processes (checked with `strace -f -e connect`). On the zero-compute engine the
+ITL is the gap between coalesced stream chunks (`stream.interval_tokens`), not a decode step.
 
     .ci/loopback-only .venv/bin/python bench/load_sweep.py [--engine simulated|reference]
         [--mode both|concurrency|sweep] [--concurrency 1 8 32] [--rates 2 4 8 | --sweep-size 5]
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -147,12 +152,20 @@ def run_guidellm(doc: dict, workdir: Path, benchmarks: int, args) -> dict:
     deadline = 120 + benchmarks * (args.max_seconds + args.request_timeout_s + 15)
     env = os.environ | {"GUIDELLM__MAX_WORKER_PROCESSES": str(args.workers),
                         "GUIDELLM__LOG_FILE": str(workdir / "guidellm.log")}
-    done = subprocess.run([sys.executable, "-m", "guidellm", "run", "--config", str(config),
-                           "--disable-console-interactive"], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=deadline)
-    if done.returncode != 0:
-        raise RuntimeError(f"guidellm exited {done.returncode}:\n{done.stdout[-3000:]}"
-                           f"\n{done.stderr[-3000:]}")
+    # its own session, so a run past its deadline is stopped with its worker processes
+    proc = subprocess.Popen([sys.executable, "-m", "guidellm", "run", "--config", str(config),
+                             "--disable-console-interactive"], cwd=workdir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise TimeoutError(f"guidellm still running after {deadline:g} s; stopped") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"guidellm exited {proc.returncode}:\n{stdout[-3000:]}"
+                           f"\n{stderr[-3000:]}")
     return json.loads(Path(doc["spec"]["outputs"][0]["path"]).read_text())
 
 
