@@ -84,3 +84,16 @@ def test_prefix_routing_bench_runs():
     assert set(report["routers"]) == {"serve_default", "cache_aware"}
     assert all(row["requests"] >= 8 for row in report["routers"].values())
     assert 0 < report["ideal_cached_ratio"] < 1
+
+
+@pytest.mark.ray
+def test_load_sweep_bench_runs():
+    """guidellm against the stack it starts: rows read from its report, no request failed."""
+    report = run_bench("load_sweep.py", "--mode", "concurrency", "--concurrency", "1",
+                       "--max-requests", "3", "--max-seconds", "30", "--prompt-tokens", "16",
+                       "--output-tokens", "8", "--warmup-requests", "0",
+                       "--port", str(free_port()))
+    [row] = report["rows"]["concurrency"]
+    assert row["streams"] == 1 and row["requests"] == 3
+    assert row["errored"] == 0 and row["incomplete"] == 0
+    assert row["output_tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0
