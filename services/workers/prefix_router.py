@@ -8,14 +8,18 @@ the engine evicts). A request goes where its prefill would start soonest and com
 both counted in prompt tokens:
 
     cost(replica) = this prompt's tokens not cached there + prefill tokens queued there
+                    + `load_blocks` blocks × requests routed there lately (halving
+                      every 30 s)
 
 Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
 reported done (the decode worker hands each prefill's reply to `router_state.prefilled`; a call
 that ends without one counts until it completes), plus, for calls of other routers that Serve's
 probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
 while its queue exceeds `max_imbalance` × the shortest queue + one prompt (a hot prefix cannot
-pin one replica while others idle); among equal costs, the replica holding less KV wins (new
-conversations spread out). A replica that dies or leaves drops out of the index;
+pin one replica while others idle). The last term is the load the sessions living on a replica
+will bring back: a conversation's turns follow where its history is, so a new conversation (no
+hit anywhere) goes where fewer live ones are, while a turn's own history (thousands of tokens)
+outweighs it; among equal costs, the replica holding less KV wins. A replica that dies or leaves drops out of the index;
 `router_state.correct` trims a replica's index to the prompt KV its engine reports holding (its
 evictions). With one replica the router only hands it back.
 """
@@ -23,6 +27,7 @@ evictions). With one replica the router only hands it back.
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +36,9 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from services.engines.prefix_cache import PrefixCache
 from services.workers import router_state
+
+
+LOAD_HALF_LIFE_S = 30.0
 
 
 @dataclass
@@ -44,11 +52,14 @@ class CacheAwareRouter(RequestRouter):
     """Prefix-cache-aware, load-guarded routing for prefill deployments (see the module)."""
 
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
-                         max_imbalance: float = 1.5, **_: Any) -> None:
+                         max_imbalance: float = 1.5, load_blocks: float = 3.0,
+                         **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
         self.max_imbalance = max_imbalance
+        self.load_tokens = load_blocks * block_tokens  # per recent request
+        self.recent: dict[ReplicaID, tuple[float, float]] = {}  # (decayed requests, at time)
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
         self.open: dict[ReplicaID, int] = {}  # calls routed, not yet completed
@@ -80,7 +91,8 @@ class CacheAwareRouter(RequestRouter):
         scored = []
         for replica in replicas:
             hit = min(self.predicted_hit(replica.replica_id, chain), prompt_tokens - 1)
-            cost = (prompt_tokens - hit) + queued[replica.replica_id]
+            cost = (prompt_tokens - hit) + queued[replica.replica_id] \
+                + self.load_tokens * self.recent_requests(replica.replica_id)
             over = queued[replica.replica_id] > ceiling
             held = len(self.index.get(replica.replica_id, ()))  # ties: the emptier cache
             scored.append((over, cost, held, random.random(), hit, replica))
@@ -104,6 +116,11 @@ class CacheAwareRouter(RequestRouter):
         probed = self.replica_queue_len_cache.get(rid) or 0
         others = max(0, probed - self.open.get(rid, 0))
         return self.queued.get(rid, 0) + others * self.mean_uncached
+
+    def recent_requests(self, replica: ReplicaID, now: float | None = None) -> float:
+        count, at = self.recent.get(replica, (0.0, 0.0))
+        now = time.monotonic() if now is None else now
+        return count * 0.5 ** ((now - at) / LOAD_HALF_LIFE_S)
 
     def _chain(self, pending: PendingRequest, request) -> list[bytes]:
         """The prompt's block keys, hashed once per request (choosing may be retried)."""
@@ -133,6 +150,8 @@ class CacheAwareRouter(RequestRouter):
         self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
         self.open[replica_id] = self.open.get(replica_id, 0) + 1
         self.mean_uncached += (tokens - self.mean_uncached) / 16
+        now = time.monotonic()
+        self.recent[replica_id] = (self.recent_requests(replica_id, now) + 1, now)
         self.decisions["routed"] += 1
         self.decisions["predicted_hit_tokens"] += hit
         index = self.index.setdefault(replica_id, OrderedDict())
@@ -180,6 +199,7 @@ class CacheAwareRouter(RequestRouter):
         self.index.pop(replica_id, None)
         self.queued.pop(replica_id, None)
         self.open.pop(replica_id, None)
+        self.recent.pop(replica_id, None)
 
     def correct_replica(self, replica_unique_id: str, held_tokens: int) -> None:
         """The engine of `replica_unique_id` holds `held_tokens` of prompt KV now: keep no more

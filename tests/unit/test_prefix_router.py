@@ -122,6 +122,28 @@ def test_calls_other_routers_sent_count_as_queued_tokens(router):
     assert idle == 0
 
 
+def test_new_conversations_go_where_fewer_live_ones_send_turns(router):
+    """A conversation's turns follow its history, so where many turns were routed lately more
+    will come: a new conversation (no hit anywhere) goes to the replica with fewer recent
+    requests even if it holds more KV; the busy conversation's own next turn stays home."""
+    pool = replicas(2)
+
+    def done(request):
+        chosen = route(router, pool, request)
+        router.on_request_completed(chosen.replica_id, request.metadata.internal_request_id)
+        return chosen
+
+    big = done(pending([5] * (80 * BLOCK)))  # one long prompt: much KV, one request
+    turns = [[6] * (40 * BLOCK) + list(range(3 * BLOCK * (t + 1))) for t in range(6)]
+    home = done(pending(turns[0]))
+    assert home is not big
+    for prompt in turns[1:5]:
+        assert done(pending(prompt)) is home
+    assert len(router.index[big.replica_id]) > len(router.index[home.replica_id])
+    assert done(pending([7] * (40 * BLOCK))) is big
+    assert done(pending(turns[5])) is home
+
+
 def test_salts_keep_tenants_apart_in_the_index(router):
     pool = replicas(2)
     prompt = conversation(1, 1)[0]
