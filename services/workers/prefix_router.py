@@ -12,16 +12,16 @@ both counted in prompt tokens:
                       every 30 s)
 
 Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
-reported done (the decode worker hands each prefill's reply to `router_state.prefilled`; a call
+reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call
 that ends without one counts until it completes), plus, for calls of other routers that Serve's
 probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
 while its queue exceeds `max_imbalance` × the shortest queue + one prompt (a hot prefix cannot
 pin one replica while others idle). The last term is the load the sessions living on a replica
 will bring back: a conversation's turns follow where its history is, so a new conversation (no
 hit anywhere) goes where fewer live ones are, while a turn's own history (thousands of tokens)
-outweighs it; among equal costs, the replica holding less KV wins. A replica that dies or leaves drops out of the index;
-`router_state.correct` trims a replica's index to the prompt KV its engine reports holding (its
-evictions). With one replica the router only hands it back.
+outweighs it; among equal costs, the replica holding less KV wins. A replica that dies or
+leaves drops out of the index; `router_state.correct` trims a replica's index to the prompt KV
+its engine reports holding (its evictions). With one replica the router only hands it back.
 """
 
 from __future__ import annotations
