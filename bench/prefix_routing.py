@@ -5,9 +5,9 @@ Sessions of several apps: each app has its own long system prompt (agent apps al
 list, a few thousand tokens together), shared by its sessions; chat turns add short messages,
 agent turns tool results, 4-8 turns each (every turn resends the whole session), sessions arriving
 staggered and interleaved. With enough apps and replicas a blind router seldom finds a session's
-own history where it sends the next turn (about 1/N of the time at N replicas). Per router: Serve's default
-(power of two choices), Ray's `PrefixCacheAffinityRouter` (reading the prompt as one character per
-token), ours (`cache_aware`). Reported per router: cached-token ratio (usage's
+own history where it sends the next turn (about 1/N of the time at N replicas). Per router:
+Serve's default (power of two choices), Ray's `PrefixCacheAffinityRouter` (reading the prompt as
+one character per token), ours (`cache_aware`). Reported per router: cached-token ratio (usage's
 `prompt_tokens_details.cached_tokens` over prompt tokens), prefill tokens computed, TTFT p50/p90
 by turn, requests per prefill replica (from the prefill spans, sent to a local OTLP sink); and the
 ratio a single replica holding every conversation would get (the same trace through one
