@@ -1,16 +1,20 @@
 """What routing by prefix buys: multi-turn conversations and agent sessions on the reference
 engine, one pool with several prefill replicas, the same trace through three prefill routers.
 
-Conversations share long system prompts (agent sessions also a tool list), run 4-8 turns each
-(every turn resends the whole conversation), and arrive interleaved. Per router: Serve's default
-(power of two choices), Ray's `PrefixCacheAffinityRouter` (reading the prompt as one character per
-token), ours (`cache_aware`). Reported per router: cached-token ratio (usage's
+Sessions of several apps: each app has its own long system prompt (agent apps also their own tool
+list, a few thousand tokens together), shared by its sessions; chat turns add short messages,
+agent turns tool results, 4-8 turns each (every turn resends the whole session), sessions arriving
+staggered and interleaved. With enough apps and replicas a blind router seldom finds a session's
+own history where it sends the next turn (about 1/N of the time at N replicas). Per router:
+Serve's default (power of two choices), Ray's `PrefixCacheAffinityRouter` (reading the prompt as
+one character per token), ours (`cache_aware`). Reported per router: cached-token ratio (usage's
 `prompt_tokens_details.cached_tokens` over prompt tokens), prefill tokens computed, TTFT p50/p90
 by turn, requests per prefill replica (from the prefill spans, sent to a local OTLP sink); and the
 ratio a single replica holding every conversation would get (the same trace through one
 unbounded prefix cache), the ceiling the routers are measured against.
 
-    .ci/loopback-only python bench/prefix_routing.py [--conversations 12] [--replicas 2]
+    .ci/loopback-only python bench/prefix_routing.py [--conversations 16] [--families 8]
+        [--replicas 4]
 
 Targets (issue 16): ours >= 90 % of the single-replica ratio; requests max/min across replicas
 <= 1.5; TTFT p50 from turn 3 on at least 2x better than Serve's default; ahead of Ray's router on
@@ -43,12 +47,44 @@ from services.tokenizer import PromptTokenizer  # noqa: E402
 ROUTERS = ("serve_default", "ray_prefix_affinity", "cache_aware")
 READY_TIMEOUT_S = 300.0
 BLOCK = 64
-TOOLS = [{"type": "function", "function": {
-    "name": f"tool_{i}", "description": f"Does step {i} of the build: " + "careful " * 20,
-    "parameters": {"type": "object", "properties": {
-        "path": {"type": "string", "description": "file to act on"},
-        "mode": {"type": "string", "enum": ["read", "write", "check"]}},
-        "required": ["path"]}}} for i in range(12)]
+CAPACITY = 262144  # each prefill replica's prefix cache (engine.kv_capacity_tokens' default)
+
+
+WORDS = ("the a to of and in on for with by from as at is are be was were this that these "
+         "those it its file files code test tests build run check write read change keep "
+         "always never only when where which what who how why before after then else if "
+         "not no yes all any each every some more most less few many user users request "
+         "answer reply tool tools call result results error errors value values name names "
+         "path paths line lines list lists item items step steps task tasks plan plans "
+         "note notes rule rules format output input data table row rows field fields type "
+         "types model models server service services client clients cache key keys time "
+         "times date dates number numbers text word words page pages one two three four "
+         "five first last next new old good bad small large long short fast slow safe clear "
+         "simple careful exact brief full empty open close start stop send receive save load "
+         "find search sort merge split join copy move delete create update use make give "
+         "take show tell ask help explain describe summarise compare review fix report").split()
+
+
+def prose(rng: random.Random, words: int) -> str:
+    """English-like text of about `words` tokens (the stand-in tokenizer reads a common word
+    as one token)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def system_prompt(family: int, words: int) -> str:
+    rng = random.Random(f"system-{family}")
+    return f"You are the assistant of app {family}. " + prose(rng, words)
+
+
+def tools_of(family: int) -> list[dict]:
+    """An agent app's tool list: its own names and descriptions, about a thousand tokens."""
+    rng = random.Random(f"tools-{family}")
+    return [{"type": "function", "function": {
+        "name": f"app{family}_tool_{i}", "description": prose(rng, 50),
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string", "description": prose(rng, 8)},
+            "mode": {"type": "string", "enum": ["read", "write", "check"]}},
+            "required": ["path"]}}} for i in range(12)]
 
 
 def profile(router: str, replicas: int, endpoint: str) -> dict:
@@ -56,7 +92,7 @@ def profile(router: str, replicas: int, endpoint: str) -> dict:
             "prefill": {"replicas": replicas, "num_cpus": 0.1},
             "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
     return {"auth": {"enabled": False}, "model": {"context_length": 32768},
-            "engine": {"prefill_chunk_tokens": 512},
+            "engine": {"prefill_chunk_tokens": 512, "kv_capacity_tokens": CAPACITY},
             "ingress": {"num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
             "pools": {"fast": pool},
             "routing": {"effort_map": {"none": "none"}, "default_effort": "none",
@@ -67,23 +103,31 @@ def profile(router: str, replicas: int, endpoint: str) -> dict:
 
 # ---- the trace --------------------------------------------------------------------------
 
-def system_prompt(k: int, words: int) -> str:
-    return f"You are assistant {k}. " + " ".join(f"rule{k}-{i}" for i in range(words))
-
-
-def conversations(n: int, words: int, seed: int) -> list[dict]:
-    """Half chat sessions (system prompt A or B), half agent sessions (system C + tools)."""
+def conversations(n: int, families: int, words: int, seed: int) -> list[dict]:
+    """`n` sessions over `families` apps, each app with its own long system prompt (agent apps,
+    the odd ones, also their own tool list), so each prompt is shared by n/families sessions.
+    Chat turns add a short user message; agent turns a tool result (a file's worth of lines),
+    so a session's own history soon outweighs its app's prefix, as coding agents' do. Sessions
+    start staggered over the first seconds and think between turns: they interleave."""
     rng = random.Random(seed)
     out = []
     for c in range(n):
-        agent = c % 2 == 1
-        out.append({"id": c, "system": system_prompt(2 if agent else c % 4 // 2, words),
-                    "tools": TOOLS if agent else None, "turns": rng.randint(4, 8),
-                    "think_s": [rng.uniform(0.0, 0.3) for _ in range(8)],
-                    "users": [f"step {t} of task {c}: " + " ".join(
-                        f"w{rng.randint(0, 999)}" for _ in range(rng.randint(20, 60)))
-                        for t in range(8)]})
+        family = c % families
+        agent = family % 2 == 1
+        size = int(words * rng.uniform(0.75, 1.25))
+        out.append({"id": c, "family": family, "system": system_prompt(family, size),
+                    "tools": tools_of(family) if agent else None, "turns": rng.randint(4, 8),
+                    "start_s": rng.uniform(0.0, 0.5 * n),
+                    "think_s": [rng.uniform(0.2, 1.0) for _ in range(8)],
+                    "users": [user_turn(rng, c, t, agent) for t in range(8)]})
     return out
+
+
+def user_turn(rng: random.Random, c: int, t: int, agent: bool) -> str:
+    if agent:  # what the last tool call returned: a file's worth of lines
+        return f"tool result {t} of session {c}:\n" + "\n".join(
+            f"{i} " + prose(rng, rng.randint(6, 14)) for i in range(rng.randint(15, 35)))
+    return f"step {t} of chat {c}: " + prose(rng, rng.randint(40, 120))
 
 
 # ---- spans: which prefill replica served each request ------------------------------------
@@ -154,6 +198,7 @@ async def run_trace(url: str, convos: list[dict], tokenizer: PromptTokenizer,
 
     async def session(convo: dict):
         messages = [{"role": "system", "content": convo["system"]}]
+        await asyncio.sleep(convo["start_s"])
         for turn in range(convo["turns"]):
             await asyncio.sleep(convo["think_s"][turn])
             messages.append({"role": "user", "content": convo["users"][turn]})
@@ -181,6 +226,13 @@ def ideal_ratio(order: list[list[int]]) -> float:
         cached, total = cached + hit.tokens, total + len(ids)
         cache.insert(ids, "", None, lambda i: None)
     return cached / max(1, total)
+
+
+def distinct_tokens(order: list[list[int]]) -> int:
+    """Prompt KV the whole trace needs held at once (its distinct full blocks): below a
+    replica's cache capacity, so eviction never limits what a router can hit."""
+    cache = PrefixCache(BLOCK, 1 << 40)
+    return BLOCK * len({key for ids in order for _, key in cache.chain(ids, "")})
 
 
 def pct(values: list[float], q: float) -> float:
@@ -223,9 +275,12 @@ def wait_ready(url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--conversations", type=int, default=12)
-    parser.add_argument("--system-words", type=int, default=900, help="about 2 tokens each")
-    parser.add_argument("--replicas", type=int, default=2, help="prefill replicas")
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--families", type=int, default=0,
+                        help="apps, each with its own system prompt (and tools); default: "
+                        "one per two sessions")
+    parser.add_argument("--system-words", type=int, default=1500, help="about a token each")
+    parser.add_argument("--replicas", type=int, default=4, help="prefill replicas")
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8767)
@@ -240,9 +295,11 @@ def main() -> None:
              logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     sink, tokenizer = SpanSink(), PromptTokenizer()
-    convos = conversations(args.conversations, args.system_words, args.seed)
+    families = args.families or max(1, args.conversations // 2)
+    convos = conversations(args.conversations, families, args.system_words, args.seed)
     report = {"bench": "prefix_routing", "conversations": args.conversations,
-              "prefill_replicas": args.replicas, "block_tokens": BLOCK, "routers": {}}
+              "families": families, "prefill_replicas": args.replicas, "block_tokens": BLOCK,
+              "replica_cache_capacity_tokens": CAPACITY, "routers": {}}
     try:
         for router in args.routers:
             url = f"http://127.0.0.1:{args.port}/{router}"
@@ -255,6 +312,7 @@ def main() -> None:
             traces = {r["trace"] for r in rows}
             per_replica = Counter(s["pid"] for s in sink.prefills if s["trace"] in traces)
             report["ideal_cached_ratio"] = ideal_ratio(order)
+            report["distinct_prompt_tokens"] = distinct_tokens(order)
             report["routers"][router] = summarise(rows, per_replica,
                                                   report["ideal_cached_ratio"])
             serve.delete(router)
@@ -285,7 +343,11 @@ def targets(report: dict) -> dict:
 
 
 def table(report: dict) -> None:
-    print(f"\nsingle replica holding every conversation: cached ratio "
+    print(f"\n{report['conversations']} sessions over {report['families']} apps, "
+          f"{report['prefill_replicas']} prefill replicas; distinct prompt tokens "
+          f"{report.get('distinct_prompt_tokens', 0)} (cache per replica "
+          f"{report['replica_cache_capacity_tokens']})")
+    print(f"single replica holding every conversation: cached ratio "
           f"{report['ideal_cached_ratio']:.3f}")
     print(f"{'router':>20} | {'cached':>6} | {'of ideal':>8} | {'computed':>8} | "
           f"{'p50 t>=3':>8} | {'p90':>7} | {'max/min':>7} | per replica")

@@ -12,6 +12,11 @@ prefill that fails before then is retried in a new room. Stop strings and `stop_
 Not run here (no GPU in CI): everything that starts `sglang.Engine`. The translation, the
 handoff, the ports and the probe are tested on the CPU, against SGLang's own classes in the
 conformance tier (`make test-sglang`).
+
+Tenants stay apart in SGLang's radix cache as in our engines' prefix cache: each request carries
+its `cache_salt` (one per tenant unless `routing.prefix.shared_tenants` groups them) as SGLang's
+own `cache_salt`, which namespaces its radix tree (`RadixKey.cache_salt`: prompts of different
+salts share no node, so no hit and no timing tells one tenant what another sent).
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ class SGLangEngine:
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """Run the prompt; the engine pushes the KV to the decode engine of the same room."""
         images = image_payload(request.prompt_ids, request.images, self.image_tokens)
-        kwargs = generate_args(request, self.eos_ids, images=images, seeded=self.seeded)
+        kwargs = salted(generate_args(request, self.eos_ids, images=images, seeded=self.seeded),
+                        request)
         kwargs["stream"] = False
         started = time.perf_counter()
         self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
@@ -192,6 +198,14 @@ class SGLangHandoff:
         return None  # the engines free their side when the request ends or is aborted
 
 
+def salted(kwargs: dict[str, Any], request: EngineRequest) -> dict[str, Any]:
+    """`Engine.async_generate` arguments that keep `request`'s prompt in its tenant's namespace
+    of the radix cache (SGLang reads an empty salt as none: the one shared namespace)."""
+    if request.cache_salt:
+        kwargs["cache_salt"] = request.cache_salt
+    return kwargs
+
+
 class DecodeStream:
     """One decode engine request, from its pairing to its end: opened by the handoff (so the
     worker can tell when the KV arrived), then read by `SGLangEngine.decode`."""
@@ -203,7 +217,8 @@ class DecodeStream:
         self.outputs, self.head, self.finished = None, None, False
 
     async def start(self) -> None:
-        kwargs = generate_args(self.request, self.engine.eos_ids, seeded=self.engine.seeded)
+        kwargs = salted(generate_args(self.request, self.engine.eos_ids,
+                                      seeded=self.engine.seeded), self.request)
         self.engine.live[self.request.request_id] = [kwargs["rid"],
                                                      len(self.request.prompt_ids)]
         self.outputs = await self.engine.engine.async_generate(**kwargs)

@@ -115,7 +115,8 @@ class DecodeWorker(EngineHost):
             return await self._paired_prefill(ctx, request)
         reply, kv, transfer = await self._remote_prefill(ctx, request, span)
         if reply.replica:  # what the prefill replica holds now corrects the routers' index
-            router_state.correct(reply.replica, reply.cache_tokens)
+            router_state.correct(reply.replica, reply.cache_tokens, request.request_id,
+                                 reply.cached_tokens)
         return _Leg(reply.first_token, kv, reply.prompt_tokens,
                     _timings(reply, transfer, self.handoff.backend),
                     first_logprob=reply.first_logprob)

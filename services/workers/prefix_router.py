@@ -4,23 +4,30 @@ Each caller (a decode replica's handle to its pool's prefill deployment) keeps a
 index per prefill replica: the prompt blocks it has sent there, keyed as the engines' prefix
 cache keys them (`services.engines.prefix_cache`: salted hash chain, `block_tokens` per block),
 least recently used first and bounded by the replica's cache capacity (so the index forgets as
-the engine evicts). A request goes where its expected time to first token is lowest:
+the engine evicts). A request goes where its prefill would start soonest and compute least,
+both counted in prompt tokens:
 
-    cost(replica) = queued prefill tokens there + this prompt's tokens not cached there
+    cost(replica) = this prompt's tokens not cached there + prefill tokens queued there
+                    + `load_blocks` blocks × requests routed there lately (halving
+                      every 30 s)
 
-so a hot prefix stays on the replica that holds it only while that is worth the wait; and no
-replica is chosen while its queue exceeds `max_imbalance` × the shortest queue + one prompt
-(a hot prefix cannot pin one replica while others idle). Queued tokens are what this router
-sent and has not seen complete, or Serve's probed queue length × the mean prompt, whichever
-is larger (other callers route too). A replica that dies or leaves drops out of the index;
-`router_state.correct` trims a replica's index to the prompt KV its engine reports holding (its
-evictions).
-With one replica the router only hands it back.
+Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
+reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call
+that ends without one counts until it completes), plus, for calls of other routers that Serve's
+probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
+while its queue exceeds `max_imbalance` × the shortest queue + one prompt (a hot prefix cannot
+pin one replica while others idle). The last term is the load the sessions living on a replica
+will bring back: a conversation's turns follow where its history is, so a new conversation (no
+hit anywhere) goes where fewer live ones are, while a turn's own history (thousands of tokens)
+outweighs it; among equal costs, the replica holding less KV wins. A replica that dies or
+leaves drops out of the index; `router_state.correct` trims a replica's index to the prompt KV
+its engine reports holding (its evictions). With one replica the router only hands it back.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -31,28 +38,37 @@ from services.engines.prefix_cache import PrefixCache
 from services.workers import router_state
 
 
+LOAD_HALF_LIFE_S = 30.0
+
+
 @dataclass
 class _Routed:
     replica: ReplicaID
-    tokens: int  # uncached prompt tokens expected to run there
+    request_id: str  # the EngineRequest's: what a prefill reply names
+    tokens: int  # uncached prompt tokens expected to run there; 0 once the prefill reported
 
 
 class CacheAwareRouter(RequestRouter):
     """Prefix-cache-aware, load-guarded routing for prefill deployments (see the module)."""
 
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
-                         max_imbalance: float = 1.5, **_: Any) -> None:
+                         max_imbalance: float = 1.5, load_blocks: float = 3.0,
+                         **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
         self.max_imbalance = max_imbalance
+        self.load_tokens = load_blocks * block_tokens  # per recent request
+        self.recent: dict[ReplicaID, tuple[float, float]] = {}  # (decayed requests, at time)
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
-        self.queued: dict[ReplicaID, int] = {}
-        self.routed: dict[str, _Routed] = {}
-        self.mean_prompt = float(block_tokens)
-        self.decisions = {"routed": 0, "predicted_hit_tokens": 0}
+        self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
+        self.open: dict[ReplicaID, int] = {}  # calls routed, not yet completed
+        self.routed: dict[str, _Routed] = {}  # by internal request id
+        self.by_request: dict[str, str] = {}  # EngineRequest id -> internal request id
+        self.mean_uncached = float(block_tokens)
+        self.decisions = {"routed": 0, "predicted_hit_tokens": 0, "reported_hit_tokens": 0}
         self._chains: dict[str, list[bytes]] = {}  # hashed while choosing, read when routed
-        router_state.register(self)  # for `router_state.correct`
+        router_state.register(self)  # for `router_state.correct` and `.prefilled`
 
     # ---- choice --------------------------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -74,8 +90,9 @@ class CacheAwareRouter(RequestRouter):
         ceiling = self.max_imbalance * min(queued.values()) + prompt_tokens
         scored = []
         for replica in replicas:
-            hit = self.predicted_hit(replica.replica_id, chain)
-            cost = queued[replica.replica_id] + prompt_tokens - hit
+            hit = min(self.predicted_hit(replica.replica_id, chain), prompt_tokens - 1)
+            cost = (prompt_tokens - hit) + queued[replica.replica_id] \
+                + self.load_tokens * self.recent_requests(replica.replica_id)
             over = queued[replica.replica_id] > ceiling
             held = len(self.index.get(replica.replica_id, ()))  # ties: the emptier cache
             scored.append((over, cost, held, random.random(), hit, replica))
@@ -93,8 +110,17 @@ class CacheAwareRouter(RequestRouter):
         return hit
 
     def queued_tokens(self, replica: RunningReplica) -> float:
-        probed = self.replica_queue_len_cache.get(replica.replica_id) or 0
-        return max(self.queued.get(replica.replica_id, 0), probed * self.mean_prompt)
+        """Prefill tokens ahead of a new request there: this router's own not yet prefilled,
+        and the mean uncached prompt for each call Serve's probe sees beyond this router's."""
+        rid = replica.replica_id
+        probed = self.replica_queue_len_cache.get(rid) or 0
+        others = max(0, probed - self.open.get(rid, 0))
+        return self.queued.get(rid, 0) + others * self.mean_uncached
+
+    def recent_requests(self, replica: ReplicaID, now: float | None = None) -> float:
+        count, at = self.recent.get(replica, (0.0, 0.0))
+        now = time.monotonic() if now is None else now
+        return count * 0.5 ** ((now - at) / LOAD_HALF_LIFE_S)
 
     def _chain(self, pending: PendingRequest, request) -> list[bytes]:
         """The prompt's block keys, hashed once per request (choosing may be retried)."""
@@ -112,13 +138,20 @@ class CacheAwareRouter(RequestRouter):
         request = _engine_request(pending_request)
         if request is None:
             return
+        internal = pending_request.metadata.internal_request_id
         chain = self._chain(pending_request, request)
-        self._chains.pop(pending_request.metadata.internal_request_id, None)
-        hit = self.predicted_hit(replica_id, chain)
-        tokens = max(1, len(request.prompt_ids) - hit)
-        self.routed[pending_request.metadata.internal_request_id] = _Routed(replica_id, tokens)
+        self._chains.pop(internal, None)
+        prompt = len(request.prompt_ids)
+        hit = min(self.predicted_hit(replica_id, chain), prompt - 1)
+        tokens = prompt - hit
+        self._settle(internal)  # a retried call: its earlier leg no longer counts
+        self.routed[internal] = _Routed(replica_id, request.request_id, tokens)
+        self.by_request[request.request_id] = internal
         self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
-        self.mean_prompt += (len(request.prompt_ids) - self.mean_prompt) / 16
+        self.open[replica_id] = self.open.get(replica_id, 0) + 1
+        self.mean_uncached += (tokens - self.mean_uncached) / 16
+        now = time.monotonic()
+        self.recent[replica_id] = (self.recent_requests(replica_id, now) + 1, now)
         self.decisions["routed"] += 1
         self.decisions["predicted_hit_tokens"] += hit
         index = self.index.setdefault(replica_id, OrderedDict())
@@ -128,11 +161,29 @@ class CacheAwareRouter(RequestRouter):
         while len(index) > self.capacity_blocks:
             index.popitem(last=False)
 
+    def prefilled(self, request_id: str, cached_tokens: int) -> None:
+        """The prefill of `request_id` ran (its reply came back, naming `cached_tokens`): its
+        tokens leave the replica's queue now, not when the call closes after the KV handoff."""
+        routed = self.routed.get(self.by_request.get(request_id, ""))
+        if routed is not None and routed.tokens:
+            self.queued[routed.replica] = max(0, self.queued.get(routed.replica, 0)
+                                              - routed.tokens)
+            routed.tokens = 0
+            self.decisions["reported_hit_tokens"] += cached_tokens
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._settle(internal_request_id)
+
+    def _settle(self, internal_request_id: str) -> None:
         routed = self.routed.pop(internal_request_id, None)
-        if routed is not None:
-            left = self.queued.get(routed.replica, 0) - routed.tokens
-            self.queued[routed.replica] = max(0, left)
+        if routed is None:
+            return
+        if self.by_request.get(routed.request_id) == internal_request_id:
+            del self.by_request[routed.request_id]
+        if routed.replica in self.queued:
+            self.queued[routed.replica] = max(0, self.queued[routed.replica] - routed.tokens)
+        if routed.replica in self.open:
+            self.open[routed.replica] = max(0, self.open[routed.replica] - 1)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -147,6 +198,8 @@ class CacheAwareRouter(RequestRouter):
     def _forget(self, replica_id: ReplicaID) -> None:
         self.index.pop(replica_id, None)
         self.queued.pop(replica_id, None)
+        self.open.pop(replica_id, None)
+        self.recent.pop(replica_id, None)
 
     def correct_replica(self, replica_unique_id: str, held_tokens: int) -> None:
         """The engine of `replica_unique_id` holds `held_tokens` of prompt KV now: keep no more

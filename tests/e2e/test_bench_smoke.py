@@ -79,11 +79,12 @@ def test_simulate_autoscaling_bench_runs():
 @pytest.mark.ray
 def test_prefix_routing_bench_runs():
     report = run_bench("prefix_routing.py", "--conversations", "2", "--system-words", "60",
-                       "--routers", "serve_default", "cache_aware", "--port", str(free_port()),
-                       timeout=600)
+                       "--replicas", "2", "--routers", "serve_default", "cache_aware",
+                       "--port", str(free_port()), timeout=600)
     assert set(report["routers"]) == {"serve_default", "cache_aware"}
     assert all(row["requests"] >= 8 for row in report["routers"].values())
     assert 0 < report["ideal_cached_ratio"] < 1
+    assert 0 < report["distinct_prompt_tokens"] < report["replica_cache_capacity_tokens"]
 
 
 @pytest.mark.ray

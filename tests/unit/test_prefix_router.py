@@ -90,6 +90,60 @@ def test_a_hot_prefix_spills_over_when_its_replica_queues(router):
     assert queued[-1] <= 1.5 * queued[0] + len(prompt)
 
 
+def test_a_turn_returns_to_its_replica_once_the_last_turns_prefill_reported(router):
+    """The call of the last turn stays open while decode fetches its KV; its prefill is done,
+    so it no longer counts as queued there and the next turn goes where its history is."""
+    pool = replicas(2)
+    first, second = conversation(3, 2)
+    request = pending(first)
+    home = route(router, pool, request)
+    assert router.queued[home.replica_id] == len(first)
+    router_state.correct(home.replica_id.unique_id, 10**6, request.args[1].request_id,
+                         cached_tokens=0)
+    assert router.queued[home.replica_id] == 0 and router.open[home.replica_id] == 1
+    assert route(router, pool, pending(second)) is home  # call 1 not yet completed
+    assert router.decisions["predicted_hit_tokens"] == len(first) // BLOCK * BLOCK
+
+
+def test_calls_other_routers_sent_count_as_queued_tokens(router):
+    """Serve's probe sees calls there beyond this router's own: each costs the mean uncached
+    prompt, so a replica busy with other callers' prefills loses a small hit."""
+    pool = replicas(2)
+    prompt = conversation(4, 1)[0]
+    home = route(router, pool, pending(prompt))
+    router.on_request_completed(home.replica_id, "unknown")  # nothing of ours settles
+    router_state.correct(home.replica_id.unique_id, 10**6, "nobody", 0)
+    other = next(r for r in pool if r is not home)
+    idle = router.queued_tokens(other)
+    router.replica_queue_len_cache.update(home.replica_id, 1 + 40)  # ours + 40 of others'
+    assert router.queued_tokens(home) == pytest.approx(
+        router.queued[home.replica_id] + 40 * router.mean_uncached)
+    assert route(router, pool, pending(prompt + [7] * BLOCK)) is other
+    assert idle == 0
+
+
+def test_new_conversations_go_where_fewer_live_ones_send_turns(router):
+    """A conversation's turns follow its history, so where many turns were routed lately more
+    will come: a new conversation (no hit anywhere) goes to the replica with fewer recent
+    requests even if it holds more KV; the busy conversation's own next turn stays home."""
+    pool = replicas(2)
+
+    def done(request):
+        chosen = route(router, pool, request)
+        router.on_request_completed(chosen.replica_id, request.metadata.internal_request_id)
+        return chosen
+
+    big = done(pending([5] * (80 * BLOCK)))  # one long prompt: much KV, one request
+    turns = [[6] * (40 * BLOCK) + list(range(3 * BLOCK * (t + 1))) for t in range(6)]
+    home = done(pending(turns[0]))
+    assert home is not big
+    for prompt in turns[1:5]:
+        assert done(pending(prompt)) is home
+    assert len(router.index[big.replica_id]) > len(router.index[home.replica_id])
+    assert done(pending([7] * (40 * BLOCK))) is big
+    assert done(pending(turns[5])) is home
+
+
 def test_salts_keep_tenants_apart_in_the_index(router):
     pool = replicas(2)
     prompt = conversation(1, 1)[0]
