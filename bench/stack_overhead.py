@@ -128,7 +128,7 @@ def echo_app():
     return Echo.bind()
 
 
-def deploy(port: int, apps: dict[str, dict] = APPS) -> dict[str, str]:
+def deploy(port: int, apps: dict[str, dict] = APPS, echo: bool = False) -> dict[str, str]:
     import ray
     from ray import serve
 
@@ -143,8 +143,9 @@ def deploy(port: int, apps: dict[str, dict] = APPS) -> dict[str, str]:
         serve.run(build_app(profile), name=name,
                   route_prefix=prefix)
         urls[name] = f"http://127.0.0.1:{port}{prefix}"
-    serve.run(echo_app(), name="echo", route_prefix="/echo")
-    urls["echo"] = f"http://127.0.0.1:{port}/echo"
+    if echo:  # the baseline: one Serve deployment, the same HTTP path
+        serve.run(echo_app(), name="echo", route_prefix="/echo")
+        urls["echo"] = f"http://127.0.0.1:{port}/echo"
     deadline = time.monotonic() + READY_TIMEOUT_S
     for url in urls.values():
         while httpx.get(f"{url}/ready", timeout=10).status_code != 200:
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
-    urls = deploy(args.port)
+    urls = deploy(args.port, echo=True)
     report = {"bench": "stack_overhead", "requests": args.requests, "tokens": args.tokens,
               "ttft": {}, "throughput_tokens_per_s": {}}
     for name in ("sim", "ref"):
