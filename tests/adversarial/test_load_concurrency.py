@@ -129,12 +129,19 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack):
                 break
             await asyncio.sleep(0.05)
         else:
+            if load.done() and all(o.ok for o in load.result()):
+                # the stats calls queue behind the streams on a saturated replica (its
+                # max_ongoing_requests), so on a slow machine they may only be answered once
+                # every stream ended: then no kill landed mid-stream and nothing was tested
+                return None
             ended = [o for o in load.result() if not o.ok][:2] if load.done() else "running"
             raise AssertionError(f"no decode replica was ever seen running image streams "
                                  f"(the load: {ended})")
         return await load
 
     outcomes = asyncio.run(run())
+    if outcomes is None:
+        pytest.skip("every stream ended before a stats call saw one running: no kill landed")
     assert all(o.ok and o.finish == "length" for o in outcomes), [
         o for o in outcomes if not o.ok][:2]
     assert len({o.content for o in outcomes}) == 1
