@@ -20,25 +20,8 @@ from services.engines.sampling import Sampler, sample_batch
 from services.errors import InvalidRequest
 from services.grammar import Guidance, StructuredRequest
 from services.settings import EngineSettings
+from tests.structured_cases import CLOCK, SCHEMA, TOOLS, WEATHER
 
-SCHEMA = {"type": "object", "additionalProperties": False,
-          "required": ["name", "count", "inner", "tags"],
-          "properties": {
-              "name": {"type": "string", "maxLength": 8},
-              "count": {"type": "integer", "minimum": 0, "maximum": 99},
-              "inner": {"type": "object", "additionalProperties": False,
-                        "required": ["ok", "kind"],
-                        "properties": {"ok": {"type": "boolean"},
-                                       "kind": {"enum": ["red", "green", "blue"]}}},
-              "tags": {"type": "array", "maxItems": 3, "items": {"enum": ["a", "b"]}}}}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "additionalProperties": False, "required": ["city", "days"],
-    "properties": {"city": {"type": "string", "maxLength": 12},
-                   "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "additionalProperties": False, "required": ["zone"],
-    "properties": {"zone": {"enum": ["utc", "cet"]}}}}}
-TOOLS = {"get_weather": WEATHER, "get_time": CLOCK}
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
 
 
