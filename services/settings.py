@@ -144,6 +144,10 @@ class KVHandoffSettings(Strict):
 
     backend: Literal["object_store", "local", "paired", "sglang"] = "object_store"
     timeout_s: float = Field(30.0, gt=0)
+    inline_bytes: int = Field(
+        1 << 20, ge=0, description="object_store: a KV up to this size rides in the prefill "
+        "reply itself (Ray inlines small results the same way); larger ones go through the "
+        "object store by reference. Serve's gRPC transport caps a reply at 4 MiB")
     prefill_timeout_s: float = Field(60.0, gt=0, description="per attempt, queueing included")
     prefill_attempts: int = Field(3, ge=1, description="on another replica after a failure")
     prefill_tokens_per_s_floor: float = Field(

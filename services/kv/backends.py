@@ -41,13 +41,18 @@ class LocalHandoff:
 
 
 class ObjectStoreHandoff:
-    """KV through Ray's object store: prefill puts it, decode fetches it by identity.
+    """KV between replicas: a small one in the prefill reply itself, a large one through Ray's
+    object store, where prefill puts it and decode fetches it by identity.
 
-    The ticket carries a `Held` (the object's id and owner, not a counted reference: Ray
-    miscounts references nested in Serve calls, see `services.kv.held`). The prefill side keeps
-    the KV alive until it releases its ticket, which its worker does once the decode side has
+    Up to `inline_bytes` the KV rides in the reply, as Ray inlines small task results: the
+    transport that brings the reply brings the KV, and no reference crosses processes at all.
+    A larger one would overflow a reply on Serve's gRPC transport (4 MiB), so the ticket
+    carries a `Held` (the object's id and owner, not a counted reference: Ray miscounts
+    references nested in Serve calls, see `services.kv.held`). The prefill side keeps that
+    KV alive until it releases its ticket, which its worker does once the decode side has
     closed the call the ticket came back in (it has the KV, gave up, or was cancelled) or the
-    handoff's timeout has passed; so nothing outlives a request, whatever became of it.
+    handoff's timeout has passed; so nothing outlives a request, whatever became of it. A KV
+    that does not arrive fails the decode side's attempt, which prefills again.
     """
 
     backend = "object_store"
@@ -55,13 +60,14 @@ class ObjectStoreHandoff:
 
     def __init__(self, settings: KVHandoffSettings):
         self.timeout_s = settings.timeout_s
+        self.inline_bytes = settings.inline_bytes
 
     def open(self, request_id: str) -> KVTicket:
         return KVTicket(request_id, self.backend)
 
     async def send(self, ticket: KVTicket, kv: Any) -> KVTicket:
-        ticket.payload = Held.put(kv)
         ticket.num_tokens, ticket.nbytes = _size(kv)
+        ticket.payload = kv if ticket.nbytes <= self.inline_bytes else Held.put(kv)
         return ticket
 
     async def receive(self, ticket: KVTicket, request: Any = None) -> Any:
@@ -69,11 +75,14 @@ class ObjectStoreHandoff:
 
         if ticket.payload is None:
             raise KVHandoffFailed(f"no KV was sent for {ticket.request_id}")
+        if not isinstance(ticket.payload, Held):
+            return ticket.payload
         try:
             return await asyncio.wait_for(ticket.payload.fetch(), self.timeout_s)
         except asyncio.TimeoutError:
             raise KVHandoffFailed(
-                f"KV for {ticket.request_id} not received within {self.timeout_s}s") from None
+                f"KV for {ticket.request_id} not received within {self.timeout_s}s",
+                request_id=ticket.request_id) from None
         except ray.exceptions.RayError as exc:
             raise KVHandoffFailed(f"KV for {ticket.request_id} was lost: {type(exc).__name__}",
                                   request_id=ticket.request_id) from None

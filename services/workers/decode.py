@@ -121,32 +121,55 @@ class DecodeWorker(EngineHost):
                     _timings(reply, transfer, self.handoff.backend),
                     first_logprob=reply.first_logprob)
 
-    async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span):
-        transfer, legs = KVTransfer(self.handoff, request.request_id), None
-        try:
+    async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span
+                              ) -> tuple[PrefillReply, Any, KVTransfer]:
+        """The sequential handoff: prefill on a replica of the pool, then receive its KV. An
+        attempt is both — a prefill whose KV never arrives (the replica died after replying,
+        the object store lost it, the transfer stalled past `kv_handoff.timeout_s`) failed as
+        much as one that never replied — so when the replica dies, fails as unavailable, does
+        not finish within its attempt's time, or its KV does not arrive, the whole attempt is
+        made again (Serve routes the new call to any live replica), up to `prefill_attempts`
+        times, each with a transfer of its own. Each attempt carries its deadline, which the
+        prefill replica enforces itself (freeing what it holds); waiting a little longer here
+        covers a replica too stuck to answer at all. The prefill replica keeps the KV until
+        this side closes the call it replied in, which it does once the attempt is over."""
+        handoff, last = self.settings.kv_handoff, None
+        attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
+        for attempt in range(handoff.prefill_attempts):
+            await self._before_attempt(attempt, ctx, request)
+            transfer = KVTransfer(self.handoff, request.request_id)
             transfer.move(KVState.TRANSFERRING)
-            reply, legs = await self._prefill_with_retries(ctx, request, transfer)
-            transfer.ready(reply.ticket)
-            with tracing.scope("kv_handoff", span, **{
-                    "small4.kv_backend": self.handoff.backend,
-                    "small4.kv_bytes": reply.ticket.nbytes,
-                    "small4.kv_tokens": reply.ticket.num_tokens}):
-                kv = await transfer.consume()
-        except asyncio.CancelledError:
-            transfer.end(KVState.ABORTED)
-            await self._abort_prefill(request.request_id)
-            raise
-        except StackError:
-            transfer.end(KVState.FAILED)
-            raise
-        except Exception as exc:  # the engine's own failure, not the request's
-            transfer.end(KVState.FAILED)
-            raise EngineError("prefill failed with an internal engine error",
-                              request_id=request.request_id) from exc
-        finally:
-            if legs is not None:  # the prefill replica lets go of the KV it kept for us
+            legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s), request,
+                          transfer.ticket)
+            try:
+                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
+                    reply = await anext(legs)
+                transfer.ready(reply.ticket)
+                with tracing.scope("kv_handoff", span, **{
+                        "small4.kv_backend": self.handoff.backend,
+                        "small4.kv_bytes": reply.ticket.nbytes,
+                        "small4.kv_tokens": reply.ticket.num_tokens,
+                        "small4.attempt": attempt}):
+                    kv = await transfer.consume()
+                return reply, kv, transfer
+            except BaseException as exc:
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
+                if cancelled or isinstance(exc, TimeoutError):
+                    await self._abort_prefill(request.request_id)
+                if cancelled:
+                    raise
+                if not _worth_retrying(exc):
+                    if isinstance(exc, StackError):
+                        raise
+                    raise EngineError("prefill failed with an internal engine error",
+                                      request_id=request.request_id) from exc
+                last = exc
+            finally:  # the prefill replica lets go of the KV it kept for this attempt
                 await asyncio.shield(close_stream(legs))
-        return reply, kv, transfer
+        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
+                              f"(last: {type(last).__name__}: {last})",
+                              request_id=request.request_id)
 
     async def _paired_prefill(self, ctx: RequestContext, request: EngineRequest) -> _Leg:
         """The concurrent handoff (SGLang): per attempt, open a room, learn from the prefill
@@ -201,34 +224,6 @@ class DecodeWorker(EngineHost):
             await close_stream(legs)
         return close
 
-    async def _prefill_with_retries(self, ctx: RequestContext, request: EngineRequest,
-                                    transfer: KVTransfer) -> tuple[PrefillReply, Any]:
-        """Prefill on a replica of the pool; when the replica dies, fails as unavailable or
-        does not finish within `prefill_timeout_s`, again (Serve routes the new call to a
-        live replica), up to `prefill_attempts` times. Each attempt carries its deadline, which
-        the prefill replica enforces itself (freeing what it holds); waiting a little longer
-        here covers a replica too stuck to answer at all. Returns the reply and the open call
-        it came in: the prefill replica keeps the KV until that call is closed."""
-        handoff, last = self.settings.kv_handoff, None
-        attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
-        for attempt in range(handoff.prefill_attempts):
-            await self._before_attempt(attempt, ctx, request)
-            legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s), request,
-                          transfer.ticket)
-            try:
-                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
-                    return await anext(legs), legs
-            except BaseException as exc:
-                await asyncio.shield(close_stream(legs))
-                if isinstance(exc, TimeoutError):
-                    await self._abort_prefill(request.request_id)
-                elif isinstance(exc, asyncio.CancelledError) or not _worth_retrying(exc):
-                    raise
-                last = exc
-        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
-                              f"(last: {type(last).__name__})",
-                              request_id=request.request_id)
-
     async def _before_attempt(self, attempt: int, ctx: RequestContext,
                               request: EngineRequest) -> None:
         """Back off before a retry; refuse to start an attempt past the request's deadline."""
@@ -255,8 +250,8 @@ def _worth_retrying(exc: BaseException) -> bool:
     """A prefill attempt that failed with its replica, or ran out its own time. Anything the
     request caused (`InvalidRequest`: bad input, the engine rejecting it) or the engine raised
     deterministically fails the same way on every replica: answered once, never retried."""
-    return (isinstance(exc, (TimeoutError, StopAsyncIteration)) or retryable(exc)
-            or isinstance(from_exception(exc), DeadlineExceeded))
+    return (isinstance(exc, (TimeoutError, StopAsyncIteration, KVHandoffFailed))
+            or retryable(exc) or isinstance(from_exception(exc), DeadlineExceeded))
 
 
 async def _nothing() -> None:

@@ -41,7 +41,9 @@ REQUEST = EngineRequest("r", [1, 2], SamplingParams(max_tokens=1))
 
 def sides(backend: str) -> tuple[KVHandoff, KVHandoff]:
     """(decode side, prefill side) of `backend`."""
-    settings = KVHandoffSettings(backend=backend, timeout_s=0.3)
+    # object_store: every KV by reference, so the contract covers the store's path (the
+    # inline one is the local backend's; `test_object_store_inlines_only_small_kv`)
+    settings = KVHandoffSettings(backend=backend, timeout_s=0.3, inline_bytes=0)
     if backend == "sglang":
         from services.engines.sglang_engine import SGLangHandoff
 
@@ -132,3 +134,22 @@ def test_release_lets_go_of_the_kv(backend):
         with pytest.raises(KVHandoffFailed):
             await decode.receive(sent)
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("inline_bytes, by_reference", [(KV.nbytes, False), (KV.nbytes - 1, True)])
+def test_object_store_inlines_only_small_kv(ray_session, inline_bytes, by_reference):
+    """A KV up to `inline_bytes` rides in the reply by value; a larger one crosses as a `Held`
+    the prefill side keeps, so the reply stays small on Serve's gRPC transport."""
+    from services.kv.held import Held
+
+    async def run():
+        settings = KVHandoffSettings(backend="object_store", inline_bytes=inline_bytes)
+        decode, prefill = build_handoff(settings), build_handoff(settings)
+        sent = await prefill.send(decode.open("r"), KV())
+        wire = pickle.loads(pickle.dumps(sent))
+        assert isinstance(wire.payload, Held) is by_reference
+        assert len(pickle.dumps(sent)) < 1024  # a reference or the small KV itself
+        got = await decode.receive(wire, REQUEST)
+        prefill.release(sent)
+        return got
+    assert asyncio.run(run()).num_tokens == 7

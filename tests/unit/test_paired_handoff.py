@@ -13,6 +13,7 @@ import pytest
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
+from services.errors import KVHandoffFailed
 from services.kv.backends import open_rooms
 
 BODY = {"model": "mistral-small-4", "max_tokens": 12, "temperature": 0,
@@ -26,11 +27,13 @@ def profile(backend: str, **engine) -> dict:
 
 
 def serve(settings: dict, requests: list[dict], leave_after_s: float | None = None,
-          one_by_one: bool = False):
+          one_by_one: bool = False, setup=None):
     """Answers (status, body) of `requests` sent at once (or `one_by_one`) to an in-process
     stack, and its fast pool's decode worker; with `leave_after_s`, the client gives up on
-    them after that long."""
+    them after that long; `setup(decode)` runs before the first request."""
     ingress = build_inprocess(parse_settings(settings))
+    if setup is not None:
+        setup(ingress.pools["fast"])
 
     async def run():
         transport = httpx.ASGITransport(app=ingress.build_asgi_app())
@@ -77,6 +80,61 @@ def test_failed_prefills_are_retried_in_new_rooms():
     answers, decode = serve(profile("paired", **faults), [BODY] * 6, one_by_one=True)
     assert [s for s, _ in answers] == [200] * 6, answers
     assert len({content(b) for _, b in answers}) == 1
+    assert nothing_held(decode)
+
+
+class LosesEachFirstKV:
+    """The decode side's handoff, losing the first KV each request was sent (a prefill replica
+    that died after replying, an object the store lost, a transfer that stalled): the receive
+    fails as the real backends fail, with `KVHandoffFailed`."""
+
+    def __init__(self, handoff):
+        self.handoff, self.lost = handoff, set()
+
+    def __getattr__(self, name):
+        return getattr(self.handoff, name)
+
+    async def receive(self, ticket, request=None):
+        kv = await self.handoff.receive(ticket, request)
+        if ticket.request_id not in self.lost:
+            self.lost.add(ticket.request_id)
+            raise KVHandoffFailed(f"KV for {ticket.request_id} was lost: injected")
+        return kv
+
+
+@pytest.mark.parametrize("backend", ["paired", "local"])
+def test_a_kv_that_never_arrives_is_prefilled_again(backend):
+    """An attempt is the prefill and the arrival of its KV: a lost KV is retried like a failed
+    prefill, and the answer is the one a clean run gives."""
+    clean, _ = serve(profile(backend), [BODY] * 3, one_by_one=True)
+    lossy = None
+
+    def lose(decode):
+        nonlocal lossy
+        decode.handoff = lossy = LosesEachFirstKV(decode.handoff)
+
+    answers, decode = serve(profile(backend), [BODY] * 3, one_by_one=True, setup=lose)
+    assert [s for s, _ in answers] == [200] * 3, answers
+    assert [content(b) for _, b in answers] == [content(b) for _, b in clean]
+    assert len(lossy.lost) == 3
+    assert nothing_held(decode)
+
+
+def test_a_kv_lost_on_every_attempt_is_a_502_naming_the_loss():
+    class LosesAll(LosesEachFirstKV):
+        async def receive(self, ticket, request=None):
+            await self.handoff.receive(ticket, request)
+            raise KVHandoffFailed(f"KV for {ticket.request_id} was lost: injected")
+
+    def lose(decode):
+        decode.handoff = LosesAll(decode.handoff)
+
+    settings = profile("local")
+    settings["kv_handoff"] |= {"prefill_attempts": 2}
+    answers, decode = serve(settings, [BODY], setup=lose)
+    assert answers[0][0] == 502, answers
+    message = answers[0][1]["error"]["message"]
+    assert "prefill failed on 2 attempts" in message and "was lost" in message
     assert nothing_held(decode)
 
 
