@@ -95,6 +95,7 @@ def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                               top_p=top_p, seed=req.seed, stop=req.stop_strings,
                               logit_bias=bias, presence_penalty=req.presence_penalty or 0.0,
                               frequency_penalty=req.frequency_penalty or 0.0,
+                              ignore_eos=bool(req.ignore_eos),
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
     return RequestPlan(req, effort, engine_request, tools_enabled=req.tools_offered)

@@ -1,6 +1,10 @@
 """The OpenAI chat-completions wire schema we accept, validated before anything else runs.
 
-Unknown top-level fields are ignored (as common OpenAI-compatible servers do). Fields of the
+Unknown top-level fields are ignored (as common OpenAI-compatible servers do), except the ones
+other servers and their clients know to change the answer (`NOT_HONOURED`: OpenAI's audio and
+web-search fields, vLLM's and SGLang's sampling and decoding extensions): those are refused
+unless set to their neutral value, as `UNSUPPORTED` fields are. `ignore_eos` (vLLM, SGLang;
+load tools send it for fixed-length answers) is honoured. Fields of the
 spec that would change the answer but are not implemented yet are declared with the spec's types
 and ranges and listed in `UNSUPPORTED` with their neutral values: a request that sets one to
 anything else is refused with a 400 naming it, never answered as if it had not been set. `null`
@@ -173,6 +177,8 @@ class ChatCompletionRequest(_Wire):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM's and SGLang's extension: generate past end-of-sequence, up to max_tokens
+    ignore_eos: StrictBool | None = None
     # declared with the spec's types and ranges; refused unless neutral (see UNSUPPORTED)
     prediction: Prediction | None = None
     functions: list[FunctionSpec] | None = Field(None, min_length=1, max_length=128)
@@ -214,10 +220,15 @@ class ChatCompletionRequest(_Wire):
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs: logprobs must be true to use top_logprobs",
                                  param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            if self.tools_offered and self.tool_choice not in (None, "auto"):
-                raise InvalidRequest("response_format: a JSON format goes with tool_choice "
-                                     "auto or none only", param="response_format")
+        json_format = self.response_format is not None and self.response_format.type != "text"
+        if json_format and self.tools_offered and self.tool_choice not in (None, "auto"):
+            raise InvalidRequest("response_format: a JSON format goes with tool_choice "
+                                 "auto or none only", param="response_format")
+        forced_call = self.tools_offered and self.tool_choice not in (None, "auto")
+        if self.ignore_eos and (json_format or forced_call):
+            raise InvalidRequest("ignore_eos: a constrained answer (a JSON response_format, a "
+                                 "required or named tool_choice) ends where its grammar does",
+                                 param="ignore_eos")
         return self
 
     @property
@@ -271,6 +282,45 @@ UNSUPPORTED: dict[str, list[Any]] = {
 }
 
 
+# Fields outside the chat-completions fields above that change the answer where other servers
+# honour them, with the values that leave it unchanged; set to anything else they are refused
+# (400 naming the field), never dropped as unknown fields are. OpenAI's own: output modalities,
+# audio, web search, verbosity. vLLM's and SGLang's extensions, which OpenAI-compatible clients
+# pass through (`extra_body`): sampling, guided decoding, templates, output shaping.
+NOT_HONOURED: dict[str, list[Any]] = {
+    "modalities": [["text"]], "audio": [], "web_search_options": [], "verbosity": [],
+    "top_k": [-1, 0], "min_p": [0], "repetition_penalty": [1], "min_tokens": [0],
+    "best_of": [1], "use_beam_search": [False], "length_penalty": [1],
+    "stop_token_ids": [[]], "bad_words": [[]], "allowed_token_ids": [],
+    "logits_processors": [], "custom_logit_processor": [], "prompt_logprobs": [],
+    "guided_json": [], "guided_regex": [], "guided_choice": [], "guided_grammar": [],
+    "guided_whitespace_pattern": [], "structured_outputs": [], "structural_tag": [],
+    "regex": [], "ebnf": [], "json_schema": [],
+    "echo": [False], "add_generation_prompt": [True], "continue_final_message": [False],
+    "chat_template": [], "chat_template_kwargs": [], "documents": [],
+    "skip_special_tokens": [True], "spaces_between_special_tokens": [True],
+    "include_stop_str_in_output": [False], "no_stop_trim": [False],
+    "truncate_prompt_tokens": [], "lora_path": [], "return_hidden_states": [False],
+}
+
+
+def refuse_not_honoured(body: dict) -> None:
+    """A 400 naming the first `NOT_HONOURED` field set to a value that changes the answer."""
+    for name, accepted in NOT_HONOURED.items():
+        value = body.get(name)
+        if value is not None and not any(_same(value, a) for a in accepted):
+            words = " or ".join(json.dumps(v) for v in [*accepted, None])
+            raise InvalidRequest(f"{name}: this endpoint does not honour {name}; only {words} "
+                                 f"is accepted", param=name)
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """JSON equality without Python's `True == 1`: a boolean matches only a boolean."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return type(value) is type(accepted) and value == accepted
+    return value == accepted
+
+
 def _as_json(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(exclude_none=True)
@@ -291,6 +341,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body, raising `InvalidRequest` that names the bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", param=None)
+    refuse_not_honoured(body)
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:

@@ -1,0 +1,81 @@
+"""Fields outside OpenAI's chat-completions that other servers honour: `ignore_eos` (vLLM and
+SGLang; load tools send it for fixed-length answers) is honoured, and the ones that would
+change the answer but are not implemented here (OpenAI's audio and web search, vLLM's and
+SGLang's sampling and decoding extensions) are refused with a 400 naming them unless set to
+their neutral value, never dropped as unknown fields are. In process, simulated engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_http_surface import serve
+
+PROFILE = {
+    "profile": "request-extensions",
+    "auth": {"enabled": False},
+    "model": {"context_length": 4096},
+    "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 1, "output": "echo"}},
+    "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}},
+}
+BODY = {"model": "mistral-small-4", "max_tokens": 40, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello there"}]}
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+
+
+def post(*bodies):
+    return serve(PROFILE, *[("POST", "/v1/chat/completions", {"json": b}) for b in bodies])
+
+
+def test_ignore_eos_generates_up_to_max_tokens():
+    stops, ignores, streamed = post(BODY, BODY | {"ignore_eos": True},
+                                    BODY | {"ignore_eos": True, "stream": True,
+                                            "stream_options": {"include_usage": True}})
+    assert stops.status_code == ignores.status_code == streamed.status_code == 200
+    stopped, ignored = stops.json(), ignores.json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] < 40
+    assert ignored["choices"][0]["finish_reason"] == "length"
+    assert ignored["usage"]["completion_tokens"] == 40
+    assert '"completion_tokens":40' in streamed.text.replace(" ", "")
+
+
+@pytest.mark.parametrize("extra", [{"response_format": SCHEMA},
+                                   {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                    "tool_choice": "required"}])
+def test_ignore_eos_with_a_constrained_answer_is_refused(extra):
+    [reply] = post(BODY | {"ignore_eos": True} | extra)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "ignore_eos"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 20), ("min_p", 0.1), ("repetition_penalty", 1.2), ("min_tokens", 8),
+    ("best_of", 2), ("use_beam_search", True), ("guided_json", {"type": "object"}),
+    ("guided_choice", ["a", "b"]), ("regex", "[0-9]+"), ("stop_token_ids", [2]),
+    ("echo", True), ("skip_special_tokens", False), ("include_stop_str_in_output", True),
+    ("chat_template", "{{ messages }}"), ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
+    ("verbosity", "low"), ("add_generation_prompt", False), ("ignore_eos", "yes")])
+def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, value):
+    [reply] = post(BODY | {field: value})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", -1), ("min_p", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0),
+    ("best_of", 1), ("modalities", ["text"]), ("skip_special_tokens", True),
+    ("echo", False), ("verbosity", None), ("stop_token_ids", []), ("ignore_eos", False),
+    ("some_field_nobody_knows", 3)])
+def test_neutral_values_and_unknown_fields_are_answered(field, value):
+    [reply] = post(BODY | {field: value})
+    assert reply.status_code == 200, reply.text
+
+
+def test_a_boolean_is_not_a_neutral_number():
+    """`true` is not `1` in JSON, whatever Python says: best_of true is refused."""
+    [reply] = post(BODY | {"best_of": True})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "best_of"
