@@ -189,7 +189,9 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
     return {"request_router_config": RequestRouterConfig(
         request_router_class="services.workers.prefix_router.CacheAwareRouter",
         request_router_kwargs={"block_tokens": cache.block_tokens, "capacity_tokens": capacity,
-                               "max_imbalance": prefix.max_imbalance})}
+                               "max_imbalance": prefix.max_imbalance,
+                               "load_blocks": prefix.load_blocks,
+                               "load_half_life_s": prefix.load_half_life_s})}
 
 
 # Ray's PrefixCacheAffinityRouter without the `ray[llm]` extra's imports (pyarrow) that its

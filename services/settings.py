@@ -234,6 +234,11 @@ class PrefixRoutingSettings(Strict):
     max_imbalance: float = Field(1.5, ge=1.0, description="no replica is chosen while its "
                                  "queued prefill tokens exceed this × the shortest queue + "
                                  "one prompt")
+    load_blocks: float = Field(3.0, ge=0, description="cache_aware: each request routed to a "
+                               "replica lately counts as this many blocks of load there, so "
+                               "equal scores spread instead of piling on one replica")
+    load_half_life_s: float = Field(30.0, gt=0, description="cache_aware: how fast that "
+                                    "recent load fades (it halves every this many seconds)")
     shared_tenants: dict[str, list[str]] = Field(
         {}, description="groups of tenants whose prompts may share cached KV (a hit is visibly "
         "faster, so a shared cache tells one tenant what another sent); every other tenant's "

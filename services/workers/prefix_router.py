@@ -9,7 +9,7 @@ both counted in prompt tokens:
 
     cost(replica) = this prompt's tokens not cached there + prefill tokens queued there
                     + `load_blocks` blocks × requests routed there lately (halving
-                      every 30 s)
+                      every `load_half_life_s`; both settings of `routing.prefix`)
 
 Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
 reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call
@@ -38,9 +38,6 @@ from services.engines.prefix_cache import PrefixCache
 from services.workers import router_state
 
 
-LOAD_HALF_LIFE_S = 30.0
-
-
 @dataclass
 class _Routed:
     replica: ReplicaID
@@ -53,12 +50,13 @@ class CacheAwareRouter(RequestRouter):
 
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
                          max_imbalance: float = 1.5, load_blocks: float = 3.0,
-                         **_: Any) -> None:
+                         load_half_life_s: float = 30.0, **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
         self.max_imbalance = max_imbalance
         self.load_tokens = load_blocks * block_tokens  # per recent request
+        self.load_half_life_s = load_half_life_s
         self.recent: dict[ReplicaID, tuple[float, float]] = {}  # (decayed requests, at time)
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
@@ -120,7 +118,7 @@ class CacheAwareRouter(RequestRouter):
     def recent_requests(self, replica: ReplicaID, now: float | None = None) -> float:
         count, at = self.recent.get(replica, (0.0, 0.0))
         now = time.monotonic() if now is None else now
-        return count * 0.5 ** ((now - at) / LOAD_HALF_LIFE_S)
+        return count * 0.5 ** ((now - at) / self.load_half_life_s)
 
     def _chain(self, pending: PendingRequest, request) -> list[bytes]:
         """The prompt's block keys, hashed once per request (choosing may be retried)."""

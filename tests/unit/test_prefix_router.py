@@ -187,8 +187,27 @@ def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     config = options({"replicas": 2})["request_router_config"]
     assert config.request_router_class.endswith("prefix_router.CacheAwareRouter")
     assert config.request_router_kwargs["block_tokens"] == 64
+    tuned = options({"replicas": 2}, load_blocks=0.5, load_half_life_s=5.0)
+    kwargs = tuned["request_router_config"].request_router_kwargs
+    assert (kwargs["load_blocks"], kwargs["load_half_life_s"]) == (0.5, 5.0)
     assert "request_router_config" not in options({"replicas": 1})
     assert "request_router_config" not in options({"replicas": 2}, router="serve_default")
     assert "request_router_config" not in options({"replicas": 2}, cache=False)
     ray_own = options({"replicas": 2}, router="ray_prefix_affinity")["request_router_config"]
     assert ray_own.request_router_class == RAY_PREFIX_ROUTER
+
+
+def test_recent_load_fades_at_its_half_life():
+    """`routing.prefix.load_half_life_s`: the recent requests a replica was sent count half
+    as much once that long has passed."""
+    async def make(half_life_s: float):
+        r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        r.initialize_state(block_tokens=BLOCK, load_half_life_s=half_life_s)
+        return r
+
+    for half_life_s in (5.0, 30.0):
+        r = asyncio.run(make(half_life_s))
+        replica = ReplicaID("r0", DEPLOYMENT)
+        r.recent[replica] = (8.0, 100.0)
+        assert r.recent_requests(replica, now=100.0 + half_life_s) == pytest.approx(4.0)
+        assert r.recent_requests(replica, now=100.0 + 2 * half_life_s) == pytest.approx(2.0)
