@@ -331,8 +331,10 @@ class _Answer:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
-                if not self.generated and not self.resumes and chunk.timings:
-                    self.cached_tokens = int(chunk.timings.get("cached_tokens") or 0)
+                if not self.resumes and "cached_tokens" in chunk.timings:
+                    # the first leg's: on the first chunk, or the last where the prefill's
+                    # reply came after decoding started (the concurrent handoff)
+                    self.cached_tokens = int(chunk.timings["cached_tokens"] or 0)
                 self.generated.extend(chunk.token_ids)
                 return chunk
             except StopAsyncIteration:

@@ -80,6 +80,8 @@ class DecodeWorker(EngineHost):
             metrics.TTFT.observe(ttft, **self.tags)
             span.set_attribute("small4.ttft_s", ttft)
             first.prompt_tokens, first.timings = leg.prompt_tokens, leg.timings
+            if first.finish_reason:
+                first.timings = leg.timings | await leg.late_timings()
             outcome["tokens_out"], outcome["finish_reason"] = len(first.token_ids), first.finish_reason
             yield first
             if first.finish_reason:
@@ -88,6 +90,8 @@ class DecodeWorker(EngineHost):
                 async for chunk in chunks:
                     outcome["tokens_out"] += len(chunk.token_ids)
                     outcome["finish_reason"] = chunk.finish_reason
+                    if chunk.finish_reason:
+                        chunk.timings = await leg.late_timings()
                     yield chunk
         except Exception as exc:
             outcome["error"] = exc
@@ -204,10 +208,13 @@ class DecodeWorker(EngineHost):
                     raise
                 last = exc
                 continue
-            return _Leg(paired.first_token, paired.kv, len(request.prompt_ids),
-                        {"kv_backend": self.handoff.backend},
+            timings = {"kv_backend": self.handoff.backend}
+            if replied.done() and isinstance(replied.result(), PrefillReply):
+                timings["cached_tokens"] = replied.result().cached_tokens
+            return _Leg(paired.first_token, paired.kv, len(request.prompt_ids), timings,
                         self._watch_prefill(request.request_id, legs, replied),
-                        first_logprob=paired.first_logprob)
+                        first_logprob=paired.first_logprob,
+                        replied=None if "cached_tokens" in timings else replied)
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
                               f"(last: {type(last).__name__})", request_id=request.request_id)
 
@@ -277,6 +284,21 @@ class _Leg:
     timings: dict[str, Any]
     close: Callable[[], Awaitable[None]] = _nothing
     first_logprob: TokenLogprob | None = None
+    # the concurrent handoff's prefill reply, which may come after decoding started: its facts
+    # (cached tokens) go with the last chunk instead of the first
+    replied: asyncio.Future | None = None
+
+    async def late_timings(self) -> dict[str, Any]:
+        """The prefill reply's facts for the last chunk, waiting a moment for a reply not yet
+        come; {} when it does not come (or there is none to wait for)."""
+        replied = self.replied
+        if replied is None:
+            return {}
+        await asyncio.wait({replied}, timeout=_STUCK_GRACE_S)
+        if not replied.done() or replied.cancelled() or replied.exception():
+            return {}
+        reply = replied.result()
+        return {"cached_tokens": reply.cached_tokens} if isinstance(reply, PrefillReply) else {}
 
 
 def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:

@@ -7,6 +7,7 @@ leaving mid-prefill."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -180,3 +181,35 @@ def test_peer_calls_name_the_workers_function_not_a_string():
         asyncio.run(call(Peer(), "abort", "r1"))
     with pytest.raises(TypeError):
         stream(Peer(), "prefill_held")
+
+
+def test_paired_answers_report_cached_tokens_as_the_sequential_ones_do():
+    """The concurrent handoff's prefill reply may come after decoding started: its cached
+    tokens still reach `usage.prompt_tokens_details`, streamed or not."""
+    long = BODY | {"messages": [{"role": "user", "content": "count " * 300}]}
+
+    def cached(answers):
+        return [b["usage"]["prompt_tokens_details"]["cached_tokens"] for _, b in answers]
+
+    paired, decode = serve(profile("paired"), [long, long], one_by_one=True)
+    sequential, _ = serve(profile("local"), [long, long], one_by_one=True)
+    assert cached(paired) == cached(sequential)
+    assert cached(paired)[0] == 0 and cached(paired)[1] > 0
+    assert nothing_held(decode)
+
+
+def test_streamed_paired_answers_report_cached_tokens():
+    long = BODY | {"messages": [{"role": "user", "content": "count " * 300}]}
+    streamed = long | {"stream": True, "stream_options": {"include_usage": True}}
+    ingress = build_inprocess(parse_settings(profile("paired")))
+
+    async def run():
+        transport = httpx.ASGITransport(app=ingress.build_asgi_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            await client.post("/v1/chat/completions", json=long, timeout=30)
+            reply = await client.post("/v1/chat/completions", json=streamed, timeout=30)
+            events = [json.loads(line[6:]) for line in reply.text.splitlines()
+                      if line.startswith("data: {")]
+            return [e["usage"] for e in events if e.get("usage")]
+    [usage] = asyncio.run(run())
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
