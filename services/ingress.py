@@ -107,7 +107,7 @@ class Ingress:
             self.authenticate(request)
         except StackError as exc:
             return error_response(exc)
-        return {"object": "list", "data": [self._model_card()]}
+        return responses.model_list([self._model_card()])
 
     async def model(self, model: str, request: Request):
         """The served model's card (`client.models.retrieve`); 404 for any other id."""
@@ -122,10 +122,10 @@ class Ingress:
 
     def _model_card(self) -> dict[str, Any]:
         model = self.settings.model
-        return {"id": model.name, "object": "model", "created": self.created,
-                "owned_by": "small4", "engine": self.settings.engine_kind,
-                "context_length": model.context_length,
-                "pools": {n: p.effort for n, p in self.settings.pools.items()}}
+        return responses.model_card(
+            id=model.name, created=self.created, owned_by="small4",
+            engine=self.settings.engine_kind, context_length=model.context_length,
+            pools={n: p.effort for n, p in self.settings.pools.items()})
 
     async def ready(self) -> JSONResponse:
         """200 when every pool has a live decode and prefill replica, else 503 with details."""

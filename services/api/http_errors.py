@@ -8,6 +8,7 @@ import math
 
 from starlette.responses import JSONResponse
 
+from services.api import responses
 from services.context import new_request_id
 from services.errors import StackError, from_exception
 
@@ -37,7 +38,7 @@ def error_body(error: StackError, request_id: str | None = None,
         inner["message"] = f"{message[:MAX_MESSAGE_CHARS]}… (clipped)"
     if isinstance(inner.get("param"), str) and len(inner["param"]) > 200:
         inner["param"] = inner["param"][:200] + "…"
-    return body
+    return responses.error(body)
 
 
 def error_response(exc: BaseException, request_id: str | None = None,

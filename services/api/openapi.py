@@ -10,61 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.api.responses import SCHEMAS
 from services.api.schemas import UNSUPPORTED, ChatCompletionRequest
 from services.settings import IngressSettings
 
 _REF = "#/components/schemas/{model}"
 
-ERROR = {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]},
-                       "code": {"type": ["string", "null"]},
-                       "request_id": {"type": "string"}, "trace_id": {"type": "string"}}}}}
-
-_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {k: {"type": "integer", "minimum": 0}
-                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-
-_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"],
-              "properties": {"id": {"type": "string"}, "type": {"const": "function"},
-                             "function": {"type": "object", "required": ["name", "arguments"],
-                                          "properties": {"name": {"type": "string"},
-                                                         "arguments": {"type": "string"}}}}}
-
-_FINISH = {"enum": ["stop", "length", "tool_calls"]}
-
-COMPLETION = {
-    "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
-    "properties": {
-        "id": {"type": "string"}, "object": {"const": "chat.completion"},
-        "created": {"type": "integer"}, "model": {"type": "string"},
-        "choices": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
-            "type": "object", "required": ["index", "message", "finish_reason"],
-            "properties": {
-                "index": {"const": 0}, "finish_reason": _FINISH,
-                "message": {"type": "object", "required": ["role", "content", "refusal"],
-                            "properties": {
-                    "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
-                    "refusal": {"type": ["string", "null"]},
-                    "reasoning_content": {"type": "string"},
-                    "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}}},
-        "usage": _USAGE}}
-
 # One server-sent event of a stream (OpenAPI 3.1: `schema` describes each event): `data` is a
-# chat.completion.chunk or an error body as JSON, and the last event's is `[DONE]`.
+# `ChatCompletionChunk` or an `Error` as JSON, and the last event's is `[DONE]`.
 EVENT = {"type": "object", "required": ["data"],
          "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}
-
-MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by"],
-         "properties": {"id": {"type": "string"}, "object": {"const": "model"},
-                        "created": {"type": "integer"}, "owned_by": {"type": "string"}}}
-
-MODELS = {"type": "object", "required": ["object", "data"],
-          "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-              "$ref": _REF.format(model="Model")}}}}
 
 # Every answer carries this header (errors and probes too).
 TRACE_HEADER = {"x-trace-id": {"description": "the W3C trace id of this answer", "schema": {
@@ -88,8 +43,12 @@ def build(settings: IngressSettings) -> dict[str, Any]:
     request = ChatCompletionRequest.model_json_schema(ref_template=_REF)
     schemas = request.pop("$defs")
     _narrow(request, settings)
-    schemas |= {"ChatCompletionRequest": request, "ChatCompletion": COMPLETION,
-                "Model": MODEL, "ModelList": MODELS, "Error": ERROR}
+    schemas["ChatCompletionRequest"] = request
+    for name, model in SCHEMAS.items():  # the models every body is built from
+        schema = model.model_json_schema(ref_template=_REF)
+        for inner, definition in schema.pop("$defs", {}).items():
+            assert schemas.setdefault(inner, definition) == definition, inner
+        schemas[name] = schema
     limits = settings.limits
     errors = {code: _error(why) for code, why in CHAT_ERRORS.items()}
     spec = {
@@ -110,7 +69,8 @@ def build(settings: IngressSettings) -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": _REF.format(model="ChatCompletionRequest")}}}},
                 "responses": {"200": {"description": "the completion, or its SSE stream "
-                                                     "(sent with cache-control: no-cache)",
+                                                     "(sent with cache-control: no-cache) of "
+                                                     "ChatCompletionChunk events",
                                       "headers": TRACE_HEADER,
                                       "content": {
                                           "application/json": {"schema": {
@@ -127,7 +87,7 @@ def build(settings: IngressSettings) -> dict[str, Any]:
                 "parameters": [{"name": "model", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the served model", "content": {
-                    "application/json": {"schema": {"$ref": _REF.format(model="Model")}}}},
+                    "application/json": {"schema": {"$ref": _REF.format(model="ModelCard")}}}},
                     "401": errors["401"], "404": _error("not the served model")}}},
             "/health": {"get": {"operationId": "health", "security": [],
                                 "responses": {"200": {"description": "the process is up"}}}},

@@ -210,3 +210,48 @@ def test_the_validator_refuses_what_the_spec_refuses(spec):
              "choices": [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None}]}
     assert violations(spec, "CreateChatCompletionStreamResponse", chunk) == []
     assert violations(spec, "CreateChatCompletionStreamResponse", chunk | {"id": None})
+
+
+# The answers against the spec this deployment serves (`/openapi.json`), whose response schemas
+# come from the same pydantic models the bodies are built from; those are closed
+# (`additionalProperties: false`), so an undeclared field in any body fails here.
+OURS = {"plain": "ChatCompletion", "reasoning": "ChatCompletion", "logprobs": "ChatCompletion",
+        "forced_tool": "ChatCompletion", "json_schema": "ChatCompletion",
+        "stream": "ChatCompletionChunk", "stream_logprobs": "ChatCompletionChunk",
+        "stream_tool": "ChatCompletionChunk", "stream_reasoning": "ChatCompletionChunk",
+        "models": "ModelList", "model": "ModelCard", "bad_field": "Error",
+        "refused_field": "Error", "bad_json": "Error", "unknown_model": "Error",
+        "missing_model": "Error"}
+
+
+def test_every_answer_matches_the_served_spec(answers):
+    from referencing import Resource
+
+    app = build_inprocess(parse_settings(PROFILE))
+    served = app.spec
+    uri = "urn:small4:openapi"
+    registry = Registry().with_resource(uri, Resource.from_contents(
+        served, default_specification=DRAFT202012))
+    assert set(OURS) == set(REQUESTS)
+    wrong = {}
+    for name, schema in OURS.items():
+        check = Draft202012Validator({"$ref": f"{uri}#/components/schemas/{schema}"},
+                                     registry=registry)
+        response = answers[name]
+        bodies = events(response) if schema == "ChatCompletionChunk" else [response.json()]
+        errors = [f"{e.json_path}: {e.message}" for body in bodies for e in check.iter_errors(body)]
+        if errors:
+            wrong[name] = errors[:3]
+    assert wrong == {}
+    closed = served["components"]["schemas"]["ChatCompletion"]
+    assert closed["additionalProperties"] is False
+
+
+def test_the_served_spec_takes_its_response_schemas_from_the_models():
+    from services.api.responses import SCHEMAS
+
+    served = build_inprocess(parse_settings(PROFILE)).spec["components"]["schemas"]
+    for name, model in SCHEMAS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.pop("$defs", None)
+        assert served[name] == schema, name

@@ -51,9 +51,14 @@ def test_the_spec_documents_the_spec_fields_nulls_and_ranges():
     for field in ("response_format", "logprobs", "top_logprobs", "logit_bias",
                   "parallel_tool_calls"):
         assert "const" not in json.dumps(request[field]), field
-    message = spec["components"]["schemas"]["ChatCompletion"]["properties"]["choices"]["items"][
-        "properties"]["message"]
-    assert "refusal" in message["required"]
+    schemas = spec["components"]["schemas"]
+
+    def resolve(schema):
+        return schemas[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+    choice = resolve(schemas["ChatCompletion"]["properties"]["choices"]["items"])
+    message = resolve(choice["properties"]["message"])
+    assert "refusal" in message["required"] and "content" in message["required"]
+    assert "reasoning_content" not in message["required"]
     assert "prefix" in spec["components"]["schemas"]["AssistantMessage"]["properties"]
 
 
