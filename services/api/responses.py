@@ -246,5 +246,14 @@ def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def error(body: dict[str, Any]) -> dict[str, Any]:
-    """An error body (`StackError.body`) as the `Error` schema has it."""
-    return ErrorBody.model_validate(body).body()
+    """An error body (`StackError.body`) as the `Error` schema has it; never fails (an error
+    being answered must not become another one): every field is taken as text."""
+    inner = body["error"]
+
+    def text(key: str) -> str | None:
+        value = inner.get(key)
+        return None if value is None else str(value)
+    ids = {key: text(key) for key in ("request_id", "trace_id") if inner.get(key) is not None}
+    return ErrorBody(error=ErrorDetail(message=str(inner.get("message", "")),
+                                       type=str(inner.get("type", "internal_error")),
+                                       param=text("param"), code=text("code"), **ids)).body()
