@@ -159,14 +159,11 @@ SCHEMAS: dict[str, type[_Body]] = {"ChatCompletion": ChatCompletion,
 
 
 def usage(prompt: int, completion: int, reasoning: int, cached: int = 0) -> dict[str, Any]:
-    return _usage(prompt, completion, reasoning, cached).body()
-
-
-def _usage(prompt: int, completion: int, reasoning: int, cached: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning)
+                 ).body()
 
 
 def tool_call_dicts(calls, start: int = 0, *, streaming: bool = False) -> list[dict[str, Any]]:
@@ -182,13 +179,8 @@ def _tool_calls(calls, start: int = 0, *, streaming: bool = False) -> list[ToolC
     return out
 
 
-def logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """A choice's `logprobs` object; None when the request did not ask for them."""
-    built = _logprobs(entries)
-    return None if built is None else built.body()
-
-
 def _logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
+    """A choice's `logprobs` object; None when the request did not ask for them."""
     return None if entries is None else ChoiceLogprobs(content=entries, refusal=None)
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.unit.test_http_surface import PROFILE as SURFACE
 from tests.unit.test_http_surface import serve
 
-PROFILE = {
+# the HTTP-surface stack with an engine that ends its answers (echo) before max_tokens
+PROFILE = SURFACE | {
     "profile": "request-extensions",
-    "auth": {"enabled": False},
-    "model": {"context_length": 4096},
     "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 1, "output": "echo"}},
-    "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}},
 }
 BODY = {"model": "mistral-small-4", "max_tokens": 40, "temperature": 0,
         "messages": [{"role": "user", "content": "hello there"}]}
