@@ -216,7 +216,8 @@ class DecodeWorker(EngineHost):
                         first_logprob=paired.first_logprob,
                         replied=None if "cached_tokens" in timings else replied)
         raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
-                              f"(last: {type(last).__name__})", request_id=request.request_id)
+                              f"(last: {type(last).__name__}: {last})",
+                              request_id=request.request_id)
 
     def _watch_prefill(self, request_id: str, legs: Any, replied: asyncio.Future):
         """Abort this decode leg if its prefill fails after all; the close of the request."""
