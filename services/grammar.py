@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -142,9 +142,12 @@ class Guidance:
         return template
 
 
-def warmed(guidance: Guidance) -> Guidance:
-    """Build the tokenizer's llguidance view on a background thread now, so the first
-    constrained request does not wait ~1–2 s for it on the engine's thread."""
+@cache
+def warmed(tokenizer: PromptTokenizer) -> Guidance:
+    """The process's one `Guidance` for `tokenizer`, its llguidance view (~40 MB, ~1–2 s)
+    built on a background thread now so the first constrained request does not wait for it on
+    the engine's thread; the ingress and the engines of an in-process stack share it."""
+    guidance = Guidance(tokenizer)
     threading.Thread(target=lambda: guidance.factory, name="guidance-warm", daemon=True).start()
     return guidance
 

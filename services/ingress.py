@@ -36,8 +36,8 @@ from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
 from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
-from services.grammar import Guidance, field_of, warmed
-from services.tokenizer import EncodedPrompt, PromptTokenizer
+from services.grammar import field_of, warmed
+from services.tokenizer import EncodedPrompt, PromptTokenizer, load_tokenizer
 from services.workers.decode import DecodeWorker
 from services.workers.multimodal import MultimodalWorker
 from services.workers.peer import call, close_stream, stream
@@ -52,8 +52,8 @@ class Ingress:
         self.settings = settings
         self.pools = pools
         self.multimodal = multimodal
-        self.tokenizer = PromptTokenizer(settings.model.tokenizer_file())
-        self.guidance = warmed(Guidance(self.tokenizer))
+        self.tokenizer = load_tokenizer(settings.model.tokenizer_file())
+        self.guidance = warmed(self.tokenizer)
         self.in_flight = {name: 0 for name in pools}
         self.created = int(time.time())
         self.spec = openapi.build(settings)

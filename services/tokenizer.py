@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,14 @@ class EncodedPrompt:
 def standin_tokenizer_path() -> Path:
     """Where the stand-in `tekken.json` is written (built from mistral-common's own vocabulary)."""
     return write_standin_tokenizer(Path(tempfile.gettempdir()) / "small4-standin")
+
+
+@cache
+def load_tokenizer(path: Path | None = None) -> PromptTokenizer:
+    """The process's one `PromptTokenizer` for `path` (the stand-in when None): it is read-only
+    once loaded, and each load costs a second and ~70 MB, so the ingress, the multimodal worker
+    and the engines of an in-process stack share it rather than each reading it again."""
+    return PromptTokenizer(path)
 
 
 class PromptTokenizer:

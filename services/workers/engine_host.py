@@ -6,7 +6,7 @@ from services.engines.protocol import EngineStats
 from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
 from services.telemetry import tracing
-from services.tokenizer import PromptTokenizer
+from services.tokenizer import load_tokenizer
 from services.workers.load import LoadWindow
 from services.workers.settings import WorkerSettings
 
@@ -18,7 +18,7 @@ class EngineHost:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        tokenizer = PromptTokenizer(settings.model.tokenizer_file())
+        tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
                                    tokenizer=tokenizer, worker=settings)
         self.handoff = build_handoff(settings.kv_handoff, engine=self.engine)

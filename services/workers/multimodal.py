@@ -12,7 +12,7 @@ from services.multimodal.refs import publish
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import ImageSettings, ModelSettings, Strict, TelemetrySettings
 from services.telemetry import tracing
-from services.tokenizer import EncodedPrompt, PromptTokenizer
+from services.tokenizer import EncodedPrompt, load_tokenizer
 
 
 class MultimodalWorkerSettings(Strict):
@@ -32,7 +32,7 @@ class MultimodalWorker:
     role = "multimodal"
 
     def __init__(self, settings: MultimodalWorkerSettings):
-        self.preprocessor = MultimodalPreprocessor(PromptTokenizer(settings.model.tokenizer_file()),
+        self.preprocessor = MultimodalPreprocessor(load_tokenizer(settings.model.tokenizer_file()),
                                                    settings.images)
         self.one_image_size = settings.one_image_size
         self.image_tokens = ImageTokens.of(self.preprocessor.tokenizer)
