@@ -288,6 +288,8 @@ class LimitSettings(Strict):
     # reasoning may use this share of max_tokens; the rest is left for the constrained answer.
     constrained_reasoning_share: float = Field(0.5, gt=0.0, lt=1.0)
     max_messages: int = Field(512, gt=0)
+    max_n: int = Field(4, ge=1, le=128, description="choices a request may ask for (n); each "
+                       "is its own decode stream and counts its max_tokens against the quota")
     max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
     max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")
     max_json_depth: int = Field(32, gt=0)

@@ -121,6 +121,9 @@ def _narrow(request: dict[str, Any], settings: IngressSettings) -> None:
     for field in ("max_tokens", "max_completion_tokens"):
         props[field] = {"anyOf": [{"type": "integer", "minimum": 1,
                                    "maximum": limits.max_tokens_cap}, {"type": "null"}]}
+    props["n"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits.max_n},
+                            {"type": "null"}],
+                  "description": "choices to sample, each its own decode stream"}
     for field, accepted in UNSUPPORTED.items():
         props[field] = {"anyOf": [*({"const": value} for value in accepted), {"type": "null"}],
                         "description": "not supported yet: any other value is refused (400)"}

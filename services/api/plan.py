@@ -10,7 +10,7 @@ from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from services.grammar import StructuredRequest
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
-from services.tokenizer import EncodedPrompt, PromptTokenizer
+from services.tokenizer import EncodedPrompt
 
 
 @dataclass
@@ -25,6 +25,24 @@ class RequestPlan:
     @property
     def prompt_tokens(self) -> int:
         return len(self.engine_request.prompt_ids)
+
+    @property
+    def n(self) -> int:
+        """How many choices: each is its own decode stream of the same prompt."""
+        return self.request.n
+
+    def engine_requests(self) -> list[EngineRequest]:
+        """One engine request per choice. The first is `engine_request` itself; the others get
+        their own id and, when seeded, their own seed (seed + i, kept in int64), so choices
+        differ yet a seeded request answers the same choices every time."""
+        first = self.engine_request
+        out = [first]
+        for i in range(1, self.n):
+            sampling = first.sampling
+            if sampling.seed is not None:
+                sampling = replace(sampling, seed=(sampling.seed + i + 2**63) % 2**64 - 2**63)
+            out.append(replace(first, request_id=f"{first.request_id}-{i}", sampling=sampling))
+        return out
 
 
 def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingSettings,
@@ -70,21 +88,14 @@ def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
     return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_offered else None
 
 
-def plan_text_request(req: ChatCompletionRequest, request_id: str, *, model: ModelSettings,
-                      routing: RoutingSettings, limits: LimitSettings,
-                      tokenizer: PromptTokenizer, vocab_size: int | None = None) -> RequestPlan:
-    """`admit`, encode locally (no images), `plan_request`: the whole plan of a text request."""
-    effort = admit(req, model=model, routing=routing, limits=limits)
-    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
-    return plan_request(req, request_id, effort=effort, prompt=prompt, model=model,
-                        limits=limits, vocab_size=vocab_size)
-
-
 def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                  prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings,
                  vocab_size: int | None = None) -> RequestPlan:
     """Sampling and limits for an encoded prompt: what the pool receives."""
     max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
+    if req.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n} on this deployment "
+                             f"(limits.max_n), got {req.n}", param="n")
     # top_p 0 keeps only the most likely token: greedy decoding, which engines know as such
     temperature, top_p = (req.temperature, req.top_p) if req.top_p > 0 else (0.0, 1.0)
     bias = req.logit_bias_ids

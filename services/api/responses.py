@@ -81,7 +81,7 @@ class ResponseMessage(_Body):
 
 
 class Choice(_Body):
-    index: Literal[0]
+    index: int = Field(ge=0, description="which of the request's n choices")
     message: ResponseMessage
     finish_reason: FinishReason
     logprobs: ChoiceLogprobs | None
@@ -97,7 +97,7 @@ class _Meta(_Body):
 
 class ChatCompletion(_Meta):
     object: Literal["chat.completion"]
-    choices: list[Choice] = Field(min_length=1, max_length=1)
+    choices: list[Choice] = Field(min_length=1, description="one per choice asked (n)")
     usage: Usage
 
 
@@ -110,7 +110,7 @@ class Delta(_Body):
 
 
 class ChunkChoice(_Body):
-    index: Literal[0]
+    index: int = Field(ge=0, description="which of the request's n choices")
     delta: Delta
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None
@@ -195,10 +195,10 @@ def logprob_entries(records, tokenizer) -> list[dict[str, Any]]:
             for r in records if not tokenizer.is_control(r.token)]
 
 
-def completion(meta: dict[str, Any], *, content: str, reasoning: str, tool_calls: list,
-               finish_reason: str, usage_body: dict[str, Any],
-               logprob_list: list[dict[str, Any]] | None = None,
-               legacy_functions: bool = False) -> dict[str, Any]:
+def choice(index: int, *, content: str, reasoning: str, tool_calls: list, finish_reason: str,
+           logprob_list: list[dict[str, Any]] | None = None,
+           legacy_functions: bool = False) -> Choice:
+    """One choice of a non-streamed completion."""
     message = ResponseMessage(role="assistant", content=content or None, refusal=None)
     if reasoning:
         message.reasoning_content = reasoning
@@ -208,16 +208,21 @@ def completion(meta: dict[str, Any], *, content: str, reasoning: str, tool_calls
         finish_reason = "function_call" if finish_reason == "tool_calls" else finish_reason
     elif tool_calls:
         message.tool_calls = _tool_calls(tool_calls)
-    choice = Choice(index=0, message=message, finish_reason=finish_reason,
-                    logprobs=_logprobs(logprob_list))
-    return ChatCompletion(**meta, object="chat.completion", choices=[choice],
+    return Choice(index=index, message=message, finish_reason=finish_reason,
+                  logprobs=_logprobs(logprob_list))
+
+
+def completion(meta: dict[str, Any], choices: list[Choice],
+               usage_body: dict[str, Any]) -> dict[str, Any]:
+    return ChatCompletion(**meta, object="chat.completion", choices=choices,
                           usage=Usage.model_validate(usage_body)).body()
 
 
 def chunk(meta: dict[str, Any], delta: dict[str, Any], finish_reason: str | None = None,
-          usage_body: dict[str, Any] | None = None, *, include_usage: bool = False,
+          usage_body: dict[str, Any] | None = None, *, index: int = 0,
+          include_usage: bool = False,
           logprob_list: list[dict[str, Any]] | None = None) -> dict:
-    choice = ChunkChoice(index=0, delta=Delta.model_validate(delta),
+    choice = ChunkChoice(index=index, delta=Delta.model_validate(delta),
                          finish_reason=finish_reason, logprobs=_logprobs(logprob_list))
     extra = {"usage": usage_body} if include_usage else {}
     return ChatCompletionChunk(**meta, object="chat.completion.chunk", choices=[choice],

@@ -277,7 +277,6 @@ class ChatCompletionRequest(_Wire):
 # mean "as if it were not set" (`null` always does). Anything else is refused, and the served
 # OpenAPI spec states these values (api/openapi.py), so generated clients and fuzzers see them.
 UNSUPPORTED: dict[str, list[Any]] = {
-    "n": [1],
     "prediction": [],
 }
 

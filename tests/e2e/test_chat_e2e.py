@@ -130,6 +130,28 @@ def test_health_and_ready(stack):
                                                  "deep": {"decode": True, "prefill": True}}
 
 
+def test_n_choices_are_sampled_independently_and_reproducibly(client):
+    """`n` choices on the reference engine: seeded, they differ from one another and are the
+    same on every call; streamed, each choice's text is its whole answer's; usage sums them."""
+    kwargs = dict(model=MODEL, messages=HELLO, max_tokens=12, temperature=1.0, seed=7)
+    one = client.chat.completions.create(**kwargs)
+    first, again = (client.chat.completions.create(n=3, **kwargs) for _ in range(2))
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert len(set(texts)) > 1, texts  # sampled independently
+    assert texts[0] == one.choices[0].message.content  # the first is the n=1 answer
+    assert [c.message.content for c in again.choices] == texts  # seeded: reproducible
+    assert first.usage.prompt_tokens == one.usage.prompt_tokens
+    assert first.usage.completion_tokens > one.usage.completion_tokens
+    chunks = list(client.chat.completions.create(n=3, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 **kwargs))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks
+                        if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == [t or "" for t in texts]
+    assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"max_tokens": -1}, "max_tokens"),
@@ -203,7 +225,7 @@ def test_client_disconnect_aborts_and_frees_kv(stack, ask):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # above limits.max_n
     ({"frequency_penalty": 5}, "frequency_penalty"),  # out of [-2, 2]: a range error
     ({"prediction": {"type": "content", "content": "The sea"}}, "prediction"),
     ({"tools": TOOLS, "functions": [TOOLS[0]["function"]]}, "functions"),  # not both
@@ -214,7 +236,7 @@ def test_fields_we_cannot_honour_are_refused_naming_them(client, kwargs, param):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **kwargs)
     assert err.value.body["param"] == param
     assert err.value.body["type"] == "invalid_request_error"
-    assert ("supported" in err.value.body["message"]) is (param in ("n", "prediction"))
+    assert ("supported" in err.value.body["message"]) is (param == "prediction")
 
 
 def test_spec_nulls_mean_the_defaults(client):

@@ -159,7 +159,7 @@ def test_logit_bias_changes_the_answer(client):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # above limits.max_n
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -50,7 +50,8 @@ def plain():
                      "origin": ORIGIN, "access-control-request-method": "POST"}}),
                  ("POST", "/v1/chat/completions", {"json": BODY}),
                  ("POST", "/v1/chat/completions", {"json": BODY | {"stream": True}}),
-                 ("POST", "/v1/chat/completions", {"json": BODY | {"n": 2}}),
+                 ("POST", "/v1/chat/completions", {"json": BODY | {"prediction": {
+                     "type": "content", "content": "draft"}}}),
                  ("GET", "/nowhere", {}),
                  ("POST", "/v1/chat/completions", {"json": BODY | {"logprobs": True}}))
 
@@ -98,7 +99,7 @@ def test_an_unsupported_field_is_refused_naming_it(plain):
     refused = plain[9]
     assert refused.status_code == 400
     error = refused.json()["error"]
-    assert (error["type"], error["param"]) == ("invalid_request_error", "n")
+    assert (error["type"], error["param"]) == ("invalid_request_error", "prediction")
     assert "not supported" in error["message"]
     assert error["trace_id"] == refused.headers["x-trace-id"]
 

@@ -12,11 +12,11 @@ from tests.unit.test_http_surface import PROFILE
 
 
 def test_stacks_share_one_tokenizer_and_one_grammar_view():
-    first, second = (build_inprocess(parse_settings(PROFILE)) for _ in range(2))
+    first, second = (build_inprocess(parse_settings(PROFILE)).service for _ in range(2))
     tokenizers = {id(first.tokenizer)}
-    for ingress in (first, second):
-        tokenizers.add(id(ingress.multimodal.preprocessor.tokenizer))
-        for decode in ingress.pools.values():
+    for service in (first, second):
+        tokenizers.add(id(service.multimodal.preprocessor.tokenizer))
+        for decode in service.pools.values():
             tokenizers |= {id(decode.engine.tokenizer), id(decode.prefill.engine.tokenizer)}
     assert tokenizers == {id(first.tokenizer)}
     assert first.guidance is second.guidance

@@ -102,10 +102,13 @@ REQUESTS = {
     "stream_tool": ("POST", "/v1/chat/completions", {"json": BODY | FORCED | INCLUDE_USAGE}),
     "stream_reasoning": ("POST", "/v1/chat/completions", {"json": BODY | REASONED | {
         "stream": True}}),
+    "choices": ("POST", "/v1/chat/completions", {"json": BODY | {"n": 2, "temperature": 1}}),
+    "stream_choices": ("POST", "/v1/chat/completions", {"json": BODY | INCLUDE_USAGE | {
+        "n": 2}}),
     "models": ("GET", "/v1/models", {}),
     "model": ("GET", f"/v1/models/{MODEL}", {}),
     "bad_field": ("POST", "/v1/chat/completions", {"json": BODY | {"temperature": "hot"}}),
-    "refused_field": ("POST", "/v1/chat/completions", {"json": BODY | {"n": 2}}),
+    "refused_field": ("POST", "/v1/chat/completions", {"json": BODY | {"n": 9}}),
     "bad_json": ("POST", "/v1/chat/completions", {
         "content": b"{not json", "headers": {"content-type": "application/json"}}),
     "unknown_model": ("POST", "/v1/chat/completions", {"json": BODY | {"model": "gpt-4o"}}),
@@ -127,7 +130,8 @@ def answers() -> dict[str, httpx.Response]:
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("name", ["plain", "reasoning", "logprobs", "forced_tool", "json_schema"])
+@pytest.mark.parametrize("name", ["plain", "reasoning", "logprobs", "forced_tool", "json_schema",
+                                  "choices"])
 def test_completions_match_the_completion_schema(answers, spec, name):
     response = answers[name]
     assert response.status_code == 200, response.text
@@ -146,7 +150,8 @@ def test_the_variants_carry_what_makes_them_variants(answers):
     assert json.loads(answers["json_schema"].json()["choices"][0]["message"]["content"])
 
 
-@pytest.mark.parametrize("name", ["stream", "stream_logprobs", "stream_tool", "stream_reasoning"])
+@pytest.mark.parametrize("name", ["stream", "stream_logprobs", "stream_tool", "stream_reasoning",
+                                  "stream_choices"])
 def test_every_stream_chunk_matches_the_chunk_schema(answers, spec, name):
     response = answers[name]
     assert response.status_code == 200, response.text
@@ -219,6 +224,7 @@ OURS = {"plain": "ChatCompletion", "reasoning": "ChatCompletion", "logprobs": "C
         "forced_tool": "ChatCompletion", "json_schema": "ChatCompletion",
         "stream": "ChatCompletionChunk", "stream_logprobs": "ChatCompletionChunk",
         "stream_tool": "ChatCompletionChunk", "stream_reasoning": "ChatCompletionChunk",
+        "choices": "ChatCompletion", "stream_choices": "ChatCompletionChunk",
         "models": "ModelList", "model": "ModelCard", "bad_field": "Error",
         "refused_field": "Error", "bad_json": "Error", "unknown_model": "Error",
         "missing_model": "Error"}

@@ -42,9 +42,12 @@ def test_the_spec_documents_the_spec_fields_nulls_and_ranges():
         assert {"type": "null"} in request[field]["anyOf"], field
     assert request["top_p"]["anyOf"][0]["minimum"] == 0
     # fields refused unless neutral: the spec states exactly the values that are accepted
-    for field in ("prediction", "n"):
+    for field in ("prediction",):
         accepted = [option.get("const") for option in request[field]["anyOf"]]
         assert accepted == [*UNSUPPORTED[field], None], field
+    # n: up to the deployment's cap (limits.max_n), not the spec's 128
+    assert request["n"]["anyOf"][0] | {"type": "integer"} == {
+        "type": "integer", "minimum": 1, "maximum": parse_settings(PROFILE).limits.max_n}
     for field in ("presence_penalty", "frequency_penalty"):  # implemented: the spec's range
         assert (request[field]["anyOf"][0]["minimum"],
                 request[field]["anyOf"][0]["maximum"]) == (-2, 2)

@@ -8,7 +8,7 @@ from mistral_common.protocol.instruct.messages import (AssistantMessage, SystemM
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MCRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 
-from services.api.plan import plan_text_request
+from services.api.plan import admit, plan_request, tools_of
 from services.api.schemas import parse_chat_request
 from services.errors import InvalidRequest
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
@@ -79,7 +79,7 @@ def test_ingress_plan_encodes_the_same_ids(tokenizer):
      "messages.0.content.0.image_url.url"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ({"tool_choice": "maybe"}, "tool_choice"),
-    ({"n": 2}, "n"),
+    ({"n": 5}, "n"),  # above limits.max_n
 ])
 def test_bad_requests_name_the_field(tokenizer, body, param):
     full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
@@ -98,6 +98,14 @@ def test_overlong_prompt_is_refused_with_context_code(tokenizer):
     assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
 
 
+def plan_text_request(req, request_id, *, model, routing, limits, tokenizer, vocab_size=None):
+    """What the request service plans for a text request: admit, encode, plan."""
+    effort = admit(req, model=model, routing=routing, limits=limits)
+    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
+    return plan_request(req, request_id, effort=effort, prompt=prompt, model=model,
+                        limits=limits, vocab_size=vocab_size)
+
+
 def plan(tokenizer, vocab=False, **body):
     full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
     return plan_text_request(parse_chat_request(full), "r1", model=ModelSettings(),
@@ -106,7 +114,7 @@ def plan(tokenizer, vocab=False, **body):
 
 
 @pytest.mark.parametrize("body", [
-    {"n": 2}, {"prediction": {"type": "content", "content": "draft"}},
+    {"prediction": {"type": "content", "content": "draft"}},
 ])
 def test_fields_we_cannot_honour_yet_are_refused_by_name(tokenizer, body):
     """Never a 200 that silently ignores a field that changes the answer."""

@@ -1,0 +1,509 @@
+"""The request service: one chat completion from its body to its answer.
+
+plan → encode → route → answer. Each request's accounting (its quota grant, metrics, server
+span and log line) is one `_Record`, closed exactly once whether the request was refused,
+failed, was cancelled or answered. The ingress (`services/ingress.py`) is only the HTTP adapter
+around this: routes, the key check, and turning `Refused` and `Answer` into responses.
+
+A request for `n` choices is `n` decode streams (each resumed on its own when a replica dies)
+under that one record: one prompt, one quota charge, usage summed over the choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+from services.api import responses
+from services.api.http_errors import as_stack_error, sse_error, sse_event
+from services.api.middleware import new_trace_id
+from services.api.output import OutputParser
+from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_floor,
+                               structured_request, tools_of)
+from services.api.schemas import parse_chat_request
+from services.context import RequestContext, new_request_id
+from services.engines.protocol import EngineRequest
+from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, RequestAborted,
+                             StackError, clip, retryable)
+from services.grammar import field_of, warmed
+from services.guard.keys import Principal
+from services.guard.quotas import Grant, Quotas
+from services.guard.uploads import Uploads
+from services.multimodal.preprocess import image_parts
+from services.routing import PoolChoice, cache_salt, choose_pool
+from services.settings import IngressSettings
+from services.telemetry import metrics, tracing
+from services.telemetry.logs import configure_logging, request_line
+from services.tokenizer import EncodedPrompt, PromptTokenizer, load_tokenizer
+from services.workers.decode import DecodeWorker
+from services.workers.multimodal import MultimodalWorker
+from services.workers.peer import call, close_stream, stream
+
+
+@dataclass
+class Refused:
+    """A request answered with an error before any of its answer was sent."""
+
+    error: StackError
+    request_id: str
+    trace_id: str | None
+
+
+class RequestService:
+    """Chat completions over `pools` (pool name → that pool's decode peer) and `multimodal`
+    (the image preprocessing peer; None: images are refused)."""
+
+    def __init__(self, settings: IngressSettings, pools: dict[str, Any],
+                 multimodal: Any = None):
+        self.settings = settings
+        self.pools = pools
+        self.multimodal = multimodal
+        self.tokenizer = load_tokenizer(settings.model.tokenizer_file())
+        self.guidance = warmed(self.tokenizer)
+        self.in_flight = {name: 0 for name in pools}  # decode streams, for spillover
+        self.log = configure_logging(settings.telemetry.json_logs)
+        self.quotas = Quotas(settings.auth.default_quota)
+        self.uploads = Uploads(settings.limits)
+        self.token_bytes = _max_token_bytes(self.tokenizer)
+
+    async def chat(self, principal: Principal, headers: Mapping[str, str],
+                   read_body: Callable[[], Awaitable[Any]]) -> Answer | Refused:
+        """The answer to one chat completion by `principal`; `read_body` reads and checks the
+        body (the ingress's guard), called only after the cheap checks passed."""
+        incoming = {k: v for k in ("traceparent", "tracestate") if (v := headers.get(k))}
+        record = _Record.open(self, principal, incoming)
+        limits = self.settings.limits
+        try:
+            # cheapest first: the deadline header, the key's request and stream quota, an
+            # upload slot; only then is the body read (checked as it streams in), sized against
+            # the context and token quota, and only then tokenised
+            deadline = time.time() + self._timeout(headers)
+            record.grant = self.quotas.admit_request(principal)
+            with tracing.scope("preprocess", record.span) as pre:
+                async with self.uploads.slot(principal.ident):
+                    body = await read_body()
+                req = parse_chat_request(body)
+                effort = admit(req, model=self.settings.model, routing=self.settings.routing,
+                               limits=limits)
+                self.quotas.check_tokens(record.grant, prompt_floor(
+                    req, self.token_bytes, model=self.settings.model))
+                prompt = await self._encode(req, effort, record, deadline)
+                plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
+                                    model=self.settings.model, limits=limits,
+                                    vocab_size=self.tokenizer.vocab_size)
+                await self._constrain(plan)
+                pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
+                                    "small4.images": len(plan.engine_request.images)})
+                plan.engine_request.cache_salt = cache_salt(principal.tenant,
+                                                            self.settings.routing.prefix)
+            self.quotas.charge(record.grant, plan.prompt_tokens
+                               + plan.n * plan.engine_request.sampling.max_tokens)
+            with tracing.scope("route", record.span, **{"small4.effort": plan.effort}) as route:
+                choice = choose_pool(plan.effort, self.settings.pools, self.in_flight,
+                                     self.settings.routing)
+                if choice.spilled:
+                    metrics.SPILLOVER.inc(from_pool=choice.home_pool, to_pool=choice.pool)
+                route.set_attributes({"small4.pool": choice.pool,
+                                      "small4.spillover": choice.spilled})
+        except Exception as exc:
+            return record.refuse(exc)
+        ctx = RequestContext(record.request_id, deadline=deadline,
+                             trace_headers=tracing.headers_of(record.span, incoming),
+                             tenant=principal.tenant)
+        record.pool = choice.pool
+        answer = Answer(self, plan, choice, ctx, record)
+        try:
+            await answer.start()
+        except asyncio.CancelledError:
+            await answer.close(RequestAborted("the client went away before the first token"))
+            raise
+        except Exception as exc:  # still a refusal: nothing of the answer was sent
+            await answer.close(exc)
+            return Refused(record.error, record.request_id, record.trace_id)
+        record.plan = plan  # answered: the prompt counts from here
+        metrics.TTFT.observe(time.perf_counter() - record.started, pool=choice.pool,
+                             role="ingress")
+        return answer
+
+    def _timeout(self, headers: Mapping[str, str]) -> float:
+        """Seconds this request may take: `x-request-timeout`, capped, or the default."""
+        limits, raw = self.settings.limits, headers.get("x-request-timeout")
+        if raw is None:
+            return limits.request_timeout_s
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = float("nan")
+        if not 0 < asked <= limits.max_request_timeout_s:
+            raise InvalidRequest(f"x-request-timeout must be seconds in (0, "
+                                 f"{limits.max_request_timeout_s:g}]; got {clip(raw)}",
+                                 param="x-request-timeout")
+        return asked
+
+    async def _encode(self, req, effort: str, record: _Record,
+                      deadline: float) -> EncodedPrompt:
+        """Text stays here; a request with images is encoded by the multimodal deployment."""
+        messages, tools = req.openai_messages(), tools_of(req)
+        if not image_parts(messages):
+            return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+        if self.multimodal is None:
+            raise InvalidRequest("this endpoint does not accept images", param="messages")
+        ctx = RequestContext(record.request_id, deadline=deadline,
+                             trace_headers=tracing.headers_of(record.span))
+        return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
+
+    async def _constrain(self, plan: RequestPlan) -> None:
+        """The grammar of a structured answer (JSON format, forced or strict tools)."""
+        structure = structured_request(plan, self.settings.limits)
+        if not structure.constrained:
+            return
+        if self.settings.engine_kind == "sglang":
+            raise InvalidRequest(
+                f"{field_of(structure)}: constrained decoding is not available on this "
+                "deployment's SGLang engines (their grammar backends cannot take the Mistral "
+                "tokenizer)", param=field_of(structure))
+        # compiled off the event loop: schemas vary in cost
+        constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure))
+
+
+class _Record:
+    """One request's accounting: its server span, quota grant, metrics and log line, closed
+    once by `close` for every outcome (refused, failed, cancelled, answered)."""
+
+    def __init__(self, service: RequestService, principal: Principal, span, trace_id: str,
+                 request_id: str, started: float):
+        self.service, self.tenant, self.span, self.trace_id = (service, principal.tenant, span,
+                                                               trace_id)
+        self.request_id, self.started = request_id, started
+        self.grant: Grant | None = None
+        self.plan: RequestPlan | None = None  # set once its first token arrived
+        self.pool = "none"
+        self.error: StackError | None = None
+        self.closed = False
+
+    @classmethod
+    def open(cls, service: RequestService, principal: Principal,
+             incoming: dict[str, str]) -> _Record:
+        request_id, started = new_request_id(), time.perf_counter()
+        span = tracing.start("POST /v1/chat/completions", incoming, kind=SpanKind.SERVER, **{
+            "http.request.method": "POST", "url.path": "/v1/chat/completions",
+            "small4.request_id": request_id, "small4.tenant": principal.tenant})
+        trace_id = tracing.trace_id(span, incoming) or new_trace_id()
+        return cls(service, principal, span, trace_id, request_id, started)
+
+    def refuse(self, exc: BaseException) -> Refused:
+        self.close(exc)
+        return Refused(self.error, self.request_id, self.trace_id)
+
+    def close(self, exc: BaseException | None = None, *, finish_reason: str | None = None,
+              completion: int = 0, reasoning: int = 0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        service, pool, tenant = self.service, self.pool, self.tenant
+        self.error = None if exc is None else as_stack_error(exc)
+        status = 200 if self.error is None else self.error.status
+        prompt = self.plan.prompt_tokens if self.plan is not None else 0
+        if self.grant is not None:
+            service.quotas.release(self.grant, prompt + completion)
+        metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
+        if self.error is not None:
+            metrics.ERRORS.inc(pool=pool, role="ingress", type=self.error.type)
+        if self.plan is not None:  # answered (its first token came)
+            metrics.TENANT_TOKENS.inc(prompt, tenant=tenant, kind="prompt")
+            metrics.TENANT_TOKENS.inc(completion, tenant=tenant, kind="completion")
+            if finish_reason:
+                metrics.PROMPT_TOKENS.inc(prompt, pool=pool)
+                metrics.COMPLETION_TOKENS.inc(completion, pool=pool)
+                metrics.REASONING_TOKENS.inc(reasoning, pool=pool)
+            metrics.E2E.observe(time.perf_counter() - self.started, pool=pool, role="ingress")
+            tracing.finish(self.span, exc, **{
+                "small4.finish_reason": finish_reason or "abort",
+                "small4.completion_tokens": completion})
+            request_line(service.log, "request done", request_id=self.request_id,
+                         trace_id=self.trace_id, started=self.started, pool=pool,
+                         finish_reason=finish_reason or "abort", prompt_tokens=prompt,
+                         completion_tokens=completion,
+                         error_type=None if self.error is None else self.error.type)
+            return
+        tracing.finish(self.span, exc, **{"http.response.status_code": status})
+        request_line(service.log, "request refused", request_id=self.request_id,
+                     trace_id=self.trace_id, started=self.started, status=status,
+                     error_type=None if self.error is None else self.error.type)
+
+
+class _Choice:
+    """One choice's decode stream: resumed on another replica when one dies (from the prompt
+    plus the tokens already received, so the client sees no gap and no repeat), within the
+    request's deadline; its parser turns the tokens into content, reasoning and tool calls."""
+
+    def __init__(self, answer: Answer, index: int, request: EngineRequest):
+        self.answer, self.index, self.request = answer, index, request
+        plan = answer.plan
+        self.parser = OutputParser(answer.service.tokenizer, tools_enabled=plan.tools_enabled,
+                                   stop=plan.request.stop_strings)
+        self.generated: list[int] = []
+        self.cached_tokens = 0  # of the prompt, reused from a prefix cache (first leg's)
+        self.resumes = 0
+        self.finish_reason: str | None = None
+        self.first = None
+        self.chunks = self._open(request)
+
+    def _open(self, request: EngineRequest):
+        answer = self.answer
+        return stream(answer.service.pools[answer.choice.pool], DecodeWorker.generate,
+                      answer.ctx, request)
+
+    async def start(self) -> None:
+        self.first = await self.next_chunk()
+
+    async def next_chunk(self):
+        """The next chunk within the deadline, resuming after a failed replica."""
+        limits = self.answer.service.settings.limits
+        while True:
+            try:
+                async with asyncio.timeout(self.answer.ctx.remaining_s()):
+                    chunk = await self.chunks.__anext__()
+                if not self.resumes and "cached_tokens" in chunk.timings:
+                    # the first leg's: on the first chunk, or the last where the prefill's
+                    # reply came after decoding started (the concurrent handoff)
+                    self.cached_tokens = int(chunk.timings["cached_tokens"] or 0)
+                self.generated.extend(chunk.token_ids)
+                return chunk
+            except StopAsyncIteration:
+                raise EngineError("the decode stream ended without a finish reason") from None
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed before it finished "
+                                       "(x-request-timeout or limits.request_timeout_s)",
+                                       param="x-request-timeout") from None
+            except Exception as exc:
+                if not retryable(exc) or self.resumes >= limits.max_resumes:
+                    raise
+                self.resumes += 1
+                metrics.RESUMES.inc(pool=self.answer.choice.pool)
+                await close_stream(self.chunks)
+                await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
+                self.chunks = self._open(self._resumed())
+
+    def _resumed(self) -> EngineRequest:
+        """The choice's request continued after the tokens already received."""
+        request = self.request
+        return replace(request, request_id=f"{request.request_id}-resume{self.resumes}",
+                       prompt_ids=request.prompt_ids + self.generated,
+                       sampling=replace(request.sampling, max_tokens=request.sampling.max_tokens
+                                        - len(self.generated),
+                                        stop_context=tuple(self.generated)))
+
+    async def chunks_to_end(self) -> AsyncIterator[Any]:
+        """Its chunks from the first, up to the one with the finish reason."""
+        chunk = self.first
+        while True:
+            yield chunk
+            if chunk.finish_reason:
+                return
+            chunk = await self.next_chunk()
+
+    def logprobs(self, chunk) -> list[dict[str, Any]] | None:
+        """The chunk's logprob entries when the request asked for logprobs, else None."""
+        if self.request.sampling.logprobs is None:
+            return None
+        return responses.logprob_entries(chunk.logprobs or (), self.answer.service.tokenizer)
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole choice, for a non-streamed answer."""
+        content, reasoning, calls, finish = [], [], [], "stop"
+        entries = [] if self.request.sampling.logprobs is not None else None
+        async for chunk in self.chunks_to_end():
+            if entries is not None:
+                entries += self.logprobs(chunk)
+            delta = self.parser.feed(chunk.token_ids)
+            content.append(delta.content), reasoning.append(delta.reasoning)
+            calls.extend(delta.tool_calls)
+            finish = chunk.finish_reason or finish
+        delta, finish = self.parser.finish(finish)
+        content.append(delta.content), reasoning.append(delta.reasoning)
+        calls.extend(delta.tool_calls)
+        self.finish_reason = finish
+        return responses.choice(self.index, content="".join(content),
+                                reasoning="".join(reasoning), tool_calls=calls,
+                                finish_reason=finish, logprob_list=entries,
+                                legacy_functions=self.answer.plan.request.legacy_functions)
+
+    async def close(self) -> None:
+        await close_stream(self.chunks)
+
+
+class Answer:
+    """A request's output: its choices' decode streams, parsed into the body or SSE events;
+    closing it releases the pool slots and the streams and closes the request's record."""
+
+    def __init__(self, service: RequestService, plan: RequestPlan, choice: PoolChoice,
+                 ctx: RequestContext, record: _Record):
+        self.service, self.plan, self.choice, self.ctx, self.record = (service, plan, choice,
+                                                                       ctx, record)
+        self.stream = bool(plan.request.stream)
+        self.meta = {"id": ctx.request_id, "created": int(ctx.created),
+                     "model": service.settings.model.name, "reasoning_effort": plan.effort,
+                     "pool": choice.pool}
+        self.headers = {"x-small4-request-id": ctx.request_id, "x-small4-pool": choice.pool,
+                        "x-small4-reasoning-effort": plan.effort,
+                        "x-small4-spillover": "1" if choice.spilled else "0",
+                        "x-trace-id": record.trace_id}
+        if self.stream:  # no cache or proxy may hold the events back
+            self.headers |= {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        service.in_flight[choice.pool] += plan.n
+        self.choices = [_Choice(self, i, request)
+                        for i, request in enumerate(plan.engine_requests())]
+        self.closed = False
+
+    async def start(self) -> None:
+        """Wait for every choice's first chunk (the time to first token)."""
+        await _all(c.start() for c in self.choices)
+
+    def usage(self) -> dict[str, Any]:
+        return responses.usage(self.plan.prompt_tokens,
+                               sum(c.parser.completion_tokens for c in self.choices),
+                               sum(c.parser.reasoning_tokens for c in self.choices),
+                               self.choices[0].cached_tokens)
+
+    async def body(self) -> dict[str, Any]:
+        """The non-streamed completion (raises the error that ended it)."""
+        error: BaseException | None = None
+        try:
+            choices = await _all(c.collect() for c in self.choices)
+            return responses.completion(self.meta, choices, self.usage())
+        except BaseException as exc:
+            error = exc if not isinstance(exc, asyncio.CancelledError) else RequestAborted(
+                "the client went away before the answer was sent")
+            raise
+        finally:
+            await self.close(error)
+
+    async def events(self) -> AsyncIterator[str]:
+        """The SSE stream: a role chunk per choice, their deltas as they come, each choice's
+        finish, then usage when asked, then `[DONE]`; an error after the start is an error
+        event."""
+        include_usage = bool(self.plan.request.stream_options
+                             and self.plan.request.stream_options.include_usage)
+        legacy = self.plan.request.legacy_functions
+        calls = [0] * len(self.choices)
+        error: BaseException | None = None
+        merged = self._merged()
+        try:
+            # with include_usage every chunk has `usage`: null until the last one, as OpenAI's
+            for c in self.choices:
+                yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""},
+                                                index=c.index, include_usage=include_usage))
+            async for c, chunk in merged:
+                delta = c.parser.feed(chunk.token_ids)
+                body = _delta_dict(delta, calls[c.index], legacy)
+                calls[c.index] += len(delta.tool_calls)
+                entries = c.logprobs(chunk)
+                if body or entries:
+                    yield sse_event(responses.chunk(self.meta, body, index=c.index,
+                                                    logprob_list=entries,
+                                                    include_usage=include_usage))
+                if chunk.finish_reason:
+                    delta, c.finish_reason = c.parser.finish(chunk.finish_reason)
+                    finish = c.finish_reason
+                    if legacy and finish == "tool_calls":
+                        finish = "function_call"
+                    yield sse_event(responses.chunk(
+                        self.meta, _delta_dict(delta, calls[c.index], legacy), finish,
+                        index=c.index, include_usage=include_usage))
+            if include_usage:
+                yield sse_event(responses.usage_chunk(self.meta, self.usage()))
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            error = RequestAborted("the client went away during the stream")
+            raise
+        except Exception as exc:
+            error = exc
+            yield sse_error(exc, self.meta["id"], self.record.trace_id)
+        finally:
+            await merged.aclose()  # no read of a choice's stream is left running
+            await self.close(error)
+
+    async def _merged(self) -> AsyncIterator[tuple[_Choice, Any]]:
+        """Every choice's chunks as they arrive (in choice order when several are ready)."""
+        if len(self.choices) == 1:
+            async for chunk in self.choices[0].chunks_to_end():
+                yield self.choices[0], chunk
+            return
+        streams = {c.index: c.chunks_to_end() for c in self.choices}
+        pending = {asyncio.ensure_future(anext(s)): i for i, s in streams.items()}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.get):
+                    index = pending.pop(task)
+                    try:
+                        chunk = task.result()
+                    except StopAsyncIteration:
+                        continue
+                    yield self.choices[index], chunk
+                    pending[asyncio.ensure_future(anext(streams[index]))] = index
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for s in streams.values():
+                await s.aclose()
+
+    async def close(self, exc: BaseException | None = None) -> None:
+        """Release the pool slots, stop the streams, and account for the request once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.service.in_flight[self.choice.pool] -= self.plan.n
+        for c in self.choices:
+            await c.close()
+        finished = all(c.finish_reason for c in self.choices)
+        self.record.close(exc, finish_reason=self.choices[0].finish_reason if finished else None,
+                          completion=sum(c.parser.completion_tokens for c in self.choices),
+                          reasoning=sum(c.parser.reasoning_tokens for c in self.choices))
+
+
+async def _all(coroutines) -> list[Any]:
+    """Their results, run concurrently; when one fails the others are cancelled (and waited
+    for) before its error is raised, so no stream is read after it is closed."""
+    coroutines = list(coroutines)
+    if len(coroutines) == 1:
+        return [await coroutines[0]]
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _delta_dict(delta, first_index: int, legacy: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if delta.content:
+        body["content"] = delta.content
+    if delta.reasoning:
+        body["reasoning_content"] = delta.reasoning
+    if delta.tool_calls and legacy:  # deprecated `functions`: one call, as `function_call`
+        if first_index == 0:
+            call_ = delta.tool_calls[0]
+            body["function_call"] = {"name": call_.name, "arguments": call_.arguments}
+    elif delta.tool_calls:
+        body["tool_calls"] = responses.tool_call_dicts(delta.tool_calls, first_index,
+                                                       streaming=True)
+    return body
+
+
+def _max_token_bytes(tokenizer: PromptTokenizer) -> int:
+    """The longest token of the vocabulary in bytes: text of N bytes is at least N / this
+    many tokens."""
+    raw = tokenizer._raw
+    return max(len(raw.id_to_byte_piece(i, "keep"))
+               for i in range(raw.num_special_tokens, raw.n_words))
