@@ -130,3 +130,7 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def handoff(self) -> Any:
+        """The KV handoff this engine runs itself (SGLang's: its engines move the KV between
+        them), or None where the stack moves the KV (`services.kv.backends`)."""

@@ -216,6 +216,10 @@ class ReferenceEngine:
             return True
         return self._batcher.drop(request_id)
 
+    def handoff(self) -> None:
+        """None: the stack moves this engine's KV (`services.kv.backends`)."""
+        return None
+
     def stats(self) -> EngineStats:
         return engine_stats(self.kind, self.role, self._batcher, self._gate,
                             self.settings.kv_capacity_tokens, self.prefix_cache)

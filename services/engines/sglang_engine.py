@@ -197,6 +197,9 @@ class SGLangHandoff:
     def release(self, ticket: KVTicket) -> None:
         return None  # the engines free their side when the request ends or is aborted
 
+    def holds(self, ticket: KVTicket) -> bool:
+        return False  # the prefill engine frees its side once the decode engine has the KV
+
 
 def salted(kwargs: dict[str, Any], request: EngineRequest) -> dict[str, Any]:
     """`Engine.async_generate` arguments that keep `request`'s prompt in its tenant's namespace

@@ -225,6 +225,10 @@ class SimulatedEngine:
         await asyncio.sleep(0)  # let the cancelled prefill leave the gate before we answer
         return True
 
+    def handoff(self) -> None:
+        """None: the stack moves this engine's KV (`services.kv.backends`)."""
+        return None
+
     def stats(self) -> EngineStats:
         """Running/waiting requests and KV held, prefill and decode together."""
         return engine_stats(self.kind, self.role, self._batcher, self._gate,

@@ -39,6 +39,9 @@ class LocalHandoff:
     def release(self, ticket: KVTicket) -> None:
         ticket.payload = None
 
+    def holds(self, ticket: KVTicket) -> bool:
+        return False  # the ticket is the KV
+
 
 class ObjectStoreHandoff:
     """KV between replicas: a small one in the prefill reply itself, a large one through Ray's
@@ -90,6 +93,10 @@ class ObjectStoreHandoff:
     def release(self, ticket: KVTicket) -> None:
         ticket.payload = None
 
+    def holds(self, ticket: KVTicket) -> bool:
+        """Only a KV put in the object store is held (a small one rode in the reply)."""
+        return isinstance(ticket.payload, Held)
+
 
 # Rooms of the in-process paired handoff: room -> the future its prefill publishes into.
 _ROOMS: dict[int, asyncio.Future] = {}
@@ -139,6 +146,9 @@ class PairedHandoff:
         if room is not None and not room.done():
             room.cancel()
 
+    def holds(self, ticket: KVTicket) -> bool:
+        return False  # the room is the decode side's
+
 
 def open_rooms() -> int:
     """Rooms of the in-process paired handoff still open (tests: nothing is left behind)."""
@@ -152,14 +162,14 @@ def new_room() -> int:
 
 def build_handoff(settings: KVHandoffSettings, engine: Any = None):
     """The handoff named by `settings.backend`; SGLang's comes from its engine adapter
-    (`engine.handoff()`), since the engine itself moves the KV."""
+    (`Engine.handoff()`), since the engine itself moves the KV."""
     if settings.backend == "local":
         return LocalHandoff()
     if settings.backend == "paired":
         return PairedHandoff(settings)
     if settings.backend == "object_store":
         return ObjectStoreHandoff(settings)
-    if settings.backend == "sglang" and hasattr(engine, "handoff"):
-        return engine.handoff()
+    if settings.backend == "sglang" and engine is not None and (own := engine.handoff()):
+        return own
     raise ValueError(f"KV handoff backend {settings.backend!r} needs its engine: "
                      f"kv_handoff.backend sglang goes with engine.kind sglang")

@@ -9,6 +9,9 @@ Calling convention (the decode side drives; see `services.kv.transfer` for the s
   is there; raises `KVHandoffFailed` on timeout or loss. SGLang's starts the decode engine's
   request for the room and returns once that engine has the KV (its first output).
 - `release(ticket)` frees whatever the transfer still holds; safe to call twice.
+- `holds(ticket)` on the prefill side, after `send`: whether it keeps something for the ticket
+  (an object in its store) that only `release` frees; a KV sent by value in the ticket holds
+  nothing, so the prefill replica has nothing to wait for.
 `concurrent` says whether the decode engine may start before prefill finishes (SGLang) or only
 after (object store: sequential). A concurrent handoff also has `bind(ticket)`, called on the
 prefill replica before it runs: it fills in where that replica serves the KV (SGLang: its
@@ -59,3 +62,5 @@ class KVHandoff(Protocol):
     async def receive(self, ticket: KVTicket, request: Any = None) -> Any: ...
 
     def release(self, ticket: KVTicket) -> None: ...
+
+    def holds(self, ticket: KVTicket) -> bool: ...

@@ -81,13 +81,15 @@ class PrefillWorker(EngineHost):
 
     async def prefill_held(self, ctx: RequestContext, request: EngineRequest,
                            ticket: KVTicket) -> AsyncIterator[PrefillReply]:
-        """The sequential handoff's prefill as a streaming call: the reply, then the KV it
-        sent is kept on this replica until the caller closes the call (it has the KV, gave up,
-        or was cancelled) or the handoff's timeout passes, and released then."""
+        """The sequential handoff's prefill as a streaming call: the reply, then a KV this
+        replica holds for it (one too large to ride in the reply) is kept until the caller
+        closes the call (it has the KV, gave up, or was cancelled) or the handoff's timeout
+        passes, and released then. A KV sent in the reply holds nothing: the call ends."""
         reply = await self.prefill(ctx, request, ticket)
         try:
             yield reply
-            await asyncio.sleep(self.settings.kv_handoff.timeout_s)
+            if self.handoff.holds(reply.ticket):
+                await asyncio.sleep(self.settings.kv_handoff.timeout_s)
         finally:
             self.handoff.release(reply.ticket)
 

@@ -148,6 +148,7 @@ def test_object_store_inlines_only_small_kv(ray_session, inline_bytes, by_refere
         sent = await prefill.send(decode.open("r"), KV())
         wire = pickle.loads(pickle.dumps(sent))
         assert isinstance(wire.payload, Held) is by_reference
+        assert prefill.holds(sent) is by_reference  # only then has the prefill side to wait
         assert len(pickle.dumps(sent)) < 1024  # a reference or the small KV itself
         got = await decode.receive(wire, REQUEST)
         prefill.release(sent)
