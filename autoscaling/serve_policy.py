@@ -57,6 +57,28 @@ class AutoscalingSettings(BaseModel):
     policy: PolicySettings = PolicySettings()
     arbiter: ArbiterSettings = ArbiterSettings()
 
+    def serve_config(self, *, pool: str, role: str, replicas: int, lowest: int, highest: int,
+                     ttft_slo_s: float, itl_slo_s: float, budget_engines: int,
+                     priorities: dict[str, int], roles: dict[str, list[int]],
+                     fixed: dict[str, int]) -> dict[str, Any]:
+        """Serve's `autoscaling_config` for one role running `ServePolicy`: its bounds, and
+        the policy's constructor arguments (`roles`: every autoscaled "pool/role" →
+        [replicas, min, max]; `fixed`: the others → replicas)."""
+        policy = self.policy.model_copy(update={
+            "ttft_slo_s": ttft_slo_s, "itl_slo_s": itl_slo_s,
+            "min_replicas": lowest, "max_replicas": highest})
+        return {
+            "min_replicas": lowest, "max_replicas": highest, "initial_replicas": replicas,
+            "look_back_period_s": self.look_back_period_s,
+            # Serve wraps a custom policy in its own delays (30 s up, 600 s down by default);
+            # ours already holds a wish for upscale_delay_s/downscale_delay_s before acting.
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
+                "pool": pool, "role": role, "budget_engines": budget_engines,
+                "priorities": priorities, "policy": policy.model_dump(),
+                "arbiter": self.arbiter.model_dump(), "roles": roles, "fixed": fixed,
+                "decode_tokens_per_s_per_replica": self.decode_tokens_per_s_per_replica}}}
+
 
 def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: int,
                  starting: int, profiled_tokens_per_s: float = 0.0) -> RoleMetrics:

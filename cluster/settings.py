@@ -13,13 +13,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from autoscaling.serve_policy import POLICY_PATH, AutoscalingSettings
+from autoscaling.serve_policy import AutoscalingSettings
 from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
-from services.settings import (EngineSettings, IngressSettings, PrefixRoutingSettings,
-                               ServiceSettings, Strict, WorkerSettings)
-from services.workers.multimodal import MultimodalWorkerSettings
-
+from services.settings import (EngineSettings, IngressSettings, MultimodalWorkerSettings,
+                               PrefixRoutingSettings, ServiceSettings, Strict, WorkerSettings)
 
 ROLES = ("prefill", "decode")
 
@@ -113,23 +111,11 @@ class StackSettings(ServiceSettings):
                 else:
                     fixed[f"{name}/{r}"] = s.replicas
         slo = self.pools[pool].slo
-        policy = self.autoscaling.policy.model_copy(update={
-            "ttft_slo_s": slo.ttft_s, "itl_slo_s": slo.itl_s,
-            "min_replicas": settings.lowest, "max_replicas": settings.highest})
-        options["autoscaling_config"] = {
-            "min_replicas": settings.lowest, "max_replicas": settings.highest,
-            "initial_replicas": settings.replicas,
-            "look_back_period_s": self.autoscaling.look_back_period_s,
-            # Serve wraps a custom policy in its own delays (30 s up, 600 s down by default);
-            # ours already holds a wish for upscale_delay_s/downscale_delay_s before acting.
-            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-            "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
-                "pool": pool, "role": role, "budget_engines": self.budget_engines(),
-                "priorities": {n: p.priority for n, p in self.pools.items()},
-                "policy": policy.model_dump(), "arbiter": self.autoscaling.arbiter.model_dump(),
-                "roles": roles, "fixed": fixed,
-                "decode_tokens_per_s_per_replica":
-                    self.autoscaling.decode_tokens_per_s_per_replica}}}
+        options["autoscaling_config"] = self.autoscaling.serve_config(
+            pool=pool, role=role, replicas=settings.replicas, lowest=settings.lowest,
+            highest=settings.highest, ttft_slo_s=slo.ttft_s, itl_slo_s=slo.itl_s,
+            budget_engines=self.budget_engines(),
+            priorities={n: p.priority for n, p in self.pools.items()}, roles=roles, fixed=fixed)
         return options
 
     def placements(self):

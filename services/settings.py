@@ -404,6 +404,17 @@ class TelemetrySettings(Strict):
                                 "traffic); off: the tenant label reads `all`")
 
 
+class MultimodalWorkerSettings(Strict):
+    """The tokenizer to encode with, the image policy, telemetry."""
+
+    model: ModelSettings
+    images: ImageSettings
+    telemetry: TelemetrySettings = TelemetrySettings()
+    # The engine's vision tower takes one image size per request (SGLang): pad to one here,
+    # where the prompt is encoded, so every later step sees the same ids.
+    one_image_size: bool = False
+
+
 class WorkerSettings(Strict):
     """One pool's prefill or decode worker: which model and engine it runs, how KV and tokens
     leave it."""

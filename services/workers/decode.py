@@ -27,7 +27,7 @@ from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
 from services.workers.engine_host import EngineHost
 from services.workers import router_state
-from services.workers.settings import WorkerSettings
+from services.settings import WorkerSettings
 
 # How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
 _STUCK_GRACE_S = 1.0

@@ -8,7 +8,7 @@ from services.kv.backends import build_handoff
 from services.telemetry import tracing
 from services.tokenizer import load_tokenizer
 from services.workers.load import LoadWindow
-from services.workers.settings import WorkerSettings
+from services.settings import WorkerSettings
 
 
 class EngineHost:

@@ -10,20 +10,9 @@ from services.context import RequestContext
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.multimodal.refs import publish
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
-from services.settings import ImageSettings, ModelSettings, Strict, TelemetrySettings
+from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
 from services.tokenizer import EncodedPrompt, load_tokenizer
-
-
-class MultimodalWorkerSettings(Strict):
-    """The tokenizer to encode with, the image policy, telemetry."""
-
-    model: ModelSettings
-    images: ImageSettings
-    telemetry: TelemetrySettings = TelemetrySettings()
-    # The engine's vision tower takes one image size per request (SGLang): pad to one here,
-    # where the prompt is encoded, so every later step sees the same ids.
-    one_image_size: bool = False
 
 
 class MultimodalWorker:

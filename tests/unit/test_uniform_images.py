@@ -68,7 +68,8 @@ def test_the_multimodal_worker_makes_one_size_only_for_engines_that_need_it(one_
 
     from services.context import RequestContext
     from services.settings import ImageSettings, ModelSettings
-    from services.workers.multimodal import MultimodalWorker, MultimodalWorkerSettings
+    from services.settings import MultimodalWorkerSettings
+    from services.workers.multimodal import MultimodalWorker
 
     worker = MultimodalWorker(MultimodalWorkerSettings(
         model=ModelSettings(), images=ImageSettings(), one_image_size=one_size))
