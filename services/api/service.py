@@ -243,7 +243,11 @@ class _Choice:
     request's deadline; its parser turns the tokens into content, reasoning and tool calls."""
 
     def __init__(self, answer: Answer, index: int, request: EngineRequest):
-        self.answer, self.index, self.request = answer, index, request
+        # what it needs of the answer, not the answer itself: no cycle keeps a finished
+        # request (its pixels' references, its streams) alive until the garbage collector runs
+        self.service, self.pool, self.ctx, self.plan = (answer.service, answer.choice.pool,
+                                                        answer.ctx, answer.plan)
+        self.index, self.request = index, request
         plan = answer.plan
         self.parser = OutputParser(answer.service.tokenizer, tools_enabled=plan.tools_enabled,
                                    stop=plan.request.stop_strings)
@@ -255,19 +259,17 @@ class _Choice:
         self.chunks = self._open(request)
 
     def _open(self, request: EngineRequest):
-        answer = self.answer
-        return stream(answer.service.pools[answer.choice.pool], DecodeWorker.generate,
-                      answer.ctx, request)
+        return stream(self.service.pools[self.pool], DecodeWorker.generate, self.ctx, request)
 
     async def start(self) -> None:
         self.first = await self.next_chunk()
 
     async def next_chunk(self):
         """The next chunk within the deadline, resuming after a failed replica."""
-        limits = self.answer.service.settings.limits
+        limits = self.service.settings.limits
         while True:
             try:
-                async with asyncio.timeout(self.answer.ctx.remaining_s()):
+                async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
                 if not self.resumes and "cached_tokens" in chunk.timings:
                     # the first leg's: on the first chunk, or the last where the prefill's
@@ -285,7 +287,7 @@ class _Choice:
                 if not retryable(exc) or self.resumes >= limits.max_resumes:
                     raise
                 self.resumes += 1
-                metrics.RESUMES.inc(pool=self.answer.choice.pool)
+                metrics.RESUMES.inc(pool=self.pool)
                 await close_stream(self.chunks)
                 await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
                 self.chunks = self._open(self._resumed())
@@ -312,7 +314,7 @@ class _Choice:
         """The chunk's logprob entries when the request asked for logprobs, else None."""
         if self.request.sampling.logprobs is None:
             return None
-        return responses.logprob_entries(chunk.logprobs or (), self.answer.service.tokenizer)
+        return responses.logprob_entries(chunk.logprobs or (), self.service.tokenizer)
 
     async def collect(self) -> dict[str, Any]:
         """The whole choice, for a non-streamed answer."""
@@ -332,7 +334,7 @@ class _Choice:
         return responses.choice(self.index, content="".join(content),
                                 reasoning="".join(reasoning), tool_calls=calls,
                                 finish_reason=finish, logprob_list=entries,
-                                legacy_functions=self.answer.plan.request.legacy_functions)
+                                legacy_functions=self.plan.request.legacy_functions)
 
     async def close(self) -> None:
         await close_stream(self.chunks)
