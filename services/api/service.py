@@ -70,6 +70,7 @@ class RequestService:
         self.quotas = Quotas(settings.auth.default_quota)
         self.uploads = Uploads(settings.limits)
         self.token_bytes = _max_token_bytes(self.tokenizer)
+        tracing.configure(settings.telemetry.tracing, role="ingress")
 
     async def chat(self, principal: Principal, headers: Mapping[str, str],
                    read_body: Callable[[], Awaitable[Any]]) -> Answer | Refused:
