@@ -93,7 +93,7 @@ class RequestService:
                                limits=limits)
                 self.quotas.check_tokens(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model))
-                prompt = await self._encode(req, effort, record, deadline)
+                prompt = await self._encode(req, effort, record.request_id, pre, deadline)
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits,
                                     vocab_size=self.tokenizer.vocab_size)
@@ -146,16 +146,17 @@ class RequestService:
                                  param="x-request-timeout")
         return asked
 
-    async def _encode(self, req, effort: str, record: _Record,
+    async def _encode(self, req, effort: str, request_id: str, span,
                       deadline: float) -> EncodedPrompt:
-        """Text stays here; a request with images is encoded by the multimodal deployment."""
+        """Text stays here; a request with images is encoded by the multimodal deployment
+        (its span a child of `span`, the preprocessing's)."""
         messages, tools = req.openai_messages(), tools_of(req)
         if not image_parts(messages):
             return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
         if self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
-        ctx = RequestContext(record.request_id, deadline=deadline,
-                             trace_headers=tracing.headers_of(record.span))
+        ctx = RequestContext(request_id, deadline=deadline,
+                             trace_headers=tracing.headers_of(span))
         return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
 
     async def _constrain(self, plan: RequestPlan) -> None:
