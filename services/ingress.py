@@ -36,7 +36,6 @@ class Ingress:
                  multimodal: Any = None):
         self.settings = settings
         self.service = RequestService(settings, pools, multimodal)
-        self.pools, self.multimodal = pools, multimodal
         self.created = int(time.time())
         self.spec = openapi.build(settings)
         metrics.show_tenants(settings.telemetry.tenant_labels)
@@ -100,7 +99,7 @@ class Ingress:
     async def ready(self) -> JSONResponse:
         """200 when every pool has a live decode and prefill replica, else 503 with details."""
         report, ok = {}, True
-        for name, peer in self.pools.items():
+        for name, peer in self.service.pools.items():
             try:
                 legs = await asyncio.wait_for(call(peer, DecodeWorker.readiness), 5.0)
                 report[name] = {role: s.healthy for role, s in legs.items()}

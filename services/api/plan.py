@@ -60,18 +60,20 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
 def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
                  model: ModelSettings) -> int:
     """The fewest tokens the request can cost (its text over the longest token's bytes, plus
-    the asked `max_tokens`), known before tokenising: a prompt that cannot fit the context is
-    refused here, cheaply (a 12 MB prompt is never tokenised)."""
+    the asked `max_tokens` for each of its `n` choices), known before tokenising: a prompt that
+    cannot fit the context is refused here, cheaply (a 12 MB prompt is never tokenised), and
+    so is one the key's token quota cannot pay."""
     text = sum(_text_bytes(m.content) for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else \
         req.max_tokens
-    if floor + max(asked or 0, 0) > model.context_length:
+    asked = max(asked or 0, 0)
+    if floor + asked > model.context_length:  # each choice is its own sequence
         raise ContextLengthExceeded(
             f"this model's maximum context length is {model.context_length} tokens; the "
             f"messages have {text} bytes of text, at least {floor} tokens", param="messages")
-    return floor + max(asked or 0, 0)
+    return floor + req.n * asked
 
 
 def _text_bytes(content) -> int:

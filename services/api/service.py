@@ -209,13 +209,14 @@ class _Record:
         self.closed = True
         service, pool, tenant = self.service, self.pool, self.tenant
         self.error = None if exc is None else as_stack_error(exc)
-        status = 200 if self.error is None else self.error.status
+        status, error_type = (200, None) if self.error is None else (self.error.status,
+                                                                     self.error.type)
         prompt = self.plan.prompt_tokens if self.plan is not None else 0
         if self.grant is not None:
             service.quotas.release(self.grant, prompt + completion)
         metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
-        if self.error is not None:
-            metrics.ERRORS.inc(pool=pool, role="ingress", type=self.error.type)
+        if error_type is not None:
+            metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
         if self.plan is not None:  # answered (its first token came)
             metrics.TENANT_TOKENS.inc(prompt, tenant=tenant, kind="prompt")
             metrics.TENANT_TOKENS.inc(completion, tenant=tenant, kind="completion")
@@ -231,12 +232,12 @@ class _Record:
                          trace_id=self.trace_id, started=self.started, pool=pool,
                          finish_reason=finish_reason or "abort", prompt_tokens=prompt,
                          completion_tokens=completion,
-                         error_type=None if self.error is None else self.error.type)
+                         error_type=error_type)
             return
         tracing.finish(self.span, exc, **{"http.response.status_code": status})
         request_line(service.log, "request refused", request_id=self.request_id,
                      trace_id=self.trace_id, started=self.started, status=status,
-                     error_type=None if self.error is None else self.error.type)
+                     error_type=error_type)
 
 
 class _Choice:
@@ -376,17 +377,19 @@ class Answer:
                                self.choices[0].cached_tokens)
 
     async def body(self) -> dict[str, Any]:
-        """The non-streamed completion (raises the error that ended it)."""
-        error: BaseException | None = None
+        """The non-streamed completion; a failure raises the `StackError` it was accounted as
+        (an unexpected one is converted, and logged, once)."""
         try:
             choices = await _all(c.collect() for c in self.choices)
             return responses.completion(self.meta, choices, self.usage())
-        except BaseException as exc:
-            error = exc if not isinstance(exc, asyncio.CancelledError) else RequestAborted(
-                "the client went away before the answer was sent")
+        except asyncio.CancelledError:
+            await self.close(RequestAborted("the client went away before the answer was sent"))
             raise
+        except Exception as exc:
+            await self.close(exc)
+            raise self.record.error from exc
         finally:
-            await self.close(error)
+            await self.close()  # answered (a no-op once closed above)
 
     async def events(self) -> AsyncIterator[str]:
         """The SSE stream: a role chunk per choice, their deltas as they come, each choice's

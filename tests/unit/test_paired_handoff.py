@@ -34,7 +34,7 @@ def serve(settings: dict, requests: list[dict], leave_after_s: float | None = No
     them after that long; `setup(decode)` runs before the first request."""
     ingress = build_inprocess(parse_settings(settings))
     if setup is not None:
-        setup(ingress.pools["fast"])
+        setup(ingress.service.pools["fast"])
 
     async def run():
         transport = httpx.ASGITransport(app=ingress.build_asgi_app())
@@ -52,7 +52,7 @@ def serve(settings: dict, requests: list[dict], leave_after_s: float | None = No
             await asyncio.sleep(0.1)
             return []
 
-    return asyncio.run(run()), ingress.pools["fast"]
+    return asyncio.run(run()), ingress.service.pools["fast"]
 
 
 def nothing_held(decode) -> bool:

@@ -27,7 +27,7 @@ BODY = {"model": "mistral-small-4", "max_tokens": 4,
 def app():
     ingress = build_inprocess(parse_settings(PROFILE))
     with TestClient(ingress.build_asgi_app()) as client:
-        yield client, ingress.pools["fast"]
+        yield client, ingress.service.pools["fast"]
 
 
 def idle(worker) -> bool:
