@@ -30,7 +30,7 @@ from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
 from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, RequestAborted,
                              StackError, clip, retryable)
-from services.grammar import field_of, warmed
+from services.grammar import warmed
 from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
 from services.guard.uploads import Uploads
@@ -164,11 +164,6 @@ class RequestService:
         structure = structured_request(plan, self.settings.limits)
         if not structure.constrained:
             return
-        if self.settings.engine_kind == "sglang":
-            raise InvalidRequest(
-                f"{field_of(structure)}: constrained decoding is not available on this "
-                "deployment's SGLang engines (their grammar backends cannot take the Mistral "
-                "tokenizer)", param=field_of(structure))
         # compiled off the event loop: schemas vary in cost
         constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure))
 

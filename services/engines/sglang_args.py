@@ -6,8 +6,9 @@ against the signatures recorded in `tests/contract/sglang_0.5.23.json` elsewhere
   `skip_tokenizer_init` makes it take and return token ids, so mistral-common's control tokens
   (`[THINK]`, `[TOOL_CALLS]`, images) survive and our parsers read the output.
 - `generate_args`: one `async_generate` call: ids, sampling (`max_new_tokens` always set; stop
-  strings are ours, since an engine without a tokenizer cannot match text), `rid` = our request
-  id (needed to abort), the trace header, the PD bootstrap fields, preprocessed images.
+  strings are ours, since an engine without a tokenizer cannot match text; a grammar as `ebnf`,
+  see `grammar_key`), `rid` = our request id (needed to abort), the trace header, the PD
+  bootstrap fields, preprocessed images.
 - `image_payload`: a request's images as the one `processor_output` item SGLang takes.
 - `engine_env`: the environment the engine's processes start with.
 - `OutputReader`: SGLang's output dicts to our token chunks and errors.
@@ -34,6 +35,10 @@ FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 SGLANG_NATIVE_CONTEXT_DEFAULT = 128_000
 # Python packages of each KV transfer backend, and the extra that installs them.
 TRANSFER_PACKAGES = {"nixl": ("nixl._api", "sglang"), "mooncake": ("mooncake.engine", "mooncake")}
+# SGLang's grammar backend our plugin completes with the Mistral token table (`sglang_grammar`).
+GRAMMAR_BACKEND = "llguidance"
+# The first line of a resumed leg's grammar: the tokens generated before it, to advance over.
+ADVANCE_MARKER = "// small4-advance:"
 # Beyond our own deadline, how long SGLang's PD clocks wait before they give up on a pairing.
 PD_TIMEOUT_MARGIN_S = 10.0
 
@@ -61,6 +66,8 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         "disaggregation_transfer_backend": sglang.transfer_backend,
         # the bootstrap server binds here: the node's routable address, never 127.0.0.1
         "host": host,
+        # structured outputs: SGLang's llguidance backend on the Mistral token table
+        "grammar_backend": GRAMMAR_BACKEND,
     }
     if role == "prefill":
         if bootstrap_port is None:
@@ -155,7 +162,26 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
         params["presence_penalty"] = s.presence_penalty
     if s.frequency_penalty:
         params["frequency_penalty"] = s.frequency_penalty
+    if s.grammar is not None:
+        params["ebnf"] = grammar_key(s.grammar, s.stop_context)
     return params
+
+
+def grammar_key(grammar: str, history: tuple[int, ...] = ()) -> str:
+    """What a request sends as SGLang's `ebnf`: our Lark grammar, after a comment line naming the
+    tokens generated before this leg when it resumes a stream (the backend advances over them;
+    llguidance would skip the line as a comment anyway). Also SGLang's grammar cache key."""
+    if not history:
+        return grammar
+    return f"{ADVANCE_MARKER} {' '.join(map(str, history))}\n{grammar}"
+
+
+def parse_grammar_key(key: str) -> tuple[str, tuple[int, ...]]:
+    """`grammar_key`'s inverse: the grammar and the tokens to advance it over."""
+    if not key.startswith(ADVANCE_MARKER):
+        return key, ()
+    head, _, grammar = key.partition("\n")
+    return grammar, tuple(int(t) for t in head[len(ADVANCE_MARKER):].split())
 
 
 def engine_rid(request_id: str, room: int) -> str:

@@ -15,8 +15,9 @@ import pytest
 
 from cluster.settings import load_settings, parse_settings
 from services.engines.protocol import EngineRequest, SamplingParams
-from services.engines.sglang_args import (BOOTSTRAP_FIELDS, OutputReader, generate_args,
-                                          sampling_args, server_args)
+from services.engines.sglang_args import (BOOTSTRAP_FIELDS, GRAMMAR_BACKEND, OutputReader,
+                                          generate_args, parse_grammar_key, sampling_args,
+                                          server_args)
 from services.errors import EngineUnavailable, InvalidRequest
 
 RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
@@ -58,6 +59,7 @@ def test_server_args_are_sglang_fields_from_the_profile(role):
     assert set(args) <= names("server_args"), set(args) - names("server_args")
     assert args["tp_size"] == 2 and args["disaggregation_mode"] == role
     assert args["skip_tokenizer_init"] is True and args["host"] == "10.0.0.7"
+    assert args["grammar_backend"] == GRAMMAR_BACKEND
     assert "mistral-small-4" in args["model_path"]
     assert ("disaggregation_bootstrap_port" in args) == (role == "prefill")
 
@@ -152,7 +154,25 @@ def test_sampling_controls_and_logprobs_are_sglangs_fields():
     assert set(kwargs) <= names("async_generate"), set(kwargs) - names("async_generate")
     assert (kwargs["return_logprob"], kwargs["top_logprobs_num"]) == (True, 3)
     assert "return_logprob" not in generate_args(request(), (2,))
-    try:  # SGLang's own checks of the values, where it imports
+    sglang_accepts(params)
+
+
+def test_a_grammar_goes_as_ebnf_and_a_resumed_leg_names_the_tokens_before_it():
+    """The Lark grammar is SGLang's `ebnf` (llguidance reads Lark there); a resumed leg's key
+    carries the tokens generated before it, which our backend advances the grammar over."""
+    lark = 'start: "yes" | "no"'
+    params = sampling_args(request(grammar=lark), (2,))
+    assert set(params) <= names("sampling_params"), set(params) - names("sampling_params")
+    assert params["ebnf"] == lark and parse_grammar_key(params["ebnf"]) == (lark, ())
+    resumed = sampling_args(request(grammar=lark, stop_context=(5, 60, 700)), (2,))["ebnf"]
+    assert resumed != lark and parse_grammar_key(resumed) == (lark, (5, 60, 700))
+    assert "ebnf" not in sampling_args(request(), (2,))
+    sglang_accepts(params)
+
+
+def sglang_accepts(params: dict) -> None:
+    """SGLang's own checks of sampling values, where it imports."""
+    try:
         from sglang.srt.sampling.sampling_params import SamplingParams as Theirs
     except ImportError:
         return

@@ -42,10 +42,12 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_one_request_through_sglang_pd(checkpoint):
+@pytest.fixture(scope="module")
+def decode(checkpoint):
+    """Our decode worker and its prefill worker, each with its SGLang engine (started once)."""
+    from services.settings import WorkerSettings
     from services.workers.decode import DecodeWorker
     from services.workers.prefill import PrefillWorker
-    from services.settings import WorkerSettings
 
     # both engines share the one GPU of the smoke machine: a third of its memory each
     worker = WorkerSettings(
@@ -57,22 +59,52 @@ def test_one_request_through_sglang_pd(checkpoint):
         kv_handoff=KVHandoffSettings(backend="sglang", timeout_s=60),
         stream=StreamSettings(interval_tokens=1), tensor_parallel=1,
         bootstrap_ports=[18998, 18999])
-    decode = DecodeWorker(worker, PrefillWorker(worker))
+    return DecodeWorker(worker, PrefillWorker(worker))
+
+
+def run(decode, request: EngineRequest):
+    """(TTFT s, token ids, decode s, finish reason) of one request through the PD pair."""
+    async def go():
+        started, first, ids, finish = time.perf_counter(), None, [], None
+        async for chunk in decode.generate(RequestContext(request.request_id), request):
+            first = first or time.perf_counter()
+            ids, finish = ids + list(chunk.token_ids), chunk.finish_reason or finish
+        return first - started, ids, time.perf_counter() - first, finish
+
+    return asyncio.run(go())
+
+
+def test_one_request_through_sglang_pd(decode):
     prompt = PromptTokenizer().encode_chat([{"role": "user", "content": "Count to ten."}],
                                            effort="none")
     request = EngineRequest("smoke-1", prompt.ids, SamplingParams(max_tokens=64,
                                                                   temperature=0.0))
-
-    async def run():
-        started, first, tokens, finish = time.perf_counter(), None, 0, None
-        async for chunk in decode.generate(RequestContext("smoke-1"), request):
-            first = first or time.perf_counter()
-            tokens, finish = tokens + len(chunk.token_ids), chunk.finish_reason or finish
-        return first - started, tokens, time.perf_counter() - first, finish
-
-    ttft, tokens, decode_s, finish = asyncio.run(run())
+    ttft, ids, decode_s, finish = run(decode, request)
+    tokens = len(ids)
     print(json.dumps({"ttft_s": round(ttft, 4), "tokens": tokens, "finish_reason": finish,
                       "decode_tokens_per_s": round((tokens - 1) / decode_s, 1)
                       if decode_s > 0 else None}))
     assert tokens >= 1 and finish in ("stop", "length")
     assert decode.engine.stats().running == 0 and decode.prefill.engine.stats().running == 0
+
+
+def test_a_json_schema_answer_through_sglang_pd_validates(decode):
+    """The grammar runs in SGLang's llguidance backend (our plugin, both engines): random
+    weights, sampled at temperature 1, still answer JSON that validates."""
+    import jsonschema
+
+    from services.grammar import Guidance, StructuredRequest
+    from tests.structured_cases import SCHEMA
+
+    tokenizer = PromptTokenizer()
+    lark = Guidance(tokenizer).grammar(StructuredRequest(response_format={
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}))
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "A thing, as JSON."}],
+                                   effort="none")
+    for seed in range(3):
+        request = EngineRequest(f"smoke-json-{seed}", prompt.ids,
+                                SamplingParams(max_tokens=256, temperature=1.0, grammar=lark))
+        _, ids, _, finish = run(decode, request)
+        assert finish == "stop", finish
+        text = tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
+        jsonschema.validate(json.loads(text), SCHEMA)
