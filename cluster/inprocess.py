@@ -21,9 +21,10 @@ def build_inprocess(settings: StackSettings) -> Ingress:
         backend = "local"
     local = settings.model_copy(update={
         "kv_handoff": settings.kv_handoff.model_copy(update={"backend": backend})})
-    decoders = {}
+    decoders, prefills = {}, {}
     for name in settings.pools:
         worker = local.worker(name)
-        decoders[name] = DecodeWorker(worker, PrefillWorker(worker))
-    return Ingress(settings.ingress_settings(), decoders,
-                   MultimodalWorker(settings.multimodal_settings()))
+        prefills[name] = PrefillWorker(worker)
+        decoders[name] = DecodeWorker(worker, prefills[name])
+    return Ingress(local.ingress_settings(), decoders,
+                   MultimodalWorker(settings.multimodal_settings()), prefills)

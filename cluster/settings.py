@@ -139,7 +139,8 @@ class StackSettings(ServiceSettings):
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,
                                routing=self.routing, pools=self.pools, limits=self.limits,
-                               auth=self.auth, telemetry=self.telemetry)
+                               auth=self.auth, telemetry=self.telemetry,
+                               kv_handoff=self.kv_handoff)
 
 
 def parse_settings(data: dict[str, Any] | None) -> StackSettings:

@@ -30,12 +30,13 @@ from services.workers.peer import call
 
 class Ingress:
     """HTTP front door; `pools` maps pool name to that pool's decode peer, `multimodal` is the
-    image preprocessing peer (None: images are refused)."""
+    image preprocessing peer (None: images are refused), `prefills` each pool's prefill peer
+    (the request service runs first legs itself when given)."""
 
     def __init__(self, settings: IngressSettings, pools: dict[str, Any],
-                 multimodal: Any = None):
+                 multimodal: Any = None, prefills: dict[str, Any] | None = None):
         self.settings = settings
-        self.service = RequestService(settings, pools, multimodal)
+        self.service = RequestService(settings, pools, multimodal, prefills)
         self.created = int(time.time())
         self.spec = openapi.build(settings)
         metrics.show_tenants(settings.telemetry.tenant_labels)

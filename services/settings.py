@@ -153,6 +153,10 @@ class KVHandoffSettings(Strict):
     prefill_tokens_per_s_floor: float = Field(
         2000.0, gt=0, description="the slowest prefill a healthy engine keeps up; each prompt "
         "token adds 1/floor seconds to its attempt's deadline")
+    ingress_prefill: bool = Field(
+        True, description="sequential handoffs (object_store, local): the ingress runs a "
+        "request's prefill itself and sends its first token at once, while decode receives "
+        "the KV, so the first token skips the decode hop; off: decode runs the prefill")
 
     def attempt_timeout_s(self, prompt_tokens: int) -> float:
         """How long one prefill attempt of a `prompt_tokens` prompt may take, queueing included:
@@ -466,3 +470,4 @@ class IngressSettings(Strict):
     limits: LimitSettings
     auth: AuthSettings
     telemetry: TelemetrySettings = TelemetrySettings()
+    kv_handoff: KVHandoffSettings = KVHandoffSettings()

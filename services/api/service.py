@@ -28,21 +28,23 @@ from services.api.plan import (RequestPlan, admit, constrain, plan_request, prom
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
-from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, RequestAborted,
-                             StackError, clip, retryable)
+from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, KVHandoffFailed,
+                             RequestAborted, StackError, clip, retryable)
 from services.grammar import warmed
 from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
 from services.guard.uploads import Uploads
+from services.kv.backends import SEQUENTIAL, build_handoff
 from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
 from services.telemetry import metrics, tracing
 from services.telemetry.logs import configure_logging, request_line
 from services.tokenizer import EncodedPrompt, PromptTokenizer, load_tokenizer
-from services.workers.decode import DecodeWorker
+from services.workers.decode import DecodeWorker, StreamChunk
 from services.workers.multimodal import MultimodalWorker
 from services.workers.peer import call, close_stream, stream
+from services.workers.prefill_client import Prefilled, PrefillClient, timings
 
 
 @dataclass
@@ -59,10 +61,17 @@ class RequestService:
     (the image preprocessing peer; None: images are refused)."""
 
     def __init__(self, settings: IngressSettings, pools: dict[str, Any],
-                 multimodal: Any = None):
+                 multimodal: Any = None, prefills: dict[str, Any] | None = None):
         self.settings = settings
         self.pools = pools
         self.multimodal = multimodal
+        # with a sequential handoff the first leg's prefill is run from here: its first token
+        # comes straight back, and decode receives the KV meanwhile (`_Choice.start`)
+        kv = settings.kv_handoff
+        self.prefill_clients = {
+            name: PrefillClient(peer, build_handoff(kv), kv, name)
+            for name, peer in (prefills or {}).items()
+            if kv.ingress_prefill and kv.backend in SEQUENTIAL}
         self.tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.guidance = warmed(self.tokenizer)
         self.in_flight = {name: 0 for name in pools}  # decode streams, for spillover
@@ -254,16 +263,40 @@ class _Choice:
         self.resumes = 0
         self.finish_reason: str | None = None
         self.first = None
-        self.chunks = self._open(request)
+        self.chunks = None
+        self.prefilled: Prefilled | None = None  # a first leg's prefill run from here
 
     def _open(self, request: EngineRequest):
         return stream(self.service.pools[self.pool], DecodeWorker.generate, self.ctx, request)
 
     async def start(self) -> None:
-        self.first = await self.next_chunk()
+        """Its first chunk. With a prefill client for the pool the prompt is prefilled from
+        here: the first token comes back from the prefill replica and is the first chunk, and
+        the decode replica is asked at once to receive the KV and go on after it."""
+        client = self.service.prefill_clients.get(self.pool)
+        if client is None:
+            self.chunks = self._open(self.request)
+            self.first = await self.next_chunk()
+            return
+        ctx = self.ctx
+        try:
+            async with asyncio.timeout(ctx.remaining_s()):
+                self.prefilled = await client.run(ctx, self.request, receive=False)
+        except TimeoutError:
+            raise _deadline() from None
+        reply = self.prefilled.reply
+        self.chunks = stream(self.service.pools[self.pool],
+                             DecodeWorker.decode_handed, ctx, self.request, reply)
+        self.first = StreamChunk(
+            [reply.first_token], prompt_tokens=reply.prompt_tokens,
+            timings=timings(reply, self.prefilled.transfer, client.handoff.backend),
+            logprobs=[reply.first_logprob] if reply.first_logprob is not None else None)
+        self.cached_tokens = reply.cached_tokens
+        self.generated.append(reply.first_token)
 
     async def next_chunk(self):
-        """The next chunk within the deadline, resuming after a failed replica."""
+        """The next chunk within the deadline, resuming after a failed replica (or after a
+        KV that the decode replica could not receive from a prefill run from here)."""
         limits = self.service.settings.limits
         while True:
             try:
@@ -274,21 +307,27 @@ class _Choice:
                     # reply came after decoding started (the concurrent handoff)
                     self.cached_tokens = int(chunk.timings["cached_tokens"] or 0)
                 self.generated.extend(chunk.token_ids)
+                await self._prefilled_close()  # decode has the KV: the prefill may let go
                 return chunk
             except StopAsyncIteration:
                 raise EngineError("the decode stream ended without a finish reason") from None
             except TimeoutError:
-                raise DeadlineExceeded("the request's deadline passed before it finished "
-                                       "(x-request-timeout or limits.request_timeout_s)",
-                                       param="x-request-timeout") from None
+                raise _deadline() from None
             except Exception as exc:
-                if not retryable(exc) or self.resumes >= limits.max_resumes:
+                handed = self.prefilled is not None and isinstance(exc, KVHandoffFailed)
+                if not (retryable(exc) or handed) or self.resumes >= limits.max_resumes:
                     raise
                 self.resumes += 1
                 metrics.RESUMES.inc(pool=self.pool)
                 await close_stream(self.chunks)
+                await self._prefilled_close()
                 await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
                 self.chunks = self._open(self._resumed())
+
+    async def _prefilled_close(self) -> None:
+        if self.prefilled is not None:
+            prefilled, self.prefilled = self.prefilled, None
+            await prefilled.close()
 
     def _resumed(self) -> EngineRequest:
         """The choice's request continued after the tokens already received."""
@@ -335,7 +374,9 @@ class _Choice:
                                 legacy_functions=self.plan.request.legacy_functions)
 
     async def close(self) -> None:
-        await close_stream(self.chunks)
+        if self.chunks is not None:
+            await close_stream(self.chunks)
+        await self._prefilled_close()
 
 
 class Answer:
@@ -469,6 +510,12 @@ class Answer:
         self.record.close(exc, finish_reason=self.choices[0].finish_reason if finished else None,
                           completion=sum(c.parser.completion_tokens for c in self.choices),
                           reasoning=sum(c.parser.reasoning_tokens for c in self.choices))
+
+
+def _deadline() -> DeadlineExceeded:
+    return DeadlineExceeded("the request's deadline passed before it finished "
+                            "(x-request-timeout or limits.request_timeout_s)",
+                            param="x-request-timeout")
 
 
 async def _all(coroutines) -> list[Any]:

@@ -160,6 +160,10 @@ def new_room() -> int:
     return secrets.randbits(63)
 
 
+# The backends whose decode side starts only after prefill has sent the KV.
+SEQUENTIAL = ("local", "object_store")
+
+
 def build_handoff(settings: KVHandoffSettings, engine: Any = None):
     """The handoff named by `settings.backend`; SGLang's comes from its engine adapter
     (`Engine.handoff()`), since the engine itself moves the KV."""

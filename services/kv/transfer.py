@@ -77,4 +77,7 @@ class KVTransfer:
             self.move(state)
 
     def seconds(self, start: KVState, end: KVState) -> float:
-        return self.entered.get(end, 0.0) - self.entered.get(start, 0.0)
+        """Between entering `start` and `end`; 0 when either was not entered (here)."""
+        if start not in self.entered or end not in self.entered:
+            return 0.0
+        return self.entered[end] - self.entered[start]

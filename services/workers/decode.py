@@ -4,7 +4,8 @@ It is the orchestrator of the disaggregated path (states in `services.kv.transfe
 transfer, asks a prefill replica of its pool for the prompt's KV, imports it, and streams tokens
 back in coalesced chunks (at most one message per `stream.interval_tokens` tokens or
 `stream.interval_ms`, never one per token). Cancelling the stream aborts whichever leg is live and
-releases the KV.
+releases the KV. A first leg whose prefill the request service ran itself (sequential handoffs)
+comes as `decode_handed`: the KV is received, and the tokens after the first stream back.
 """
 
 from __future__ import annotations
@@ -18,19 +19,15 @@ from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk, TokenLogprob
-from services.errors import (DeadlineExceeded, EngineError, KVHandoffFailed, StackError,
-                             from_exception, retryable)
+from services.errors import EngineError, KVHandoffFailed, from_exception
 from services.kv.transfer import KVState, KVTransfer
-from services.settings import StreamSettings
+from services.settings import StreamSettings, WorkerSettings
 from services.telemetry import metrics, tracing
+from services.workers.engine_host import EngineHost
 from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
-from services.workers.engine_host import EngineHost
-from services.workers import router_state
-from services.settings import WorkerSettings
-
-# How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
-_STUCK_GRACE_S = 1.0
+from services.workers.prefill_client import (STUCK_GRACE_S, PrefillClient, timings,
+                                             worth_retrying)
 
 
 @dataclass
@@ -53,9 +50,52 @@ class DecodeWorker(EngineHost):
         super().__init__(settings)
         self.prefill = prefill
 
+    @property
+    def prefill_client(self) -> PrefillClient:
+        """Prefills of this pool through this replica's handoff (sequential handoffs)."""
+        return PrefillClient(self.prefill, self.handoff, self.settings.kv_handoff,
+                             self.settings.pool)
+
     async def generate(self, ctx: RequestContext,
                        request: EngineRequest) -> AsyncIterator[StreamChunk]:
         """Prefill remotely, import the KV, then stream the decoded tokens in chunks."""
+        async with aclosing(self._decode(ctx, request, self._start, send_first=True)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def decode_handed(self, ctx: RequestContext, request: EngineRequest,
+                            reply: PrefillReply) -> AsyncIterator[StreamChunk]:
+        """Decode a request whose prefill the caller ran (`PrefillClient.run` without
+        receiving) and whose first token it has sent already: receive the KV the reply's
+        ticket names, then stream the tokens after the first. A KV that does not arrive is a
+        `KVHandoffFailed`, which the caller answers by resuming the request."""
+        async def start(ctx: RequestContext, request: EngineRequest, span) -> _Leg:
+            transfer = KVTransfer(self.handoff, request.request_id)
+            transfer.move(KVState.TRANSFERRING)
+            transfer.ready(reply.ticket)
+            try:
+                with tracing.scope("kv_handoff", span, **{
+                        "small4.kv_backend": self.handoff.backend,
+                        "small4.kv_bytes": reply.ticket.nbytes,
+                        "small4.kv_tokens": reply.ticket.num_tokens, "small4.attempt": 0}):
+                    kv = await transfer.consume()
+            except BaseException as exc:
+                transfer.end(KVState.ABORTED if isinstance(exc, asyncio.CancelledError)
+                             else KVState.FAILED)
+                raise
+            return _Leg(reply.first_token, kv, reply.prompt_tokens,
+                        timings(reply, transfer, self.handoff.backend),
+                        first_logprob=reply.first_logprob)
+
+        async with aclosing(self._decode(ctx, request, start, send_first=False)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _decode(self, ctx: RequestContext, request: EngineRequest,
+                      start: Callable[..., Awaitable[_Leg]],
+                      send_first: bool) -> AsyncIterator[StreamChunk]:
+        """Start the leg (`start`: the prefill and KV), then stream the decoded tokens in
+        chunks: from the first token, or after it when the caller has sent it already."""
         received = time.perf_counter()
         span = tracing.start("decode", ctx.trace_headers, **{
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
@@ -63,7 +103,7 @@ class DecodeWorker(EngineHost):
         self.load.arrived(len(request.prompt_ids))
         ttft, leg = 0.0, None
         try:
-            leg = await self._start(
+            leg = await start(
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 request, span)
             tokens = self.engine.decode(request, leg.first_token, leg.kv)
@@ -83,7 +123,8 @@ class DecodeWorker(EngineHost):
             if first.finish_reason:
                 first.timings = leg.timings | await leg.late_timings()
             outcome["tokens_out"], outcome["finish_reason"] = len(first.token_ids), first.finish_reason
-            yield first
+            if send_first or first.finish_reason:
+                yield first
             if first.finish_reason:
                 return
             async with aclosing(coalesce(tokens, self.settings.stream, self._observe_itl)) as chunks:
@@ -117,63 +158,10 @@ class DecodeWorker(EngineHost):
         """Prefill through the pool's handoff: after it (sequential) or beside it (concurrent)."""
         if self.handoff.concurrent:
             return await self._paired_prefill(ctx, request)
-        reply, kv, transfer = await self._remote_prefill(ctx, request, span)
-        if reply.replica:  # what the prefill replica holds now corrects the routers' index
-            router_state.correct(reply.replica, reply.cache_tokens, request.request_id,
-                                 reply.cached_tokens)
-        return _Leg(reply.first_token, kv, reply.prompt_tokens,
-                    _timings(reply, transfer, self.handoff.backend),
-                    first_logprob=reply.first_logprob)
-
-    async def _remote_prefill(self, ctx: RequestContext, request: EngineRequest, span
-                              ) -> tuple[PrefillReply, Any, KVTransfer]:
-        """The sequential handoff: prefill on a replica of the pool, then receive its KV. An
-        attempt is both — a prefill whose KV never arrives (the replica died after replying,
-        the object store lost it, the transfer stalled past `kv_handoff.timeout_s`) failed as
-        much as one that never replied — so when the replica dies, fails as unavailable, does
-        not finish within its attempt's time, or its KV does not arrive, the whole attempt is
-        made again (Serve routes the new call to any live replica), up to `prefill_attempts`
-        times, each with a transfer of its own. Each attempt carries its deadline, which the
-        prefill replica enforces itself (freeing what it holds); waiting a little longer here
-        covers a replica too stuck to answer at all. The prefill replica keeps the KV until
-        this side closes the call it replied in, which it does once the attempt is over."""
-        handoff, last = self.settings.kv_handoff, None
-        attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
-        for attempt in range(handoff.prefill_attempts):
-            await self._before_attempt(attempt, ctx, request)
-            transfer = KVTransfer(self.handoff, request.request_id)
-            transfer.move(KVState.TRANSFERRING)
-            legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s), request,
-                          transfer.ticket)
-            try:
-                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
-                    reply = await anext(legs)
-                transfer.ready(reply.ticket)
-                with tracing.scope("kv_handoff", span, **{
-                        "small4.kv_backend": self.handoff.backend,
-                        "small4.kv_bytes": reply.ticket.nbytes,
-                        "small4.kv_tokens": reply.ticket.num_tokens,
-                        "small4.attempt": attempt}):
-                    kv = await transfer.consume()
-                return reply, kv, transfer
-            except BaseException as exc:
-                cancelled = isinstance(exc, asyncio.CancelledError)
-                transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
-                if cancelled or isinstance(exc, TimeoutError):
-                    await self._abort_prefill(request.request_id)
-                if cancelled:
-                    raise
-                if not _worth_retrying(exc):
-                    if isinstance(exc, StackError):
-                        raise
-                    raise EngineError("prefill failed with an internal engine error",
-                                      request_id=request.request_id) from exc
-                last = exc
-            finally:  # the prefill replica lets go of the KV it kept for this attempt
-                await asyncio.shield(close_stream(legs))
-        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
-                              f"(last: {type(last).__name__}: {last})",
-                              request_id=request.request_id)
+        done = await self.prefill_client.run(ctx, request, span)
+        return _Leg(done.reply.first_token, done.kv, done.reply.prompt_tokens,
+                    timings(done.reply, done.transfer, self.handoff.backend),
+                    first_logprob=done.reply.first_logprob)
 
     async def _paired_prefill(self, ctx: RequestContext, request: EngineRequest) -> _Leg:
         """The concurrent handoff (SGLang): per attempt, open a room, learn from the prefill
@@ -183,14 +171,14 @@ class DecodeWorker(EngineHost):
         out a 300 s timeout, sglang#9726), and the ingress resumes the stream."""
         handoff, last = self.settings.kv_handoff, None
         for attempt in range(handoff.prefill_attempts):
-            await self._before_attempt(attempt, ctx, request)
+            await self.prefill_client.before_attempt(attempt, ctx, request)
             transfer = KVTransfer(self.handoff, request.request_id)
             attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
             legs = stream(self.prefill, PrefillWorker.prefill_paired, ctx.within(attempt_s),
                           request, transfer.ticket)
             replied = received = None
             try:
-                async with asyncio.timeout(attempt_s + _STUCK_GRACE_S):
+                async with asyncio.timeout(attempt_s + STUCK_GRACE_S):
                     transfer.move(KVState.TRANSFERRING)
                     transfer.ready(await anext(legs))
                     replied = asyncio.ensure_future(anext(legs))
@@ -204,7 +192,7 @@ class DecodeWorker(EngineHost):
                 await close_stream(legs)
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
-                if cancelled or not _worth_retrying(exc):
+                if cancelled or not worth_retrying(exc):
                     raise
                 last = exc
                 continue
@@ -232,34 +220,9 @@ class DecodeWorker(EngineHost):
             await close_stream(legs)
         return close
 
-    async def _before_attempt(self, attempt: int, ctx: RequestContext,
-                              request: EngineRequest) -> None:
-        """Back off before a retry; refuse to start an attempt past the request's deadline."""
-        if attempt:
-            metrics.PREFILL_RETRIES.inc(pool=self.settings.pool)
-            await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
-        if (ctx.remaining_s() or 1.0) <= 0:
-            raise DeadlineExceeded("the request's deadline passed during prefill",
-                                   request_id=request.request_id)
-
-    async def _abort_prefill(self, request_id: str) -> None:
-        try:
-            await asyncio.shield(call(self.prefill, PrefillWorker.abort, request_id))
-        except Exception:  # the prefill replica may be gone; its KV went with it
-            pass
-
-
     async def readiness(self) -> dict[str, EngineStats]:
         """This replica's and a prefill replica's stats: both legs of the pool answer."""
         return {"decode": self.engine.stats(), "prefill": await call(self.prefill, PrefillWorker.stats)}
-
-
-def _worth_retrying(exc: BaseException) -> bool:
-    """A prefill attempt that failed with its replica, or ran out its own time. Anything the
-    request caused (`InvalidRequest`: bad input, the engine rejecting it) or the engine raised
-    deterministically fails the same way on every replica: answered once, never retried."""
-    return (isinstance(exc, (TimeoutError, StopAsyncIteration, KVHandoffFailed))
-            or retryable(exc) or isinstance(from_exception(exc), DeadlineExceeded))
 
 
 async def _nothing() -> None:
@@ -295,18 +258,11 @@ class _Leg:
         replied = self.replied
         if replied is None:
             return {}
-        await asyncio.wait({replied}, timeout=_STUCK_GRACE_S)
+        await asyncio.wait({replied}, timeout=STUCK_GRACE_S)
         if not replied.done() or replied.cancelled() or replied.exception():
             return {}
         reply = replied.result()
         return {"cached_tokens": reply.cached_tokens} if isinstance(reply, PrefillReply) else {}
-
-
-def _timings(reply: PrefillReply, transfer: KVTransfer, backend: str) -> dict:
-    return {"prefill_queue_s": reply.queue_s, "prefill_s": reply.compute_s,
-            "cached_tokens": reply.cached_tokens,
-            "kv_s": transfer.seconds(KVState.READY, KVState.CONSUMED),
-            "kv_bytes": transfer.ticket.nbytes, "kv_backend": backend}
 
 
 async def coalesce(chunks: AsyncIterator[TokenChunk], interval: StreamSettings,

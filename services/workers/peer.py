@@ -6,6 +6,8 @@ imported, and a type checker sees the arguments and the result (`ParamSpec`)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -42,5 +44,32 @@ async def close_stream(iterator: Any) -> None:
     """Stop a stream from `stream()`: cancel the remote generator or close the local one."""
     if hasattr(iterator, "cancel"):
         iterator.cancel()
+        _collect_soon()
     elif hasattr(iterator, "aclose"):
         await iterator.aclose()
+
+
+# Serve (2.60) leaves a call cancelled while its router is still placing it in a reference
+# cycle (the CancelledError, its traceback and `AsyncioRouter.assign_request`'s frame), which
+# keeps the call's arguments, and so the prompt's KV and pixel references, alive until Python's
+# cycle collector next runs: on an idle replica, for minutes. Serve cancels such calls
+# itself too, when the request that made them is cancelled (a client leaving). So a replica
+# that cancelled a call collects once, shortly after (by then the cancellation has unwound).
+COLLECT_AFTER_S = 1.0
+_scheduled: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+
+
+def _collect_soon() -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    for other in [other for other in _scheduled if other.is_closed()]:
+        del _scheduled[other]  # a loop that closed before its collection was due
+    if loop not in _scheduled:
+        _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
+
+
+def _collect(loop: asyncio.AbstractEventLoop) -> None:
+    _scheduled.pop(loop, None)
+    gc.collect()
