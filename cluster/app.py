@@ -24,10 +24,11 @@ APP_NAME = "small4"
 
 class StartupHeapFrozen:
     """A replica whose heap at the end of its construction (tokenizer, model, libraries) is
-    moved out of the cycle collector's reach (`gc.freeze`): a full collection then costs what
-    the requests' own objects cost (well under a millisecond), not ~150 ms of scanning the
-    tokenizer's vocabulary, for Python's own collections and for the one a replica runs after
-    cancelling calls (`services.workers.peer.close_stream`). Serve replicas only: an in-process
+    moved out of the cycle collector's reach (`gc.freeze`): a full collection then scans only
+    what came later (the requests' objects, the FastAPI app, the grammar view built in the
+    background), not the tokenizer's vocabulary (~150 ms measured in a process holding the
+    tokenizer and its grammar view), for Python's own collections and for the one a replica
+    runs after cancelling calls (`services.workers.peer.close_stream`). Serve replicas only: an in-process
     stack shares its process with others, whose garbage a freeze would keep for ever."""
 
     def __init__(self, *args: Any, **kwargs: Any):
