@@ -68,9 +68,12 @@ class Ingress:
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: Request) -> Principal:
         """The caller (401 without a valid key); everyone is anonymous when auth is off. Once
-        per request: the routes read it back with `principal`."""
+        per request: the routes read it back with `principal`. A coroutine so FastAPI runs it
+        on the event loop: a plain function would be handed to its thread pool, a thread
+        switch on every request's critical path (the key ring's lookup is in memory; its
+        reload is a `stat` every `reload_s`)."""
         principal = ANONYMOUS if self.keys is None else self.keys.authenticate(
             request.headers.get("authorization"))
         request.state.principal = principal
