@@ -271,8 +271,10 @@ class _Choice:
 
     async def start(self) -> None:
         """Its first chunk. With a prefill client for the pool the prompt is prefilled from
-        here: the first token comes back from the prefill replica and is the first chunk, and
-        the decode replica is asked at once to receive the KV and go on after it."""
+        here: the first token comes back from the prefill replica and is the first chunk; the
+        decode replica is asked to receive the KV and go on after it when the next chunk is
+        wanted (`next_chunk`), so the decode call's routing and sending run after the first
+        token was handed to the response, not before it."""
         client = self.service.prefill_clients.get(self.pool)
         if client is None:
             self.chunks = self._open(self.request)
@@ -285,8 +287,6 @@ class _Choice:
         except TimeoutError:
             raise _deadline() from None
         reply = self.prefilled.reply
-        self.chunks = stream(self.service.pools[self.pool],
-                             DecodeWorker.decode_handed, ctx, self.request, reply)
         self.first = StreamChunk(
             [reply.first_token], prompt_tokens=reply.prompt_tokens,
             timings=timings(reply, self.prefilled.transfer, client.handoff.backend),
@@ -298,6 +298,10 @@ class _Choice:
         """The next chunk within the deadline, resuming after a failed replica (or after a
         KV that the decode replica could not receive from a prefill run from here)."""
         limits = self.service.settings.limits
+        if self.chunks is None:  # the first leg was prefilled from here: decode takes over
+            self.chunks = stream(self.service.pools[self.pool],
+                                 DecodeWorker.decode_handed, self.ctx, self.request,
+                                 self.prefilled.reply)
         while True:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):

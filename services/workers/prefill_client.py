@@ -4,7 +4,7 @@ KV handed over through the pool's handoff, retried as a whole when an attempt fa
 Two callers: the decode worker (`DecodeWorker.generate`: prefill, then receive the KV and
 decode) and the request service, which runs the first leg of a request itself so the first
 token comes back from the prefill replica without passing through decode
-(`DecodeWorker.decode_handed`, which receives the KV, is opened beside it).
+(`DecodeWorker.decode_handed`, which receives the KV, is opened once that token is out).
 """
 
 from __future__ import annotations
