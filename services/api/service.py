@@ -264,6 +264,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.first = None
         self.chunks = None
+        self.answered = False  # whether `chunks` has yielded (Serve had placed its call)
         self.prefilled: Prefilled | None = None  # a first leg's prefill run from here
 
     def _open(self, request: EngineRequest):
@@ -306,6 +307,7 @@ class _Choice:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
+                self.answered = True
                 if not self.resumes and "cached_tokens" in chunk.timings:
                     # the first leg's: on the first chunk, or the last where the prefill's
                     # reply came after decoding started (the concurrent handoff)
@@ -326,7 +328,7 @@ class _Choice:
                 await close_stream(self.chunks)
                 await self._prefilled_close()
                 await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
-                self.chunks = self._open(self._resumed())
+                self.chunks, self.answered = self._open(self._resumed()), False
 
     async def _prefilled_close(self) -> None:
         if self.prefilled is not None:
@@ -379,7 +381,7 @@ class _Choice:
 
     async def close(self) -> None:
         if self.chunks is not None:
-            await close_stream(self.chunks)
+            await close_stream(self.chunks, answered=self.answered)
         await self._prefilled_close()
 
 

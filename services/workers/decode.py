@@ -217,7 +217,7 @@ class DecodeWorker(EngineHost):
 
         async def close() -> None:
             await _cancel(replied)
-            await close_stream(legs)
+            await close_stream(legs, answered=True)  # it sent the ticket
         return close
 
     async def readiness(self) -> dict[str, EngineStats]:

@@ -43,7 +43,7 @@ class Prefilled:
     async def close(self) -> None:
         if self.legs is not None:
             legs, self.legs = self.legs, None
-            await asyncio.shield(close_stream(legs))
+            await asyncio.shield(close_stream(legs, answered=True))
 
 
 class PrefillClient:
@@ -74,10 +74,11 @@ class PrefillClient:
             transfer.move(KVState.TRANSFERRING)
             legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s),
                           request, transfer.ticket)
-            kept = False
+            kept = answered = False
             try:
                 async with asyncio.timeout(attempt_s + STUCK_GRACE_S):
                     reply = await anext(legs)
+                answered = True
                 transfer.ready(reply.ticket)
                 if reply.replica:  # what the replica holds now corrects the routers' index
                     router_state.correct(reply.replica, reply.cache_tokens, request.request_id,
@@ -107,7 +108,7 @@ class PrefillClient:
                 last = exc
             finally:  # the prefill replica lets go of the KV it kept for this attempt
                 if not kept:
-                    await asyncio.shield(close_stream(legs))
+                    await asyncio.shield(close_stream(legs, answered=answered))
         raise KVHandoffFailed(f"prefill failed on {self.settings.prefill_attempts} attempts "
                               f"(last: {type(last).__name__}: {last})",
                               request_id=request.request_id)

@@ -68,3 +68,18 @@ def test_without_closing_through_peer_the_cycle_stays(no_automatic_collection, m
     """The control: the same cycle, cancelled directly, is still there (what the load test saw
     before: objects held for minutes on an idle ingress)."""
     assert arguments_after(False, monkeypatch)() is not None
+
+
+def test_an_answered_streams_close_schedules_no_collection(no_automatic_collection):
+    """A call that yielded an item had been placed: closing it leaves no cycle, so a busy
+    request service closing every request's streams does not collect every second."""
+    async def run(answered: bool) -> bool:
+        await peer.close_stream(CancelledCall(Arguments()), answered=answered)
+        scheduled = asyncio.get_running_loop() in peer._scheduled
+        for handle in peer._scheduled.values():
+            handle.cancel()
+        peer._scheduled.clear()
+        return scheduled
+
+    assert asyncio.run(run(answered=False))  # the control: an unanswered one is collected
+    assert not asyncio.run(run(answered=True))
