@@ -187,7 +187,7 @@ def main() -> None:
             "stack_p50_ms": 1e3 * statistics.median(stack), "stack_p99_ms": 1e3 * pct(stack, .99),
             "added_p50_ms": 1e3 * (statistics.median(stack) - statistics.median(direct)),
             "added_p99_ms": 1e3 * (pct(stack, .99) - pct(direct, .99))}
-    for name in ("sim", "sim_uncoalesced"):
+    for name in ("sim", "sim_via_decode", "sim_uncoalesced"):
         report["throughput_tokens_per_s"][name] = {
             str(c): asyncio.run(measure_throughput(urls[name], c, args.tokens)) for c in (1, 16)}
     report["echo_ttft_p50_ms"] = report["ttft"]["sim"]["echo_p50_ms"]
