@@ -24,15 +24,21 @@ the prefill engine's matcher takes the first token, the decode engine's takes it
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from services.engines.sglang_args import GRAMMAR_BACKEND, parse_grammar_key
+from services.engines.sglang_args import ADVANCE_MARKER, GRAMMAR_BACKEND, parse_grammar_key
 
 log = logging.getLogger(__name__)
 
 MANAGER_INIT = "sglang.srt.constrained.grammar_manager.GrammarManager.__init__"
+
+# Compiled grammars a scheduler keeps for reuse, the least recently used dropped first. SGLang's
+# own cache keeps every grammar it ever compiled for the life of the process, and a schema is
+# cheap to send: distinct ones would grow a scheduler's memory without bound.
+CACHED_GRAMMARS = 256
 
 
 def install() -> None:
@@ -78,10 +84,13 @@ def _backend_class() -> type:
 
     class MistralGuidanceBackend(GuidanceBackend):
         """SGLang's `GuidanceBackend` (its grammar objects, batched masks, caching, PD
-        handling) on mistral-common's llguidance token table; `ebnf` keys are our grammars."""
+        handling) on mistral-common's llguidance token table; `ebnf` keys are our grammars.
+        Its cache is bounded (`CACHED_GRAMMARS`, least recently used out first) and never
+        keeps a resumed leg's grammar (its key names that request's tokens: never reused)."""
 
         def __init__(self, llg_tokenizer: Any):
             BaseGrammarBackend.__init__(self)
+            self.cache = OrderedDict()
             self.tokenizer = None
             self.any_whitespace, self.whitespace_pattern = False, None
             self.llguidance_tokenizer = llg_tokenizer
@@ -100,5 +109,19 @@ def _backend_class() -> type:
             except ValueError as exc:  # a history the grammar does not take
                 return InvalidGrammarObject(f"resumed tokens break the grammar: {exc}")
             return grammar
+
+        def get_cached_or_future_value(self, key: tuple[str, str], require_reasoning: bool):
+            value, hit = super().get_cached_or_future_value(key, require_reasoning)
+            if hit:
+                self.cache.move_to_end(key)
+            return value, hit
+
+        def set_cache(self, key: tuple[str, str], value: BaseGrammarObject) -> None:
+            if key[1].startswith(ADVANCE_MARKER):
+                return
+            self.cache[key] = value
+            self.cache.move_to_end(key)
+            while len(self.cache) > CACHED_GRAMMARS:
+                self.cache.popitem(last=False)
 
     return MistralGuidanceBackend

@@ -159,3 +159,32 @@ def test_a_grammar_that_does_not_compile_is_sglangs_invalid_grammar(backend):
     from sglang.srt.constrained.base_grammar_backend import InvalidGrammarObject
 
     assert isinstance(compiled(backend, "start: undefined_rule"), InvalidGrammarObject)
+
+
+def test_the_grammar_cache_is_bounded_and_keeps_no_resumed_leg(backend, monkeypatch):
+    """SGLang's own cache keeps every grammar it compiled for the process's life (distinct
+    schemas are cheap to send); ours keeps the `CACHED_GRAMMARS` used last, and never a resumed
+    leg's grammar, whose key names that request's tokens."""
+    from services.engines import sglang_grammar
+
+    monkeypatch.setattr(sglang_grammar, "CACHED_GRAMMARS", 2)
+    keys = [("ebnf", f'start: "{word}"') for word in ("alpha", "beta", "gamma")]
+
+    def use(key) -> bool:
+        """What SGLang's grammar manager does: look up, compile on a miss, cache a copy."""
+        value, hit = backend.get_cached_or_future_value(key, False)
+        if not hit:
+            backend.set_cache(key, value.result(timeout=60).copy())
+        return hit
+
+    backend.reset()
+    try:
+        assert [use(keys[0]), use(keys[1]), use(keys[0])] == [False, False, True]
+        assert not use(keys[2])  # over the bound: the least recently used (beta) goes
+        assert list(backend.cache) == [keys[0], keys[2]]
+        assert not use(keys[1])
+        resumed = ("ebnf", grammar_key('start: "alpha"', (5,)))
+        backend.set_cache(resumed, compiled(backend, keys[0][1]))
+        assert resumed not in backend.cache and len(backend.cache) == 2
+    finally:
+        backend.reset()
