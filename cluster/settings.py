@@ -178,7 +178,8 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
         request_router_kwargs={"block_tokens": cache.block_tokens, "capacity_tokens": capacity,
                                "max_imbalance": prefix.max_imbalance,
                                "load_blocks": prefix.load_blocks,
-                               "load_half_life_s": prefix.load_half_life_s})}
+                               "load_half_life_s": prefix.load_half_life_s,
+                               "recompute_weight": prefix.recompute_weight})}
 
 
 # Ray's PrefixCacheAffinityRouter without the `ray[llm]` extra's imports (pyarrow) that its

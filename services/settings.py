@@ -243,6 +243,10 @@ class PrefixRoutingSettings(Strict):
                                "equal scores spread instead of piling on one replica")
     load_half_life_s: float = Field(30.0, gt=0, description="cache_aware: how fast that "
                                     "recent load fades (it halves every this many seconds)")
+    recompute_weight: float = Field(
+        1.0, ge=1.0, description="cache_aware: each prompt token a replica would compute "
+        "counts as this many queued tokens (above 1: recomputing a prefix that is cached "
+        "elsewhere costs every later request too, not only this one's wait)")
     shared_tenants: dict[str, list[str]] = Field(
         {}, description="groups of tenants whose prompts may share cached KV (a hit is visibly "
         "faster, so a shared cache tells one tenant what another sent); every other tenant's "

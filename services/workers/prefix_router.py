@@ -7,21 +7,24 @@ least recently used first and bounded by the replica's cache capacity (so the in
 the engine evicts). A request goes where its prefill would start soonest and compute least,
 both counted in prompt tokens:
 
-    cost(replica) = this prompt's tokens not cached there + prefill tokens queued there
+    cost(replica) = `recompute_weight` × this prompt's tokens not cached there
+                    + prefill tokens queued there
                     + `load_blocks` blocks × requests routed there lately (halving
-                      every `load_half_life_s`; both settings of `routing.prefix`)
+                      every `load_half_life_s`; all settings of `routing.prefix`)
 
 Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
 reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call
 that ends without one counts until it completes), plus, for calls of other routers that Serve's
 probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
-while its queue exceeds `max_imbalance` × the shortest queue + one prompt (a hot prefix cannot
-pin one replica while others idle). The last term is the load the sessions living on a replica
-will bring back: a conversation's turns follow where its history is, so a new conversation (no
-hit anywhere) goes where fewer live ones are, while a turn's own history (thousands of tokens)
-outweighs it; among equal costs, the replica holding less KV wins. A replica that dies or
-leaves drops out of the index; `router_state.correct` trims a replica's index to the prompt KV
-its engine reports holding (its evictions). With one replica the router only hands it back.
+while its queue exceeds `max_imbalance` × the shortest queue + `recompute_weight` × one prompt
+(a hot prefix cannot pin one replica while others idle; the cost alone lets a replica's queue
+run that far ahead before a hit there stops paying). The last term is the load the sessions
+living on a replica will bring back: a conversation's turns follow where its history is, so a
+new conversation (no hit anywhere) goes where fewer live ones are, while a turn's own history
+(thousands of tokens) outweighs it; among equal costs, the replica holding less KV wins. A
+replica that dies or leaves drops out of the index; `router_state.correct` trims a replica's
+index to the prompt KV its engine reports holding (its evictions). With one replica the router
+only hands it back.
 """
 
 from __future__ import annotations
@@ -50,13 +53,15 @@ class CacheAwareRouter(RequestRouter):
 
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
                          max_imbalance: float = 1.5, load_blocks: float = 3.0,
-                         load_half_life_s: float = 30.0, **_: Any) -> None:
+                         load_half_life_s: float = 30.0, recompute_weight: float = 1.0,
+                         **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
         self.max_imbalance = max_imbalance
         self.load_tokens = load_blocks * block_tokens  # per recent request
         self.load_half_life_s = load_half_life_s
+        self.recompute_weight = recompute_weight
         self.recent: dict[ReplicaID, tuple[float, float]] = {}  # (decayed requests, at time)
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
@@ -85,11 +90,12 @@ class CacheAwareRouter(RequestRouter):
              prompt_tokens: int) -> list[tuple[float, int, RunningReplica]]:
         """(cost, predicted hit tokens, replica), cheapest first; over-queued replicas last."""
         queued = {r.replica_id: self.queued_tokens(r) for r in replicas}
-        ceiling = self.max_imbalance * min(queued.values()) + prompt_tokens
+        ceiling = (self.max_imbalance * min(queued.values())
+                   + self.recompute_weight * prompt_tokens)
         scored = []
         for replica in replicas:
             hit = min(self.predicted_hit(replica.replica_id, chain), prompt_tokens - 1)
-            cost = (prompt_tokens - hit) + queued[replica.replica_id] \
+            cost = self.recompute_weight * (prompt_tokens - hit) + queued[replica.replica_id] \
                 + self.load_tokens * self.recent_requests(replica.replica_id)
             over = queued[replica.replica_id] > ceiling
             held = len(self.index.get(replica.replica_id, ()))  # ties: the emptier cache

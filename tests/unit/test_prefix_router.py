@@ -105,6 +105,32 @@ def test_a_turn_returns_to_its_replica_once_the_last_turns_prefill_reported(rout
     assert router.decisions["predicted_hit_tokens"] == len(first) // BLOCK * BLOCK
 
 
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_recompute_weight_sets_how_long_a_queue_a_hit_is_worth(weight):
+    """A turn's home replica holds its history but queues other prompts: at weight 1 the idle
+    replica wins as soon as the queue is longer than what the hit saves; at weight 3 the hit
+    keeps the turn home until the queue is longer than 3 x that (the cost counts what
+    recomputing costs the requests after it), and no further (the guard scales with it)."""
+    async def make():
+        r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK, max_imbalance=1.5,
+                           load_blocks=0, recompute_weight=weight)
+        return r
+    router = asyncio.run(make())
+    pool = replicas(2)
+    first, second = conversation(5, 2)
+    request = pending(first)
+    home = route(router, pool, request)
+    router_state.correct(home.replica_id.unique_id, 10**6, request.args[1].request_id, 0)
+    other = next(r for r in pool if r is not home)
+    saved = len(first) // BLOCK * BLOCK  # what a hit at home saves
+    router.queued[home.replica_id] = 2 * saved  # two such prompts ahead of it there
+    assert (route(router, pool, pending(second)) is home) == (weight == 3.0)
+    router.queued[home.replica_id] = 4 * saved
+    router.queued[other.replica_id] = 0
+    assert route(router, pool, pending(second)) is other
+
+
 def test_calls_other_routers_sent_count_as_queued_tokens(router):
     """Serve's probe sees calls there beyond this router's own: each costs the mean uncached
     prompt, so a replica busy with other callers' prefills loses a small hit."""
@@ -187,9 +213,11 @@ def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     config = options({"replicas": 2})["request_router_config"]
     assert config.request_router_class.endswith("prefix_router.CacheAwareRouter")
     assert config.request_router_kwargs["block_tokens"] == 64
-    tuned = options({"replicas": 2}, load_blocks=0.5, load_half_life_s=5.0)
+    tuned = options({"replicas": 2}, load_blocks=0.5, load_half_life_s=5.0,
+                    recompute_weight=3.0)
     kwargs = tuned["request_router_config"].request_router_kwargs
-    assert (kwargs["load_blocks"], kwargs["load_half_life_s"]) == (0.5, 5.0)
+    assert (kwargs["load_blocks"], kwargs["load_half_life_s"],
+            kwargs["recompute_weight"]) == (0.5, 5.0, 3.0)
     assert "request_router_config" not in options({"replicas": 1})
     assert "request_router_config" not in options({"replicas": 2}, router="serve_default")
     assert "request_router_config" not in options({"replicas": 2}, cache=False)
