@@ -14,7 +14,13 @@ ratio a single replica holding every conversation would get (the same trace thro
 unbounded prefix cache), the ceiling the routers are measured against.
 
     .ci/loopback-only python bench/prefix_routing.py [--conversations 16] [--families 8]
-        [--replicas 4]
+        [--replicas 4] [--engine reference|simulated] [--prefill-ms-per-token 0.15]
+        [--prefix '{"recompute_weight": 4, "load_blocks": 0}']
+
+The reference engine's replicas share this machine's two cores, so spreading load buys them no
+compute; `--engine simulated` gives each replica its own prefill time (a sleep per uncached
+token, one prefill at a time), as separate GPUs have. `--prefix` sets cache_aware's
+`routing.prefix` settings.
 
 Targets (issue 16): ours >= 90 % of the single-replica ratio; requests max/min across replicas
 <= 1.5; TTFT p50 from turn 3 on at least 2x better than Serve's default; ahead of Ray's router on
@@ -87,16 +93,18 @@ def tools_of(family: int) -> list[dict]:
             "required": ["path"]}}} for i in range(12)]
 
 
-def profile(router: str, replicas: int, endpoint: str) -> dict:
+def profile(router: str, replicas: int, endpoint: str, engine: str = "reference",
+            prefill_ms_per_token: float = 0.15, prefix: dict | None = None) -> dict:
     pool = {"effort": "none", "max_queue": 64,
             "prefill": {"replicas": replicas, "num_cpus": 0.1},
             "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
     return {"auth": {"enabled": False}, "model": {"context_length": 32768},
-            "engine": {"prefill_chunk_tokens": 512, "kv_capacity_tokens": CAPACITY},
+            "engine": {"kind": engine, "prefill_chunk_tokens": 512, "kv_capacity_tokens": CAPACITY,
+                       "simulated": {"prefill_ms_per_token": prefill_ms_per_token}},
             "ingress": {"num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
             "pools": {"fast": pool},
             "routing": {"effort_map": {"none": "none"}, "default_effort": "none",
-                        "spillover": False, "prefix": {"router": router}},
+                        "spillover": False, "prefix": {"router": router} | (prefix or {})},
             "telemetry": {"tracing": {"enabled": True, "endpoint": endpoint,
                                       "sampling_ratio": 1.0, "export_interval_ms": 200}}}
 
@@ -282,6 +290,15 @@ def main() -> None:
     parser.add_argument("--system-words", type=int, default=1500, help="about a token each")
     parser.add_argument("--replicas", type=int, default=4, help="prefill replicas")
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
+    parser.add_argument("--engine", choices=("reference", "simulated"), default="reference",
+                        help="simulated: each replica's prefill time is its own (a sleep per "
+                        "uncached token, one prefill at a time), as on GPUs; the reference "
+                        "engine's replicas share this machine's cores")
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.15,
+                        help="the simulated engine's prefill time per uncached token")
+    parser.add_argument("--prefix", type=json.loads, default={},
+                        help='cache_aware\'s routing.prefix settings, as JSON '
+                        '(e.g. \'{"recompute_weight": 2}\')')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8767)
     args = parser.parse_args()
@@ -297,13 +314,17 @@ def main() -> None:
     sink, tokenizer = SpanSink(), PromptTokenizer()
     families = args.families or max(1, args.conversations // 2)
     convos = conversations(args.conversations, families, args.system_words, args.seed)
-    report = {"bench": "prefix_routing", "conversations": args.conversations,
+    report = {"bench": "prefix_routing", "engine": args.engine,
+              "conversations": args.conversations,
               "families": families, "prefill_replicas": args.replicas, "block_tokens": BLOCK,
               "replica_cache_capacity_tokens": CAPACITY, "routers": {}}
     try:
         for router in args.routers:
             url = f"http://127.0.0.1:{args.port}/{router}"
-            serve.run(build_app(profile(router, args.replicas, sink.endpoint)), name=router,
+            serve.run(build_app(profile(router, args.replicas, sink.endpoint, args.engine,
+                                        args.prefill_ms_per_token,
+                                        args.prefix if router == "cache_aware" else None)),
+                      name=router,
                       route_prefix=f"/{router}")
             wait_ready(url)
             order: list = []
@@ -343,7 +364,8 @@ def targets(report: dict) -> dict:
 
 
 def table(report: dict) -> None:
-    print(f"\n{report['conversations']} sessions over {report['families']} apps, "
+    print(f"\n{report['engine']} engine, {report['conversations']} sessions over "
+          f"{report['families']} apps, "
           f"{report['prefill_replicas']} prefill replicas; distinct prompt tokens "
           f"{report.get('distinct_prompt_tokens', 0)} (cache per replica "
           f"{report['replica_cache_capacity_tokens']})")

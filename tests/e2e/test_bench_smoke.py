@@ -88,6 +88,17 @@ def test_prefix_routing_bench_runs():
 
 
 @pytest.mark.ray
+def test_prefix_routing_bench_runs_on_the_simulated_engine_with_router_settings():
+    report = run_bench("prefix_routing.py", "--engine", "simulated", "--conversations", "2",
+                       "--system-words", "60", "--replicas", "2", "--routers", "cache_aware",
+                       "--prefix", '{"recompute_weight": 4, "load_blocks": 0}',
+                       "--port", str(free_port()), timeout=600)
+    assert report["engine"] == "simulated"
+    ours = report["routers"]["cache_aware"]
+    assert ours["requests"] >= 8 and ours["cached_tokens"] > 0
+
+
+@pytest.mark.ray
 def test_load_sweep_bench_runs():
     """guidellm against the stack it starts: rows read from its report, no request failed."""
     report = run_bench("load_sweep.py", "--mode", "concurrency", "--concurrency", "1",
