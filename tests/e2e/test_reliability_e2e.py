@@ -37,11 +37,12 @@ def guard_profile(keys_file) -> dict:
         "auth": {"enabled": True, "keys_file": str(keys_file), "reload_s": 0.5},
         "model": {"context_length": 16384},
         "engine": {"kind": "simulated", "max_running_requests": 256,
-                   # a 12k-token prompt takes 3 s to prefill: long enough to kill it midway
-                   # (every time: these tests resend it, so no prefix cache)
+                   # a 12k-token prompt takes 6 s to prefill: long enough to find it running
+                   # (a stats call reaches a random replica) and kill it midway (every time:
+                   # these tests resend it, so no prefix cache)
                    "prefix_cache": {"enabled": False},
                    "simulated": {"decode_step_ms": 20, "output": "counter",
-                                 "prefill_ms_per_token": 0.25},
+                                 "prefill_ms_per_token": 0.5},
                    "faults": {"prefill_fail_every": 5, "decode_fail_every": 7,
                               "decode_fail_after_tokens": 8}},
         "pools": {"fast": {"effort": "none"} | pool,
@@ -193,16 +194,21 @@ def test_a_prefill_replica_killed_mid_prefill_is_retried_on_another(guard, ask):
         return httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth("sk-good"),
                           timeout=120)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         killed = pool.submit(ask_once)
         deadline = time.time() + 30
-        while time.time() < deadline:  # calls reach either replica: ask until one is busy
-            name, stats = ask("guard", "fast-prefill", "replica_stats")
-            if stats.running:
-                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        while time.time() < deadline and not killed.done():
+            # a call reaches either replica: ask two at once until one is busy
+            polls = [pool.submit(ask, "guard", "fast-prefill", "replica_stats")
+                     for _ in range(2)]
+            busy = [name for name, stats in (p.result() for p in polls) if stats.running]
+            if busy:
+                ray.kill(ray.get_actor(busy[0], namespace="serve"), no_restart=True)
                 break
         else:
-            raise AssertionError("no prefill replica ever ran the long prompt")
+            outcome = killed.result().text[:300] if killed.done() else "still running"
+            raise AssertionError(f"no prefill replica was seen running the long prompt "
+                                 f"(the request: {outcome})")
         reply = killed.result(timeout=120)
     assert reply.status_code == 200, reply.text
     undisturbed = ask_once()
@@ -217,7 +223,7 @@ def test_a_prefill_replica_killed_mid_prefill_is_retried_on_another(guard, ask):
 
 
 def test_a_client_gone_during_prefill_stops_the_prefill(guard, ask):
-    """The client disconnects while its 3 s prefill runs: the prefill stops on the replica
+    """The client disconnects while its 6 s prefill runs: the prefill stops on the replica
     running it (Serve carries the cancellation across), well before it would have ended."""
     url, _ = guard
     body = BODY | {"messages": [{"role": "user", "content": "count " * 12000}]}
