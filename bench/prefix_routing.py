@@ -14,10 +14,13 @@ ratio a single replica holding every conversation would get (the same trace thro
 unbounded prefix cache), the ceiling the routers are measured against.
 
     .ci/loopback-only python bench/prefix_routing.py [--conversations 16] [--families 8]
-        [--replicas 4] [--engine reference|simulated] [--prefill-ms-per-token 0.15]
+        [--replicas 4] [--ingress-replicas 2] [--engine reference|simulated]
+        [--prefill-ms-per-token 0.15]
         [--prefix '{"recompute_weight": 4, "load_blocks": 0}']
 
-The reference engine's replicas share this machine's two cores, so spreading load buys them no
+Two ingress replicas by default, as in production: each routes the first legs it prefills, so
+a session's turns reach the prefill pool through different routers (Serve's proxy picks the
+ingress replica), as they do there. The reference engine's replicas share this machine's two cores, so spreading load buys them no
 compute; `--engine simulated` gives each replica its own prefill time (a sleep per uncached
 token, one prefill at a time), as separate GPUs have. `--prefix` sets cache_aware's
 `routing.prefix` settings.
@@ -94,14 +97,15 @@ def tools_of(family: int) -> list[dict]:
 
 
 def profile(router: str, replicas: int, endpoint: str, engine: str = "reference",
-            prefill_ms_per_token: float = 0.15, prefix: dict | None = None) -> dict:
+            prefill_ms_per_token: float = 0.15, prefix: dict | None = None,
+            ingress_replicas: int = 2) -> dict:
     pool = {"effort": "none", "max_queue": 64,
             "prefill": {"replicas": replicas, "num_cpus": 0.1},
             "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
     return {"auth": {"enabled": False}, "model": {"context_length": 32768},
             "engine": {"kind": engine, "prefill_chunk_tokens": 512, "kv_capacity_tokens": CAPACITY,
                        "simulated": {"prefill_ms_per_token": prefill_ms_per_token}},
-            "ingress": {"num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
+            "ingress": {"replicas": ingress_replicas, "num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
             "pools": {"fast": pool},
             "routing": {"effort_map": {"none": "none"}, "default_effort": "none",
                         "spillover": False, "prefix": {"router": router} | (prefix or {})},
@@ -289,6 +293,10 @@ def main() -> None:
                         "one per two sessions")
     parser.add_argument("--system-words", type=int, default=1500, help="about a token each")
     parser.add_argument("--replicas", type=int, default=4, help="prefill replicas")
+    parser.add_argument("--ingress-replicas", type=int, default=2,
+                        help="as in production (h200x16): each routes the first legs it "
+                        "prefills, so a session's turns reach the prefill pool through "
+                        "different routers")
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--engine", choices=("reference", "simulated"), default="reference",
                         help="simulated: each replica's prefill time is its own (a sleep per "
@@ -303,8 +311,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8767)
     args = parser.parse_args()
 
+    import logging
+
     import ray
     from ray import serve
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
     from cluster.app import build_app
 
@@ -316,14 +328,16 @@ def main() -> None:
     convos = conversations(args.conversations, families, args.system_words, args.seed)
     report = {"bench": "prefix_routing", "engine": args.engine,
               "conversations": args.conversations,
-              "families": families, "prefill_replicas": args.replicas, "block_tokens": BLOCK,
+              "families": families, "prefill_replicas": args.replicas,
+              "ingress_replicas": args.ingress_replicas, "block_tokens": BLOCK,
               "replica_cache_capacity_tokens": CAPACITY, "routers": {}}
     try:
         for router in args.routers:
             url = f"http://127.0.0.1:{args.port}/{router}"
             serve.run(build_app(profile(router, args.replicas, sink.endpoint, args.engine,
                                         args.prefill_ms_per_token,
-                                        args.prefix if router == "cache_aware" else None)),
+                                        args.prefix if router == "cache_aware" else None,
+                                        args.ingress_replicas)),
                       name=router,
                       route_prefix=f"/{router}")
             wait_ready(url)

@@ -179,7 +179,8 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
                                "max_imbalance": prefix.max_imbalance,
                                "load_blocks": prefix.load_blocks,
                                "load_half_life_s": prefix.load_half_life_s,
-                               "recompute_weight": prefix.recompute_weight})}
+                               "recompute_weight": prefix.recompute_weight,
+                               "share_interval_s": prefix.share_interval_s})}
 
 
 # Ray's PrefixCacheAffinityRouter without the `ray[llm]` extra's imports (pyarrow) that its

@@ -247,6 +247,10 @@ class PrefixRoutingSettings(Strict):
         1.0, ge=1.0, description="cache_aware: each prompt token a replica would compute "
         "counts as this many queued tokens (above 1: recomputing a prefix that is cached "
         "elsewhere costs every later request too, not only this one's wait)")
+    share_interval_s: float = Field(
+        0.1, ge=0, description="cache_aware: how often the routers of a prefill deployment "
+        "(one in every ingress and decode replica) send each other where they routed prompts; "
+        "0 keeps each to its own decisions")
     shared_tenants: dict[str, list[str]] = Field(
         {}, description="groups of tenants whose prompts may share cached KV (a hit is visibly "
         "faster, so a shared cache tells one tenant what another sent); every other tenant's "

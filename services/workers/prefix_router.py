@@ -23,8 +23,11 @@ living on a replica will bring back: a conversation's turns follow where its his
 new conversation (no hit anywhere) goes where fewer live ones are, while a turn's own history
 (thousands of tokens) outweighs it; among equal costs, the replica holding less KV wins. A
 replica that dies or leaves drops out of the index; `router_state.correct` trims a replica's
-index to the prompt KV its engine reports holding (its evictions). With one replica the router
-only hands it back.
+index to the prompt KV its engine reports holding (its evictions). The routers of one deployment
+(one per calling process: every ingress and decode replica) send each other their decisions
+every `share_interval_s` through a small actor (`services.workers.prefix_exchange`), so a turn
+finds its history wherever the last turn was routed from. With one replica the router only hands
+it back.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from services.engines.prefix_cache import PrefixCache
-from services.workers import router_state
+from services.workers import prefix_exchange, router_state
 
 
 @dataclass
@@ -54,7 +58,7 @@ class CacheAwareRouter(RequestRouter):
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
                          max_imbalance: float = 1.5, load_blocks: float = 3.0,
                          load_half_life_s: float = 30.0, recompute_weight: float = 1.0,
-                         **_: Any) -> None:
+                         share_interval_s: float = 0.1, **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
@@ -71,6 +75,12 @@ class CacheAwareRouter(RequestRouter):
         self.mean_uncached = float(block_tokens)
         self.decisions = {"routed": 0, "predicted_hit_tokens": 0, "reported_hit_tokens": 0}
         self._chains: dict[str, list[bytes]] = {}  # hashed while choosing, read when routed
+        self.live: set[ReplicaID] = set()
+        self.gone: OrderedDict[ReplicaID, None] = OrderedDict()  # left: others' news ignored
+        self.sharing = prefix_exchange.Sharing(self._connect, share_interval_s) \
+            if share_interval_s > 0 else None
+        if self.sharing is not None and ray.get_runtime_context().get_actor_id():
+            self.sharing.log = self._connect()  # in a replica: the first choice only reads
         router_state.register(self)  # for `router_state.correct` and `.prefilled`
 
     # ---- choice --------------------------------------------------------------------------
@@ -82,6 +92,8 @@ class CacheAwareRouter(RequestRouter):
         request = _engine_request(pending_request)
         if request is None:
             return [random.sample(candidate_replicas, len(candidate_replicas))]
+        if self.sharing is not None:
+            await self.sharing.before_choice(self.learn)
         chain = self._chain(pending_request, request)
         scored = self.rank(candidate_replicas, chain, len(request.prompt_ids))
         return [[replica] for _, _, replica in scored]
@@ -158,12 +170,28 @@ class CacheAwareRouter(RequestRouter):
         self.recent[replica_id] = (self.recent_requests(replica_id, now) + 1, now)
         self.decisions["routed"] += 1
         self.decisions["predicted_hit_tokens"] += hit
+        self._remember(replica_id, chain)
+        if self.sharing is not None:
+            self.sharing.routed(replica_id, chain)
+
+    def learn(self, replica_id: ReplicaID, chain: list[bytes]) -> None:
+        """Another router of this deployment sent a prompt of `chain` to `replica_id`."""
+        if replica_id in self.gone:
+            return
+        now = time.monotonic()
+        self.recent[replica_id] = (self.recent_requests(replica_id, now) + 1, now)
+        self._remember(replica_id, chain)
+
+    def _remember(self, replica_id: ReplicaID, chain: list[bytes]) -> None:
         index = self.index.setdefault(replica_id, OrderedDict())
         for key in chain:  # the engine will hold these blocks once the prefill ran
             index[key] = None
             index.move_to_end(key)
         while len(index) > self.capacity_blocks:
             index.popitem(last=False)
+
+    def _connect(self):
+        return prefix_exchange.actor_log(self._deployment_id.app_name, self._deployment_id.name)
 
     def prefilled(self, request_id: str, cached_tokens: int) -> None:
         """The prefill of `request_id` ran (its reply came back, naming `cached_tokens`): its
@@ -192,14 +220,18 @@ class CacheAwareRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id for r in replicas}
-        for gone in [r for r in self.index if r not in live]:
+        for gone in [r for r in set(self.index) | self.live if r not in live]:
             self._forget(gone)
+        self.live = live
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._forget(replica_id)
 
     def _forget(self, replica_id: ReplicaID) -> None:
+        self.gone[replica_id] = None
+        while len(self.gone) > 1024:
+            self.gone.popitem(last=False)
         self.index.pop(replica_id, None)
         self.queued.pop(replica_id, None)
         self.open.pop(replica_id, None)

@@ -1,6 +1,13 @@
-"""Prefix caching and cache-aware routing through the real stack (Ray Serve, two prefill replicas,
-the simulated engine's prefix cache, the openai client): conversations find their KV turn after
-turn, tenants never find each other's, and the hit rate reaches Ray's metrics per replica."""
+"""Prefix caching and cache-aware routing through the real stack (Ray Serve, two ingress and two
+prefill replicas as in production, the simulated engine's prefix cache, the openai client):
+conversations find their KV turn after turn whichever ingress replica routed the turn before,
+tenants never find each other's, and the hit rate reaches Ray's metrics per replica.
+
+Each ingress replica routes the first legs it prefills; the routers tell each other where they
+sent prompts every `routing.prefix.share_interval_s`. A client that sends a follow-up within
+that time of the last reply may reach a router that has not heard yet, so the tests wait
+`SETTLE_S` between dependent requests, as a person reading the reply or an agent running a tool
+does."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from services.settings import PrefixRoutingSettings
 from tests.e2e.conftest import SIM_PROFILE, wait_ready
 from tests.e2e.test_reliability_e2e import write_keys
 
@@ -18,6 +26,7 @@ pytestmark = pytest.mark.ray
 KEYS = {"sk-prefix-a": {"name": "a", "tenant": "acme"},
         "sk-prefix-a2": {"name": "a2", "tenant": "acme"},
         "sk-prefix-b": {"name": "b", "tenant": "bravo"}}
+SETTLE_S = 5 * PrefixRoutingSettings().share_interval_s
 SYSTEM = "You are the build agent. " + " ".join(f"rule{i}" for i in range(300))
 
 
@@ -34,6 +43,7 @@ def url(serve_url, tmp_path_factory):
     pools["fast"]["max_queue"] = 16
     profile = SIM_PROFILE | {"auth": {"enabled": True, "keys_file": str(keys_file)},
                              "pools": pools,
+                             "ingress": SIM_PROFILE["ingress"] | {"replicas": 2},
                              "engine": SIM_PROFILE["engine"] | {
                                  "prefix_cache": {"block_tokens": 16}}}
     serve.run(build_app(profile), name="prefix", route_prefix="/prefix")
@@ -52,13 +62,15 @@ def cached(reply) -> int:
 
 
 def test_each_turn_finds_the_conversation_so_far_on_whichever_replica_holds_it(url):
-    """Four conversations, three turns each, over two prefill replicas: from the second turn
-    on, every prompt reuses at least the blocks of the one before it (the router sent it
-    where they are; a blind router misses about half of the time)."""
+    """Four conversations, three turns each, over two prefill replicas, each turn through
+    either ingress replica: from the second turn on, every prompt reuses at least the blocks of
+    the one before it (the router sent it where they are, whichever router sent the last turn;
+    a blind router, or one that knew only its own decisions, misses often)."""
     api = client(url, "sk-prefix-a")
     talks = {k: [{"role": "system", "content": f"{k} " + SYSTEM}] for k in range(4)}
     last_prompt = {}
     for turn in range(3):
+        time.sleep(SETTLE_S)
         for k, messages in talks.items():
             messages.append({"role": "user", "content": f"turn {turn} of talk {k}"})
             reply = api.chat.completions.create(model="mistral-small-4", messages=messages,
@@ -77,6 +89,7 @@ def test_a_tenants_prompt_is_never_a_hit_for_another_tenant(url):
     ask = dict(model="mistral-small-4", messages=messages, max_tokens=4)
     assert cached(client(url, "sk-prefix-a").chat.completions.create(**ask)) == 0
     assert cached(client(url, "sk-prefix-b").chat.completions.create(**ask)) == 0
+    time.sleep(SETTLE_S)
     assert cached(client(url, "sk-prefix-a2").chat.completions.create(**ask)) > 0  # same tenant
     assert cached(client(url, "sk-prefix-b").chat.completions.create(**ask)) > 0
 
@@ -86,6 +99,7 @@ def test_streamed_usage_reports_cached_tokens_too(url):
     messages = [{"role": "system", "content": "stream " + SYSTEM},
                 {"role": "user", "content": "hello"}]
     for attempt in range(2):
+        time.sleep(SETTLE_S * attempt)
         stream = api.chat.completions.create(model="mistral-small-4", messages=messages,
                                              max_tokens=4, stream=True,
                                              stream_options={"include_usage": True})

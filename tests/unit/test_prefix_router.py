@@ -32,7 +32,8 @@ class Replica:
 def router():
     async def make():
         r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
-        r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK, max_imbalance=1.5)
+        r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK, max_imbalance=1.5,
+                           share_interval_s=0)  # no Ray here: see the sharing test
         return r
     return asyncio.run(make())
 
@@ -114,7 +115,7 @@ def test_recompute_weight_sets_how_long_a_queue_a_hit_is_worth(weight):
     async def make():
         r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
         r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK, max_imbalance=1.5,
-                           load_blocks=0, recompute_weight=weight)
+                           load_blocks=0, recompute_weight=weight, share_interval_s=0)
         return r
     router = asyncio.run(make())
     pool = replicas(2)
@@ -214,10 +215,10 @@ def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     assert config.request_router_class.endswith("prefix_router.CacheAwareRouter")
     assert config.request_router_kwargs["block_tokens"] == 64
     tuned = options({"replicas": 2}, load_blocks=0.5, load_half_life_s=5.0,
-                    recompute_weight=3.0)
+                    recompute_weight=3.0, share_interval_s=0.5)
     kwargs = tuned["request_router_config"].request_router_kwargs
-    assert (kwargs["load_blocks"], kwargs["load_half_life_s"],
-            kwargs["recompute_weight"]) == (0.5, 5.0, 3.0)
+    assert (kwargs["load_blocks"], kwargs["load_half_life_s"], kwargs["recompute_weight"],
+            kwargs["share_interval_s"]) == (0.5, 5.0, 3.0, 0.5)
     assert "request_router_config" not in options({"replicas": 1})
     assert "request_router_config" not in options({"replicas": 2}, router="serve_default")
     assert "request_router_config" not in options({"replicas": 2}, cache=False)
@@ -230,7 +231,7 @@ def test_recent_load_fades_at_its_half_life():
     as much once that long has passed."""
     async def make(half_life_s: float):
         r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
-        r.initialize_state(block_tokens=BLOCK, load_half_life_s=half_life_s)
+        r.initialize_state(block_tokens=BLOCK, load_half_life_s=half_life_s, share_interval_s=0)
         return r
 
     for half_life_s in (5.0, 30.0):

@@ -1,0 +1,143 @@
+"""What the cache-aware routers of one prefill deployment tell each other.
+
+Every process that calls a prefill deployment routes its own calls: each ingress replica the
+first legs it prefills, each decode replica its retries and resumed legs. A router's index
+holds only its own decisions, so with two ingress replicas (production's) a session's next turn
+reaches, about half the time, a router that never saw where its history went. The routers of a
+deployment share their decisions through one small actor holding a bounded log of them: every
+`share_interval_s` while it routes, each router sends the prompt chains it routed since it last
+asked and gets back the others' since then. Off the request path: a choice never waits on it,
+except the first one after the router sat idle (its loop stops after `IDLE_STOP_S` without
+routing), which waits up to `FIRST_SYNC_S` for the others' news. Ray's PrefixCacheAffinityRouter
+shares one prefix tree that every choice queries (one actor call per request); here what
+crosses processes is the decisions, in batches, and each router keeps its own index.
+
+The log is lost with the actor (it lives as long as the replica whose router created it, and is
+created again by the next router that finds it gone); routers then start over from its new
+epoch. Decisions are hints: one that is lost or late costs a cache hit, never a wrong answer
+(the engine's cache checks every token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOG_ENTRIES = 8192  # decisions the actor keeps; a router further behind misses the oldest
+OUTBOX_ENTRIES = 4096  # decisions a router keeps while the actor cannot be reached
+IDLE_STOP_S = 60.0  # a router's sharing loop stops after this long without routing
+FIRST_SYNC_S = 0.05  # how long the first choice after such a stop waits for the others' news
+CALL_TIMEOUT_S = 2.0
+
+Decision = tuple[Any, list[bytes]]  # (Serve ReplicaID, the prompt's block keys)
+
+
+class DecisionLog:
+    """The shared log (the actor's body; a plain class so tests can hold one in-process)."""
+
+    def __init__(self, entries: int = LOG_ENTRIES):
+        self.epoch = uuid.uuid4().hex
+        self.seq = 0  # of the last entry
+        self.entries: deque[tuple[int, str, Any, list[bytes]]] = deque(maxlen=entries)
+
+    def exchange(self, router: str, routed: list[Decision], epoch: str,
+                 since: int) -> tuple[str, int, list[Decision]]:
+        """Append `router`'s decisions; answer (epoch, last seq, the others' decisions after
+        `since`, or all of them kept when `epoch` is not this log's)."""
+        if epoch != self.epoch:
+            since = 0
+        first = self.entries[0][0] if self.entries else self.seq + 1
+        others = [(replica, keys) for seq, who, replica, keys in
+                  list(self.entries)[max(0, since + 1 - first):] if who != router]
+        for replica, keys in routed:
+            self.seq += 1
+            self.entries.append((self.seq, router, replica, keys))
+        return self.epoch, self.seq, others
+
+
+class Sharing:
+    """One router's side: its outbox, where it has read the log up to, its loop."""
+
+    def __init__(self, connect: Callable[[], Any], interval_s: float):
+        self.connect = connect  # -> an object whose async `exchange` is DecisionLog's
+        self.interval_s = interval_s
+        self.router = uuid.uuid4().hex
+        self.outbox: deque[Decision] = deque(maxlen=OUTBOX_ENTRIES)
+        self.epoch, self.since = "", 0
+        self.log: Any = None
+        self.task: asyncio.Task | None = None
+        self.last_routed = 0.0
+        self.learned = 0  # decisions of other routers applied here
+
+    def routed(self, replica: Any, keys: list[bytes]) -> None:
+        self.outbox.append((replica, keys))
+        self.last_routed = time.monotonic()
+
+    async def before_choice(self, learn: Callable[[Any, list[bytes]], None]) -> None:
+        """Keep the loop running; after an idle stop, catch up first (briefly)."""
+        if self.task is not None and not self.task.done():
+            return
+        self.last_routed = time.monotonic()
+        first = asyncio.get_running_loop().create_future()
+        self.task = asyncio.get_running_loop().create_task(self._loop(learn, first))
+        try:
+            await asyncio.wait_for(asyncio.shield(first), FIRST_SYNC_S)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _loop(self, learn, first: asyncio.Future) -> None:
+        try:
+            await self.sync(learn)
+            first.set_result(None)
+            while time.monotonic() - self.last_routed < IDLE_STOP_S:
+                await asyncio.sleep(self.interval_s)
+                await self.sync(learn)
+        finally:
+            if not first.done():
+                first.set_result(None)
+
+    async def sync(self, learn: Callable[[Any, list[bytes]], None]) -> None:
+        routed = list(self.outbox)
+        self.outbox.clear()
+        try:
+            if self.log is None:
+                self.log = self.connect()
+            epoch, since, others = await asyncio.wait_for(
+                self.log.exchange(self.router, routed, self.epoch, self.since), CALL_TIMEOUT_S)
+        except Exception as error:  # the actor died or is slow: try again next round
+            logger.debug("prefix decisions not exchanged: %r", error)
+            self.log = None
+            self.outbox.extendleft(reversed(routed))
+            return
+        self.epoch, self.since = epoch, since
+        for replica, keys in others:
+            learn(replica, keys)
+        self.learned += len(others)
+
+
+class _ActorLog:
+    """The deployment's log actor, as `Sharing` calls it."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def exchange(self, *args):
+        return await self.handle.exchange.remote(*args)
+
+
+def actor_log(app: str, deployment: str) -> _ActorLog:
+    """The log actor of `deployment` in `app`, created by the first router that asks; it lives
+    as long as that router's process (no detached actor outlives the application)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_concurrency=1)(DecisionLog)
+    return _ActorLog(actor.options(name="small4-prefix-decisions",
+                                   namespace=f"small4::{app}::{deployment}",
+                                   get_if_exists=True).remote())
