@@ -30,8 +30,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-LOG_ENTRIES = 8192  # decisions the actor keeps; a router further behind misses the oldest
-OUTBOX_ENTRIES = 4096  # decisions a router keeps while the actor cannot be reached
+# Decisions kept, counted in block keys (32 bytes each; a 256K-token prompt is 4096 of them):
+LOG_KEYS = 1 << 20  # by the actor: a router further behind misses the oldest
+OUTBOX_KEYS = 1 << 18  # by a router while the actor cannot be reached
 IDLE_STOP_S = 60.0  # a router's sharing loop stops after this long without routing
 FIRST_SYNC_S = 0.05  # how long the first choice after such a stop waits for the others' news
 CALL_TIMEOUT_S = 2.0
@@ -42,10 +43,11 @@ Decision = tuple[Any, list[bytes]]  # (Serve ReplicaID, the prompt's block keys)
 class DecisionLog:
     """The shared log (the actor's body; a plain class so tests can hold one in-process)."""
 
-    def __init__(self, entries: int = LOG_ENTRIES):
+    def __init__(self, max_keys: int = LOG_KEYS):
         self.epoch = uuid.uuid4().hex
         self.seq = 0  # of the last entry
-        self.entries: deque[tuple[int, str, Any, list[bytes]]] = deque(maxlen=entries)
+        self.entries: deque[tuple[int, str, Any, list[bytes]]] = deque()
+        self.max_keys, self.keys = max_keys, 0
 
     def exchange(self, router: str, routed: list[Decision], epoch: str,
                  since: int) -> tuple[str, int, list[Decision]]:
@@ -59,6 +61,9 @@ class DecisionLog:
         for replica, keys in routed:
             self.seq += 1
             self.entries.append((self.seq, router, replica, keys))
+            self.keys += len(keys)
+        while self.keys > self.max_keys and len(self.entries) > 1:
+            self.keys -= len(self.entries.popleft()[3])
         return self.epoch, self.seq, others
 
 
@@ -69,7 +74,8 @@ class Sharing:
         self.connect = connect  # -> an object whose async `exchange` is DecisionLog's
         self.interval_s = interval_s
         self.router = uuid.uuid4().hex
-        self.outbox: deque[Decision] = deque(maxlen=OUTBOX_ENTRIES)
+        self.outbox: deque[Decision] = deque()
+        self.outbox_keys = 0
         self.epoch, self.since = "", 0
         self.log: Any = None
         self.task: asyncio.Task | None = None
@@ -77,8 +83,15 @@ class Sharing:
         self.learned = 0  # decisions of other routers applied here
 
     def routed(self, replica: Any, keys: list[bytes]) -> None:
-        self.outbox.append((replica, keys))
         self.last_routed = time.monotonic()
+        self._hold([(replica, keys)])
+
+    def _hold(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            self.outbox.append(decision)
+            self.outbox_keys += len(decision[1])
+        while self.outbox_keys > OUTBOX_KEYS and len(self.outbox) > 1:  # the oldest go
+            self.outbox_keys -= len(self.outbox.popleft()[1])
 
     async def before_choice(self, learn: Callable[[Any, list[bytes]], None]) -> None:
         """Keep the loop running; after an idle stop, catch up first (briefly)."""
@@ -106,6 +119,7 @@ class Sharing:
     async def sync(self, learn: Callable[[Any, list[bytes]], None]) -> None:
         routed = list(self.outbox)
         self.outbox.clear()
+        self.outbox_keys = 0
         try:
             if self.log is None:
                 self.log = self.connect()
@@ -114,7 +128,9 @@ class Sharing:
         except Exception as error:  # the actor died or is slow: try again next round
             logger.debug("prefix decisions not exchanged: %r", error)
             self.log = None
-            self.outbox.extendleft(reversed(routed))
+            held, self.outbox = self.outbox, deque()
+            self.outbox_keys = 0
+            self._hold(routed + list(held))
             return
         self.epoch, self.since = epoch, since
         for replica, keys in others:

@@ -118,17 +118,27 @@ def test_a_lost_log_is_started_over_and_held_decisions_are_sent_once_it_answers(
     assert first.replica_id in ingress_b.index
 
 
-def test_the_log_is_bounded_and_a_reader_far_behind_gets_what_is_kept():
-    log = DecisionLog(entries=4)
+def test_the_log_is_bounded_in_keys_and_a_reader_far_behind_gets_what_is_kept():
+    log = DecisionLog(max_keys=8)
     for i in range(10):
-        log.exchange("a", [(f"r{i % 2}", [bytes([i])])], "", 0)
+        log.exchange("a", [(f"r{i % 2}", [bytes([i]), b"x"])], "", 0)
     epoch, seq, news = log.exchange("b", [], log.epoch, 2)
-    assert seq == 10 and len(log.entries) == 4
-    assert [keys for _, keys in news] == [[bytes([i])] for i in range(6, 10)]
+    assert seq == 10 and len(log.entries) == 4 and log.keys == 8
+    assert [keys for _, keys in news] == [[bytes([i]), b"x"] for i in range(6, 10)]
     _, _, none_new = log.exchange("b", [], epoch, seq)
     assert none_new == []
     _, _, own = log.exchange("a", [], epoch, 0)
     assert own == []  # a router never reads its own decisions back
+
+
+def test_a_router_holds_a_bounded_outbox_while_the_log_cannot_be_reached(monkeypatch):
+    monkeypatch.setattr(prefix_exchange, "OUTBOX_KEYS", 6)
+    router = make_router(lambda: Unreachable())
+    for i in range(5):
+        router.sharing.routed(f"r{i}", [bytes([i]), b"x"])
+        sync(router)
+    assert [replica for replica, _ in router.sharing.outbox] == ["r2", "r3", "r4"]
+    assert router.sharing.outbox_keys == 6
 
 
 def test_a_router_that_sat_idle_catches_up_before_its_next_choice(monkeypatch):
