@@ -20,9 +20,12 @@ unbounded prefix cache), the ceiling the routers are measured against.
 
 Two ingress replicas by default, as in production: each routes the first legs it prefills, so
 a session's turns reach the prefill pool through different routers (Serve's proxy picks the
-ingress replica), as they do there. The reference engine's replicas share this machine's two cores, so spreading load buys them no
-compute; `--engine simulated` gives each replica its own prefill time (a sleep per uncached
-token, one prefill at a time), as separate GPUs have. `--prefix` sets cache_aware's
+ingress replica), as they do there. The reference engine's replicas share this machine's two
+cores, so spreading load buys them no compute; `--engine simulated` gives each replica its own
+prefill time (a sleep per uncached token, one prefill at a time), as separate GPUs have.
+`--capacity-tokens` sets each replica's prefix cache: below the trace's distinct prompt tokens
+(coding agents' long sessions outgrow one engine's KV), where sessions are placed decides what
+is evicted, and no router can reach the single-replica ratio. `--prefix` sets cache_aware's
 `routing.prefix` settings.
 
 Targets (issue 16): ours >= 90 % of the single-replica ratio; requests max/min across replicas
@@ -98,14 +101,16 @@ def tools_of(family: int) -> list[dict]:
 
 def profile(router: str, replicas: int, endpoint: str, engine: str = "reference",
             prefill_ms_per_token: float = 0.15, prefix: dict | None = None,
-            ingress_replicas: int = 2) -> dict:
+            ingress_replicas: int = 2, capacity: int = CAPACITY) -> dict:
     pool = {"effort": "none", "max_queue": 64,
             "prefill": {"replicas": replicas, "num_cpus": 0.1},
             "decode": {"num_cpus": 0.1, "max_ongoing_requests": 128}}
     return {"auth": {"enabled": False}, "model": {"context_length": 32768},
-            "engine": {"kind": engine, "prefill_chunk_tokens": 512, "kv_capacity_tokens": CAPACITY,
+            "engine": {"kind": engine, "prefill_chunk_tokens": 512,
+                       "kv_capacity_tokens": capacity,
                        "simulated": {"prefill_ms_per_token": prefill_ms_per_token}},
-            "ingress": {"replicas": ingress_replicas, "num_cpus": 0.1}, "multimodal": {"num_cpus": 0.1},
+            "ingress": {"replicas": ingress_replicas, "num_cpus": 0.1},
+            "multimodal": {"num_cpus": 0.1},
             "pools": {"fast": pool},
             "routing": {"effort_map": {"none": "none"}, "default_effort": "none",
                         "spillover": False, "prefix": {"router": router} | (prefix or {})},
@@ -242,7 +247,7 @@ def ideal_ratio(order: list[list[int]]) -> float:
 
 def distinct_tokens(order: list[list[int]]) -> int:
     """Prompt KV the whole trace needs held at once (its distinct full blocks): below a
-    replica's cache capacity, so eviction never limits what a router can hit."""
+    replica's cache capacity (the default), eviction never limits what a router can hit."""
     cache = PrefixCache(BLOCK, 1 << 40)
     return BLOCK * len({key for ids in order for _, key in cache.chain(ids, "")})
 
@@ -297,6 +302,9 @@ def main() -> None:
                         help="as in production (h200x16): each routes the first legs it "
                         "prefills, so a session's turns reach the prefill pool through "
                         "different routers")
+    parser.add_argument("--capacity-tokens", type=int, default=CAPACITY,
+                        help="each prefill replica's prefix cache; below the trace's distinct "
+                        "prompt tokens, where sessions are placed decides what is evicted")
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS), choices=ROUTERS)
     parser.add_argument("--engine", choices=("reference", "simulated"), default="reference",
                         help="simulated: each replica's prefill time is its own (a sleep per "
@@ -330,14 +338,14 @@ def main() -> None:
               "conversations": args.conversations,
               "families": families, "prefill_replicas": args.replicas,
               "ingress_replicas": args.ingress_replicas, "block_tokens": BLOCK,
-              "replica_cache_capacity_tokens": CAPACITY, "routers": {}}
+              "replica_cache_capacity_tokens": args.capacity_tokens, "routers": {}}
     try:
         for router in args.routers:
             url = f"http://127.0.0.1:{args.port}/{router}"
             serve.run(build_app(profile(router, args.replicas, sink.endpoint, args.engine,
                                         args.prefill_ms_per_token,
                                         args.prefix if router == "cache_aware" else None,
-                                        args.ingress_replicas)),
+                                        args.ingress_replicas, args.capacity_tokens)),
                       name=router,
                       route_prefix=f"/{router}")
             wait_ready(url)

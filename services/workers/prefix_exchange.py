@@ -83,6 +83,8 @@ class Sharing:
         self.learned = 0  # decisions of other routers applied here
 
     def routed(self, replica: Any, keys: list[bytes]) -> None:
+        if self.task is None:  # never a choice among several replicas: nothing to share
+            return
         self.last_routed = time.monotonic()
         self._hold([(replica, keys)])
 

@@ -134,6 +134,9 @@ def test_the_log_is_bounded_in_keys_and_a_reader_far_behind_gets_what_is_kept():
 def test_a_router_holds_a_bounded_outbox_while_the_log_cannot_be_reached(monkeypatch):
     monkeypatch.setattr(prefix_exchange, "OUTBOX_KEYS", 6)
     router = make_router(lambda: Unreachable())
+    route(router, replicas(2), pending(conversation(0, 1)[0]))  # sharing starts
+    router.sharing.outbox.clear()
+    router.sharing.outbox_keys = 0
     for i in range(5):
         router.sharing.routed(f"r{i}", [bytes([i]), b"x"])
         sync(router)
@@ -154,6 +157,14 @@ def test_a_router_that_sat_idle_catches_up_before_its_next_choice(monkeypatch):
     calls = log.calls
     assert route(ingress_b, pool, pending(second)) is home
     assert log.calls == calls + 1
+
+
+def test_a_deployment_with_one_replica_shares_nothing():
+    router = make_router(lambda: InProcess(DecisionLog()))
+    one = replicas(1)
+    for _ in range(3):
+        assert route(router, one, pending(conversation(0, 1)[0])) is one[0]
+    assert not router.sharing.outbox and router.sharing.task is None
 
 
 def test_share_interval_0_turns_sharing_off():
