@@ -36,12 +36,10 @@ class EngineHost:
 
     async def replica_name(self) -> str | None:
         """The Ray actor name of this replica (None in-process): ops and fault tests use it."""
-        try:
-            import ray
+        import ray
 
-            return ray.get_runtime_context().get_actor_name()
-        except Exception:
-            return None
+        # (asking an uninitialised Ray for its runtime context starts a local Ray)
+        return ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
 
     async def replica_stats(self) -> tuple[str | None, EngineStats]:
         """This replica's name with its stats, from one call: which replica holds what."""

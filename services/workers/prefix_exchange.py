@@ -34,7 +34,11 @@ logger = logging.getLogger(__name__)
 LOG_KEYS = 1 << 20  # by the actor: a router further behind misses the oldest
 OUTBOX_KEYS = 1 << 18  # by a router while the actor cannot be reached
 IDLE_STOP_S = 60.0  # a router's sharing loop stops after this long without routing
-FIRST_SYNC_S = 0.05  # how long the first choice after such a stop waits for the others' news
+# How long the first choice after such a stop (or a router's very first) waits for the others'
+# news: an exchange takes milliseconds, but a process's first one (its first call to the actor)
+# took over 50 ms on a busy 2-core box, and a choice made without the news can miss a whole
+# conversation's KV (its prefill again).
+FIRST_SYNC_S = 0.5
 CALL_TIMEOUT_S = 2.0
 
 Decision = tuple[Any, list[bytes]]  # (Serve ReplicaID, the prompt's block keys)

@@ -79,7 +79,9 @@ class CacheAwareRouter(RequestRouter):
         self.gone: OrderedDict[ReplicaID, None] = OrderedDict()  # left: others' news ignored
         self.sharing = prefix_exchange.Sharing(self._connect, share_interval_s) \
             if share_interval_s > 0 else None
-        if self.sharing is not None and ray.get_runtime_context().get_actor_id():
+        # (asking an uninitialised Ray for its runtime context starts a local Ray)
+        if (self.sharing is not None and ray.is_initialized()
+                and ray.get_runtime_context().get_actor_id()):
             self.sharing.log = self._connect()  # in a replica: the first choice only reads
         router_state.register(self)  # for `router_state.correct` and `.prefilled`
 
@@ -241,7 +243,7 @@ class CacheAwareRouter(RequestRouter):
         """The engine of `replica_unique_id` holds `held_tokens` of prompt KV now: keep no more
         than that many of the most recent blocks in its index (its evictions, as they happened,
         including those other callers' prompts caused)."""
-        for replica, index in self.index.items():
+        for replica, index in list(self.index.items()):  # the router loop may add one
             if replica.unique_id == replica_unique_id:
                 while len(index) > held_tokens // self.block_tokens:
                     index.popitem(last=False)

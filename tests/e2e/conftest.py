@@ -4,6 +4,7 @@ app at `/sim` (echo output, so reasoning and tool calls come back deterministica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +44,54 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready in {timeout}s")
 
+
+def deploy(profile: dict, name: str, route_prefix: str, timeout: float = 240.0) -> None:
+    """`serve.run` of the app `profile` builds, with a deadline: Serve waits forever for an app
+    whose replicas the cluster cannot place, and that app would keep the CPUs it did get from
+    every later module. One not running in `timeout` is deleted, and the error names what did
+    not start and the CPUs that were free."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            serve.run(build_app(profile), name=name, route_prefix=route_prefix)
+        except BaseException as error:  # reported below, from the test's thread
+            failed.append(error)
+
+    thread = threading.Thread(target=run, name=f"deploy-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or failed:
+        app = serve.status().applications.get(name)
+        waiting = {deployment: (status.status, status.replica_states)
+                   for deployment, status in (app.deployments.items() if app else ())
+                   if status.status != "HEALTHY"}
+        free = ray.available_resources().get("CPU", 0.0)
+        serve.delete(name, _blocking=False)  # a replica still waiting for resources can take
+        deadline = time.time() + 300  # longer to go than a blocking delete waits (60 s)
+        while name in serve.status().applications and time.time() < deadline:
+            time.sleep(1)
+        raise RuntimeError(f"app {name!r} not running in {timeout:.0f}s: {waiting}; "
+                           f"{free:.2f} CPUs were free") from (failed[0] if failed else None)
+
+
+@contextlib.contextmanager
+def deployed(profile: dict, name: str, base_url: str):
+    """The app `profile` builds, at `{base_url}/{name}`, ready; deleted on the way out."""
+    from ray import serve
+
+    deploy(profile, name, f"/{name}")
+    try:
+        url = f"{base_url}/{name}"
+        wait_ready(url)
+        yield url
+    finally:
+        serve.delete(name)
 
 class OTLPReceiver:
     """A real OTLP/HTTP trace receiver on loopback: decodes `ExportTraceServiceRequest`s."""
@@ -105,14 +154,10 @@ def otlp():
 @pytest.fixture(scope="session")
 def stack(serve_url, otlp):
     """Base URLs of the deployed apps: {'ref': ..., 'sim': ...}; `ref` traces to `otlp`."""
-    from ray import serve
-
-    from cluster.app import build_app
-
     tracing = {"tracing": {"enabled": True, "endpoint": otlp.endpoint, "sampling_ratio": 1.0,
                            "export_interval_ms": 200}}
-    serve.run(build_app(TEST_PROFILE | {"telemetry": tracing}), name="ref", route_prefix="/")
-    serve.run(build_app(SIM_PROFILE), name="sim", route_prefix="/sim")
+    deploy(TEST_PROFILE | {"telemetry": tracing}, "ref", "/")
+    deploy(SIM_PROFILE, "sim", "/sim")
     urls = {"ref": serve_url, "sim": f"{serve_url}/sim"}
     for url in urls.values():
         wait_ready(url)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.conftest import SIM_PROFILE, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, deployed
 
 pytestmark = pytest.mark.ray
 
@@ -40,15 +40,8 @@ AUTO_PROFILE = SIM_PROFILE | {
 
 @pytest.fixture(scope="module")
 def auto(stack):
-    from ray import serve
-
-    from cluster.app import build_app
-
-    serve.run(build_app(AUTO_PROFILE), name="auto", route_prefix="/auto")
-    url = stack["ref"] + "/auto"
-    wait_ready(url)
-    yield url
-    serve.delete("auto")
+    with deployed(AUTO_PROFILE, "auto", stack["ref"]) as url:
+        yield url
 
 
 def decode_replicas() -> int:

@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
-from tests.e2e.conftest import SIM_PROFILE, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, deployed
 from tests.e2e.test_reliability_e2e import write_keys
 
 pytestmark = pytest.mark.ray
@@ -54,22 +54,16 @@ def fuzz_profile(keys_file) -> dict:
 @pytest.fixture(scope="module")
 def fuzz(stack, ask, tmp_path_factory):
     """The fuzzed app at /fuzz; on teardown, no replica restarted and nothing is held."""
-    from ray import serve
-
-    from cluster.app import build_app
-
     keys_file = tmp_path_factory.mktemp("fuzzkeys") / "keys.yaml"
     write_keys(keys_file, KEYS)
-    serve.run(build_app(fuzz_profile(keys_file)), name="fuzz", route_prefix="/fuzz")
-    url = stack["ref"] + "/fuzz"
-    wait_ready(url)
-    replicas = {d: ask("fuzz", d, "replica_name") for d in DEPLOYMENTS}
-    yield url
-    assert {d: ask("fuzz", d, "replica_name") for d in DEPLOYMENTS} == replicas, "a replica died"
-    for deployment in DEPLOYMENTS:
-        stats = ask("fuzz", deployment, "stats")
-        assert stats.kv_tokens == 0 and stats.running == 0, (deployment, stats)
-    serve.delete("fuzz")
+    with deployed(fuzz_profile(keys_file), "fuzz", stack["ref"]) as url:
+        replicas = {d: ask("fuzz", d, "replica_name") for d in DEPLOYMENTS}
+        yield url
+        assert {d: ask("fuzz", d, "replica_name") for d in DEPLOYMENTS} == replicas, \
+            "a replica died"
+        for deployment in DEPLOYMENTS:
+            stats = ask("fuzz", deployment, "stats")
+            assert stats.kv_tokens == 0 and stats.running == 0, (deployment, stats)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 
 from services.settings import PrefixRoutingSettings
-from tests.e2e.conftest import SIM_PROFILE, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, deployed
 from tests.e2e.test_reliability_e2e import write_keys
 
 pytestmark = pytest.mark.ray
@@ -32,25 +32,20 @@ SYSTEM = "You are the build agent. " + " ".join(f"rule{i}" for i in range(300))
 
 @pytest.fixture(scope="module")
 def url(serve_url, tmp_path_factory):
-    from ray import serve
-
-    from cluster.app import build_app
-
     keys_file = tmp_path_factory.mktemp("prefixkeys") / "keys.yaml"
     write_keys(keys_file, KEYS)
-    pools = {name: pool | {"prefill": pool["prefill"] | {"replicas": 2}}
+    # Two ingress and two prefill replicas per pool at 0.05 CPU each: the session's apps hold
+    # 1.2 of the test Ray's 2 CPUs, and this app must fit beside them (0.6).
+    pools = {name: pool | {"prefill": pool["prefill"] | {"replicas": 2, "num_cpus": 0.05}}
              for name, pool in SIM_PROFILE["pools"].items()}
     pools["fast"]["max_queue"] = 16
     profile = SIM_PROFILE | {"auth": {"enabled": True, "keys_file": str(keys_file)},
                              "pools": pools,
-                             "ingress": SIM_PROFILE["ingress"] | {"replicas": 2},
+                             "ingress": {"replicas": 2, "num_cpus": 0.05},
                              "engine": SIM_PROFILE["engine"] | {
                                  "prefix_cache": {"block_tokens": 16}}}
-    serve.run(build_app(profile), name="prefix", route_prefix="/prefix")
-    base = f"{serve_url}/prefix"
-    wait_ready(base)
-    yield base
-    serve.delete("prefix")
+    with deployed(profile, "prefix", serve_url) as base:
+        yield base
 
 
 def client(url: str, key: str) -> OpenAI:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from services.guard.keys import digest
-from tests.e2e.conftest import SIM_PROFILE, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, deploy, deployed, wait_ready
 
 pytestmark = pytest.mark.ray
 
@@ -61,17 +61,10 @@ def write_keys(path, keys: dict) -> None:
 
 @pytest.fixture(scope="module")
 def guard(stack, tmp_path_factory):
-    from ray import serve
-
-    from cluster.app import build_app
-
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
     write_keys(keys_file, KEYS)
-    serve.run(build_app(guard_profile(keys_file)), name="guard", route_prefix="/guard")
-    url = stack["ref"] + "/guard"
-    wait_ready(url)
-    yield url, keys_file
-    serve.delete("guard")
+    with deployed(guard_profile(keys_file), "guard", stack["ref"]) as url:
+        yield url, keys_file
 
 
 def auth(key: str) -> dict:
@@ -318,9 +311,8 @@ def test_scale_down_drains_in_flight_streams(stack):
 
     from cluster.app import build_app
 
-    serve.run(build_app(drain_profile(2)), name="drain", route_prefix="/drain")
+    deploy(drain_profile(2), "drain", "/drain")
     url = stack["ref"] + "/drain"
-    wait_ready(url)
     body = BODY | {"max_tokens": 80}  # 4 s at 50 ms a step
 
     async def run():
@@ -333,6 +325,7 @@ def test_scale_down_drains_in_flight_streams(stack):
             return await asyncio.gather(*streams)
 
     try:
+        wait_ready(url)
         results = asyncio.run(run())
         assert [r[:2] for r in results] == [(200, "length")] * 8, results
         assert len({r[2] for r in results}) == 1 and not any(r[3] for r in results)

@@ -7,6 +7,9 @@ are sent once it can. The shared log here is the actor's own class, held in-proc
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 from ray.serve._private.common import DeploymentHandleSource
 
@@ -173,3 +176,16 @@ def test_share_interval_0_turns_sharing_off():
         r.initialize_state(block_tokens=BLOCK, share_interval_s=0)
         return r
     assert asyncio.run(make()).sharing is None
+
+
+def test_a_router_outside_ray_starts_no_ray():
+    """Asking Ray whether this is an actor starts a local Ray when none runs: the router must
+    not (a later `ray.init` in that process would fail). In a fresh process, as this one may
+    hold the suite's Ray."""
+    code = ("import ray\n"
+            "from tests.unit.test_prefix_exchange import DecisionLog, InProcess, make_router\n"
+            "router = make_router(lambda: InProcess(DecisionLog()))\n"
+            "print(router.sharing.log is None, ray.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])
+    assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
