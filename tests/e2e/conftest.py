@@ -93,6 +93,7 @@ def deployed(profile: dict, name: str, base_url: str):
     finally:
         serve.delete(name)
 
+
 class OTLPReceiver:
     """A real OTLP/HTTP trace receiver on loopback: decodes `ExportTraceServiceRequest`s."""
 
