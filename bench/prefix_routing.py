@@ -257,14 +257,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
 
 
-def summarise(rows: list[dict], replicas: Counter, ideal: float) -> dict:
+def summarise(rows: list[dict], replicas: Counter, ideal: float, deployed: int) -> dict:
+    """`replicas`: prefill requests per replica that served any; `deployed` replicas in all (one
+    left idle counts as 0, and max/min is then infinite)."""
     prompt = sum(r["prompt_tokens"] for r in rows)
     cached = sum(r["cached_tokens"] for r in rows)
     by_turn = defaultdict(list)
     for r in rows:
         by_turn[r["turn"]].append(r["ttft_s"])
     late = [r["ttft_s"] for r in rows if r["turn"] >= 3]
-    counts = sorted(replicas.values())
+    counts = sorted(list(replicas.values()) + [0] * max(0, deployed - len(replicas)))
     return {"requests": len(rows), "prompt_tokens": prompt, "cached_tokens": cached,
             "cached_ratio": cached / max(1, prompt), "of_single_replica": cached / max(1, prompt)
             / max(ideal, 1e-9), "prefill_tokens_computed": prompt - cached,
@@ -357,7 +359,7 @@ def main() -> None:
             report["ideal_cached_ratio"] = ideal_ratio(order)
             report["distinct_prompt_tokens"] = distinct_tokens(order)
             report["routers"][router] = summarise(rows, per_replica,
-                                                  report["ideal_cached_ratio"])
+                                                  report["ideal_cached_ratio"], args.replicas)
             serve.delete(router)
     finally:
         sink.close()

@@ -83,6 +83,8 @@ def test_prefix_routing_bench_runs():
                        "--port", str(free_port()), timeout=600)
     assert set(report["routers"]) == {"serve_default", "cache_aware"}
     assert all(row["requests"] >= 8 for row in report["routers"].values())
+    # every deployed replica is counted, an idle one as 0
+    assert all(len(row["requests_per_replica"]) == 2 for row in report["routers"].values())
     assert 0 < report["ideal_cached_ratio"] < 1
     assert 0 < report["distinct_prompt_tokens"] < report["replica_cache_capacity_tokens"]
 
