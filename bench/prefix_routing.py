@@ -28,6 +28,12 @@ prefill time (a sleep per uncached token, one prefill at a time), as separate GP
 is evicted, and no router can reach the single-replica ratio. `--prefix` sets cache_aware's
 `routing.prefix` settings.
 
+A hot prefix: `--families 2` (a chat app and an agent app, eight sessions each on one system
+prompt, as a fleet of coding agents on one product's prompt) with `--capacity-tokens 16384`.
+Ray's router sends every session of an app to the replica that holds the app's prompt (its
+`imbalanced_threshold` is unbounded by default), so two of four replicas serve everything and
+evict each other's sessions; ours spreads the sessions and pays one prompt's prefill per replica.
+
 Targets (issue 16): ours >= 90 % of the single-replica ratio; requests max/min across replicas
 <= 1.5; TTFT p50 from turn 3 on at least 2x better than Serve's default; ahead of Ray's router on
 cached-token ratio and on TTFT p90. Prints JSON and a table.
