@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH_TIMEOUT_S = 600  # a bench's deadline: stack_overhead's smoke alone takes ~230 s here
+# pytest's own limit (300 s for every test) sits above each bench's deadline, so a slow bench
+# fails on its deadline, with its stderr, not on pytest's with only a stack of the wait
+pytestmark = pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
 
 
 def free_port() -> int:
@@ -21,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_bench(script: str, *args: str, timeout: float = 420) -> dict:
+def run_bench(script: str, *args: str, timeout: float = BENCH_TIMEOUT_S) -> dict:
     """Run `bench/<script>` and return the JSON report it prints first."""
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
@@ -80,7 +84,7 @@ def test_simulate_autoscaling_bench_runs():
 def test_prefix_routing_bench_runs():
     report = run_bench("prefix_routing.py", "--conversations", "2", "--system-words", "60",
                        "--replicas", "2", "--routers", "serve_default", "cache_aware",
-                       "--port", str(free_port()), timeout=600)
+                       "--port", str(free_port()))
     assert set(report["routers"]) == {"serve_default", "cache_aware"}
     assert all(row["requests"] >= 8 for row in report["routers"].values())
     # every deployed replica is counted, an idle one as 0
@@ -94,7 +98,7 @@ def test_prefix_routing_bench_runs_on_the_simulated_engine_with_router_settings(
     report = run_bench("prefix_routing.py", "--engine", "simulated", "--conversations", "2",
                        "--system-words", "60", "--replicas", "2", "--routers", "cache_aware",
                        "--prefix", '{"recompute_weight": 4, "load_blocks": 0}',
-                       "--port", str(free_port()), timeout=600)
+                       "--port", str(free_port()))
     assert report["engine"] == "simulated"
     ours = report["routers"]["cache_aware"]
     assert ours["requests"] >= 8 and ours["cached_tokens"] > 0
