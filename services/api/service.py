@@ -475,8 +475,10 @@ class Answer:
             error = exc
             yield sse_error(exc, self.meta["id"], self.record.trace_id)
         finally:
-            await merged.aclose()  # no read of a choice's stream is left running
-            await self.close(error)
+            try:
+                await merged.aclose()  # no read of a choice's stream is left running
+            finally:  # even when that await was cancelled again (`close`)
+                await self.close(error)
 
     async def _merged(self) -> AsyncIterator[tuple[_Choice, Any]]:
         """Every choice's chunks as they arrive (in choice order when several are ready)."""
@@ -505,17 +507,30 @@ class Answer:
                 await s.aclose()
 
     async def close(self, exc: BaseException | None = None) -> None:
-        """Release the pool slots, stop the streams, and account for the request once."""
+        """Release the pool slots, stop the streams, and account for the request once.
+
+        A client leaving is a cancellation, and under Serve it is delivered through an anyio
+        cancel scope (Starlette streams in a task group: uvicorn's ASGI spec 2.3), which
+        cancels every later await of the cancelled task again. So the streams are closed in a
+        task of their own, shielded (it runs to its end even when this await is cancelled),
+        and the request's record is closed whatever happens to that await: a close cut at
+        its first await would keep the key's stream slot, its metrics and its span forever."""
         if self.closed:
             return
         self.closed = True
         self.service.in_flight[self.choice.pool] -= self.plan.n
+        try:
+            await asyncio.shield(self._close_choices())
+        finally:
+            finished = all(c.finish_reason for c in self.choices)
+            self.record.close(exc,
+                              finish_reason=self.choices[0].finish_reason if finished else None,
+                              completion=sum(c.parser.completion_tokens for c in self.choices),
+                              reasoning=sum(c.parser.reasoning_tokens for c in self.choices))
+
+    async def _close_choices(self) -> None:
         for c in self.choices:
             await c.close()
-        finished = all(c.finish_reason for c in self.choices)
-        self.record.close(exc, finish_reason=self.choices[0].finish_reason if finished else None,
-                          completion=sum(c.parser.completion_tokens for c in self.choices),
-                          reasoning=sum(c.parser.reasoning_tokens for c in self.choices))
 
 
 def _deadline() -> DeadlineExceeded:

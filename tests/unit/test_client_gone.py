@@ -1,0 +1,82 @@
+"""A client leaving a stream, the way the ingress sees it under Ray Serve: Serve's proxy hands
+the replica uvicorn's ASGI scope (spec 2.3), so Starlette streams the answer in an anyio task
+group and a disconnect (or Serve cancelling the call) cancels that group's scope, which cancels
+again every await of the stream's clean-up. The request is still accounted for in full: its key's
+stream slot is given back, the pool's in-flight count drops, and the engines hold nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+
+PROFILE = {
+    "profile": "client-gone",
+    "auth": {"enabled": False, "default_quota": {"max_concurrent_streams": 1}},
+    "model": {"context_length": 4096},
+    "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 20, "output": "counter"}},
+    "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}},
+}
+BODY = {"model": "mistral-small-4", "max_tokens": 400, "stream": True,
+        "messages": [{"role": "user", "content": "count"}]}
+
+
+async def asgi_post(app, body: dict, *, leave: str | None = None) -> tuple[int, bytes]:
+    """POST `body` to /v1/chat/completions as Serve's replica does (uvicorn's scope); with
+    `leave`, the client goes once the first body chunk is sent: `disconnect` (http.disconnect
+    received) or `cancel` (the call cancelled, as Serve does when its proxy's client left)."""
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000),
+             "client": ("127.0.0.1", 50000),
+             "headers": [(b"host", b"small4"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    inbox: asyncio.Queue = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": raw, "more_body": False})
+    status, chunks, first = 0, [], asyncio.Event()
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message.get("body"):
+            chunks.append(message["body"])
+            first.set()
+
+    call = asyncio.ensure_future(app(scope, inbox.get, send))
+    if leave is not None:
+        await asyncio.wait_for(first.wait(), 30)
+        if leave == "disconnect":
+            inbox.put_nowait({"type": "http.disconnect"})
+        else:
+            call.cancel()
+    await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 30)
+    return status, b"".join(chunks)
+
+
+@pytest.mark.parametrize("leave", ["disconnect", "cancel"])
+def test_a_client_leaving_a_stream_gives_everything_back(leave):
+    ingress = build_inprocess(parse_settings(PROFILE))
+    app = ingress.build_asgi_app()
+
+    async def scenario():
+        gone = await asgi_post(app, BODY, leave=leave)
+        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        after = await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
+        return gone, after
+
+    (gone_status, _), (status, answer) = asyncio.run(scenario())
+    assert gone_status == 200
+    # the key's only stream slot was given back: the next request is not a 429
+    assert status == 200, answer
+    assert ingress.service.in_flight == {"fast": 0, "deep": 0}
+    for name in ("fast", "deep"):
+        decode = ingress.service.pools[name]
+        for stats in (decode.engine.stats(), decode.prefill.engine.stats()):
+            assert (stats.running, stats.waiting, stats.kv_tokens) == (0, 0, 0)
