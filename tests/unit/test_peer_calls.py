@@ -70,6 +70,36 @@ def test_without_closing_through_peer_the_cycle_stays(no_automatic_collection, m
     assert arguments_after(False, monkeypatch)() is not None
 
 
+class SlowlyCancelledCall(CancelledCall):
+    """A call whose cancellation unwinds on the event loop: its cycle forms `after_s` later."""
+
+    def __init__(self, arguments: Arguments, after_s: float):
+        super().__init__(arguments)
+        self.after_s = after_s
+
+    def cancel(self) -> None:
+        asyncio.get_running_loop().call_later(self.after_s, CancelledCall.cancel, self)
+
+
+def test_a_cycle_formed_after_a_collection_ran_is_collected_by_a_later_one(
+        no_automatic_collection, monkeypatch):
+    """Clients leaving one after another: the second call is cancelled just before the
+    collection the first scheduled, and its cycle forms just after that collection ran."""
+    monkeypatch.setattr(peer, "COLLECT_AFTER_S", 0.1)
+
+    async def run():
+        await peer.close_stream(CancelledCall(Arguments()))  # a collection due at 0.1 s
+        await asyncio.sleep(0.08)
+        arguments = Arguments()
+        alive = weakref.ref(arguments)
+        await peer.close_stream(SlowlyCancelledCall(arguments, after_s=0.05))  # forms at 0.13
+        del arguments
+        await asyncio.sleep(0.4)
+        return alive
+
+    assert asyncio.run(run())() is None
+
+
 def test_an_answered_streams_close_schedules_no_collection(no_automatic_collection):
     """A call that yielded an item had been placed: closing it leaves no cycle, so a busy
     request service closing every request's streams does not collect every second."""
