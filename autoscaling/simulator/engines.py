@@ -179,14 +179,13 @@ class DecodeEngine:
             self._restep()
         return done
 
-    def abort_all(self, now: float) -> list[Request]:
-        """Drop every running sequence (a drain that ran out of time)."""
-        dropped = [r for r, _ in self.running.values()]
-        for request in dropped:
-            request.aborted = True
+    def cut_all(self, now: float) -> list[tuple[Request, int]]:
+        """Stop every running sequence (a drain that ran out of time); each with the tokens
+        it had generated, for whoever resumes it."""
+        self.advance(now)
+        cut = [(r, min(int(self.v - v_join), r.output)) for r, v_join in self.running.values()]
         self.running.clear()
         self.heap.clear()
         self.context_base, self.kv_reserved = 0.0, 0
-        self.advance(now)
         self._restep()
-        return dropped
+        return cut

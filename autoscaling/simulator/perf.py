@@ -50,7 +50,10 @@ class PerfModel(BaseModel):
     reserved_bytes_per_gpu: float = Field(4e9, ge=0)
     kv_transfer_s: float = Field(0.005, ge=0)
     cold_start_s: float = Field(90.0, ge=0, description="load weights, capture graphs")
-    drain_timeout_s: float = Field(120.0, ge=0, description="then in-flight work is aborted")
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="a role's drain_deadline_s: then the replica goes; its decode "
+        "streams are resumed on another replica of the pool (prompt and tokens sent "
+        "prefilled again), its prefill batch is lost")
 
     @property
     def prefill_flops_per_s(self) -> float:

@@ -109,6 +109,7 @@ def summarize(result: SimResult, slos: dict[str, PoolSLO], gpus_per_engine: int,
         "gpu_hours_busy": result.busy_engine_s * gpus_per_engine / 3600,
         "goodput_per_gpu_hour": good / gpu_hours if gpu_hours else None,
         "engine_moves": result.engine_moves,
+        "streams_resumed": result.resumed,
         "pools": {p: pool_summary([r for r in reqs if r.pool == p],
                                   [m for r, m in zip(reqs, ok) if r.pool == p], d)
                   for p in POOLS},

@@ -33,6 +33,7 @@ class SimResult:
     allocated_engine_s: float
     busy_engine_s: float
     engine_moves: int
+    resumed: int = 0  # streams cut by a draining decode replica and resumed on another
     timeline: list[tuple[float, dict[str, int]]] = field(default_factory=list)
 
 
@@ -62,6 +63,8 @@ class Simulation:
         # (seconds, prompt tokens/s floor): a prompt waits at most seconds + tokens / floor
         self.prefill_timeout_s, self.prefill_floor = prefill_deadline or (None, 1.0)
         self.busy_s, self.timeline = 0.0, []
+        self.next_rid = max((r.rid for r in requests), default=-1) + 1
+        self.resumed = 0  # streams cut by a replica leaving and resumed on another
 
     def schedule(self, when: float, kind: str, *args) -> None:
         """Put an event on the heap."""
@@ -87,7 +90,7 @@ class Simulation:
             self.now = now
             handlers[kind](now, *args)
         return SimResult(self.requests, self.duration_s, self.cluster.allocated_engine_s(now),
-                         self.busy_s, self.cluster.moves, self.timeline)
+                         self.busy_s, self.cluster.moves, self.resumed, self.timeline)
 
     def _arrive(self, request: Request, now: float) -> None:
         key = (request.pool, "prefill")
@@ -115,7 +118,7 @@ class Simulation:
             return
         while queue and now - queue[0].arrival > (self.prefill_timeout_s
                                                   + queue[0].prompt / self.prefill_floor):
-            queue.popleft().aborted = True
+            _abort(queue.popleft())
 
     def _prefill_done(self, now: float, slot: Slot, epoch: int) -> None:
         if slot.epoch != epoch:
@@ -168,6 +171,8 @@ class Simulation:
         window = self.windows[slot.key]
         for r in done:
             window.decoded(r.output, now - r.decode_start)
+            if r.resumes is not None:
+                r.resumes.finish = now
         if slot.phase == "draining" and not slot.engine.running:
             self._release(slot, now)
             return
@@ -192,11 +197,30 @@ class Simulation:
         if slot.epoch != epoch or slot.phase != "draining":
             return
         if isinstance(slot.engine, DecodeEngine):
-            slot.engine.abort_all(now)
+            cut = slot.engine.cut_all(now)
+            for request, generated in cut:
+                self._resume(request, generated, now)
+            if cut:
+                self._kick_prefill((slot.key[0], "prefill"), now)
         else:
             for request in slot.engine.finish(now):
-                request.aborted = True
+                _abort(request)
         self._release(slot, now)
+
+    def _resume(self, request: Request, generated: int, now: float) -> None:
+        """A stream cut by its decode replica going goes on on another replica of the pool, as
+        the ingress resumes it: the prompt and the tokens already sent are prefilled again
+        (first in the pool's prefill queue: the client is waiting mid-stream), the rest is
+        decoded there. The client's request ends when the continuation does."""
+        client = request.resumes or request
+        rest = Request(self.next_rid, request.pool, now, request.prompt + generated,
+                       max(request.output - generated, 1), group=request.group,
+                       prefix=request.prefix, resumes=client)
+        self.next_rid += 1
+        self.resumed += 1
+        key = (request.pool, "prefill")
+        self.windows[key].arrived(rest.prompt)
+        self.queues[key].appendleft(rest)
 
     def _tick(self, now: float) -> None:
         metrics = {k: self._metrics(k, now) for k in self.keys}
@@ -235,3 +259,10 @@ class Simulation:
                                  self.perf.kv_capacity_tokens)
         return report.role_metrics(key[1], len(ready), len(self.cluster.of(key, "starting")),
                                    full)
+
+
+def _abort(request: Request) -> None:
+    """The request fails, and with it the client's request it continues."""
+    request.aborted = True
+    if request.resumes is not None:
+        request.resumes.aborted = True

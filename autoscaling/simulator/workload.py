@@ -89,6 +89,7 @@ class Request:
     group: int = -1  # prefix group (autoscaling.simulator.prefix), -1 without
     prefix: int = 0  # tokens of the prompt that are the group's prefix
     cached: int = 0  # of those, found in the prefilling engine's cache
+    resumes: Request | None = None  # the client's request this one continues (cut stream)
 
 
 def sample_lengths(lengths: Lengths, n: int, rng: np.random.Generator) -> tuple:

@@ -75,6 +75,40 @@ def test_a_moved_engine_drains_then_cold_starts():
     assert cluster.allocated_engine_s(200.0) == pytest.approx(200.0 + 30.0 + (200.0 - 30.0))
 
 
+class MoveAt:
+    """A controller that moves one fast decode engine to deep decode at `at` seconds."""
+
+    name = "move"
+
+    def __init__(self, at: float):
+        self.at = at
+
+    def targets(self, now, metrics):
+        moved = now >= self.at
+        return {FP: 1, FD: 1 if moved else 2, DP: 1, DD: 1 if moved else 0}
+
+
+def test_a_stream_on_a_decode_engine_that_outlives_its_drain_is_resumed_on_another():
+    """The ingress resumes a stream whose replica went (prompt and tokens sent prefilled
+    again); the simulator does the same at the drain deadline, and the client's request ends
+    when the continuation does: late, never aborted."""
+    from autoscaling.simulator.sim import Simulation
+
+    perf = PERF.model_copy(update={"drain_timeout_s": 5.0})
+    long = [Request(i, "fast", 0.0, 1000, 20_000) for i in range(2)]  # minutes of decode
+    short = [Request(2 + i, "fast", 1.0 + i, 1000, 10) for i in range(3)]
+    sim = Simulation(long + short, MoveAt(10.0), perf, budget=5,
+                     initial={FP: 1, FD: 2, DP: 1, DD: 0}, duration_s=30.0, grace_s=600.0)
+    result = sim.run()
+    assert result.resumed == 1 and result.engine_moves == 1
+    for r in long + short:
+        assert r.finish is not None and not r.aborted, r
+    # the resumed one ended after the undisturbed one: its remainder waited for a prefill of
+    # its prompt plus the tokens it had sent, then shared the other engine's batch
+    undisturbed, resumed = sorted(long, key=lambda r: r.finish)
+    assert resumed.finish > undisturbed.finish
+
+
 def test_traces_follow_their_shapes():
     w = Workload()
     step = make_trace("step", 30.0, w)
