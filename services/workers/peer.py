@@ -24,10 +24,16 @@ def _name(method: Callable[..., Any]) -> str:
 
 async def call(peer: Any, method: Callable[Concatenate[Any, P], Awaitable[R]],
                *args: P.args) -> R:
-    """`await peer.method(*args)`, through `.remote()` when `peer` is a deployment handle."""
+    """`await peer.method(*args)`, through `.remote()` when `peer` is a deployment handle.
+    Cancelled (its caller's client left), a remote call may leave its arguments in Serve's
+    cycle (below): a collection follows."""
     target = getattr(peer, _name(method))
     if hasattr(target, "remote"):
-        return await target.remote(*args)
+        try:
+            return await target.remote(*args)
+        except asyncio.CancelledError:
+            _collect_soon()
+            raise
     return await target(*args)
 
 

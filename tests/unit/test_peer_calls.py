@@ -70,6 +70,45 @@ def test_without_closing_through_peer_the_cycle_stays(no_automatic_collection, m
     assert arguments_after(False, monkeypatch)() is not None
 
 
+class Handle:
+    """A deployment handle whose `run` call, cancelled while it is placed, leaves its
+    arguments in a reference cycle."""
+
+    def __init__(self):
+        self.run = self
+
+    async def remote(self, arguments: Arguments):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError as exc:
+            exc.holder = {"exc": exc, "arguments": arguments}  # a cycle
+            raise
+
+
+def run(peer_, arguments):  # the worker method `call` names
+    raise NotImplementedError
+
+
+def test_a_cancelled_calls_cycle_is_collected_soon_after(no_automatic_collection, monkeypatch):
+    """Not only streams: a unary call (an image's preprocessing) cancelled because the client
+    left is followed by a collection too."""
+    monkeypatch.setattr(peer, "COLLECT_AFTER_S", 0.05)
+
+    async def scenario():
+        arguments = Arguments()
+        alive = weakref.ref(arguments)
+        task = asyncio.ensure_future(peer.call(Handle(), run, arguments))
+        del arguments
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        del task
+        await asyncio.sleep(0.3)
+        return alive
+
+    assert asyncio.run(scenario())() is None
+
+
 class SlowlyCancelledCall(CancelledCall):
     """A call whose cancellation unwinds on the event loop: its cycle forms `after_s` later."""
 
