@@ -120,6 +120,9 @@ class RequestService:
                     metrics.SPILLOVER.inc(from_pool=choice.home_pool, to_pool=choice.pool)
                 route.set_attributes({"small4.pool": choice.pool,
                                       "small4.spillover": choice.spilled})
+        except asyncio.CancelledError:  # the client left (a body half sent, an image encoding)
+            record.close(RequestAborted("the client went away before the answer started"))
+            raise
         except Exception as exc:
             return record.refuse(exc)
         ctx = RequestContext(record.request_id, deadline=deadline,
