@@ -2,11 +2,12 @@
 
 Each of the budget's slots (one TP2 engine on two GPUs) is free, starting (cold start after a
 change of pool or role), ready, or draining (no new work; free once its in-flight work is done,
-or at the drain timeout, when its decode streams are resumed elsewhere: `sim.py`). A key over its target drains the slots
-that will empty soonest (starting ones first); a key under its target takes free slots as they
-appear, in the order the keys fell short (ties in the order the keys are declared, as pending
-replicas are created in the order the controller walks its deployments). Targets may add up to
-more than the budget (Ray's deployments decide alone): the excess simply waits for a slot.
+or at the drain timeout, when its decode streams are resumed elsewhere: `sim.py`). A key over
+its target drains the slots that will empty soonest (starting ones first); a key under its
+target takes free slots as they appear, in the order the keys fell short (ties in the order the
+keys are declared, as pending replicas are created in the order the controller walks its
+deployments). Targets may add up to more than the budget (Ray's deployments decide alone): the
+excess simply waits for a slot.
 """
 
 from __future__ import annotations

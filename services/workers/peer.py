@@ -72,7 +72,7 @@ async def close_stream(iterator: Any, *, answered: bool = False) -> None:
 # not formed yet), and nothing else would come to collect it.
 COLLECT_AFTER_S = 1.0
 _scheduled: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
-_last_cancel: dict[asyncio.AbstractEventLoop, float] = {}
+_again: set[asyncio.AbstractEventLoop] = set()  # cancelled since their collection was planned
 
 
 def _collect_soon() -> None:
@@ -82,17 +82,16 @@ def _collect_soon() -> None:
         return
     for other in [other for other in _scheduled if other.is_closed()]:
         del _scheduled[other]  # a loop that closed before its collection was due
-        _last_cancel.pop(other, None)
-    _last_cancel[loop] = loop.time()
-    if loop not in _scheduled:
+        _again.discard(other)
+    if loop in _scheduled:
+        _again.add(loop)
+    else:
         _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
 
 
 def _collect(loop: asyncio.AbstractEventLoop) -> None:
     _scheduled.pop(loop, None)
-    since = loop.time() - _last_cancel.get(loop, float("-inf"))
     gc.collect()
-    if since < COLLECT_AFTER_S:  # cancelled after this one was scheduled: once more, later
-        _scheduled[loop] = loop.call_later(COLLECT_AFTER_S - since, _collect, loop)
-    else:
-        _last_cancel.pop(loop, None)
+    if loop in _again:  # a call cancelled after this one was planned: once more, later
+        _again.discard(loop)
+        _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)

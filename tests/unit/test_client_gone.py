@@ -1,8 +1,9 @@
-"""A client leaving, mid-stream or mid-upload, the way the ingress sees it under Ray Serve: Serve's proxy hands
-the replica uvicorn's ASGI scope (spec 2.3), so Starlette streams the answer in an anyio task
-group and a disconnect (or Serve cancelling the call) cancels that group's scope, which cancels
-again every await of the stream's clean-up. The request is still accounted for in full: its key's
-stream slot is given back, the pool's in-flight count drops, and the engines hold nothing."""
+"""A client leaving, mid-stream or mid-upload, the way the ingress sees it under Ray Serve.
+Serve's proxy hands the replica uvicorn's ASGI scope (spec 2.3), so Starlette streams the answer
+in an anyio task group, and a disconnect (or Serve cancelling the call) cancels that group's
+scope, which cancels again every await of the stream's clean-up; a client gone before its answer
+started is a cancelled call. The request is still accounted for in full: its key's stream slot
+is given back, the pool's in-flight count drops, and the engines hold nothing."""
 
 from __future__ import annotations
 
