@@ -33,6 +33,15 @@ class CancelledCall:
             exc.holder = {"exc": exc, "arguments": self.arguments}  # a cycle
 
 
+async def collections_done(deadline_s: float = 10.0) -> None:
+    """Until no collection is planned on this loop (a collection in a process as big as the
+    test suite's takes far longer than the tests' COLLECT_AFTER_S)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while loop in peer._scheduled and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def arguments_after(close: bool, monkeypatch) -> weakref.ref:
     monkeypatch.setattr(peer, "COLLECT_AFTER_S", 0.05)
 
@@ -45,7 +54,8 @@ def arguments_after(close: bool, monkeypatch) -> weakref.ref:
         else:
             call.cancel()
         del call, arguments
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.1)
+        await collections_done()
         return alive
 
     return asyncio.run(run())
@@ -103,7 +113,7 @@ def test_a_cancelled_calls_cycle_is_collected_soon_after(no_automatic_collection
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         del task
-        await asyncio.sleep(0.3)
+        await collections_done()
         return alive
 
     assert asyncio.run(scenario())() is None
@@ -133,7 +143,7 @@ def test_a_cycle_formed_after_a_collection_ran_is_collected_by_a_later_one(
         alive = weakref.ref(arguments)
         await peer.close_stream(SlowlyCancelledCall(arguments, after_s=0.05))  # forms at 0.13
         del arguments
-        await asyncio.sleep(0.4)
+        await collections_done()
         return alive
 
     assert asyncio.run(run())() is None
