@@ -18,8 +18,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from services.api import openapi, responses
 from services.api.http_errors import error_response
 from services.api.middleware import CORS, ResponseHeaders
-from services.api.service import Refused, RequestService
-from services.errors import MethodNotAllowed, ModelNotFound, NotFound, StackError, clip
+from services.api.service import Answer, Refused, RequestService
+from services.errors import (MethodNotAllowed, ModelNotFound, NotFound, RequestAborted,
+                             StackError, clip)
 from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.settings import IngressSettings
@@ -118,12 +119,35 @@ class Ingress:
         if isinstance(answer, Refused):
             return error_response(answer.error, answer.request_id, answer.trace_id)
         if answer.stream:
-            return StreamingResponse(answer.events(), headers=answer.headers,
-                                     media_type="text/event-stream")
+            return _AnswerStream(answer)
         try:
             return JSONResponse(await answer.body(), headers=answer.headers)
         except StackError as exc:
             return error_response(exc, answer.ctx.request_id, answer.record.trace_id)
+
+
+class _AnswerStream(StreamingResponse):
+    """An answer's SSE stream, which closes the answer however the response ends.
+
+    The answer's events close it when they end, are cut, or are closed; but Starlette may
+    cancel the stream before iterating them at all (the client left while the response's head
+    was being sent, a cancelled call), and an async generator never started runs no clean-up:
+    its request would keep its key's stream slot, its pool's in-flight count and its KV."""
+
+    def __init__(self, answer: Answer):
+        super().__init__(answer.events(), headers=answer.headers,
+                         media_type="text/event-stream")
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # its own clean-up, if it started
+            finally:  # a no-op once that closed it
+                await self.answer.close(
+                    RequestAborted("the client went away before the stream started"))
 
 
 async def _stack_error(request: Request, exc: StackError) -> JSONResponse:

@@ -30,7 +30,8 @@ async def asgi_post(app, body: dict, *, leave: str | None = None,
                     upload: bool = False) -> tuple[int, bytes]:
     """POST `body` to /v1/chat/completions as Serve's replica does (uvicorn's scope); with
     `leave`, the client goes once the first body chunk is sent: `disconnect` (http.disconnect
-    received) or `cancel` (the call cancelled, as Serve does when its proxy's client left);
+    received) or `cancel` (the call cancelled, as Serve does when its proxy's client left), or
+    `start`: disconnected while the response's head is sent;
     with `upload`, it goes instead while its body is still arriving (a slow client)."""
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -51,12 +52,15 @@ async def asgi_post(app, body: dict, *, leave: str | None = None,
         nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
+            if leave == "start":  # gone as the response starts, while its head is written
+                inbox.put_nowait({"type": "http.disconnect"})
+                await asyncio.sleep(0.05)  # (a slow or stalled connection: send waits)
         elif message.get("body"):
             chunks.append(message["body"])
             first.set()
 
     call = asyncio.ensure_future(app(scope, inbox.get, send))
-    if leave is not None:
+    if leave in ("disconnect", "cancel"):
         await asyncio.wait_for(first.wait(), 30)
         await asyncio.sleep(0.2 if upload else 0)
         if leave == "disconnect":
@@ -65,6 +69,23 @@ async def asgi_post(app, body: dict, *, leave: str | None = None,
             call.cancel()
     await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 30)
     return status, b"".join(chunks)
+
+
+def test_a_client_gone_before_its_stream_started_gives_everything_back():
+    """The client left as its response started, while the response's head was being sent:
+    Starlette cancels the stream before the answer's events were ever iterated, so no
+    clean-up of theirs can run: the response closes the answer itself."""
+    ingress = build_inprocess(parse_settings(PROFILE))
+    app = ingress.build_asgi_app()
+
+    async def scenario():
+        gone = await asgi_post(app, BODY, leave="start")
+        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        return gone, await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
+
+    (gone_status, gone_body), (status, answer) = asyncio.run(scenario())
+    assert (gone_status, gone_body) == (200, b"")  # the head only
+    _assert_all_given_back(ingress, status, answer)
 
 
 @pytest.mark.parametrize("upload", [False, True], ids=["mid-stream", "mid-upload"])
@@ -83,6 +104,10 @@ def test_a_client_leaving_gives_everything_back(leave, upload):
     # a stream was answered before the client left; a half-sent body never was (a cancelled
     # call sends nothing; a disconnect gets its error answer, which nobody reads)
     assert gone_status == (0 if upload and leave == "cancel" else 499 if upload else 200)
+    _assert_all_given_back(ingress, status, answer)
+
+
+def _assert_all_given_back(ingress, status: int, answer: bytes) -> None:
     # the key's only stream slot was given back: the next request is not a 429
     assert status == 200, answer
     assert ingress.service.in_flight == {"fast": 0, "deep": 0}
