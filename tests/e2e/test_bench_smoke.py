@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from autoscaling.simulator.tracefile import TraceSource, load_trace
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_TIMEOUT_S = 600  # a bench's deadline: stack_overhead's smoke alone takes ~230 s here
 # pytest's own limit (300 s for every test) sits above each bench's deadline, so a slow bench
@@ -44,6 +46,24 @@ def test_engine_decode_bench_runs():
 def test_structured_decoding_bench_runs():
     report = run_bench("structured_decoding.py", "--tokens", "4", "--concurrency", "1", "2")
     assert report["constrained_outputs_full_length"] and len(report["rows"]) == 2
+
+
+def test_multimodal_preprocess_bench_runs():
+    report = run_bench("multimodal_preprocess.py", "--images", "2", "--concurrency", "2")
+    assert set(report["results"]) == {"mistral_common_direct", "small4_preprocessor",
+                                      "small4_preprocessor_c2"}
+    assert all(row["images_per_s"] > 0 for row in report["results"].values())
+
+
+def test_holdout_trace_bench_writes_a_file_the_simulator_replays(tmp_path):
+    """Not a JSON report: the trace file `small4 simulate --trace` reads, every pool in it."""
+    out = tmp_path / "holdout.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "holdout_trace.py"), str(out),
+                           "--minutes", "40"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=BENCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trace = load_trace([TraceSource(out)])
+    assert trace.requests and {r.pool for r in trace.requests} == {"fast", "deep"}
 
 
 @pytest.mark.ray
