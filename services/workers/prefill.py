@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, TokenLogprob
@@ -86,12 +86,16 @@ class PrefillWorker(EngineHost):
         closes the call (it has the KV, gave up, or was cancelled) or the handoff's timeout
         passes, and released then. A KV sent in the reply holds nothing: the call ends."""
         reply = await self.prefill(ctx, request, ticket)
+        kept = reply.ticket
         try:
-            yield reply
-            if self.handoff.holds(reply.ticket):
+            # The caller's reply has a ticket of its own: where Serve runs user code on a
+            # thread of its own (`ray.throughput_optimized` off), it serializes a streamed item
+            # after this generator has moved on, and releasing ours must not empty theirs.
+            yield replace(reply, ticket=replace(kept))
+            if self.handoff.holds(kept):
                 await asyncio.sleep(self.settings.kv_handoff.timeout_s)
         finally:
-            self.handoff.release(reply.ticket)
+            self.handoff.release(kept)
 
     async def prefill_paired(self, ctx: RequestContext, request: EngineRequest,
                              ticket: KVTicket) -> AsyncIterator[KVTicket | PrefillReply]:
@@ -99,6 +103,6 @@ class PrefillWorker(EngineHost):
         replica): first the ticket saying where this replica serves the KV, so the decode
         engine can start and wait for it, then the reply once the KV is sent."""
         ticket = self.handoff.bind(ticket)
-        yield ticket
+        yield replace(ticket)  # a copy: sending the KV fills in ours (see `prefill_held`)
         yield await self.prefill(ctx, request, ticket)
 
