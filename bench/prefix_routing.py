@@ -55,6 +55,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+# Clients reach the ingress through Serve's proxy, not a load balancer that must deregister its
+# replicas: an app deleted between routers need not stay up for Serve's 30 s draining floor.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
@@ -334,7 +337,7 @@ def main() -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
-    from cluster.app import build_app
+    from cluster.app import build_app, delete_app
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
@@ -366,7 +369,7 @@ def main() -> None:
             report["distinct_prompt_tokens"] = distinct_tokens(order)
             report["routers"][router] = summarise(rows, per_replica,
                                                   report["ideal_cached_ratio"], args.replicas)
-            serve.delete(router)
+            assert delete_app(router, 150), f"app {router} not deleted in 150 s"
     finally:
         sink.close()
         serve.shutdown()

@@ -7,6 +7,7 @@ and each receives its peers' handles through its constructor.
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any
 
 from ray import serve
@@ -77,3 +78,19 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
     return serve.deployment(IngressDeployment, name="ingress",
                             **deployment_options(settings.ingress)).bind(
         settings.ingress_settings(), decoders, multimodal, prefills)
+
+
+def delete_app(name: str, timeout_s: float) -> bool:
+    """Delete the Serve app `name` and wait up to `timeout_s` for it to be gone (False if it is
+    not). Serve's own blocking delete gives up after a fixed 60 s, raising, where a replica may
+    rightly take longer: an ingress in direct-ingress mode (throughput-optimized) stays up for
+    Serve's draining floor (`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`, 30 s by default,
+    for load balancers to deregister it) and then for its open requests, and every replica
+    gets its `graceful_shutdown_timeout_s` (its role's `drain_deadline_s`) for those."""
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True

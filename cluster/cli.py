@@ -122,18 +122,20 @@ def _drain(app: str, timeout_s: float, *, owns_ray: bool) -> None:
     import ray
     from ray import serve
 
+    from cluster.app import delete_app
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    done = threading.Event()
+    done, gone = threading.Event(), []
 
-    def delete() -> None:
+    def delete() -> None:  # in a thread: a controller that stopped answering cannot hang us
         try:
-            serve.delete(app, _blocking=True)
+            gone.append(delete_app(app, timeout_s))
         finally:
             done.set()
 
     threading.Thread(target=delete, daemon=True).start()
-    if not done.wait(timeout_s):
+    if not (done.wait(timeout_s + 5) and gone == [True]):
         print(f"drain: {app} not gone after {timeout_s:g} s; stopping anyway", flush=True)
     if owns_ray:
         serve.shutdown()

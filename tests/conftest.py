@@ -10,6 +10,10 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `small4 up` runs it
+# Test clients reach an ingress through Serve's proxy, never a load balancer that must first
+# deregister it: a deleted app need not keep its ingress up for Serve's 30 s draining floor
+# (direct ingress, on in throughput-optimized mode), which every module's teardown paid.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",  # as `small4 up` sets it
                       "services.guard.http_edge:install")
 # Workers' load reports reach the autoscaling policy twice a second (Serve's default is 10 s).

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import SIM_PROFILE, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, undeploy, wait_ready
 
 ROUTE = "/adv-load"
 MAX_TOKENS = 16
@@ -171,7 +171,7 @@ def load_stack(request, serve_url):
     assert all(o.ok for o in warm), warm
     yield LoadStack(request.param, name, url, asker, stored_objects(name))
     asker.close()
-    serve.delete(name)
+    undeploy(name)
 
 
 def stored_objects(app: str) -> Counter:

@@ -15,6 +15,7 @@ def edge(serve_url, tmp_path_factory):
     from ray import serve
 
     from cluster.app import build_app
+    from tests.e2e.conftest import undeploy
 
     keys_file = tmp_path_factory.mktemp("edge") / "keys.yaml"
     entries = [{"name": "alpha", "tenant": "t-alpha", "sha256": digest(KEYS["alpha"]),
@@ -29,6 +30,6 @@ def edge(serve_url, tmp_path_factory):
     url = f"{serve_url}{ROUTE}"
     wait_health(url)
     yield url
-    serve.delete("adv-edge")
+    undeploy("adv-edge")
 
 

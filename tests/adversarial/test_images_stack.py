@@ -31,12 +31,12 @@ def server():
 
 @pytest.fixture(scope="module")
 def base(serve_url):
-    from ray import serve
+    from tests.e2e.conftest import undeploy
 
     yield deploy(serve_url, "adv-images", images_profile(
         max_jpeg_scans=SCAN_LIMIT, allow_urls=True, admit_loopback_for_tests=True,
         url_allowlist=["127.0.0.1", "localhost"], url_timeout_s=3.0, max_bytes=2 * 1024 * 1024))
-    serve.delete("adv-images")
+    undeploy("adv-images")
 
 
 def ask(base: str, *urls: str, timeout: float = 60.0, headers=None) -> httpx.Response:

@@ -53,7 +53,7 @@ def deploy(profile: dict, name: str, route_prefix: str, timeout: float = 240.0) 
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, delete_app
 
     failed: list[BaseException] = []
 
@@ -72,10 +72,9 @@ def deploy(profile: dict, name: str, route_prefix: str, timeout: float = 240.0) 
                    for deployment, status in (app.deployments.items() if app else ())
                    if status.status != "HEALTHY"}
         free = ray.available_resources().get("CPU", 0.0)
-        serve.delete(name, _blocking=False)  # a replica still waiting for resources can take
-        deadline = time.time() + 300  # longer to go than a blocking delete waits (60 s)
-        while name in serve.status().applications and time.time() < deadline:
-            time.sleep(1)
+        # a replica still waiting for resources can take longer to go than Serve's own
+        # blocking delete waits (60 s)
+        delete_app(name, 300)
         raise RuntimeError(f"app {name!r} not running in {timeout:.0f}s: {waiting}; "
                            f"{free:.2f} CPUs were free") from (failed[0] if failed else None)
 
@@ -83,15 +82,26 @@ def deploy(profile: dict, name: str, route_prefix: str, timeout: float = 240.0) 
 @contextlib.contextmanager
 def deployed(profile: dict, name: str, base_url: str):
     """The app `profile` builds, at `{base_url}/{name}`, ready; deleted on the way out."""
-    from ray import serve
-
     deploy(profile, name, f"/{name}")
     try:
         url = f"{base_url}/{name}"
         wait_ready(url)
         yield url
     finally:
-        serve.delete(name)
+        undeploy(name)
+
+
+# A replica may take its drain deadline (60 s) for open requests: more than Serve's own
+# blocking delete waits (a fixed 60 s, where one slow teardown once failed CI).
+UNDEPLOY_TIMEOUT_S = 150.0
+
+
+def undeploy(name: str) -> None:
+    """Delete the Serve app `name` and wait until it is gone, with a deadline."""
+    from cluster.app import delete_app
+
+    assert delete_app(name, UNDEPLOY_TIMEOUT_S), \
+        f"Serve app {name!r} still there {UNDEPLOY_TIMEOUT_S:g} s after its delete"
 
 
 class OTLPReceiver:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from services.guard.keys import digest
-from tests.e2e.conftest import SIM_PROFILE, deploy, deployed, wait_ready
+from tests.e2e.conftest import SIM_PROFILE, deploy, deployed, undeploy, wait_ready
 
 pytestmark = pytest.mark.ray
 
@@ -338,4 +338,4 @@ def test_scale_down_drains_in_flight_streams(stack):
             time.sleep(0.5)
         assert replicas == {"RUNNING": 1}, replicas
     finally:
-        serve.delete("drain")
+        undeploy("drain")
