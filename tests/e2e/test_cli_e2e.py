@@ -1,5 +1,10 @@
 """`small4 up` as ops run it: a process of its own (its own Ray), its metrics endpoint on loopback
-and printed, and SIGTERM draining an open stream to its end before exiting 0."""
+and printed, and SIGTERM draining an open stream to its end before exiting 0.
+
+It runs with `ray.throughput_optimized: false`, Serve's default mode (user code on a thread of
+its own, actor calls between deployments), which the rest of the suite, throughput-optimized
+like the default profile, never reaches: a streamed reply serialized after the prefill worker
+moved on once failed every request there."""
 
 from __future__ import annotations
 
@@ -63,10 +68,12 @@ def up(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     profile = SIM_PROFILE | {"profile": "cli-e2e",
                              "ray": {"num_cpus": 2, "object_store_mb": 128,
-                                     "metrics_port": metrics_port}}
+                                     "metrics_port": metrics_port,
+                                     "throughput_optimized": False}}
     path = tmp_path_factory.mktemp("up") / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_ADDRESS") and k != "RAY_SERVE_THROUGHPUT_OPTIMIZED"}
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--config", str(path),
                                 "--port", str(port)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
@@ -117,6 +124,17 @@ def listening_on(port: int) -> set[str]:
                 raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
                 found.add(str(ipaddress.ip_address(raw)))
     return found
+
+
+@pytest.mark.parametrize("words", [2, 40])
+def test_prompts_whose_kv_rides_in_the_reply_or_is_held_are_answered(up, words):
+    """A short prompt's KV rides in the prefill reply, a long one's is held in the object store
+    for decode to fetch: both handoffs, in Serve's default mode."""
+    body = {"model": "mistral-small-4", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "count " * words}]}
+    reply = httpx.post(f"{up['url']}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_sigterm_drains_an_open_stream_then_exits_zero(up):
