@@ -3,8 +3,9 @@
 Where Serve runs user code on a thread of its own (`ray.throughput_optimized` off, or a cluster
 started without it), a streamed item is serialized after the generator has been resumed; the
 prefill replica then releases its ticket (the KV rode in the reply, or the caller closed the
-call). If the reply shared that ticket, the caller received a ticket with no KV and every
-request failed with `no KV was sent`. In-process worker, the simulated engine."""
+call). If the reply shared that ticket, the caller received a ticket with no KV: every request
+whose KV rode in the reply (under `inline_bytes`) failed with `no KV was sent`. In-process
+worker, the simulated engine."""
 
 from __future__ import annotations
 
