@@ -25,12 +25,22 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(json_logs: bool) -> logging.Logger:
-    """The `small4` logger, writing JSON lines to stderr (once per process)."""
+    """The `small4` logger, writing one line per record to the process's own stderr (once per
+    process); inside a Serve replica each line also names the app, deployment and replica.
+
+    The process's own stderr, not `sys.stderr`: in a replica Serve replaces that with a stream
+    into its own logger (in its throughput-optimized mode, our default), which wraps each line
+    in its text format (no longer JSON), holds it in a 1,000-record buffer (lost with the
+    process: the lines around a crash are the ones an SRE needs) and walks the call stack on
+    every write. A Ray worker's stderr is its `logs/worker-*.err` file in the session's log
+    directory, which Ray also streams to the driver (`small4 up` shows it)."""
     logger = logging.getLogger(LOGGER)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
         handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s"))
+        if identity := _serve_identity():
+            handler.addFilter(_Stamp(identity))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -43,3 +53,27 @@ def request_line(logger: logging.Logger, event: str, *, request_id: str,
     logger.info(event, extra={"request_id": request_id, "trace_id": trace_id,
                               "elapsed_ms": round(1e3 * (time.perf_counter() - started), 3),
                               **fields})
+
+
+class _Stamp(logging.Filter):
+    """Adds the same fields to every record (which replica wrote it)."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__()
+        self.fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.update(self.fields)
+        return True
+
+
+def _serve_identity() -> dict[str, str]:
+    """The app, deployment and replica this process serves ({} outside a Serve replica)."""
+    try:
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_id
+    except Exception:  # not in a replica (tests, the CLI), or Ray is not installed
+        return {}
+    return {"app": replica.deployment_id.app_name, "deployment": replica.deployment_id.name,
+            "replica": replica.unique_id}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -78,6 +80,56 @@ def test_errors_carry_the_trace_id_and_are_recorded_on_the_span(stack, otlp):
                                              for s in otlp.trace(trace)):
         time.sleep(0.2)
     assert [s["status"] for s in otlp.trace(trace) if s["name"].startswith("POST")] == [2]
+
+
+def log_lines(request_ids: set[str], timeout: float = 20.0) -> dict[str, dict]:
+    """The JSON log lines of `request_ids`, by request id, from the Ray workers' own stderr
+    (`logs/worker-*.err`, where a replica's `small4` lines go) within `timeout`."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    found: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in logs.glob("worker-*.err"):
+            for line in path.read_text(errors="replace").splitlines():
+                if any(r in line for r in request_ids - set(found)):
+                    entry = json.loads(line)  # a whole line, JSON and nothing else
+                    found[entry["request_id"]] = entry
+        if set(found) == request_ids:
+            break
+        time.sleep(0.3)
+    return found
+
+
+def test_every_request_leaves_one_json_line_with_its_ids_and_replica(stack):
+    """An SRE reads a request id off an answer or an error body and finds its log line, as
+    JSON, naming the trace and the replica, as soon as the request ended (no buffer holds it
+    back, no other format wraps it)."""
+    trace = "5b8efff798038103d269b633813fc60c"
+    headers = {"traceparent": f"00-{trace}-eee19b7ec3c1b174-01"}
+    body = {"model": MODEL, "stream": True, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "Say hi."}]}
+    with httpx.stream("POST", f"{stack['ref']}/v1/chat/completions", json=body,
+                      headers=headers, timeout=60) as reply:
+        assert reply.status_code == 200
+        answered = reply.headers["x-small4-request-id"]
+        assert list(reply.iter_lines())[-2] == "data: [DONE]"
+    refused = httpx.post(f"{stack['ref']}/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": MODEL, "messages": [], "max_tokens": 1})
+    assert refused.status_code == 400
+    refused_id = refused.headers["x-small4-request-id"]
+    lines = log_lines({answered, refused_id})
+    assert set(lines) == {answered, refused_id}, "a request's log line is missing"
+    done, no = lines[answered], lines[refused_id]
+    assert (done["message"], done["trace_id"], done["finish_reason"]) == (
+        "request done", trace, "length")
+    assert (done["prompt_tokens"], done["completion_tokens"]) > (0, 0)
+    assert (no["message"], no["trace_id"], no["status"], no["error_type"]) == (
+        "request refused", trace, 400, "invalid_request_error")
+    for entry in (done, no):
+        assert (entry["app"], entry["deployment"]) == ("ref", "ingress") and entry["replica"]
+        assert entry["elapsed_ms"] > 0
 
 
 SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} ([0-9.eE+-]+)$')
