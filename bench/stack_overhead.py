@@ -5,11 +5,13 @@ stack's own cost) and with the reference engine, plus a simulated app without to
 (one Ray message per token) as the in-run baseline for streaming throughput, and one whose
 first leg's prefill is called by decode (`kv_handoff.ingress_prefill: false`, one more hop before
 the first token). Then measures
-(a) p50/p99 time to first token over HTTP minus the same engine's direct in-process TTFT, and
-(b) aggregate streamed tokens/s through the ingress to 1 and 16 concurrent clients. The
-baseline for (a) is a one-deployment Serve app streaming an SSE echo, measured the same way in
-the same run, its requests alternating with each app's: the least any Serve HTTP streaming path
-costs on this machine, under the same background load.
+(a) p50/p99 time to first token over HTTP minus the same engine's direct in-process TTFT,
+(b) aggregate streamed tokens/s through the ingress to 1 and 16 concurrent clients, and
+(c) the CPU milliseconds each deployment's replicas spend per request during (a), from /proc
+(what sizes the ingress: its replicas' CPU, not the engines', bounds requests/s). The
+baseline for (a) and (c) is a one-deployment Serve app streaming an SSE echo, measured the same
+way in the same run, its requests alternating with each app's: the least any Serve HTTP
+streaming path costs on this machine, under the same background load.
 
     .ci/loopback-only python bench/stack_overhead.py [--requests 40] [--tokens 512]
 
@@ -92,19 +94,47 @@ async def http_stream(http: httpx.AsyncClient, url: str, max_tokens: int) -> tup
     return ttft, tokens
 
 
-async def measure_ttft(url: str, n: int, echo_url: str) -> tuple[list[float], list[float]]:
+async def measure_ttft(url: str, n: int, echo_url: str,
+                       cpu: dict[str, float] | None = None) -> tuple[list[float], list[float]]:
     """TTFTs of `url` and of the echo, requests alternating between them, so both are measured
     under the same load from the rest of the machine (on 2 shared cores it drifts by tens of
-    percent within a run)."""
+    percent within a run). `cpu`, when given, is filled with the CPU milliseconds each of the
+    app's deployments and the echo spent per request (`replica_cpu`)."""
+    app = url.rstrip("/").rsplit("/", 1)[-1]
     async with httpx.AsyncClient(timeout=60) as http:
         for _ in range(3):
             await http_stream(http, url, 2)
             await http_stream(http, echo_url, 2)
         stack, echo = [], []
+        before = replica_cpu(app) | replica_cpu("echo")
         for _ in range(n):
             stack.append((await http_stream(http, url, 2))[0])
             echo.append((await http_stream(http, echo_url, 2))[0])
+        after = replica_cpu(app) | replica_cpu("echo")
+        if cpu is not None:
+            cpu.update({k: 1e3 * (after[k] - before[k]) / n for k in after if k in before})
         return stack, echo
+
+
+def replica_cpu(app: str) -> dict[str, float]:
+    """CPU seconds used so far by each replica process of `app`, by deployment (summed over its
+    replicas), from /proc: Ray titles a replica's process `ray::ServeReplica:<app>:<deployment>`
+    (then the method it runs). Empty where there is no /proc."""
+    prefix, total = f"ray::ServeReplica:{app}:", {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else ()) if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith(prefix):
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        deployment = title[len(prefix):].split(".")[0].split()[0]
+        total[deployment] = total.get(deployment, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 async def measure_throughput(url: str, clients: int, tokens: int) -> float:
@@ -177,10 +207,12 @@ def main() -> None:
     args = parser.parse_args()
     urls = deploy(args.port, echo=True)
     report = {"bench": "stack_overhead", "requests": args.requests, "tokens": args.tokens,
-              "ttft": {}, "throughput_tokens_per_s": {}}
+              "ttft": {}, "throughput_tokens_per_s": {}, "cpu_ms_per_request": {}}
     for name in ("sim", "sim_via_decode", "ref"):
         direct = asyncio.run(direct_ttft(APPS[name], args.requests))
-        stack, echo = asyncio.run(measure_ttft(urls[name], args.requests, urls["echo"]))
+        cpu: dict[str, float] = {}
+        stack, echo = asyncio.run(measure_ttft(urls[name], args.requests, urls["echo"], cpu))
+        report["cpu_ms_per_request"][name] = cpu
         report["ttft"][name] = {
             "echo_p50_ms": 1e3 * statistics.median(echo),
             "direct_p50_ms": 1e3 * statistics.median(direct), "direct_p99_ms": 1e3 * pct(direct, .99),
@@ -205,6 +237,12 @@ def main() -> None:
         print(f"{name:>14} | {row['direct_p50_ms']:10.2f} | {row['stack_p50_ms']:9.2f} | "
               f"{row['added_p50_ms']:9.2f} | {row['added_p99_ms']:9.2f} | "
               f"{row['echo_p50_ms']:8.2f} | {row['added_p50_ms'] / row['echo_p50_ms']:.2f}x")
+    print("\nCPU ms per request during the TTFT run, by deployment (the echo's replica beside "
+          "it; Serve's proxy, which both pass, not counted; an idle replica's is its background)")
+    for name, row in report["cpu_ms_per_request"].items():
+        print(f"{name:>14} | " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+            row.items(), key=lambda kv: -kv[1]) if k != "Echo" and v >= 0.05)
+              + f" | echo {row.get('Echo', 0.0):.2f}")
     print(f"\n{'app':>16} | {'1 client':>9} | {'16 clients':>10}  (streamed tokens/s)")
     for name, row in report["throughput_tokens_per_s"].items():
         print(f"{name:>16} | {row['1']:9.0f} | {row['16']:10.0f}")

@@ -73,6 +73,11 @@ def test_stack_overhead_bench_runs():
     assert set(report["ttft"]) == {"sim", "sim_via_decode", "ref"}
     assert report["throughput_tokens_per_s"]["sim"]["16"] > 0
     assert report["echo_ttft_p50_ms"] > 0 and "added_ttft_p50_le_1.5x_echo" in report["targets"]
+    # every app's replicas and the echo's are found (their CPU at 2 requests may be 0 ticks)
+    for app in ("sim", "sim_via_decode", "ref"):
+        cpu = report["cpu_ms_per_request"][app]
+        assert {"ingress", "fast-prefill", "fast-decode", "Echo"} <= set(cpu), cpu
+        assert all(v >= 0 for v in cpu.values())
 
 
 @pytest.mark.ray
