@@ -93,9 +93,11 @@ def log_lines(request_ids: set[str], timeout: float = 20.0) -> dict[str, dict]:
     while time.time() < deadline:
         for path in logs.glob("worker-*.err"):
             for line in path.read_text(errors="replace").splitlines():
-                if any(r in line for r in request_ids - set(found)):
-                    entry = json.loads(line)  # a whole line, JSON and nothing else
-                    found[entry["request_id"]] = entry
+                # a line is one JSON object and nothing else (other output shares the file)
+                if line.startswith("{") and any(r in line for r in request_ids):
+                    entry = json.loads(line)
+                    if entry.get("request_id") in request_ids:
+                        found[entry["request_id"]] = entry
         if set(found) == request_ids:
             break
         time.sleep(0.3)
