@@ -94,13 +94,12 @@ async def http_stream(http: httpx.AsyncClient, url: str, max_tokens: int) -> tup
     return ttft, tokens
 
 
-async def measure_ttft(url: str, n: int, echo_url: str,
-                       cpu: dict[str, float] | None = None) -> tuple[list[float], list[float]]:
-    """TTFTs of `url` and of the echo, requests alternating between them, so both are measured
-    under the same load from the rest of the machine (on 2 shared cores it drifts by tens of
-    percent within a run). `cpu`, when given, is filled with the CPU milliseconds each of the
-    app's deployments and the echo spent per request (`replica_cpu`)."""
-    app = url.rstrip("/").rsplit("/", 1)[-1]
+async def measure_ttft(app: str, url: str, n: int, echo_url: str
+                       ) -> tuple[list[float], list[float], dict[str, float]]:
+    """TTFTs of app `app` at `url` and of the echo, requests alternating between them, so both
+    are measured under the same load from the rest of the machine (on 2 shared cores it drifts
+    by tens of percent within a run); and the CPU milliseconds each of the app's deployments
+    and the echo spent per request meanwhile (`replica_cpu`)."""
     async with httpx.AsyncClient(timeout=60) as http:
         for _ in range(3):
             await http_stream(http, url, 2)
@@ -111,9 +110,7 @@ async def measure_ttft(url: str, n: int, echo_url: str,
             stack.append((await http_stream(http, url, 2))[0])
             echo.append((await http_stream(http, echo_url, 2))[0])
         after = replica_cpu(app) | replica_cpu("echo")
-        if cpu is not None:
-            cpu.update({k: 1e3 * (after[k] - before[k]) / n for k in after if k in before})
-        return stack, echo
+        return stack, echo, {k: 1e3 * (after[k] - before[k]) / n for k in after if k in before}
 
 
 def replica_cpu(app: str) -> dict[str, float]:
@@ -121,7 +118,7 @@ def replica_cpu(app: str) -> dict[str, float]:
     replicas), from /proc: Ray titles a replica's process `ray::ServeReplica:<app>:<deployment>`
     (then the method it runs). Empty where there is no /proc."""
     prefix, total = f"ray::ServeReplica:{app}:", {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    tick = os.sysconf("SC_CLK_TCK")
     for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else ()) if p.isdigit()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -210,9 +207,8 @@ def main() -> None:
               "ttft": {}, "throughput_tokens_per_s": {}, "cpu_ms_per_request": {}}
     for name in ("sim", "sim_via_decode", "ref"):
         direct = asyncio.run(direct_ttft(APPS[name], args.requests))
-        cpu: dict[str, float] = {}
-        stack, echo = asyncio.run(measure_ttft(urls[name], args.requests, urls["echo"], cpu))
-        report["cpu_ms_per_request"][name] = cpu
+        stack, echo, report["cpu_ms_per_request"][name] = asyncio.run(
+            measure_ttft(name, urls[name], args.requests, urls["echo"]))
         report["ttft"][name] = {
             "echo_p50_ms": 1e3 * statistics.median(echo),
             "direct_p50_ms": 1e3 * statistics.median(direct), "direct_p99_ms": 1e3 * pct(direct, .99),

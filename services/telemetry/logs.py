@@ -39,7 +39,7 @@ def configure_logging(json_logs: bool) -> logging.Logger:
         handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
         handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s"))
-        if identity := _serve_identity():
+        if identity := serve_identity():
             handler.addFilter(_Stamp(identity))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -67,8 +67,9 @@ class _Stamp(logging.Filter):
         return True
 
 
-def _serve_identity() -> dict[str, str]:
-    """The app, deployment and replica this process serves ({} outside a Serve replica)."""
+def serve_identity() -> dict[str, str]:
+    """The app, deployment and replica (its unique id) this process serves ({} outside a Serve
+    replica: tests, the CLI, `small4 generate`)."""
     try:
         from ray import serve
 

@@ -6,6 +6,7 @@ from services.engines.protocol import EngineStats
 from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
 from services.telemetry import tracing
+from services.telemetry.logs import serve_identity
 from services.tokenizer import load_tokenizer
 from services.workers.load import LoadWindow
 from services.settings import WorkerSettings
@@ -23,7 +24,7 @@ class EngineHost:
                                    tokenizer=tokenizer, worker=settings)
         self.handoff = build_handoff(settings.kv_handoff, engine=self.engine)
         self.tags = {"pool": settings.pool, "role": self.role}
-        self.replica = _replica_id()
+        self.replica = serve_identity().get("replica", "")
         slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
         self.load = LoadWindow(slo)
         tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
@@ -49,12 +50,3 @@ class EngineHost:
         """Ray Serve's hook for custom autoscaling metrics (`autoscaling.serve_policy`)."""
         return self.load.report(self.engine.stats(), self.settings.engine.max_running_requests)
 
-
-def _replica_id() -> str:
-    """This Serve replica's unique id ("" outside Serve: tests, `small4 generate`)."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:
-        return ""
