@@ -23,7 +23,10 @@ Three passes, each pure:
    above the critical utilisation at its recent peak without the engine gives it only for a
    shortfall that has lasted `preempt_settle_s`, and only to a higher priority or to an equal
    that is busier than the donor would be by `imbalance_margin`: under a burst that overloads
-   everyone alike, moving an engine only takes it out of service for a cold start.
+   everyone alike, moving an engine only takes it out of service for a cold start. Nor does
+   it give to one whose arriving work (`Wish.peak`) fits the engines it has: that one's
+   shortfall is a backlog (say, a prefill queue flushed into decode), which drains by itself,
+   while the donor would lose an engine for a drain and a cold start.
    A minimum or an override overrides all of these.
 
 No allocation ever exceeds the budget; minimums and overrides that do not fit are refused.
@@ -215,6 +218,9 @@ def _may_give(d: Key, r: Key, alloc: Mapping[Key, int], wishes: Mapping[Key, Wis
         return True  # carries even its recent peak without the engine
     if short_for < settings.preempt_settle_s:
         return False
+    if wishes[r].peak is not None and alloc[r] and math.ceil(
+            wishes[r].peak / settings.critical_utilisation - 1e-9) <= alloc[r]:
+        return False  # the work arriving fits: a backlog drains without a busy donor's engine
     if priorities.get(r[0], 0) > priorities.get(d[0], 0):
         return True
     after = wishes[d].load / left if left > 0 else float("inf")

@@ -154,6 +154,22 @@ def test_a_busy_donor_gives_only_to_a_higher_priority_or_a_much_busier_equal():
     assert alloc[FD] == 3 and alloc[DD] == 3  # 1.45 against 1.23 after: worth a cold start
 
 
+def test_a_busy_donor_is_not_raided_for_a_backlog_the_arriving_work_fits():
+    # fast/decode's queue spiked (a prefill backlog flushed into it) but what keeps arriving
+    # fits its two engines: deep/decode, busy, keeps its engine however long that lasts
+    s = ArbiterSettings(settle_s=0, cooldown_s=0, preempt_settle_s=30)
+    current = {FP: 1, FD: 2, DP: 1, DD: 4}
+    backlog = {FP: Wish(1, load=0.9), FD: Wish(3, load=2.6, peak=1.4), DP: Wish(1, load=0.9),
+               DD: Wish(4, load=3.7)}
+    alloc, state = arbitrate(backlog, 8, PRIORITY, current, ArbiterState(), 0.0, None, s)
+    alloc, _ = arbitrate(backlog, 8, PRIORITY, current, state, 120.0, None, s)
+    assert alloc == current
+    arriving = {**backlog, FD: Wish(3, load=2.6, peak=2.4)}
+    alloc, state = arbitrate(arriving, 8, PRIORITY, current, ArbiterState(), 0.0, None, s)
+    alloc, _ = arbitrate(arriving, 8, PRIORITY, current, state, 30.0, None, s)
+    assert alloc[FD] == 3 and alloc[DD] == 3
+
+
 def test_the_budget_can_shrink_and_free_engines_are_used():
     w = wishes(fp=(1, 0.5), fd=(2, 1.2), dp=(1, 0.6), dd=(4, 3.0))
     alloc = arbitrate_once(w, current={FP: 1, FD: 2, DP: 1, DD: 4}, budget=6)
