@@ -25,7 +25,7 @@ from services.engines.prefix_cache import image_digest, image_marks, prefix_cach
 from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk,
                                        TokenLogprob)
 from services.engines.sampling import Sampler, sample_batch
-from services.engines.stops import StopChecker
+from services.engines.stops import OutputMarks, StopChecker
 from services.engines.validation import validate_request
 from services.errors import EngineError, InputRejected
 from services.grammar import Guidance
@@ -56,13 +56,14 @@ class ReferenceEngine:
     def __init__(self, bundle: ModelBundle, settings: EngineSettings, *, role: str,
                  context_length: int, eos_ids: tuple[int, ...],
                  detokenize: Callable[[list[int]], str], image_end_id: int | None = None,
-                 guidance: Guidance | None = None):
+                 guidance: Guidance | None = None, marks: OutputMarks | None = None):
         self.bundle = bundle
         self.settings = settings
         self.role = role
         self.context_length = context_length
         self.eos_ids = eos_ids
         self.detokenize = detokenize
+        self.marks = marks
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{role}")
         self._executor.submit(torch.set_num_threads, settings.torch_threads).result()
         self._batcher = ContinuousBatcher(settings, self._decode_step)
@@ -159,7 +160,7 @@ class ReferenceEngine:
         if kv is None or kv.num_tokens != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
         sampling = request.sampling
-        seq = _Sequence(request, StopChecker(sampling, self.eos_ids, self.detokenize),
+        seq = _Sequence(request, StopChecker(sampling, self.eos_ids, self.detokenize, self.marks),
                         layers=kv.to_layers(), last_token=first_token,
                         position=len(request.prompt_ids),
                         sampler=Sampler(sampling, self.guidance,

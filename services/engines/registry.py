@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.engines.protocol import Engine
+from services.engines.stops import OutputMarks
 from services.grammar import warmed
 from services.settings import EngineSettings, ModelSettings, WorkerSettings
 from services.tokenizer import PromptTokenizer
@@ -34,7 +35,7 @@ def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
         return ReferenceEngine(bundle, engine, role=role, context_length=model.context_length,
                                eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode,
                                image_end_id=tokenizer.special("[IMG_END]"),
-                               guidance=warmed(tokenizer))
+                               guidance=warmed(tokenizer), marks=OutputMarks.of(tokenizer))
     if engine.kind == "simulated":
         from services.engines.simulated import SimulatedEngine
 

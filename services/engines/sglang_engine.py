@@ -34,7 +34,7 @@ from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult
 from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, OutputReader, engine_env,
                                           engine_error, generate_args, image_payload,
                                           require_transfer_backend, server_args)
-from services.engines.stops import StopChecker
+from services.engines.stops import OutputMarks, StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.uniform import ImageTokens
@@ -76,6 +76,7 @@ class SGLangEngine:
         self.role, self.settings = role, worker
         self.eos_ids = (tokenizer.eos_id,)
         self.detokenize = tokenizer.decode
+        self.marks = OutputMarks.of(tokenizer)
         self.image_tokens = ImageTokens.of(tokenizer)
         self.host = routable_host()
         self.port_claim = (claim_port(worker.bootstrap_ports, replica_rank())
@@ -216,7 +217,10 @@ class DecodeStream:
     def __init__(self, engine: SGLangEngine, request: EngineRequest, pairing: dict[str, Any]):
         self.engine, self.request = engine, replace(request, handoff=pairing)
         self.reader = OutputReader(request.request_id)
-        self.stops = StopChecker(request.sampling, engine.eos_ids, engine.detokenize)
+        self.stops = StopChecker(request.sampling, engine.eos_ids, engine.detokenize,
+                                 engine.marks)
+        # whether SGLang itself ended the request: one that our stop check ends is still
+        # running there (stop strings are ours) and must be aborted to free its KV
         self.outputs, self.head, self.finished = None, None, False
 
     async def start(self) -> None:
@@ -234,7 +238,6 @@ class DecodeStream:
                 chunk = self._chunk(out)
                 yield chunk
                 if chunk.finish_reason:
-                    self.finished = True
                     return
                 out = await anext(self.outputs, None)
         finally:
@@ -247,14 +250,16 @@ class DecodeStream:
         ids = ids[:len(self.stops.generated) - before]  # none past where we stop
         logprobs = logprobs[:len(ids)] if logprobs is not None else None
         theirs = self.reader.finish(out)
+        self.finished = theirs is not None
         live = self.engine.live.get(self.request.request_id)
         if live is not None:
             live[1] += len(ids)
         return TokenChunk(ids, ours or theirs, logprobs)
 
     async def close(self) -> None:
-        """Abort the engine request unless it finished, then forget it (in that order: the
-        abort finds the request by its entry in `live`)."""
+        """Abort the engine request unless SGLang finished it (a stop string, a stop id or
+        `stop_context` ends it on our side only), then forget it (in that order: the abort
+        finds the request by its entry in `live`)."""
         if not self.finished:
             await self.engine.abort(self.request.request_id)
         self.engine.live.pop(self.request.request_id, None)

@@ -25,7 +25,7 @@ from typing import Any
 from services.engines.batching import ContinuousBatcher, PrefillGate, Sequence, engine_stats
 from services.engines.prefix_cache import image_digest, image_marks, prefix_cache_for
 from services.engines.protocol import EngineRequest, EngineStats, PrefillResult, TokenChunk
-from services.engines.stops import StopChecker
+from services.engines.stops import OutputMarks, StopChecker
 from services.engines.validation import validate_request
 from services.errors import EngineError
 from services.settings import EngineSettings
@@ -157,6 +157,7 @@ class SimulatedEngine:
         self.settings, self.timing = settings, settings.simulated
         self.role, self.context_length, self.tokenizer = role, context_length, tokenizer
         self.planner = OutputPlanner(tokenizer, self.timing.output)
+        self.marks = OutputMarks.of(tokenizer)
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
         self._prefills: dict[str, asyncio.Task] = {}
@@ -207,7 +208,8 @@ class SimulatedEngine:
                          logits=False)
         if kv is None or getattr(kv, "num_tokens", None) != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
-        stops = StopChecker(request.sampling, (self.tokenizer.eos_id,), self.tokenizer.decode)
+        stops = StopChecker(request.sampling, (self.tokenizer.eos_id,), self.tokenizer.decode,
+                            self.marks)
         seq = _Sequence(request, stops, plan=self.planner.plan(request.prompt_ids))
         return self._batcher.stream(seq, first_token)
 

@@ -71,6 +71,7 @@ class Adapter:
     def __init__(self, engine: RecordingEngine):
         self.engine, self.live, self.eos_ids, self.seeded = engine, {}, (2,), False
         self.detokenize = lambda ids: " ".join(map(str, ids))
+        self.marks = None  # ids here are not Tekken's
         self.abort = SGLangEngine.abort.__get__(self)
         self.open_decode = SGLangEngine.open_decode.__get__(self)
 
@@ -159,6 +160,23 @@ def test_a_stream_closed_early_aborts_its_engine_request():
         await chunks.aclose()  # the client left after the first token
 
     asyncio.run(run())
+    assert engine.aborted == ["chatcmpl-1#12345"] and adapter.live == {}
+
+
+def test_a_stream_our_stop_string_ends_aborts_its_engine_request():
+    """Stop strings are matched here, not in SGLang: the engine request is still decoding (and
+    holding its KV) when ours ends the answer, so it is aborted."""
+    engine = RecordingEngine(outputs([4], [4, 5], [4, 5, 6]))
+    adapter = Adapter(engine)
+    stopping = EngineRequest("chatcmpl-1", [1, 5, 6, 7],
+                             SamplingParams(max_tokens=8, stop=("5",)), handoff=dict(PAIRING))
+
+    async def run():
+        stream = await adapter.open_decode(stopping, dict(PAIRING))
+        return [c async for c in stream.chunks()]
+
+    chunks = asyncio.run(run())
+    assert [c.token_ids for c in chunks] == [[4], [5]] and chunks[-1].finish_reason == "stop"
     assert engine.aborted == ["chatcmpl-1#12345"] and adapter.live == {}
 
 

@@ -1,6 +1,8 @@
-"""A stream resumed on another decode leg still stops at a stop string that began before the
-break: the resumed leg gets the tokens already sent as stop context (in-process workers, the
-simulated engine echoing the user's text, every second decode stream broken after 2 tokens)."""
+"""Where an engine stops for a stop string. A stream resumed on another decode leg still stops at
+one that began before the break: the resumed leg gets the tokens already sent as stop context
+(in-process workers, the simulated engine echoing the user's text, every second decode stream
+broken after 2 tokens). Stop strings apply to content only: reasoning and tool calls that
+contain one run on, as the ingress's output parser shows them."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from starlette.testclient import TestClient
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
 from services.engines.protocol import SamplingParams
-from services.engines.stops import StopChecker
+from services.engines.stops import OutputMarks, StopChecker
 
 PROFILE = {
     "profile": "resume-stops",
@@ -34,6 +36,35 @@ def test_stop_checker_matches_across_the_context_boundary():
     assert with_context.check([ord("z")]) == "stop"
     assert without.check([ord("z")]) is None
     assert with_context.generated == [ord("z")]  # the context counts toward nothing else
+
+
+THINK, END_THINK, CALLS = 1, 2, 3
+MARKS = OutputMarks(THINK, END_THINK, CALLS, is_control=lambda token: token < 10)
+
+
+def ids(text: str) -> list[int]:
+    return list(map(ord, text))
+
+
+def test_a_stop_string_in_reasoning_or_a_tool_call_does_not_end_the_output():
+    def run(tokens: list[int], **sampling) -> tuple[str | None, int]:
+        checker = StopChecker(SamplingParams(max_tokens=99, stop=("END",), **sampling), (),
+                              chars, MARKS)
+        reason = next((r for k in range(len(tokens)) if (r := checker.check([tokens[k]]))),
+                      None)
+        return reason, len(checker.generated)
+
+    answer = [THINK] + ids("maybe END") + [END_THINK] + ids("fine END") + ids("more")
+    assert run(answer) == ("stop", len(answer) - 4)  # at the answer's own END
+    call = ids("ok ") + [CALLS] + ids("f") + [5] + ids('{"q": "END"}')
+    assert run(call) == (None, len(call))
+    # the reasoning's D does not complete the content's EN
+    assert run(ids("EN") + [THINK] + ids("D") + [END_THINK] + ids("x")) == (None, 6)
+    # resumed inside the reasoning: the context says where the new leg starts
+    resumed = dict(stop_context=tuple([THINK] + ids("so")))
+    assert run(ids(" END") + [END_THINK] + ids("END"), **resumed) == ("stop", 8)
+    without_marks = StopChecker(SamplingParams(max_tokens=99, stop=("END",)), (), chars)
+    assert without_marks.check([THINK] + ids("END")) == "stop"
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +92,14 @@ def test_a_stop_string_spanning_the_resume_point_ends_the_stream(client):
     assert choice["message"]["content"] == "one two "
     assert choice["finish_reason"] == "stop"
     assert answer["usage"]["completion_tokens"] < 8
+
+
+def test_a_stop_string_in_the_reasoning_leaves_it_whole_and_ends_the_answer(client):
+    # effort high: the engine thinks the user's text, then answers it; every second stream
+    # breaks after 2 tokens and resumes inside the reasoning
+    for _ in range(2):
+        answer = ask(client, stop=["three four"], max_tokens=60, reasoning_effort="high")
+        message, choice = answer["choices"][0]["message"], answer["choices"][0]
+        assert message["reasoning_content"] == TEXT
+        assert message["content"] == "one two "
+        assert choice["finish_reason"] == "stop"
