@@ -46,14 +46,22 @@ class RequestPlan:
 
 
 def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingSettings,
-          limits: LimitSettings) -> str:
-    """Check the request against the served model and limits; return the effort to apply."""
+          limits: LimitSettings, vocab_size: int | None = None) -> str:
+    """Check the request against the served model and limits; return the effort to apply.
+    Every check here is cheap and runs before the token quota and any encoding: a request
+    these refuse gets its 400 (never a quota's 429), and no image of it is decoded."""
     if req.model != model.name:
         raise ModelNotFound(f"the model {clip(req.model)} does not exist; this endpoint serves "
                             f"{model.name!r}", param="model")
     if len(req.messages) > limits.max_messages:
         raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
                              param="messages")
+    if req.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n} on this deployment "
+                             f"(limits.max_n), got {req.n}", param="n")
+    if vocab_size is not None and any(token >= vocab_size for token, _ in req.logit_bias_ids):
+        raise InvalidRequest(f"logit_bias: token ids are below {vocab_size} (the vocabulary)",
+                             param="logit_bias")
     return applied_effort(req.reasoning_effort, routing)
 
 
@@ -91,19 +99,14 @@ def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
 
 
 def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
-                 prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings,
-                 vocab_size: int | None = None) -> RequestPlan:
-    """Sampling and limits for an encoded prompt: what the pool receives."""
+                 prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings
+                 ) -> RequestPlan:
+    """Sampling and limits for an encoded prompt (of a request `admit` passed): what the pool
+    receives."""
     max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
-    if req.n > limits.max_n:
-        raise InvalidRequest(f"n must be at most {limits.max_n} on this deployment "
-                             f"(limits.max_n), got {req.n}", param="n")
     # top_p 0 keeps only the most likely token: greedy decoding, which engines know as such
     temperature, top_p = (req.temperature, req.top_p) if req.top_p > 0 else (0.0, 1.0)
     bias = req.logit_bias_ids
-    if vocab_size is not None and any(token >= vocab_size for token, _ in bias):
-        raise InvalidRequest(f"logit_bias: token ids are below {vocab_size} (the vocabulary)",
-                             param="logit_bias")
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                               top_p=top_p, seed=req.seed, stop=req.stop_strings,
                               logit_bias=bias, presence_penalty=req.presence_penalty or 0.0,

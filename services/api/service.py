@@ -99,13 +99,12 @@ class RequestService:
                     body = await read_body()
                 req = parse_chat_request(body)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
-                               limits=limits)
+                               limits=limits, vocab_size=self.tokenizer.vocab_size)
                 self.quotas.check_tokens(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model))
                 prompt = await self._encode(req, effort, record.request_id, pre, deadline)
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
-                                    model=self.settings.model, limits=limits,
-                                    vocab_size=self.tokenizer.vocab_size)
+                                    model=self.settings.model, limits=limits)
                 await self._constrain(plan)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})

@@ -57,6 +57,15 @@ def test_n_above_the_deployment_cap_is_refused_naming_n():
         "message"]
 
 
+def test_n_above_the_cap_is_a_400_before_the_token_quota_could_say_429():
+    """A client's mistake is not a quota's retryable 429: the cap is checked first."""
+    capped = PROFILE | {"limits": {"max_n": 2},
+                        "auth": {"enabled": False, "default_quota": {"tokens_per_min": 200}}}
+    refused, = post(capped, BODY | {"n": 5, "max_tokens": 100})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "n" and "retry-after" not in refused.headers
+
+
 def test_every_choice_is_charged_to_the_token_quota():
     """max_tokens is reserved per choice: 4 × 60 does not fit 200 tokens/min, 1 × 60 does."""
     quota = PROFILE | {"auth": {"enabled": False, "default_quota": {"tokens_per_min": 200}}}

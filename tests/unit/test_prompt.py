@@ -100,10 +100,10 @@ def test_overlong_prompt_is_refused_with_context_code(tokenizer):
 
 def plan_text_request(req, request_id, *, model, routing, limits, tokenizer, vocab_size=None):
     """What the request service plans for a text request: admit, encode, plan."""
-    effort = admit(req, model=model, routing=routing, limits=limits)
+    effort = admit(req, model=model, routing=routing, limits=limits, vocab_size=vocab_size)
     prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
     return plan_request(req, request_id, effort=effort, prompt=prompt, model=model,
-                        limits=limits, vocab_size=vocab_size)
+                        limits=limits)
 
 
 def plan(tokenizer, vocab=False, **body):
