@@ -13,7 +13,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.settings import SettingsError, StackSettings, parse_settings
+from cluster.settings import (SettingsError, StackSettings, multimodal_router_options,
+                              parse_settings)
 from cluster.topology import deployment_options
 from services.ingress import Ingress
 from services.workers.decode import DecodeWorker
@@ -73,7 +74,8 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
                                           **settings.role_options(name, "decode")).bind(
             settings.worker(name), prefills[name])
     multimodal = serve.deployment(MultimodalDeployment, name="multimodal",
-                                  **deployment_options(settings.multimodal)).bind(
+                                  **deployment_options(settings.multimodal),
+                                  **multimodal_router_options()).bind(
         settings.multimodal_settings())
     return serve.deployment(IngressDeployment, name="ingress",
                             **deployment_options(settings.ingress)).bind(

@@ -183,6 +183,15 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
                                "share_interval_s": prefix.share_interval_s})}
 
 
+def multimodal_router_options() -> dict[str, Any]:
+    """`request_router_config` of the multimodal deployment: a request's pixels are released
+    on the replica that keeps them (`services.workers.owner_router`)."""
+    from ray.serve.config import RequestRouterConfig
+
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="services.workers.owner_router.OwnerRouter")}
+
+
 # Ray's PrefixCacheAffinityRouter without the `ray[llm]` extra's imports (pyarrow) that its
 # public path `ray.serve.llm.request_router` pulls in.
 RAY_PREFIX_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware."

@@ -25,6 +25,7 @@ class EncodedPrompt:
     ids: list[int]
     images: list[np.ndarray]
     effort: str
+    pixels_owner: Any = None  # where the multimodal service keeps the pixels (a `PixelOwner`)
 
 
 def standin_tokenizer_path() -> Path:

@@ -79,6 +79,7 @@ class RequestService:
         self.quotas = Quotas(settings.auth.default_quota)
         self.uploads = Uploads(settings.limits)
         self.token_bytes = _max_token_bytes(self.tokenizer)
+        self._releasing: set[asyncio.Task] = set()
         tracing.configure(settings.telemetry.tracing, role="ingress")
 
     async def chat(self, principal: Principal, headers: Mapping[str, str],
@@ -103,6 +104,7 @@ class RequestService:
                 self.quotas.check_tokens(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model))
                 prompt = await self._encode(req, effort, record.request_id, pre, deadline)
+                record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits)
                 await self._constrain(plan)
@@ -170,6 +172,17 @@ class RequestService:
                              trace_headers=tracing.headers_of(span))
         return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
 
+    def release_pixels(self, owner: Any) -> None:
+        """Let the multimodal replica that keeps a finished request's pixels free them, in the
+        background (the answer is sent; a failed release leaves them to their deadline)."""
+        try:
+            task = asyncio.get_running_loop().create_task(
+                call(self.multimodal, MultimodalWorker.release, owner))
+        except RuntimeError:  # no loop: closed from outside one, nothing kept in a store
+            return
+        self._releasing.add(task)
+        task.add_done_callback(_forget_release(self._releasing))
+
     async def _constrain(self, plan: RequestPlan) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools)."""
         structure = structured_request(plan, self.settings.limits)
@@ -192,6 +205,7 @@ class _Record:
         self.plan: RequestPlan | None = None  # set once its first token arrived
         self.pool = "none"
         self.error: StackError | None = None
+        self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
         self.closed = False
 
     @classmethod
@@ -214,6 +228,8 @@ class _Record:
             return
         self.closed = True
         service, pool, tenant = self.service, self.pool, self.tenant
+        if self.pixels is not None:
+            service.release_pixels(self.pixels)
         self.error = None if exc is None else as_stack_error(exc)
         status, error_type = (200, None) if self.error is None else (self.error.status,
                                                                      self.error.type)
@@ -579,3 +595,11 @@ def _max_token_bytes(tokenizer: PromptTokenizer) -> int:
     raw = tokenizer._raw
     return max(len(raw.id_to_byte_piece(i, "keep"))
                for i in range(raw.num_special_tokens, raw.n_words))
+
+
+def _forget_release(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed release is not an unhandled error
+    return done

@@ -67,24 +67,40 @@ def _arrive(binary: bytes, call_site: str, owner: bytes, status: bytes, transpor
 
 
 class Keeper:
-    """Keeps `Held` values alive in this process until `release` or until their hold time
-    passes, whichever comes first: nothing stays behind a consumer that never comes back."""
+    """Keeps `Held` values alive in this process until `release` (of the value, or of the
+    `group` it was kept under, e.g. a request's id) or until their hold time passes,
+    whichever comes first: nothing stays behind a consumer that never comes back."""
 
     def __init__(self):
-        self._held: dict[bytes, tuple[Held, asyncio.TimerHandle]] = {}
+        self._held: dict[bytes, tuple[Held, asyncio.TimerHandle, str | None]] = {}
+        self._groups: dict[str, set[bytes]] = {}
 
-    def keep(self, held: Held, hold_s: float) -> Held:
+    def keep(self, held: Held, hold_s: float, group: str | None = None) -> Held:
         timer = asyncio.get_running_loop().call_later(hold_s, self._drop, held.key)
-        self._held[held.key] = (held, timer)
+        self._held[held.key] = (held, timer, group)
+        if group is not None:
+            self._groups.setdefault(group, set()).add(held.key)
         return held
 
     def release(self, held: Held) -> None:
-        entry = self._held.pop(held.key, None)
-        if entry is not None:
-            entry[1].cancel()
+        self._drop(held.key)
 
-    def _drop(self, key: bytes) -> None:
-        self._held.pop(key, None)
+    def release_group(self, group: str) -> int:
+        """Let go of every value kept under `group`; how many were still kept."""
+        return sum(self._drop(key) for key in list(self._groups.get(group, ())))
+
+    def _drop(self, key: bytes) -> bool:
+        entry = self._held.pop(key, None)
+        if entry is None:
+            return False
+        _, timer, group = entry
+        timer.cancel()
+        if group is not None:
+            keys = self._groups[group]
+            keys.discard(key)
+            if not keys:
+                del self._groups[group]
+        return True
 
     def __len__(self) -> int:
         return len(self._held)

@@ -1,12 +1,16 @@
 """Pixel tensors by reference: into Ray's object store where Ray runs, as themselves elsewhere.
 
-The process that encodes a request's images keeps their pixels alive for `hold_s` (a request
-may be prefilled again on another replica: a retry, or a stream resumed after a decode replica
-died), then lets Ray free them; they cross Serve calls as `Held` identities, which Ray does not
-count (`services.kv.held` says why).
+The process that encodes a request's images keeps their pixels alive until the request ends (a
+request may be prefilled again on another replica: a retry, or a stream resumed after a decode
+replica died): the request service releases them then (`PixelOwner`, routed to the replica that
+keeps them by `services.workers.owner_router`), and `hold_s` (the request's deadline) bounds it
+if that never comes. They cross Serve calls as `Held` identities, which Ray does not count
+(`services.kv.held` says why).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from services.kv.held import KEEPER, Held
 from services.settings import LimitSettings
@@ -15,14 +19,27 @@ from services.settings import LimitSettings
 HOLD_S = LimitSettings().request_timeout_s
 
 
-def publish(arrays: list, hold_s: float = HOLD_S) -> list:
-    """`Held` references to `arrays` inside a Ray worker (kept here for `hold_s`); the arrays
-    themselves elsewhere."""
+@dataclass(frozen=True)
+class PixelOwner:
+    """Which Serve replica keeps a request's pixels (its unique id), and the request."""
+
+    replica: str
+    request_id: str
+
+
+def publish(arrays: list, hold_s: float = HOLD_S, group: str | None = None) -> list:
+    """`Held` references to `arrays` inside a Ray worker (kept here for `hold_s`, or until
+    `group` is released); the arrays themselves elsewhere."""
     import ray
 
     if ray._private.worker.global_worker.mode != ray.WORKER_MODE:  # not in a replica
         return arrays
-    return [KEEPER.keep(Held.put(a), hold_s) for a in arrays]
+    return [KEEPER.keep(Held.put(a), hold_s, group) for a in arrays]
+
+
+def in_store(images: list) -> bool:
+    """Whether `publish` put these in Ray's object store (someone keeps them there)."""
+    return any(isinstance(item, Held) for item in images)
 
 
 async def resolve(images: list) -> list:

@@ -8,10 +8,12 @@ from typing import Any
 
 from services.context import RequestContext
 from services.multimodal.preprocess import MultimodalPreprocessor
-from services.multimodal.refs import publish
+from services.kv.held import KEEPER
+from services.multimodal.refs import PixelOwner, in_store, publish
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
+from services.telemetry.logs import serve_identity
 from services.tokenizer import EncodedPrompt, load_tokenizer
 
 
@@ -26,6 +28,7 @@ class MultimodalWorker:
         self.one_image_size = settings.one_image_size
         self.image_tokens = ImageTokens.of(self.preprocessor.tokenizer)
         tracing.configure(settings.telemetry.tracing, role=self.role)
+        self.replica = serve_identity().get("replica", "")
 
     async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
                      tools: list[dict[str, Any]] | None) -> EncodedPrompt:
@@ -38,8 +41,20 @@ class MultimodalWorker:
             span.set_attributes({"small4.images": len(prompt.images),
                                  "small4.prompt_tokens": len(prompt.ids),
                                  "small4.pixel_bytes": sum(a.nbytes for a in prompt.images)})
-        # kept for the request's life: prefill retries and resumes fetch them again
+        # kept for the request's life (prefill retries and resumes fetch them again): until
+        # the request service releases them, at the latest until the request's deadline
         left = ctx.remaining_s()
-        prompt.images = publish(prompt.images, **({} if left is None else
-                                                  {"hold_s": max(1.0, left)}))
+        prompt.images = publish(prompt.images, group=ctx.request_id,
+                                **({} if left is None else {"hold_s": max(1.0, left)}))
+        if in_store(prompt.images):
+            prompt.pixels_owner = PixelOwner(self.replica, ctx.request_id)
         return prompt
+
+    async def release(self, owner: PixelOwner) -> int:
+        """The request of `owner` ended: let its pixels go (routed to the replica that keeps
+        them, `services.workers.owner_router`); how many images were still kept."""
+        return KEEPER.release_group(owner.request_id)
+
+    async def held_images(self) -> int:
+        """Images this replica keeps in the object store now."""
+        return len(KEEPER)

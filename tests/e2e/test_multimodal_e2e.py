@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import numpy as np
 import openai
@@ -58,3 +59,18 @@ def test_bad_images_over_http_are_400_naming_the_part(client, url, fragment):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert err.value.body["param"] == "messages.0.content.1.image_url"
     assert fragment in err.value.body["message"]
+
+
+def test_a_finished_requests_pixels_leave_the_object_store(client, ask):
+    """The multimodal replica keeps a request's pixels until the request ends, not until its
+    deadline (600 s): answered or refused after encoding, they are released."""
+    image = {"type": "image_url", "image_url": {"url": png_url((64, 64), 3)}}
+    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    with pytest.raises(openai.BadRequestError):  # refused once encoded: no room to answer
+        client.chat.completions.create(model=MODEL, max_tokens=4090, messages=[
+            {"role": "user", "content": [image, image]}])
+    deadline = time.monotonic() + 20
+    while (held := ask("ref", "multimodal", "held_images")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held == 0

@@ -147,3 +147,20 @@ def test_oversized_bytes_are_refused_before_decoding(tokenizer):
     pre = MultimodalPreprocessor(tokenizer, ImageSettings(max_bytes=1000))
     with pytest.raises(InvalidRequest, match="larger than 1000 bytes"):
         asyncio.run(pre.encode(chat(data_url(encoded(noise((200, 200)), "PNG"))), effort="none"))
+
+
+def test_a_release_goes_to_the_replica_that_keeps_the_pixels():
+    from types import SimpleNamespace
+
+    from services.multimodal.refs import PixelOwner
+    from services.workers.owner_router import choose
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in "abcd"]
+    release = SimpleNamespace(args=[PixelOwner("c", "r1")])
+    assert choose(replicas, release) == [[replicas[2]]]
+    gone = SimpleNamespace(args=[PixelOwner("z", "r1")])  # its pixels went with it
+    assert choose(replicas, gone) == [replicas]
+    encode = SimpleNamespace(args=["ctx", [], "none", None])
+    ranks = choose(replicas, encode)
+    assert len(ranks) == 1 and len(ranks[0]) == 2 and all(r in replicas for r in ranks[0])
+    assert choose([], encode) == []
