@@ -78,7 +78,8 @@ class PromptTokenizer:
         those parts are encoded from them, never fetched or decoded by mistral-common. A last
         assistant message with `prefix: true` (Mistral's prefill) is continued, not answered.
         """
-        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.exceptions import (InvalidToolException, InvalidToolSchemaException,
+                                               MistralCommonException)
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         messages, prefill = _prefill(messages)
@@ -93,6 +94,9 @@ class PromptTokenizer:
         except KeyError as exc:
             raise InvalidRequest(f"messages could not be encoded: a message lacks the field "
                                  f"{exc.args[0]!r} its role needs", param="messages") from None
+        except (InvalidToolException, InvalidToolSchemaException) as exc:  # a tool's definition
+            raise InvalidRequest(f"tools could not be encoded: {_first_line(exc)}",
+                                 param="tools") from None
         except (MistralCommonException, ValueError, TypeError) as exc:
             raise InvalidRequest(f"messages could not be encoded: {_first_line(exc)}",
                                  param="messages") from None

@@ -236,3 +236,13 @@ def test_functions_and_tools_do_not_mix(tokenizer, body, param):
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, **body)
     assert err.value.param == param
+
+
+@pytest.mark.parametrize("function, words", [
+    (WEATHER | {"parameters": {"type": "objectx"}}, "Invalid tool schema"),
+    (WEATHER | {"name": "get weather!"}, "Function name"),
+])
+def test_a_bad_tool_definition_is_refused_naming_tools(tokenizer, function, words):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, tools=[{"type": "function", "function": function}])
+    assert err.value.param == "tools" and words in str(err.value), str(err.value)
