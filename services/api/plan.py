@@ -74,13 +74,17 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     text = sum(_text_bytes(m.content) for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else \
-        req.max_tokens
-    asked = max(asked or 0, 0)
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = max(getattr(req, field) or 0, 0)
+    if asked >= model.context_length:  # no prompt could leave that much room
+        raise ContextLengthExceeded(
+            f"{field} is {asked}; this model's maximum context length is "
+            f"{model.context_length} tokens, prompt and completion together", param=field)
     if floor + asked > model.context_length:  # each choice is its own sequence
         raise ContextLengthExceeded(
             f"this model's maximum context length is {model.context_length} tokens; the "
-            f"messages have {text} bytes of text, at least {floor} tokens", param="messages")
+            f"messages have {text} bytes of text, at least {floor} tokens, and {field} asks "
+            f"for {asked} more", param="messages")
     return floor + req.n * asked
 
 

@@ -35,7 +35,9 @@ class TextPart(_Wire):
 
 class ImageURL(_Wire):
     url: str = Field(min_length=1)
-    detail: str | None = None
+    # "low" (a fixed low resolution, fewer tokens) is not implemented: every image is read at
+    # its own resolution up to `images.max_pixels`, which is what "high" and "auto" ask for
+    detail: Literal["auto", "high"] | None = None
 
 
 class ImagePart(_Wire):
@@ -106,9 +108,13 @@ class Tool(_Wire):
     function: FunctionSpec
 
 
+class NamedFunction(_Wire):
+    name: str = Field(min_length=1)
+
+
 class NamedToolChoice(_Wire):
     type: Literal["function"]
-    function: dict[str, str]
+    function: NamedFunction
 
 
 class StreamOptions(_Wire):
@@ -206,7 +212,8 @@ class ChatCompletionRequest(_Wire):
                                  "set", param="function_call")
         self.tools = [Tool(type="function", function=f) for f in self.functions]
         choice = self.function_call
-        self.tool_choice = (NamedToolChoice(type="function", function={"name": choice.name})
+        self.tool_choice = (NamedToolChoice(type="function",
+                                            function=NamedFunction(name=choice.name))
                             if isinstance(choice, FunctionCallChoice) else choice)
         self.parallel_tool_calls = False
         return self
@@ -217,6 +224,9 @@ class ChatCompletionRequest(_Wire):
 
     @model_validator(mode="after")
     def _related_fields(self):
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice: a required or named tool_choice needs tools",
+                                 param="tool_choice")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs: logprobs must be true to use top_logprobs",
                                  param="top_logprobs")

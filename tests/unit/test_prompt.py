@@ -8,7 +8,7 @@ from mistral_common.protocol.instruct.messages import (AssistantMessage, SystemM
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MCRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 
-from services.api.plan import admit, plan_request, tools_of
+from services.api.plan import admit, plan_request, prompt_floor, tools_of
 from services.api.schemas import parse_chat_request
 from services.errors import InvalidRequest
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
@@ -222,7 +222,7 @@ def test_deprecated_functions_are_tools_with_one_call(tokenizer):
     got = plan(tokenizer, functions=[WEATHER], function_call={"name": "get_weather"})
     req = got.request
     assert req.legacy_functions and [t.function.name for t in req.tools] == ["get_weather"]
-    assert req.tool_choice.function == {"name": "get_weather"}
+    assert req.tool_choice.function.name == "get_weather"
     assert req.parallel_tool_calls is False and got.tools_enabled
     assert plan(tokenizer, functions=[WEATHER], function_call="none").tools_enabled is False
 
@@ -246,3 +246,36 @@ def test_a_bad_tool_definition_is_refused_naming_tools(tokenizer, function, word
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, tools=[{"type": "function", "function": function}])
     assert err.value.param == "tools" and words in str(err.value), str(err.value)
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "function": WEATHER}],
+      "tool_choice": {"type": "function", "function": {"nam": "get_weather"}}},
+     "tool_choice.function.name", "Field required"),
+    ({"messages": [{"role": "user", "content": [IMAGE | {"image_url": {
+        "url": IMAGE["image_url"]["url"], "detail": "low"}}]}]},
+     "messages.0.content.0.image_url.detail", "'auto' or 'high'"),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(tokenizer, body, param, words):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, **body)
+    assert err.value.param == param and words in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 300}, "max_tokens"), ({"max_completion_tokens": 256}, "max_completion_tokens"),
+    ({"max_tokens": 200, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
+])
+def test_the_cheap_context_check_names_the_field_that_overflows(body, param):
+    """Before tokenising: a completion longer than the whole context is the max_tokens' fault,
+    not the two-byte prompt's."""
+    full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
+    with pytest.raises(InvalidRequest) as err:
+        prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256))
+    assert err.value.code == "context_length_exceeded" and err.value.param == param
