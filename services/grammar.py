@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from services.errors import InvalidRequest, clip
-from services.tokenizer import PromptTokenizer
+from services.tokenizer import PromptTokenizer, reason
 
 # mistral-common's think template, as shipped: its reasoning rule, which we give a token budget
 _THINK_RULE = "think: {{ begin_think_token }} content {{ end_think_token }}"
@@ -95,7 +95,7 @@ class Guidance:
             request = _mistral_request(spec)
             lark = self.factory.get_grammar_for_chat_request(request, self._template(spec))
         except (MistralCommonException, ValueError, TypeError) as exc:
-            raise InvalidRequest(f"{field_of(spec)}: {clip(str(exc).splitlines()[0])}",
+            raise InvalidRequest(f"{field_of(spec)}: {clip(reason(exc))}",
                                  param=field_of(spec)) from None
         if lark is None:
             return None

@@ -95,10 +95,10 @@ class PromptTokenizer:
             raise InvalidRequest(f"messages could not be encoded: a message lacks the field "
                                  f"{exc.args[0]!r} its role needs", param="messages") from None
         except (InvalidToolException, InvalidToolSchemaException) as exc:  # a tool's definition
-            raise InvalidRequest(f"tools could not be encoded: {_first_line(exc)}",
+            raise InvalidRequest(f"tools could not be encoded: {reason(exc)}",
                                  param="tools") from None
         except (MistralCommonException, ValueError, TypeError) as exc:
-            raise InvalidRequest(f"messages could not be encoded: {_first_line(exc)}",
+            raise InvalidRequest(f"messages could not be encoded: {reason(exc)}",
                                  param="messages") from None
         return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)
 
@@ -163,6 +163,14 @@ def _put_images(request, messages, images) -> None:
         request.messages[i] = UserMessage(content=chunks)
 
 
-def _first_line(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
+    """What a library's exception says, on one line: a pydantic validation error by its first
+    error's place and message (its first line is only "N validation errors for X")."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(map(str, first.get("loc", ())))
+        return f"{where}: {first['msg']}"[:300] if where else first["msg"][:300]
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

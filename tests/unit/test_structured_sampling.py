@@ -132,17 +132,19 @@ def test_plain_text_and_loose_tools_need_no_grammar(guidance):
     assert guidance.grammar(StructuredRequest(tools=[WEATHER], parallel_tool_calls=False))
 
 
-@pytest.mark.parametrize("format_, field", [
+@pytest.mark.parametrize("format_, field, words", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}},
-     "response_format.json_schema"),
+     "response_format.json_schema", ""),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
-     "response_format.json_schema"),
+     "response_format.json_schema", "'nonsense' is not valid"),
 ])
-def test_a_schema_the_compiler_cannot_take_is_refused_naming_the_field(guidance, format_, field):
+def test_a_schema_the_compiler_cannot_take_is_refused_naming_the_field(guidance, format_, field,
+                                                                       words):
     with pytest.raises(InvalidRequest) as caught:
         guidance.grammar(StructuredRequest(response_format=format_))
     assert caught.value.param == field
+    assert words in caught.value.message and "validation error" not in caught.value.message
 
 
 def test_a_named_tool_that_is_not_offered_is_refused(guidance):
