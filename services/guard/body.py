@@ -162,9 +162,15 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequest("the request body is not valid JSON") from None
 
 
-class HugeInteger(str):
-    """A JSON integer of more digits than any field accepts; fails the schema's int check."""
+class HugeInteger(float):
+    """A JSON integer of more digits than any field accepts, kept a number (a float, finite):
+    the schema's strict int fields refuse it, its bounded floats are out of range, and its
+    text fields refuse it as they refuse any number, never reading it as a string."""
 
 
 def _parse_int(digits: str) -> int | HugeInteger:
-    return HugeInteger(digits[:24] + "…") if len(digits) > 40 else int(digits)
+    if len(digits) <= 40:
+        return int(digits)
+    size = len(digits.lstrip("-"))  # no float beyond ~1.8e308: the largest stands in
+    magnitude = float(digits) if size <= 308 else float.fromhex("0x1.fffffffffffffp+1023")
+    return HugeInteger(-abs(magnitude) if digits.startswith("-") else magnitude)

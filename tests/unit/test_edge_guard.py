@@ -114,6 +114,23 @@ def test_a_5000_digit_seed_is_refused_naming_seed():
     assert info.value.param == "seed"
 
 
+@pytest.mark.parametrize("field, where, param", [
+    ("stop", b'"stop": {}', "stop"),
+    ("content", b'"messages": [{"role": "user", "content": {}}]', "messages.0.content"),
+    ("temperature", b'"temperature": {}', "temperature"),
+])
+def test_a_huge_integer_is_a_number_never_a_string(field, where, param):
+    """A 45-digit integer sent for a text field is refused as the number it is (a 12 is), not
+    read as a string the client never sent."""
+    for digits in (b"1" * 45, b"-" + b"7" * 400):
+        text = where.replace(b"{}", digits)
+        if field != "content":
+            text += b', "messages": [{"role": "user", "content": "x"}]'
+        with pytest.raises(InvalidRequest) as info:
+            parse_chat_request(parse_json(b'{"model": "m", ' + text + b"}"))
+        assert info.value.param == param, info.value.message
+
+
 def test_invalid_utf8_and_runaway_recursion_are_400():
     with pytest.raises(InvalidRequest):
         parse_json(b'{"a": "\xff"}')
