@@ -113,6 +113,9 @@ class SGLangEngine:
         except Exception as exc:  # e.g. a failed KV transfer (500): retried in a new room
             raise engine_error(request.request_id, "abort", f"{type(exc).__name__}: {exc}") \
                 from exc
+        except BaseException:  # cancelled (its deadline, or the decode side gave up): SGLang
+            await self.abort(request.request_id)  # keeps running it unless told, KV held
+            raise
         finally:
             self.live.pop(request.request_id, None)
         OutputReader(request.request_id).finish(out)  # raises if SGLang aborted it

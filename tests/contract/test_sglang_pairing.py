@@ -180,6 +180,24 @@ def test_a_stream_our_stop_string_ends_aborts_its_engine_request():
     assert engine.aborted == ["chatcmpl-1#12345"] and adapter.live == {}
 
 
+def test_a_prefill_cancelled_while_it_runs_aborts_its_engine_request():
+    """SGLang goes on with a request whose caller went away (its deadline, or the decode side
+    giving up on the attempt), holding the KV and the room: a cancelled prefill aborts it."""
+    engine = RecordingEngine(block=True)
+    adapter = Adapter(engine)
+    adapter.image_tokens, adapter.live = TOKENS, {}
+    prefill = SGLangEngine.prefill.__get__(adapter)
+
+    async def run():
+        running = asyncio.ensure_future(prefill(request()))
+        await asyncio.sleep(0.05)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+    asyncio.run(run())
+    assert engine.aborted == [engine.calls[0]["rid"]] and adapter.live == {}
+
+
 def test_the_probe_makes_an_engine_ready_that_sglang_never_marks_up():
     engine = RecordingEngine(outputs([7]))
     probe = EngineProbe(engine, timeout_s=1, every_s=60)
