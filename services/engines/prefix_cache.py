@@ -103,9 +103,9 @@ class PrefixCache:
                                                self._images_in(marks, start)):
                 break
             block.readers += 1
-            self._blocks.move_to_end(key)
             hit.blocks.append(block)
             hit.tokens += size
+        self._touch([block.key for block in hit.blocks])
         self.stats.lookup_tokens += len(token_ids)
         self.stats.hit_tokens += hit.tokens
         return hit
@@ -127,22 +127,33 @@ class PrefixCache:
         """Store the full blocks of `token_ids` from `first_block` on that are not held yet;
         `kv_of_block(i)` gives block i's KV. Returns how many blocks were stored."""
         marks = image_marks or {}
-        size, stored = self.block_tokens, 0
-        for index, (parent, key) in enumerate(self.chain(token_ids, salt, marks)):
-            if index < first_block:
-                continue
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
-                continue
-            if not self._make_room(size):
-                break
-            start = index * size
-            self._blocks[key] = Block(key, parent, salt,
-                                      tuple(int(t) for t in token_ids[start:start + size]),
-                                      self._images_in(marks, start), kv_of_block(index))
-            self.stats.held_tokens += size
-            stored += 1
+        size, stored, chain = self.block_tokens, 0, []
+        try:
+            for index, (parent, key) in enumerate(self.chain(token_ids, salt, marks)):
+                if index < first_block:
+                    continue
+                if key not in self._blocks:
+                    if not self._make_room(size):  # never at the cost of this chain's head
+                        break
+                    start = index * size
+                    self._blocks[key] = Block(
+                        key, parent, salt, tuple(int(t) for t in token_ids[start:start + size]),
+                        self._images_in(marks, start), kv_of_block(index))
+                    self.stats.held_tokens += size
+                    stored += 1
+                self._blocks[key].readers += 1  # pinned while the rest of the chain goes in
+                chain.append(key)
+        finally:
+            for key in chain:
+                self._blocks[key].readers -= 1
+            self._touch(chain)
         return stored
+
+    def _touch(self, keys: list[bytes]) -> None:
+        """Mark a chain's blocks used, its head last: eviction takes a chain from its tail, so
+        what stays of it is still a prefix that can hit (a lost head strands the rest)."""
+        for key in reversed(keys):
+            self._blocks.move_to_end(key)
 
     def _make_room(self, tokens: int) -> bool:
         """Evict unread blocks, least recently used first, until `tokens` more fit."""

@@ -186,8 +186,8 @@ class CacheAwareRouter(RequestRouter):
 
     def _remember(self, replica_id: ReplicaID, chain: list[bytes]) -> None:
         index = self.index.setdefault(replica_id, OrderedDict())
-        for key in chain:  # the engine will hold these blocks once the prefill ran
-            index[key] = None
+        for key in reversed(chain):  # the engine will hold these blocks once the prefill ran,
+            index[key] = None  # and evicts a chain from its tail (`PrefixCache._touch`)
             index.move_to_end(key)
         while len(index) > self.capacity_blocks:
             index.popitem(last=False)

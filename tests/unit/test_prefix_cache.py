@@ -172,6 +172,24 @@ def test_eviction_is_least_recently_used_and_spares_blocks_being_read():
     assert cache.stats.evicted_tokens == 8
 
 
+def test_eviction_takes_a_chain_from_its_tail_so_what_stays_still_hits():
+    """A prompt's blocks only hit from its first one on: evicting a chain's head would leave
+    the rest held (counted, routed to) and never hit again."""
+    cache = PrefixCache(block_tokens=4, capacity_tokens=16)
+    a, b = list(range(100, 112)), list(range(200, 208))
+    cache.insert(a, "", None, lambda i: i)
+    cache.insert(b, "", None, lambda i: i)  # one block must go: a's last
+    assert (probe(cache, a), probe(cache, b)) == (8, 8)
+    assert cache.stats.held_tokens == 16
+    longer = PrefixCache(block_tokens=4, capacity_tokens=16)
+    stored = longer.insert(list(range(24)), "", None, lambda i: i)  # 6 blocks, room for 4
+    assert stored == 4 and probe(longer, list(range(24))) == 16
+    used = longer.acquire(list(range(8)) + [0], "")  # read again: its head is the most recent
+    longer.release(used)
+    longer.insert(list(range(50, 58)), "", None, lambda i: i)
+    assert probe(longer, list(range(24))) == 8
+
+
 def test_a_hit_never_covers_the_last_prompt_token():
     cache = PrefixCache(block_tokens=4, capacity_tokens=64)
     cache.insert([1] * 8, "", None, lambda i: i)

@@ -187,6 +187,9 @@ def test_a_replica_that_leaves_drops_out_and_reports_trim_the_index(router):
     assert router.index[home.replica_id]
     router_state.correct(home.replica_id.unique_id, held_tokens=2 * BLOCK)
     assert len(router.index[home.replica_id]) == 2
+    # the engine evicts a chain from its tail: what the index keeps is the prompt's head
+    chain = [key for _, key in router.keys.chain(request.args[1].prompt_ids, "t")]
+    assert router.predicted_hit(home.replica_id, chain) == 2 * BLOCK
     router.on_replica_actor_died(home.replica_id)
     assert home.replica_id not in router.index and home.replica_id not in router.queued
 
