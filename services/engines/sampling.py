@@ -97,8 +97,13 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) ->
     return _pick(logits, params, position)
 
 
+# Below this temperature a pick is greedy, as in SGLang (its _SAMPLING_EPS): dividing by a
+# temperature that underflows float32 would make the distribution NaN.
+GREEDY_BELOW = 1e-6
+
+
 def _pick(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    if params.temperature <= 0.0 or params.top_p <= 0.0:
+    if params.temperature < GREEDY_BELOW or params.top_p <= 0.0:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

@@ -248,3 +248,14 @@ def test_with_reasoning_a_forced_call_follows_the_reasoning_at_once(guidance, to
     assert ids[end + 1] == tokenizer.special("[TOOL_CALLS]")
     (name, args), = calls_of(tokenizer, ids[end + 1:])
     jsonschema.validate(args, TOOLS[name]["function"]["parameters"])
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-7])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
+    """Valid (the API takes [0, 2]) yet below float32's range once divided: greedy, as SGLang
+    does, never a NaN distribution that fails the request."""
+    from services.engines.sampling import sample_token
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(max_tokens=1, temperature=temperature)
+    assert sample_token(logits, params, 0) == int(torch.argmax(logits))
