@@ -55,7 +55,7 @@ class ContinuousBatcher:
         self.step = step
         self.running: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
-        self.failure = ""
+        self.failure = ""  # the last step's error, "" once a step succeeds again
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -126,6 +126,7 @@ class ContinuousBatcher:
                 for seq in batch:
                     self._finish(seq, EngineError(f"decode step failed: {exc}"))
                 continue
+            self.failure = ""  # a transient fault does not mark the engine unhealthy for good
             for seq, (token, logprob) in zip(batch, sampled):
                 if not seq.done:
                     finish = seq.stops.check([token])

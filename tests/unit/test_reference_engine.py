@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import torch
 
+from services.engines.batching import ContinuousBatcher, Sequence
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.reference import ReferenceEngine
+from services.engines.stops import StopChecker
+from services.errors import EngineError
 from services.kv.backends import LocalHandoff
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import EngineSettings
@@ -121,3 +125,33 @@ def test_seeded_sampling_is_reproducible_across_engines(standin, tokenizer):
     other = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=8, ignore_eos=True)
     engines = make_engine(standin, tokenizer, "prefill"), make_engine(standin, tokenizer, "decode")
     assert asyncio.run(disaggregated(*engines, EngineRequest("s", prompt, other))) != first
+
+
+def test_a_failed_decode_step_fails_its_batch_and_health_recovers_with_the_next():
+    class Seq(Sequence):
+        kv_tokens = 1
+
+    calls = []
+
+    async def step(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return [(7, None)] * len(batch)
+
+    async def run():
+        batcher = ContinuousBatcher(EngineSettings(), step)
+
+        async def one(rid):
+            params = SamplingParams(max_tokens=3)
+            seq = Seq(EngineRequest(rid, [1, 2], params), StopChecker(params, (), str))
+            return [c async for c in batcher.stream(seq, 5)]
+
+        with pytest.raises(EngineError, match="transient"):
+            await one("a")
+        failed = batcher.failure
+        chunks = await one("b")
+        return failed, batcher.failure, sum(len(c.token_ids) for c in chunks)
+
+    failed, after, tokens = asyncio.run(run())
+    assert "transient" in failed and after == "" and tokens == 2
