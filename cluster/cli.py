@@ -93,11 +93,27 @@ def cmd_up(args) -> int:
                  _metrics_export_port=settings.ray.metrics_port)
         metrics = f"http://{_host(settings.ray.node_ip)}:{settings.ray.metrics_port}/metrics"
     # After ray.init, which installs a SIGTERM handler of its own (exit with the signal number).
-    stop = threading.Event()
+    # While deploying, a signal stops the deploy (Serve waits for the app without a deadline:
+    # a replica that can never be placed would hold the process for ever); once serving, it
+    # starts the drain below.
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        if not serving.is_set():
+            raise _Interrupted(signum)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    serve.start(http_options={"host": settings.http.host, "port": port})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        signal.signal(signum, on_signal)
+    print(f"deploying {settings.profile} (Ctrl-C stops)", flush=True)
+    try:
+        serve.start(http_options={"host": settings.http.host, "port": port})
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    except _Interrupted as interrupted:
+        print("interrupted while deploying: stopping", flush=True)
+        _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+        return 128 + interrupted.signum
+    serving.set()
     base = f"http://{_host(settings.http.host)}:{port}"
     print(f"small4 ({settings.profile}, engine {settings.engine.kind}) serving {base}/v1",
           flush=True)
@@ -109,6 +125,14 @@ def cmd_up(args) -> int:
     _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
     print("stopped", flush=True)
     return 0
+
+
+class _Interrupted(BaseException):
+    """A signal that arrived while the app was still deploying."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _host(host: str) -> str:
