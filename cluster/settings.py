@@ -73,10 +73,19 @@ class StackSettings(ServiceSettings):
         if sglang[0] and not gpu_engines(self.pools, self.topology):
             raise ValueError("engine.kind sglang needs GPUs: give the prefill and decode roles "
                              "num_gpus equal to topology.tensor_parallel")
+        if self.ray.metrics_port == self.http.port:
+            raise ValueError(f"ray.metrics_port: {self.ray.metrics_port} is http.port too; "
+                             "Ray's metrics export and the HTTP ingress need a port each")
         try:
             self.placements()
         except TopologyError as exc:
             raise ValueError(f"topology: {exc}") from None
+        slots = self.topology.engines_per_node * self.topology.nodes
+        budget = self.autoscaling.budget_engines
+        if gpu_engines(self.pools, self.topology) and budget is not None and budget > slots:
+            raise ValueError(f"autoscaling.budget_engines: {budget} engines, but the topology "
+                             f"holds {slots} at tensor_parallel {self.topology.tensor_parallel} "
+                             "(engines granted beyond it could never be placed)")
         if self.autoscaling.enabled:
             floor = sum(getattr(p, r).lowest for p in self.pools.values() for r in ROLES)
             if floor > self.budget_engines():
@@ -120,7 +129,9 @@ class StackSettings(ServiceSettings):
 
     def placements(self):
         """Where every GPU engine goes (`cluster.topology.plan_engines`)."""
-        return plan_engines(self.pools, self.topology, {self.http.port: "the HTTP ingress"})
+        return plan_engines(self.pools, self.topology,
+                            {self.http.port: "the HTTP ingress",
+                             self.ray.metrics_port: "Ray's metrics export (ray.metrics_port)"})
 
     def worker(self, pool: str) -> WorkerSettings:
         """The sub-settings one pool's prefill and decode workers receive."""

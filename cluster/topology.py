@@ -19,8 +19,7 @@ from pydantic import Field
 
 from services.settings import DeploymentSettings, PoolSettings, RoleSettings, Strict
 
-RAY_PORTS = {6379: "the Ray GCS", 8080: "Ray's metrics export", 8265: "the Ray dashboard",
-             10001: "the Ray client server"}
+RAY_PORTS = {6379: "the Ray GCS", 8265: "the Ray dashboard", 10001: "the Ray client server"}
 
 
 class TopologySettings(Strict):

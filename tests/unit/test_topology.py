@@ -60,6 +60,9 @@ def test_gpu_roles_get_one_strict_pack_group_per_engine():
       "pools__deep__decode__num_gpus": 16}, "tensor_parallel 16 does not fit a node of 8 GPUs"),
     ({"topology__bootstrap_port_base": 7998}, "include port 8000, used by the HTTP ingress"),
     ({"topology__bootstrap_port_base": 8078}, "include port 8080, used by Ray's metrics export"),
+    ({"ray__metrics_port": 9000}, "include port 9000, used by Ray's metrics export"),
+    ({"ray__metrics_port": 8000}, "ray.metrics_port: 8000 is http.port too"),
+    ({"autoscaling__budget_engines": 12}, "12 engines, but the topology holds 8"),
 ])
 def test_impossible_profiles_are_refused_naming_the_problem(changes, problem):
     with pytest.raises(SettingsError) as err:
