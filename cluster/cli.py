@@ -60,14 +60,31 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"up": cmd_up, "status": cmd_status, "scale": cmd_scale, "release": cmd_release,
                 "generate": cmd_generate, "openapi": cmd_openapi, "plan": cmd_plan,
                 "simulate": cmd_simulate}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except _Refused as refused:
+        print(f"refused: {refused}", file=sys.stderr)
+        return 2
+
+
+def _settings(args):
+    """The profile `--config` names (or the embedded one); a bad or missing file is one line
+    on stderr and exit code 2, not a traceback."""
+    from cluster.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(args.config)
+    except (SettingsError, ValueError, OSError) as exc:
+        raise _Refused(str(exc)) from None
+
+
+class _Refused(Exception):
+    """A command refused before it started (`main` prints it, exit code 2)."""
 
 
 def cmd_up(args) -> int:
     """Start (or join) Ray, deploy, serve; on SIGTERM or Ctrl-C drain and exit 0."""
-    from cluster.settings import load_settings
-
-    settings = load_settings(args.config)
+    settings = _settings(args)
     port = args.port or settings.http.port
     if settings.ray.throughput_optimized and not args.address:
         # Read when `ray.serve` is first imported (the handles' transport) and by the
@@ -293,14 +310,13 @@ def _name(state) -> str:
 
 def cmd_plan(args) -> int:
     from cluster.plan import deploy_plan, plan_table
-    from cluster.settings import SettingsError, load_settings
+    from cluster.settings import SettingsError
 
+    settings = _settings(args)
     try:
-        settings = load_settings(args.config)
         entries = deploy_plan(settings)
     except (SettingsError, ValueError, OSError) as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return 2
+        raise _Refused(str(exc)) from None
     print(json.dumps(entries, indent=2, default=str) if args.json
           else plan_table(settings, entries))
     return 0
@@ -313,10 +329,9 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_openapi(args) -> int:
-    from cluster.settings import load_settings
     from services.api import openapi
 
-    print(json.dumps(openapi.build(load_settings(args.config).ingress_settings()), indent=2))
+    print(json.dumps(openapi.build(_settings(args).ingress_settings()), indent=2))
     return 0
 
 
@@ -324,9 +339,8 @@ def cmd_generate(args) -> int:
     from starlette.testclient import TestClient
 
     from cluster.inprocess import build_inprocess
-    from cluster.settings import load_settings
 
-    settings = load_settings(args.config)
+    settings = _settings(args)
     ingress = build_inprocess(settings)
     body = {"model": settings.model.name, "max_tokens": args.max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": args.prompt}]}

@@ -163,6 +163,7 @@ def parse_settings(data: dict[str, Any] | None) -> StackSettings:
         field = ".".join(str(p) for p in error["loc"]) or None
         what = {"extra_forbidden": "unknown settings key",
                 "missing": "required"}.get(error["type"], error["msg"])
+        what = what.removeprefix("Value error, ")  # our validators' own words
         if field == "auth" and error["type"] == "missing":
             what = "required: give auth.keys_file, or auth.enabled: false to serve without keys"
         raise SettingsError(f"{field}: {what}" if field else what, field) from None

@@ -5,7 +5,7 @@ The keys file (YAML; a mounted Kubernetes Secret in production) holds no key its
     keys:
       - name: search-backend          # shown in logs, metrics and traces with the tenant
         tenant: search
-        sha256: 9f86d081884c7d65…     # `small4 keys hash` prints it for a new key
+        sha256: 9f86d081884c7d65…     # hashlib.sha256(key.encode()).hexdigest()
         revoked: false
         quota: {requests_per_s: 20, tokens_per_min: 200000, max_concurrent_streams: 32}
 

@@ -104,3 +104,17 @@ def test_plan_shows_each_engines_placement_port_and_sglang_arguments(capsys, tmp
     bad.write_text(yaml.safe_dump(h200(topology__bootstrap_port_base=7998)))
     assert main(["plan", "--config", str(bad)]) == 2
     assert "include port 8000, used by the HTTP ingress" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["up", "openapi", "generate", "plan"])
+def test_a_bad_or_missing_profile_is_one_line_and_exit_2_for_every_command(command, capsys,
+                                                                          tmp_path):
+    from cluster.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(h200(ray__metrics_port=8000)))
+    extra = ["hi"] if command == "generate" else []
+    assert main([command, *extra, "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("refused: ray.metrics_port")
+    assert main([command, *extra, "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
