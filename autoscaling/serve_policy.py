@@ -162,7 +162,7 @@ class ServePolicy:
         if now - self.published >= PUBLISH_S:
             self.published = now
             _publish(app, self.key, metrics, reports, wish, decision, shared, self.settings,
-                     ctx.target_num_replicas)
+                     ctx.target_num_replicas, sum(self.fixed.values()))
         return decision, {"wish": wish.replicas, "decision": decision}
 
 
@@ -179,7 +179,7 @@ def _overrides(app: str) -> dict:
 
 
 def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision: int, shared,
-             s, target: int) -> None:
+             s, target: int, fixed: int) -> None:
     met = sum((reports.get("slo_met") or {}).values())
     total = sum((reports.get("slo_total") or {}).values())
     latency = m.itl_p90_s if key[1] == "decode" else m.ttft_p90_s
@@ -187,6 +187,7 @@ def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision:
         "replicas": m.replicas, "target": target, "decision": decision,
         "wish": wish.replicas, "load_engines": round(wish.load, 3),
         "min": wish.min_replicas, "max": wish.max_replicas, "budget": shared.budget,
+        "fixed_engines": fixed,  # held by the roles that do not scale, within the budget
         "queued": m.queued_requests, "running": m.running_requests,
         "kv_used": m.kv_tokens_used,
         "kv_capacity": m.kv_capacity_per_replica * max(m.replicas, 1),

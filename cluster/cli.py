@@ -221,6 +221,20 @@ def cmd_scale(args) -> int:
         print(f"{args.pool}/{args.role} scales between {known[key]['min']} and "
               f"{known[key]['max']} replicas; got {args.replicas}", file=sys.stderr)
         return 2
+    if not known:
+        print(f"no autoscaled role has reported in {app} (autoscaling off, or its policy has "
+              "not run yet): nothing to pin", file=sys.stderr)
+        return 2
+    # the controller refuses overrides that do not fit the budget as a group: every pin
+    # would be dropped, so refuse this one here, where ops see it
+    pins = {**control.read_overrides(app), key: args.replicas}
+    status = known[key]
+    need = status.get("fixed_engines", 0) + sum(pins.get(k, s["min"]) for k, s in known.items())
+    if need > status["budget"]:
+        print(f"{args.pool}/{args.role} at {args.replicas}: the pins and the other roles' "
+              f"minimums would need {need} engines; the budget is {status['budget']}",
+              file=sys.stderr)
+        return 2
     control.set_override(app, args.pool, args.role, args.replicas)
     print(f"{app}: {args.pool}/{args.role} pinned at {args.replicas} replicas until "
           f"`small4 release {args.pool} {args.role}`")

@@ -31,6 +31,7 @@ AUTO_PROFILE = SIM_PROFILE | {
     "multimodal": {"num_cpus": 0.05},
     "autoscaling": {
         "enabled": True,
+        "budget_engines": 5,  # the three fixed roles and fast decode's 2 (its max is 3)
         "policy": {"upscale_delay_s": 1, "downscale_delay_s": 3, "load_rise_s": 1,
                    "load_fall_s": 2, "smoothing": 0.5, "prior_decode_residency_s": 3,
                    "burst_memory_s": 2, "lead_s": 1},
@@ -137,6 +138,9 @@ def test_scale_pins_the_role_until_release(auto, capsys):
     row = next(line for line in table.splitlines() if line.startswith("fast/decode"))
     assert row.split()[-1] == "2", table  # the override column
     assert main(["scale", "fast", "decode", "9", "--app", "auto"]) == 2  # beyond max_replicas
+    capsys.readouterr()
+    assert main(["scale", "fast", "decode", "3", "--app", "auto"]) == 2  # beyond the budget
+    assert "would need 6 engines; the budget is 5" in capsys.readouterr().err
     assert main(["scale", "deep", "decode", "2", "--app", "auto"]) == 2  # not autoscaled
     assert main(["release", "fast", "decode", "--app", "auto"]) == 0
     wait_for(lambda: decode_replicas() == 1, 60, "the policy to take the role back")
