@@ -86,10 +86,11 @@ class KeyRing:
                 return
             data = KeysFile.model_validate(yaml.safe_load(self.path.read_text()) or {})
         except (OSError, yaml.YAMLError, ValidationError) as exc:
+            why = _without_values(exc)
             if strict:
-                raise ValueError(f"auth.keys_file {self.path}: {exc}") from None
+                raise ValueError(f"auth.keys_file {self.path}: {why}") from None
             log.error("keys file %s not reloaded, keeping %d keys: %s", self.path,
-                      len(self.entries), exc)
+                      len(self.entries), why)
             return
         self.entries = {e.sha256: e for e in data.keys}
         self.mtime = mtime
@@ -113,3 +114,14 @@ class KeyRing:
         if entry is None or entry.revoked:
             raise Unauthorized("invalid API key")  # the same answer for unknown and revoked
         return Principal(entry.name, entry.tenant, entry.quota, key_id=entry.sha256)
+
+
+def _without_values(exc: BaseException) -> str:
+    """What is wrong with a keys file, never the values in it: a raw key pasted where its
+    digest goes would otherwise be printed (pydantic quotes a bad value, YAML a bad line)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in exc.errors())
+    if isinstance(exc, yaml.YAMLError):
+        mark = getattr(exc, "problem_mark", None)
+        return f"not valid YAML{f' (line {mark.line + 1})' if mark else ''}"
+    return f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'cannot be read'}"

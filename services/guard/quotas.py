@@ -47,6 +47,14 @@ class Bucket:
         self.level = min(self.capacity, self.level + amount)
 
 
+def _bucket(rate: float, capacity: float, old: Bucket | None, now: float) -> Bucket:
+    """A bucket for new limits: full for a new key, else at the old one's level (capped)."""
+    if old is None:
+        return Bucket(rate, capacity, capacity, now)
+    old._fill(now)
+    return Bucket(rate, capacity, min(capacity, old.level), now)
+
+
 @dataclass
 class _KeyState:
     requests: Bucket | None
@@ -77,9 +85,13 @@ class Quotas:
         if state is None or state.limits != limits:
             now = self.clock()
             rps, tpm = limits.requests_per_s, limits.tokens_per_min
+            # a key re-quoted (its file reloaded) keeps what it has spent: new buckets start
+            # where the old ones were, never fuller, so an edit is no fresh burst
             state = self.keys[who.ident] = _KeyState(
-                Bucket(rps, max(rps, 1.0), max(rps, 1.0), now) if rps else None,
-                Bucket(tpm / 60.0, tpm, tpm, now) if tpm else None,
+                _bucket(rps, max(rps, 1.0), state.requests if state else None, now)
+                if rps else None,
+                _bucket(tpm / 60.0, tpm, state.tokens if state else None, now)
+                if tpm else None,
                 state.streams if state else 0, limits)
         return state
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import threading
@@ -22,7 +23,7 @@ from services.api.schemas import parse_chat_request
 from services.errors import (InvalidRequest, PayloadTooLarge, RateLimited, RequestAborted,
                              StackError, UnsupportedMediaType, from_exception)
 from services.guard.body import ShapeCheck, check_encoding, parse_json
-from services.guard.keys import Principal
+from services.guard.keys import KeyRing, Principal, digest
 from services.guard.quotas import Quotas
 from services.guard.uploads import Uploads
 from services.settings import LimitSettings, QuotaSettings
@@ -157,6 +158,44 @@ def test_keys_sharing_a_name_have_separate_quotas():
     quotas.admit(twin, 1)
     with pytest.raises(RateLimited):
         quotas.admit(first, 1)
+
+
+def test_a_requoted_key_keeps_what_it_spent():
+    """Reloading the keys file with a changed quota must not refill the key's buckets: an edit
+    (even one of max_concurrent_streams only) is no fresh minute of tokens."""
+    quota = QuotaSettings(requests_per_s=1, tokens_per_min=1000, max_concurrent_streams=32)
+    quotas = Quotas(QuotaSettings(), clock=lambda: 0.0)
+    key = Principal("k", "t", quota, key_id="a" * 64)
+    quotas.release(quotas.admit(key, 1000), 1000)
+    for streams in (31, 32):
+        edited = Principal("k", "t", quota.model_copy(
+            update={"max_concurrent_streams": streams}), key_id="a" * 64)
+        with pytest.raises(RateLimited):
+            quotas.admit(edited, 1000)
+    raised = Principal("k", "t", quota.model_copy(update={"tokens_per_min": 5000}),
+                       key_id="a" * 64)
+    with pytest.raises(RateLimited):  # a higher quota refills at its rate from here, not at once
+        quotas.admit(raised, 10)
+
+
+def test_a_raw_key_pasted_into_the_keys_file_is_never_printed(tmp_path, caplog):
+    """At start the error names where the file is wrong; on reload the log does too: neither
+    quotes the value, which may be the secret itself."""
+    secret = "sk-live-" + "S3CRET" * 8
+    path = tmp_path / "keys.yaml"
+    good = {"keys": [{"name": "a", "tenant": "t", "sha256": digest("k" * 32)}]}
+    bad = {"keys": [{"name": "a", "tenant": "t", "sha256": secret}]}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError) as err:
+        KeyRing(path)
+    assert "keys.0.sha256" in str(err.value) and "S3CRET" not in str(err.value)
+    path.write_text(json.dumps(good))
+    ring = KeyRing(path, reload_s=0)
+    path.write_text(json.dumps(bad))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    ring.refresh()
+    assert "not reloaded" in caplog.text and "S3CRET" not in caplog.text
+    assert len(ring.entries) == 1
 
 
 def test_upload_slots_per_key_then_per_replica():
