@@ -175,11 +175,8 @@ class RequestService:
     def release_pixels(self, owner: Any) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the
         background (the answer is sent; a failed release leaves them to their deadline)."""
-        try:
-            task = asyncio.get_running_loop().create_task(
-                call(self.multimodal, MultimodalWorker.release, owner))
-        except RuntimeError:  # no loop: closed from outside one, nothing kept in a store
-            return
+        task = asyncio.get_running_loop().create_task(
+            call(self.multimodal, MultimodalWorker.release, owner))
         self._releasing.add(task)
         task.add_done_callback(_forget_release(self._releasing))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -162,15 +163,12 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequest("the request body is not valid JSON") from None
 
 
-class HugeInteger(float):
-    """A JSON integer of more digits than any field accepts, kept a number (a float, finite):
-    the schema's strict int fields refuse it, its bounded floats are out of range, and its
-    text fields refuse it as they refuse any number, never reading it as a string."""
-
-
-def _parse_int(digits: str) -> int | HugeInteger:
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer of more digits than any field accepts stays a number, as a finite float:
+    the schema's strict int fields refuse it, its bounded floats find it out of range, and its
+    text fields refuse it as they refuse any number (never read as a string)."""
     if len(digits) <= 40:
         return int(digits)
-    size = len(digits.lstrip("-"))  # no float beyond ~1.8e308: the largest stands in
-    magnitude = float(digits) if size <= 308 else float.fromhex("0x1.fffffffffffffp+1023")
-    return HugeInteger(-abs(magnitude) if digits.startswith("-") else magnitude)
+    if len(digits.lstrip("-")) > 308:  # beyond any float: the largest stands in
+        return -sys.float_info.max if digits.startswith("-") else sys.float_info.max
+    return float(digits)
