@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.engines.bootstrap_port import claim_port, replica_rank
@@ -121,11 +121,14 @@ class SGLangEngine:
         OutputReader(request.request_id).finish(out)  # raises if SGLang aborted it
         meta = out.get("meta_info") or {}
         ids = out.get("output_ids") or []
+        elapsed = time.perf_counter() - started
+        # time in the scheduler's queue, where SGLang reports it (its metrics on)
+        queued = min(elapsed, max(0.0, float(meta.get("queue_time") or 0.0)))
         # -1: the prefill engine reported no token; the decode engine streams the first one
         return PrefillResult(request.request_id, ids[0] if ids else -1,
                              len(request.prompt_ids), None,
                              cached_tokens=int(meta.get("cached_tokens") or 0),
-                             compute_s=time.perf_counter() - started)
+                             compute_s=elapsed - queued, queue_s=queued)
 
     async def open_decode(self, request: EngineRequest, pairing: dict[str, Any]) -> DecodeStream:
         """Start this decode engine's request for the room in `pairing` and wait until the KV
@@ -160,13 +163,53 @@ class SGLangEngine:
         return True
 
     def stats(self) -> EngineStats:
-        """Our own view of the engine: requests in flight, the KV they hold, and health from
-        the latest probe (`EngineProbe`), which this call starts again when it is due."""
+        """The engine's load as its schedulers publish it (`engine_load`: requests running and
+        waiting, KV tokens used of its pool), else our own view (requests in flight, the KV
+        their prompts and outputs hold), and health from the latest probe (`EngineProbe`),
+        which this call starts again when it is due."""
         healthy, detail = self.health.status()
-        return EngineStats(self.kind, self.role, running=len(self.live), waiting=0,
-                           kv_tokens=sum(tokens for _, tokens in self.live.values()),
-                           kv_capacity=self.settings.engine.kv_capacity_tokens,
+        load = engine_load(self.engine)
+        if load is None:
+            return EngineStats(self.kind, self.role, running=len(self.live), waiting=0,
+                               kv_tokens=sum(tokens for _, tokens in self.live.values()),
+                               kv_capacity=self.settings.engine.kv_capacity_tokens,
+                               healthy=healthy, detail=detail)
+        return EngineStats(self.kind, self.role, running=load.running, waiting=load.waiting,
+                           kv_tokens=load.kv_tokens,
+                           kv_capacity=load.kv_capacity or self.settings.engine.kv_capacity_tokens,
                            healthy=healthy, detail=detail)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """An engine's load summed over its schedulers (one per data-parallel rank)."""
+
+    running: int
+    waiting: int
+    kv_tokens: int
+    kv_capacity: int
+
+
+def engine_load(engine: Any) -> EngineLoad | None:
+    """What the engine's schedulers last published of their load (SGLang's `LoadSnapshot`s,
+    the source of its `/v1/loads`, read from shared memory by its tokenizer manager: no call
+    into the engine): requests running, requests waiting (its queue; on a decode engine also
+    those whose KV is still on its way), KV tokens in use and the pool's size. None where the
+    engine publishes none (no snapshot yet, or an SGLang without them): the caller falls back
+    to its own count. The autoscaler reads `waiting` as the role's queue."""
+    reader = getattr(getattr(engine, "tokenizer_manager", None), "load_snapshot_reader", None)
+    if reader is None:
+        return None
+    try:
+        loads = reader.read_all()
+    except Exception:  # a torn or unmapped segment: this report falls back, the next retries
+        return None
+    if not loads:
+        return None
+    return EngineLoad(running=sum(int(x.num_running_reqs) for x in loads),
+                      waiting=sum(int(x.num_waiting_reqs) for x in loads),
+                      kv_tokens=sum(int(x.num_used_tokens) for x in loads),
+                      kv_capacity=sum(int(x.max_total_num_tokens) for x in loads))
 
 
 class SGLangHandoff:

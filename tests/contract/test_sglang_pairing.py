@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -292,3 +293,65 @@ def test_prompts_are_encoded_with_the_checkpoints_own_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="differs from the checkpoint's own"):
         clash.tokenizer_file()
     assert ModelSettings().tokenizer_file() is None
+
+
+
+def test_a_prefills_time_in_sglangs_queue_is_its_queue_wait_not_compute():
+    engine = RecordingEngine([{"output_ids": [4], "meta_info": {
+        "finish_reason": {"type": "length"}, "cached_tokens": 2, "queue_time": 30.0}}])
+    adapter = Adapter(engine)
+    adapter.image_tokens = TOKENS
+    result = asyncio.run(SGLangEngine.prefill.__get__(adapter)(request()))
+    # SGLang's queue time, bounded by what the call took (here it answered at once)
+    assert result.cached_tokens == 2 and 0.0 < result.queue_s < 1.0 and result.compute_s == 0.0
+    engine.outputs[-1]["meta_info"].pop("queue_time")  # SGLang's metrics off: no wait known
+    result = asyncio.run(SGLangEngine.prefill.__get__(adapter)(request()))
+    assert result.queue_s == 0.0 and result.compute_s > 0.0
+
+
+class Snapshots:
+    """SGLang's load snapshot reader as its tokenizer manager holds it (`read_all`)."""
+
+    def __init__(self, loads: list[dict] | Exception):
+        self.loads = loads
+
+    def read_all(self):
+        if isinstance(self.loads, Exception):
+            raise self.loads
+        return [SimpleNamespace(**load) for load in self.loads]
+
+
+def engine_stats(engine: RecordingEngine, live: dict):
+    """`SGLangEngine.stats` of an engine whose probe said it is ready."""
+    adapter = SimpleNamespace(kind="sglang", role="prefill", engine=engine, live=live,
+                              settings=PROFILE.worker("fast"),
+                              health=SimpleNamespace(status=lambda: (True, "")))
+    return SGLangEngine.stats(adapter)
+
+
+def rank(running: int, waiting: int, used: int, size: int) -> dict:
+    return {"num_running_reqs": running, "num_waiting_reqs": waiting,
+            "num_used_tokens": used, "max_total_num_tokens": size}
+
+
+def test_stats_report_sglangs_own_queue_summed_over_its_schedulers():
+    """The autoscaler reads `waiting` as the role's queue: SGLang's schedulers publish theirs
+    (one snapshot per data-parallel rank); our own count of calls cannot tell queued from
+    running."""
+    engine = RecordingEngine()
+    engine.load_snapshot_reader = Snapshots([rank(3, 5, 1000, 40000), rank(2, 1, 500, 40000)])
+    stats = engine_stats(engine, {"a": ["rid-a", 10]})
+    assert (stats.running, stats.waiting, stats.kv_tokens, stats.kv_capacity) == (
+        5, 6, 1500, 80000)
+    assert stats.healthy
+
+
+@pytest.mark.parametrize("reader", [Snapshots([]), Snapshots(RuntimeError("torn")), None],
+                         ids=["none-yet", "unreadable", "no-reader"])
+def test_stats_fall_back_to_our_own_count_when_sglang_publishes_no_load(reader):
+    engine = RecordingEngine()
+    if reader is not None:
+        engine.load_snapshot_reader = reader
+    stats = engine_stats(engine, {"a": ["rid-a", 10], "b": ["rid-b", 30]})
+    assert (stats.running, stats.waiting, stats.kv_tokens) == (2, 0, 40)
+    assert stats.kv_capacity == PROFILE.worker("fast").engine.kv_capacity_tokens

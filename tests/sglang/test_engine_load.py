@@ -1,0 +1,45 @@
+"""The engine's load as SGLang's schedulers publish it, read the way `SGLangEngine.stats` reads
+it: SGLang's own snapshot writer and reader on a shared-memory file (the real sglang 0.5.23
+classes; no GPU, no engine)."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+from services.engines.sglang_engine import engine_load
+
+
+def test_the_tokenizer_manager_holds_the_reader_stats_read():
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    assert "self.load_snapshot_reader = create_load_snapshot_reader(" in inspect.getsource(
+        TokenizerManager)
+
+
+def test_engine_load_sums_what_each_scheduler_published(tmp_path):
+    from sglang.srt.managers.load_snapshot import (LoadSnapshot, ShmLoadSnapshotReader,
+                                                   ShmLoadSnapshotWriter)
+
+    path = str(tmp_path / "loads.shm")
+    writers = [ShmLoadSnapshotWriter(path, 2, rank) for rank in (0, 1)]
+    engine = SimpleNamespace(tokenizer_manager=SimpleNamespace(
+        load_snapshot_reader=ShmLoadSnapshotReader(path, 2)))
+    # a started engine's schedulers have published nothing yet: an idle engine, its pool
+    # size unknown (the caller keeps the configured one)
+    assert engine_load(engine).kv_capacity == 0
+    writers[0].write(LoadSnapshot(dp_rank=0, num_running_reqs=7, num_waiting_reqs=4,
+                                  num_used_tokens=9000, max_total_num_tokens=500000))
+    writers[1].write(LoadSnapshot(dp_rank=1, num_running_reqs=1, num_waiting_reqs=0,
+                                  num_used_tokens=100, max_total_num_tokens=500000))
+    load = engine_load(engine)
+    assert (load.running, load.waiting, load.kv_tokens, load.kv_capacity) == (
+        8, 4, 9100, 1000000)
+
+
+def test_no_snapshot_file_is_no_load(tmp_path):
+    from sglang.srt.managers.load_snapshot import ShmLoadSnapshotReader
+
+    engine = SimpleNamespace(tokenizer_manager=SimpleNamespace(
+        load_snapshot_reader=ShmLoadSnapshotReader(str(tmp_path / "none.shm"), 1)))
+    assert engine_load(engine) is None
