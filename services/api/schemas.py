@@ -194,7 +194,7 @@ class ChatCompletionRequest(_Wire):
     @classmethod
     def _token_ids(cls, value):
         for key in value or {}:
-            if not key.isdigit() or len(key) > 9:
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
                 raise ValueError(f"keys are token ids (decimal strings); got {clip(key)}")
         return value
 
@@ -223,7 +223,26 @@ class ChatCompletionRequest(_Wire):
         return self.functions is not None
 
     @model_validator(mode="after")
+    def _conversation(self):
+        """What Mistral's format cannot carry is refused, not dropped: a participant's `name`
+        (mistral-common discards it; a tool message's `name` only repeats its call's), and a
+        conversation of system messages alone (nothing to answer: no user turn, so neither the
+        question nor the reasoning effort's setting would reach the model)."""
+        for i, message in enumerate(self.messages):
+            if message.role != "tool" and message.name:
+                raise InvalidRequest(f"messages.{i}.name: participant names are not part of "
+                                     "the model's prompt format; leave name out",
+                                     param=f"messages.{i}.name")
+        if all(m.role in ("system", "developer") for m in self.messages):
+            raise InvalidRequest("messages: a conversation needs a user message to answer; "
+                                 "this one has only system messages", param="messages")
+        return self
+
+    @model_validator(mode="after")
     def _related_fields(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options: only allowed when stream is true",
+                                 param="stream_options")
         if not self.tools and self.tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice: a required or named tool_choice needs tools",
                                  param="tool_choice")

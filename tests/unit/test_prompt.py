@@ -261,11 +261,31 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
     ({"messages": [{"role": "user", "content": [IMAGE | {"image_url": {
         "url": IMAGE["image_url"]["url"], "detail": "low"}}]}]},
      "messages.0.content.0.image_url.detail", "'auto' or 'high'"),
+    ({"messages": [{"role": "system", "content": "Be brief.", "name": "ops"},
+                   {"role": "user", "content": "hi"}]}, "messages.0.name", "leave name out"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "hello", "name": "bot"},
+                   {"role": "user", "content": "bye", "name": "Alice"}]},
+     "messages.1.name", "participant names"),
+    ({"messages": [{"role": "system", "content": "Say hi."}]}, "messages", "only system"),
+    ({"messages": [{"role": "developer", "content": "a"}, {"role": "system", "content": "b"}]},
+     "messages", "needs a user message"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+    ({"logit_bias": {"\u00b2": 5}}, "logit_bias", "token ids"),  # '²'.isdigit()
+    ({"logit_bias": {"\uff11\uff12": 5}}, "logit_bias", "token ids"),  # fullwidth 12
 ])
 def test_fields_that_would_change_the_answer_are_refused_by_name(tokenizer, body, param, words):
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, **body)
     assert err.value.param == param and words in str(err.value), str(err.value)
+
+
+def test_a_tool_results_name_and_an_empty_name_are_accepted(tokenizer):
+    """A tool message's name only repeats the call it answers; "" is no name."""
+    messages = [dict(m) for m in OPENAI_MESSAGES]
+    messages[3]["name"], messages[1]["name"] = "get_weather", ""
+    got = plan(tokenizer, messages=messages, tools=[{"type": "function", "function": WEATHER}])
+    assert got.engine_request.prompt_ids == mistral_common_ids(tokenizer, "none", True)
 
 
 @pytest.mark.parametrize("body, param", [
