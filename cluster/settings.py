@@ -44,8 +44,9 @@ class RaySettings(Strict):
     drain_timeout_s: float = Field(60, gt=0, description="on SIGTERM or Ctrl-C, how long "
                                    "`small4 up` lets open requests finish before it stops")
     throughput_optimized: bool = Field(
-        True, description="Ray Serve's high-throughput mode (gRPC between deployments, direct "
-        "ingress, user code on the replica loop); applied when `small4 up` starts Ray")
+        True, description="Ray Serve's high-throughput mode (gRPC between deployments, user "
+        "code on the replica loop; direct ingress where `small4 up` starts Ray on one node, "
+        "not in the Helm chart, where it would leave the head the only HTTP proxy)")
 
 
 class HttpSettings(Strict):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -218,10 +221,13 @@ def test_serve_listens_on_the_stack_http_port(render, profile):
     for port, docs in [(8000, render(profile)),
                        (8100, render(profile, stack={"http": {"port": 8100}}))]:
         assert serve_config(docs)["http_options"] == {"host": "0.0.0.0", "port": port}
-        head = pod_templates(docs)[0]["spec"]["containers"][0]
+        head, *workers = (t["spec"]["containers"][0] for t in pod_templates(docs))
         ports = {p["name"]: p["containerPort"] for p in head["ports"]}
         assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": port,
                          "metrics": 8080}
+        # every node runs a proxy, on the port KubeRay's readiness probe of a worker asks
+        assert workers and all({p["name"]: p["containerPort"] for p in w["ports"]} == {
+            "serve": port, "metrics": 8080} for w in workers)
         serve_service = one(docs, "RayService")["spec"]["serveService"]
         assert serve_service["spec"]["ports"] == [{"name": "serve", "port": port,
                                                    "protocol": "TCP"}]
@@ -324,6 +330,23 @@ def test_every_container_is_offline_bounded_and_non_root(render, profile):
         assert set(resources["limits"]) >= {"cpu", "memory"}
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize("optimized", [True, False])
+def test_serve_keeps_a_proxy_on_every_node(render, optimized):
+    """Ray Serve's throughput mode turns on direct ingress, under which the controller runs
+    the only HTTP proxy on the head: the chart keeps the mode's gRPC and event-loop settings
+    without it (read from Ray's own constants under each container's environment)."""
+    docs = render(stack={"ray": {"throughput_optimized": optimized}})
+    envs = {tuple(sorted((k, v) for k, v in env_of(c).items() if isinstance(v, str)))
+            for c in containers(docs)}
+    for env in map(dict, envs):
+        probe = ("from ray.serve._private import constants as c; "
+                 "print(c.RAY_SERVE_ENABLE_DIRECT_INGRESS, c.RAY_SERVE_USE_GRPC_BY_DEFAULT)")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={"PATH": os.environ.get("PATH", "")} | env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["False", str(optimized)], out.stdout
 
 
 def test_otel_env_only_when_enabled(render):

@@ -56,6 +56,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if dig "ray" "throughput_optimized" true .Values.stack }}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
+# ... without its direct ingress, which moves Serve's only HTTP proxy to the head: every node
+# keeps a proxy (KubeRay's readiness probe of a worker pod asks its proxy; clients spread over
+# the nodes, not through the head's CPUs)
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "0"
 {{- end }}
 {{- if .Values.otel.enabled }}
 - name: K8S_POD_NAME
@@ -135,8 +140,8 @@ containers:
       - {name: gcs-server, containerPort: 6379}
       - {name: dashboard, containerPort: 8265}
       - {name: client, containerPort: 10001}
-      - {name: serve, containerPort: {{ include "small4.httpPort" $root }}}
       {{- end }}
+      - {name: serve, containerPort: {{ include "small4.httpPort" $root }}}
       - {name: metrics, containerPort: {{ $v.metricsPort }}}
     volumeMounts:
       - {name: shm, mountPath: /dev/shm}
