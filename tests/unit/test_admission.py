@@ -10,6 +10,7 @@ import httpx
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
+from services.telemetry import metrics
 
 PROFILE = {
     "profile": "admission",
@@ -33,14 +34,18 @@ def test_full_pools_answer_503_with_retry_after_then_admit_again():
             # two in flight fill both pools (the second spills over to deep)
             busy = [asyncio.ensure_future(post()) for _ in range(2)]
             await asyncio.sleep(0.3)
+            shed = metrics.REQUESTS.value(tenant="all", pool="none", status="503")
             refused = await post()
+            shed = metrics.REQUESTS.value(tenant="all", pool="none", status="503") - shed
             answered = await asyncio.gather(*busy)
-            return refused, answered, await post()
+            return refused, shed, answered, await post()
 
-    refused, answered, after = asyncio.run(scenario())
+    refused, shed, answered, after = asyncio.run(scenario())
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "overloaded_error"
+    # what the error-rate alert counts (the refusal has no pool and no latency sample)
+    assert shed == 1
     assert sorted(r.headers["x-small4-pool"] for r in answered) == ["deep", "fast"]
     assert [r.status_code for r in answered] == [200, 200]
     assert after.status_code == 200

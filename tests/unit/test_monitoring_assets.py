@@ -48,3 +48,17 @@ def test_alert_rules_cover_slo_burn_queue_growth_and_errors():
     le = {float(v) for v in re.findall(r'le="([0-9.]+)"', alerts["Small4TTFTBudgetBurnFast"]["expr"])}
     assert le <= set(metrics.LATENCY_BUCKETS), "the SLO threshold must be a bucket boundary"
     assert all(r["labels"]["severity"] in {"page", "ticket"} for r in alerts.values())
+
+
+def test_error_rules_count_every_request_refusals_before_routing_included():
+    """A request shed before routing (503, pool "none") never reaches the latency histograms:
+    the error rates are over `small4_requests_total`, which counts every outcome, and the
+    overall rule keeps pool "none" in (no grouping by pool)."""
+    rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    overall, per_pool = alerts["Small4ErrorRateHigh"]["expr"], alerts["Small4PoolErrorRateHigh"][
+        "expr"]
+    for expr in (overall, per_pool):
+        assert referenced(expr) == {"ray_small4_requests_total"}, expr
+        assert 'status=~"5.."' in expr
+    assert "by (" not in overall and 'pool!="none"' in per_pool
