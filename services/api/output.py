@@ -166,7 +166,10 @@ class OutputParser:
     """Feed generated ids; get content, reasoning and completed tool calls; `finish` at the end.
 
     `completion_tokens` counts every id fed (eos and markers too); `reasoning_tokens` counts the
-    ids from `[THINK]` through `[/THINK]` inclusive.
+    ids from `[THINK]` through `[/THINK]` inclusive. `content_ids` says, for each id of the last
+    `feed`, whether it is content text (what `logprobs.content` covers): not reasoning, not a
+    call, not a marker, not after the output ended (the engines end it at the id that completes
+    a stop string, so that id is the last content id).
     """
 
     def __init__(self, tokenizer: PromptTokenizer, *, tools_enabled: bool,
@@ -185,12 +188,16 @@ class OutputParser:
         self._hold = StopStringHold(stop)
         self._name_ids: list[int] = []
         self._args_ids: list[int] = []
+        self.content_ids: list[bool] = []
 
     def feed(self, ids: list[int]) -> OutputDelta:
         """What `ids` add to the output."""
         delta = OutputDelta()
+        self.content_ids = []
         for token in ids:
             self.completion_tokens += 1
+            self.content_ids.append(self.state is State.CONTENT
+                                    and not self.tokenizer.is_control(token))
             if self.state is State.DONE:
                 continue
             self._step(token, delta)

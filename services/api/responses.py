@@ -184,15 +184,16 @@ def _logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
     return None if entries is None else ChoiceLogprobs(content=entries, refusal=None)
 
 
-def logprob_entries(records, tokenizer) -> list[dict[str, Any]]:
+def logprob_entries(records, tokenizer, content: list[bool]) -> list[dict[str, Any]]:
     """OpenAI's per-token entries (token text, logprob, bytes, top alternatives) for the sampled
-    tokens of the answer's text; control tokens (`[THINK]`, end of sequence...) are not text."""
+    tokens of the message's content: `content` marks which of the records' tokens are content
+    text (`OutputParser.content_ids`), not reasoning, a tool call or a control token."""
     def entry(token: int, logprob: float) -> dict[str, Any]:
         return {"token": tokenizer.token_piece(token), "logprob": max(logprob, -9999.0),
                 "bytes": list(tokenizer.token_bytes(token))}
     return [{**entry(r.token, r.logprob),
              "top_logprobs": [entry(t, lp) for t, lp in r.top if lp > float("-inf")]}
-            for r in records if not tokenizer.is_control(r.token)]
+            for r, shown in zip(records, content) if shown]
 
 
 def choice(index: int, *, content: str, reasoning: str, tool_calls: list, finish_reason: str,

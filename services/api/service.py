@@ -369,19 +369,21 @@ class _Choice:
             chunk = await self.next_chunk()
 
     def logprobs(self, chunk) -> list[dict[str, Any]] | None:
-        """The chunk's logprob entries when the request asked for logprobs, else None."""
+        """The logprob entries of the chunk's content tokens when the request asked for
+        logprobs, else None (call after the parser was fed the chunk)."""
         if self.request.sampling.logprobs is None:
             return None
-        return responses.logprob_entries(chunk.logprobs or (), self.service.tokenizer)
+        return responses.logprob_entries(chunk.logprobs or (), self.service.tokenizer,
+                                         self.parser.content_ids)
 
     async def collect(self) -> dict[str, Any]:
         """The whole choice, for a non-streamed answer."""
         content, reasoning, calls, finish = [], [], [], "stop"
         entries = [] if self.request.sampling.logprobs is not None else None
         async for chunk in self.chunks_to_end():
+            delta = self.parser.feed(chunk.token_ids)
             if entries is not None:
                 entries += self.logprobs(chunk)
-            delta = self.parser.feed(chunk.token_ids)
             content.append(delta.content), reasoning.append(delta.reasoning)
             calls.extend(delta.tool_calls)
             finish = chunk.finish_reason or finish

@@ -141,6 +141,25 @@ def test_logprobs_come_with_the_tokens_streamed_and_not(client):
     assert [e.token for e in streamed] == [e.token for e in entries]
 
 
+@pytest.mark.parametrize("extra", [
+    {"reasoning_effort": "high", "response_format": FORMAT, "max_tokens": 200},
+    {"tools": [CLOCK], "tool_choice": "required", "max_tokens": 60},
+], ids=["reasoning-then-json", "forced-call"])
+def test_logprobs_cover_the_content_only(client, extra):
+    """Not the reasoning, not a tool call's name or arguments: `logprobs.content` is the
+    message content's tokens, streamed and not."""
+    args = dict(model=MODEL, messages=ASK, temperature=0.0, logprobs=True) | extra
+    answer = client.chat.completions.create(**args).choices[0]
+    reasoning = (answer.message.model_extra or {}).get("reasoning_content") or ""
+    assert reasoning or answer.message.tool_calls, "nothing but content: the case tests nothing"
+    joined = "".join(e.token for e in answer.logprobs.content)
+    assert joined == (answer.message.content or "")
+    streamed = [e.token for chunk in client.chat.completions.create(stream=True, **args)
+                if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content]
+    assert "".join(streamed) == joined
+
+
 def test_logit_bias_changes_the_answer(client):
     """A +100 bias on one token makes greedy decoding write only that token."""
     token = 1784  # an ordinary text token of the Tekken vocabulary

@@ -324,3 +324,24 @@ def test_sse_events_stay_one_line_for_any_line_splitting():
     event = sse_event({"content": text})
     assert event.endswith("\n\n") and len(event.rstrip("\n").splitlines()) == 1
     assert json.loads(event.removeprefix("data: "))["content"] == text
+
+
+def test_content_ids_mark_only_the_content_text_of_each_feed(tokenizer, ids_of, mark):
+    """What `logprobs.content` covers: content text, never reasoning, a call or a marker."""
+    parser = OutputParser(tokenizer, tools_enabled=True)
+    thought, answer = ids_of("let me see"), ids_of("It is 4.")
+    parser.feed(mark("[THINK]") + thought + mark("[/THINK]") + answer[:1])
+    assert parser.content_ids == [False] * (len(thought) + 2) + [True]
+    parser.feed(answer[1:] + mark("[TOOL_CALLS]") + ids_of("add") + mark("[ARGS]")
+                + ids_of('{"a": 1}'))
+    assert parser.content_ids == [True] * (len(answer) - 1) + [False] * (
+        len(parser.content_ids) - len(answer) + 1)
+    parser.feed([tokenizer.eos_id] + answer)  # nothing after the end is content
+    assert parser.content_ids == [False] * (len(answer) + 1)
+
+
+def test_no_content_id_after_a_stop_string_ended_the_output(tokenizer, ids_of):
+    parser = OutputParser(tokenizer, tools_enabled=False, stop=("STOP",))
+    parser.feed(ids_of("one two STOP"))
+    parser.feed(ids_of(" three"))
+    assert parser.content_ids == [False] * len(ids_of(" three"))
