@@ -152,7 +152,7 @@ class StackSettings(ServiceSettings):
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,
                                routing=self.routing, pools=self.pools, limits=self.limits,
                                auth=self.auth, telemetry=self.telemetry,
-                               kv_handoff=self.kv_handoff)
+                               kv_handoff=self.kv_handoff, max_images=self.multimodal.images.max_images)
 
 
 def parse_settings(data: dict[str, Any] | None) -> StackSettings:

@@ -119,7 +119,7 @@ class Ingress:
         if isinstance(answer, Refused):
             return error_response(answer.error, answer.request_id, answer.trace_id)
         if answer.stream:
-            return _AnswerStream(answer)
+            return _AnswerStream(answer, self.settings.limits.write_stall_s)
         try:
             return JSONResponse(await answer.body(), headers=answer.headers)
         except StackError as exc:
@@ -134,14 +134,25 @@ class _AnswerStream(StreamingResponse):
     was being sent, a cancelled call), and an async generator never started runs no clean-up:
     its request would keep its key's stream slot, its pool's in-flight count and its KV."""
 
-    def __init__(self, answer: Answer):
+    def __init__(self, answer: Answer, write_stall_s: float):
         super().__init__(answer.events(), headers=answer.headers,
                          media_type="text/event-stream")
-        self.answer = answer
+        self.answer, self.write_stall_s = answer, write_stall_s
 
     async def __call__(self, scope, receive, send) -> None:
+        async def bounded_send(message) -> None:
+            """A client that stops reading (its TCP window closed) would hold the send, and
+            with it the key's stream slot and the pool's place, for ever: each event must be
+            taken within `limits.write_stall_s`, and never after the request's deadline."""
+            left = self.answer.ctx.remaining_s()
+            async with asyncio.timeout(self.write_stall_s if left is None
+                                       else max(0.0, min(self.write_stall_s, left))):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded_send)
+        except TimeoutError:  # returning unfinished, the server drops the connection
+            await self.answer.close(RequestAborted("the client stopped reading the stream"))
         finally:
             try:
                 await self.body_iterator.aclose()  # its own clean-up, if it started

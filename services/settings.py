@@ -305,6 +305,8 @@ class LimitSettings(Strict):
     max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
     max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")
     max_json_depth: int = Field(32, gt=0)
+    max_json_values: int = Field(100_000, gt=0, description="arrays, objects and members in "
+                                 "one body (a long agent session with 128 tools has ~20k)")
     request_timeout_s: float = Field(600.0, gt=0, description="default deadline")
     max_request_timeout_s: float = Field(3600.0, gt=0, description="cap on x-request-timeout")
     max_resumes: int = Field(2, ge=0, description="decode restarts after a replica dies")
@@ -315,8 +317,12 @@ class LimitSettings(Strict):
                                        "depth check may take (400 beyond)")
     max_uploads: int = Field(128, gt=0, description="bodies being received at once per "
                              "ingress replica")
-    max_uploads_per_key: int = Field(64, gt=0, description="bodies one key may be sending at "
-                                     "once per ingress replica")
+    max_uploads_per_key: int = Field(16, gt=0, description="bodies one key may be sending at "
+                                     "once per ingress replica (an eighth of max_uploads: a "
+                                     "few keys trickling bodies cannot hold every slot)")
+    write_stall_s: float = Field(30.0, gt=0, description="longest a streamed answer waits for "
+                                 "the client to take its next event (a reader that stopped "
+                                 "reading), never past the request's deadline")
     upload_wait_s: float = Field(1.0, ge=0, description="wait for a free upload slot before 429")
 
 
@@ -479,3 +485,5 @@ class IngressSettings(Strict):
     auth: AuthSettings
     telemetry: TelemetrySettings = TelemetrySettings()
     kv_handoff: KVHandoffSettings = KVHandoffSettings()
+    # images per request (the multimodal deployment's limit), checked before any is sent there
+    max_images: int = Field(8, ge=0)

@@ -7,6 +7,7 @@ The ingress owns this; engines only ever see the ids. Decoding keeps control tok
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -101,6 +102,19 @@ class PromptTokenizer:
             raise InvalidRequest(f"messages could not be encoded: {reason(exc)}",
                                  param="messages") from None
         return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)
+
+    def exceeds(self, texts: Iterable[str], limit: int, piece_chars: int = 1 << 18) -> bool:
+        """Whether `texts` take more than `limit` tokens, counted piece by piece and stopped
+        once they do: the cost is what reaches the limit, not the texts' size. A cut between
+        pieces can split what would be one token (at most two more per cut, counted off)."""
+        count = 0
+        for text in texts:
+            for start in range(0, len(text), piece_chars):
+                count += len(self._raw.encode(text[start:start + piece_chars], bos=False,
+                                              eos=False)) - (2 if start else 0)
+                if count > limit:
+                    return True
+        return False
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` with control tokens kept as their names."""

@@ -46,7 +46,8 @@ class RequestPlan:
 
 
 def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingSettings,
-          limits: LimitSettings, vocab_size: int | None = None) -> str:
+          limits: LimitSettings, vocab_size: int | None = None,
+          max_images: int | None = None) -> str:
     """Check the request against the served model and limits; return the effort to apply.
     Every check here is cheap and runs before the token quota and any encoding: a request
     these refuse gets its 400 (never a quota's 429), and no image of it is decoded."""
@@ -56,6 +57,20 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
     if len(req.messages) > limits.max_messages:
         raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
                              param="messages")
+    if max_images is not None:
+        images = [(i, j) for i, m in enumerate(req.messages) if isinstance(m.content, list)
+                  for j, part in enumerate(m.content) if part.type == "image_url"]
+        if len(images) > max_images:
+            i, j = images[max_images]
+            raise InvalidRequest(f"at most {max_images} images per request",
+                                 param=f"messages.{i}.content.{j}")
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(req, field)
+    if asked is not None and asked <= 0:
+        raise InvalidRequest(f"{field} must be at least 1, got {asked}", param=field)
+    if asked is not None and asked > limits.max_tokens_cap:
+        raise InvalidRequest(f"{field} must be at most {limits.max_tokens_cap}, got {asked}",
+                             param=field)
     if req.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n} on this deployment "
                              f"(limits.max_n), got {req.n}", param="n")
@@ -71,7 +86,8 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     the asked `max_tokens` for each of its `n` choices), known before tokenising: a prompt that
     cannot fit the context is refused here, cheaply (a 12 MB prompt is never tokenised), and
     so is one the key's token quota cannot pay."""
-    text = sum(_text_bytes(m.content) for m in req.messages)
+    text = sum(_text_bytes(m.content) + _calls_bytes(getattr(m, "tool_calls", None))
+               for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -95,6 +111,12 @@ def _text_bytes(content) -> int:
         return len(content.encode("utf-8", "surrogatepass"))
     return sum(len(p.text.encode("utf-8", "surrogatepass")) for p in content
                if getattr(p, "type", None) == "text")
+
+
+def _calls_bytes(calls) -> int:
+    """An assistant turn's calls reach the prompt too: their names and arguments."""
+    return sum(len(c.function.name.encode("utf-8", "surrogatepass"))
+               + len(c.function.arguments.encode("utf-8", "surrogatepass")) for c in calls or ())
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

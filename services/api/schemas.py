@@ -75,7 +75,7 @@ class AssistantMessage(_Wire):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     reasoning_content: str | None = None
     refusal: str | None = None
     prefix: StrictBool | None = Field(
@@ -170,7 +170,7 @@ class ChatCompletionRequest(_Wire):
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)  # OpenAI's limit
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     n: Annotated[int, Field(ge=1, le=128, strict=True)] | None = 1
     user: str | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,8 +28,8 @@ from services.api.plan import (RequestPlan, admit, constrain, plan_request, prom
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
-from services.errors import (DeadlineExceeded, EngineError, InvalidRequest, KVHandoffFailed,
-                             RequestAborted, StackError, clip, retryable)
+from services.errors import (ContextLengthExceeded, DeadlineExceeded, EngineError, InvalidRequest,
+                             KVHandoffFailed, RequestAborted, StackError, clip, retryable)
 from services.grammar import warmed
 from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
@@ -54,6 +54,21 @@ class Refused:
     error: StackError
     request_id: str
     trace_id: str | None
+
+
+# a prompt of more text than this (characters) is encoded off the event loop
+INLINE_ENCODE_CHARS = 65536
+
+
+def _texts(messages: list[dict]) -> Iterator[str]:
+    """The text of a conversation that reaches its prompt: contents and call arguments."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (p.get("text") or "" for p in content if p.get("type") == "text")
+        yield from (c["function"]["arguments"] for c in message.get("tool_calls") or ())
 
 
 class RequestService:
@@ -100,7 +115,8 @@ class RequestService:
                     body = await read_body()
                 req = parse_chat_request(body)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
-                               limits=limits, vocab_size=self.tokenizer.vocab_size)
+                               limits=limits, vocab_size=self.tokenizer.vocab_size,
+                               max_images=self.settings.max_images if self.multimodal else None)
                 self.quotas.check_tokens(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model))
                 prompt = await self._encode(req, effort, record.request_id, pre, deadline)
@@ -165,12 +181,36 @@ class RequestService:
         (its span a child of `span`, the preprocessing's)."""
         messages, tools = req.openai_messages(), tools_of(req)
         if not image_parts(messages):
-            return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+            return await self._encode_text(messages, effort, tools)
         if self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
         ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
-        return await call(self.multimodal, MultimodalWorker.encode, ctx, messages, effort, tools)
+        try:  # queued behind a busy multimodal deployment, a request still keeps its deadline
+            async with asyncio.timeout(max(0.0, ctx.remaining_s())):
+                return await call(self.multimodal, MultimodalWorker.encode, ctx, messages,
+                                  effort, tools)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's images were not encoded before its "
+                                   "deadline", request_id=request_id) from None
+
+    async def _encode_text(self, messages: list[dict], effort: str,
+                           tools: list[dict] | None) -> EncodedPrompt:
+        """The prompt of a text request. A short one is encoded here; a long one off the
+        event loop (other requests' streams go on), and one longer in bytes than the context
+        in tokens (each token is at least a byte) is first counted with an early stop: a
+        prompt of millions of tokens costs what counting past the context costs, not what
+        encoding it whole would."""
+        size = sum(len(t) for t in _texts(messages))
+        if size <= INLINE_ENCODE_CHARS:
+            return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+        context = self.settings.model.context_length
+        if size > context and await asyncio.to_thread(self.tokenizer.exceeds, _texts(messages),
+                                                      context):
+            raise ContextLengthExceeded(f"this model's maximum context length is {context} "
+                                        "tokens; the messages have more", param="messages")
+        return await asyncio.to_thread(self.tokenizer.encode_chat, messages, effort=effort,
+                                       tools=tools)
 
     def release_pixels(self, owner: Any) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the

@@ -1,6 +1,7 @@
 """Read a JSON body within limits, checking it while it streams in.
 
-Each chunk is scanned once as it arrives (string sizes, nesting depth), so a hostile body costs
+Each chunk is scanned once as it arrives (string sizes, nesting depth, the number of values:
+what parsing, validating and encoding the body will cost), so a hostile body costs
 at most `max_body_bytes` of memory and time linear in its size, spread over the upload instead
 of one blocking pass, and bounded by a CPU budget. The upload itself must keep moving: a chunk
 must arrive within `body_idle_timeout_s` and the whole body within `body_timeout_s` (408).
@@ -37,13 +38,17 @@ _QUOTE, _OPEN = 0x22, frozenset(b"[{")
 
 
 class ShapeCheck:
-    """The streaming string-size and depth check of one body: `feed` each chunk in order,
-    then `finish`. Raises 413 for a string over the limit, 400 for nesting too deep or a body
-    that costs more than the CPU budget to check."""
+    """The streaming string-size, depth and value-count check of one body: `feed` each chunk
+    in order, then `finish`. Raises 413 for a string over the limit, 400 for nesting too deep,
+    too many values (a million empty content parts, or of numbers in an ignored field, take
+    seconds of the event loop to parse and validate) or a body that costs more than the CPU
+    budget to check."""
 
     def __init__(self, limits: LimitSettings):
         self.max_string = limits.max_string_bytes
         self.max_depth = limits.max_json_depth
+        self.max_values = limits.max_json_values
+        self.values = 0           # arrays, objects and the commas between members so far
         self.budget_s = limits.body_check_budget_s
         self.spent_s = 0.0
         self.depth = 0
@@ -56,17 +61,27 @@ class ShapeCheck:
         pos = self._continue_string(chunk) if self.in_string else 0
         if not self.in_string:
             for match in _TOKEN.finditer(chunk, pos):
+                # every member after an array's or object's first follows a comma: counted
+                # between strings (a comma in a string is text), in C
+                self.values += chunk.count(b",", pos, match.start())
+                pos = match.end()
                 first = chunk[match.start()]
                 if first == _QUOTE:
                     self.string_bytes = 0
                     self._string(match, match.start() + 1)
                 elif first in _OPEN:
                     self.depth += match.end() - match.start()
+                    self.values += match.end() - match.start()
                     if self.depth > self.max_depth:
                         raise InvalidRequest(f"the body nests deeper than {self.max_depth} "
                                              "levels")
                 else:
                     self.depth -= match.end() - match.start()
+            if not self.in_string:
+                self.values += chunk.count(b",", pos)
+        if self.values > self.max_values:
+            raise InvalidRequest(f"the body has more than {self.max_values} JSON values "
+                                 "(limits.max_json_values)", code="body_too_complex")
         self.spent_s += time.perf_counter() - started
         if self.spent_s > self.budget_s:
             raise InvalidRequest(f"the body took more than {self.budget_s:g} s to check "

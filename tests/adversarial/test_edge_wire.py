@@ -60,3 +60,39 @@ def test_oversized_prompt_is_refused_before_it_is_tokenised(edge):
     assert error["code"] == "context_length_exceeded"
     assert "bytes of text" in error["message"]  # refused on its size, not after tokenising
     assert_health_answered(latencies)
+
+
+def test_digits_in_a_calls_arguments_count_before_tokenising(edge):
+    """A call's arguments reach the prompt as its content does: sized before tokenising."""
+    call = {"id": "abcdefghi", "type": "function",
+            "function": {"name": "f", "arguments": "7" * 900_000}}
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "abcdefghi", "content": "done"}]
+    response = chat(edge, chat_body(messages=messages))
+    assert response.status_code == 400, response.text[:300]
+    assert "bytes of text" in response.json()["error"]["message"]
+
+
+def test_a_prompt_past_the_context_by_its_tokens_is_counted_not_encoded(edge):
+    """Digits are a token a byte: 300 KB passes the size floor (bytes over the longest token)
+    at a 4096-token context, yet is 75 contexts long. It is counted up to the context off the
+    event loop and refused; health is answered meanwhile."""
+    with health_watch(edge, "a 300 KB prompt of digits") as latencies:
+        response = chat(edge, chat_body(messages=[{"role": "user", "content": "9" * 300_000}]))
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert_health_answered(latencies)
+
+
+def test_many_empty_content_parts_are_refused_while_the_body_streams_in(edge):
+    parts = ",".join(['{"type":"text","text":""}'] * 140_000)
+    raw = ('{"model":"mistral-small-4","max_tokens":4,"messages":[{"role":"user","content":['
+           + parts + "]}]}").encode()
+    with health_watch(edge, "140k content parts") as latencies:
+        response = httpx.post(f"{edge}/v1/chat/completions", content=raw, timeout=60,
+                              headers=auth("beta") | {"content-type": "application/json"})
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["error"]["code"] == "body_too_complex"
+    assert_health_answered(latencies)

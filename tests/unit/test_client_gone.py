@@ -26,12 +26,13 @@ BODY = {"model": "mistral-small-4", "max_tokens": 400, "stream": True,
         "messages": [{"role": "user", "content": "count"}]}
 
 
-async def asgi_post(app, body: dict, *, leave: str | None = None,
-                    upload: bool = False) -> tuple[int, bytes]:
+async def asgi_post(app, body: dict, *, leave: str | None = None, upload: bool = False,
+                    headers: tuple = ()) -> tuple[int, bytes]:
     """POST `body` to /v1/chat/completions as Serve's replica does (uvicorn's scope); with
     `leave`, the client goes once the first body chunk is sent: `disconnect` (http.disconnect
     received) or `cancel` (the call cancelled, as Serve does when its proxy's client left), or
-    `start`: disconnected while the response's head is sent;
+    `start`: disconnected while the response's head is sent, or `stall`: it stops reading
+    after the first event (its TCP window closed: the next write never completes);
     with `upload`, it goes instead while its body is still arriving (a slow client)."""
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -40,7 +41,7 @@ async def asgi_post(app, body: dict, *, leave: str | None = None,
              "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000),
              "client": ("127.0.0.1", 50000),
              "headers": [(b"host", b"small4"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode())]}
+                         (b"content-length", str(len(raw)).encode()), *headers]}
     inbox: asyncio.Queue = asyncio.Queue()
     inbox.put_nowait({"type": "http.request", "body": raw[:10] if upload else raw,
                       "more_body": upload})
@@ -56,6 +57,8 @@ async def asgi_post(app, body: dict, *, leave: str | None = None,
                 inbox.put_nowait({"type": "http.disconnect"})
                 await asyncio.sleep(0.05)  # (a slow or stalled connection: send waits)
         elif message.get("body"):
+            if leave == "stall" and chunks:
+                await asyncio.Event().wait()
             chunks.append(message["body"])
             first.set()
 
@@ -104,6 +107,26 @@ def test_a_client_leaving_gives_everything_back(leave, upload):
     # a stream was answered before the client left; a half-sent body never was (a cancelled
     # call sends nothing; a disconnect gets its error answer, which nobody reads)
     assert gone_status == (0 if upload and leave == "cancel" else 499 if upload else 200)
+    _assert_all_given_back(ingress, status, answer)
+
+
+@pytest.mark.parametrize("limits, headers", [
+    ({"write_stall_s": 0.5}, ()),
+    ({}, ((b"x-request-timeout", b"1"),)),  # the deadline bounds a stalled write too
+], ids=["write-stall", "deadline"])
+def test_a_client_that_stops_reading_gives_everything_back(limits, headers):
+    """A reader that stopped reading holds the write of the next event: without a bound the
+    request would keep its key's only stream slot and its pool's place for ever."""
+    ingress = build_inprocess(parse_settings(PROFILE | {"limits": limits}))
+    app = ingress.build_asgi_app()
+
+    async def scenario():
+        gone = await asgi_post(app, BODY, leave="stall", headers=headers)
+        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        return gone, await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
+
+    (gone_status, gone_body), (status, answer) = asyncio.run(scenario())
+    assert gone_status == 200 and gone_body.startswith(b"data: ")  # the first event only
     _assert_all_given_back(ingress, status, answer)
 
 

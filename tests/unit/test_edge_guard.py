@@ -28,7 +28,7 @@ from services.guard.quotas import Quotas
 from services.guard.uploads import Uploads
 from services.settings import LimitSettings, QuotaSettings
 
-SMALL = LimitSettings(max_string_bytes=40, max_json_depth=4)
+SMALL = LimitSettings(max_string_bytes=40, max_json_depth=4, max_json_values=12)
 _REFERENCE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 json_values = st.recursive(
@@ -57,10 +57,17 @@ def expected(value) -> str:
             return 1 + max((depth(x) for x in items), default=0)
         return 0
 
+    def values(v):  # containers, and the commas between their members
+        if isinstance(v, (list, dict)):
+            items = list(v.values() if isinstance(v, dict) else v)
+            return 1 + max(len(items) - 1, 0) + sum(values(x) for x in items)
+        return 0
+
     longest = max((m.end() - m.start() - 2 for m in _REFERENCE_STRING.finditer(raw)), default=0)
-    over = [n for ok, n in ((longest <= 40, "PayloadTooLarge"),
-                            (depth(value) <= 4, "InvalidRequest")) if not ok]
-    return over[0] if len(over) == 1 else ("ok" if not over else "either")
+    over = {n for ok, n in ((longest <= 40, "PayloadTooLarge"),
+                            (depth(value) <= 4, "InvalidRequest"),
+                            (values(value) <= 12, "InvalidRequest")) if not ok}
+    return over.pop() if len(over) == 1 else ("ok" if not over else "either")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -78,6 +85,33 @@ def test_escape_heavy_strings_and_deep_nesting_are_refused():
     assert outcome(b"[" * 100_000, 65536, limits) == "InvalidRequest"
     over = b'"' + b"x" * (limits.max_string_bytes + 1) + b'"'
     assert outcome(over, 65536, limits) == "PayloadTooLarge"
+
+
+@pytest.mark.parametrize("body", [
+    # a million empty content parts: seconds of pydantic and mistral-common on the loop
+    b'{"messages": [{"role": "user", "content": [' + b",".join(
+        [b'{"type": "text", "text": ""}'] * 1_000_000) + b"]}]}",
+    b'{"x": [' + b"0," * 2_000_000 + b"0]}",  # numbers in an ignored field
+], ids=["empty-parts", "numbers"])
+def test_a_body_of_too_many_values_is_refused_while_it_streams_in(body):
+    check = ShapeCheck(LimitSettings())
+    with pytest.raises(InvalidRequest) as info:
+        for i in range(0, len(body), 65536):
+            check.feed(body[i:i + 65536])
+    assert info.value.code == "body_too_complex" and "max_json_values" in str(info.value)
+    assert i < len(body) // 2, "refused once past the limit, not at the end"
+
+
+def test_a_long_agent_session_with_many_tools_is_within_the_value_limit():
+    tool = {"type": "function", "function": {"name": "t", "description": "d", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x, y"}
+                                         for i in range(8)}, "required": ["p0"]}}}
+    turn = [{"role": "assistant", "content": None, "tool_calls": [{
+        "id": "abcdefghi", "type": "function", "function": {"name": "t", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "content": "a, b, c " * 500}]
+    body = json.dumps({"model": "m", "tools": [tool] * 128, "messages": [
+        {"role": "user", "content": "go"}] + turn * 250}).encode()
+    assert outcome(body, 65536, LimitSettings()) == "ok"
 
 
 def test_a_body_too_costly_to_check_is_refused_with_a_code():

@@ -299,3 +299,40 @@ def test_the_cheap_context_check_names_the_field_that_overflows(body, param):
     with pytest.raises(InvalidRequest) as err:
         prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256))
     assert err.value.code == "context_length_exceeded" and err.value.param == param
+
+
+def test_counting_a_prompt_past_the_context_stops_soon_after_it(tokenizer, monkeypatch):
+    """A prompt of millions of tokens costs what counting past the context costs."""
+    encoded = []
+    real = tokenizer._raw.encode
+
+    def counting(text, **kwargs):
+        encoded.append(len(text))
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(tokenizer._raw, "encode", counting)
+    digits = "9" * 5_000_000  # a token a digit or so
+    assert tokenizer.exceeds(["hi", digits], 4096, piece_chars=65536)
+    assert sum(encoded) <= 2 + 65536, "counted past the first piece that reached the limit"
+    encoded.clear()
+    words = "word " * 20_000
+    assert not tokenizer.exceeds([words], 32768, piece_chars=16384)  # cuts counted off
+    assert sum(encoded) == len(words)
+    assert tokenizer.exceeds([words], 15_000, piece_chars=16384)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 50_000}, "max_tokens"),  # above limits.max_tokens_cap
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": [IMAGE, IMAGE, {"type": "text", "text": "x"},
+                                                IMAGE]}]}, "messages.0.content.3"),
+])
+def test_admit_refuses_before_any_image_is_encoded(body, param):
+    """admit runs before the token quota and the encoder: its 400 names the field, never a
+    quota's 429 for a request that can never pass, and no image is fetched or decoded."""
+    full = {"model": "mistral-small-4", "n": 3,
+            "messages": [{"role": "user", "content": [IMAGE]}]} | body
+    with pytest.raises(InvalidRequest) as err:
+        admit(parse_chat_request(full), model=ModelSettings(), routing=RoutingSettings(),
+              limits=LimitSettings(), max_images=2)
+    assert err.value.param == param
