@@ -323,6 +323,22 @@ def test_a_huge_header_is_431_before_it_is_read_whole(edge_server):
     assert b'"headers_too_large"' in answer
 
 
+@pytest.mark.parametrize("first", [b"", b"G"], ids=["silent", "one-byte"])
+def test_a_connection_that_sends_no_head_is_closed_with_408(edge_server, monkeypatch, first):
+    """A connection that never sends a byte held a socket (and a file descriptor) for ever."""
+    from services.guard import http_edge
+
+    monkeypatch.setattr(http_edge, "HEAD_TIMEOUT_S", 0.5)
+    _, port = edge_server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(first)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"request_timeout"' in answer
+
+
 def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):
     url, _ = edge_server
     response = httpx.get(f"{url}/health", headers={"x-big": "a" * 30_000}, timeout=10)
