@@ -13,8 +13,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.settings import (SettingsError, StackSettings, multimodal_router_options,
-                              parse_settings)
+from cluster.settings import (StackSettings, multimodal_router_options, parse_settings,
+                              require_serve_app)
 from cluster.topology import deployment_options
 from services.ingress import Ingress
 from services.workers.decode import DecodeWorker
@@ -60,11 +60,8 @@ class IngressDeployment(StartupHeapFrozen, Ingress):
 
 def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application:
     """The Serve application for a settings mapping (RayService `args`) or a loaded profile."""
-    settings = args if isinstance(args, StackSettings) else parse_settings(args)
-    if settings.kv_handoff.backend in ("local", "paired"):
-        raise SettingsError(f"kv_handoff.backend {settings.kv_handoff.backend!r} hands the KV "
-                            "over inside one process (small4 generate, tests); a Serve app "
-                            "needs object_store or sglang")
+    settings = require_serve_app(args if isinstance(args, StackSettings)
+                                 else parse_settings(args))
     decoders, prefills = {}, {}
     for name, pool in settings.pools.items():
         prefills[name] = serve.deployment(PrefillDeployment, name=f"{name}-prefill",

@@ -67,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _settings(args):
-    """The profile `--config` names (or the embedded one); a bad or missing file is one line
-    on stderr and exit code 2, not a traceback."""
-    from cluster.settings import SettingsError, load_settings
+def _settings(args, serve_app: bool = False):
+    """The profile `--config` names (or the embedded one), with `up`'s `--port`; a bad or
+    missing file, or (`serve_app`) one a Serve app cannot run, is one line on stderr and exit
+    code 2, not a traceback."""
+    from cluster.settings import SettingsError, load_settings, parse_settings, require_serve_app
 
     try:
-        return load_settings(args.config)
+        settings = load_settings(args.config)
+        if getattr(args, "port", None):  # checked as the profile's own port would be
+            data = settings.model_dump(mode="json")
+            settings = parse_settings(data | {"http": data["http"] | {"port": args.port}})
+        return require_serve_app(settings) if serve_app else settings
     except (SettingsError, ValueError, OSError) as exc:
         raise _Refused(str(exc)) from None
 
@@ -84,8 +89,8 @@ class _Refused(Exception):
 
 def cmd_up(args) -> int:
     """Start (or join) Ray, deploy, serve; on SIGTERM or Ctrl-C drain and exit 0."""
-    settings = _settings(args)
-    port = args.port or settings.http.port
+    settings = _settings(args, serve_app=True)
+    port = settings.http.port
     if settings.ray.throughput_optimized and not args.address:
         # Read when `ray.serve` is first imported (the handles' transport) and by the
         # processes Ray starts: set before both.
@@ -326,7 +331,7 @@ def cmd_plan(args) -> int:
     from cluster.plan import deploy_plan, plan_table
     from cluster.settings import SettingsError
 
-    settings = _settings(args)
+    settings = _settings(args, serve_app=True)
     try:
         entries = deploy_plan(settings)
     except (SettingsError, ValueError, OSError) as exc:

@@ -155,6 +155,17 @@ class StackSettings(ServiceSettings):
                                kv_handoff=self.kv_handoff, max_images=self.multimodal.images.max_images)
 
 
+def require_serve_app(settings: StackSettings) -> StackSettings:
+    """`settings` if a Serve application can run them (`small4 up`, `plan`, the Helm chart's
+    RayService), else `SettingsError`: the in-process KV handoffs hand the KV over inside one
+    process (`small4 generate`, tests)."""
+    if settings.kv_handoff.backend in ("local", "paired"):
+        raise SettingsError(f"kv_handoff.backend {settings.kv_handoff.backend!r} hands the KV "
+                            "over inside one process (small4 generate, tests); a Serve app "
+                            "needs object_store or sglang")
+    return settings
+
+
 def parse_settings(data: dict[str, Any] | None) -> StackSettings:
     """Validate a settings mapping, raising `SettingsError` that names the first bad field."""
     try:

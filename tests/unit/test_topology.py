@@ -118,3 +118,25 @@ def test_a_bad_or_missing_profile_is_one_line_and_exit_2_for_every_command(comma
     assert capsys.readouterr().err.startswith("refused: ray.metrics_port")
     assert main([command, *extra, "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["up", "plan"])
+def test_a_profile_no_serve_app_can_run_is_refused_before_ray_starts(command, capsys,
+                                                                    tmp_path):
+    """An in-process KV handoff parses (small4 generate and the tests use it) but cannot
+    run as a Serve app: `plan` said the profile was fine and `up` failed after starting Ray."""
+    from cluster.cli import main
+
+    paired = tmp_path / "paired.yaml"
+    paired.write_text(yaml.safe_dump({"auth": {"enabled": False},
+                                      "kv_handoff": {"backend": "paired"}}))
+    assert main([command, "--config", str(paired)]) == 2
+    assert capsys.readouterr().err.startswith("refused: kv_handoff.backend 'paired'")
+
+
+def test_up_checks_its_port_as_the_profiles_own(capsys):
+    """`--port` replaces http.port before the settings' port checks, not after them."""
+    from cluster.cli import main
+
+    assert main(["up", "--config", str(H200), "--port", "8998"]) == 2
+    assert "include port 8998, used by the HTTP ingress" in capsys.readouterr().err
