@@ -16,7 +16,7 @@ import pytest
 import yaml
 from stack_schema import VALUES_SCHEMA, stack_defs
 
-from cluster.settings import parse_settings
+from cluster.settings import SettingsError, parse_settings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "small4"
 KUBE = "1.32.0"
@@ -471,3 +471,40 @@ def test_network_policy_lets_only_named_peers_scrape_or_reach_the_dashboard(rend
     assert 8080 not in {p["port"] for r in closed["spec"]["ingress"] for p in r.get("ports", ())}
     assert not [d for d in render(networkPolicy={"enabled": False})
                 if d["kind"] == "NetworkPolicy"]
+
+
+def test_the_metrics_port_is_the_stacks_own_everywhere(render):
+    """One number, checked by the settings against the HTTP and bootstrap ports: Ray's export
+    port on every pod, the container port, the metrics Service and the NetworkPolicy."""
+    docs = render(stack={"ray": {"metrics_port": 9400}}, **ALL_OBJECTS)
+    cluster = cluster_of(docs)
+    assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "9400"
+    assert {g["rayStartParams"]["metrics-export-port"] for g in cluster["workerGroupSpecs"]} \
+        == {"9400"}
+    for container in containers(docs):
+        assert {"name": "metrics", "containerPort": 9400} in container["ports"]
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["port"] == 9400
+    policy = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert 9400 in {p["port"] for rule in policy for p in rule.get("ports", ())}
+    # a clash is the settings' to find, as for any port of the stack (the app refuses it)
+    clash = serve_args(render("h200x16", stack={"ray": {"metrics_port": 8998}}))
+    with pytest.raises(SettingsError, match="8998"):
+        parse_settings(clash)
+    with pytest.raises(helm.HelmValuesError, match="metricsPort"):
+        render(metricsPort=9400)  # the old value: refused, not silently ignored
+
+
+def test_api_keys_are_mounted_only_where_the_stack_reads_them(render):
+    open_docs = render(stack={"auth": {"enabled": False}})
+    for template in pod_templates(open_docs):
+        assert "api-keys" not in {v["name"] for v in template["spec"]["volumes"]}
+    with pytest.raises(helm.HelmRenderError, match="not under apiKeys.mountPath"):
+        render(apiKeys={"mountPath": "/var/run/keys"})
+    mounted = render(apiKeys={"mountPath": "/var/run/keys"},
+                     stack={"auth": {"keys_file": "/var/run/keys/keys.yaml"}})
+    for container in containers(mounted):
+        assert {"name": "api-keys", "mountPath": "/var/run/keys", "readOnly": True} in \
+            container["volumeMounts"]
+    with pytest.raises(helm.HelmRenderError, match="needs the API keys"):
+        render(apiKeys={"existingSecret": ""})

@@ -34,6 +34,27 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* Ray's Prometheus port on every pod: the stack's own `ray.metrics_port`. */}}
+{{- define "small4.metricsPort" -}}
+{{- dig "ray" "metrics_port" 8080 .Values.stack | int -}}
+{{- end -}}
+
+{{/* The Secret mounted for the API keys: only where the stack checks keys, and where its
+`auth.keys_file` lies under the mount. */}}
+{{- define "small4.mountedKeys" -}}
+{{- if dig "auth" "enabled" true .Values.stack -}}
+{{- $secret := include "small4.apiKeysSecret" . -}}
+{{- if not $secret -}}
+{{- fail "stack.auth.enabled needs the API keys: set apiKeys.existingSecret or apiKeys.create" -}}
+{{- end -}}
+{{- $file := dig "auth" "keys_file" "" .Values.stack | toString -}}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.apiKeys.mountPath)) $file) -}}
+{{- fail (printf "stack.auth.keys_file %q is not under apiKeys.mountPath %q, where the Secret is mounted" $file .Values.apiKeys.mountPath) -}}
+{{- end -}}
+{{- $secret -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The port Serve's HTTP proxy listens on: the stack's own `http.port`. */}}
 {{- define "small4.httpPort" -}}
 {{- dig "http" "port" 8000 .Values.stack | int -}}
@@ -94,7 +115,7 @@ names: the operator builds the head Service from them and reaches the dashboard 
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $group := .group -}}
-{{- $apiKeys := include "small4.apiKeysSecret" $root -}}
+{{- $apiKeys := include "small4.mountedKeys" $root -}}
 {{- $models := and (eq .role "worker") $v.workers.modelVolume.enabled -}}
 serviceAccountName: {{ include "small4.serviceAccountName" $root }}
 automountServiceAccountToken: false
@@ -142,7 +163,7 @@ containers:
       - {name: client, containerPort: 10001}
       {{- end }}
       - {name: serve, containerPort: {{ include "small4.httpPort" $root }}}
-      - {name: metrics, containerPort: {{ $v.metricsPort }}}
+      - {name: metrics, containerPort: {{ include "small4.metricsPort" $root }}}
     volumeMounts:
       - {name: shm, mountPath: /dev/shm}
       {{- if $apiKeys }}
