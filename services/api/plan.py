@@ -87,6 +87,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     cannot fit the context is refused here, cheaply (a 12 MB prompt is never tokenised), and
     so is one the key's token quota cannot pay."""
     text = sum(_text_bytes(m.content) + _calls_bytes(getattr(m, "tool_calls", None))
+               + _calls_bytes([m] if getattr(m, "function_call", None) else None, legacy=True)
                for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
@@ -113,10 +114,11 @@ def _text_bytes(content) -> int:
                if getattr(p, "type", None) == "text")
 
 
-def _calls_bytes(calls) -> int:
+def _calls_bytes(calls, legacy: bool = False) -> int:
     """An assistant turn's calls reach the prompt too: their names and arguments."""
-    return sum(len(c.function.name.encode("utf-8", "surrogatepass"))
-               + len(c.function.arguments.encode("utf-8", "surrogatepass")) for c in calls or ())
+    functions = [c.function_call if legacy else c.function for c in calls or ()]
+    return sum(len(f.name.encode("utf-8", "surrogatepass"))
+               + len(f.arguments.encode("utf-8", "surrogatepass")) for f in functions)
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

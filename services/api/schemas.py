@@ -76,6 +76,8 @@ class AssistantMessage(_Wire):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    # the deprecated functions API's call (a next turn of a `functions` conversation)
+    function_call: FunctionCall | None = None
     reasoning_content: str | None = None
     refusal: str | None = None
     prefix: StrictBool | None = Field(
@@ -89,11 +91,19 @@ class ToolMessage(_Wire):
     name: str | None = None
 
 
+class FunctionMessage(_Wire):
+    """The deprecated functions API's result: answers the assistant's last `function_call`."""
+
+    role: Literal["function"]
+    name: str = Field(min_length=1)
+    content: str | None
+
+
 # One schema per role, as in OpenAI's spec: what each role requires is in the schema (and so in
 # the served OpenAPI document); turn order is checked by mistral-common when encoding.
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage,
-                    Field(discriminator="role")]
-ROLES = ("system", "developer", "user", "assistant", "tool")
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage
+                    | FunctionMessage, Field(discriminator="role")]
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class FunctionSpec(_Wire):
@@ -229,7 +239,7 @@ class ChatCompletionRequest(_Wire):
         conversation of system messages alone (nothing to answer: no user turn, so neither the
         question nor the reasoning effort's setting would reach the model)."""
         for i, message in enumerate(self.messages):
-            if message.role != "tool" and message.name:
+            if message.role not in ("tool", "function") and message.name:
                 raise InvalidRequest(f"messages.{i}.name: participant names are not part of "
                                      "the model's prompt format; leave name out",
                                      param=f"messages.{i}.name")
@@ -283,12 +293,29 @@ class ChatCompletionRequest(_Wire):
         return tuple(self.stop or ())
 
     def openai_messages(self) -> list[dict[str, Any]]:
-        """Messages as plain dicts for mistral-common (developer → system)."""
-        out = []
-        for message in self.messages:
+        """Messages as plain dicts for mistral-common (developer → system; the deprecated
+        functions API's `function_call` and `function` messages as a tool call and its
+        result, under an id of Mistral's shape)."""
+        out, legacy = [], None
+        for i, message in enumerate(self.messages):
             item = message.model_dump(exclude_none=True)
             if item["role"] == "developer":
                 item["role"] = "system"
+            if item["role"] == "assistant" and "function_call" in item:
+                if item.get("tool_calls"):
+                    raise InvalidRequest(f"messages.{i}: an assistant message has tool_calls "
+                                         "or the deprecated function_call, not both",
+                                         param=f"messages.{i}.function_call")
+                legacy = f"func{i:05d}"
+                item["tool_calls"] = [{"id": legacy, "type": "function",
+                                       "function": item.pop("function_call")}]
+            elif item["role"] == "function":
+                if legacy is None:
+                    raise InvalidRequest(f"messages.{i}: a function message answers an "
+                                         "assistant's function_call; none came before it",
+                                         param=f"messages.{i}")
+                item = {"role": "tool", "tool_call_id": legacy,
+                        "content": item.get("content") or ""}
             item.pop("reasoning_content", None)
             item.pop("refusal", None)
             if not item.get("prefix", True):

@@ -336,3 +336,35 @@ def test_admit_refuses_before_any_image_is_encoded(body, param):
         admit(parse_chat_request(full), model=ModelSettings(), routing=RoutingSettings(),
               limits=LimitSettings(), max_images=2)
     assert err.value.param == param
+
+
+def test_a_functions_conversation_goes_on_as_the_tools_it_is(tokenizer):
+    """The deprecated functions API answers with `function_call`; its next turn sends that
+    call back and a `function` message with the result: the same prompt as the tool-call
+    conversation it stands for."""
+    legacy = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "function_call": {
+                  "name": "get_weather", "arguments": '{"city": "Paris"}'}},
+              {"role": "function", "name": "get_weather", "content": "sunny, 21C"}]
+    tools = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "func00001", "type": "function",
+                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "func00001", "content": "sunny, 21C"}]
+    ours = plan(tokenizer, messages=legacy, functions=[WEATHER]).engine_request.prompt_ids
+    assert ours == plan(tokenizer, messages=tools,
+                        tools=[{"type": "function", "function": WEATHER}]).engine_request.prompt_ids
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "content": "hi"}, {"role": "function", "name": "f", "content": "x"}],
+     "messages.1"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "function_call": {"name": "f", "arguments": "{}"}, "tool_calls": [
+          {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "messages.1.function_call"),
+])
+def test_a_function_message_without_its_call_is_refused(tokenizer, messages, param):
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, messages=messages)
+    assert err.value.param == param
