@@ -62,6 +62,17 @@ class StructuredRequest:
         strict = any(t.get("function", {}).get("strict") for t in self.tools)
         return forced or strict or not self.parallel_tool_calls
 
+    @property
+    def cause(self) -> str:
+        """The request field that makes the answer constrained (what a refusal names)."""
+        if (self.response_format or {}).get("type", "text") != "text":
+            return "response_format"
+        if self.tool_choice not in (None, "auto", "none"):
+            return "tool_choice"
+        strict = [i for i, t in enumerate(self.tools or ())
+                  if t.get("function", {}).get("strict")]
+        return f"tools.{strict[0]}.function.strict" if strict else "parallel_tool_calls"
+
 
 class Guidance:
     """Grammars and matchers for one tokenizer (building its llguidance view takes ~1–2 s, once)."""

@@ -158,15 +158,15 @@ def structured_request(plan: RequestPlan, limits: LimitSettings) -> StructuredRe
         reasoning_budget=int(max_tokens * limits.constrained_reasoning_share))
 
 
-def constrain(plan: RequestPlan, grammar: str | None) -> None:
-    """Give the plan's engine request its grammar (None: unconstrained)."""
+def constrain(plan: RequestPlan, grammar: str | None, field: str = "response_format") -> None:
+    """Give the plan's engine request its grammar (None: unconstrained), from `field`."""
     if grammar is None:
         return
     if any(m.role == "assistant" and getattr(m, "prefix", False) for m in plan.request.messages):
         raise InvalidRequest("messages: an assistant prefix (prefix: true) cannot be continued "
                              "under response_format or a forced tool call", param="messages")
     request = plan.engine_request
-    request.sampling = replace(request.sampling, grammar=grammar)
+    request.sampling = replace(request.sampling, grammar=grammar, grammar_field=field)
 
 
 def _json(value):

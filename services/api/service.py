@@ -226,7 +226,8 @@ class RequestService:
         if not structure.constrained:
             return
         # compiled off the event loop: schemas vary in cost
-        constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure))
+        constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure),
+                  structure.cause)
 
 
 class _Record:

@@ -40,6 +40,7 @@ class SamplingParams:
     # Structured output: a Lark grammar (mistral-common's, checked by the ingress) the tokens
     # must follow; None is free text.
     grammar: str | None = None
+    grammar_field: str = "response_format"  # the request field it comes from (errors name it)
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

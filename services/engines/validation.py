@@ -34,7 +34,7 @@ def validate_request(request: EngineRequest, context_length: int, vocab_size: in
         raise InvalidRequest(f"logit_bias: token id {bad} is outside the vocabulary",
                              param="logit_bias")
     if not logits:
-        needs = {"response_format": params.grammar is not None,
+        needs = {params.grammar_field: params.grammar is not None,
                  "logprobs": params.logprobs is not None, "logit_bias": bool(params.logit_bias),
                  "presence_penalty": bool(params.presence_penalty),
                  "frequency_penalty": bool(params.frequency_penalty)}

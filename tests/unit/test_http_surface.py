@@ -137,3 +137,19 @@ def test_cors_origins_answer_preflights_from_those_origins_only():
     assert not [h for h in other.headers if h.startswith("access-control-")]
     assert simple.headers["access-control-allow-origin"] == ORIGIN
     assert "x-trace-id" in simple.headers["access-control-expose-headers"]
+
+
+def test_a_grammar_the_simulated_engine_cannot_honour_names_its_field():
+    """A grammar comes from response_format, a forced call, a strict tool or one call at a
+    time: the refusal names the field the request set, not response_format."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string"}}}}}
+    strict = {"type": "function", "function": tool["function"] | {"strict": True}}
+    replies = serve(PROFILE, *[("POST", "/v1/chat/completions", {"json": BODY | extra})
+                               for extra in (
+        {"tools": [tool], "tool_choice": "required"},
+        {"tools": [tool], "parallel_tool_calls": False},
+        {"tools": [tool, strict]},
+        {"response_format": {"type": "json_object"}})])
+    assert [r.json()["error"]["param"] for r in replies] == [
+        "tool_choice", "parallel_tool_calls", "tools.1.function.strict", "response_format"]
