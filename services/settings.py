@@ -305,6 +305,11 @@ class LimitSettings(Strict):
     max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
     max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")
     max_json_depth: int = Field(32, gt=0)
+    max_schema_bytes: int = Field(256 * 1024, gt=0, description="JSON of what a structured "
+                                  "answer's grammar is compiled from (response_format's schema, "
+                                  "or the tools when a call is constrained)")
+    max_concurrent_compiles: int = Field(2, gt=0, description="grammars compiled at once per "
+                                         "ingress replica (CPU-bound; others wait their turn)")
     max_json_values: int = Field(100_000, gt=0, description="arrays, objects and members in "
                                  "one body (a long agent session with 128 tools has ~20k)")
     request_timeout_s: float = Field(600.0, gt=0, description="default deadline")

@@ -12,6 +12,7 @@ under that one record: one prompt, one quota charge, usage summed over the choic
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -95,6 +96,7 @@ class RequestService:
         self.uploads = Uploads(settings.limits)
         self.token_bytes = _max_token_bytes(self.tokenizer)
         self._releasing: set[asyncio.Task] = set()
+        self._compiling = asyncio.Semaphore(settings.limits.max_concurrent_compiles)
         tracing.configure(settings.telemetry.tracing, role="ingress")
 
     async def chat(self, principal: Principal, headers: Mapping[str, str],
@@ -222,12 +224,23 @@ class RequestService:
 
     async def _constrain(self, plan: RequestPlan) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools)."""
-        structure = structured_request(plan, self.settings.limits)
+        limits = self.settings.limits
+        structure = structured_request(plan, limits)
         if not structure.constrained:
             return
-        # compiled off the event loop: schemas vary in cost
-        constrain(plan, await asyncio.to_thread(self.guidance.grammar, structure),
-                  structure.cause)
+        # a compile costs with the schema's size: bounded before it starts, and only a few
+        # at once per replica (off the event loop; a thread cannot be stopped midway)
+        cause = structure.cause
+        source = structure.response_format if cause == "response_format" else structure.tools
+        size = len(json.dumps(source))
+        if size > limits.max_schema_bytes:
+            param = "response_format.json_schema" if cause == "response_format" else "tools"
+            raise InvalidRequest(f"{param}: {size} bytes of JSON schema; a structured answer's "
+                                 f"grammar is built from at most {limits.max_schema_bytes} "
+                                 "(limits.max_schema_bytes)", param=param)
+        async with self._compiling:
+            grammar = await asyncio.to_thread(self.guidance.grammar, structure)
+        constrain(plan, grammar, cause)
 
 
 class _Record:

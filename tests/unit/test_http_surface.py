@@ -153,3 +153,19 @@ def test_a_grammar_the_simulated_engine_cannot_honour_names_its_field():
         {"response_format": {"type": "json_object"}})])
     assert [r.json()["error"]["param"] for r in replies] == [
         "tool_choice", "parallel_tool_calls", "tools.1.function.strict", "response_format"]
+
+
+def test_a_schema_too_large_to_compile_is_refused_before_it_is():
+    """Compiling costs with the schema (a 12k-property object took 1.2 s of CPU): bounded by
+    limits.max_schema_bytes before the compiler sees it, naming the field."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    big, forced = serve(PROFILE | {"limits": {"max_schema_bytes": 2000}}, *[
+        ("POST", "/v1/chat/completions", {"json": BODY | extra}) for extra in (
+            {"response_format": {"type": "json_schema",
+                                 "json_schema": {"name": "x", "schema": schema}}},
+            {"tools": [tool], "tool_choice": "required"})])
+    assert big.status_code == forced.status_code == 400
+    assert big.json()["error"]["param"] == "response_format.json_schema"
+    assert "limits.max_schema_bytes" in big.json()["error"]["message"]
+    assert forced.json()["error"]["param"] == "tools"
