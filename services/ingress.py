@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from services.api import openapi, responses
 from services.api.http_errors import error_response
-from services.api.middleware import CORS, ResponseHeaders
+from services.api.middleware import CORS, ResponseHeaders, incoming_trace_id, new_trace_id
 from services.api.service import Answer, Refused, RequestService
 from services.errors import (MethodNotAllowed, ModelNotFound, NotFound, RequestAborted,
                              StackError, clip)
@@ -165,18 +165,25 @@ async def _stack_error(request: Request, exc: StackError) -> JSONResponse:
     """A route's refusal outside the request service (the key check, an unknown model id):
     counted, in our error shape."""
     metrics.ERRORS.inc(pool="none", role="ingress", type=exc.type)
-    return error_response(exc)
+    return error_response(exc, trace_id=_trace_of(request))
+
+
+def _trace_of(request: Request) -> str:
+    """The trace id a refusal outside the request service reports, in its body and its
+    `x-trace-id` alike: the client's (a valid traceparent's), else a new one."""
+    return incoming_trace_id(request.headers) or new_trace_id()
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's routing errors in our error shape, keeping their headers (405's `Allow`)."""
     if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        return error_response(NotFound(f"no route {request.method} {request.url.path}"),
+                              trace_id=_trace_of(request))
     if exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
         error = StackError(str(exc.detail))
         error.status, error.type = exc.status_code, "invalid_request_error"
-    response = error_response(error)
+    response = error_response(error, trace_id=_trace_of(request))
     response.headers.update(exc.headers or {})
     return response

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.http_errors import error_response
 from services.errors import InvalidRequest
+from services.telemetry import tracing
 
 TRACE_HEADER = "x-trace-id"
 # what a browser may send and read back, beyond the CORS-safelisted ones
@@ -34,14 +35,7 @@ def new_trace_id() -> str:
 
 def incoming_trace_id(headers: Headers) -> str | None:
     """The trace id of a valid incoming `traceparent`, if any."""
-    parts = headers.get("traceparent", "").split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        try:
-            int(parts[1], 16)
-            return parts[1].lower()
-        except ValueError:
-            return None
-    return None
+    return tracing.traceparent_id(headers.get("traceparent", ""))
 
 
 class ResponseHeaders:

@@ -203,8 +203,20 @@ def trace_id(span: trace.Span | None, carrier: dict[str, str] | None = None) -> 
     """The trace id in hex: the span's, else the one in `carrier`'s traceparent."""
     if span is not None and span.get_span_context().is_valid:
         return format(span.get_span_context().trace_id, "032x")
-    parts = (carrier or {}).get("traceparent", "").split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+    return traceparent_id((carrier or {}).get("traceparent", ""))
+
+
+def traceparent_id(traceparent: str) -> str | None:
+    """The trace id of a valid W3C `traceparent` (32 hex digits, not all zero), lower-case;
+    None for anything else (a client's header is never echoed unchecked)."""
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    try:
+        int(parts[1], 16)
+    except ValueError:
+        return None
+    return parts[1].lower()
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:

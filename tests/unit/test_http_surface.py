@@ -63,9 +63,10 @@ def test_the_served_model_is_retrievable_and_others_are_404(plain):
         "id": "mistral-small-4", "object": "model", "owned_by": "small4"}
     assert found.json() == plain[5].json()["data"][0]
     assert missing.status_code == 404
-    assert missing.json()["error"] | {"message": "", "request_id": ""} == {
+    assert missing.json()["error"] | {"message": "", "request_id": "", "trace_id": ""} == {
         "message": "", "type": "invalid_request_error", "param": "model",
-        "code": "model_not_found", "request_id": ""}
+        "code": "model_not_found", "request_id": "", "trace_id": ""}
+    assert missing.json()["error"]["trace_id"] == missing.headers["x-trace-id"]
 
 
 def test_head_answers_like_get_without_a_body(plain):
@@ -169,3 +170,29 @@ def test_a_schema_too_large_to_compile_is_refused_before_it_is():
     assert big.json()["error"]["param"] == "response_format.json_schema"
     assert "limits.max_schema_bytes" in big.json()["error"]["message"]
     assert forced.json()["error"]["param"] == "tools"
+
+
+@pytest.mark.parametrize("traceparent", [
+    "00-" + "Z" * 32 + "-00f067aa0ba902b7-01", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"])
+def test_an_invalid_incoming_trace_id_is_never_echoed(traceparent):
+    (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {
+        "json": BODY, "headers": {"traceparent": traceparent}}))
+    trace = response.headers["x-trace-id"]
+    assert response.status_code == 200 and trace not in traceparent
+    assert len(trace) == 32 and int(trace, 16)
+
+
+def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
+    """The key check and unknown routes answer before the request service: their bodies name
+    the trace id their header does (the client's, when it sent a valid one)."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys: []\n")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    profile = PROFILE | {"auth": {"enabled": True, "keys_file": str(keys)}}
+    unauthorised, missing = serve(profile, ("POST", "/v1/chat/completions", {
+        "json": BODY, "headers": {"authorization": "Bearer sk-nope",
+                                  "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}}),
+        ("GET", "/v1/nothing", {}))
+    assert unauthorised.status_code == 401 and missing.status_code == 404
+    assert unauthorised.json()["error"]["trace_id"] == unauthorised.headers["x-trace-id"] == trace
+    assert missing.json()["error"]["trace_id"] == missing.headers["x-trace-id"]
