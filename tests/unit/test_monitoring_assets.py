@@ -62,3 +62,12 @@ def test_error_rules_count_every_request_refusals_before_routing_included():
         assert referenced(expr) == {"ray_small4_requests_total"}, expr
         assert 'status=~"5.."' in expr
     assert "by (" not in overall and 'pool!="none"' in per_pool
+
+
+def test_the_readme_names_every_metric_the_stack_exports():
+    readme = (FILES.parents[2] / "README.md").read_text()
+    names = {v.name for v in vars(metrics).values() if isinstance(v, metrics._Metric)}
+    spelled = set(re.findall(r"small4_\w+", readme)) | {
+        f"small4_{kind}_tokens_total" for kind in ("prompt", "completion", "reasoning")} | {
+        f"small4_prefix_cache_{kind}_tokens" for kind in ("lookup", "hit")}
+    assert names <= spelled, names - spelled
