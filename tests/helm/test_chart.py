@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -428,7 +429,7 @@ def test_existing_secret_is_referenced_not_rendered(render):
 def test_monitoring_objects_ship_the_repo_files(render):
     docs = render(monitoring={"prometheusRule": {"enabled": True}})
     rules = yaml.safe_load((CHART / "files" / "alert-rules.yaml").read_text())
-    assert one(docs, "PrometheusRule")["spec"] == rules
+    assert one(docs, "PrometheusRule")["spec"]["groups"][1:] == rules["groups"]
     dashboard_map = one(docs, "ConfigMap")
     assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(dashboard_map["data"]["small4.json"])
@@ -508,3 +509,34 @@ def test_api_keys_are_mounted_only_where_the_stack_reads_them(render):
             container["volumeMounts"]
     with pytest.raises(helm.HelmRenderError, match="needs the API keys"):
         render(apiKeys={"existingSecret": ""})
+
+
+@pytest.mark.parametrize("slos, thresholds", [
+    ({}, {"fast": "1", "deep": "4"}),  # the chart's pools: 1 s and 4 s
+    ({"fast": 0.3, "deep": 6.0}, {"fast": "0.5", "deep": "10"}),  # the next bucket up
+])
+def test_ttft_burn_alerts_follow_each_pools_own_slo(render, slos, thresholds):
+    """A pool's burn rate is measured against its own slo.ttft_s (a deep pool answering within
+    its 4 s paged at a fixed 2.5 s), at the first latency bucket at or above it."""
+    from services.telemetry import metrics
+
+    stack = {"pools": {pool: {"slo": {"ttft_s": slo}} for pool, slo in slos.items()}}
+    docs = render(monitoring={"prometheusRule": {"enabled": True}}, stack=stack)
+    slo_group = one(docs, "PrometheusRule")["spec"]["groups"][0]
+    assert slo_group["name"] == "small4-slo"
+    by_pool: dict[str, set] = {}
+    for rule in slo_group["rules"]:
+        pool = rule["labels"]["pool"]
+        assert rule["alert"] in {"Small4TTFTBudgetBurnFast", "Small4TTFTBudgetBurnSlow"}
+        assert set(re.findall(r'pool="(\w+)"', rule["expr"])) == {pool}
+        by_pool.setdefault(pool, set()).update(re.findall(r'le=~"([0-9.]+)\(', rule["expr"]))
+        assert set(re.findall(r"\bray_small4_\w+", rule["expr"])) == {
+            "ray_small4_ttft_seconds_bucket", "ray_small4_ttft_seconds_count"}
+    assert by_pool == {pool: {le} for pool, le in thresholds.items()}
+    # the chart's bucket list is the histograms'
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    listed = re.search(r'define "small4.latencyBuckets" -}}\n([0-9.,]+)', helpers).group(1)
+    assert [float(b) for b in listed.split(",")] == metrics.LATENCY_BUCKETS
+    with pytest.raises(helm.HelmRenderError, match="above the largest latency bucket"):
+        render(monitoring={"prometheusRule": {"enabled": True}},
+               stack={"pools": {"fast": {"slo": {"ttft_s": 500.0}}}})

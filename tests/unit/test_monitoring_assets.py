@@ -38,15 +38,13 @@ def test_dashboard_is_grafana_json_naming_only_exported_metrics():
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
-def test_alert_rules_cover_slo_burn_queue_growth_and_errors():
+def test_alert_rules_cover_queue_growth_and_errors():
+    """(The TTFT burn rates are written per pool by the chart: tests/helm.)"""
     rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
     alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
-    assert {"Small4TTFTBudgetBurnFast", "Small4TTFTBudgetBurnSlow", "Small4QueueGrowing",
-            "Small4ErrorRateHigh"} <= set(alerts)
+    assert {"Small4QueueGrowing", "Small4ErrorRateHigh"} <= set(alerts)
     names = referenced(" ".join(r["expr"] for r in alerts.values()))
     assert names <= exported_names(), names - exported_names()
-    le = {float(v) for v in re.findall(r'le="([0-9.]+)"', alerts["Small4TTFTBudgetBurnFast"]["expr"])}
-    assert le <= set(metrics.LATENCY_BUCKETS), "the SLO threshold must be a bucket boundary"
     assert all(r["labels"]["severity"] in {"page", "ticket"} for r in alerts.values())
 
 

@@ -34,6 +34,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* The latency histograms' bucket bounds (services/telemetry/metrics.py LATENCY_BUCKETS;
+a test keeps the two equal). */}}
+{{- define "small4.latencyBuckets" -}}
+0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2,2.5,4,5,10,30,60,120
+{{- end -}}
+
 {{/* Ray's Prometheus port on every pod: the stack's own `ray.metrics_port`. */}}
 {{- define "small4.metricsPort" -}}
 {{- dig "ray" "metrics_port" 8080 .Values.stack | int -}}
