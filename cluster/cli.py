@@ -283,23 +283,33 @@ def cmd_status(args) -> int:
 
 
 def _cache_view(url: str | None) -> str:
-    """The prefix-cache table from Ray's Prometheus endpoint (this node's by default)."""
+    """The prefix-cache table from Ray's Prometheus endpoints: every live node's (each reports
+    the replicas it hosts; the head, where this runs on a cluster, hosts none), or `url`."""
+    if url is not None:
+        return cache_view([url])
+    try:
+        import ray
+
+        urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    except Exception as exc:  # an older or remote driver: say so, show the rest
+        return f"prefix cache: no metrics endpoint known ({type(exc).__name__}); --metrics-url"
+    return cache_view(urls)
+
+
+def cache_view(urls: list[str]) -> str:
+    """One table of the replicas every endpoint in `urls` reports, and which did not answer."""
     import httpx
 
     from cluster.cache_status import cache_rows, cache_table
 
-    if url is None:
+    rows, silent = {}, []
+    for url in urls:
         try:
-            import ray
-
-            node = ray._private.worker.global_worker.node
-            url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
-        except Exception as exc:  # an older or remote driver: say so, show the rest
-            return f"prefix cache: no metrics endpoint known ({type(exc).__name__}); --metrics-url"
-    try:
-        return cache_table(cache_rows(httpx.get(url, timeout=10).text))
-    except httpx.HTTPError as exc:
-        return f"prefix cache: {url} did not answer ({type(exc).__name__})"
+            rows |= cache_rows(httpx.get(url, timeout=10).text)
+        except httpx.HTTPError as exc:
+            silent.append(f"prefix cache: {url} did not answer ({type(exc).__name__})")
+    return "\n".join([cache_table(rows), *silent]) if rows or not silent else "\n".join(silent)
 
 
 def status_table(rows: dict) -> str:
