@@ -152,7 +152,8 @@ class StackSettings(ServiceSettings):
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,
                                routing=self.routing, pools=self.pools, limits=self.limits,
                                auth=self.auth, telemetry=self.telemetry,
-                               kv_handoff=self.kv_handoff, max_images=self.multimodal.images.max_images)
+                               kv_handoff=self.kv_handoff,
+                               max_images=self.multimodal.images.max_images)
 
 
 def require_serve_app(settings: StackSettings) -> StackSettings:

@@ -62,6 +62,26 @@ class StructuredRequest:
         strict = any(t.get("function", {}).get("strict") for t in self.tools)
         return forced or strict or not self.parallel_tool_calls
 
+    def schemas(self) -> list[tuple[str, Any]]:
+        """(field, JSON schema) of what the grammar is compiled from: response_format's schema,
+        and the parameters of every tool a call is constrained to (all with `required`, the
+        named one with a named choice, else the strict ones). Descriptions are not compiled."""
+        out: list[tuple[str, Any]] = []
+        fmt = self.response_format or {}
+        if fmt.get("type", "text") != "text":
+            out.append(("response_format.json_schema",
+                        (fmt.get("json_schema") or {}).get("schema") or {}))
+        if not self.tools or self.tool_choice == "none":
+            return out
+        named = self.tool_choice.get("function", {}).get("name") \
+            if isinstance(self.tool_choice, dict) else None
+        for i, tool in enumerate(self.tools):
+            function = tool.get("function", {})
+            if (named == function.get("name") if named is not None
+                    else self.tool_choice == "required" or function.get("strict")):
+                out.append((f"tools.{i}.function.parameters", function.get("parameters") or {}))
+        return out
+
     @property
     def cause(self) -> str:
         """The request field that makes the answer constrained (what a refusal names)."""

@@ -184,16 +184,25 @@ def _logprobs(entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
     return None if entries is None else ChoiceLogprobs(content=entries, refusal=None)
 
 
-def logprob_entries(records, tokenizer, content: list[bool]) -> list[dict[str, Any]]:
+def logprob_entries(records, tokenizer, ids: list[int],
+                    content: list[bool]) -> list[dict[str, Any]]:
     """OpenAI's per-token entries (token text, logprob, bytes, top alternatives) for the sampled
-    tokens of the message's content: `content` marks which of the records' tokens are content
-    text (`OutputParser.content_ids`), not reasoning, a tool call or a control token."""
+    tokens of the message's content: `content` marks which of the chunk's `ids` are content
+    text (`OutputParser.content_ids`), not reasoning, a tool call or a control token. Each
+    record is matched to its own id in order (a chunk may carry fewer records than ids)."""
     def entry(token: int, logprob: float) -> dict[str, Any]:
         return {"token": tokenizer.token_piece(token), "logprob": max(logprob, -9999.0),
                 "bytes": list(tokenizer.token_bytes(token))}
-    return [{**entry(r.token, r.logprob),
-             "top_logprobs": [entry(t, lp) for t, lp in r.top if lp > float("-inf")]}
-            for r, shown in zip(records, content) if shown]
+    out, at = [], 0
+    for record in records:
+        found = next((i for i in range(at, len(ids)) if ids[i] == record.token), None)
+        if found is None:  # not one of this chunk's ids: nothing to attribute it to
+            continue
+        if content[found]:
+            out.append({**entry(record.token, record.logprob), "top_logprobs": [
+                entry(t, lp) for t, lp in record.top if lp > float("-inf")]})
+        at = found + 1
+    return out
 
 
 def choice(index: int, *, content: str, reasoning: str, tool_calls: list, finish_reason: str,

@@ -301,6 +301,8 @@ class ChatCompletionRequest(_Wire):
             item = message.model_dump(exclude_none=True)
             if item["role"] == "developer":
                 item["role"] = "system"
+            if item["role"] == "assistant" and "function_call" not in item:
+                legacy = None  # a function message answers the turn just before it
             if item["role"] == "assistant" and "function_call" in item:
                 if item.get("tool_calls"):
                     raise InvalidRequest(f"messages.{i}: an assistant message has tool_calls "
@@ -316,6 +318,7 @@ class ChatCompletionRequest(_Wire):
                                          param=f"messages.{i}")
                 item = {"role": "tool", "tool_call_id": legacy,
                         "content": item.get("content") or ""}
+                legacy = None  # one result per call
             item.pop("reasoning_content", None)
             item.pop("refusal", None)
             if not item.get("prefix", True):

@@ -61,8 +61,10 @@ class Refused:
 INLINE_ENCODE_CHARS = 65536
 
 
-def _texts(messages: list[dict]) -> Iterator[str]:
-    """The text of a conversation that reaches its prompt: contents and call arguments."""
+def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
+    """The text of a conversation that reaches its prompt: contents, call arguments and the
+    tools' definitions (as the prompt shows them, JSON)."""
+    yield from (json.dumps(tool) for tool in tools or ())
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
@@ -203,12 +205,12 @@ class RequestService:
         in tokens (each token is at least a byte) is first counted with an early stop: a
         prompt of millions of tokens costs what counting past the context costs, not what
         encoding it whole would."""
-        size = sum(len(t) for t in _texts(messages))
+        size = sum(len(t) for t in _texts(messages, tools))
         if size <= INLINE_ENCODE_CHARS:
             return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
         context = self.settings.model.context_length
-        if size > context and await asyncio.to_thread(self.tokenizer.exceeds, _texts(messages),
-                                                      context):
+        if size > context and await asyncio.to_thread(self.tokenizer.exceeds,
+                                                      _texts(messages, tools), context):
             raise ContextLengthExceeded(f"this model's maximum context length is {context} "
                                         "tokens; the messages have more", param="messages")
         return await asyncio.to_thread(self.tokenizer.encode_chat, messages, effort=effort,
@@ -230,17 +232,24 @@ class RequestService:
             return
         # a compile costs with the schema's size: bounded before it starts, and only a few
         # at once per replica (off the event loop; a thread cannot be stopped midway)
-        cause = structure.cause
-        source = structure.response_format if cause == "response_format" else structure.tools
-        size = len(json.dumps(source))
-        if size > limits.max_schema_bytes:
-            param = "response_format.json_schema" if cause == "response_format" else "tools"
-            raise InvalidRequest(f"{param}: {size} bytes of JSON schema; a structured answer's "
-                                 f"grammar is built from at most {limits.max_schema_bytes} "
-                                 "(limits.max_schema_bytes)", param=param)
-        async with self._compiling:
-            grammar = await asyncio.to_thread(self.guidance.grammar, structure)
-        constrain(plan, grammar, cause)
+        sizes = [(len(json.dumps(schema)), param) for param, schema in structure.schemas()]
+        if sum(size for size, _ in sizes) > limits.max_schema_bytes:
+            size, param = max(sizes)
+            raise InvalidRequest(f"{param}: {sum(s for s, _ in sizes)} bytes of JSON schema "
+                                 f"(this one {size}); a structured answer's grammar is built from "
+                                 f"at most {limits.max_schema_bytes} (limits.max_schema_bytes)",
+                                 param=param)
+        # a slot is held until its compile ends, even when the request left meanwhile (a
+        # thread cannot be stopped: the slot bounds the compiles running, not the requests)
+        await self._compiling.acquire()
+        compiling = asyncio.ensure_future(asyncio.to_thread(self.guidance.grammar, structure))
+        compiling.add_done_callback(self._compiled)
+        constrain(plan, await asyncio.shield(compiling), structure.cause)
+
+    def _compiled(self, task: asyncio.Future) -> None:
+        self._compiling.release()
+        if not task.cancelled():
+            task.exception()  # retrieved here: a compile whose request left is not logged
 
 
 class _Record:
@@ -428,7 +437,7 @@ class _Choice:
         if self.request.sampling.logprobs is None:
             return None
         return responses.logprob_entries(chunk.logprobs or (), self.service.tokenizer,
-                                         self.parser.content_ids)
+                                         chunk.token_ids, self.parser.content_ids)
 
     async def collect(self) -> dict[str, Any]:
         """The whole choice, for a non-streamed answer."""

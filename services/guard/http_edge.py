@@ -6,8 +6,9 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
 `small4 up` and the tests before Ray starts):
 
 - the request head (request line and headers) is limited to `MAX_HEAD_BYTES` while it is read,
-  answered 431 beyond, and must arrive within `HEAD_TIMEOUT_S` of the connection opening or
-  of its first byte after a response (408): uvicorn's httptools protocol has neither limit, so a 64 MB header would be buffered whole before any check ran;
+  answered 431 beyond, and must arrive within `HEAD_TIMEOUT_S` of the connection opening or of
+  its first byte after a response (408): uvicorn's httptools protocol has neither limit, so a
+  64 MB header would be buffered whole before any check ran;
 - `EdgeErrors` makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with

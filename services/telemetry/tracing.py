@@ -13,6 +13,7 @@ settings win. With tracing off, spans are no-ops but an incoming trace id is sti
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -206,17 +207,18 @@ def trace_id(span: trace.Span | None, carrier: dict[str, str] | None = None) -> 
     return traceparent_id((carrier or {}).get("traceparent", ""))
 
 
+
+# version-traceid-parentid-flags in lower-case hex, as W3C Trace Context writes them and
+# OpenTelemetry's propagator reads them (a later version may append fields)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
+
 def traceparent_id(traceparent: str) -> str | None:
     """The trace id of a valid W3C `traceparent` (32 hex digits, not all zero), lower-case;
     None for anything else (a client's header is never echoed unchecked)."""
-    parts = traceparent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+    match = _TRACEPARENT.fullmatch(traceparent.strip())
+    if match is None or match.group(1) == "0" * 32:
         return None
-    try:
-        int(parts[1], 16)
-    except ValueError:
-        return None
-    return parts[1].lower()
+    return match.group(1)
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -26,9 +26,13 @@ BODY = {"model": "mistral-small-4", "max_tokens": 4,
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def serve(profile, *requests):
-    """Send `requests` ((method, path, kwargs)) to a fresh in-process app; their responses."""
-    app = build_inprocess(parse_settings(profile)).build_asgi_app()
+def serve(profile, *requests, prepare=None):
+    """Send `requests` ((method, path, kwargs)) to a fresh in-process app; their responses.
+    `prepare` gets the ingress first."""
+    ingress = build_inprocess(parse_settings(profile))
+    if prepare is not None:
+        prepare(ingress)
+    app = ingress.build_asgi_app()
 
     async def go():
         transport = httpx.ASGITransport(app=app)
@@ -161,25 +165,36 @@ def test_a_schema_too_large_to_compile_is_refused_before_it_is():
     limits.max_schema_bytes before the compiler sees it, naming the field."""
     schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)}}
     tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
-    big, forced = serve(PROFILE | {"limits": {"max_schema_bytes": 2000}}, *[
+    strict = {"type": "function", "function": {"name": "g", "parameters": schema,
+                                               "strict": True}}
+    loose = {"type": "function", "function": {"name": "h", "description": "d" * 3000}}
+    big, forced, beside, one_call = serve(PROFILE | {"limits": {"max_schema_bytes": 2000}}, *[
         ("POST", "/v1/chat/completions", {"json": BODY | extra}) for extra in (
             {"response_format": {"type": "json_schema",
                                  "json_schema": {"name": "x", "schema": schema}}},
-            {"tools": [tool], "tool_choice": "required"})])
-    assert big.status_code == forced.status_code == 400
+            {"tools": [tool], "tool_choice": "required"},
+            # a strict tool is compiled beside a JSON format, tool_choice auto
+            {"response_format": {"type": "json_object"}, "tools": [loose, strict]},
+            # one call at a time: no tool's parameters are compiled, descriptions never are
+            {"tools": [loose], "parallel_tool_calls": False})])
     assert big.json()["error"]["param"] == "response_format.json_schema"
     assert "limits.max_schema_bytes" in big.json()["error"]["message"]
-    assert forced.json()["error"]["param"] == "tools"
+    assert forced.json()["error"]["param"] == "tools.0.function.parameters"
+    assert beside.json()["error"]["param"] == "tools.1.function.parameters"
+    # (refused by the simulated engine, which has no logits: not for its size)
+    assert one_call.json()["error"]["param"] == "parallel_tool_calls"
 
 
-@pytest.mark.parametrize("traceparent", [
-    "00-" + "Z" * 32 + "-00f067aa0ba902b7-01", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"])
-def test_an_invalid_incoming_trace_id_is_never_echoed(traceparent):
+@pytest.mark.parametrize("trace", [
+    "Z" * 32, "0" * 32, "0x" + "a" * 30, "a" * 15 + "_" + "a" * 16, " " + "a" * 31,
+    "+" + "a" * 31, "0X" + "0" * 30])
+def test_an_invalid_incoming_trace_id_is_never_echoed(trace):
+    traceparent = f"00-{trace}-00f067aa0ba902b7-01"
     (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {
         "json": BODY, "headers": {"traceparent": traceparent}}))
-    trace = response.headers["x-trace-id"]
-    assert response.status_code == 200 and trace not in traceparent
-    assert len(trace) == 32 and int(trace, 16)
+    echoed = response.headers["x-trace-id"]
+    assert response.status_code == 200 and echoed not in traceparent
+    assert re.fullmatch("[0-9a-f]{32}", echoed) and echoed != "0" * 32
 
 
 def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
@@ -196,3 +211,21 @@ def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
     assert unauthorised.status_code == 401 and missing.status_code == 404
     assert unauthorised.json()["error"]["trace_id"] == unauthorised.headers["x-trace-id"] == trace
     assert missing.json()["error"]["trace_id"] == missing.headers["x-trace-id"]
+
+
+def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded():
+    """Digits are about a token a byte: 100 KB passes the size floor (bytes over the longest
+    token) at a 4096-token context, then is counted up to the context and refused: the
+    conversation is never encoded whole."""
+    encoded = []
+
+    def spy(ingress):
+        tokenizer = ingress.service.tokenizer
+        real = tokenizer.encode_chat
+        tokenizer.encode_chat = lambda *a, **k: encoded.append(1) or real(*a, **k)
+
+    (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {
+        "messages": [{"role": "user", "content": "9" * 100_000}]}}), prepare=spy)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["param"] == "messages" and encoded == []

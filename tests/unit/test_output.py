@@ -345,3 +345,21 @@ def test_no_content_id_after_a_stop_string_ended_the_output(tokenizer, ids_of):
     parser.feed(ids_of("one two STOP"))
     parser.feed(ids_of(" three"))
     assert parser.content_ids == [False] * len(ids_of(" three"))
+
+
+def test_logprob_records_are_matched_to_their_own_ids(tokenizer, ids_of, mark):
+    """A chunk may carry fewer records than ids (a merged chunk, an engine that gave none for
+    its first token): each record is attributed by its own token, never by position."""
+    from types import SimpleNamespace
+
+    from services.api.responses import logprob_entries
+
+    parser = OutputParser(tokenizer, tools_enabled=True)
+    answer = ids_of("It is 4.")
+    ids = mark("[THINK]") + ids_of("hm") + mark("[/THINK]") + answer
+    parser.feed(ids)
+    record = lambda token: SimpleNamespace(token=token, logprob=-0.5, top=())  # noqa: E731
+    whole = logprob_entries([record(t) for t in ids], tokenizer, ids, parser.content_ids)
+    assert "".join(e["token"] for e in whole) == tokenizer.decode(answer)
+    tail = logprob_entries([record(t) for t in answer[1:]], tokenizer, ids, parser.content_ids)
+    assert [e["token"] for e in tail] == [e["token"] for e in whole[1:]]

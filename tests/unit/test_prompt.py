@@ -356,9 +356,18 @@ def test_a_functions_conversation_goes_on_as_the_tools_it_is(tokenizer):
                         tools=[{"type": "function", "function": WEATHER}]).engine_request.prompt_ids
 
 
+CALLED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                             "function_call": {"name": "f", "arguments": "{}"}},
+          {"role": "function", "name": "f", "content": "x"}]
+
+
 @pytest.mark.parametrize("messages, param", [
     ([{"role": "user", "content": "hi"}, {"role": "function", "name": "f", "content": "x"}],
      "messages.1"),
+    (CALLED + [{"role": "function", "name": "f", "content": "again"}], "messages.3"),
+    (CALLED + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "and?"},
+               {"role": "assistant", "content": "so"},
+               {"role": "function", "name": "f", "content": "stale"}], "messages.6"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
       "function_call": {"name": "f", "arguments": "{}"}, "tool_calls": [
           {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
