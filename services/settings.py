@@ -322,9 +322,9 @@ class LimitSettings(Strict):
                                        "depth check may take (400 beyond)")
     max_uploads: int = Field(128, gt=0, description="bodies being received at once per "
                              "ingress replica")
-    max_uploads_per_key: int = Field(16, gt=0, description="bodies one key may be sending at "
-                                     "once per ingress replica (an eighth of max_uploads: a "
-                                     "few keys trickling bodies cannot hold every slot)")
+    max_uploads_per_key: int = Field(64, gt=0, description="bodies one key may be sending at "
+                                     "once per ingress replica (half of max_uploads: one "
+                                     "service's burst on a busy replica is not refused)")
     write_stall_s: float = Field(30.0, gt=0, description="longest a streamed answer waits for "
                                  "the client to take its next event (a reader that stopped "
                                  "reading), never past the request's deadline")

@@ -59,22 +59,27 @@ class ToolCall(_Wire):
     function: FunctionCall
 
 
+# A participant's name: not part of Mistral's prompt format, so refused unless empty (the
+# served schema says so: maxLength 0; `_conversation` refuses it by name)
+NoName = Annotated[str | None, Field(json_schema_extra={"maxLength": 0})]
+
+
 class SystemMessage(_Wire):
     role: Literal["system", "developer"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: NoName = None
 
 
 class UserMessage(_Wire):
     role: Literal["user"]
     content: str | list[ContentPart]
-    name: str | None = None
+    name: NoName = None
 
 
 class AssistantMessage(_Wire):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: NoName = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     # the deprecated functions API's call (a next turn of a `functions` conversation)
     function_call: FunctionCall | None = None
@@ -170,7 +175,11 @@ MAX_LOGIT_BIAS = 300  # entries; each costs every sampled token of the request
 
 class ChatCompletionRequest(_Wire):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    # at least one message that is not a system message: a conversation needs something to
+    # answer (`_conversation` refuses it by name; the served schema says it with `contains`)
+    messages: list[Message] = Field(min_length=1, json_schema_extra={"contains": {
+        "type": "object", "required": ["role"],
+        "properties": {"role": {"enum": ["user", "assistant", "tool", "function"]}}}})
     reasoning_effort: str | None = None
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None

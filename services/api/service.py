@@ -59,6 +59,7 @@ class Refused:
 
 # a prompt of more text than this (characters) is encoded off the event loop
 INLINE_ENCODE_CHARS = 65536
+ENCODE_GRACE_S = 2.0  # past the deadline, for the multimodal worker's own deadline answer
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
@@ -190,8 +191,10 @@ class RequestService:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
         ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
-        try:  # queued behind a busy multimodal deployment, a request still keeps its deadline
-            async with asyncio.timeout(max(0.0, ctx.remaining_s())):
+        # queued behind a busy multimodal deployment, a request still keeps its deadline (a
+        # little after it: the worker's own deadline error, which says where it was, comes first)
+        try:
+            async with asyncio.timeout(max(0.0, ctx.remaining_s()) + ENCODE_GRACE_S):
                 return await call(self.multimodal, MultimodalWorker.encode, ctx, messages,
                                   effort, tools)
         except TimeoutError:

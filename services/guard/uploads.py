@@ -42,8 +42,11 @@ class Uploads:
                     await asyncio.wait_for(self._freed.wait_for(lambda: not self._full(key)),
                                            self.wait_s)
                 except TimeoutError:
-                    raise RateLimited(f"{self._full(key)}; retry when one has finished",
-                                      retry_after=1.0, code="upload_limit_exceeded") from None
+                    # (a slot may have freed as the wait ran out: then it is taken)
+                    if why := self._full(key):
+                        raise RateLimited(f"{why}; retry when one has finished",
+                                          retry_after=1.0,
+                                          code="upload_limit_exceeded") from None
         self.total += 1
         self.by_key[key] += 1
         try:

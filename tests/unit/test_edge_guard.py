@@ -252,6 +252,28 @@ def test_upload_slots_per_key_then_per_replica():
     asyncio.run(scenario())
 
 
+def test_a_slot_freed_as_the_wait_runs_out_is_taken_not_refused():
+    """The wait's timeout and the slot's release can meet: the request then gets the slot (it
+    was refused with the message "None; retry when one has finished")."""
+    async def scenario():
+        uploads = Uploads(LimitSettings(max_uploads=3, max_uploads_per_key=1,
+                                        upload_wait_s=0.05))
+        uploads.by_key["a"] = 1  # another body of this key, which frees its slot ...
+        real_wait = uploads._freed.wait_for
+
+        async def freed_too_late(predicate):
+            await asyncio.sleep(0.2)  # ... only after the wait ran out
+            return await real_wait(predicate)
+
+        uploads._freed.wait_for = freed_too_late
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.04, lambda: uploads.by_key.update({"a": -1}))
+        async with uploads.slot("a"):
+            return uploads.by_key["a"]
+
+    assert asyncio.run(scenario()) == 1  # its own slot, taken
+
+
 # --- the proxy callback, on a real uvicorn server ----------------------------------------
 
 async def _app(scope, receive, send):
