@@ -111,8 +111,13 @@ def test_fuzzing_reached_the_engines():
                                         for (op, code), n in sorted(STATUSES.items())}}))
     chat = {code: n for (op, code), n in STATUSES.items() if op == CHAT}
     # ~80 derandomized chat cases, most setting a field the simulated engine refuses
-    # (logprobs, logit_bias, penalties, grammars need logits): a handful reach the engines
-    assert chat.get(200, 0) >= 5 and chat.get(400, 0) >= 20, chat
+    # (logprobs, logit_bias, penalties, grammars need logits) or a conversation mistral-common
+    # refuses (a `function` result with no call before it, turns out of order): a handful reach
+    # the engines, answered (200) or cut by the sub-second deadline the case itself set (504,
+    # only for x-request-timeout under a second: admitted past every check). How many of those
+    # end either way follows the machine's speed.
+    reached = chat.get(200, 0) + chat.get(504, 0)
+    assert reached >= 5 and chat.get(200, 0) >= 2 and chat.get(400, 0) >= 20, chat
     assert {code for _, code in STATUSES} <= {200, 400, 401, 404, 405, 413, 504}, STATUSES
 
 
