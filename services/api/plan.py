@@ -86,9 +86,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     the asked `max_tokens` for each of its `n` choices), known before tokenising: a prompt that
     cannot fit the context is refused here, cheaply (a 12 MB prompt is never tokenised), and
     so is one the key's token quota cannot pay."""
-    text = sum(_text_bytes(m.content) + _calls_bytes(getattr(m, "tool_calls", None))
-               + _calls_bytes([m] if getattr(m, "function_call", None) else None, legacy=True)
-               for m in req.messages)
+    text = sum(_text_bytes(m.content) + _calls_bytes(m) for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -114,9 +112,12 @@ def _text_bytes(content) -> int:
                if getattr(p, "type", None) == "text")
 
 
-def _calls_bytes(calls, legacy: bool = False) -> int:
-    """An assistant turn's calls reach the prompt too: their names and arguments."""
-    functions = [c.function_call if legacy else c.function for c in calls or ()]
+def _calls_bytes(message) -> int:
+    """An assistant turn's calls reach the prompt too: their names and arguments (the
+    deprecated `function_call` as a call like the others)."""
+    functions = [c.function for c in getattr(message, "tool_calls", None) or ()]
+    if getattr(message, "function_call", None) is not None:
+        functions.append(message.function_call)
     return sum(len(f.name.encode("utf-8", "surrogatepass"))
                + len(f.arguments.encode("utf-8", "surrogatepass")) for f in functions)
 
@@ -185,12 +186,7 @@ def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSetting
             f"messages have {prompt_len}", param="messages")
     if asked is None:
         return min(limits.max_tokens_default, room)
-    if asked <= 0:
-        raise InvalidRequest(f"{field} must be at least 1, got {asked}", param=field)
-    if asked > limits.max_tokens_cap:
-        raise InvalidRequest(f"{field} must be at most {limits.max_tokens_cap}, got {asked}",
-                             param=field)
-    if asked > room:
+    if asked > room:  # (its range, 1 to limits.max_tokens_cap, was checked by `admit`)
         raise ContextLengthExceeded(
             f"this model's maximum context length is {model.context_length} tokens; the "
             f"messages have {prompt_len} and {field} asks for {asked}", param="messages")
