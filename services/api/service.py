@@ -29,6 +29,7 @@ from services.api.plan import (RequestPlan, admit, constrain, plan_request, prom
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
+from services.engines.stops import OutputMarks, StopChecker
 from services.errors import (ContextLengthExceeded, DeadlineExceeded, EngineError, InvalidRequest,
                              KVHandoffFailed, RequestAborted, StackError, clip, retryable)
 from services.grammar import warmed
@@ -98,6 +99,7 @@ class RequestService:
         self.quotas = Quotas(settings.auth.default_quota)
         self.uploads = Uploads(settings.limits)
         self.token_bytes = _max_token_bytes(self.tokenizer)
+        self.marks = OutputMarks.of(self.tokenizer)
         self._releasing: set[asyncio.Task] = set()
         self._compiling = asyncio.Semaphore(settings.limits.max_concurrent_compiles)
         tracing.configure(settings.telemetry.tracing, role="ingress")
@@ -375,6 +377,11 @@ class _Choice:
             logprobs=[reply.first_logprob] if reply.first_logprob is not None else None)
         self.cached_tokens = reply.cached_tokens
         self.generated.append(reply.first_token)
+        # the first token may end the choice (max_tokens 1, an end of sequence, a stop): then
+        # the KV goes nowhere and no decode replica is asked
+        if (finish := self._finished()) is not None:
+            self.first.finish_reason = finish
+            await self._prefilled_close()
 
     async def next_chunk(self):
         """The next chunk within the deadline, resuming after a failed replica (or after a
@@ -402,7 +409,14 @@ class _Choice:
                 raise _deadline() from None
             except Exception as exc:
                 handed = self.prefilled is not None and isinstance(exc, KVHandoffFailed)
-                if not (retryable(exc) or handed) or self.resumes >= limits.max_resumes:
+                if not (retryable(exc) or handed):
+                    raise
+                if (finish := self._finished()) is not None:
+                    # the leg failed after its last token, before saying so: nothing to resume
+                    await close_stream(self.chunks)
+                    await self._prefilled_close()
+                    return StreamChunk([], finish_reason=finish)
+                if self.resumes >= limits.max_resumes:
                     raise
                 self.resumes += 1
                 metrics.RESUMES.inc(pool=self.pool)
@@ -415,6 +429,14 @@ class _Choice:
         if self.prefilled is not None:
             prefilled, self.prefilled = self.prefilled, None
             await prefilled.close()
+
+    def _finished(self) -> str | None:
+        """The finish reason the tokens received so far reached already, though no engine
+        said so (a first token prefilled from here; a leg that failed before its finish)."""
+        tokenizer = self.service.tokenizer
+        stops = StopChecker(self.request.sampling, (tokenizer.eos_id,), tokenizer.decode,
+                            self.service.marks)
+        return stops.check(self.generated)
 
     def _resumed(self) -> EngineRequest:
         """The choice's request continued after the tokens already received."""

@@ -16,7 +16,8 @@ from services.settings import FaultSettings
 
 class FaultyEngine:
     """Wraps an engine; every `prefill_fail_every`-th prefill fails, and every
-    `decode_fail_every`-th decode stream fails after `decode_fail_after_tokens` tokens."""
+    `decode_fail_every`-th decode stream fails after `decode_fail_after_tokens` tokens (one
+    that ends sooner fails before its finish: its last tokens arrive, the finish never)."""
 
     def __init__(self, engine: Engine, faults: FaultSettings):
         self.engine, self.faults = engine, faults
@@ -41,10 +42,13 @@ class FaultyEngine:
         stream = self.engine.decode(request, first_token, kv)
         try:
             async for chunk in stream:
-                if doomed and produced + len(chunk.token_ids) > self.faults.decode_fail_after_tokens:
-                    keep = self.faults.decode_fail_after_tokens - produced
+                after = self.faults.decode_fail_after_tokens
+                # a doomed stream dies after `after` tokens, or before its finish if sooner
+                if doomed and (produced + len(chunk.token_ids) > after or chunk.finish_reason):
+                    keep = min(len(chunk.token_ids), after - produced)
                     if keep > 0:
-                        yield TokenChunk(chunk.token_ids[:keep])
+                        yield TokenChunk(chunk.token_ids[:keep],
+                                         logprobs=chunk.logprobs and chunk.logprobs[:keep])
                     raise EngineUnavailable("injected fault: decode engine failed mid-stream")
                 produced += len(chunk.token_ids)
                 yield chunk

@@ -6,6 +6,8 @@ contain one run on, as the ingress's output parser shows them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -103,3 +105,41 @@ def test_a_stop_string_in_the_reasoning_leaves_it_whole_and_ends_the_answer(clie
         assert message["reasoning_content"] == TEXT
         assert message["content"] == "one two "
         assert choice["finish_reason"] == "stop"
+
+
+@pytest.fixture(scope="module")
+def dying():
+    """Every decode stream dies before its finish (its tokens arrive, the finish never)."""
+    faults = {"decode_fail_every": 1, "decode_fail_after_tokens": 1000}
+    profile = PROFILE | {"profile": "dying-decode",
+                         "engine": PROFILE["engine"] | {"faults": faults}}
+    ingress = build_inprocess(parse_settings(profile))
+    with TestClient(ingress.build_asgi_app()) as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_whose_last_leg_died_before_its_finish_is_not_resumed_past_its_end(dying,
+                                                                                    stream):
+    # max_tokens 1: the prefill's first token ends it (no decode replica is asked); 3: the
+    # budget is spent when the leg dies; 30: the echo ends with its end of sequence first.
+    # Resumed, the first two would ask for 0 tokens (a 400), the last would run on after EOS.
+    for max_tokens, content, finish in ((1, "one", "length"), (3, "one two three", "length"),
+                                        (30, TEXT, "stop")):
+        body = {"model": "mistral-small-4", "max_tokens": max_tokens, "temperature": 0,
+                "stream": stream, "messages": [{"role": "user", "content": TEXT}]}
+        reply = dying.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        if stream:
+            events = [json.loads(line[6:]) for line in reply.text.splitlines()
+                      if line.startswith("data: {")]
+            assert not [e for e in events if "error" in e], reply.text
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                           if e.get("choices"))
+            reason = [e["choices"][0]["finish_reason"] for e in events
+                      if e.get("choices") and e["choices"][0].get("finish_reason")]
+            assert (text, reason) == (content, [finish]), max_tokens
+        else:
+            choice = reply.json()["choices"][0]
+            assert choice["message"]["content"].strip() == content, max_tokens
+            assert choice["finish_reason"] == finish, max_tokens
