@@ -19,7 +19,7 @@ from typing import Any
 
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, EngineStats, TokenChunk, TokenLogprob
-from services.errors import EngineError, KVHandoffFailed, from_exception
+from services.errors import DeadlineExceeded, EngineError, KVHandoffFailed, from_exception
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings, WorkerSettings
 from services.telemetry import metrics, tracing
@@ -129,6 +129,9 @@ class DecodeWorker(EngineHost):
                 return
             async with aclosing(coalesce(tokens, self.settings.stream, self._observe_itl)) as chunks:
                 async for chunk in chunks:
+                    if (ctx.remaining_s() or 1.0) <= 0:  # a caller gone without closing
+                        raise DeadlineExceeded("the request's deadline passed while decoding",
+                                               request_id=request.request_id)
                     outcome["tokens_out"] += len(chunk.token_ids)
                     outcome["finish_reason"] = chunk.finish_reason
                     if chunk.finish_reason:

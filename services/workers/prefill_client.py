@@ -27,6 +27,7 @@ from services.workers.prefill import PrefillReply, PrefillWorker
 
 # How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
 STUCK_GRACE_S = 1.0
+ABORT_S = 2.0  # an abort sent after an attempt that was cancelled or ran late
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PrefillClient:
     def __init__(self, prefill: Any, handoff: KVHandoff, settings: KVHandoffSettings,
                  pool: str):
         self.prefill, self.handoff, self.settings, self.pool = prefill, handoff, settings, pool
+        self._aborting: set[asyncio.Task] = set()
 
     async def run(self, ctx: RequestContext, request: EngineRequest, span: Any = None, *,
                   receive: bool = True) -> Prefilled:
@@ -97,7 +99,10 @@ class PrefillClient:
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
                 if cancelled or isinstance(exc, TimeoutError):
-                    await self.abort(request.request_id)
+                    # a backstop, not awaited: closing the call below is what reaches the
+                    # replica running it (Serve routes an abort anew, maybe into the same queue
+                    # that made this attempt late, and a retry must not wait behind it)
+                    self.abort_soon(request.request_id)
                 if cancelled:
                     raise
                 if not worth_retrying(exc):
@@ -123,10 +128,17 @@ class PrefillClient:
             raise DeadlineExceeded("the request's deadline passed during prefill",
                                    request_id=request.request_id)
 
+    def abort_soon(self, request_id: str) -> None:
+        """Ask the pool to abort `request_id`, in the background, for `ABORT_S` at most."""
+        task = asyncio.get_running_loop().create_task(self.abort(request_id))
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
+
     async def abort(self, request_id: str) -> None:
         try:
-            await asyncio.shield(call(self.prefill, PrefillWorker.abort, request_id))
-        except Exception:  # the prefill replica may be gone; its KV went with it
+            async with asyncio.timeout(ABORT_S):
+                await call(self.prefill, PrefillWorker.abort, request_id)
+        except Exception:  # the prefill replica may be gone (its KV with it), or too busy
             pass
 
 

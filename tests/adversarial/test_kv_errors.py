@@ -6,6 +6,7 @@ the replica had died; a replica that dies is retried. In-process workers, the re
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from cluster.settings import parse_settings
 from services.context import RequestContext
 from services.engines.protocol import EngineRequest, SamplingParams
-from services.errors import EngineUnavailable, InputRejected, from_exception
+from services.errors import DeadlineExceeded, EngineUnavailable, InputRejected, from_exception
 from services.workers.decode import DecodeWorker
 from services.workers.prefill import PrefillWorker
 
@@ -95,3 +96,27 @@ def test_a_replica_failure_is_still_retried(workers, tokenizer):
     finally:
         del prefill.engine.prefill
     assert prefill.attempts == 2
+
+
+def test_a_decode_stream_nobody_closes_stops_at_its_deadline():
+    """A caller that vanished without closing its stream (an ingress replica lost mid-answer)
+    leaves no sequence decoding on to `max_tokens`: the decode replica keeps the deadline."""
+    settings = parse_settings(PROFILE | {"engine": {
+        "kind": "simulated", "simulated": {"decode_step_ms": 20, "output": "counter"}}}
+    ).worker("fast")
+    decode = DecodeWorker(settings, PrefillWorker(settings))
+    request = EngineRequest("abandoned", [1, 2, 3], SamplingParams(max_tokens=500,
+                                                                   temperature=0))
+
+    async def run() -> tuple[int, float]:
+        ctx = RequestContext(request.request_id, deadline=time.time() + 0.5)
+        received, stream = 0, decode.generate(ctx, request)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            async for chunk in stream:  # read, as Serve's machinery would, but never closed
+                received += len(chunk.token_ids)
+        return received, time.monotonic() - started
+
+    received, seconds = asyncio.run(run())
+    assert 0 < received < 100 and seconds < 5
+    assert decode.engine.stats().kv_tokens == 0
