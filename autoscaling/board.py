@@ -7,7 +7,13 @@ recomputed at most once per `tick_s` so that the deployments of one control-loop
 same allocation and the arbiter's state (moves, shortfalls) advances once per tick.
 
 The board lives in an ordinary module (not pickled with the policy), so the deployments of an
-application share it; a role nobody has reported yet counts with its starting replicas.
+application share it. A new board (a new application, or a Serve controller that restarted and
+lost the old one) decides nothing until every role it knows of has reported its real count, for
+`SEED_WAIT_S` at most: an allocation made while some roles only had their starting count would
+hand their engines to others (after a restart, a role at 6 replicas would be told its starting
+1). A role still silent after that counts with its starting replicas and no load; a role of the
+application keeps its last wish and count when it goes silent (Serve skips the policy of a role
+at zero replicas), so its engines are never handed out behind its back.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from autoscaling.arbiter import ArbiterSettings, ArbiterState, BudgetError, arbi
 from autoscaling.metrics import Key, Wish
 
 STALE_S = 60.0  # a wish older than this belongs to a deployment that went away
+SEED_WAIT_S = 10.0  # how long a new board waits for every known role's first report
 
 
 @dataclass
@@ -36,10 +43,15 @@ class Board:
     computed_at: float | None = None
     error: str | None = None
     applied_overrides: dict[Key, int] = field(default_factory=dict)
+    known: set[Key] = field(default_factory=set)  # the application's roles (seeded)
+    reported: set[Key] = field(default_factory=set)
+    started_at: float | None = None
 
     def seed(self, roles: Mapping[Key, tuple[int, int, int]], now: float) -> None:
         """Roles not reported yet: (replicas, min, max) at start, with no load."""
+        self.started_at = now if self.started_at is None else self.started_at
         for key, (replicas, low, high) in roles.items():
+            self.known.add(key)
             if key not in self.wishes:
                 self.wishes[key] = (Wish(replicas, low, high), now)
                 self.current.setdefault(key, replicas)
@@ -48,9 +60,14 @@ class Board:
                overrides: Callable[[], dict[Key, int]], fixed: Mapping[Key, int]) -> int:
         """Post `key`'s wish and current count; its engines under the latest allocation."""
         self.wishes[key], self.current[key] = (wish, now), current
-        for k in [k for k, (_, t) in self.wishes.items() if now - t > STALE_S]:
+        self.reported.add(key)
+        self.started_at = now if self.started_at is None else self.started_at
+        for k in [k for k, (_, t) in self.wishes.items()
+                  if now - t > STALE_S and k not in self.known]:
             del self.wishes[k]
             self.current.pop(k, None)
+        if self.known - self.reported and now - self.started_at < SEED_WAIT_S:
+            return current  # not every role has said where it stands
         due = self.computed_at is None or now - self.computed_at >= self.tick_s
         if due or key not in self.alloc:
             self._allocate(now, overrides(), fixed)

@@ -86,7 +86,11 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
     def values(name: str) -> list[float]:
         return list((aggregated.get(name) or {}).values())
 
-    summed = {k: sum(values(k)) for k in SUMMED}
+    # a replica whose report is missing (its stats call failed or timed out, and Serve let
+    # the last one expire) is not idle: the role's totals count it as the reporters' mean
+    reported = len(values("running_requests"))
+    scale = replicas / reported if 0 < reported < replicas else 1.0
+    summed = {k: sum(values(k)) * scale for k in SUMMED}
     per_replica = {k: max(values(k), default=0.0) for k in PER_REPLICA}
     worst = {k: max(values(k), default=None) for k in WORST}
     arrivals = summed["arrival_requests_per_s"]
@@ -150,6 +154,10 @@ class ServePolicy:
         now = ctx.current_time or time.time()
         running = len(ctx.running_replicas)
         reports = latest_reports(ctx)
+        if running and not reports.get("running_requests"):
+            # no replica's report arrived (stats calls failing, event loops blocked): no
+            # load known is not no load; hold the count and let the board keep the last wish
+            return ctx.target_num_replicas, {"held": "no reports"}
         metrics = role_metrics(reports, self.key[1], running,
                                max(ctx.target_num_replicas - running, 0), self.profiled)
         state = self.state or PolicyState(ctx.target_num_replicas)

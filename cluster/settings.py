@@ -92,6 +92,13 @@ class StackSettings(ServiceSettings):
             if floor > self.budget_engines():
                 raise ValueError(f"autoscaling: the roles' min_replicas add up to {floor} "
                                  f"engines; the budget is {self.budget_engines()}")
+            for name, pool in self.pools.items():
+                for role in ROLES:
+                    if getattr(pool, role).scalable and getattr(pool, role).lowest == 0:
+                        # no replica reports load, so no policy asks for one; Serve's own
+                        # start from zero would take an engine the budget does not know of
+                        raise ValueError(f"pools.{name}.{role}.min_replicas: 0 cannot scale "
+                                         "with autoscaling on; give it 1 or more")
         return self
 
     def budget_engines(self) -> int:

@@ -9,7 +9,7 @@ from ray.serve.config import AutoscalingContext
 
 from autoscaling import board as board_module
 from autoscaling.arbiter import ArbiterSettings
-from autoscaling.board import Board
+from autoscaling.board import SEED_WAIT_S, Board
 from autoscaling.metrics import Wish
 from autoscaling.serve_policy import ServePolicy, latest_reports, role_metrics
 from cluster.settings import parse_settings
@@ -135,11 +135,42 @@ def test_board_pins_an_override_and_refuses_one_that_does_not_fit():
     assert shared.decide(key, idle, 3, 1.0, lambda: {}, fixed) == 1  # released
     shared.computed_at = None
     assert shared.decide(key, idle, 1, 2.0, lambda: {key: 9}, fixed) == 3  # clipped to max
-    other = ("deep", "decode")
+    other = ("deep", "decode")  # silent past the board's wait: counts at its start, 2
     shared.seed({other: (2, 2, 2)}, 3.0)
     shared.computed_at = None
-    assert shared.decide(key, idle, 1, 3.0, lambda: {key: 3}, fixed) == 1
+    assert shared.decide(key, idle, 1, 3.0 + SEED_WAIT_S, lambda: {key: 3}, fixed) == 1
     assert "overrides ignored" in shared.error
+
+
+def test_a_new_board_hands_out_no_engine_before_every_role_said_where_it_stands():
+    # a Serve controller restarted: its new board knows the roles' starting counts (1 each);
+    # the fast decode role runs 6 replicas under load, the deep one 2
+    fast, deep = ("fast", "decode"), ("deep", "decode")
+    shared = Board(budget=8, priorities={"fast": 1, "deep": 0}, settings=QUICK_ARBITER)
+    roles = {fast: (1, 1, 7), deep: (1, 1, 7)}
+    shared.seed(roles, 0.0)
+    assert shared.decide(deep, Wish(2, 1, 7, load=1.8), 2, 0.0, dict, {}) == 2  # waits
+    shared.seed(roles, 0.1)
+    assert shared.decide(fast, Wish(6, 1, 7, load=5.5), 6, 0.1, dict, {}) == 6
+    assert shared.decide(deep, Wish(2, 1, 7, load=1.8), 2, 0.2, dict, {}) == 2
+    # a role that falls silent (Serve skips the policy of a role at zero replicas) keeps
+    # its count on the board: its engines are not handed to the others
+    for t in range(1, 100):
+        got = shared.decide(deep, Wish(7, 1, 7, load=7.0), 2 if t == 1 else got, float(t),
+                            dict, {})
+    assert shared.current[fast] == 6 and got <= 2
+
+
+def test_a_role_whose_reports_are_missing_is_not_taken_for_idle():
+    board_module.BOARDS.clear()
+    p, a, b = policy(app="silent"), replica("a"), replica("b")
+    ctx = context({a: busy(4, 8)}, 2, 100.0, app="silent")
+    ctx.running_replicas = [a, b]  # b's report expired
+    m = role_metrics(latest_reports(ctx), "decode", replicas=2, starting=0)
+    assert (m.running_requests, m.queued_requests) == (8, 16)
+    ctx = context({}, 3, 100.0, app="silent")
+    ctx.running_replicas = [a, b]  # nobody's report arrived: the count holds
+    assert p(ctx)[0] == 3
 
 
 def test_settings_wire_our_policy_into_the_scalable_roles_only():
@@ -161,6 +192,16 @@ def test_settings_wire_our_policy_into_the_scalable_roles_only():
     from ray.serve.config import AutoscalingConfig
 
     AutoscalingConfig(**config)  # Serve accepts it
+
+
+def test_a_scalable_role_cannot_start_from_zero():
+    from cluster.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="pools.deep.decode.min_replicas"):
+        parse_settings({"autoscaling": {"enabled": True}, "auth": {"enabled": False},
+                        "pools": {"fast": {"effort": "none"},
+                                  "deep": {"effort": "high", "decode": {
+                                      "min_replicas": 0, "max_replicas": 2}}}})
 
 
 def test_min_replicas_beyond_the_budget_are_refused():
