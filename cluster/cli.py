@@ -75,7 +75,7 @@ def _settings(args, serve_app: bool = False):
 
     try:
         settings = load_settings(args.config)
-        if getattr(args, "port", None):  # checked as the profile's own port would be
+        if getattr(args, "port", None) is not None:  # checked as the profile's port is
             data = settings.model_dump(mode="json")
             settings = parse_settings(data | {"http": data["http"] | {"port": args.port}})
         return require_serve_app(settings) if serve_app else settings
@@ -101,7 +101,11 @@ def cmd_up(args) -> int:
     from cluster.app import APP_NAME, build_app
 
     if args.address:
-        ray.init(address=args.address)
+        try:
+            ray.init(address=args.address)
+        except ConnectionError as exc:
+            print(f"no Ray cluster at {args.address}: {exc}", file=sys.stderr)
+            return 1
         metrics = None
     else:
         # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
@@ -276,7 +280,7 @@ def cmd_status(args) -> int:
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10).json()
         print(json.dumps(ready, indent=2))
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError) as exc:  # no answer, or one that is not our JSON
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
     return 0 if ready.get("ready") else 2

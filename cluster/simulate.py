@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 the input was refused (a bad trace file, an unknown policy
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,17 @@ def run(args) -> int:
         print(f"small4 simulate: {exc}", file=sys.stderr)
         return 2
     specs = specs or [TraceSpec("steady", kind="steady")]
+    out = Path(args.out)
+    try:  # before minutes of study, not when its results are written
+        out.mkdir(parents=True, exist_ok=True)
+        writable = os.access(out, os.W_OK | os.X_OK)
+    except OSError as exc:
+        writable = False
+        args.out = f"{args.out} ({exc.strerror or exc})"
+    if not writable:
+        print(f"small4 simulate: --out {args.out}: not a directory this user can write",
+              file=sys.stderr)
+        return 2
     policies = list(CONTROLLERS) if args.policy == "all" else [args.policy]
     results = run_study(specs, policies, args.seeds, s, args.jobs, progress)
     rows = summarise(results, s)
@@ -106,7 +118,7 @@ def run(args) -> int:
                 "answers": answers, "runs": results, "prefix": {
                     **prefix.model_dump(), "by_routing": routing_rows} if prefix.on else None,
                 "wall_s": round(time.perf_counter() - started, 1)}
-    json_path, png = write(document, Path(args.out))
+    json_path, png = write(document, out)
     print(table(rows))
     print()
     if routing_rows:

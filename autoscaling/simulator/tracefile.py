@@ -53,18 +53,24 @@ class TraceSource:
         return cls(Path(head), tail.lower())
 
 
-def _time(value: str) -> float:
+MAX_TOKENS = 10_000_000  # per row and column: far beyond any context, still a number
+MAX_SPAN_S = 7 * 86400.0  # simulated time (after --speedup): the simulator ticks every second
+SECONDS, ISO = "seconds", "ISO date-times"
+
+
+def _time(value: str) -> tuple[float, str]:
+    """The time and its kind (`SECONDS` or `ISO`: one file, or one run, never mixes them)."""
     try:
         number = float(value)
     except ValueError:
         try:
-            return datetime.fromisoformat(value.strip()).timestamp()
+            return datetime.fromisoformat(value.strip()).timestamp(), ISO
         except ValueError:
             raise ValueError(f"TIMESTAMP must be seconds or an ISO date-time; "
                              f"got {value!r}") from None
     if not math.isfinite(number):
         raise ValueError(f"TIMESTAMP must be finite; got {value!r}")
-    return number
+    return number, SECONDS
 
 
 def _tokens(value: str, column: str) -> int:
@@ -74,56 +80,89 @@ def _tokens(value: str, column: str) -> int:
         raise ValueError(f"{column} must be a number of tokens; got {value!r}") from None
     if not math.isfinite(number) or number < 0 or number != int(number):
         raise ValueError(f"{column} must be a whole number of tokens, 0 or more; got {value!r}")
+    if number > MAX_TOKENS:
+        raise ValueError(f"{column} must be at most {MAX_TOKENS:,} tokens; got {value!r}")
     return int(number)
 
 
 def read_rows(source: TraceSource) -> list[tuple[float, str, int, int]]:
     """(time, pool, prompt, output) of every row of one file."""
+    return [row[:4] for row in _read(source)]
+
+
+def _read(source: TraceSource) -> list[tuple[float, str, int, int, str]]:
+    """`read_rows`, each row with its time's kind."""
     name = str(source.path)
     try:
-        handle = source.path.open(newline="", encoding="utf-8")
+        # utf-8-sig: a spreadsheet's export starts with a byte-order mark
+        handle = source.path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise TraceFileError(f"{name}: cannot read: {exc.strerror or exc}") from None
-    with handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header or not any(h.strip() for h in header):
-            raise TraceFileError(f"{name}: empty file; expected a header "
-                                 f"{','.join(REQUIRED)}[,Effort] and one row per request")
-        header = [h.strip() for h in header]
-        unknown = [h for h in header if h not in COLUMNS]
-        if unknown:
-            raise TraceFileError(f"{name}: unknown column {unknown[0]!r}; the columns are "
-                                 f"{', '.join(COLUMNS)} (Effort optional)")
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise TraceFileError(f"{name}: missing column {missing[0]!r}")
-        if "Effort" not in header and source.effort is None:
-            raise TraceFileError(f"{name}: no Effort column; give the effort of its rows as "
-                                 f"{name}:EFFORT (one of {', '.join(EFFORT_POOL)})")
-        index = {c: header.index(c) for c in header}
-        rows = []
-        for row in reader:
-            line = reader.line_num
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            try:
-                if len(row) != len(header):
-                    raise ValueError(f"{len(row)} fields, the header has {len(header)}")
-                effort = source.effort
-                if "Effort" in index and row[index["Effort"]].strip():
-                    effort = row[index["Effort"]].strip().lower()
-                if effort not in EFFORT_POOL:
-                    raise ValueError(f"unknown Effort {effort!r}; known: "
-                                     f"{', '.join(EFFORT_POOL)}")
-                rows.append((_time(row[index["TIMESTAMP"]]), EFFORT_POOL[effort],
-                             max(_tokens(row[index["ContextTokens"]], "ContextTokens"), 1),
-                             max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1)))
-            except ValueError as exc:
-                raise TraceFileError(f"{name} line {line}: {exc}") from None
-        if not rows:
-            raise TraceFileError(f"{name}: no requests after the header")
-        return rows
+    reader = csv.reader(handle)
+    try:
+        with handle:
+            return _rows(name, source, reader)
+    except UnicodeDecodeError as exc:
+        raise TraceFileError(f"{name}: not UTF-8 text (byte {exc.start} of a chunk; a CSV "
+                             "file is expected)") from None
+    except csv.Error as exc:  # the header's, or a field beyond csv's limit
+        raise TraceFileError(f"{name} line {reader.line_num}: {exc}") from None
+
+
+def _rows(name: str, source: TraceSource, reader) -> list[tuple[float, str, int, int, str]]:
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise TraceFileError(f"{name}: empty file; expected a header "
+                             f"{','.join(REQUIRED)}[,Effort] and one row per request")
+    header = [h.strip() for h in header]
+    unknown = [h for h in header if h not in COLUMNS]
+    if unknown:
+        raise TraceFileError(f"{name}: unknown column {unknown[0]!r}; the columns are "
+                             f"{', '.join(COLUMNS)} (Effort optional)")
+    twice = [h for h in COLUMNS if header.count(h) > 1]
+    if twice:
+        raise TraceFileError(f"{name}: column {twice[0]!r} appears twice")
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise TraceFileError(f"{name}: missing column {missing[0]!r}")
+    if "Effort" not in header and source.effort is None:
+        raise TraceFileError(f"{name}: no Effort column; give the effort of its rows as "
+                             f"{name}:EFFORT (one of {', '.join(EFFORT_POOL)})")
+    index = {c: header.index(c) for c in header}
+    rows, kinds = [], set()
+    while True:
+        line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise TraceFileError(f"{name} line {line}: {exc}") from None
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields, the header has {len(header)}")
+            effort = source.effort
+            if "Effort" in index and row[index["Effort"]].strip():
+                effort = row[index["Effort"]].strip().lower()
+            if effort not in EFFORT_POOL:
+                raise ValueError(f"unknown Effort {effort!r}; known: "
+                                 f"{', '.join(EFFORT_POOL)}")
+            at, kind = _time(row[index["TIMESTAMP"]])
+            kinds.add(kind)
+            if len(kinds) > 1:
+                raise ValueError(f"TIMESTAMP is {kind} here, the rows before have "
+                                 f"{(kinds - {kind}).pop()}; a file keeps to one kind")
+            rows.append((at, EFFORT_POOL[effort],
+                         max(_tokens(row[index["ContextTokens"]], "ContextTokens"), 1),
+                         max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1),
+                         kind))
+        except ValueError as exc:
+            raise TraceFileError(f"{name} line {line}: {exc}") from None
+    if not rows:
+        raise TraceFileError(f"{name}: no requests after the header")
+    return rows
 
 
 def load_trace(sources: list[TraceSource], speedup: float = 1.0,
@@ -131,11 +170,20 @@ def load_trace(sources: list[TraceSource], speedup: float = 1.0,
     """One trace of every file's requests, from the first arrival, time divided by `speedup`."""
     if not speedup > 0:
         raise TraceFileError(f"--speedup must be above 0; got {speedup}")
-    rows = sorted(r for s in sources for r in read_rows(s))
+    read = [(s.path, _read(s)) for s in sources]
+    kinds = {rows[0][4]: path for path, rows in read}
+    if len(kinds) > 1:
+        raise TraceFileError(f"{kinds[SECONDS]} has TIMESTAMP in seconds, {kinds[ISO]} as "
+                             "ISO date-times: their times cannot be put on one clock")
+    rows = sorted(r[:4] for _, rows in read for r in rows)
     start = rows[0][0]
     requests = tuple(Request(i, pool, (t - start) / speedup, prompt, output)
                      for i, (t, pool, prompt, output) in enumerate(rows))
     duration = max(requests[-1].arrival, 1.0)
+    if duration > MAX_SPAN_S:
+        raise TraceFileError(f"the trace spans {duration / 86400:,.1f} days of simulated time; "
+                             f"at most {MAX_SPAN_S / 86400:g} (compress it with --speedup, "
+                             "or check TIMESTAMP's unit: seconds are expected)")
     counts = {p: sum(r.pool == p for r in requests) for p in POOLS}
     rates = {p: (lambda rate: lambda t: np.full_like(t, rate))(n / duration)
              for p, n in counts.items()}

@@ -51,11 +51,39 @@ def test_one_file_per_pool_takes_the_effort_after_its_name(tmp_path):
     (f"{HEADER}\n", "no requests after the header"),
     ("TIMESTAMP,ContextTokens,Output\n0,1,2\n", "unknown column 'Output'"),
     ("TIMESTAMP,ContextTokens\n0,1\n", "missing column 'GeneratedTokens'"),
+    (f"{HEADER},ContextTokens\n0,1,2,3\n", "column 'ContextTokens' appears twice"),
+    (f"{HEADER}\n0,1e30,2\n", "line 2: ContextTokens must be at most 10,000,000"),
+    (f"{HEADER}\n0,1,2\n2023-11-16 18:15:46,1,2\n",
+     "line 3: TIMESTAMP is ISO date-times here, the rows before have seconds"),
+    (f'{HEADER}\n0,1,2\n1,"2\n3\n4\n', "line 3: 2 fields"),  # where it starts
+    (f'{HEADER}\n0,1,2\n1,"{"9" * 200_000},2\n', "line 3: field larger than field limit"),
 ])
 def test_bad_files_are_refused_naming_the_problem(tmp_path, body, message):
     path = write(tmp_path, "t.csv", body)
     with pytest.raises(TraceFileError, match=message):
         read_rows(TraceSource(path, "none"))
+
+
+def test_a_spreadsheet_export_with_a_byte_order_mark_reads_and_other_bytes_are_refused(
+        tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(f"\ufeff{HEADER}\n0,100,20\n".encode("utf-8"))
+    assert read_rows(TraceSource(path, "none")) == [(0.0, "fast", 100, 20)]
+    path.write_bytes(f"{HEADER}\n0,100,20\n".encode("utf-16"))
+    with pytest.raises(TraceFileError, match="not UTF-8 text"):
+        read_rows(TraceSource(path, "none"))
+
+
+def test_files_on_different_clocks_or_beyond_a_week_are_refused(tmp_path):
+    seconds = write(tmp_path, "a.csv", f"{HEADER}\n0,100,20\n")
+    iso = write(tmp_path, "b.csv", f"{HEADER}\n2023-11-16 18:15:46,100,20\n")
+    with pytest.raises(TraceFileError, match="cannot be put on one clock"):
+        load_trace([TraceSource(seconds, "none"), TraceSource(iso, "high")])
+    millis = write(tmp_path, "ms.csv", f"{HEADER}\n1700000000000,100,20\n"
+                   "1700003600000,100,20\n")  # an hour, in milliseconds
+    with pytest.raises(TraceFileError, match="41.7 days of simulated time"):
+        load_trace([TraceSource(millis, "none")])
+    assert load_trace([TraceSource(millis, "none")], speedup=1000).duration_s == 3600
 
 
 def test_a_file_without_effort_needs_one_after_its_name(tmp_path):
@@ -84,6 +112,10 @@ def test_small4_simulate_refuses_a_missing_file_and_a_tiny_budget(tmp_path, caps
     assert "cannot read" in capsys.readouterr().err
     assert main(["simulate", "--budget-engines", "2", "--kind", "steady"]) == 2
     assert "at least 4" in capsys.readouterr().err
+    # refused before the study runs (minutes), not when its results are written
+    blocker = write(tmp_path, "a-file", "")
+    assert main(["simulate", "--kind", "steady", "--out", str(blocker / "out")]) == 2
+    assert "not a directory this user can write" in capsys.readouterr().err
 
 
 def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_path, capsys):
