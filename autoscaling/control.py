@@ -10,11 +10,15 @@ sides use the GCS key-value store of the Ray cluster they are connected to, unde
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from autoscaling.metrics import Key
 
 NAMESPACE = "small4"
+# a role's policy publishes every second while it runs; a status this old is a role whose
+# policy stopped (autoscaling turned off, the role or its application gone)
+FRESH_S = 30.0
 
 
 def _kv():
@@ -62,3 +66,9 @@ def publish_status(app: str, key: Key, status: dict[str, Any]) -> None:
 
 def read_status(app: str) -> dict[Key, dict[str, Any]]:
     return {k: json.loads(v) for k, v in _entries("status", app).items()}
+
+
+def fresh(rows: dict[Key, dict[str, Any]], now: float | None = None) -> dict[Key, dict[str, Any]]:
+    """The statuses a running policy published within `FRESH_S`."""
+    now = time.time() if now is None else now
+    return {k: v for k, v in rows.items() if now - v.get("at", 0.0) <= FRESH_S}

@@ -179,11 +179,17 @@ def _split(name: str) -> tuple[str, str]:
     return pool, role
 
 
+_LAST_OVERRIDES: dict[str, dict] = {}
+
+
 def _overrides(app: str) -> dict:
+    """The pins ops set; while the KV store cannot be read, the last ones read (dropping
+    them for one failed read would move engines away and back: two drains, two cold starts)."""
     try:
-        return control.read_overrides(app)
-    except Exception:  # the KV store is unreachable: keep scaling without overrides
-        return {}
+        _LAST_OVERRIDES[app] = control.read_overrides(app)
+    except Exception:
+        pass
+    return _LAST_OVERRIDES.get(app, {})
 
 
 def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision: int, shared,

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray must never phone home
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,7 +222,7 @@ def cmd_scale(args) -> int:
     if not _connect(args.address):
         return 1
     app, key = _app(args), (args.pool, args.role)
-    known = control.read_status(app)
+    known = control.fresh(control.read_status(app))  # roles whose policy runs now
     if known and key not in known:
         print(f"{args.pool}/{args.role} is not autoscaled in {app}; autoscaled: "
               f"{', '.join('/'.join(k) for k in sorted(known))}", file=sys.stderr)
@@ -231,8 +232,9 @@ def cmd_scale(args) -> int:
               f"{known[key]['max']} replicas; got {args.replicas}", file=sys.stderr)
         return 2
     if not known:
-        print(f"no autoscaled role has reported in {app} (autoscaling off, or its policy has "
-              "not run yet): nothing to pin", file=sys.stderr)
+        print(f"no autoscaled role has reported in {app} in the last "
+              f"{control.FRESH_S:g} s (autoscaling off, or its policy has not run yet): "
+              "nothing to pin", file=sys.stderr)
         return 2
     # the controller refuses overrides that do not fit the budget as a group: every pin
     # would be dropped, so refuse this one here, where ops see it
@@ -316,10 +318,15 @@ def cache_view(urls: list[str]) -> str:
     return "\n".join([cache_table(rows), *silent]) if rows or not silent else "\n".join(silent)
 
 
-def status_table(rows: dict) -> str:
-    """The autoscaling view: one line per autoscaled pool and role."""
+def status_table(rows: dict, now: float | None = None) -> str:
+    """The autoscaling view: one line per autoscaled pool and role (one whose policy stopped
+    publishing flagged: its figures are old)."""
+    from autoscaling.control import FRESH_S, fresh
+
     if not rows:
         return "autoscaling: no autoscaled role has reported"
+    now = time.time() if now is None else now
+    live = fresh(rows, now)
     head = (f"{'pool/role':16s} {'replicas':>8s} {'target':>6s} {'wish':>4s} {'queue':>5s} "
             f"{'running':>7s} {'kv use':>7s} {'p90 s':>7s} {'slo s':>6s} {'slo met':>7s} "
             f"override")
@@ -334,6 +341,10 @@ def status_table(rows: dict) -> str:
                      f"{r['slo_s']:>6.3f} {met:>7s} {pinned}")
         if r.get("error"):
             lines.append(f"  ! {r['error']}")
+        if (pool, role) not in live:
+            lines.append(f"  ! no report for {now - r.get('at', 0.0):.0f} s (over {FRESH_S:g}): "
+                         "its policy is not running (autoscaling off, the role gone, or its "
+                         "replicas' reports missing); these figures are old")
     return "\n".join(lines)
 
 

@@ -214,3 +214,27 @@ def test_min_replicas_beyond_the_budget_are_refused():
                                                                         "replicas": 2,
                                                                         "max_replicas": 4}},
                                   "deep": {"effort": "high"}}})
+
+
+def test_pins_survive_a_failed_read_and_old_status_is_flagged(monkeypatch):
+    from autoscaling import control, serve_policy
+    from cluster.cli import status_table
+
+    monkeypatch.setattr(control, "read_overrides", lambda app: {("fast", "decode"): 3})
+    assert serve_policy._overrides("pins") == {("fast", "decode"): 3}
+
+    def unreachable(app):
+        raise ConnectionError("GCS restarting")
+
+    monkeypatch.setattr(control, "read_overrides", unreachable)
+    assert serve_policy._overrides("pins") == {("fast", "decode"): 3}  # not dropped
+    row = {"replicas": 2, "target": 2, "wish": 2, "queued": 0, "running": 1, "kv_used": 0,
+           "kv_capacity": 100, "latency_p90_s": None, "slo_s": 0.05, "slo_attainment": None,
+           "override": None, "min": 1, "max": 4, "budget": 6}
+    rows = {("fast", "decode"): row | {"at": 1000.0}, ("fast", "prefill"): row | {"at": 960.0}}
+    assert list(control.fresh(rows, now=1001.0)) == [("fast", "decode")]
+    table = status_table(rows, now=1001.0)
+    flagged = [line for line in table.splitlines() if "no report for" in line]
+    assert len(flagged) == 1 and "41 s" in flagged[0]
+    assert table.splitlines()[2].startswith("fast/prefill")  # flagged right under it
+    assert table.splitlines().index(flagged[0]) == 3
