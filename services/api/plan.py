@@ -81,11 +81,12 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
 
 
 def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
-                 model: ModelSettings) -> int:
-    """The fewest tokens the request can cost (its text over the longest token's bytes, plus
-    the asked `max_tokens` for each of its `n` choices), known before tokenising: a prompt that
-    cannot fit the context is refused here, cheaply (a 12 MB prompt is never tokenised), and
-    so is one the key's token quota cannot pay."""
+                 model: ModelSettings, limits: LimitSettings) -> int:
+    """The fewest tokens the request can cost (for each of its `n` choices: its text over
+    the longest token's bytes, at least one, plus the asked `max_tokens` or the default one as
+    it will be set), known before tokenising: a prompt that cannot fit the context is refused
+    here, cheaply (a 12 MB prompt is never tokenised), and so is one the key's token quota
+    cannot pay (before its images are decoded)."""
     text = sum(_text_bytes(m.content) + _calls_bytes(m) for m in req.messages)
     text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
     floor = text // max(token_bytes, 1)
@@ -100,7 +101,9 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
             f"this model's maximum context length is {model.context_length} tokens; the "
             f"messages have {text} bytes of text, at least {floor} tokens, and {field} asks "
             f"for {asked} more", param="messages")
-    return floor + req.n * asked
+    if getattr(req, field) is None:  # `_max_tokens`' default, where the prompt leaves room
+        asked = min(limits.max_tokens_default, max(model.context_length - floor, 1))
+    return req.n * (max(floor, 1) + asked)
 
 
 def _text_bytes(content) -> int:

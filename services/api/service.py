@@ -125,18 +125,20 @@ class RequestService:
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
                                max_images=self.settings.max_images if self.multimodal else None)
                 self.quotas.check_tokens(record.grant, prompt_floor(
-                    req, self.token_bytes, model=self.settings.model))
+                    req, self.token_bytes, model=self.settings.model, limits=limits))
                 prompt = await self._encode(req, effort, record.request_id, pre, deadline)
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits)
+                # charged before a grammar compile (a key that cannot pay gets none); each
+                # of the n choices is a prefill and a sequence of its own
+                self.quotas.charge(record.grant, plan.n * (
+                    plan.prompt_tokens + plan.engine_request.sampling.max_tokens))
                 await self._constrain(plan)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
                 plan.engine_request.cache_salt = cache_salt(principal.tenant,
                                                             self.settings.routing.prefix)
-            self.quotas.charge(record.grant, plan.prompt_tokens
-                               + plan.n * plan.engine_request.sampling.max_tokens)
             with tracing.scope("route", record.span, **{"small4.effort": plan.effort}) as route:
                 choice = choose_pool(plan.effort, self.settings.pools, self.in_flight,
                                      self.settings.routing)
@@ -154,6 +156,7 @@ class RequestService:
                              tenant=principal.tenant)
         record.pool = choice.pool
         answer = Answer(self, plan, choice, ctx, record)
+        record.dispatched = plan.n * plan.prompt_tokens  # prefills the engines will run
         try:
             await answer.start()
         except asyncio.CancelledError:
@@ -268,6 +271,7 @@ class _Record:
         self.request_id, self.started = request_id, started
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
+        self.dispatched = 0  # prompt tokens sent to be prefilled (all choices)
         self.pool = "none"
         self.error: StackError | None = None
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
@@ -300,7 +304,14 @@ class _Record:
                                                                      self.error.type)
         prompt = self.plan.prompt_tokens if self.plan is not None else 0
         if self.grant is not None:
-            service.quotas.release(self.grant, prompt + completion)
+            # the prefills sent count against the key whether or not a first token came: a
+            # client that leaves (or sets a deadline) just before it spent them all the same;
+            # only a failure of the stack's own (a 5xx but the deadline) gives them back
+            spent = self.dispatched
+            if self.plan is None and self.error is not None and self.error.status >= 500 \
+                    and not isinstance(self.error, DeadlineExceeded):
+                spent = 0
+            service.quotas.release(self.grant, spent + completion)
         metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
         if error_type is not None:
             metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)

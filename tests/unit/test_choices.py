@@ -114,3 +114,52 @@ def test_a_client_leaving_an_n_stream_frees_every_choice():
     assert {json.loads(e[6:])["choices"][0]["index"] for e in seen} == {0, 1, 2}
     assert service.in_flight == {"fast": 0, "deep": 0}
     assert all((s.running, s.waiting, s.kv_tokens) == (0, 0, 0) for s in legs), legs
+
+
+def _spent(service) -> float:
+    """Tokens taken from the one key's bucket so far (its capacity minus its level)."""
+    state, = service.quotas.keys.values()
+    bucket = state.tokens
+    bucket._fill(service.quotas.clock())
+    return bucket.capacity - bucket.level
+
+
+def test_prefills_sent_count_against_the_key_even_when_the_client_leaves_first():
+    """A client that leaves just before its first token (or whose deadline passes there)
+    spent the prefills: its grant keeps the prompt of every choice. Before, the whole charge
+    came back, so long prompts cut at the last moment were free."""
+    import asyncio
+
+    from cluster.inprocess import build_inprocess
+    from cluster.settings import parse_settings
+    from services.guard.keys import ANONYMOUS
+
+    slow = PROFILE | {"auth": {"enabled": False, "default_quota": {"tokens_per_min": 1e6}},
+                      "engine": {"kind": "simulated", "simulated": {
+                          "prefill_ms_per_token": 20, "output": "counter"}}}
+    service = build_inprocess(parse_settings(slow)).service
+    service.quotas.clock = lambda: 1000.0  # no refill while it runs
+    body = BODY | {"n": 2, "max_tokens": 50}
+
+    async def body_reader():
+        return body
+
+    async def go():
+        task = asyncio.ensure_future(service.chat(ANONYMOUS, {}, body_reader))
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if any(s.stats().running or s.stats().waiting
+                   for s in _prefill_engines(service)):
+                break
+        task.cancel()
+        with __import__("pytest").raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    prompt = len(service.tokenizer.encode_chat(body["messages"], effort="none").ids)
+    # every choice's prompt, none of the 2 × 50 reserved for the answers
+    assert abs(_spent(service) - 2 * prompt) < 1, (_spent(service), prompt)
+
+
+def _prefill_engines(service):
+    return [client.prefill.engine for client in service.prefill_clients.values()]

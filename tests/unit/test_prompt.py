@@ -297,7 +297,8 @@ def test_the_cheap_context_check_names_the_field_that_overflows(body, param):
     not the two-byte prompt's."""
     full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
     with pytest.raises(InvalidRequest) as err:
-        prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256))
+        prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256),
+                     limits=LimitSettings())
     assert err.value.code == "context_length_exceeded" and err.value.param == param
 
 
@@ -377,3 +378,19 @@ def test_a_function_message_without_its_call_is_refused(tokenizer, messages, par
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, messages=messages)
     assert err.value.param == param
+
+
+def test_the_quota_floor_counts_every_choice_and_the_default_max_tokens():
+    """What the key must be able to pay before its images are decoded or its grammar is
+    compiled: each choice's prompt (at least a token, even with no text) and its answer, the
+    default max_tokens where none is asked (as the plan will set it)."""
+    model, limits = ModelSettings(context_length=4096), LimitSettings(max_tokens_default=1000)
+
+    def floor(**body):
+        full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": ""}]}
+        return prompt_floor(parse_chat_request(full | body), 8, model=model, limits=limits)
+
+    assert floor() == 1 + 1000
+    assert floor(max_tokens=10, n=3) == 3 * (1 + 10)
+    long = [{"role": "user", "content": "x" * 8 * 3500}]  # at least 3500 tokens: room 596
+    assert floor(messages=long) == 3500 + 596
