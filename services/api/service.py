@@ -108,7 +108,7 @@ class RequestService:
                    read_body: Callable[[], Awaitable[Any]]) -> Answer | Refused:
         """The answer to one chat completion by `principal`; `read_body` reads and checks the
         body (the ingress's guard), called only after the cheap checks passed."""
-        incoming = {k: v for k in ("traceparent", "tracestate") if (v := headers.get(k))}
+        incoming = tracing.incoming_context(headers)
         record = _Record.open(self, principal, incoming)
         limits = self.settings.limits
         try:

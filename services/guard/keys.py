@@ -75,17 +75,25 @@ class KeyRing:
     def __init__(self, path: Path, reload_s: float = 5.0, clock=time.monotonic):
         self.path, self.reload_s, self.clock = Path(path), reload_s, clock
         self.entries: dict[str, KeyEntry] = {}
-        self.mtime: float | None = None
+        self.version: tuple | None = None  # the file's inode, mtime (ns) and size when read
         self.checked = float("-inf")
         self._load(strict=True)
 
     def _load(self, strict: bool) -> None:
         try:
-            mtime = self.path.stat().st_mtime
-            if mtime == self.mtime:
+            # mtime alone misses a rewrite within one tick of a coarse clock, or one copied
+            # with its mtime kept (cp -p, rsync -t); the inode catches a renamed-in file
+            st = self.path.stat()
+            version = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if version == self.version:
                 return
-            data = KeysFile.model_validate(yaml.safe_load(self.path.read_text()) or {})
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            document = yaml.safe_load(self.path.read_text())
+            if not isinstance(document, dict) or "keys" not in document:
+                # an empty or half-written file (a rewrite read midway) is not "no keys";
+                # revoking every key is `keys: []`
+                raise _NoKeysList()
+            data = KeysFile.model_validate(document)
+        except (OSError, yaml.YAMLError, ValidationError, _NoKeysList) as exc:
             why = _without_values(exc)
             if strict:
                 raise ValueError(f"auth.keys_file {self.path}: {why}") from None
@@ -93,7 +101,7 @@ class KeyRing:
                       len(self.entries), why)
             return
         self.entries = {e.sha256: e for e in data.keys}
-        self.mtime = mtime
+        self.version = version
         log.info("loaded %d API keys from %s", len(self.entries), self.path)
 
     def refresh(self) -> None:
@@ -116,11 +124,18 @@ class KeyRing:
         return Principal(entry.name, entry.tenant, entry.quota, key_id=entry.sha256)
 
 
+class _NoKeysList(ValueError):
+    """A keys file without a top-level `keys:` list."""
+
+
 def _without_values(exc: BaseException) -> str:
     """What is wrong with a keys file, never the values in it: a raw key pasted where its
     digest goes would otherwise be printed (pydantic quotes a bad value, YAML a bad line)."""
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in exc.errors())
+    if isinstance(exc, _NoKeysList):
+        return "no top-level `keys:` list (empty, or written only in part; to revoke every " \
+               "key write `keys: []`)"
     if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         return f"not valid YAML{f' (line {mark.line + 1})' if mark else ''}"

@@ -212,6 +212,21 @@ def trace_id(span: trace.Span | None, carrier: dict[str, str] | None = None) -> 
 # OpenTelemetry's propagator reads them (a later version may append fields)
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
 
+TRACESTATE_MAX_CHARS = 512  # W3C: vendors may drop a longer one; we never forward it
+
+
+def incoming_context(headers) -> dict[str, str]:
+    """A client's W3C trace headers worth keeping: a valid `traceparent`, and its
+    `tracestate` when that is of a sane length. With tracing off they are forwarded as they
+    are to every hop, so nothing unchecked (or 64 KiB long) rides along."""
+    parent = headers.get("traceparent") or ""
+    if traceparent_id(parent) is None:
+        return {}
+    state = headers.get("tracestate") or ""
+    return {"traceparent": parent.strip()} | (
+        {"tracestate": state} if 0 < len(state) <= TRACESTATE_MAX_CHARS else {})
+
+
 def traceparent_id(traceparent: str) -> str | None:
     """The trace id of a valid W3C `traceparent` (32 hex digits, not all zero), lower-case;
     None for anything else (a client's header is never echoed unchecked)."""

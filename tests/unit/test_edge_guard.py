@@ -232,6 +232,31 @@ def test_a_raw_key_pasted_into_the_keys_file_is_never_printed(tmp_path, caplog):
     assert len(ring.entries) == 1
 
 
+def test_an_empty_or_half_written_keys_file_keeps_the_keys_and_a_same_tick_edit_is_seen(
+        tmp_path, caplog):
+    path = tmp_path / "keys.yaml"
+    one = {"keys": [{"name": "a", "tenant": "t", "sha256": digest("k" * 32)}]}
+    path.write_text(json.dumps(one))
+    ring = KeyRing(path, reload_s=0)
+    stamp = path.stat().st_mtime_ns
+    for partial in ("", "# being rewritten\n", "keys"):
+        path.write_text(partial)
+        os.utime(path, ns=(stamp + 1, stamp + 1))
+        ring.refresh()
+        assert len(ring.entries) == 1, partial  # not every request a 401
+    assert "no top-level `keys:` list" in caplog.text
+    # a revocation written with the old mtime kept (cp -p, a coarse clock): still read
+    revoked = {"keys": [one["keys"][0] | {"revoked": True}]}
+    path.write_text(json.dumps(revoked))
+    os.utime(path, ns=(stamp, stamp))
+    ring.refresh()
+    assert next(iter(ring.entries.values())).revoked
+    path.write_text(json.dumps({"keys": []}))  # revoking every key, on purpose
+    os.utime(path, ns=(stamp + 2, stamp + 2))
+    ring.refresh()
+    assert ring.entries == {}
+
+
 def test_upload_slots_per_key_then_per_replica():
     async def scenario():
         uploads = Uploads(LimitSettings(max_uploads=3, max_uploads_per_key=2,

@@ -124,6 +124,18 @@ def test_an_incoming_traceparent_is_echoed_with_tracing_off():
     assert response.headers["x-trace-id"] == models.headers["x-trace-id"] == trace
 
 
+def test_only_a_valid_traceparent_and_a_sane_tracestate_are_carried_to_the_workers():
+    from services.telemetry.tracing import incoming_context
+
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert incoming_context({"traceparent": parent, "tracestate": "a=1"}) == {
+        "traceparent": parent, "tracestate": "a=1"}
+    assert incoming_context({"traceparent": parent, "tracestate": "a=" + "x" * 64000}) == {
+        "traceparent": parent}
+    for bad in ("x" * 60000, "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "not-a-parent"):
+        assert incoming_context({"traceparent": bad, "tracestate": "a=1"}) == {}
+
+
 def test_cors_origins_answer_preflights_from_those_origins_only():
     profile = PROFILE | {"auth": {"enabled": False, "cors_origins": [ORIGIN]}}
     ask = {"access-control-request-method": "POST",
