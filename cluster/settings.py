@@ -153,7 +153,8 @@ class StackSettings(ServiceSettings):
     def multimodal_settings(self) -> MultimodalWorkerSettings:
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,
                                         telemetry=self.telemetry,
-                                        one_image_size=self.engine.kind == "sglang")
+                                        one_image_size=self.engine.kind == "sglang",
+                                        max_held_bytes=self.multimodal.max_held_bytes)
 
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,

@@ -394,6 +394,10 @@ class MultimodalSettings(DeploymentSettings):
 
     max_ongoing_requests: int = Field(16, gt=0)
     images: ImageSettings = ImageSettings()
+    max_held_bytes: int = Field(
+        4 * 1024 ** 3, gt=0, description="pixel tensors a replica keeps in Ray's object store "
+        "for the requests in flight (each until its request ends); a request whose images "
+        "would go beyond is answered 503 with Retry-After")
 
 
 class TracingSettings(Strict):
@@ -436,6 +440,7 @@ class MultimodalWorkerSettings(Strict):
     # The engine's vision tower takes one image size per request (SGLang): pad to one here,
     # where the prompt is encoded, so every later step sees the same ids.
     one_image_size: bool = False
+    max_held_bytes: int = 4 * 1024 ** 3
 
 
 class WorkerSettings(Strict):

@@ -72,12 +72,15 @@ class Keeper:
     whichever comes first: nothing stays behind a consumer that never comes back."""
 
     def __init__(self):
-        self._held: dict[bytes, tuple[Held, asyncio.TimerHandle, str | None]] = {}
+        self._held: dict[bytes, tuple[Held, asyncio.TimerHandle, str | None, int]] = {}
         self._groups: dict[str, set[bytes]] = {}
+        self.nbytes = 0  # of the values kept, as their keepers declared them
 
-    def keep(self, held: Held, hold_s: float, group: str | None = None) -> Held:
+    def keep(self, held: Held, hold_s: float, group: str | None = None,
+             nbytes: int = 0) -> Held:
         timer = asyncio.get_running_loop().call_later(hold_s, self._drop, held.key)
-        self._held[held.key] = (held, timer, group)
+        self._held[held.key] = (held, timer, group, nbytes)
+        self.nbytes += nbytes
         if group is not None:
             self._groups.setdefault(group, set()).add(held.key)
         return held
@@ -93,8 +96,9 @@ class Keeper:
         entry = self._held.pop(key, None)
         if entry is None:
             return False
-        _, timer, group = entry
+        _, timer, group, nbytes = entry
         timer.cancel()
+        self.nbytes -= nbytes
         if group is not None:
             keys = self._groups[group]
             keys.discard(key)

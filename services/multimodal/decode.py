@@ -39,11 +39,14 @@ class _StoppableBytes(io.BytesIO):
 def decode_image(data: bytes, settings: ImageSettings, param: str,
                  stop: Callable[[], bool] = lambda: False):
     """Fully decode an image whose header passed the limits (GIFs: the first frame)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with pillow_errors(settings, param):  # DecodeStopped is none of Pillow's: it passes
         image = Image.open(_StoppableBytes(data, stop), formats=settings.formats)
         image.decodermaxblock = BLOCK_BYTES
         image.seek(0)
         image.load()
+        # a phone's portrait photo is stored sideways with an EXIF orientation: the model sees
+        # it upright, as a viewer shows it (the pixel count, so every limit, is the same)
+        ImageOps.exif_transpose(image, in_place=True)
     return image

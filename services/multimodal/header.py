@@ -9,6 +9,7 @@ bytes. Every limit here is checked for all of a request's images before any of t
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +49,18 @@ def read_header(data: bytes, settings: ImageSettings, param: str) -> ImageHeader
     if len(data) > settings.max_bytes:
         raise InvalidRequest(f"image is larger than {settings.max_bytes} bytes", param=param)
     with pillow_errors(settings, param):
-        with Image.open(io.BytesIO(data)) as image:
-            header = ImageHeader(str(image.format), *image.size)
+        # only the accepted formats' parsers see the bytes (a camera's JPEG with an embedded
+        # preview opens as MPO, through the JPEG plugin: it is a JPEG, decoded as one)
+        with Image.open(io.BytesIO(data), formats=settings.formats) as image:
+            header = ImageHeader(_format(image), *image.size)
     if header.format == "JPEG":
         header = ImageHeader(header.format, header.width, header.height, jpeg_scans(data))
     check_header(header, settings, param)
     return header
+
+
+def _format(image) -> str:
+    return "JPEG" if image.format == "MPO" else str(image.format)
 
 
 @contextmanager
@@ -70,9 +77,14 @@ def pillow_errors(settings: ImageSettings, param: str) -> Iterator[None]:
         raise InvalidRequest(f"image is too large to decode; the limit is {settings.max_pixels} "
                              "pixels", param=param) from None
     except UnidentifiedImageError:
-        raise InvalidRequest("image data is not a readable image", param=param) from None
+        raise InvalidRequest(f"image data is not a readable image in an accepted format "
+                             f"({', '.join(settings.formats)})", param=param) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidRequest(f"image data is corrupt or truncated ({type(exc).__name__})",
+                             param=param) from None
+    except (KeyError, IndexError, TypeError, ZeroDivisionError, struct.error) as exc:
+        # a format plugin tripping on crafted bytes: still the image's fault, not a 500
+        raise InvalidRequest(f"image data could not be read ({type(exc).__name__})",
                              param=param) from None
 
 

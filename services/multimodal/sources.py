@@ -137,7 +137,10 @@ async def _fetch(url: str, settings: ImageSettings, param: str) -> bytes:
             address = await resolve_public(target, settings, param)
             try:
                 async with client.stream("GET", target.url_at(address),
-                                         headers={"Host": target.host_header},
+                                         # a compressed body would be inflated before
+                                         # its size is known (a gzip bomb): none asked for
+                                         headers={"Host": target.host_header,
+                                                  "Accept-Encoding": "identity"},
                                          extensions={"sni_hostname": target.host}) as response:
                     if response.is_redirect:
                         url = _next_hop(url, response, param)
@@ -145,6 +148,10 @@ async def _fetch(url: str, settings: ImageSettings, param: str) -> bytes:
                     if response.status_code != 200:
                         raise InvalidRequest(f"image URL answered {response.status_code}",
                                              param=param)
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    if encoding not in ("", "identity"):
+                        raise InvalidRequest(f"image URL sent a {encoding}-encoded body; the "
+                                             "image must be sent as it is", param=param)
                     return await _read_limited(response, settings.max_bytes, param)
             except httpx.HTTPError as exc:
                 raise InvalidRequest(f"image URL could not be fetched: {type(exc).__name__}",
@@ -166,7 +173,7 @@ async def _read_limited(response, limit: int, param: str) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise InvalidRequest(f"image is larger than {limit} bytes", param=param)
     body = bytearray()
-    async for piece in response.aiter_bytes():
+    async for piece in response.aiter_raw():  # as sent: never inflated here
         body += piece
         if len(body) > limit:
             raise InvalidRequest(f"image is larger than {limit} bytes", param=param)

@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from services.context import RequestContext
+from services.errors import Overloaded
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.kv.held import KEEPER
-from services.multimodal.refs import PixelOwner, in_store, publish
+from services.multimodal.refs import PixelOwner, in_process_store, in_store, publish
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
@@ -29,9 +30,19 @@ class MultimodalWorker:
         self.image_tokens = ImageTokens.of(self.preprocessor.tokenizer)
         tracing.configure(settings.telemetry.tracing, role=self.role)
         self.replica = serve_identity().get("replica", "")
+        self.max_held_bytes = settings.max_held_bytes
+
+    def _room(self, nbytes: int = 0) -> None:
+        """Refuse (503, retry later) pixels beyond what this replica may keep for requests in
+        flight: slow streams of many large images must not fill the object store."""
+        if KEEPER.nbytes + nbytes > self.max_held_bytes:
+            raise Overloaded(f"the image service keeps {KEEPER.nbytes} bytes of pixels for "
+                             f"requests in flight, its limit is {self.max_held_bytes}",
+                             retry_after=2.0)
 
     async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
                      tools: list[dict[str, Any]] | None) -> EncodedPrompt:
+        self._room()  # before any decoding
         with tracing.scope("multimodal", ctx.trace_headers,
                            **{"small4.request_id": ctx.request_id}) as span:
             prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools,
@@ -44,6 +55,7 @@ class MultimodalWorker:
         # kept for the request's life (prefill retries and resumes fetch them again): until
         # the request service releases them, at the latest until the request's deadline
         left = ctx.remaining_s()
+        self._room(sum(a.nbytes for a in prompt.images) if in_process_store() else 0)
         prompt.images = publish(prompt.images, group=ctx.request_id,
                                 **({} if left is None else {"hold_s": max(1.0, left)}))
         if in_store(prompt.images):

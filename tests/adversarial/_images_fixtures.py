@@ -182,6 +182,16 @@ class ImageServer:
             return self._drip(h)
         if path == "/huge":
             return self._chunked(h, self.huge_bytes)
+        if path == "/gzip-bomb":  # 64 MiB of zeros in ~64 KiB, sent compressed anyway
+            import gzip
+
+            body = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=1)
+            h.send_response(200)
+            h.send_header("Content-Encoding", "gzip")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return None
         if path == "/declared-huge":
             h.send_response(200)
             h.send_header("Content-Length", str(self.huge_bytes))

@@ -86,6 +86,14 @@ def test_bodies_over_the_byte_limit_are_cut_while_streaming(server, path):
     refused(f"{server.base}{path}", "larger than 1048576 bytes")
 
 
+def test_a_compressed_body_is_neither_asked_for_nor_inflated(server):
+    before = len(server.requests)
+    fetch(f"{server.base}/cat.png")
+    (_, headers), = server.requests[before:]
+    assert headers["Accept-Encoding"] == "identity"
+    refused(f"{server.base}/gzip-bomb", "gzip-encoded body")
+
+
 @pytest.mark.parametrize("url, fragment", [
     ("http://localhost:99999/x.png", "malformed"),
     ("http://[::1/x.png", "malformed"),

@@ -83,10 +83,12 @@ def test_keeper_lets_go_on_release_or_when_the_hold_passes(ray_session):
 def test_keeper_lets_go_of_a_requests_values_together(ray_session):
     async def run():
         keeper = Keeper()
-        mine = [keeper.keep(Held.put(i), hold_s=60, group="r1") for i in range(3)]
-        keeper.keep(Held.put(9), hold_s=60, group="r2")
+        mine = [keeper.keep(Held.put(i), hold_s=60, group="r1", nbytes=100) for i in range(3)]
+        keeper.keep(Held.put(9), hold_s=60, group="r2", nbytes=7)
+        assert keeper.nbytes == 307
         keeper.release(mine[0])  # one already gone counts no more
         assert keeper.release_group("r1") == 2 and len(keeper) == 1
+        assert keeper.nbytes == 7
         assert keeper.release_group("r1") == 0  # twice is harmless
         keeper.keep(Held.put(8), hold_s=0.05, group="r3")
         await asyncio.sleep(0.2)  # the hold passed: its group is gone with it

@@ -104,10 +104,35 @@ REFUSALS = {
     "truncated-png": (lambda: data_url(encoded(noise((200, 200)), "PNG")[:600]), "corrupt or truncated"),
     "header-bomb": (lambda: data_url(png_header_bomb()), "the limit is 40000000 pixels"),
     "over-pixel-limit": (lambda: data_url(png_header_bomb(9000, 9000)), "9000x9000 pixels"),
-    "bmp": (lambda: data_url(encoded(noise((20, 20)), "BMP"), "image/bmp"), "format BMP"),
+    # only the accepted formats' parsers ever read the bytes
+    "bmp": (lambda: data_url(encoded(noise((20, 20)), "BMP"), "image/bmp"),
+            r"not a readable image in an accepted format \(PNG, JPEG"),
+    "tiff": (lambda: data_url(encoded(noise((20, 20)), "TIFF"), "image/tiff"),
+             "accepted format"),
     "not-base64": (lambda: "data:image/png;base64,@@@@", "not valid base64"),
     "url-disabled": (lambda: "https://images.example.com/cat.png", "URLs are disabled"),
 }
+
+
+def test_a_camera_jpeg_with_a_preview_is_a_jpeg_and_exif_orientation_is_applied(pre):
+    """A JPEG with an embedded preview (MPF: Pillow calls it MPO) is accepted and decoded
+    as its first image; a photo stored sideways (EXIF orientation 6) reaches the model upright,
+    as a viewer shows it."""
+    from services.multimodal.decode import decode_image
+    from services.multimodal.header import read_header
+
+    settings = ImageSettings()
+    camera = encoded(noise((64, 48)), "MPO", save_all=True, append_images=[noise((32, 24))])
+    assert Image.open(io.BytesIO(camera)).format == "MPO"
+    assert read_header(camera, settings, "p").format == "JPEG"
+    assert decode_image(camera, settings, "p").size == (64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    sideways = encoded(noise((64, 48)), "JPEG", exif=exif.tobytes())
+    assert decode_image(sideways, settings, "p").size == (48, 64)
+    prompt = asyncio.run(pre.encode(chat(data_url(camera), data_url(sideways)), effort="none"))
+    (h, w), upright = (a.shape[1:] for a in prompt.images)
+    assert upright == (w, h) and w > h  # the landscape preview, the upright portrait
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
@@ -164,3 +189,33 @@ def test_a_release_goes_to_the_replica_that_keeps_the_pixels():
     ranks = choose(replicas, encode)
     assert len(ranks) == 1 and len(ranks[0]) == 2 and all(r in replicas for r in ranks[0])
     assert choose([], encode) == []
+
+
+def test_an_image_service_keeping_its_limit_of_pixels_answers_503_before_decoding(tokenizer):
+    """Slow streams of many large images pin their pixels for their whole life: past
+    `multimodal.max_held_bytes` a replica refuses more (retry later) instead of filling the
+    object store, and serves again once requests end."""
+    from types import SimpleNamespace
+
+    from cluster.settings import parse_settings
+    from services.context import RequestContext
+    from services.errors import Overloaded
+    from services.kv.held import KEEPER
+    from services.workers.multimodal import MultimodalWorker
+
+    settings = parse_settings({"multimodal": {"max_held_bytes": 1000},
+                               "auth": {"enabled": False}}).multimodal_settings()
+    worker = MultimodalWorker(settings)
+    messages = chat(data_url(CASES["tiny-png"]()))
+
+    async def run():
+        KEEPER.keep(SimpleNamespace(key=b"other-request"), 60, "other", nbytes=1001)
+        try:
+            with pytest.raises(Overloaded) as err:
+                await worker.encode(RequestContext("r"), messages, "none", None)
+            assert err.value.status == 503 and err.value.retry_after
+        finally:
+            KEEPER.release_group("other")
+        return await worker.encode(RequestContext("r"), messages, "none", None)
+
+    assert len(asyncio.run(run()).images) == 1
