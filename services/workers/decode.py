@@ -129,7 +129,7 @@ class DecodeWorker(EngineHost):
                 return
             async with aclosing(coalesce(tokens, self.settings.stream, self._observe_itl)) as chunks:
                 async for chunk in chunks:
-                    if (ctx.remaining_s() or 1.0) <= 0:  # a caller gone without closing
+                    if (left := ctx.remaining_s()) is not None and left <= 0:  # caller gone
                         raise DeadlineExceeded("the request's deadline passed while decoding",
                                                request_id=request.request_id)
                     outcome["tokens_out"] += len(chunk.token_ids)
