@@ -100,7 +100,7 @@ class DecodeWorker(EngineHost):
         span = tracing.start("decode", ctx.trace_headers, **{
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
-        self.load.arrived(len(request.prompt_ids))
+        self.arrived(len(request.prompt_ids))
         ttft, leg = 0.0, None
         try:
             leg = await start(

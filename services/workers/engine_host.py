@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from services.engines.protocol import EngineStats
 from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
-from services.telemetry import tracing
+from services.telemetry import metrics, tracing
 from services.telemetry.logs import serve_identity
 from services.tokenizer import load_tokenizer
 from services.workers.load import LoadWindow
 from services.settings import WorkerSettings
 
 
+GAUGE_S = 2.0  # how often an engine's load gauges are published once it has had a request
+
+
 class EngineHost:
     """Owns one engine of `role` for a pool; `abort` and `stats` are its control calls."""
 
     role = ""
+    _gauges: asyncio.Task | None = None
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
@@ -28,6 +34,21 @@ class EngineHost:
         slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
         self.load = LoadWindow(slo)
         tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
+
+    def arrived(self, prompt_tokens: int) -> None:
+        """A request reached this worker: counted in its load window, and from the first one
+        on its engine's gauges are published every `GAUGE_S` (as well as when a request ends),
+        so a hung engine's queue shows as it grows instead of freezing at the last finish."""
+        self.load.arrived(prompt_tokens)
+        if self._gauges is None or self._gauges.done():
+            self._gauges = asyncio.get_running_loop().create_task(self._publish_gauges())
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            # (per replica only what a prefill's cache reports, as the request path does)
+            metrics.record_engine(self.engine.stats(), self.settings.pool,
+                                  self.replica if self.role == "prefill" else "")
+            await asyncio.sleep(GAUGE_S)
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)

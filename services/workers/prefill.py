@@ -46,7 +46,7 @@ class PrefillWorker(EngineHost):
                 "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool,
                 "small4.prompt_tokens": len(request.prompt_ids),
                 "small4.images": len(request.images)}) as span:
-            self.load.arrived(len(request.prompt_ids))
+            self.arrived(len(request.prompt_ids))
             try:
                 # This replica enforces the caller's deadline itself, so a prefill that the
                 # caller gave up on stops here and frees its KV (the caller cannot aim an

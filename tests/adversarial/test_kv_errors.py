@@ -120,3 +120,33 @@ def test_a_decode_stream_nobody_closes_stops_at_its_deadline():
     received, seconds = asyncio.run(run())
     assert 0 < received < 100 and seconds < 5
     assert decode.engine.stats().kv_tokens == 0
+
+
+def test_an_engines_gauges_move_while_its_requests_run(monkeypatch):
+    """From a worker's first request on, its engine's queue and running gauges are published
+    every few seconds, not only when a request ends: a stuck engine's load shows as it grows."""
+    from services.telemetry import metrics
+    from services.workers import engine_host
+
+    monkeypatch.setattr(engine_host, "GAUGE_S", 0.05)
+    settings = parse_settings(PROFILE | {"engine": {
+        "kind": "simulated", "simulated": {"decode_step_ms": 20, "output": "counter"}}}
+    ).worker("fast")
+    decode = DecodeWorker(settings, PrefillWorker(settings))
+    request = EngineRequest("long", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0))
+
+    async def run() -> float | None:
+        async def read():  # as Serve's machinery reads a stream
+            async for _ in decode.generate(RequestContext(request.request_id), request):
+                pass
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.2)
+        metrics.RUNNING.set(0, pool="fast", role="decode")  # what a finished request left
+        await asyncio.sleep(0.3)
+        running = metrics.RUNNING.value(pool="fast", role="decode")
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        return running
+
+    assert asyncio.run(run()) == 1

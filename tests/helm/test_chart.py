@@ -450,7 +450,11 @@ def test_monitors_select_the_metrics_port(render):
         assert service["spec"]["selector"].items() <= labels.items()
         assert pod_selector.items() <= labels.items()
         assert "metrics" in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
-    budget = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    # minAvailable as an integer: the only form the disruption controller can evaluate for
+    # pods whose controller (a RayCluster) has no scale subresource
+    assert "maxUnavailable" not in pdb and pdb["minAvailable"] == 1  # 2 workers, 1 may go
+    budget = pdb["selector"]["matchLabels"]
     assert budget.items() <= pod_templates(docs)[1]["metadata"]["labels"].items()
     assert not budget.items() <= pod_templates(docs)[0]["metadata"]["labels"].items()
 
@@ -465,6 +469,9 @@ def test_network_policy_lets_only_named_peers_scrape_or_reach_the_dashboard(rend
     assert by_port[8080] == [{"namespaceSelector": {
         "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert by_port[8265] and by_port[52365] and by_port[8265] != by_port[8080]
+    # the operator's pods wherever it runs, not one namespace it may not be in
+    assert by_port[8265] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
     peers = [rule for rule in rules if "ports" not in rule]
     assert peers == [{"from": [{"podSelector": {"matchLabels": policy["podSelector"][
         "matchLabels"]}}]}]  # the release's own pods, every port
