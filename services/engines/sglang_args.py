@@ -68,6 +68,10 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         "host": host,
         # structured outputs: SGLang's llguidance backend on the Mistral token table
         "grammar_backend": GRAMMAR_BACKEND,
+        # a request's time in the scheduler's queue (`meta_info.queue_time`) is reported only
+        # with SGLang's metrics on; without it a prefill's wait read as compute, and the
+        # autoscaler saw busy engines and no queue
+        "enable_metrics": True,
     }
     if role == "prefill":
         if bootstrap_port is None:

@@ -274,8 +274,14 @@ class DecodeStream:
                                       seeded=self.engine.seeded), self.request)
         self.engine.live[self.request.request_id] = [kwargs["rid"],
                                                      len(self.request.prompt_ids)]
-        self.outputs = await self.engine.engine.async_generate(**kwargs)
-        self.head = await anext(self.outputs)
+        try:
+            self.outputs = await self.engine.engine.async_generate(**kwargs)
+            self.head = await anext(self.outputs)
+        except ValueError as exc:  # SGLang refusing the request (as `prefill` maps it)
+            raise engine_error(self.request.request_id, "abort", str(exc), 400) from exc
+        # a bootstrap or KV transfer that failed on this side arrives as an output that is an
+        # abort, not as an exception: the KV never came, and the pairing is tried again
+        self.reader.finish(self.head)
 
     async def chunks(self) -> AsyncIterator[TokenChunk]:
         try:

@@ -192,3 +192,68 @@ def test_output_reader_takes_the_new_tokens_logprobs():
     assert [(r.token, r.logprob) for r in got] == [(5, -0.2), (6, -0.3)]
     assert got[1].top == ((6, -0.3), (9, -2.0))
     assert OutputReader.logprobs({"output_ids": [4], "meta_info": {}}, 1) is None
+
+
+class _Outputs:
+    """What SGLang's `async_generate(stream=True)` hands back: an async iterator of dicts."""
+
+    def __init__(self, *outs):
+        self.outs = list(outs)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.outs:
+            raise StopAsyncIteration
+        return self.outs.pop(0)
+
+    async def aclose(self):
+        pass
+
+
+def _decode_stream(generate):
+    """A `DecodeStream` on an engine whose SGLang side is `generate` (no sglang import)."""
+    from types import SimpleNamespace
+
+    from services.engines.sglang_engine import DecodeStream, SGLangEngine
+
+    engine = SGLangEngine.__new__(SGLangEngine)
+    engine.eos_ids, engine.detokenize, engine.marks, engine.seeded = (2,), str, None, False
+    engine.live, engine.aborted = {}, []
+
+    async def async_generate(**kwargs):
+        return await generate(**kwargs)
+
+    engine.engine = SimpleNamespace(async_generate=async_generate,
+                                    tokenizer_manager=SimpleNamespace(
+                                        abort_request=lambda rid: engine.aborted.append(rid)))
+    return engine, DecodeStream(engine, request(), dict(PAIRING))
+
+
+def test_a_decode_whose_kv_never_came_or_that_sglang_refused_fails_at_its_start():
+    """SGLang reports a failed bootstrap or KV transfer on the decode side as a first output
+    that is an abort (not an exception): the pairing fails there, retryably, instead of being
+    taken for the KV's arrival; a request SGLang refuses (ValueError) is the client's 400."""
+    import asyncio
+
+    aborted = {"output_ids": [], "meta_info": {"finish_reason": {
+        "type": "abort", "message": "KVTransferError", "status_code": 500}}}
+
+    async def transfer_failed(**_):
+        return _Outputs(aborted)
+
+    async def refused(**_):
+        raise ValueError("logit_bias token 999999 is out of the vocabulary")
+
+    async def arrived(**_):
+        return _Outputs({"output_ids": [7], "meta_info": {"completion_tokens": 1}})
+
+    for generate, error in ((transfer_failed, EngineUnavailable), (refused, InvalidRequest)):
+        engine, stream = _decode_stream(generate)
+        with pytest.raises(error):
+            asyncio.run(engine.open_decode(stream.request, dict(PAIRING)))
+        assert engine.live == {}  # nothing of it left behind
+    engine, stream = _decode_stream(arrived)
+    opened = asyncio.run(engine.open_decode(stream.request, dict(PAIRING)))
+    assert opened.head["output_ids"] == [7]
