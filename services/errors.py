@@ -154,6 +154,10 @@ class RequestAborted(StackError):
     code = "aborted"
 
 
+class ReaderStalled(RequestAborted):
+    """The client stopped reading its stream and the server cut it (its decode ran on)."""
+
+
 class KVHandoffFailed(StackError):
     """The KV cache could not be handed from prefill to decode (502)."""
 

@@ -19,8 +19,8 @@ from services.api import openapi, responses
 from services.api.http_errors import error_response
 from services.api.middleware import CORS, ResponseHeaders, incoming_trace_id, new_trace_id
 from services.api.service import Answer, Refused, RequestService
-from services.errors import (MethodNotAllowed, ModelNotFound, NotFound, RequestAborted,
-                             StackError, clip)
+from services.errors import (MethodNotAllowed, ModelNotFound, NotFound, ReaderStalled,
+                             RequestAborted, StackError, clip)
 from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.settings import IngressSettings
@@ -152,7 +152,7 @@ class _AnswerStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, bounded_send)
         except TimeoutError:  # returning unfinished, the server drops the connection
-            await self.answer.close(RequestAborted("the client stopped reading the stream"))
+            await self.answer.close(ReaderStalled("the client stopped reading the stream"))
         finally:
             try:
                 await self.body_iterator.aclose()  # its own clean-up, if it started

@@ -31,7 +31,8 @@ from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
 from services.engines.stops import OutputMarks, StopChecker
 from services.errors import (ContextLengthExceeded, DeadlineExceeded, EngineError, InvalidRequest,
-                             KVHandoffFailed, RequestAborted, StackError, clip, retryable)
+                             KVHandoffFailed, ReaderStalled, RequestAborted, StackError, clip,
+                             retryable)
 from services.grammar import warmed
 from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
@@ -307,11 +308,15 @@ class _Record:
             # the prefills sent count against the key whether or not a first token came: a
             # client that leaves (or sets a deadline) just before it spent them all the same;
             # only a failure of the stack's own (a 5xx but the deadline) gives them back
-            spent = self.dispatched
+            spent = self.dispatched + completion
             if self.plan is None and self.error is not None and self.error.status >= 500 \
                     and not isinstance(self.error, DeadlineExceeded):
-                spent = 0
-            service.quotas.release(self.grant, spent + completion)
+                spent = completion
+            if isinstance(self.error, ReaderStalled):
+                # the tokens it never read were decoded all the same, for up to write_stall_s
+                # (the reader pulls them, so how many is not known here): the whole grant
+                spent = self.grant.tokens
+            service.quotas.release(self.grant, spent)
         metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
         if error_type is not None:
             metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)

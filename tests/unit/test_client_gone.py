@@ -117,7 +117,9 @@ def test_a_client_leaving_gives_everything_back(leave, upload):
 def test_a_client_that_stops_reading_gives_everything_back(limits, headers):
     """A reader that stopped reading holds the write of the next event: without a bound the
     request would keep its key's only stream slot and its pool's place for ever."""
-    ingress = build_inprocess(parse_settings(PROFILE | {"limits": limits}))
+    quota = {"max_concurrent_streams": 1, "tokens_per_min": 100_000}
+    ingress = build_inprocess(parse_settings(PROFILE | {"limits": limits, "auth": {
+        "enabled": False, "default_quota": quota}}))
     app = ingress.build_asgi_app()
 
     async def scenario():
@@ -125,9 +127,17 @@ def test_a_client_that_stops_reading_gives_everything_back(limits, headers):
         await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
         return gone, await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
 
+    ingress.service.quotas.clock = lambda: 1000.0  # no refill: what was spent stays spent
     (gone_status, gone_body), (status, answer) = asyncio.run(scenario())
     assert gone_status == 200 and gone_body.startswith(b"data: ")  # the first event only
     _assert_all_given_back(ingress, status, answer)
+    # the stream the server cut for not being read (at the stall bound or its deadline) was
+    # decoded on meanwhile, the reader pulls its tokens, so how many is unknown: its whole
+    # grant stays spent (before, all but the few tokens it read came back)
+    state, = ingress.service.quotas.keys.values()
+    spent = state.tokens.capacity - state.tokens.level
+    second = json.loads(answer)["usage"]["total_tokens"]
+    assert spent - second > 400, spent  # the stalled one's max_tokens, and its prompt
 
 
 def _assert_all_given_back(ingress, status: int, answer: bytes) -> None:
