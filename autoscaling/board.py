@@ -61,12 +61,11 @@ class Board:
         """Post `key`'s wish and current count; its engines under the latest allocation."""
         self.wishes[key], self.current[key] = (wish, now), current
         self.reported.add(key)
-        self.started_at = now if self.started_at is None else self.started_at
         for k in [k for k, (_, t) in self.wishes.items()
                   if now - t > STALE_S and k not in self.known]:
             del self.wishes[k]
             self.current.pop(k, None)
-        if self.known - self.reported and now - self.started_at < SEED_WAIT_S:
+        if self.known - self.reported and now - self.started_at < SEED_WAIT_S:  # (seeded)
             return current  # not every role has said where it stands
         due = self.computed_at is None or now - self.computed_at >= self.tick_s
         if due or key not in self.alloc:

@@ -87,11 +87,11 @@ def _tokens(value: str, column: str) -> int:
 
 def read_rows(source: TraceSource) -> list[tuple[float, str, int, int]]:
     """(time, pool, prompt, output) of every row of one file."""
-    return [row[:4] for row in _read(source)]
+    return _read(source)[0]
 
 
-def _read(source: TraceSource) -> list[tuple[float, str, int, int, str]]:
-    """`read_rows`, each row with its time's kind."""
+def _read(source: TraceSource) -> tuple[list[tuple[float, str, int, int]], str]:
+    """`read_rows`, and the kind of its times (`SECONDS` or `ISO`)."""
     name = str(source.path)
     try:
         # utf-8-sig: a spreadsheet's export starts with a byte-order mark
@@ -109,7 +109,8 @@ def _read(source: TraceSource) -> list[tuple[float, str, int, int, str]]:
         raise TraceFileError(f"{name} line {reader.line_num}: {exc}") from None
 
 
-def _rows(name: str, source: TraceSource, reader) -> list[tuple[float, str, int, int, str]]:
+def _rows(name: str, source: TraceSource, reader) -> tuple[list[tuple[float, str, int, int]],
+                                                            str]:
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
         raise TraceFileError(f"{name}: empty file; expected a header "
@@ -156,13 +157,12 @@ def _rows(name: str, source: TraceSource, reader) -> list[tuple[float, str, int,
                                  f"{(kinds - {kind}).pop()}; a file keeps to one kind")
             rows.append((at, EFFORT_POOL[effort],
                          max(_tokens(row[index["ContextTokens"]], "ContextTokens"), 1),
-                         max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1),
-                         kind))
+                         max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1)))
         except ValueError as exc:
             raise TraceFileError(f"{name} line {line}: {exc}") from None
     if not rows:
         raise TraceFileError(f"{name}: no requests after the header")
-    return rows
+    return rows, kinds.pop()
 
 
 def load_trace(sources: list[TraceSource], speedup: float = 1.0,
@@ -170,12 +170,12 @@ def load_trace(sources: list[TraceSource], speedup: float = 1.0,
     """One trace of every file's requests, from the first arrival, time divided by `speedup`."""
     if not speedup > 0:
         raise TraceFileError(f"--speedup must be above 0; got {speedup}")
-    read = [(s.path, _read(s)) for s in sources]
-    kinds = {rows[0][4]: path for path, rows in read}
+    read = [(s.path, *_read(s)) for s in sources]
+    kinds = {kind: path for path, _, kind in read}
     if len(kinds) > 1:
         raise TraceFileError(f"{kinds[SECONDS]} has TIMESTAMP in seconds, {kinds[ISO]} as "
                              "ISO date-times: their times cannot be put on one clock")
-    rows = sorted(r[:4] for _, rows in read for r in rows)
+    rows = sorted(r for _, rows, _ in read for r in rows)
     start = rows[0][0]
     requests = tuple(Request(i, pool, (t - start) / speedup, prompt, output)
                      for i, (t, pool, prompt, output) in enumerate(rows))

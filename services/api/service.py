@@ -46,7 +46,7 @@ from services.telemetry.logs import configure_logging, request_line
 from services.tokenizer import EncodedPrompt, PromptTokenizer, load_tokenizer
 from services.workers.decode import DecodeWorker, StreamChunk
 from services.workers.multimodal import MultimodalWorker
-from services.workers.peer import call, close_stream, stream
+from services.workers.peer import call, close_stream, in_background, stream
 from services.workers.prefill_client import Prefilled, PrefillClient, timings
 
 
@@ -228,10 +228,7 @@ class RequestService:
     def release_pixels(self, owner: Any) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the
         background (the answer is sent; a failed release leaves them to their deadline)."""
-        task = asyncio.get_running_loop().create_task(
-            call(self.multimodal, MultimodalWorker.release, owner))
-        self._releasing.add(task)
-        task.add_done_callback(_forget_release(self._releasing))
+        in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing)
 
     async def _constrain(self, plan: RequestPlan) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools)."""
@@ -698,11 +695,3 @@ def _max_token_bytes(tokenizer: PromptTokenizer) -> int:
     raw = tokenizer._raw
     return max(len(raw.id_to_byte_piece(i, "keep"))
                for i in range(raw.num_special_tokens, raw.n_words))
-
-
-def _forget_release(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
-    def done(task: asyncio.Task) -> None:
-        tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed release is not an unhandled error
-    return done

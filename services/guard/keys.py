@@ -43,7 +43,9 @@ class KeyEntry(BaseModel):
 
 
 class KeysFile(Strict):
-    keys: list[KeyEntry] = []
+    # required: an empty or half-written file (a rewrite read midway) is not "no keys";
+    # revoking every key is `keys: []`
+    keys: list[KeyEntry]
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,8 @@ class KeyRing:
             version = (st.st_ino, st.st_mtime_ns, st.st_size)
             if version == self.version:
                 return
-            document = yaml.safe_load(self.path.read_text())
-            if not isinstance(document, dict) or "keys" not in document:
-                # an empty or half-written file (a rewrite read midway) is not "no keys";
-                # revoking every key is `keys: []`
-                raise _NoKeysList()
-            data = KeysFile.model_validate(document)
-        except (OSError, yaml.YAMLError, ValidationError, _NoKeysList) as exc:
+            data = KeysFile.model_validate(yaml.safe_load(self.path.read_text()))
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
             why = _without_values(exc)
             if strict:
                 raise ValueError(f"auth.keys_file {self.path}: {why}") from None
@@ -124,18 +121,15 @@ class KeyRing:
         return Principal(entry.name, entry.tenant, entry.quota, key_id=entry.sha256)
 
 
-class _NoKeysList(ValueError):
-    """A keys file without a top-level `keys:` list."""
-
-
 def _without_values(exc: BaseException) -> str:
     """What is wrong with a keys file, never the values in it: a raw key pasted where its
     digest goes would otherwise be printed (pydantic quotes a bad value, YAML a bad line)."""
     if isinstance(exc, ValidationError):
+        if any(e["loc"] in ((), ("keys",)) and e["type"] in ("missing", "model_type")
+               for e in exc.errors()):
+            return "no top-level `keys:` list (empty, or written only in part; to revoke " \
+                   "every key write `keys: []`)"
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in exc.errors())
-    if isinstance(exc, _NoKeysList):
-        return "no top-level `keys:` list (empty, or written only in part; to revoke every " \
-               "key write `keys: []`)"
     if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         return f"not valid YAML{f' (line {mark.line + 1})' if mark else ''}"

@@ -27,17 +27,12 @@ class PixelOwner:
     request_id: str
 
 
-def in_process_store() -> bool:
-    """Whether this process is a Ray worker (what `publish` keeps goes to the object store)."""
-    import ray
-
-    return ray._private.worker.global_worker.mode == ray.WORKER_MODE
-
-
 def publish(arrays: list, hold_s: float = HOLD_S, group: str | None = None) -> list:
     """`Held` references to `arrays` inside a Ray worker (kept here for `hold_s`, or until
     `group` is released); the arrays themselves elsewhere."""
-    if not in_process_store():  # not in a replica
+    import ray
+
+    if ray._private.worker.global_worker.mode != ray.WORKER_MODE:  # not in a replica
         return arrays
     try:
         return [KEEPER.keep(Held.put(a), hold_s, group, nbytes=a.nbytes) for a in arrays]

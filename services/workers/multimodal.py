@@ -10,7 +10,7 @@ from services.context import RequestContext
 from services.errors import Overloaded
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.kv.held import KEEPER
-from services.multimodal.refs import PixelOwner, in_process_store, in_store, publish
+from services.multimodal.refs import PixelOwner, in_store, publish
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
@@ -55,7 +55,7 @@ class MultimodalWorker:
         # kept for the request's life (prefill retries and resumes fetch them again): until
         # the request service releases them, at the latest until the request's deadline
         left = ctx.remaining_s()
-        self._room(sum(a.nbytes for a in prompt.images) if in_process_store() else 0)
+        self._room(sum(a.nbytes for a in prompt.images))
         prompt.images = publish(prompt.images, group=ctx.request_id,
                                 **({} if left is None else {"hold_s": max(1.0, left)}))
         if in_store(prompt.images):

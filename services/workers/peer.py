@@ -95,3 +95,19 @@ def _collect(loop: asyncio.AbstractEventLoop) -> None:
     if loop in _again:  # a call cancelled after this one was planned: once more, later
         _again.discard(loop)
         _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
+
+
+def in_background(work: Awaitable[Any], tasks: set[asyncio.Task]) -> None:
+    """Run `work` (a call nobody waits for: a release, an abort) as a task kept in `tasks`
+    until it ends, its failure retrieved (a lost call is not an unhandled error)."""
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(_forget(tasks))
+
+
+def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+    return done

@@ -22,7 +22,7 @@ from services.kv.transfer import KVState, KVTransfer
 from services.settings import KVHandoffSettings
 from services.telemetry import metrics, tracing
 from services.workers import router_state
-from services.workers.peer import call, close_stream, stream
+from services.workers.peer import call, close_stream, in_background, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
 
 # How much longer than its deadline a prefill replica gets to answer before it counts as stuck.
@@ -102,7 +102,7 @@ class PrefillClient:
                     # a backstop, not awaited: closing the call below is what reaches the
                     # replica running it (Serve routes an abort anew, maybe into the same queue
                     # that made this attempt late, and a retry must not wait behind it)
-                    self.abort_soon(request.request_id)
+                    in_background(self.abort(request.request_id), self._aborting)
                 if cancelled:
                     raise
                 if not worth_retrying(exc):
@@ -128,13 +128,8 @@ class PrefillClient:
             raise DeadlineExceeded("the request's deadline passed during prefill",
                                    request_id=request.request_id)
 
-    def abort_soon(self, request_id: str) -> None:
-        """Ask the pool to abort `request_id`, in the background, for `ABORT_S` at most."""
-        task = asyncio.get_running_loop().create_task(self.abort(request_id))
-        self._aborting.add(task)
-        task.add_done_callback(self._aborting.discard)
-
     async def abort(self, request_id: str) -> None:
+        """Ask the pool to abort `request_id`, for `ABORT_S` at most."""
         try:
             async with asyncio.timeout(ABORT_S):
                 await call(self.prefill, PrefillWorker.abort, request_id)

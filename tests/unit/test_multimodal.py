@@ -203,13 +203,13 @@ def test_an_image_service_keeping_its_limit_of_pixels_answers_503_before_decodin
     from services.kv.held import KEEPER
     from services.workers.multimodal import MultimodalWorker
 
-    settings = parse_settings({"multimodal": {"max_held_bytes": 1000},
+    settings = parse_settings({"multimodal": {"max_held_bytes": 1_000_000},
                                "auth": {"enabled": False}}).multimodal_settings()
     worker = MultimodalWorker(settings)
     messages = chat(data_url(CASES["tiny-png"]()))
 
     async def run():
-        KEEPER.keep(SimpleNamespace(key=b"other-request"), 60, "other", nbytes=1001)
+        KEEPER.keep(SimpleNamespace(key=b"other-request"), 60, "other", nbytes=1_000_001)
         try:
             with pytest.raises(Overloaded) as err:
                 await worker.encode(RequestContext("r"), messages, "none", None)
