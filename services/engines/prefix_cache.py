@@ -123,15 +123,15 @@ class PrefixCache:
 
     # ---- insert --------------------------------------------------------------------------
     def insert(self, token_ids: Sequence[int], salt: str, image_marks: dict[int, bytes] | None,
-               kv_of_block, *, first_block: int = 0) -> int:
-        """Store the full blocks of `token_ids` from `first_block` on that are not held yet;
-        `kv_of_block(i)` gives block i's KV. Returns how many blocks were stored."""
+               kv_of_block) -> int:
+        """Store the full blocks of `token_ids` that are not held yet; `kv_of_block(i)` gives
+        block i's KV. Returns how many blocks were stored. The blocks already held (a hit's)
+        are pinned and marked used with the rest of the chain: left out, they would be older
+        than the new tail, so the room made for that tail could evict them and strand it."""
         marks = image_marks or {}
         size, stored, chain = self.block_tokens, 0, []
         try:
             for index, (parent, key) in enumerate(self.chain(token_ids, salt, marks)):
-                if index < first_block:
-                    continue
                 if key not in self._blocks:
                     if not self._make_room(size):  # never at the cost of this chain's head
                         break

@@ -134,8 +134,7 @@ class ReferenceEngine:
             prefix.insert(request.prompt_ids, request.cache_salt, marks,
                           lambda i: [(layer.keys[:, :, i * size:(i + 1) * size].clone(),
                                       layer.values[:, :, i * size:(i + 1) * size].clone())
-                                     for layer in cache.layers],
-                          first_block=done // size)
+                                     for layer in cache.layers])
         first = await loop.run_in_executor(self._executor, self._sample_first, request, logits)
         return KVBlob.from_cache(cache), first, done
 

@@ -195,8 +195,7 @@ class SimulatedEngine:
             await asyncio.sleep((self.timing.prefill_base_ms
                                  + self.timing.prefill_ms_per_token * (n - cached)) / 1000.0)
             if prefix is not None:
-                prefix.insert(request.prompt_ids, request.cache_salt, marks, lambda i: None,
-                              first_block=cached // prefix.block_tokens)
+                prefix.insert(request.prompt_ids, request.cache_salt, marks, lambda i: None)
             first = self.planner.plan(request.prompt_ids)[0]
         return PrefillResult(request.request_id, first, n, SimulatedKV(n), cached_tokens=cached,
                              compute_s=timing["compute_s"], queue_s=timing["queue_s"])

@@ -190,6 +190,23 @@ def test_eviction_takes_a_chain_from_its_tail_so_what_stays_still_hits():
     assert probe(longer, list(range(24))) == 8
 
 
+def test_a_prompt_extending_a_cached_one_keeps_the_shared_head_before_its_new_tail():
+    """As the engines call it: a hit, released once its KV is loaded, then the whole prompt
+    inserted. Making room for the new tail must not evict the head it extends (that would
+    strand the tail: held, counted, and never hit again)."""
+    cache = PrefixCache(block_tokens=2, capacity_tokens=8)
+    head = [1, 2, 3, 4]
+    cache.insert(head, "", None, lambda i: i)
+    longer = head + [5, 6, 7, 8, 10, 11]  # 5 blocks, room for 4
+    hit = cache.acquire(longer + [0], "")
+    assert hit.tokens == 4
+    cache.release(hit)
+    assert cache.insert(longer, "", None, lambda i: i) == 2  # the 5th would evict the head
+    assert probe(cache, longer) == 8
+    cache.insert([20, 21], "", None, lambda i: i)  # room made from the chain's tail
+    assert probe(cache, longer) == 6
+
+
 def test_a_hit_never_covers_the_last_prompt_token():
     cache = PrefixCache(block_tokens=4, capacity_tokens=64)
     cache.insert([1] * 8, "", None, lambda i: i)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import pickle
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -371,3 +372,26 @@ def test_prefix_hits_are_the_reference_engines_blocks_and_only_the_rest_is_prefi
     assert asyncio.run(cached(first, salt="another tenant")) == 0
     stats = engine.stats()
     assert stats.cache_hit_tokens == shared // 16 * 16 and stats.cache_tokens > 0
+
+
+def test_a_next_turn_that_outgrows_the_cache_keeps_the_head_it_extends(tokenizer):
+    """The next turn's prefill hits the first turn's blocks and stores its own tail; where the
+    tail does not fit, room is made from the tail, never from the head it extends (evicted,
+    the head would strand every block after it: held, and never hit again)."""
+    engine = make_engine(tokenizer, {"prefix_cache": {"block_tokens": 16,
+                                                      "capacity_tokens": 256}})
+    words = " ".join(f"w{i}" for i in range(60))
+    first = chat(tokenizer, "a", [{"role": "user", "content": words}])
+    longer = chat(tokenizer, "b", [{"role": "user", "content": words},
+                                   {"role": "assistant", "content": words},
+                                   {"role": "user", "content": "and then?"}])
+    assert len(first.prompt_ids) < 256 < len(longer.prompt_ids)
+
+    async def cached(request):
+        return (await engine.prefill(request)).cached_tokens
+
+    asyncio.run(cached(first))
+    hit = asyncio.run(cached(longer))
+    assert hit >= 48
+    again = replace(longer, request_id="c")
+    assert asyncio.run(cached(again)) == 256  # everything it could keep of the longer prompt
