@@ -11,9 +11,10 @@ import random
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from services.multimodal.refs import PixelOwner
+from services.workers.call_match import PerCallMatch
 
 
-class OwnerRouter(RequestRouter):
+class OwnerRouter(PerCallMatch, RequestRouter):
     """To the replica a call's `PixelOwner` names; otherwise two random choices."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

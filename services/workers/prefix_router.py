@@ -43,16 +43,17 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from services.engines.prefix_cache import PrefixCache
 from services.workers import prefix_exchange, router_state
+from services.workers.call_match import PerCallMatch
 
 
-@dataclass
+@dataclass(eq=False)
 class _Routed:
     replica: ReplicaID
-    request_id: str  # the EngineRequest's: what a prefill reply names
+    request_id: str | None  # the EngineRequest's: what a prefill reply names (None: no prefill)
     tokens: int  # uncached prompt tokens expected to run there; 0 once the prefill reported
 
 
-class CacheAwareRouter(RequestRouter):
+class CacheAwareRouter(PerCallMatch, RequestRouter):
     """Prefix-cache-aware, load-guarded routing for prefill deployments (see the module)."""
 
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
@@ -70,11 +71,14 @@ class CacheAwareRouter(RequestRouter):
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
         self.open: dict[ReplicaID, int] = {}  # calls routed, not yet completed
-        self.routed: dict[str, _Routed] = {}  # by internal request id
-        self.by_request: dict[str, str] = {}  # EngineRequest id -> internal request id
+        # the calls routed and not completed, by internal request id: every call one request
+        # makes shares its id (its `n` prefills, an abort beside a retry; `call_match`)
+        self.routed: dict[str, list[_Routed]] = {}
+        self.by_request: dict[str, _Routed] = {}  # EngineRequest id -> its call
         self.mean_uncached = float(block_tokens)
         self.decisions = {"routed": 0, "predicted_hit_tokens": 0, "reported_hit_tokens": 0}
-        self._chains: dict[str, list[bytes]] = {}  # hashed while choosing, read when routed
+        # hashed while choosing, read when routed; by (internal request id, EngineRequest id)
+        self._chains: dict[tuple[str, str], list[bytes]] = {}
         self.live: set[ReplicaID] = set()
         self.gone: OrderedDict[ReplicaID, None] = OrderedDict()  # left: others' news ignored
         self.sharing = prefix_exchange.Sharing(self._connect, share_interval_s) \
@@ -142,7 +146,7 @@ class CacheAwareRouter(RequestRouter):
 
     def _chain(self, pending: PendingRequest, request) -> list[bytes]:
         """The prompt's block keys, hashed once per request (choosing may be retried)."""
-        rid = pending.metadata.internal_request_id
+        rid = (pending.metadata.internal_request_id, request.request_id)
         if rid not in self._chains:
             while len(self._chains) >= 4096:  # requests cancelled before they were routed
                 del self._chains[next(iter(self._chains))]
@@ -153,18 +157,23 @@ class CacheAwareRouter(RequestRouter):
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        request = _engine_request(pending_request)
-        if request is None:
-            return
         internal = pending_request.metadata.internal_request_id
+        calls = self.routed.setdefault(internal, [])
+        request = _engine_request(pending_request)
+        if request is None:  # no prefill (an abort): open until it completes, like any call
+            calls.append(_Routed(replica_id, None, 0))
+            self.open[replica_id] = self.open.get(replica_id, 0) + 1
+            return
         chain = self._chain(pending_request, request)
-        self._chains.pop(internal, None)
+        self._chains.pop((internal, request.request_id), None)
         prompt = len(request.prompt_ids)
         hit = min(self.predicted_hit(replica_id, chain), prompt - 1)
         tokens = prompt - hit
-        self._settle(internal)  # a retried call: its earlier leg no longer counts
-        self.routed[internal] = _Routed(replica_id, request.request_id, tokens)
-        self.by_request[request.request_id] = internal
+        for earlier in [c for c in calls if c.request_id == request.request_id]:
+            self._settle(internal, earlier)  # a retried call: its earlier leg no longer counts
+        routed = _Routed(replica_id, request.request_id, tokens)
+        self.routed.setdefault(internal, []).append(routed)
+        self.by_request[request.request_id] = routed
         self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
         self.open[replica_id] = self.open.get(replica_id, 0) + 1
         self.mean_uncached += (tokens - self.mean_uncached) / 16
@@ -198,7 +207,7 @@ class CacheAwareRouter(RequestRouter):
     def prefilled(self, request_id: str, cached_tokens: int) -> None:
         """The prefill of `request_id` ran (its reply came back, naming `cached_tokens`): its
         tokens leave the replica's queue now, not when the call closes after the KV handoff."""
-        routed = self.routed.get(self.by_request.get(request_id, ""))
+        routed = self.by_request.get(request_id)
         if routed is not None and routed.tokens:
             self.queued[routed.replica] = max(0, self.queued.get(routed.replica, 0)
                                               - routed.tokens)
@@ -206,13 +215,21 @@ class CacheAwareRouter(RequestRouter):
             self.decisions["reported_hit_tokens"] += cached_tokens
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._settle(internal_request_id)
+        """One of the request's calls to `replica_id` completed. Serve names only the request,
+        so among its calls there, one whose prefill reported (or that had none) is taken
+        first: a call completes after its prefill's reply, so it is most likely that one."""
+        calls = [c for c in self.routed.get(internal_request_id, ()) if c.replica == replica_id]
+        if calls:
+            self._settle(internal_request_id,
+                         next((c for c in calls if not c.tokens), calls[0]))
 
-    def _settle(self, internal_request_id: str) -> None:
-        routed = self.routed.pop(internal_request_id, None)
-        if routed is None:
-            return
-        if self.by_request.get(routed.request_id) == internal_request_id:
+    def _settle(self, internal_request_id: str, routed: _Routed) -> None:
+        calls = self.routed.get(internal_request_id, [])
+        if routed in calls:
+            calls.remove(routed)
+        if not calls:
+            self.routed.pop(internal_request_id, None)
+        if routed.request_id is not None and self.by_request.get(routed.request_id) is routed:
             del self.by_request[routed.request_id]
         if routed.replica in self.queued:
             self.queued[routed.replica] = max(0, self.queued[routed.replica] - routed.tokens)

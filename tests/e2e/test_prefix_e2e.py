@@ -111,3 +111,18 @@ def test_hit_tokens_reach_the_metrics_per_replica(url, metrics_url):
         assert time.monotonic() < deadline, "no prefix cache hits in Ray's metrics"
         time.sleep(1)
     assert all('replica="' in line and 'replica="-"' not in line for line in lines)
+
+
+def test_the_choices_of_one_request_each_find_a_prefill_replica(url):
+    """The `n` choices of one request are prefilled at once from the ingress, and Serve gives
+    every call made within a request the request's own internal id: a router that matched the
+    replica it chose to a call by that id alone placed one choice and left the others waiting
+    for their attempt's timeout (a minute), then failed them."""
+    api = OpenAI(base_url=f"{url}/v1", api_key="sk-prefix-a", max_retries=0, timeout=20)
+    for _ in range(3):
+        reply = api.chat.completions.create(
+            model="mistral-small-4", n=4, max_tokens=4,
+            messages=[{"role": "system", "content": "n test " + SYSTEM},
+                      {"role": "user", "content": "four answers, please"}])
+        assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]
+        assert all(c.finish_reason for c in reply.choices)

@@ -45,11 +45,14 @@ def replicas(n: int) -> list[Replica]:
 count = iter(range(10**6))
 
 
-def pending(prompt: list[int], salt: str = "t") -> PendingRequest:
+def pending(prompt: list[int], salt: str = "t", internal: str | None = None
+            ) -> PendingRequest:
+    """A prefill call; `internal`: the internal id of the request making it (Serve gives every
+    call a request makes that request's id), by default one of its own."""
     request = EngineRequest(f"q{next(count)}", prompt, SamplingParams(max_tokens=4),
                             cache_salt=salt)
     metadata = RequestMetadata(request_id=request.request_id,
-                               internal_request_id=request.request_id)
+                               internal_request_id=internal or request.request_id)
     return PendingRequest(args=[object(), request], kwargs={}, metadata=metadata,
                           future=None)
 
@@ -243,3 +246,49 @@ def test_recent_load_fades_at_its_half_life():
         r.recent[replica] = (8.0, 100.0)
         assert r.recent_requests(replica, now=100.0 + half_life_s) == pytest.approx(4.0)
         assert r.recent_requests(replica, now=100.0 + 2 * half_life_s) == pytest.approx(2.0)
+
+
+def test_calls_of_one_request_are_counted_each_on_its_own(router):
+    """A request's `n` prefills (and an abort beside them) share its internal id: each is
+    queued where it went, a reply takes that one's tokens off, and each completion settles
+    one call there, so everything is back to zero when all have ended."""
+    pool = replicas(2)
+    prompt = conversation(3, 1)[0]
+    siblings = [pending(prompt, internal="req-1") for _ in range(3)]
+    chosen = [route(router, pool, call) for call in siblings]
+    assert sum(router.open.values()) == 3
+    assert sum(router.queued.values()) >= 3 * BLOCK
+    abort = PendingRequest(args=[object(), siblings[0].args[1].request_id], kwargs={},
+                           metadata=siblings[0].metadata, future=None)
+    router.on_request_routed(abort, chosen[0].replica_id, None)
+    assert sum(router.open.values()) == 4
+    first = siblings[0].args[1]
+    router_state.correct(chosen[0].replica_id.unique_id, 10**6, first.request_id, 0)
+    others = sum(router.queued.values())
+    assert 0 < others < 3 * len(prompt)
+    for replica in chosen:
+        router.on_request_completed(replica.replica_id, "req-1")
+    router.on_request_completed(chosen[0].replica_id, "req-1")  # the abort
+    assert sum(router.open.values()) == 0 and sum(router.queued.values()) == 0
+    assert router.routed == {} and router.by_request == {}
+
+
+def test_a_replica_chosen_for_a_call_goes_to_that_call_not_its_sibling():
+    """Serve's base router hands a chosen replica to the waiting call with the chosen call's
+    internal id, and a request's calls share it: the second of two waiting siblings was never
+    matched. It goes to the call it was chosen for (Serve's own matching, driven here)."""
+    async def go():
+        router = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        router.initialize_state(block_tokens=BLOCK, share_interval_s=0)
+        loop = asyncio.get_running_loop()
+        calls = [pending([1] * BLOCK, internal="req-2") for _ in range(2)]
+        for call in calls:
+            call.future = loop.create_future()
+            router._pending_requests_to_fulfill.append(call)
+            router._add_pending_request_to_indices(call)
+        one, two = replicas(2)
+        router._fulfill_next_pending_request(two, calls[1].metadata)
+        router._fulfill_next_pending_request(one, calls[0].metadata)
+        return [call.future.result() for call in calls]
+
+    assert [r.replica_id.unique_id for r in asyncio.run(go())] == ["r0", "r1"]
