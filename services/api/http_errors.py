@@ -30,15 +30,22 @@ MAX_MESSAGE_CHARS = 1000
 
 def error_body(error: StackError, request_id: str | None = None,
                trace_id: str | None = None) -> dict:
-    """`error.body` with its message and param clipped to a bounded size."""
+    """`error.body` with its message and param clipped to a bounded size and encodable: a lone
+    surrogate quoted from the caller's JSON (`"\\ud800"` is valid JSON, not valid UTF-8) is
+    written as its escape, or the response could not be sent (a 500 for a 400)."""
     body = error.body(request_id, trace_id)
     inner = body["error"]
-    message = str(inner["message"])
-    if len(message) > MAX_MESSAGE_CHARS:
-        inner["message"] = f"{message[:MAX_MESSAGE_CHARS]}… (clipped)"
-    if isinstance(inner.get("param"), str) and len(inner["param"]) > 200:
-        inner["param"] = inner["param"][:200] + "…"
+    message = _encodable(str(inner["message"]))
+    inner["message"] = (message if len(message) <= MAX_MESSAGE_CHARS
+                        else f"{message[:MAX_MESSAGE_CHARS]}… (clipped)")
+    if isinstance(inner.get("param"), str):
+        param = _encodable(inner["param"])
+        inner["param"] = param if len(param) <= 200 else param[:200] + "…"
     return responses.error(body)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(exc: BaseException, request_id: str | None = None,

@@ -171,6 +171,9 @@ class FunctionCallChoice(_Wire):
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
 MAX_LOGIT_BIAS = 300  # entries; each costs every sampled token of the request
+# a stop string is looked for in the decoded tail of the output after every token, a tail as
+# long as the string: bounded, so a long one cannot make each token's check costly
+MAX_STOP_BYTES = 256
 
 
 class ChatCompletionRequest(_Wire):
@@ -295,6 +298,8 @@ class ChatCompletionRequest(_Wire):
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
+        if any(len(s.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES for s in stops):
+            raise ValueError(f"each stop string is at most {MAX_STOP_BYTES} bytes of UTF-8")
         return stops
 
     @property
@@ -353,7 +358,7 @@ UNSUPPORTED: dict[str, list[Any]] = {
 # honour them, with the values that leave it unchanged; set to anything else they are refused
 # (400 naming the field), never dropped as unknown fields are. OpenAI's own: output modalities,
 # audio, web search, verbosity. vLLM's and SGLang's extensions, which OpenAI-compatible clients
-# pass through (`extra_body`): sampling, guided decoding, templates, output shaping.
+# pass through (`extra_body`): sampling, guided decoding, templates, output shaping. Mistral's.
 NOT_HONOURED: dict[str, list[Any]] = {
     "modalities": [["text"]], "audio": [], "web_search_options": [], "verbosity": [],
     "top_k": [-1, 0], "min_p": [0], "repetition_penalty": [1], "min_tokens": [0],
@@ -368,6 +373,10 @@ NOT_HONOURED: dict[str, list[Any]] = {
     "skip_special_tokens": [True], "spaces_between_special_tokens": [True],
     "include_stop_str_in_output": [False], "no_stop_trim": [False],
     "truncate_prompt_tokens": [], "lora_path": [], "return_hidden_states": [False],
+    "separate_reasoning": [True],
+    # Mistral's API, which its clients send: a seed by another name, a safety system prompt,
+    # a reasoning system prompt
+    "random_seed": [], "safe_prompt": [False], "prompt_mode": [],
 }
 
 

@@ -146,8 +146,13 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
                   seeded: bool = False) -> dict[str, Any]:
     """SGLang `SamplingParams` keyword arguments for `request`. The seed goes only to an engine
     started `seeded` (deterministic inference): otherwise SGLang ignores it, and its flashinfer
-    sampler refuses one."""
+    sampler refuses one; so a seed that would change a sampled answer there is refused (400),
+    never dropped. Greedy answers (temperature 0) do not depend on it."""
     s = request.sampling
+    if s.seed is not None and not seeded and s.temperature > 0:
+        raise InvalidRequest("seed: this deployment does not honour seed when sampling (its "
+                             "SGLang engines run without engine.sglang.deterministic); send "
+                             "no seed, or temperature 0", param="seed")
     params: dict[str, Any] = {
         "max_new_tokens": s.max_tokens,
         "temperature": s.temperature,

@@ -44,8 +44,11 @@ class StopChecker:
         self.marks = marks
         self.generated: list[int] = []
         # A stop string is matched in the decoded tail of the content; each content token adds
-        # at least one character, so this many tokens always cover the longest stop string.
-        self._tail = max((len(s) for s in params.stop), default=0) + 4
+        # at least one byte of text (a character may take several: byte-fallback tokens), so
+        # this many tokens always cover the longest stop string, with room for a character cut
+        # at the tail's start.
+        self._tail = max((len(s.encode("utf-8", "surrogatepass")) for s in params.stop),
+                         default=0) + 4
         self._segment = _CONTENT
         self._content: list[int] = []
         for token in params.stop_context:  # the tokens sent before this leg: where it resumes

@@ -87,8 +87,12 @@ def test_sampling_keeps_control_tokens_and_always_sets_max_new_tokens():
     assert set(params) <= names("sampling_params"), set(params) - names("sampling_params")
     assert params["max_new_tokens"] == 8 and params["skip_special_tokens"] is False
     assert params["stop_token_ids"] == [2, 9] and params["sampling_seed"] == 3
-    # an engine not started deterministic ignores seeds, and its default sampler refuses one
-    assert "sampling_seed" not in sampling_args(request(seed=3), (2,))
+    # an engine not started deterministic ignores seeds, and its default sampler refuses one:
+    # a seed that would change a sampled answer is refused, naming it; greedy needs none
+    assert "sampling_seed" not in sampling_args(request(seed=3, temperature=0.0), (2,))
+    with pytest.raises(InvalidRequest) as refused:
+        sampling_args(request(seed=3, temperature=0.7), (2,))
+    assert refused.value.param == "seed" and refused.value.status == 400
     assert "stop" not in params  # stop strings are matched by us, on ids
     assert sampling_args(request(ignore_eos=True), (2,))["stop_token_ids"] == []
 

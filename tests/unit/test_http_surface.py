@@ -241,3 +241,20 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded():
     error = response.json()["error"]
     assert response.status_code == 400 and error["code"] == "context_length_exceeded"
     assert error["param"] == "messages" and encoded == []
+
+
+def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
+    """`"\\ud800"` is valid JSON and not valid UTF-8: mistral-common's message quoting it must
+    reach the client escaped (the response could not be encoded: a 500 for a 400)."""
+    import json
+
+    body = BODY | {"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "abcdefghi", "type": "function", "function": {
+            "name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "\ud800zz", "content": "42"}]}
+    reply, = serve(PROFILE, ("POST", "/v1/chat/completions", {
+        "content": json.dumps(body), "headers": {"content-type": "application/json"}}))
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "messages" and "\\ud800" in error["message"]

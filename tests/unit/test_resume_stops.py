@@ -143,3 +143,29 @@ def test_an_answer_whose_last_leg_died_before_its_finish_is_not_resumed_past_its
             choice = reply.json()["choices"][0]
             assert choice["message"]["content"].strip() == content, max_tokens
             assert choice["finish_reason"] == finish, max_tokens
+
+
+def test_a_stop_string_whose_characters_take_several_tokens_each_is_found(tokenizer):
+    """Byte-fallback tokens: a character can take four tokens, so a window of as many tokens as
+    the stop string has characters never holds all of it."""
+    stop = "🦜🦜🦜"
+    def encode(text):
+        return tokenizer._raw.encode(text, bos=False, eos=False)
+
+    ids = encode("hello " + stop + " and on")
+    assert len(encode(stop)) > len(stop) + 4
+    checker = StopChecker(SamplingParams(max_tokens=len(ids) + 1, stop=(stop,)),
+                          (tokenizer.eos_id,), tokenizer.decode, OutputMarks.of(tokenizer))
+    reasons = [checker.check([token]) for token in ids]
+    assert "stop" in reasons
+    assert tokenizer.decode(ids[:reasons.index("stop") + 1]).endswith(stop)
+
+
+@pytest.mark.parametrize("stop", ["x" * 257, ["ok", "é" * 129]])
+def test_a_stop_string_over_256_bytes_is_refused_by_name(client, stop):
+    reply = client.post("/v1/chat/completions", json={
+        "model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}],
+        "stop": stop})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "stop" and "256 bytes" in reply.json()["error"][
+        "message"]
