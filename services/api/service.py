@@ -62,6 +62,7 @@ class Refused:
 # a prompt of more text than this (characters) is encoded off the event loop
 INLINE_ENCODE_CHARS = 65536
 ENCODE_GRACE_S = 2.0  # past the deadline, for the multimodal worker's own deadline answer
+RELEASE_S = 5.0  # a pixel release nobody waits for: past it the pixels wait out their deadline
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
@@ -228,7 +229,8 @@ class RequestService:
     def release_pixels(self, owner: Any) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the
         background (the answer is sent; a failed release leaves them to their deadline)."""
-        in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing)
+        in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing,
+                      RELEASE_S)
 
     async def _constrain(self, plan: RequestPlan) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools)."""

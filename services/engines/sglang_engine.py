@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -147,8 +148,9 @@ class SGLangEngine:
         if first_token is not None or not isinstance(kv, DecodeStream):
             raise ValueError("an SGLang decode engine streams from the first token of the "
                              "request its handoff opened")
-        async for chunk in kv.chunks():
-            yield chunk
+        async with aclosing(kv.chunks()) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def probe(self) -> bool:
         return await self.health.check()

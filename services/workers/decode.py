@@ -101,7 +101,7 @@ class DecodeWorker(EngineHost):
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
         self.arrived(len(request.prompt_ids))
-        ttft, leg = 0.0, None
+        ttft, leg, tokens = 0.0, None, None
         try:
             leg = await start(
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
@@ -142,8 +142,15 @@ class DecodeWorker(EngineHost):
             metrics.ERRORS.inc(type=from_exception(exc).type, **self.tags)
             raise
         finally:
-            if leg is not None:
-                await leg.close()
+            # the engine stream is closed here, however this ends (a deadline, the caller
+            # gone, an error): an engine frees a sequence's batch slot and KV only when its
+            # stream is closed, and `coalesce` never closes what it reads
+            try:
+                if tokens is not None:
+                    await tokens.aclose()
+            finally:
+                if leg is not None:
+                    await leg.close()
             tracing.finish(span, outcome["error"], **{
                 "small4.tokens_out": outcome["tokens_out"],
                 "small4.finish_reason": outcome["finish_reason"] or "abort"})
@@ -151,6 +158,7 @@ class DecodeWorker(EngineHost):
                 self.load.decoded(outcome["tokens_out"],
                                   time.perf_counter() - received - ttft, ttft)
             metrics.record_engine(self.engine.stats(), self.settings.pool)
+            outcome.clear()  # no cycle (error → traceback → this frame) keeps the stream
 
     def _observe_itl(self, seconds: float, tokens: int) -> None:
         for _ in range(tokens):

@@ -97,10 +97,14 @@ def _collect(loop: asyncio.AbstractEventLoop) -> None:
         _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
 
 
-def in_background(work: Awaitable[Any], tasks: set[asyncio.Task]) -> None:
+def in_background(work: Awaitable[Any], tasks: set[asyncio.Task],
+                  timeout_s: float | None = None) -> None:
     """Run `work` (a call nobody waits for: a release, an abort) as a task kept in `tasks`
-    until it ends, its failure retrieved (a lost call is not an unhandled error)."""
-    task = asyncio.ensure_future(work)
+    until it ends, its failure retrieved (a lost call is not an unhandled error); cancelled
+    after `timeout_s` (a call Serve cannot place, with no replica to take it, would wait in
+    its router, and in `tasks`, for ever)."""
+    task = asyncio.ensure_future(work if timeout_s is None
+                                 else asyncio.wait_for(work, timeout_s))
     tasks.add(task)
     task.add_done_callback(_forget(tasks))
 

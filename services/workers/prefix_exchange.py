@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,20 @@ class DecisionLog:
             since = 0
         first = self.entries[0][0] if self.entries else self.seq + 1
         others = [(replica, keys) for seq, who, replica, keys in
-                  list(self.entries)[max(0, since + 1 - first):] if who != router]
+                  islice(self.entries, max(0, since + 1 - first), None) if who != router]
         for replica, keys in routed:
             self.seq += 1
             self.entries.append((self.seq, router, replica, keys))
-            self.keys += len(keys)
+            self.keys += _size(keys)
         while self.keys > self.max_keys and len(self.entries) > 1:
-            self.keys -= len(self.entries.popleft()[3])
+            self.keys -= _size(self.entries.popleft()[3])
         return self.epoch, self.seq, others
+
+
+def _size(keys: list[bytes]) -> int:
+    """What a decision counts against the bounds: its keys, and itself (a prompt shorter than
+    a block has none, and would otherwise be kept for ever)."""
+    return 1 + len(keys)
 
 
 class Sharing:
@@ -95,9 +102,9 @@ class Sharing:
     def _hold(self, decisions: list[Decision]) -> None:
         for decision in decisions:
             self.outbox.append(decision)
-            self.outbox_keys += len(decision[1])
+            self.outbox_keys += _size(decision[1])
         while self.outbox_keys > OUTBOX_KEYS and len(self.outbox) > 1:  # the oldest go
-            self.outbox_keys -= len(self.outbox.popleft()[1])
+            self.outbox_keys -= _size(self.outbox.popleft()[1])
 
     async def before_choice(self, learn: Callable[[Any, list[bytes]], None]) -> None:
         """Keep the loop running; after an idle stop, catch up first (briefly)."""

@@ -157,6 +157,8 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
+        if replica_id in self.gone:  # routed just before it left: nothing of it to keep
+            return
         internal = pending_request.metadata.internal_request_id
         calls = self.routed.setdefault(internal, [])
         request = _engine_request(pending_request)

@@ -162,3 +162,19 @@ def test_an_answered_streams_close_schedules_no_collection(no_automatic_collecti
 
     assert asyncio.run(run(answered=False))  # the control: an unanswered one is collected
     assert not asyncio.run(run(answered=True))
+
+
+def test_a_background_call_that_is_never_placed_leaves_after_its_timeout():
+    """A release to a deployment with no replica waits in Serve's router for ever: with a
+    timeout the task ends (cancelling the call) and leaves the set that keeps it."""
+    async def go():
+        tasks: set[asyncio.Task] = set()
+        never = asyncio.get_running_loop().create_future()
+        peer.in_background(never, tasks, timeout_s=0.05)
+        peer.in_background(asyncio.sleep(0), tasks)
+        assert len(tasks) == 2
+        await asyncio.sleep(0.2)
+        return tasks, never
+
+    tasks, never = asyncio.run(go())
+    assert tasks == set() and never.cancelled()

@@ -122,20 +122,24 @@ def test_a_lost_log_is_started_over_and_held_decisions_are_sent_once_it_answers(
 
 
 def test_the_log_is_bounded_in_keys_and_a_reader_far_behind_gets_what_is_kept():
-    log = DecisionLog(max_keys=8)
+    log = DecisionLog(max_keys=12)  # a decision counts its keys and itself: 3 here
     for i in range(10):
         log.exchange("a", [(f"r{i % 2}", [bytes([i]), b"x"])], "", 0)
     epoch, seq, news = log.exchange("b", [], log.epoch, 2)
-    assert seq == 10 and len(log.entries) == 4 and log.keys == 8
+    assert seq == 10 and len(log.entries) == 4 and log.keys == 12
     assert [keys for _, keys in news] == [[bytes([i]), b"x"] for i in range(6, 10)]
     _, _, none_new = log.exchange("b", [], epoch, seq)
     assert none_new == []
     _, _, own = log.exchange("a", [], epoch, 0)
     assert own == []  # a router never reads its own decisions back
+    short = DecisionLog(max_keys=100)  # prompts shorter than a block have no keys
+    for i in range(1000):
+        short.exchange("a", [("r0", [])], "", 0)
+    assert len(short.entries) == 100
 
 
 def test_a_router_holds_a_bounded_outbox_while_the_log_cannot_be_reached(monkeypatch):
-    monkeypatch.setattr(prefix_exchange, "OUTBOX_KEYS", 6)
+    monkeypatch.setattr(prefix_exchange, "OUTBOX_KEYS", 9)
     router = make_router(lambda: Unreachable())
     route(router, replicas(2), pending(conversation(0, 1)[0]))  # sharing starts
     router.sharing.outbox.clear()
@@ -144,7 +148,7 @@ def test_a_router_holds_a_bounded_outbox_while_the_log_cannot_be_reached(monkeyp
         router.sharing.routed(f"r{i}", [bytes([i]), b"x"])
         sync(router)
     assert [replica for replica, _ in router.sharing.outbox] == ["r2", "r3", "r4"]
-    assert router.sharing.outbox_keys == 6
+    assert router.sharing.outbox_keys == 9
 
 
 def test_a_router_that_sat_idle_catches_up_before_its_next_choice(monkeypatch):

@@ -292,3 +292,13 @@ def test_a_replica_chosen_for_a_call_goes_to_that_call_not_its_sibling():
         return [call.future.result() for call in calls]
 
     assert [r.replica_id.unique_id for r in asyncio.run(go())] == ["r0", "r1"]
+
+
+def test_a_call_routed_just_before_its_replica_left_brings_nothing_of_it_back(router):
+    pool = replicas(2)
+    gone = route(router, pool, pending(conversation(5, 1)[0]))
+    router.on_replica_actor_died(gone.replica_id)
+    request = pending(conversation(6, 1)[0])
+    router.on_request_routed(request, gone.replica_id, None)
+    assert gone.replica_id not in router.index and gone.replica_id not in router.open
+    assert request.args[1].request_id not in router.by_request
