@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -129,7 +129,12 @@ class ContinuousBatcher:
             self.failure = ""  # a transient fault does not mark the engine unhealthy for good
             for seq, (token, logprob) in zip(batch, sampled):
                 if not seq.done:
-                    finish = seq.stops.check([token])
+                    try:
+                        finish = seq.stops.check([token])
+                    except Exception as exc:  # this sequence's stop check: it alone fails
+                        self._finish(seq, EngineError(f"stop check failed: {exc}",
+                                                      request_id=seq.request.request_id))
+                        continue
                     if finish:
                         self._finish(seq, (token, finish, logprob))
                     else:
@@ -166,6 +171,7 @@ class PrefillGate:
 
     def __init__(self):
         self.waiting = 0
+        self.queued: Counter[str] = Counter()  # the ids waiting (a retry may wait beside)
         self.running: dict[str, int] = {}
         self._lock: asyncio.Lock | None = None
 
@@ -174,10 +180,14 @@ class PrefillGate:
         self._lock = self._lock or asyncio.Lock()
         queued = time.perf_counter()
         self.waiting += 1
+        self.queued[request_id] += 1
         try:
             await self._lock.acquire()
         finally:
             self.waiting -= 1
+            self.queued[request_id] -= 1
+            if not self.queued[request_id]:
+                del self.queued[request_id]
         started = time.perf_counter()
         self.running[request_id] = 0
         try:

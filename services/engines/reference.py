@@ -56,8 +56,12 @@ class ReferenceEngine:
     def __init__(self, bundle: ModelBundle, settings: EngineSettings, *, role: str,
                  context_length: int, eos_ids: tuple[int, ...],
                  detokenize: Callable[[list[int]], str], image_end_id: int | None = None,
-                 guidance: Guidance | None = None, marks: OutputMarks | None = None):
+                 guidance: Guidance | None = None, marks: OutputMarks | None = None,
+                 vocab_size: int | None = None):
         self.bundle = bundle
+        # ids the tokenizer reads: a checkpoint's padded vocabulary past them is never sampled
+        # (an id nobody can decode failed the stop checks of the whole batch)
+        self.vocab_size = vocab_size or bundle.vocab_size
         self.settings = settings
         self.role = role
         self.context_length = context_length
@@ -75,13 +79,16 @@ class ReferenceEngine:
 
     # ---- prefill -------------------------------------------------------------------------
     async def prefill(self, request: EngineRequest) -> PrefillResult:
-        validate_request(request, self.context_length, self.bundle.vocab_size)
+        validate_request(request, self.context_length, self.vocab_size)
         timing: dict[str, float] = {}
-        async with self._gate.turn(request.request_id, timing):
-            try:
+        try:
+            async with self._gate.turn(request.request_id, timing):
+                if request.request_id in self._aborted:  # while it waited for its turn
+                    raise asyncio.CancelledError(
+                        f"request {request.request_id} aborted before its prefill")
                 blob, (first, logprob), cached = await self._run_prefill(request)
-            finally:
-                self._aborted.discard(request.request_id)
+        finally:
+            self._aborted.discard(request.request_id)
         return PrefillResult(request.request_id, first, len(request.prompt_ids), blob,
                              cached_tokens=cached, compute_s=timing["compute_s"],
                              queue_s=timing["queue_s"], first_logprob=logprob)
@@ -150,12 +157,12 @@ class ReferenceEngine:
     def _forward_chunk(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + embeds.shape[1])[None]
         out = self.bundle.forward(cache, inputs_embeds=embeds, position_ids=positions)
-        return out.logits[0, -1].float()
+        return out.logits[0, -1, :self.vocab_size].float()
 
     # ---- decode --------------------------------------------------------------------------
     def decode(self, request: EngineRequest, first_token: int,
                kv: KVBlob) -> AsyncIterator[TokenChunk]:
-        validate_request(request, self.context_length, self.bundle.vocab_size)
+        validate_request(request, self.context_length, self.vocab_size)
         if kv is None or kv.num_tokens != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
         sampling = request.sampling
@@ -206,10 +213,14 @@ class ReferenceEngine:
         out = self.bundle.forward(cache, input_ids=ids, attention_mask=mask,
                                   position_ids=positions)
         new_kv = [(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in cache.layers]
-        return out.logits[:, -1].float(), new_kv
+        return out.logits[:, -1, :self.vocab_size].float(), new_kv
 
     # ---- control -------------------------------------------------------------------------
     async def abort(self, request_id: str) -> bool:
+        """Wherever the request is: waiting for its prefill, in it, or decoding."""
+        if request_id in self._gate.queued:
+            self._aborted.add(request_id)
+            return True
         if request_id in self._gate.running:
             self._aborted.add(request_id)
             self._gate.running[request_id] = 0

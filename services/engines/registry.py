@@ -35,7 +35,8 @@ def _build(model: ModelSettings, engine: EngineSettings, *, role: str,
         return ReferenceEngine(bundle, engine, role=role, context_length=model.context_length,
                                eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode,
                                image_end_id=tokenizer.special("[IMG_END]"),
-                               guidance=warmed(tokenizer), marks=OutputMarks.of(tokenizer))
+                               guidance=warmed(tokenizer), marks=OutputMarks.of(tokenizer),
+                               vocab_size=tokenizer.vocab_size)
     if engine.kind == "simulated":
         from services.engines.simulated import SimulatedEngine
 

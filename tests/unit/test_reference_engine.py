@@ -12,7 +12,7 @@ from services.engines.batching import ContinuousBatcher, Sequence
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.reference import ReferenceEngine
 from services.engines.stops import StopChecker
-from services.errors import EngineError
+from services.errors import EngineError, InvalidRequest
 from services.kv.backends import LocalHandoff
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import EngineSettings
@@ -155,3 +155,80 @@ def test_a_failed_decode_step_fails_its_batch_and_health_recovers_with_the_next(
 
     failed, after, tokens = asyncio.run(run())
     assert "transient" in failed and after == "" and tokens == 2
+
+
+def test_a_stop_check_that_fails_ends_its_sequence_only():
+    """One sequence's stop check raising (an id its tokenizer cannot decode) used to end the
+    batch loop: every other stream of the replica waited to its deadline."""
+    class Seq(Sequence):
+        kv_tokens = 1
+
+    def detokenize(ids):
+        if 666 in ids:
+            raise KeyError("Invalid token for decoding")
+        return "x" * len(ids)
+
+    async def step(batch):
+        return [(666 if seq.request.request_id == "bad" else 7, None) for seq in batch]
+
+    async def run():
+        batcher = ContinuousBatcher(EngineSettings(), step)
+
+        async def one(rid):
+            params = SamplingParams(max_tokens=4, stop=("never",))
+            seq = Seq(EngineRequest(rid, [1, 2], params), StopChecker(params, (), detokenize))
+            return [c async for c in batcher.stream(seq, 5)]
+
+        return await asyncio.wait_for(asyncio.gather(one("bad"), one("good"),
+                                                     return_exceptions=True), 10)
+
+    bad, good = asyncio.run(run())
+    assert isinstance(bad, EngineError) and "stop check" in str(bad)
+    assert sum(len(c.token_ids) for c in good) == 3 and good[-1].finish_reason == "length"
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_sampled(standin, tokenizer):
+    """A checkpoint whose vocabulary is padded past the tokenizer's: its extra ids have logits
+    but no text; neither sampled nor accepted in logit_bias."""
+    prompt = prompt_of(tokenizer, 3)
+    vocab = max(prompt) + 1
+    engines = [ReferenceEngine(standin, EngineSettings(), role=role, context_length=4096,
+                               eos_ids=(tokenizer.eos_id,), detokenize=tokenizer.decode,
+                               vocab_size=vocab) for role in ("prefill", "decode")]
+    assert max(reference_ids(standin, prompt, 12)) >= vocab  # the model does pick such ids
+    request = EngineRequest("v", prompt, SamplingParams(max_tokens=12, **GREEDY))
+    tokens = asyncio.run(disaggregated(*engines, request))
+    assert len(tokens) == 12 and max(tokens) < vocab
+    biased = EngineRequest("b", prompt, SamplingParams(max_tokens=2, logit_bias=((vocab, 5),)))
+    with pytest.raises(InvalidRequest):
+        asyncio.run(engines[0].prefill(biased))
+
+
+def test_an_abort_reaches_a_prefill_still_waiting_for_its_turn(standin, tokenizer):
+    """A prefill queued behind another (one runs at a time) is aborted where it waits: it
+    never runs (the prefill client's abort after a late attempt is sent exactly then)."""
+    engine = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=8)
+    ran = []
+    original = engine._run_prefill
+
+    async def spy(request):
+        ran.append(request.request_id)
+        return await original(request)
+
+    engine._run_prefill = spy
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.prefill(EngineRequest(
+            "first", prompt_of(tokenizer, 200), SamplingParams(max_tokens=2, **GREEDY))))
+        queued = asyncio.ensure_future(engine.prefill(EngineRequest(
+            "queued", prompt_of(tokenizer, 3), SamplingParams(max_tokens=2, **GREEDY))))
+        await asyncio.sleep(0.05)
+        assert engine._gate.queued == {"queued": 1}
+        aborted = await engine.abort("queued")
+        outcomes = await asyncio.gather(first, queued, return_exceptions=True)
+        return aborted, outcomes
+
+    aborted, (first, queued) = asyncio.run(scenario())
+    assert aborted and isinstance(queued, asyncio.CancelledError)
+    assert first.first_token is not None and ran == ["first"]
+    assert engine._aborted == set() and engine._gate.queued == {}
