@@ -173,8 +173,11 @@ class OutputParser:
     """
 
     def __init__(self, tokenizer: PromptTokenizer, *, tools_enabled: bool,
-                 stop: tuple[str, ...] = ()):
+                 stop: tuple[str, ...] = (), ignore_eos: bool = False):
         self.tokenizer = tokenizer
+        # generation went on past end-of-sequence (`ignore_eos`): an eos is then a control
+        # token like any other, and the text after it is shown (it is generated and billed)
+        self.ignore_eos = ignore_eos
         self.tools_enabled = tools_enabled
         self.think, self.end_think, self.tool_calls_mark, self.args_mark = (
             tokenizer.special(name) for name in ("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]"))
@@ -220,7 +223,8 @@ class OutputParser:
         reserved ids a model may still sample) are never text."""
         state = self.state
         if token == self.eos:
-            self._switch(State.DONE, delta)
+            if not self.ignore_eos:
+                self._switch(State.DONE, delta)
         elif token == self.tool_calls_mark:
             self._switch(State.TOOL_NAME, delta)
         elif state is State.TOOL_NAME and token == self.args_mark:

@@ -355,7 +355,8 @@ class _Choice:
         self.index, self.request = index, request
         plan = answer.plan
         self.parser = OutputParser(answer.service.tokenizer, tools_enabled=plan.tools_enabled,
-                                   stop=plan.request.stop_strings)
+                                   stop=plan.request.stop_strings,
+                                   ignore_eos=bool(plan.request.ignore_eos))
         self.generated: list[int] = []
         self.cached_tokens = 0  # of the prompt, reused from a prefix cache (first leg's)
         self.resumes = 0

@@ -37,6 +37,10 @@ def test_ignore_eos_generates_up_to_max_tokens():
     assert ignored["choices"][0]["finish_reason"] == "length"
     assert ignored["usage"]["completion_tokens"] == 40
     assert '"completion_tokens":40' in streamed.text.replace(" ", "")
+    # what was generated past the end-of-sequence is shown, as it is billed
+    content = ignored["choices"][0]["message"]["content"]
+    assert content.startswith(stopped["choices"][0]["message"]["content"])
+    assert len(content) > len(stopped["choices"][0]["message"]["content"]) + 10
 
 
 @pytest.mark.parametrize("extra", [{"response_format": SCHEMA},
