@@ -135,7 +135,10 @@ class Sharing:
         self.outbox_keys = 0
         try:
             if self.log is None:
-                self.log = self.connect()
+                # off the loop: finding or creating the actor asks the GCS, blocking, and
+                # this loop routes every call of the process (a slow GCS must not stall it)
+                self.log = await asyncio.wait_for(asyncio.to_thread(self.connect),
+                                                  CALL_TIMEOUT_S)
             epoch, since, others = await asyncio.wait_for(
                 self.log.exchange(self.router, routed, self.epoch, self.since), CALL_TIMEOUT_S)
         except Exception as error:  # the actor died or is slow: try again next round

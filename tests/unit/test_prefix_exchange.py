@@ -193,3 +193,38 @@ def test_a_router_outside_ray_starts_no_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).parents[2])
     assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
+
+
+def test_finding_the_log_never_blocks_the_routing_loop():
+    """Finding the log actor asks the GCS and blocks: it runs off the loop that routes every
+    call of the process, so a slow GCS does not stall the routing meanwhile."""
+    import threading
+    import time
+
+    log = DecisionLog()
+    threads = []
+
+    def slow_connect():
+        threads.append(threading.current_thread())
+        time.sleep(0.3)
+        return InProcess(log)
+
+    router = make_router(slow_connect)
+
+    async def go():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        await router.sharing.sync(router.learn)
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(go()) >= 10
+    assert threads and threads[0] is not threading.main_thread()
+    assert router.sharing.log is not None
