@@ -10,7 +10,7 @@ token comes back from the prefill replica without passing through decode
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.context import RequestContext
@@ -70,8 +70,14 @@ class PrefillClient:
         `receive`, by the caller once the KV was received elsewhere (`Prefilled.close`)."""
         last = None
         attempt_s = self.settings.attempt_timeout_s(len(request.prompt_ids))
+        first = request
         for attempt in range(self.settings.prefill_attempts):
-            await self.before_attempt(attempt, ctx, request)
+            await self.before_attempt(attempt, ctx, first)
+            # each attempt is its own engine request: the abort sent after a late attempt
+            # (routed anew, it may arrive while the next attempt waits on the same replica)
+            # must stop that attempt, never the retry
+            request = replace(first, request_id=f"{first.request_id}.retry{attempt}"
+                              ) if attempt else first
             transfer = KVTransfer(self.handoff, request.request_id)
             transfer.move(KVState.TRANSFERRING)
             legs = stream(self.prefill, PrefillWorker.prefill_held, ctx.within(attempt_s),
@@ -109,14 +115,14 @@ class PrefillClient:
                     if isinstance(exc, StackError):
                         raise
                     raise EngineError("prefill failed with an internal engine error",
-                                      request_id=request.request_id) from exc
+                                      request_id=first.request_id) from exc
                 last = exc
             finally:  # the prefill replica lets go of the KV it kept for this attempt
                 if not kept:
                     await asyncio.shield(close_stream(legs, answered=answered))
         raise KVHandoffFailed(f"prefill failed on {self.settings.prefill_attempts} attempts "
                               f"(last: {type(last).__name__}: {last})",
-                              request_id=request.request_id)
+                              request_id=first.request_id)
 
     async def before_attempt(self, attempt: int, ctx: RequestContext,
                              request: EngineRequest) -> None:
