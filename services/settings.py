@@ -81,7 +81,7 @@ class SGLangSettings(Strict):
     attention_backend: str | None = Field(None, description="None: SGLang's choice")
     deterministic: bool = Field(
         False, description="honour per-request seeds (SGLang's deterministic inference, pytorch "
-                           "sampling); off, a request's seed is not passed: SGLang ignores it")
+                           "sampling); off, a seed on a sampled request is refused (400)")
     server_args: dict[str, Any] = Field(
         default_factory=dict, description="further sglang ServerArgs fields, passed as given")
 

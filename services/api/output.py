@@ -225,6 +225,8 @@ class OutputParser:
         if token == self.eos:
             if not self.ignore_eos:
                 self._switch(State.DONE, delta)
+            elif state in (State.TOOL_NAME, State.TOOL_ARGS):  # the call it ended is closed
+                self._switch(State.CONTENT, delta)
         elif token == self.tool_calls_mark:
             self._switch(State.TOOL_NAME, delta)
         elif state is State.TOOL_NAME and token == self.args_mark:

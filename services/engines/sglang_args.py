@@ -142,6 +142,10 @@ def require_transfer_backend(backend: str) -> None:
                            f": pip install '.[{extra}]'") from exc
 
 
+# SGLang samples greedily below this temperature (its sampling params' _SAMPLING_EPS)
+GREEDY_BELOW = 1e-6
+
+
 def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
                   seeded: bool = False) -> dict[str, Any]:
     """SGLang `SamplingParams` keyword arguments for `request`. The seed goes only to an engine
@@ -149,7 +153,7 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
     sampler refuses one; so a seed that would change a sampled answer there is refused (400),
     never dropped. Greedy answers (temperature 0) do not depend on it."""
     s = request.sampling
-    if s.seed is not None and not seeded and s.temperature > 0:
+    if s.seed is not None and not seeded and s.temperature >= GREEDY_BELOW:
         raise InvalidRequest("seed: this deployment does not honour seed when sampling (its "
                              "SGLang engines run without engine.sglang.deterministic); send "
                              "no seed, or temperature 0", param="seed")

@@ -11,6 +11,7 @@ comes as `decode_handed`: the KV is received, and the tokens after the first str
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -28,6 +29,8 @@ from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
 from services.workers.prefill_client import (STUCK_GRACE_S, PrefillClient, timings,
                                              worth_retrying)
+
+log = logging.getLogger("small4.decode")
 
 
 @dataclass
@@ -148,6 +151,9 @@ class DecodeWorker(EngineHost):
             try:
                 if tokens is not None:
                     await tokens.aclose()
+            except Exception as exc:  # never in place of the error that ended the stream
+                log.warning("closing the engine stream of %s failed: %r", request.request_id,
+                            exc)
             finally:
                 if leg is not None:
                     await leg.close()

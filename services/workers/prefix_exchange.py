@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
@@ -89,6 +90,7 @@ class Sharing:
         self.outbox_keys = 0
         self.epoch, self.since = "", 0
         self.log: Any = None
+        self._connecting: Future | None = None  # a lookup of the log in flight
         self.task: asyncio.Task | None = None
         self.last_routed = 0.0
         self.learned = 0  # decisions of other routers applied here
@@ -135,10 +137,7 @@ class Sharing:
         self.outbox_keys = 0
         try:
             if self.log is None:
-                # off the loop: finding or creating the actor asks the GCS, blocking, and
-                # this loop routes every call of the process (a slow GCS must not stall it)
-                self.log = await asyncio.wait_for(asyncio.to_thread(self.connect),
-                                                  CALL_TIMEOUT_S)
+                self.log = await self._connected()
             epoch, since, others = await asyncio.wait_for(
                 self.log.exchange(self.router, routed, self.epoch, self.since), CALL_TIMEOUT_S)
         except Exception as error:  # the actor died or is slow: try again next round
@@ -152,6 +151,25 @@ class Sharing:
         for replica, keys in others:
             learn(replica, keys)
         self.learned += len(others)
+
+
+    async def _connected(self) -> Any:
+        """The log, found off the loop: finding or creating the actor asks the GCS, blocking,
+        and this loop routes every call of the process (a slow GCS must not stall it). One
+        lookup at a time: a lookup that outlives a round is waited for again, not repeated
+        (each would hold a thread for as long as the GCS hangs)."""
+        if self._connecting is None:
+            self._connecting = _LOOKUPS.submit(self.connect)
+        lookup = self._connecting
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(lookup)),
+                                          CALL_TIMEOUT_S)
+        finally:
+            if lookup.done():
+                self._connecting = None
+
+
+_LOOKUPS = ThreadPoolExecutor(1, thread_name_prefix="small4-prefix-log")
 
 
 class _ActorLog:

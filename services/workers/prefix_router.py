@@ -157,9 +157,12 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        if replica_id in self.gone:  # routed just before it left: nothing of it to keep
-            return
         internal = pending_request.metadata.internal_request_id
+        if replica_id in self.gone:  # routed just before it left: nothing of it to keep
+            request = _engine_request(pending_request)
+            if request is not None:
+                self._chains.pop((internal, request.request_id), None)
+            return
         calls = self.routed.setdefault(internal, [])
         request = _engine_request(pending_request)
         if request is None:  # no prefill (an abort): open until it completes, like any call
@@ -243,6 +246,8 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         live = {r.replica_id for r in replicas}
         for gone in [r for r in set(self.index) | self.live if r not in live]:
             self._forget(gone)
+        for back in live & set(self.gone):  # listed again (a replica only unreachable)
+            del self.gone[back]
         self.live = live
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

@@ -89,7 +89,8 @@ def test_sampling_keeps_control_tokens_and_always_sets_max_new_tokens():
     assert params["stop_token_ids"] == [2, 9] and params["sampling_seed"] == 3
     # an engine not started deterministic ignores seeds, and its default sampler refuses one:
     # a seed that would change a sampled answer is refused, naming it; greedy needs none
-    assert "sampling_seed" not in sampling_args(request(seed=3, temperature=0.0), (2,))
+    for greedy in (0.0, 1e-7):  # SGLang samples greedily below 1e-6
+        assert "sampling_seed" not in sampling_args(request(seed=3, temperature=greedy), (2,))
     with pytest.raises(InvalidRequest) as refused:
         sampling_args(request(seed=3, temperature=0.7), (2,))
     assert refused.value.param == "seed" and refused.value.status == 400

@@ -46,3 +46,15 @@ def test_sglangs_radix_tree_shares_a_prompt_only_within_its_salt(other, shared):
                              value=torch.arange(len(ids))))
     hit = tree.match_prefix(MatchPrefixParams(key=RadixKey(ids, cache_salt=other)))
     assert hit.device_prefix_len == shared
+
+
+def test_a_seed_is_refused_only_where_sglang_would_sample():
+    """Below SGLang's own epsilon it samples greedily (a seed changes nothing): the seed
+    refusal of an engine not started deterministic uses the same bound."""
+    from sglang.srt.sampling import sampling_params
+
+    from services.engines.sglang_args import GREEDY_BELOW
+
+    assert GREEDY_BELOW == sampling_params._SAMPLING_EPS
+    params = sampling_params.SamplingParams(temperature=GREEDY_BELOW / 2)
+    assert params.top_k == 1  # greedy

@@ -363,3 +363,18 @@ def test_logprob_records_are_matched_to_their_own_ids(tokenizer, ids_of, mark):
     assert "".join(e["token"] for e in whole) == tokenizer.decode(answer)
     tail = logprob_entries([record(t) for t in answer[1:]], tokenizer, ids, parser.content_ids)
     assert [e["token"] for e in tail] == [e["token"] for e in whole[1:]]
+
+
+def test_with_ignore_eos_the_text_past_eos_is_content_and_a_call_it_ended_is_whole(
+        tokenizer, ids_of, mark):
+    ids = (ids_of("hello") + [tokenizer.eos_id] + ids_of(" more") + mark("[TOOL_CALLS]")
+           + ids_of("f") + mark("[ARGS]") + ids_of('{"a": 1}') + [tokenizer.eos_id]
+           + ids_of(" after"))
+    content, _, calls, _ = parse_completion(tokenizer, ids, "length", tools_enabled=True)
+    assert content == "hello" and calls == []  # without it, the output ends at the eos
+    parser = OutputParser(tokenizer, tools_enabled=True, ignore_eos=True)
+    body = parser.feed(ids)
+    last, _ = parser.finish("length")
+    assert body.content + last.content == "hello more after"
+    assert [(c.name, c.arguments) for c in body.tool_calls + last.tool_calls] == [("f",
+                                                                                   '{"a": 1}')]

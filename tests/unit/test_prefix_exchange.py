@@ -7,6 +7,7 @@ are sent once it can. The shared log here is the actor's own class, held in-proc
 from __future__ import annotations
 
 import asyncio
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -199,7 +200,6 @@ def test_finding_the_log_never_blocks_the_routing_loop():
     """Finding the log actor asks the GCS and blocks: it runs off the loop that routes every
     call of the process, so a slow GCS does not stall the routing meanwhile."""
     import threading
-    import time
 
     log = DecisionLog()
     threads = []
@@ -228,3 +228,24 @@ def test_finding_the_log_never_blocks_the_routing_loop():
     assert asyncio.run(go()) >= 10
     assert threads and threads[0] is not threading.main_thread()
     assert router.sharing.log is not None
+
+
+def test_a_lookup_that_outlives_a_round_is_waited_for_again_not_repeated(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(prefix_exchange, "CALL_TIMEOUT_S", 0.05)
+    log, release, calls = DecisionLog(), threading.Event(), []
+
+    def hung_connect():
+        calls.append(1)
+        release.wait(5)
+        return InProcess(log)
+
+    router = make_router(hung_connect)
+    for _ in range(3):  # rounds while the GCS hangs
+        sync(router)
+    assert len(calls) == 1 and router.sharing.log is None
+    release.set()
+    time.sleep(0.1)
+    sync(router)
+    assert len(calls) == 1 and router.sharing.log is not None

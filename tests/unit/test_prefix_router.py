@@ -302,3 +302,19 @@ def test_a_call_routed_just_before_its_replica_left_brings_nothing_of_it_back(ro
     router.on_request_routed(request, gone.replica_id, None)
     assert gone.replica_id not in router.index and gone.replica_id not in router.open
     assert request.args[1].request_id not in router.by_request
+
+
+def test_a_replica_listed_again_after_it_left_is_routed_and_counted_again():
+    pool = replicas(2)
+
+    async def go():
+        router = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        router.initialize_state(block_tokens=BLOCK, share_interval_s=0)
+        router.update_replicas(pool)
+        router.update_replicas(pool[:1])  # pool[1] unreachable a moment
+        left = pool[1].replica_id in router.gone
+        router.update_replicas(pool)
+        router.on_request_routed(pending(conversation(8, 1)[0]), pool[1].replica_id, None)
+        return left, router.open.get(pool[1].replica_id)
+
+    assert asyncio.run(go()) == (True, 1)
