@@ -54,7 +54,8 @@ class PolicySettings(BaseModel):
     max_replicas: int = Field(8, ge=1)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
-    smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement")
+    smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement, "
+                             "per second")
     load_rise_s: float = Field(20.0, ge=0, description="time constant of a rising load")
     load_fall_s: float = Field(60.0, ge=0, description="time constant of a falling load")
     burst_memory_s: float = Field(
@@ -90,18 +91,30 @@ def _ratio(observed: float | None, slo: float) -> float:
     return 0.0 if observed is None else observed / slo
 
 
-def _smooth(previous: float | None, measured: float, weight: float) -> float | None:
+def _smooth(previous: float | None, measured: float, weight: float,
+            elapsed_s: float = 1.0) -> float | None:
+    """An average moving by `weight` of the gap per second of `elapsed_s`: the same per unit
+    of time however often it is called (Serve calls a policy ten times a second, the
+    simulator once; per call, production's estimates moved ten times as fast)."""
     if measured <= 0:
         return previous
-    return measured if previous is None else previous + weight * (measured - previous)
+    if previous is None:
+        return measured
+    return previous + (1 - (1 - weight) ** max(elapsed_s, 0.0)) * (measured - previous)
 
 
-def _envelope(previous: float | None, measured: float, weight: float) -> float | None:
+def _envelope(previous: float | None, measured: float, weight: float,
+              elapsed_s: float = 1.0) -> float | None:
     """Smoothed upward, slowly downward: a lightly loaded engine runs small batches whose
     fixed cost understates what it prefills when busy."""
     if previous is not None and measured < previous:
-        return _smooth(previous, measured, weight / 10)
-    return _smooth(previous, measured, weight)
+        return _smooth(previous, measured, weight / 10, elapsed_s)
+    return _smooth(previous, measured, weight, elapsed_s)
+
+
+def _since(state: PolicyState, now: float) -> float:
+    """Seconds since the policy last ran (1 before its first run)."""
+    return 1.0 if state.load_at is None else max(now - state.load_at, 0.0)
 
 
 def _wish(need: int, load: float, pressure: float, s: PolicySettings) -> Wish:
@@ -161,7 +174,8 @@ def _damped(raw: Wish, state: PolicyState, estimate: float | None, s: PolicySett
 def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
                  now: float) -> tuple[Wish, PolicyState]:
     """Prefill replicas that keep up with arriving prompt tokens and drain the queue."""
-    estimate = _envelope(state.estimate, m.prefill_tokens_per_s, s.smoothing)
+    estimate = _envelope(state.estimate, m.prefill_tokens_per_s, s.smoothing,
+                         _since(state, now))
     rate = estimate or s.prior_prefill_tokens_per_s
     load = m.arrival_prompt_tokens_per_s / rate
     backlog = m.queued_prompt_tokens / (rate * s.backlog_drain_s)
@@ -177,7 +191,7 @@ def prefill_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
 def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
                 now: float) -> tuple[Wish, PolicyState]:
     """Decode replicas that hold concurrency and KV in use at their target utilisations."""
-    estimate = _smooth(state.estimate, m.decode_residency_s, s.smoothing)
+    estimate = _smooth(state.estimate, m.decode_residency_s, s.smoothing, _since(state, now))
     residency = estimate or s.prior_decode_residency_s
     concurrency = max(m.running_requests + m.queued_requests,
                       m.arrival_requests_per_s * residency)

@@ -81,15 +81,21 @@ class AutoscalingSettings(BaseModel):
 
 
 def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: int,
-                 starting: int, profiled_tokens_per_s: float = 0.0) -> RoleMetrics:
-    """A role's metrics from Serve's per-replica aggregates of the workers' reports."""
+                 starting: int, profiled_tokens_per_s: float = 0.0,
+                 silent: int | None = None) -> RoleMetrics:
+    """A role's metrics from Serve's per-replica aggregates of the workers' reports.
+    `silent`: the running replicas whose report is missing though they had reported before
+    (default: every running replica without a report)."""
     def values(name: str) -> list[float]:
         return list((aggregated.get(name) or {}).values())
 
     # a replica whose report is missing (its stats call failed or timed out, and Serve let
-    # the last one expire) is not idle: the role's totals count it as the reporters' mean
+    # the last one expire) is not idle: the role's totals count it as the reporters' mean.
+    # One that never reported (just started: its first report comes within a push
+    # interval) has no load yet: counted at the mean, a scale-up doubled what it saw
     reported = len(values("running_requests"))
-    scale = replicas / reported if 0 < reported < replicas else 1.0
+    silent = replicas - reported if silent is None else silent
+    scale = (reported + silent) / reported if reported and silent > 0 else 1.0
     summed = {k: sum(values(k)) * scale for k in SUMMED}
     per_replica = {k: max(values(k), default=0.0) for k in PER_REPLICA}
     worst = {k: max(values(k), default=None) for k in WORST}
@@ -149,17 +155,22 @@ class ServePolicy:
         self.wish = prefill_wish if role == "prefill" else decode_wish
         self.state: PolicyState | None = None
         self.published = 0.0
+        self.reporters: set[Any] = set()  # running replicas that have reported
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
         running = len(ctx.running_replicas)
         reports = latest_reports(ctx)
-        if running and not reports.get("running_requests"):
-            # no replica's report arrived (stats calls failing, event loops blocked): no
-            # load known is not no load; hold the count and let the board keep the last wish
+        if ctx.target_num_replicas and not reports.get("running_requests"):
+            # no replica's report arrived (stats calls failing, event loops blocked, or every
+            # replica still loading its model): no load known is not no load; hold the count
+            # and let the board keep the last wish
             return ctx.target_num_replicas, {"held": "no reports"}
+        now_reporting = set(reports.get("running_requests") or ())
+        self.reporters = (self.reporters & set(ctx.running_replicas)) | now_reporting
         metrics = role_metrics(reports, self.key[1], running,
-                               max(ctx.target_num_replicas - running, 0), self.profiled)
+                               max(ctx.target_num_replicas - running, 0), self.profiled,
+                               silent=len(self.reporters - now_reporting))
         state = self.state or PolicyState(ctx.target_num_replicas)
         wish, self.state = self.wish(metrics, self.settings, state, now)
         app = ctx.app_name or ""

@@ -57,6 +57,25 @@ def test_prefill_uses_the_prior_rate_until_it_measures_one_then_tracks_the_envel
     assert same.estimate == state.estimate  # nothing prefilled: nothing learned
 
 
+def test_estimates_move_per_second_not_per_call():
+    """Serve calls a policy every 0.1 s, the simulator every second: ten calls 0.1 s apart
+    move an estimate as far as one call a second later (per call, production's moved ten
+    times as fast, and the slow downward envelope was gone within seconds)."""
+    s = NOW
+    _, once = prefill_wish(prefill(), s, PolicyState(1), 0.0)
+    often = once
+    _, once = prefill_wish(RoleMetrics(replicas=1, prefill_tokens_per_s=20_000), s, once, 1.0)
+    for step in range(1, 11):
+        _, often = prefill_wish(RoleMetrics(replicas=1, prefill_tokens_per_s=20_000), s,
+                                often, step / 10)
+    assert often.estimate == pytest.approx(once.estimate)
+    assert once.estimate == pytest.approx(40_000 - 0.03 * 20_000)
+    _, residency = decode_wish(decode(decode_residency_s=10.0), s, PolicyState(1), 0.0)
+    for step in range(1, 11):
+        _, residency = decode_wish(decode(decode_residency_s=20.0), s, residency, step / 10)
+    assert residency.estimate == pytest.approx(10.0 + 0.3 * 10.0)
+
+
 def test_a_missed_slo_asks_for_one_more_but_not_while_one_is_starting():
     late = prefill(replicas=2, arrival_prompt_tokens_per_s=10_000, queue_wait_p90_s=0.8)
     assert wish(prefill_wish, prefill(replicas=2, arrival_prompt_tokens_per_s=10_000)) == 1

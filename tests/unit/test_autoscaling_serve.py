@@ -171,6 +171,26 @@ def test_a_role_whose_reports_are_missing_is_not_taken_for_idle():
     ctx = context({}, 3, 100.0, app="silent")
     ctx.running_replicas = [a, b]  # nobody's report arrived: the count holds
     assert p(ctx)[0] == 3
+    # a replica just started, not yet reported, has no load; one that reported before and
+    # fell silent is counted at the mean
+    def wished(p, t):
+        ctx = context({a: busy(2, 2)}, 2, t, app=p.app)
+        ctx.running_replicas = [a, b]
+        return p(ctx)[1]["wish"]
+
+    fresh = policy(app="fresh")
+    fresh.app = "fresh"
+    assert [wished(fresh, t) for t in (100.0, 101.5)] == [2, 2]  # 4 requests / 4 slots
+    knew = policy(app="knew")
+    knew.app = "knew"
+    knew(context({a: busy(2, 2), b: busy(2, 2)}, 2, 99.0, app="knew"))
+    assert [wished(knew, t) for t in (100.0, 101.5)] == [3, 3]  # silent b counted as a's twin
+    # every replica still loading its model (minutes on GPUs): not idle either
+    loading = policy(app="loading")
+    for t in range(0, 300, 10):
+        decision, why = loading(context({}, 3, 100.0 + t, app="loading"))
+        assert decision == 3 and why == {"held": "no reports"}
+    assert not getattr(board_module.BOARDS.get("loading"), "wishes", None)  # no idle wish
 
 
 def test_settings_wire_our_policy_into_the_scalable_roles_only():
