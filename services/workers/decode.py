@@ -104,11 +104,12 @@ class DecodeWorker(EngineHost):
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
         self.arrived(len(request.prompt_ids))
-        ttft, leg, tokens = 0.0, None, None
+        ttft, leg, tokens, upstream = 0.0, None, None, 0.0
         try:
             leg = await start(
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 request, span)
+            upstream = time.perf_counter() - received  # the prefill and the KV's transfer
             tokens = self.engine.decode(request, leg.first_token, leg.kv)
             if leg.first_token is not None:  # prefill sampled it
                 first = StreamChunk([leg.first_token], logprobs=(
@@ -161,8 +162,13 @@ class DecodeWorker(EngineHost):
                 "small4.tokens_out": outcome["tokens_out"],
                 "small4.finish_reason": outcome["finish_reason"] or "abort"})
             if outcome["finish_reason"]:
+                # decode's own wait is what came after the KV was here: the prefill and the
+                # transfer are the prefill role's time (its queue counted as decode's made a
+                # prefill-bound pool ask for decode engines, the arbiter moving them away
+                # from prefill, which needed them)
                 self.load.decoded(outcome["tokens_out"],
-                                  time.perf_counter() - received - ttft, ttft)
+                                  time.perf_counter() - received - ttft,
+                                  max(ttft - upstream, 0.0))
             metrics.record_engine(self.engine.stats(), self.settings.pool)
             outcome.clear()  # no cycle (error → traceback → this frame) keeps the stream
 

@@ -152,3 +152,22 @@ def test_an_engines_gauges_move_while_its_requests_run(monkeypatch):
         return running
 
     assert asyncio.run(run()) == 1
+
+
+def test_decode_reports_its_own_wait_not_the_prefills():
+    """A slow prefill is the prefill role's time: counted as decode's queue wait, a
+    prefill-bound pool asked the autoscaler for decode engines."""
+    settings = parse_settings(PROFILE | {"engine": {
+        "kind": "simulated", "simulated": {"prefill_base_ms": 400, "decode_step_ms": 1,
+                                           "output": "counter"}}}).worker("fast")
+    decode = DecodeWorker(settings, PrefillWorker(settings))
+    request = EngineRequest("slow-prefill", [1, 2, 3], SamplingParams(max_tokens=4,
+                                                                      temperature=0))
+
+    async def run() -> dict[str, float]:
+        async for _ in decode.generate(RequestContext(request.request_id), request):
+            pass
+        return await decode.record_autoscaling_stats()
+
+    report = asyncio.run(run())
+    assert report["queue_wait_p90_s"] < 0.2
