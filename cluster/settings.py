@@ -16,8 +16,9 @@ from pydantic import Field, ValidationError, model_validator
 from autoscaling.serve_policy import AutoscalingSettings
 from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
-from services.settings import (EngineSettings, IngressSettings, MultimodalWorkerSettings,
-                               PrefixRoutingSettings, ServiceSettings, Strict, WorkerSettings)
+from services.settings import (EngineSettings, IngressSettings, ModelSettings,
+                               MultimodalWorkerSettings, PrefixRoutingSettings, ServiceSettings,
+                               Strict, WorkerSettings)
 
 ROLES = ("prefill", "decode")
 
@@ -115,7 +116,7 @@ class StackSettings(ServiceSettings):
         settings = getattr(self.pools[pool], role)
         options = deployment_options(settings)
         if role == "prefill" and settings.highest > 1:
-            options |= prefill_router_options(self.routing.prefix, self.engine)
+            options |= prefill_router_options(self.routing.prefix, self.engine, self.model)
         if not (self.autoscaling.enabled and settings.scalable):
             return options
         options.pop("num_replicas")
@@ -190,8 +191,8 @@ def parse_settings(data: dict[str, Any] | None) -> StackSettings:
         raise SettingsError(f"{field}: {what}" if field else what, field) from None
 
 
-def prefill_router_options(prefix: PrefixRoutingSettings,
-                           engine: EngineSettings) -> dict[str, Any]:
+def prefill_router_options(prefix: PrefixRoutingSettings, engine: EngineSettings,
+                           model: ModelSettings | None = None) -> dict[str, Any]:
     """`request_router_config` of a prefill deployment that may run more than one replica."""
     if prefix.router == "serve_default":
         return {}
@@ -213,7 +214,10 @@ def prefill_router_options(prefix: PrefixRoutingSettings,
                                "load_blocks": prefix.load_blocks,
                                "load_half_life_s": prefix.load_half_life_s,
                                "recompute_weight": prefix.recompute_weight,
-                               "share_interval_s": prefix.share_interval_s})}
+                               "share_interval_s": prefix.share_interval_s,
+                               # where the router finds the image marker's id: the tokenizer
+                               # its process already loaded (ingress or decode replica)
+                               "model": model.model_dump(mode="json") if model else None})}
 
 
 def multimodal_router_options() -> dict[str, Any]:

@@ -59,8 +59,10 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
     def initialize_state(self, block_tokens: int = 64, capacity_tokens: int = 262144,
                          max_imbalance: float = 1.5, load_blocks: float = 3.0,
                          load_half_life_s: float = 30.0, recompute_weight: float = 1.0,
-                         share_interval_s: float = 0.1, **_: Any) -> None:
+                         share_interval_s: float = 0.1, model: dict | None = None,
+                         **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
+        self.model = model  # the served model's settings (its tokenizer), as a dict
         self.block_tokens = block_tokens
         self.capacity_blocks = max(1, capacity_tokens // block_tokens)
         self.max_imbalance = max_imbalance
@@ -79,6 +81,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.decisions = {"routed": 0, "predicted_hit_tokens": 0, "reported_hit_tokens": 0}
         # hashed while choosing, read when routed; by (internal request id, EngineRequest id)
         self._chains: dict[tuple[str, str], list[bytes]] = {}
+        self._img: int | None = None  # the `[IMG]` id, read from the tokenizer on first use
         self.live: set[ReplicaID] = set()
         self.gone: OrderedDict[ReplicaID, None] = OrderedDict()  # left: others' news ignored
         self.sharing = prefix_exchange.Sharing(self._connect, share_interval_s) \
@@ -150,9 +153,28 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         if rid not in self._chains:
             while len(self._chains) >= 4096:  # requests cancelled before they were routed
                 del self._chains[next(iter(self._chains))]
-            self._chains[rid] = [key for _, key in self.keys.chain(request.prompt_ids,
-                                                                   request.cache_salt)]
+            self._chains[rid] = [key for _, key in self.keys.chain(
+                self._before_images(request), request.cache_salt)]
         return self._chains[rid]
+
+    def _before_images(self, request) -> list[int]:
+        """The prompt up to its first image: the engines key a block by the content of the
+        images that begin in it, which a router does not see (two requests of one template
+        and other images have the same ids: predicted a hit there, both missed)."""
+        ids = request.prompt_ids
+        if not request.images:
+            return ids
+        img = self._image_id()
+        return ids[:next((i for i, t in enumerate(ids) if t == img), len(ids))]
+
+    def _image_id(self) -> int:
+        if self._img is None:
+            from services.settings import ModelSettings
+            from services.tokenizer import load_tokenizer
+
+            path = ModelSettings(**self.model).tokenizer_file() if self.model else None
+            self._img = load_tokenizer(path).special("[IMG]")
+        return self._img
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,

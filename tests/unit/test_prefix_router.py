@@ -318,3 +318,22 @@ def test_a_replica_listed_again_after_it_left_is_routed_and_counted_again():
         return left, router.open.get(pool[1].replica_id)
 
     assert asyncio.run(go()) == (True, 1)
+
+
+def test_a_prompts_blocks_from_its_first_image_on_predict_no_hit(router, tokenizer):
+    """The engines key a block by the images beginning in it, which a router does not see:
+    two requests of one template with other images have the same ids. Only the text before
+    the first image is predicted to hit."""
+    img = tokenizer.special("[IMG]")
+    text = [1000 + i for i in range(4 * BLOCK)]
+    prompt = text + [img] * (4 * BLOCK) + [7] * BLOCK
+    pool = replicas(2)
+    first = pending(prompt)
+    first.args[1].images = ["pixels of one photo"]
+    home = route(router, pool, first)
+    second = pending(prompt)
+    second.args[1].images = ["pixels of another"]
+    chain = router._chain(second, second.args[1])
+    assert router.predicted_hit(home.replica_id, chain) == 4 * BLOCK
+    text_only = pending(prompt)
+    assert len(router._chain(text_only, text_only.args[1])) == len(prompt) // BLOCK
