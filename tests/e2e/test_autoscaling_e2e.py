@@ -127,7 +127,6 @@ def test_load_step_scales_decode_up_then_down_without_losing_a_request(auto):
 def test_scale_pins_the_role_until_release(auto, capsys):
     from cluster.cli import main
 
-    base = auto.rsplit("/auto", 1)[0]
     wait_for(lambda: decode_replicas() == 1, 120, "decode at its minimum")
     assert main(["scale", "fast", "decode", "2", "--app", "auto"]) == 0
     wait_for(lambda: decode_replicas() == 2, 60, "the override to take effect")
@@ -144,4 +143,3 @@ def test_scale_pins_the_role_until_release(auto, capsys):
     assert main(["scale", "deep", "decode", "2", "--app", "auto"]) == 2  # not autoscaled
     assert main(["release", "fast", "decode", "--app", "auto"]) == 0
     wait_for(lambda: decode_replicas() == 1, 60, "the policy to take the role back")
-    assert base

@@ -40,7 +40,10 @@ def run_bench(script: str, *args: str, timeout: float = BENCH_TIMEOUT_S) -> dict
 def test_engine_decode_bench_runs():
     report = run_bench("engine_decode.py", "--tokens", "4", "--concurrency", "1", "2",
                        "--baseline-requests", "1")
-    assert report
+    assert report["baseline_generate_tokens_per_s"] > 0
+    assert [r["concurrency"] for r in report["batched"]] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and r["speedup_vs_generate"] > 0
+               for r in report["batched"])
 
 
 def test_structured_decoding_bench_runs():

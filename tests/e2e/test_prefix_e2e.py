@@ -100,6 +100,12 @@ def test_streamed_usage_reports_cached_tokens_too(url):
 
 
 def test_hit_tokens_reach_the_metrics_per_replica(url, metrics_url):
+    api = client(url, "sk-prefix-a")
+    ask = {"model": "mistral-small-4", "max_tokens": 2, "messages": [
+        {"role": "system", "content": "metrics " + SYSTEM}, {"role": "user", "content": "hi"}]}
+    api.chat.completions.create(**ask)
+    time.sleep(SETTLE_S)
+    assert cached(api.chat.completions.create(**ask)) > 0  # a hit of its own, run alone too
     deadline = time.monotonic() + 60
     while True:
         text = httpx.get(metrics_url, timeout=10).text

@@ -201,8 +201,6 @@ def test_content_before_a_tool_call_and_invalid_json_arguments_are_kept(tokenize
     content, _, calls, finish = parse_completion(tokenizer, ids, "stop", tools_enabled=True)
     assert (content, [(c.name, c.arguments) for c in calls], finish) == (
         "Checking.", [("lookup", "{not json")], "tool_calls")
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(calls[0].arguments)
 
 
 @pytest.mark.parametrize("engine_reason, expected", [

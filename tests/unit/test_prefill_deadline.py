@@ -55,28 +55,23 @@ def test_a_request_deadline_shorter_than_the_prefill_stops_it(app):
     assert idle(decode.prefill) and idle(decode)
 
 
-def test_each_attempt_is_its_own_engine_request_so_an_abort_stops_only_its_own(app):
-    """The abort sent after a late attempt may arrive while the retry waits on the same
-    replica: it names that attempt's engine request, never the retry's."""
+def test_each_attempt_is_its_own_engine_request(app):
+    """The abort sent after a late attempt names the attempt's engine request, and may
+    arrive while the retry waits on the same replica: the retry must carry an id of its own
+    (with one id, that abort stopped the retry)."""
     client, decode = app
     engine = decode.prefill.engine
-    seen, aborted = [], []
-    prefill, abort = engine.prefill, engine.abort
+    seen = []
+    prefill = engine.prefill
 
     async def spy_prefill(request):
         seen.append(request.request_id)
         return await prefill(request)
 
-    async def spy_abort(request_id):
-        aborted.append(request_id)
-        return await abort(request_id)
-
-    engine.prefill, engine.abort = spy_prefill, spy_abort
+    engine.prefill = spy_prefill
     try:
         reply = client.post("/v1/chat/completions", json=BODY)
     finally:
-        del engine.prefill, engine.abort
+        del engine.prefill
     assert reply.status_code == 502, reply.text
-    assert len(seen) == 2 and len(set(seen)) == 2 and seen[1] == f"{seen[0]}.retry1"
-    time.sleep(0.5)  # the aborts are sent in the background
-    assert set(aborted) <= set(seen) and aborted.count(seen[0]) <= 1
+    assert len(seen) == 2 and seen[1] == f"{seen[0]}.retry1"

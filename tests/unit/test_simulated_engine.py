@@ -391,7 +391,8 @@ def test_a_next_turn_that_outgrows_the_cache_keeps_the_head_it_extends(tokenizer
         return (await engine.prefill(request)).cached_tokens
 
     asyncio.run(cached(first))
-    hit = asyncio.run(cached(longer))
-    assert hit >= 48
+    shared = next((k for k, (x, y) in enumerate(zip(first.prompt_ids, longer.prompt_ids))
+                   if x != y), len(first.prompt_ids))  # the next turn extends the first
+    assert asyncio.run(cached(longer)) == shared // 16 * 16 > 0
     again = replace(longer, request_id="c")
     assert asyncio.run(cached(again)) == 256  # everything it could keep of the longer prompt
