@@ -241,10 +241,14 @@ def test_fields_we_cannot_honour_are_refused_naming_them(client, kwargs, param):
 
 def test_spec_nulls_mean_the_defaults(client):
     kwargs = dict(model=MODEL, messages=HELLO, max_tokens=6)
-    nulls = client.chat.completions.create(temperature=None, top_p=None, n=None, seed=None,
-                                           stop=None, presence_penalty=None,
-                                           extra_body={"stream": None}, **kwargs)
-    assert nulls.choices[0].finish_reason in ("stop", "length")
+    nulls = client.chat.completions.create(temperature=None, top_p=None, n=None, stop=None,
+                                           presence_penalty=None, extra_body={"stream": None},
+                                           seed=7, **kwargs)
+    plain = client.chat.completions.create(seed=7, **kwargs)  # the defaults, sampled alike
+    assert len(nulls.choices) == 1
+    assert nulls.choices[0].message.content == plain.choices[0].message.content
+    unseeded = client.chat.completions.create(seed=None, **kwargs)
+    assert unseeded.choices[0].finish_reason in ("stop", "length")
     greedy = client.chat.completions.create(temperature=0, **kwargs)
     assert client.chat.completions.create(top_p=0, **kwargs).choices[0].message.content == \
         greedy.choices[0].message.content  # top_p 0 keeps the most likely token only

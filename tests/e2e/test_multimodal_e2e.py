@@ -65,8 +65,12 @@ def test_a_finished_requests_pixels_leave_the_object_store(client, ask):
     """The multimodal replica keeps a request's pixels until the request ends, not until its
     deadline (600 s): answered or refused after encoding, they are released."""
     image = {"type": "image_url", "image_url": {"url": png_url((64, 64), 3)}}
-    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+    stream = client.chat.completions.create(model=MODEL, max_tokens=8, stream=True, messages=[
         {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    next(iter(stream))
+    assert ask("ref", "multimodal", "held_images") >= 1  # kept while the request lives
+    for _ in stream:
+        pass
     with pytest.raises(openai.BadRequestError):  # refused once encoded: no room to answer
         client.chat.completions.create(model=MODEL, max_tokens=4090, messages=[
             {"role": "user", "content": [image, image]}])
