@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
+from tests.unit.test_reference_engine import record_request_ids
 
 PROFILE = {
     "profile": "prefill-deadline",
@@ -55,23 +56,12 @@ def test_a_request_deadline_shorter_than_the_prefill_stops_it(app):
     assert idle(decode.prefill) and idle(decode)
 
 
-def test_each_attempt_is_its_own_engine_request(app):
+def test_each_attempt_is_its_own_engine_request(app, monkeypatch):
     """The abort sent after a late attempt names the attempt's engine request, and may
     arrive while the retry waits on the same replica: the retry must carry an id of its own
     (with one id, that abort stopped the retry)."""
     client, decode = app
-    engine = decode.prefill.engine
-    seen = []
-    prefill = engine.prefill
-
-    async def spy_prefill(request):
-        seen.append(request.request_id)
-        return await prefill(request)
-
-    engine.prefill = spy_prefill
-    try:
-        reply = client.post("/v1/chat/completions", json=BODY)
-    finally:
-        del engine.prefill
+    seen = record_request_ids(monkeypatch, decode.prefill.engine, "prefill")
+    reply = client.post("/v1/chat/completions", json=BODY)
     assert reply.status_code == 502, reply.text
     assert len(seen) == 2 and seen[1] == f"{seen[0]}.retry1"

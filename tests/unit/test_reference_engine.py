@@ -39,6 +39,19 @@ async def disaggregated(prefill, decode, request):
     return tokens
 
 
+def record_request_ids(monkeypatch, target, method: str) -> list[str]:
+    """The request ids `target.<method>(request, ...)` is called with from now on (each call
+    goes through to the method)."""
+    seen, original = [], getattr(target, method)
+
+    async def spy(request, *args):
+        seen.append(request.request_id)
+        return await original(request, *args)
+
+    monkeypatch.setattr(target, method, spy)
+    return seen
+
+
 def reference_ids(standin, prompt, n, **extra):
     out = standin.model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, **extra)
@@ -204,18 +217,12 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_sampled(standin, tokenizer
         asyncio.run(engines[0].prefill(biased))
 
 
-def test_an_abort_reaches_a_prefill_still_waiting_for_its_turn(standin, tokenizer):
+def test_an_abort_reaches_a_prefill_still_waiting_for_its_turn(standin, tokenizer,
+                                                                monkeypatch):
     """A prefill queued behind another (one runs at a time) is aborted where it waits: it
     never runs (the prefill client's abort after a late attempt is sent exactly then)."""
     engine = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=8)
-    ran = []
-    original = engine._run_prefill
-
-    async def spy(request):
-        ran.append(request.request_id)
-        return await original(request)
-
-    engine._run_prefill = spy
+    ran = record_request_ids(monkeypatch, engine, "_run_prefill")
 
     async def scenario():
         first = asyncio.ensure_future(engine.prefill(EngineRequest(
