@@ -187,7 +187,7 @@ def test_unknown_route_is_an_openai_404(stack):
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"
 
 
-def test_spillover_when_home_pool_is_full(stack, sim_client):
+def test_spillover_when_home_pool_is_full(stack, sim_client, ask):
     """fast has max_queue 1 in the sim app: a second concurrent `none` request goes to deep."""
     long_text = " ".join(f"word{i}" for i in range(80))  # ~80 steps of 10 ms
 
@@ -195,7 +195,10 @@ def test_spillover_when_home_pool_is_full(stack, sim_client):
         async with httpx.AsyncClient(timeout=60) as http:
             body = {"model": MODEL, "messages": [{"role": "user", "content": long_text}]}
             first = asyncio.create_task(http.post(f"{stack['sim']}/v1/chat/completions", json=body))
-            await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 30  # the first is in fast before the second is sent
+            while (await asyncio.to_thread(ask, "sim", "fast-decode", "stats")).running < 1:
+                assert time.monotonic() < deadline and not first.done(), "first never ran"
+                await asyncio.sleep(0.02)
             second = await http.post(f"{stack['sim']}/v1/chat/completions", json=body)
             return await first, second
 
