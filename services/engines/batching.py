@@ -170,21 +170,22 @@ class PrefillGate:
     """Prefills one at a time, FIFO; tracks who waits, who runs, and how long each waited."""
 
     def __init__(self):
-        self.waiting = 0
         self.queued: Counter[str] = Counter()  # the ids waiting (a retry may wait beside)
         self.running: dict[str, int] = {}
         self._lock: asyncio.Lock | None = None
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.queued.values())
 
     @asynccontextmanager
     async def turn(self, request_id: str, timing: dict[str, float]):
         self._lock = self._lock or asyncio.Lock()
         queued = time.perf_counter()
-        self.waiting += 1
         self.queued[request_id] += 1
         try:
             await self._lock.acquire()
         finally:
-            self.waiting -= 1
             self.queued[request_id] -= 1
             if not self.queued[request_id]:
                 del self.queued[request_id]

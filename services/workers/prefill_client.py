@@ -108,7 +108,9 @@ class PrefillClient:
                     # a backstop, not awaited: closing the call below is what reaches the
                     # replica running it (Serve routes an abort anew, maybe into the same queue
                     # that made this attempt late, and a retry must not wait behind it)
-                    in_background(self.abort(request.request_id), self._aborting)
+                    # (for ABORT_S at most: the replica may be gone, its KV with it, or busy)
+                    in_background(call(self.prefill, PrefillWorker.abort, request.request_id),
+                                  self._aborting, ABORT_S)
                 if cancelled:
                     raise
                 if not worth_retrying(exc):
@@ -133,14 +135,6 @@ class PrefillClient:
         if (ctx.remaining_s() or 1.0) <= 0:
             raise DeadlineExceeded("the request's deadline passed during prefill",
                                    request_id=request.request_id)
-
-    async def abort(self, request_id: str) -> None:
-        """Ask the pool to abort `request_id`, for `ABORT_S` at most."""
-        try:
-            async with asyncio.timeout(ABORT_S):
-                await call(self.prefill, PrefillWorker.abort, request_id)
-        except Exception:  # the prefill replica may be gone (its KV with it), or too busy
-            pass
 
 
 def worth_retrying(exc: BaseException) -> bool:
