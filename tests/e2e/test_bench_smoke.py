@@ -143,3 +143,15 @@ def test_load_sweep_bench_runs():
     assert row["streams"] == 1 and row["requests"] == 3
     assert row["errored"] == 0 and row["incomplete"] == 0
     assert row["output_tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0
+
+
+def test_perf_model_check_bench_runs():
+    report = run_bench("perf_model_check.py", "--smoke", "--prompt-tokens", "32",
+                       "--prompts-per-batch", "1", "2", "--decode-batches", "1", "8",
+                       "--repeats", "1", "--device", "cpu")
+    assert [(r["tokens"], r["prompts"]) for r in report["prefill"]] == [(32, 1), (32, 2)]
+    assert [r["batch"] for r in report["decode"]] == [1, 8]
+    # the router spreads a batch over experts as the model's formula says (random weights)
+    assert report["decode"][0]["distinct_experts"] == 4
+    assert 4 < report["decode"][1]["distinct_experts"] <= 32
+    assert all(r["layer_s"] > 0 and r["layer_bytes"] > 0 for r in report["decode"])
