@@ -6,6 +6,8 @@ exception wrapping), and the ingress maps them to HTTP or to an SSE error event 
 
 from __future__ import annotations
 
+import math
+
 
 class StackError(Exception):
     """Base error: `status`, OpenAI `type`, the offending `param`, a machine `code`."""
@@ -107,6 +109,18 @@ class RateLimited(StackError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+def over_token_quota(tokens: int, key: str, tokens_per_min: float,
+                     wait_s: float) -> RateLimited:
+    """The 429 of a request needing `tokens` its key cannot pay now: `wait_s` until it can
+    (infinite: never, more than the key's bucket holds)."""
+    if math.isinf(wait_s):
+        return RateLimited(f"the request needs {tokens} tokens (prompt + max_tokens) or more; "
+                           f"key {key!r} has {tokens_per_min:g} tokens/min", retry_after=60.0,
+                           code="tokens_per_min_exceeded")
+    return RateLimited(f"key {key!r} is over {tokens_per_min:g} tokens/min",
+                       retry_after=wait_s, code="tokens_per_min_exceeded")
 
 
 class PayloadTooLarge(InvalidRequest):

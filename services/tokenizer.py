@@ -103,6 +103,16 @@ class PromptTokenizer:
                                  param="messages") from None
         return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)
 
+    def image_tokens(self, width: int, height: int) -> int:
+        """Prompt tokens of one `width` x `height` image, known from its header alone: its
+        `[IMG]` grid as mistral-common's own image encoder sizes it (reading only the size),
+        one `[IMG_BREAK]` or `[IMG_END]` closing each row."""
+        encoder = self._mt.instruct_tokenizer.image_encoder
+        if encoder is None:
+            raise InvalidRequest("this model does not accept images", param="messages")
+        cols, rows = encoder._image_to_num_tokens(_Sized((width, height)))
+        return rows * (cols + 1)
+
     def exceeds(self, texts: Iterable[str], limit: int, piece_chars: int = 1 << 18) -> bool:
         """Whether `texts` take more than `limit` tokens, counted piece by piece and stopped
         once they do: the cost is what reaches the limit, not the texts' size. A cut between
@@ -133,6 +143,13 @@ class PromptTokenizer:
     def is_control(self, token_id: int) -> bool:
         """Whether the id is a control token (`[THINK]`, `[TOOL_CALLS]`, end of sequence...)."""
         return token_id < self._raw.num_special_tokens
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """What mistral-common's image encoder reads of an image to size its token grid."""
+
+    size: tuple[int, int]
 
 
 def _prefill(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:

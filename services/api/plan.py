@@ -8,6 +8,7 @@ from services.api.schemas import ChatCompletionRequest
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, clip
 from services.grammar import StructuredRequest
+from services.multimodal.budget import PromptBudget, TokenRoom
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
 from services.tokenizer import EncodedPrompt
@@ -64,7 +65,7 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
             i, j = images[max_images]
             raise InvalidRequest(f"at most {max_images} images per request",
                                  param=f"messages.{i}.content.{j}")
-    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    field = _max_tokens_field(req)
     asked = getattr(req, field)
     if asked is not None and asked <= 0:
         raise InvalidRequest(f"{field} must be at least 1, got {asked}", param=field)
@@ -87,10 +88,9 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     it will be set), known before tokenising: a prompt that cannot fit the context is refused
     here, cheaply (a 12 MB prompt is never tokenised), and so is one the key's token quota
     cannot pay (before its images are decoded)."""
-    text = sum(_text_bytes(m.content) + _calls_bytes(m) for m in req.messages)
-    text += sum(len(t.model_dump_json()) for t in (req.tools if req.tools_offered else ()))
+    text = _request_text_bytes(req)
     floor = text // max(token_bytes, 1)
-    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    field = _max_tokens_field(req)
     asked = max(getattr(req, field) or 0, 0)
     if asked >= model.context_length:  # no prompt could leave that much room
         raise ContextLengthExceeded(
@@ -104,6 +104,27 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     if getattr(req, field) is None:  # `_max_tokens`' default, where the prompt leaves room
         asked = min(limits.max_tokens_default, max(model.context_length - floor, 1))
     return req.n * (max(floor, 1) + asked)
+
+
+def prompt_budget(req: ChatCompletionRequest, token_bytes: int, *, model: ModelSettings,
+                  limits: LimitSettings, quota: TokenRoom | None) -> PromptBudget:
+    """What the request's prompt may cost, for the image service to check against its images'
+    tokens before decoding them (`services.multimodal.budget`)."""
+    field = _max_tokens_field(req)
+    return PromptBudget(_request_text_bytes(req) // max(token_bytes, 1), model.context_length,
+                        choices=req.n, max_tokens=getattr(req, field), max_tokens_field=field,
+                        default_max_tokens=limits.max_tokens_default, quota=quota)
+
+
+def _max_tokens_field(req: ChatCompletionRequest) -> str:
+    return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+
+
+def _request_text_bytes(req: ChatCompletionRequest) -> int:
+    """Bytes of everything textual that reaches the prompt: contents, calls, tools."""
+    text = sum(_text_bytes(m.content) + _calls_bytes(m) for m in req.messages)
+    return text + sum(len(t.model_dump_json())
+                      for t in (req.tools if req.tools_offered else ()))
 
 
 def _text_bytes(content) -> int:
@@ -180,7 +201,7 @@ def _json(value):
 
 def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSettings,
                 limits: LimitSettings) -> int:
-    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    field = _max_tokens_field(req)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     room = model.context_length - prompt_len
     if room <= 0:

@@ -24,8 +24,8 @@ from services.api import responses
 from services.api.http_errors import as_stack_error, sse_error, sse_event
 from services.api.middleware import new_trace_id
 from services.api.output import OutputParser
-from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_floor,
-                               structured_request, tools_of)
+from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_budget,
+                              prompt_floor, structured_request, tools_of)
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
@@ -38,6 +38,7 @@ from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
 from services.guard.uploads import Uploads
 from services.kv.backends import SEQUENTIAL, build_handoff
+from services.multimodal.budget import PromptBudget
 from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
@@ -128,7 +129,13 @@ class RequestService:
                                max_images=self.settings.max_images if self.multimodal else None)
                 self.quotas.check_tokens(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model, limits=limits))
-                prompt = await self._encode(req, effort, record.request_id, pre, deadline)
+                # a pool with room, before the costly steps (tokenising, images, a grammar):
+                # a saturated stack sheds with a 503 what it would shed after them anyway
+                choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing)
+                budget = prompt_budget(req, self.token_bytes, model=self.settings.model,
+                                       limits=limits, quota=self.quotas.room(record.grant))
+                prompt = await self._encode(req, effort, record.request_id, pre, deadline,
+                                            budget)
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits)
@@ -187,15 +194,24 @@ class RequestService:
                                  param="x-request-timeout")
         return asked
 
-    async def _encode(self, req, effort: str, request_id: str, span,
-                      deadline: float) -> EncodedPrompt:
+    async def _encode(self, req, effort: str, request_id: str, span, deadline: float,
+                      budget: PromptBudget) -> EncodedPrompt:
         """Text stays here; a request with images is encoded by the multimodal deployment
-        (its span a child of `span`, the preprocessing's)."""
+        (its span a child of `span`, the preprocessing's), which checks `budget` against its
+        images' tokens before decoding them. Either way a text longer in bytes than the
+        context in tokens is counted first, with an early stop (below)."""
         messages, tools = req.openai_messages(), tools_of(req)
-        if not image_parts(messages):
-            return await self._encode_text(messages, effort, tools)
-        if self.multimodal is None:
+        size = sum(len(t) for t in _texts(messages, tools))
+        images = image_parts(messages)
+        if images and self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
+        if size > INLINE_ENCODE_CHARS:
+            await self._refuse_overlong(messages, tools, size)
+        if not images:
+            if size <= INLINE_ENCODE_CHARS:
+                return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages,
+                                           effort=effort, tools=tools)
         ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
         # queued behind a busy multimodal deployment, a request still keeps its deadline (a
@@ -203,28 +219,23 @@ class RequestService:
         try:
             async with asyncio.timeout(max(0.0, ctx.remaining_s()) + ENCODE_GRACE_S):
                 return await call(self.multimodal, MultimodalWorker.encode, ctx, messages,
-                                  effort, tools)
+                                  effort, tools, budget)
         except TimeoutError:
             raise DeadlineExceeded("the request's images were not encoded before its "
                                    "deadline", request_id=request_id) from None
 
-    async def _encode_text(self, messages: list[dict], effort: str,
-                           tools: list[dict] | None) -> EncodedPrompt:
-        """The prompt of a text request. A short one is encoded here; a long one off the
-        event loop (other requests' streams go on), and one longer in bytes than the context
-        in tokens (each token is at least a byte) is first counted with an early stop: a
-        prompt of millions of tokens costs what counting past the context costs, not what
-        encoding it whole would."""
-        size = sum(len(t) for t in _texts(messages, tools))
-        if size <= INLINE_ENCODE_CHARS:
-            return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
+    async def _refuse_overlong(self, messages: list[dict], tools: list[dict] | None,
+                               size: int) -> None:
+        """Refuse a prompt whose text alone is longer than the context: one longer in bytes
+        than the context in tokens (each token is at least a byte) is counted piece by piece
+        off the event loop, stopped once past the context, so a prompt of millions of tokens
+        costs what counting to the context costs, not what encoding it whole would (here or
+        in the image service, whose encoding cannot be stopped part-way)."""
         context = self.settings.model.context_length
         if size > context and await asyncio.to_thread(self.tokenizer.exceeds,
                                                       _texts(messages, tools), context):
             raise ContextLengthExceeded(f"this model's maximum context length is {context} "
                                         "tokens; the messages have more", param="messages")
-        return await asyncio.to_thread(self.tokenizer.encode_chat, messages, effort=effort,
-                                       tools=tools)
 
     def release_pixels(self, owner: Any) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the

@@ -14,8 +14,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from services.errors import RateLimited
+from services.errors import RateLimited, over_token_quota
 from services.guard.keys import Principal
+from services.multimodal.budget import TokenRoom
 from services.settings import QuotaSettings
 
 
@@ -135,15 +136,19 @@ class Quotas:
         state = self.keys.get(grant.key)
         if state is None or state.tokens is None:
             return
-        limits = state.limits
         wait = state.tokens.wait_s(tokens, self.clock())
-        if math.isinf(wait):
-            raise RateLimited(f"the request needs {tokens} tokens (prompt + max_tokens) or "
-                              f"more; key {grant.name!r} has {limits.tokens_per_min:g} "
-                              "tokens/min", retry_after=60.0, code="tokens_per_min_exceeded")
         if wait > 0:
-            raise RateLimited(f"key {grant.name!r} is over {limits.tokens_per_min:g} "
-                              "tokens/min", retry_after=wait, code="tokens_per_min_exceeded")
+            raise over_token_quota(tokens, grant.name, state.limits.tokens_per_min, wait)
+
+    def room(self, grant: Grant) -> TokenRoom | None:
+        """What the key could pay now (None: no token quota), for a check made elsewhere
+        before the request's cost is known (its images', from their headers)."""
+        state = self.keys.get(grant.key)
+        if state is None or state.tokens is None:
+            return None
+        state.tokens.wait_s(0, self.clock())  # filled to now
+        return TokenRoom(grant.name, state.limits.tokens_per_min, state.tokens.level,
+                         state.tokens.capacity)
 
     def charge(self, grant: Grant, tokens: int) -> None:
         """Charge an admitted request's `tokens`, or raise `RateLimited` (then `release` it)."""

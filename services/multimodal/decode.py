@@ -49,4 +49,15 @@ def decode_image(data: bytes, settings: ImageSettings, param: str,
         # a phone's portrait photo is stored sideways with an EXIF orientation: the model sees
         # it upright, as a viewer shows it (the pixel count, so every limit, is the same)
         ImageOps.exif_transpose(image, in_place=True)
+    if image.mode.startswith("I"):
+        image = _eight_bit(image)
     return image
+
+
+def _eight_bit(image):
+    """A 16- or 32-bit greyscale image (a 16-bit PNG) as 8-bit: mistral-common converts to RGB
+    by Pillow's `convert`, which clips such values at 255 (a scan turned all white)."""
+    image = image.convert("I")
+    if image.getextrema()[1] > 255:
+        image = image.point(lambda v: v / 256)
+    return image.convert("L")

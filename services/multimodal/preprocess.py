@@ -22,7 +22,8 @@ from typing import Any
 
 from services.errors import DeadlineExceeded, InvalidRequest
 from services.multimodal.decode import DecodeStopped, decode_image
-from services.multimodal.header import check_request_pixels, read_header
+from services.multimodal.budget import PromptBudget
+from services.multimodal.header import ImageHeader, check_request_pixels, read_header
 from services.multimodal.sources import data_url_bytes, fetch_url_bytes
 from services.settings import ImageSettings
 from services.tokenizer import EncodedPrompt, PromptTokenizer
@@ -51,41 +52,75 @@ class MultimodalPreprocessor:
 
     async def encode(self, messages: list[dict[str, Any]], *, effort: str,
                      tools: list[dict[str, Any]] | None = None,
-                     deadline: float | None = None) -> EncodedPrompt:
-        """The encoded chat; `deadline` (epoch seconds) bounds fetching, waiting and decoding."""
+                     deadline: float | None = None,
+                     budget: PromptBudget | None = None) -> EncodedPrompt:
+        """The encoded chat; `deadline` (epoch seconds) bounds fetching, waiting and decoding.
+        Cheapest first: the request's own images (data URLs) are checked from their headers
+        before any URL is fetched, and every header, with the tokens the images will take
+        against `budget`, before any image is decoded."""
         parts = image_parts(messages)
         if len(parts) > self.settings.max_images:
             i, j, _ = parts[self.settings.max_images]
             raise InvalidRequest(f"at most {self.settings.max_images} images per request",
                                  param=f"messages.{i}.content.{j}")
-        fetched = await _fetch_all([(url, _param(i, j)) for i, j, url in parts
-                                    if not url.startswith("data:")], self.settings, deadline)
+        params = [_param(i, j) for i, j, _ in parts]
         stopped = threading.Event()
 
         def stop() -> bool:
             return stopped.is_set() or (deadline is not None and time.time() > deadline)
 
-        job = self.pool.submit(self._decode_and_encode, messages, parts, fetched, effort,
-                               tools, stop)
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                return await asyncio.wrap_future(job)
+                inline = await self._in_pool(self._read_inline, parts, params)
+                urls = [(url, p) for (_, _, url), p, (data, _) in zip(parts, params, inline)
+                        if data is None]
+                fetched = iter(await _fetch_all(urls, self.settings, deadline))
+                raw = [next(fetched) if data is None else data for data, _ in inline]
+                headers = await self._in_pool(self._headers, raw, [h for _, h in inline],
+                                              params)
+                if budget is not None:
+                    budget.check(sum(self._tokens(h) for h in headers))
+                return await self._in_pool(self._decode_and_encode, messages, parts, raw,
+                                           effort, tools, stop)
         except (TimeoutError, DecodeStopped):
             raise _late() from None
         finally:
             stopped.set()
 
-    def _decode_and_encode(self, messages, parts, fetched, effort, tools, stop) -> EncodedPrompt:
-        """All headers checked, then each image decoded, then the chat encoded (a pool thread)."""
-        params = [_param(i, j) for i, j, _ in parts]
-        remote = iter(fetched)
-        raw = [data_url_bytes(url, self.settings, p) if url.startswith("data:") else next(remote)
-               for (_, _, url), p in zip(parts, params)]
-        headers = [read_header(data, self.settings, p) for data, p in zip(raw, params)]
+    async def _in_pool(self, fn, *args):
+        """`fn(*args)` on a decode thread."""
+        return await asyncio.wrap_future(self.pool.submit(fn, *args))
+
+    def _read_inline(self, parts, params) -> list[tuple[bytes | None, ImageHeader | None]]:
+        """(bytes, checked header) of each data-URL image; (None, None) for a URL to fetch."""
+        inline = []
+        for (_, _, url), param in zip(parts, params):
+            if url.startswith("data:"):
+                data = data_url_bytes(url, self.settings, param)
+                inline.append((data, read_header(data, self.settings, param)))
+            else:
+                inline.append((None, None))
+        return inline
+
+    def _headers(self, raw: list[bytes], known: list[ImageHeader | None],
+                 params: list[str]) -> list[ImageHeader]:
+        """Every image's header (those not yet read, read and checked), checked together."""
+        headers = [header or read_header(data, self.settings, p)
+                   for data, header, p in zip(raw, known, params)]
         check_request_pixels(headers, params, self.settings)
+        return headers
+
+    def _tokens(self, header: ImageHeader) -> int:
+        """The fewest prompt tokens an image of this header can take (an EXIF orientation
+        may turn it, swapping its rows and columns)."""
+        return min(self.tokenizer.image_tokens(header.width, header.height),
+                   self.tokenizer.image_tokens(header.height, header.width))
+
+    def _decode_and_encode(self, messages, parts, raw, effort, tools, stop) -> EncodedPrompt:
+        """Each image decoded, then the chat encoded (a pool thread)."""
         images = {}
-        for (i, j, _), data, p in zip(parts, raw, params):
-            images[(i, j)] = decode_image(data, self.settings, p, stop)
+        for (i, j, _), data in zip(parts, raw):
+            images[(i, j)] = decode_image(data, self.settings, _param(i, j), stop)
         if stop():
             raise DecodeStopped
         return self.tokenizer.encode_chat(messages, effort=effort, tools=tools, images=images)

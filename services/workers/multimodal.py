@@ -8,6 +8,7 @@ from typing import Any
 
 from services.context import RequestContext
 from services.errors import Overloaded
+from services.multimodal.budget import PromptBudget
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.kv.held import KEEPER
 from services.multimodal.refs import PixelOwner, in_store, publish
@@ -41,12 +42,15 @@ class MultimodalWorker:
                              retry_after=2.0)
 
     async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
-                     tools: list[dict[str, Any]] | None) -> EncodedPrompt:
+                     tools: list[dict[str, Any]] | None,
+                     budget: PromptBudget | None = None) -> EncodedPrompt:
+        """The prompt of a chat with images; refused before decoding when its images' tokens
+        (from their headers) do not fit `budget` (the context, the key's token quota)."""
         self._room()  # before any decoding
         with tracing.scope("multimodal", ctx.trace_headers,
                            **{"small4.request_id": ctx.request_id}) as span:
             prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools,
-                                                    deadline=ctx.deadline)
+                                                    deadline=ctx.deadline, budget=budget)
             if self.one_image_size:
                 prompt = uniform_image_sizes(prompt, self.image_tokens)
             span.set_attributes({"small4.images": len(prompt.images),

@@ -52,6 +52,18 @@ def test_an_image_url_is_fetched_and_encoded(server, tokenizer):
     assert len(prompt.images) == 1 and prompt.images[0].shape == (3, 56, 56)
 
 
+def test_the_requests_own_images_are_checked_before_any_url_is_fetched(server, tokenizer):
+    """Cheapest first: a data-URL image that is refused (bad base64, a header over the
+    limits) stops the request before the URLs beside it cost a fetch."""
+    pre = MultimodalPreprocessor(tokenizer, policy())
+    before = len(server.requests)
+    urls = [f"{server.base}/cat.png?{i}" for i in range(3)]
+    with pytest.raises(InvalidRequest, match="not valid base64") as err:
+        asyncio.run(pre.encode(chat(*urls, "data:image/png;base64,@@@@"), effort="none"))
+    assert err.value.param == "messages.0.content.4.image_url"
+    assert server.requests[before:] == []
+
+
 def test_credentials_in_the_url_are_never_sent(server):
     before = len(server.requests)
     assert fetch(f"http://user:secret@127.0.0.1:{server.port}/cat.png") == server.image

@@ -49,3 +49,68 @@ def test_full_pools_answer_503_with_retry_after_then_admit_again():
     assert sorted(r.headers["x-small4-pool"] for r in answered) == ["deep", "fast"]
     assert [r.status_code for r in answered] == [200, 200]
     assert after.status_code == 200
+
+
+PNG_1X1 = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4"
+           "z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+
+def image_body(text: str) -> dict:
+    return BODY | {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": PNG_1X1}}]}]}
+
+
+def encodes_seen(ingress) -> list:
+    """The calls that reach the image service (the in-process worker, wrapped)."""
+    worker, seen = ingress.service.multimodal, []
+    encode = worker.encode
+
+    async def counted(*args, **kwargs):
+        seen.append(args)
+        return await encode(*args, **kwargs)
+
+    worker.encode = counted
+    return seen
+
+
+def test_a_full_stack_sheds_before_any_image_is_encoded():
+    """With every pool at its queue limit the 503 comes before the costly steps: no image is
+    fetched or decoded (nor a prompt tokenised, nor a grammar compiled) for a request that
+    would be shed after them."""
+    ingress = build_inprocess(parse_settings(PROFILE))
+    seen, app = encodes_seen(ingress), ingress.build_asgi_app()
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            post = lambda body: client.post("/v1/chat/completions", json=body,  # noqa: E731
+                                            timeout=30)
+            busy = [asyncio.ensure_future(post(BODY)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            refused = await post(image_body("what is this?"))
+            await asyncio.gather(*busy)
+            return refused, len(seen), await post(image_body("what is this?"))
+
+    refused, encoded_then, after = asyncio.run(scenario())
+    assert refused.status_code == 503, refused.text
+    assert encoded_then == 0
+    assert after.status_code == 200 and len(seen) == 1
+
+
+def test_an_image_request_whose_text_outgrows_the_context_is_refused_before_the_image_service():
+    """Its text is counted with an early stop, as a text request's is: 300 KB of text beside
+    one image is a 400 from the ingress, never a whole encoding in the image service."""
+    ingress = build_inprocess(parse_settings(PROFILE))
+    seen, app = encodes_seen(ingress), ingress.build_asgi_app()
+
+    async def ask(text: str):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=image_body(text), timeout=30)
+
+    refused = asyncio.run(ask("lorem ipsum dolor " * 17_000))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert seen == []
+    assert asyncio.run(ask("what is this?")).status_code == 200 and len(seen) == 1

@@ -219,3 +219,76 @@ def test_an_image_service_keeping_its_limit_of_pixels_answers_503_before_decodin
         return await worker.encode(RequestContext("r"), messages, "none", None)
 
     assert len(asyncio.run(run()).images) == 1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (28, 28), (29, 29), (640, 480), (1540, 1540),
+                                  (2449, 2449), (3000, 100), (100, 3000), (5000, 3)])
+def test_an_images_tokens_follow_from_its_size_as_mistral_common_encodes_it(tokenizer, size):
+    """The count the budget is checked with, from a header alone, is the count the encoded
+    prompt has (resized past 1540 px, extreme aspect ratios included)."""
+    text = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    with_image = [{"role": "user", "content": text[0]["content"] + [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    encoded_ids = tokenizer.encode_chat(with_image, effort="none",
+                                        images={(0, 1): Image.new("RGB", size)}).ids
+    assert tokenizer.image_tokens(*size) == (
+        len(encoded_ids) - len(tokenizer.encode_chat(text, effort="none").ids))
+
+
+def declared_png(width: int, height: int) -> str:
+    """A PNG of a few hundred bytes whose header declares `width` x `height` and whose data
+    cannot be decoded: a request refused from the header never reaches the decoder."""
+    return data_url(png_header_bomb(width, height))
+
+
+def test_an_image_prompt_over_the_context_is_refused_from_its_headers(pre):
+    from services.errors import ContextLengthExceeded
+    from services.multimodal.budget import PromptBudget
+
+    messages = chat(declared_png(3000, 3000))  # 3080 tokens once resized
+    with pytest.raises(InvalidRequest, match="corrupt or truncated"):
+        asyncio.run(pre.encode(messages, effort="none"))  # without a budget: decoded
+    budget = PromptBudget(text_tokens=10, context_length=3000)
+    with pytest.raises(ContextLengthExceeded, match="images take 3080") as err:
+        asyncio.run(pre.encode(messages, effort="none", budget=budget))
+    assert err.value.param == "messages" and err.value.status == 400
+    asked = PromptBudget(text_tokens=10, context_length=4096, max_tokens=1010)
+    with pytest.raises(ContextLengthExceeded, match="max_tokens asks for 1010"):
+        asyncio.run(pre.encode(messages, effort="none", budget=asked))
+
+
+def test_an_image_prompt_its_key_cannot_pay_is_refused_from_its_headers(pre):
+    from services.errors import RateLimited
+    from services.multimodal.budget import PromptBudget, TokenRoom
+
+    messages = chat(declared_png(1540, 1540))  # 3080 tokens
+    room = TokenRoom("k", tokens_per_min=6000, available=2000, capacity=6000)
+    budget = PromptBudget(text_tokens=10, context_length=8192, max_tokens=16, quota=room)
+    with pytest.raises(RateLimited) as err:
+        asyncio.run(pre.encode(messages, effort="none", budget=budget))
+    # 3106 tokens: more than the key has now, within what it refills to in 11 s
+    assert err.value.status == 429 and err.value.code == "tokens_per_min_exceeded"
+    assert err.value.retry_after == pytest.approx((3106 - 2000) / 100)
+    never = PromptBudget(text_tokens=10, context_length=8192, max_tokens=16, choices=2,
+                         quota=TokenRoom("k", 6000, available=6000, capacity=6000))
+    with pytest.raises(RateLimited, match="needs 6212 tokens") as err:
+        asyncio.run(pre.encode(messages, effort="none", budget=never))
+    assert err.value.retry_after == 60.0
+    # the default max_tokens is charged as it will be set: what the context leaves, at most
+    # the default
+    fits = PromptBudget(text_tokens=10, context_length=3200, default_max_tokens=4096,
+                        quota=TokenRoom("k", 6000, available=3200, capacity=6000))
+    with pytest.raises(InvalidRequest, match="corrupt or truncated"):  # passed: decoded
+        asyncio.run(pre.encode(messages, effort="none", budget=fits))
+
+
+def test_a_16_bit_greyscale_png_keeps_its_greys(pre):
+    """Pillow opens a 16-bit greyscale PNG as `I;16`; mistral-common's RGB conversion would
+    clip every value above 255 to white. It is scaled to 8 bits first: a mid grey stays the
+    mid grey an 8-bit image of it gives."""
+    deep = Image.fromarray(np.full((40, 60), 128 * 256, np.uint16))
+    assert deep.mode == "I;16"
+    shallow = Image.fromarray(np.full((40, 60), 128, np.uint8))
+    ours, theirs = (asyncio.run(pre.encode(chat(data_url(encoded(i, "PNG"))), effort="none"))
+                    for i in (deep, shallow))
+    assert np.array_equal(ours.images[0], theirs.images[0])

@@ -1,0 +1,69 @@
+"""What a request's prompt may cost, checked from its images' headers before any is decoded.
+
+The ingress knows the fewest tokens the text can take (its bytes over the longest token's),
+the context and what the key's token quota can pay, but not the images' tokens: those follow
+from each image's size, which the multimodal service reads from the headers. Checked there,
+before decoding, an image request that cannot fit the context, or that its key cannot pay,
+costs its headers (a PNG of a few KB can declare 6 MP: seconds of decoding and resizing).
+The exact count is checked again once the prompt is encoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.errors import ContextLengthExceeded, over_token_quota
+
+
+@dataclass(frozen=True)
+class TokenRoom:
+    """A key's token bucket as the ingress saw it: what it could pay then, and how fast it
+    refills."""
+
+    key: str
+    tokens_per_min: float
+    available: float
+    capacity: float
+
+    def check(self, tokens: int) -> None:
+        """Raise the quota's 429 if `tokens` are more than the key could pay."""
+        if tokens > self.capacity:
+            raise over_token_quota(tokens, self.key, self.tokens_per_min, float("inf"))
+        if tokens > self.available:
+            wait = (tokens - self.available) / (self.tokens_per_min / 60.0)
+            raise over_token_quota(tokens, self.key, self.tokens_per_min, wait)
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """The text's floor, the context, the completion asked and the key's room: enough to refuse
+    a prompt from its images' token count (as `services.api.plan` sizes requests)."""
+
+    text_tokens: int
+    context_length: int
+    choices: int = 1
+    max_tokens: int | None = None  # asked (None: the default, where the prompt leaves room)
+    max_tokens_field: str = "max_tokens"
+    default_max_tokens: int = 0
+    quota: TokenRoom | None = None
+
+    def check(self, image_tokens: int) -> None:
+        """Raise if a prompt of at least the text's floor plus `image_tokens` cannot fit the
+        context with the completion asked, or its key cannot pay for every choice."""
+        prompt = self.text_tokens + image_tokens
+        context = self.context_length
+        if self.max_tokens is None:
+            if prompt >= context:
+                raise ContextLengthExceeded(
+                    f"this model's maximum context length is {context} tokens; the messages' "
+                    f"images take {image_tokens} and their text at least {self.text_tokens}",
+                    param="messages")
+            completion = min(self.default_max_tokens, context - prompt)
+        else:
+            if prompt + self.max_tokens > context:
+                raise ContextLengthExceeded(
+                    f"this model's maximum context length is {context} tokens; the messages' "
+                    f"images take {image_tokens}, their text at least {self.text_tokens}, and "
+                    f"{self.max_tokens_field} asks for {self.max_tokens} more", param="messages")
+            completion = self.max_tokens
+        if self.quota is not None:
+            self.quota.check(self.choices * (prompt + completion))
