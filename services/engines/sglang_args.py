@@ -116,7 +116,10 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
       refuses a longer `context_length`. The override SGLang provides for this is set exactly
       when the served context is longer than that assumed default.
     - Traces (`tracing`: as `tracing.resolve` made it for this process, None when off):
-      SGLang's exporter speaks gRPC unless told otherwise; it gets our protocol.
+      SGLang's exporter speaks gRPC unless told otherwise; it gets our protocol. Its
+      `TracerProvider` takes the SDK's sampler from the environment (parent-based, always on,
+      by default): a request's spans follow the decision in the trace header the workers pass,
+      and the engine's own roots (its health probes) are sampled at our ratio, not all kept.
     """
     wait = math.ceil(kv_handoff.attempt_timeout_s(model.context_length) + PD_TIMEOUT_MARGIN_S)
     env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(wait),
@@ -126,6 +129,9 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
     if tracing is not None and tracing.exporter in ("otlp_http", "otlp_grpc"):
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = ("grpc" if tracing.exporter == "otlp_grpc"
                                                      else "http/protobuf")
+        if tracing.sampling_ratio is not None:
+            env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": repr(float(tracing.sampling_ratio))}
     return env
 
 

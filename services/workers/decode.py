@@ -110,7 +110,11 @@ class DecodeWorker(EngineHost):
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 request, span)
             upstream = time.perf_counter() - received  # the prefill and the KV's transfer
-            tokens = self.engine.decode(request, leg.first_token, leg.kv)
+            # the engine's own spans (SGLang's) join the request's trace under this leg's span;
+            # a copy: in one process the prefill worker may still read the request
+            tokens = self.engine.decode(
+                replace(request, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
+                leg.first_token, leg.kv)
             if leg.first_token is not None:  # prefill sampled it
                 first = StreamChunk([leg.first_token], logprobs=(
                     [leg.first_logprob] if leg.first_logprob is not None else None))

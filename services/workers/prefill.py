@@ -54,6 +54,8 @@ class PrefillWorker(EngineHost):
                 async with asyncio.timeout(ctx.remaining_s()):
                     request.images = await resolve(request.images)
                     request.handoff = dict(ticket.fields)
+                    # the engine's own spans (SGLang's) join the request's trace under this one
+                    request.trace_headers = tracing.headers_of(span, ctx.trace_headers)
                     result = await self.engine.prefill(request)
                     kv = (PairedKV(result.first_token, result.kv, result.first_logprob)
                           if self.handoff.concurrent else result.kv)

@@ -125,3 +125,79 @@ def test_the_environment_alone_exports_and_its_sampler_and_kill_switch_are_obeye
     assert spans_received({"OTEL_TRACES_SAMPLER": "traceidratio",
                            "OTEL_TRACES_SAMPLER_ARG": "0"}) == 0
     assert spans_received({"OTEL_SDK_DISABLED": "true"}) == 0
+
+
+ENGINE_TRACE_SCRIPT = """
+import asyncio, json
+import httpx
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+
+settings = parse_settings({"auth": {"enabled": False},
+    "telemetry": {"tracing": {"enabled": True, "exporter": "none"}},
+    "engine": {"kind": "simulated", "simulated": {"output": "counter"}}})
+ingress = build_inprocess(settings)
+seen = []
+for name, decoder in ingress.service.pools.items():
+    for worker, method in ((decoder, "decode"), (decoder.prefill, "prefill")):
+        engine, original = worker.engine, getattr(worker.engine, method)
+        def spy(request, *args, _original=original, _method=method):
+            seen.append((_method, dict(request.trace_headers)))
+            return _original(request, *args)
+        setattr(engine, method, spy)
+
+async def ask():
+    transport = httpx.ASGITransport(app=ingress.build_asgi_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+        return await client.post("/v1/chat/completions", timeout=30, headers={
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+            json={"model": "mistral-small-4", "max_tokens": 4,
+                  "messages": [{"role": "user", "content": "hi"}]})
+
+print(asyncio.run(ask()).status_code)
+print(json.dumps(seen))
+"""
+
+
+def test_engines_get_the_requests_trace_header():
+    """Each engine call carries a W3C header naming the worker's span in the request's trace
+    (SGLang's `external_trace_header`): the engine's spans join the request's trace instead of
+    each starting its own (sampled alone, 100 % by the SDK's default)."""
+    import json
+    import os
+
+    out = subprocess.run([sys.executable, "-c", ENGINE_TRACE_SCRIPT], capture_output=True,
+                         text=True, env=dict(os.environ), check=True, timeout=120)
+    status, seen = out.stdout.strip().splitlines()[-2:]
+    assert status == "200"
+    calls = json.loads(seen)
+    assert sorted(method for method, _ in calls) == ["decode", "prefill"]
+    for _, headers in calls:
+        version, trace, parent, flags = headers["traceparent"].split("-")
+        assert trace == "4bf92f3577b34da6a3ce929d0e0e4736" and flags == "01"
+        assert parent != "00f067aa0ba902b7"  # the worker's own span, under the client's
+    assert calls[0][1]["traceparent"] != calls[1][1]["traceparent"]
+
+
+def test_the_engines_sampler_follows_the_requests_and_samples_its_own_roots_at_our_ratio(
+        monkeypatch):
+    """SGLang builds its `TracerProvider` with no sampler: the SDK reads it from the
+    environment the stack gives the engine. Checked with the SDK itself."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from cluster.settings import parse_settings
+    from services.engines.sglang_args import engine_env
+    from services.settings import TracingSettings
+    from services.telemetry.tracing import resolve
+
+    stack = parse_settings({"auth": {"enabled": False}})
+    traced = resolve(TracingSettings(sampling_ratio=0.1),
+                     {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    for name, value in engine_env(stack.model, stack.kv_handoff, traced).items():
+        monkeypatch.setenv(name, value)
+    sampler = TracerProvider().sampler
+    assert isinstance(sampler, ParentBased)
+    assert isinstance(sampler._root, TraceIdRatioBased) and sampler._root.rate == 0.1
+    unset = resolve(TracingSettings(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    assert "OTEL_TRACES_SAMPLER" not in engine_env(stack.model, stack.kv_handoff, unset)
