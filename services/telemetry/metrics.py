@@ -109,11 +109,15 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 4, 5, 10
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
 ROLE = ("pool", "role")
 
+# a whole answer runs up to the longest request timeout (limits.max_request_timeout_s, 1 h):
+# a deep-pool answer of a few thousand tokens passes 120 s, where the TTFT buckets stop
+E2E_BUCKETS = LATENCY_BUCKETS + [300, 600, 1200, 1800, 3600]
+
 TTFT = Histogram("small4_ttft_seconds", "time to first token, as seen by each role", ROLE,
                  LATENCY_BUCKETS)
 ITL = Histogram("small4_itl_seconds", "time between output tokens", ROLE, ITL_BUCKETS)
 E2E = Histogram("small4_e2e_seconds", "request latency, arrival to last byte", ROLE,
-                LATENCY_BUCKETS)
+                E2E_BUCKETS)
 QUEUE_DEPTH = Gauge("small4_queue_depth", "requests waiting in an engine", ROLE)
 RUNNING = Gauge("small4_running_requests", "requests running in an engine", ROLE)
 KV_USED = Gauge("small4_kv_tokens_used", "KV cache tokens held", ROLE)

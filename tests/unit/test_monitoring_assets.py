@@ -69,3 +69,13 @@ def test_the_readme_names_every_metric_the_stack_exports():
         f"small4_{kind}_tokens_total" for kind in ("prompt", "completion", "reasoning")} | {
         f"small4_prefix_cache_{kind}_tokens" for kind in ("lookup", "hit")}
     assert names <= spelled, names - spelled
+
+
+def test_the_latency_histogram_reaches_the_longest_request_a_client_may_ask_for():
+    """The dashboard's E2E quantiles read `small4_e2e_seconds`: a top bucket below the longest
+    request would pin every long answer's p90 at it."""
+    from services.settings import LimitSettings
+
+    buckets = metrics.E2E.options["boundaries"]  # what Ray's exporter is built with
+    assert buckets[-1] >= LimitSettings().max_request_timeout_s
+    assert buckets == sorted(set(buckets))
