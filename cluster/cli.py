@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import signal
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.add_argument("--metrics-url", default=None, help="Ray's Prometheus endpoint "
                         "(default: this node's), for the prefix-cache table")
+    status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for "
+                        "Serve's controller to answer (default: 30)")
     scale = sub.add_parser("scale", help="pin POOL's ROLE at N replicas until `release`")
     release = sub.add_parser("release", help="hand POOL's ROLE back to the autoscaling policy")
     for command in (scale, release):
@@ -72,6 +75,8 @@ def _settings(args, serve_app: bool = False):
     """The profile `--config` names (or the embedded one), with `up`'s `--port`; a bad or
     missing file, or (`serve_app`) one a Serve app cannot run, is one line on stderr and exit
     code 2, not a traceback."""
+    import yaml
+
     from cluster.settings import SettingsError, load_settings, parse_settings, require_serve_app
 
     try:
@@ -82,6 +87,17 @@ def _settings(args, serve_app: bool = False):
         return require_serve_app(settings) if serve_app else settings
     except (SettingsError, ValueError, OSError) as exc:
         raise _Refused(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise _Refused(f"{args.config}: not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc) -> str:
+    """PyYAML's multi-line report (context, problem, excerpt with a caret) as one line."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None or not getattr(exc, "problem", None):
+        return " ".join(str(exc).split())
+    context = f"{exc.context}: " if getattr(exc, "context", None) else ""
+    return f"{context}{exc.problem}, line {mark.line + 1} column {mark.column + 1}"
 
 
 class _Refused(Exception):
@@ -107,6 +123,8 @@ def cmd_up(args) -> int:
         except ConnectionError as exc:
             print(f"no Ray cluster at {args.address}: {exc}", file=sys.stderr)
             return 1
+        except ValueError as exc:  # Ray's "Invalid address format": not host:port
+            raise _Refused(f"--address {args.address}: {exc}") from None
         metrics = None
     else:
         # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
@@ -133,13 +151,23 @@ def cmd_up(args) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     print(f"deploying {settings.profile} (Ctrl-C stops)", flush=True)
+    failed = None
     try:
         serve.start(http_options={"host": settings.http.host, "port": port})
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        app = build_app(settings)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # Serve's "Deploying application ... failed: <why>"
+            failed = " ".join(str(exc).split())
     except _Interrupted as interrupted:
         print("interrupted while deploying: stopping", flush=True)
         _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
         return 128 + interrupted.signum
+    if failed is not None:  # a replica that cannot start: remove what did, say why
+        print(f"deploy failed: {failed} (the replicas' errors are in Serve's controller log)",
+              file=sys.stderr, flush=True)
+        _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+        return 1
     serving.set()
     base = f"http://{_host(settings.http.host)}:{port}"
     print(f"small4 ({settings.profile}, engine {settings.engine.kind}) serving {base}/v1",
@@ -194,7 +222,8 @@ def _drain(app: str, timeout_s: float, *, owns_ray: bool) -> None:
 
 
 def _connect(address: str) -> bool:
-    """Join the Ray cluster at `address` (a no-op when this process is already in one)."""
+    """Join the Ray cluster at `address` (a no-op when this process is already in one); False
+    when none answers there, `_Refused` when `address` is not one."""
     import ray
 
     if ray.is_initialized():
@@ -204,6 +233,8 @@ def _connect(address: str) -> bool:
     except ConnectionError as exc:
         print(f"no Ray cluster at {address}: {exc}", file=sys.stderr)
         return False
+    except ValueError as exc:  # Ray's "Invalid address format": not host:port
+        raise _Refused(f"--address {address}: {exc}") from None
     return True
 
 
@@ -253,11 +284,19 @@ def cmd_scale(args) -> int:
 
 
 def cmd_release(args) -> int:
+    """Release a pin. A name that is neither pinned nor autoscaled (a typo) is refused, naming
+    those that are: "had no override" would leave the real pin in place unnoticed."""
     from autoscaling import control
 
     if not _connect(args.address):
         return 1
-    app = _app(args)
+    app, key = _app(args), (args.pool, args.role)
+    valid = set(control.read_overrides(app)) | set(control.read_status(app))
+    if key not in valid:
+        print(f"{args.pool}/{args.role} is neither pinned nor autoscaled in {app}; " + (
+            f"those that are: {', '.join('/'.join(k) for k in sorted(valid))}" if valid
+            else "none is: nothing to release"), file=sys.stderr)
+        return 2
     had = control.clear_override(app, args.pool, args.role)
     print(f"{app}: {args.pool}/{args.role} "
           f"{'released to the policy' if had else 'had no override'}")
@@ -270,29 +309,61 @@ def cmd_status(args) -> int:
 
     from autoscaling import control
 
+    if not args.timeout > 0:  # (NaN too)
+        print("--timeout must be positive", file=sys.stderr)
+        return 2
     if not _connect(args.address):
         return 1
-    for app_name, app in serve.status().applications.items():
+    try:  # Ray waits on its controller without a deadline: a stuck one would hang us
+        serve_status = _within(args.timeout, serve.status)
+    except TimeoutError:
+        print(f"Serve's controller did not answer within {args.timeout:g} s (busy, or gone); "
+              "--timeout waits longer", file=sys.stderr)
+        return 1
+    for app_name, app in serve_status.applications.items():
         print(f"application {app_name}: {_name(app.status)}")
         for name, dep in app.deployments.items():
             replicas = ", ".join(f"{n} {_name(s)}" for s, n in dep.replica_states.items())
             print(f"  {name:16s} {_name(dep.status):10s} {replicas}")
     print(status_table(control.read_status(_app(args))))
-    print(_cache_view(args.metrics_url))
+    bad_metrics = None
+    if args.metrics_url is not None:  # the user's own URL: one that gives no metrics is theirs
+        rows, bad_metrics = _cache_rows(args.metrics_url)
+        if bad_metrics is None:
+            from cluster.cache_status import cache_table
+
+            print(cache_table(rows))
+        else:
+            print(f"--metrics-url {bad_metrics.removeprefix('prefix cache: ')}", file=sys.stderr)
+    else:
+        print(_cache_view())
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10).json()
         print(json.dumps(ready, indent=2))
     except (httpx.HTTPError, ValueError) as exc:  # no answer, or one that is not our JSON
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
-    return 0 if ready.get("ready") else 2
+    return 0 if ready.get("ready") and bad_metrics is None else 2
 
 
-def _cache_view(url: str | None) -> str:
+def _within(timeout_s: float, call):
+    """`call()`, or `TimeoutError` after `timeout_s`. It runs in a daemon thread: one stuck
+    for good must not hold the process at exit (an executor's workers would)."""
+    future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future.result(timeout_s)
+
+
+def _cache_view() -> str:
     """The prefix-cache table from Ray's Prometheus endpoints: every live node's (each reports
-    the replicas it hosts; the head, where this runs on a cluster, hosts none), or `url`."""
-    if url is not None:
-        return cache_view([url])
+    the replicas it hosts; the head, where this runs on a cluster, hosts none)."""
     try:
         import ray
 
@@ -305,17 +376,40 @@ def _cache_view(url: str | None) -> str:
 
 def cache_view(urls: list[str]) -> str:
     """One table of the replicas every endpoint in `urls` reports, and which did not answer."""
-    import httpx
-
-    from cluster.cache_status import cache_rows, cache_table
+    from cluster.cache_status import cache_table
 
     rows, silent = {}, []
     for url in urls:
-        try:
-            rows |= cache_rows(httpx.get(url, timeout=10).text)
-        except httpx.HTTPError as exc:
-            silent.append(f"prefix cache: {url} did not answer ({type(exc).__name__})")
+        found, problem = _cache_rows(url)
+        rows |= found
+        if problem:
+            silent.append(problem)
     return "\n".join([cache_table(rows), *silent]) if rows or not silent else "\n".join(silent)
+
+
+def _cache_rows(url: str) -> tuple[dict, str | None]:
+    """The replicas `url` reports, or none and why: no answer, an error status, or a page
+    that is not Prometheus text (a 404 page, JSON: the parser raises `ValueError`)."""
+    import httpx
+
+    from cluster.cache_status import cache_rows
+
+    try:
+        response = httpx.get(url, timeout=10)
+        if response.status_code != 200:
+            return {}, f"prefix cache: {url} answered HTTP {response.status_code}, not metrics"
+        return cache_rows(response.text), None
+    except httpx.HTTPError as exc:
+        return {}, f"prefix cache: {url} did not answer ({type(exc).__name__})"
+    except ValueError as exc:
+        return {}, f"prefix cache: {url} is not a Prometheus endpoint ({_clip(str(exc))})"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """`text` on one line, cut at `limit` characters (a parser's error quotes the whole line,
+    which on a JSON page is the whole page)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def status_table(rows: dict, now: float | None = None) -> str:
@@ -385,7 +479,11 @@ def cmd_generate(args) -> int:
     from cluster.inprocess import build_inprocess
 
     settings = _settings(args)
-    ingress = build_inprocess(settings)
+    try:  # the engines start here: a missing checkpoint or an engine that is not installed
+        ingress = build_inprocess(settings)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        print(f"the stack could not start: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     body = {"model": settings.model.name, "max_tokens": args.max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": args.prompt}]}
     if args.effort:
