@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import subprocess
@@ -547,3 +548,89 @@ def test_ttft_burn_alerts_follow_each_pools_own_slo(render, slos, thresholds):
     with pytest.raises(helm.HelmRenderError, match="above the largest latency bucket"):
         render(monitoring={"prometheusRule": {"enabled": True}},
                stack={"pools": {"fast": {"slo": {"ttft_s": 500.0}}}})
+
+
+# Disruptions: node drains and upgrades
+
+@pytest.mark.parametrize(("workers", "budget", "min_available"), [
+    (2, 1, 1),          # the default: one worker pod at a time
+    (4, 2, 2),
+    (2, "50%", 1),
+    (4, "50%", 2),
+    (3, "50%", 1),      # 1.5 pods may go: rounded up, as the disruption controller rounds it
+    (4, "100%", 0),
+    (4, "0%", 4),
+])
+def test_disruption_budget_counts_or_percentages_leave_evictions_allowed(
+        render, workers, budget, min_available):
+    """A percentage budget becomes the integer minAvailable a RayCluster's pods can be evicted
+    under (the chart once converted "50%" with `int`, to 0: no eviction, `kubectl drain` hung)."""
+    docs = render("cpu", podDisruptionBudget={"enabled": True, "maxUnavailable": budget},
+                  workers={"replicas": workers})
+    pdb = one(docs, "PodDisruptionBudget")
+    kubernetes_validate.validate(pdb, KUBE, strict=True)
+    assert "maxUnavailable" not in pdb["spec"]
+    assert pdb["spec"]["minAvailable"] == min_available
+    assert cluster_of(docs)["workerGroupSpecs"][0]["replicas"] == workers
+
+
+@pytest.mark.parametrize("budget", ["50", "one", "150%", "-1%", -1, 1.5])
+def test_disruption_budget_refuses_what_it_cannot_count(render, budget):
+    with pytest.raises(helm.HelmValuesError, match="/podDisruptionBudget/maxUnavailable"):
+        render(podDisruptionBudget={"enabled": True, "maxUnavailable": budget})
+
+
+def longest_drain_deadline(docs: list[dict]) -> float:
+    """The longest graceful_shutdown_timeout_s Serve gives any deployment of the rendered stack,
+    as the settings (defaults included) set it."""
+    from cluster.topology import deployment_options
+
+    settings = parse_settings(serve_args(docs))
+    roles = [settings.ingress, settings.multimodal] + [
+        role for pool in settings.pools.values() for role in (pool.prefill, pool.decode)]
+    return max(deployment_options(role)["graceful_shutdown_timeout_s"] for role in roles)
+
+
+def drain_of(docs: list[dict]) -> set[tuple[int, float]]:
+    """Each pod's (terminationGracePeriodSeconds, Ray's SIGTERM drain timeout)."""
+    return {(t["spec"]["terminationGracePeriodSeconds"],
+             float(env_of(t["spec"]["containers"][0])["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]))
+            for t in pod_templates(docs)}
+
+
+@pytest.mark.parametrize(("profile", "stack", "longest"), [
+    ("default", {}, 60),                # every deadline the settings' default
+    ("cpu", {}, 60),
+    ("default", {"pools": {"deep": {"decode": {"drain_deadline_s": 600}}}}, 600),
+    ("default", {"pools": {"fast": {"prefill": {"drain_deadline_s": 90.5}}}}, 90.5),
+    ("cpu", {"ingress": {"drain_deadline_s": 240}}, 240),
+    ("default", {"multimodal": {"drain_deadline_s": 5},
+                 "pools": {"fast": {"decode": {"drain_deadline_s": 10}}}}, 60),
+])
+def test_pods_outlast_the_longest_drain_deadline(render, profile, stack, longest):
+    """Head and workers get Ray's SIGTERM drain (the node draining, its replicas given their
+    graceful_shutdown_timeout_s) above the stack's longest drain deadline, and a grace period
+    above that: Kubernetes' default 30 s cut every stream a drain or an upgrade met."""
+    docs = render(profile, stack=stack)
+    assert longest_drain_deadline(docs) == longest
+    ((grace, drain),) = drain_of(docs)  # one value for the head and the workers
+    assert drain == math.ceil(longest) + 15
+    assert grace == drain + 15
+
+
+def test_grace_period_follows_a_changed_drain_deadline(render):
+    before = drain_of(render())
+    after = drain_of(render(stack={"pools": {"deep": {"decode": {"drain_deadline_s": 300}}}}))
+    assert before == {(90, 75.0)} and after == {(330, 315.0)}
+
+
+def test_drain_timeout_is_the_one_ray_reads(render):
+    """The variable is Ray's own: Ray, under the rendered environment, drains that long."""
+    (env,) = {tuple(sorted((k, v) for k, v in env_of(t["spec"]["containers"][0]).items()
+                           if isinstance(v, str))) for t in pod_templates(render())}
+    probe = ("from ray._private import ray_constants as c; "
+             "print(c.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={"PATH": os.environ.get("PATH", "")} | dict(env), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) == 75.0

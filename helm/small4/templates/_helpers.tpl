@@ -66,6 +66,33 @@ a test keeps the two equal). */}}
 {{- dig "http" "port" 8000 .Values.stack | int -}}
 {{- end -}}
 
+{{/* How long a Ray node drains on SIGTERM (a node drain, a cluster upgrade) before Ray stops its
+processes: the stack's longest `drain_deadline_s` (each Serve deployment's
+graceful_shutdown_timeout_s, cluster/topology.py) over the pools' prefill and decode roles, the
+ingress and multimodal, in whole seconds rounded up, plus 15 s for Serve's controller to see the
+node draining and stop its replicas. A deadline left unset is the settings' default, 60 s
+(services/settings.py, DeploymentSettings.drain_deadline_s). */}}
+{{- define "small4.drainSeconds" -}}
+{{- $stack := .Values.stack | default dict -}}
+{{- $deadlines := list (dig "ingress" "drain_deadline_s" 60 $stack)
+    (dig "multimodal" "drain_deadline_s" 60 $stack) -}}
+{{- range $pool := dig "pools" (dict) $stack | default dict -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- $deadlines = append $deadlines (dig $role "drain_deadline_s" 60 ($pool | default dict)) -}}
+{{- end -}}
+{{- end -}}
+{{- $longest := 0 -}}
+{{- range $deadlines }}{{ $longest = max $longest (ceil .) }}{{ end -}}
+{{- add $longest 15 -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds of every pod, the head's too (its proxy relays streams, its GCS
+and Serve controller run the workers' drain): Ray's drain, then 15 s to stop its processes before
+the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}}
+{{- define "small4.terminationGrace" -}}
+{{- add (include "small4.drainSeconds" . | int) 15 -}}
+{{- end -}}
+
 {{/* Environment of every Ray container. */}}
 {{- define "small4.env" -}}
 {{- $tracing := dig "telemetry" "tracing" "enabled" "unset" .Values.stack | toString -}}
@@ -80,6 +107,10 @@ a test keeps the two equal). */}}
   value: "2"
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH  # bounded request heads, JSON edge errors
   value: "services.guard.http_edge:install"
+# on SIGTERM `ray start --block` marks its node draining and waits this long for it to empty
+# (Ray's default: 30 s); the pod's grace period (small4.terminationGrace) outlasts it
+- name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+  value: {{ include "small4.drainSeconds" . | quote }}
 {{- if dig "ray" "throughput_optimized" true .Values.stack }}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
@@ -125,6 +156,7 @@ names: the operator builds the head Service from them and reaches the dashboard 
 {{- $models := and (eq .role "worker") $v.workers.modelVolume.enabled -}}
 serviceAccountName: {{ include "small4.serviceAccountName" $root }}
 automountServiceAccountToken: false
+terminationGracePeriodSeconds: {{ include "small4.terminationGrace" $root }}
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
