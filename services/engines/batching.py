@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from services.engines.protocol import (EngineRequest, EngineStats, FinishReason, TokenChunk,
                                        TokenLogprob)
 from services.engines.stops import StopChecker
-from services.errors import EngineError
+from services.errors import EngineError, EngineUnavailable
 from services.settings import EngineSettings
 
 
@@ -86,7 +86,10 @@ class ContinuousBatcher:
         if seq is None:
             return False
         seq.done = True
-        seq.queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        # its reader, if any is left, did not ask for this (a client that leaves closes the
+        # stream instead): the engine let it go, as SGLang's abort ends a stream, retryable
+        seq.queue.put_nowait(EngineUnavailable(f"request {request_id} was aborted in the "
+                                                "engine", request_id=request_id))
         return True
 
     def kv_tokens(self) -> int:

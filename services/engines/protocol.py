@@ -122,7 +122,9 @@ class EngineStats:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Prefill, decode, abort, stats: the four calls a worker makes on its engine."""
+    """Prefill, decode, abort, stats: the four calls a worker makes on its engine. An abort
+    frees the request's KV at once; a decode stream it ends raises `EngineUnavailable` to a
+    reader still there (retryable: the engine let go, the request did not fail)."""
 
     async def prefill(self, request: EngineRequest) -> PrefillResult: ...
 

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
-from services.errors import KVHandoffFailed
+from services.errors import EngineUnavailable, KVHandoffFailed
 from services.kv.backends import open_rooms
 
 BODY = {"model": "mistral-small-4", "max_tokens": 12, "temperature": 0,
@@ -216,3 +216,33 @@ def test_streamed_paired_answers_report_cached_tokens():
             return [e["usage"] for e in events if e.get("usage")]
     [usage] = asyncio.run(run())
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_a_prefill_failing_after_its_kv_arrived_resumes_the_decode():
+    """Paired handoffs: the decode leg starts on the KV beside the prefill call, and is
+    aborted if that call fails after all (`_watch_prefill`). The abort ends the engine's
+    stream with a retryable error, as SGLang's does: the request is resumed elsewhere and
+    answered whole, not ended as if its client had left."""
+    body = BODY | {"max_tokens": 60}
+    engine = {"simulated": {"output": "counter", "decode_step_ms": 10}}
+    clean, _ = serve(profile("paired", **engine), [body])
+    failed = []
+
+    def fail_after_sending(decode):
+        original = decode.prefill.prefill
+
+        async def prefill(ctx, request, ticket):
+            reply = await original(ctx, request, ticket)
+            if not failed:  # the first leg only: its decode is streaming by now
+                failed.append(request.request_id)
+                await asyncio.sleep(0.1)
+                raise EngineUnavailable("the prefill replica went after sending: injected")
+            return reply
+
+        decode.prefill.prefill = prefill
+
+    answers, decode = serve(profile("paired", **engine), [body], setup=fail_after_sending)
+    assert failed and answers[0][0] == 200, answers
+    assert content(answers[0][1]) == content(clean[0][1])
+    assert answers[0][1]["usage"]["completion_tokens"] == 60
+    assert nothing_held(decode)

@@ -12,7 +12,7 @@ import pytest
 
 from services.engines.protocol import Engine, EngineRequest, SamplingParams
 from services.engines.simulated import MLA_BYTES_PER_TOKEN, SimulatedEngine, SimulatedKV
-from services.errors import EngineError
+from services.errors import EngineError, EngineUnavailable
 from services.settings import EngineSettings, SimulatedTiming
 from services.tokenizer import PromptTokenizer
 
@@ -268,7 +268,7 @@ def test_abort_mid_decode_frees_everything(tokenizer):
         held = idle(engine)
         assert await engine.abort("victim")
         freed = idle(engine)
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(EngineUnavailable, match="aborted"):
             await stream.__anext__()
         return held, freed
 
