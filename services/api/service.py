@@ -143,7 +143,7 @@ class RequestService:
                 # of the n choices is a prefill and a sequence of its own
                 self.quotas.charge(record.grant, plan.n * (
                     plan.prompt_tokens + plan.engine_request.sampling.max_tokens))
-                await self._constrain(plan)
+                await self._constrain(plan, deadline)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
                 plan.engine_request.cache_salt = cache_salt(principal.tenant,
@@ -243,8 +243,9 @@ class RequestService:
         in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing,
                       RELEASE_S)
 
-    async def _constrain(self, plan: RequestPlan) -> None:
-        """The grammar of a structured answer (JSON format, forced or strict tools)."""
+    async def _constrain(self, plan: RequestPlan, deadline: float) -> None:
+        """The grammar of a structured answer (JSON format, forced or strict tools), waited
+        for (a compile slot, the compile) no longer than the request's deadline."""
         limits = self.settings.limits
         structure = structured_request(plan, limits)
         if not structure.constrained:
@@ -260,10 +261,18 @@ class RequestService:
                                  param=param)
         # a slot is held until its compile ends, even when the request left meanwhile (a
         # thread cannot be stopped: the slot bounds the compiles running, not the requests)
-        await self._compiling.acquire()
-        compiling = asyncio.ensure_future(asyncio.to_thread(self.guidance.grammar, structure))
-        compiling.add_done_callback(self._compiled)
-        constrain(plan, await asyncio.shield(compiling), structure.cause)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                await self._compiling.acquire()
+                compiling = asyncio.ensure_future(asyncio.to_thread(self.guidance.grammar,
+                                                                    structure))
+                compiling.add_done_callback(self._compiled)
+                grammar = await asyncio.shield(compiling)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while its grammar waited to "
+                                   "be built (x-request-timeout or limits.request_timeout_s)",
+                                   param="x-request-timeout") from None
+        constrain(plan, grammar, structure.cause)
 
     def _compiled(self, task: asyncio.Future) -> None:
         self._compiling.release()

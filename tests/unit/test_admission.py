@@ -114,3 +114,33 @@ def test_an_image_request_whose_text_outgrows_the_context_is_refused_before_the_
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert seen == []
     assert asyncio.run(ask("what is this?")).status_code == 200 and len(seen) == 1
+
+
+def test_a_grammar_waiting_for_a_compile_slot_keeps_the_requests_deadline():
+    """Compiles run a few at a time per replica; a structured request queued behind them
+    still ends at its own deadline (504) instead of holding its stream slot past it."""
+    reference = {k: v for k, v in PROFILE.items() if k != "engine"}  # it samples logits
+    ingress = build_inprocess(parse_settings(reference | {"limits": {
+        "max_concurrent_compiles": 1}}))
+    app = ingress.build_asgi_app()
+    body = BODY | {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}}}
+
+    async def scenario():
+        await ingress.service._compiling.acquire()  # a long compile holds the only slot
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            post = lambda: client.post("/v1/chat/completions", json=body,  # noqa: E731
+                                       headers={"x-request-timeout": "0.5"}, timeout=30)
+            started = asyncio.get_running_loop().time()
+            late = await post()
+            waited = asyncio.get_running_loop().time() - started
+            ingress.service._compiling.release()
+            return late, waited, await post()
+
+    late, waited, after = asyncio.run(scenario())
+    assert late.status_code == 504, late.text
+    assert late.json()["error"]["param"] == "x-request-timeout"
+    assert waited < 10  # its own deadline, not the slot's release
+    assert after.status_code == 200
+
