@@ -132,6 +132,8 @@ def cmd_up(args) -> int:
         # Serve's HTTP proxy bounds request heads and answers in our error shape (read by
         # the proxy when it starts, so it must be in the environment Ray starts with).
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", EDGE_CALLBACK)
+        # ... and cuts a response its client stopped reading, after the stack's own bound
+        os.environ.setdefault("SMALL4_WRITE_STALL_S", repr(settings.limits.write_stall_s))
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024,
                  _node_ip_address=settings.ray.node_ip,

@@ -9,6 +9,12 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   answered 431 beyond, and must arrive within `HEAD_TIMEOUT_S` of the connection opening or of
   its first byte after a response (408): uvicorn's httptools protocol has neither limit, so a
   64 MB header would be buffered whole before any check ran;
+- a response the client stops reading (its TCP window shut) for `WRITE_STALL_S` has its
+  connection closed: the proxy's own writes wait on the socket, but the ingress behind it
+  writes into Serve's unbounded queue and would decode the whole answer into memory, free the
+  key's stream slot and be counted answered while the client holds the connection for ever.
+  The proxy sees the close as the client leaving and cancels the request (the ingress's own
+  `limits.write_stall_s` does this where it owns the socket: a direct-ingress replica);
 - `EdgeErrors` makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -27,6 +34,9 @@ log = logging.getLogger("small4.edge")
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
+# the stack's `limits.write_stall_s`: the proxy reads no settings, `small4 up` and the chart
+# pass it in the environment
+WRITE_STALL_S = float(os.environ.get("SMALL4_WRITE_STALL_S", "30"))
 _STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
                  503: "overloaded_error", 504: "timeout_error"}
 
@@ -59,7 +69,8 @@ def error_bytes(status: int, message: str, code: str) -> bytes:
 class _HeadLimit:
     """Mixin for a uvicorn HTTP protocol: count the bytes of each request head as they arrive
     and answer 431 past `MAX_HEAD_BYTES`; a head not complete within `HEAD_TIMEOUT_S` gets 408.
-    Body bytes are not counted (the ingress bounds and times the body)."""
+    Body bytes are not counted (the ingress bounds and times the body). A response whose
+    client reads none of it for `WRITE_STALL_S` (the transport paused throughout) is cut."""
 
     _reading_head = True
     _head_bytes = 0
@@ -119,7 +130,32 @@ class _HeadLimit:
 
     def connection_lost(self, exc) -> None:
         self._stop_head_timer()
+        self._stop_stall_timer()
         super().connection_lost(exc)
+
+    # ---- a response its client stopped reading ----------------------------------------
+    _stall_timer = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(WRITE_STALL_S, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_stall_timer()
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        if not self.transport.is_closing():
+            log.warning("a client read nothing of its response for %g s: closing it",
+                        WRITE_STALL_S)
+            self.transport.abort()
 
 
 try:

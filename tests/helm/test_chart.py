@@ -634,3 +634,17 @@ def test_drain_timeout_is_the_one_ray_reads(render):
                          env={"PATH": os.environ.get("PATH", "")} | dict(env), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout) == 75.0
+
+
+@pytest.mark.parametrize("stack, stall", [({}, 30.0), ({"limits": {"write_stall_s": 12.5}}, 12.5)])
+def test_the_proxy_cuts_a_stalled_reader_after_the_stacks_own_bound(render, stack, stall):
+    """Serve's proxy owns the client socket here (no direct ingress): the edge callback reads
+    the stack's `limits.write_stall_s` from the pods' environment, as it imports it."""
+    values = {t["spec"]["containers"][0]["name"]: env_of(t["spec"]["containers"][0])
+              for t in pod_templates(render(stack=stack))}
+    (env,) = {env["SMALL4_WRITE_STALL_S"] for env in values.values()}  # every pod's proxy
+    probe = "from services.guard import http_edge; print(http_edge.WRITE_STALL_S)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(os.environ, SMALL4_WRITE_STALL_S=env), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) == stall

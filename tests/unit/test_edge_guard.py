@@ -301,9 +301,42 @@ def test_a_slot_freed_as_the_wait_runs_out_is_taken_not_refused():
 
 # --- the proxy callback, on a real uvicorn server ----------------------------------------
 
+FLOODS: list[dict] = []  # what each /flood response got to send before it ended
+
+
+async def _flood(receive, send) -> None:
+    """An event stream written as fast as the socket takes it, until 256 MB or the client
+    goes: what Serve's proxy does with an answer, the disconnect (its cue to cancel the
+    request) heard on `receive` beside the writes."""
+    seen = {"sent": 0, "ended": None}
+    FLOODS.append(seen)
+
+    async def write() -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        chunk = b"data: " + b"x" * 65536 + b"\n\n"
+        while seen["sent"] < 256 * 1024 * 1024:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            seen["sent"] += len(chunk)
+            await asyncio.sleep(0)  # the next message from upstream (the ingress replica)
+        seen["ended"] = "complete"
+
+    async def listen() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        seen["ended"] = seen["ended"] or "disconnected"
+
+    tasks = [asyncio.ensure_future(write()), asyncio.ensure_future(listen())]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
 async def _app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/flood":
+        return await _flood(receive, send)
     if scope["path"] == "/boom":
         raise RuntimeError("the replica died")
     if scope["path"] == "/cut":
@@ -384,6 +417,32 @@ def test_a_connection_that_sends_no_head_is_closed_with_408(edge_server, monkeyp
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"request_timeout"' in answer
+
+
+def test_a_response_its_client_stops_reading_is_cut_after_the_write_stall(edge_server,
+                                                                          monkeypatch):
+    """A client whose TCP window stays shut: the proxy's writes wait on the socket, so what
+    the ingress behind it streams piles up unread. After `WRITE_STALL_S` without the socket
+    taking a byte the edge closes the connection (the proxy then cancels the request)."""
+    from services.guard import http_edge
+
+    monkeypatch.setattr(http_edge, "WRITE_STALL_S", 0.5)
+    _, port = edge_server
+    FLOODS.clear()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    try:
+        sock.sendall(b"GET /flood HTTP/1.1\r\nhost: x\r\n\r\n")
+        deadline = time.time() + 20
+        while not (FLOODS and FLOODS[0]["ended"]) and time.time() < deadline:
+            time.sleep(0.05)  # reading nothing
+        (flood,) = FLOODS
+        ended = dict(flood)  # while the client still holds its end open
+    finally:
+        sock.close()
+    assert ended["ended"] == "disconnected", ended
+    assert ended["sent"] < 64 * 1024 * 1024  # stopped by the stall, not by the end
 
 
 def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):

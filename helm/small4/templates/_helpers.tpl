@@ -107,6 +107,8 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
   value: "2"
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH  # bounded request heads, JSON edge errors
   value: "services.guard.http_edge:install"
+- name: SMALL4_WRITE_STALL_S  # the proxy cuts a response its client stopped reading
+  value: {{ dig "limits" "write_stall_s" 30 .Values.stack | toString | quote }}
 # on SIGTERM `ray start --block` marks its node draining and waits this long for it to empty
 # (Ray's default: 30 s); the pod's grace period (small4.terminationGrace) outlasts it
 - name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
