@@ -85,8 +85,11 @@ class PrefillWorker(EngineHost):
                            ticket: KVTicket) -> AsyncIterator[PrefillReply]:
         """The sequential handoff's prefill as a streaming call: the reply, then a KV this
         replica holds for it (one too large to ride in the reply) is kept until the caller
-        closes the call (it has the KV, gave up, or was cancelled) or the handoff's timeout
-        passes, and released then. A KV sent in the reply holds nothing: the call ends."""
+        closes the call (it has the KV, gave up, or was cancelled) and released then. A caller
+        may keep it a while: with `n` choices the ingress hands each KV to decode once every
+        choice has prefilled, so a choice prefilled early waits for its siblings. A caller
+        that vanished without closing it leaves it held until the request's deadline (at
+        least the handoff's timeout). A KV sent in the reply holds nothing: the call ends."""
         reply = await self.prefill(ctx, request, ticket)
         kept = reply.ticket
         try:
@@ -95,7 +98,8 @@ class PrefillWorker(EngineHost):
             # after this generator has moved on, and releasing ours must not empty theirs.
             yield replace(reply, ticket=replace(kept))
             if self.handoff.holds(kept):
-                await asyncio.sleep(self.settings.kv_handoff.timeout_s)
+                await asyncio.sleep(max(self.settings.kv_handoff.timeout_s,
+                                        ctx.remaining_s() or 0.0))
         finally:
             self.handoff.release(kept)
 

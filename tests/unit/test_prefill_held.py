@@ -10,6 +10,7 @@ worker, the simulated engine."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -41,3 +42,57 @@ def test_a_reply_read_after_the_call_closed_still_carries_its_kv(worker):
     assert not worker.handoff.holds(reply.ticket)  # small: it rode in the reply
     assert kv is not None and reply.ticket.num_tokens == 39
     assert worker.engine.stats().kv_tokens == 0
+
+
+class Holding:
+    """The worker's handoff, every KV held by the replica (as one too large to ride in the
+    reply is, in the object store), its releases timed."""
+
+    def __init__(self, handoff):
+        self.handoff, self.released = handoff, []
+
+    def __getattr__(self, name):
+        return getattr(self.handoff, name)
+
+    def holds(self, ticket) -> bool:
+        return True
+
+    def release(self, ticket) -> None:
+        self.released.append(time.monotonic())
+        self.handoff.release(ticket)
+
+
+def test_a_held_kv_waits_for_its_caller_past_the_handoff_timeout_until_the_deadline():
+    """With `n` choices the ingress hands each KV on once every choice has prefilled: a KV
+    prefilled first is held while its siblings prefill, longer than the handoff's timeout
+    (which released it and made the choice prefill again); released when the caller closes
+    the call, or at the request's deadline if it never does."""
+    settings = parse_settings(PROFILE | {"kv_handoff": {"backend": "object_store",
+                                                        "timeout_s": 0.2}})
+    worker = PrefillWorker(settings.worker("fast"))
+    worker.handoff = holding = Holding(worker.handoff)
+
+    async def run(close_after_s: float | None):
+        request = EngineRequest("held-2", list(range(1, 40)), SamplingParams(max_tokens=2))
+        ctx = RequestContext("held-2", deadline=time.time() + 1.5)
+        legs = worker.prefill_held(ctx, request, holding.open("held-2"))
+        replies, started, before = [], time.monotonic(), len(holding.released)
+
+        async def serve_side():  # Serve drains a streaming call's generator
+            async for item in legs:
+                replies.append(item)
+
+        task = asyncio.ensure_future(serve_side())
+        await asyncio.sleep(0.8)
+        held_then = (len(replies), len(holding.released) - before)
+        if close_after_s is not None:
+            task.cancel()  # the caller closed the call
+        await asyncio.gather(task, return_exceptions=True)
+        return held_then, holding.released[-1] - started
+
+    (replied, released), closed_at = asyncio.run(run(close_after_s=0.8))
+    assert (replied, released) == (1, 0)  # past the 0.2 s timeout, still held
+    assert closed_at < 1.2  # released on the close
+    (replied, released), vanished_at = asyncio.run(run(close_after_s=None))
+    assert (replied, released) == (1, 0)
+    assert 1.2 < vanished_at < 3.0  # released at the deadline
