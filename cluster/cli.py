@@ -165,10 +165,12 @@ def cmd_up(args) -> int:
         print("interrupted while deploying: stopping", flush=True)
         _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
         return 128 + interrupted.signum
-    if failed is not None:  # a replica that cannot start: remove what did, say why
+    if failed is not None:  # a replica that cannot start: say why
         print(f"deploy failed: {failed} (the replicas' errors are in Serve's controller log)",
               file=sys.stderr, flush=True)
-        _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+        if not args.address:  # our own Ray: remove what did start. On a cluster joined, an
+            # app of that name may still serve its earlier version: it stays
+            _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=True)
         return 1
     serving.set()
     base = f"http://{_host(settings.http.host)}:{port}"
@@ -342,7 +344,7 @@ def cmd_status(args) -> int:
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10).json()
         print(json.dumps(ready, indent=2))
-    except (httpx.HTTPError, ValueError) as exc:  # no answer, or one that is not our JSON
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # no answer, not our JSON
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
     return 0 if ready.get("ready") and bad_metrics is None else 2
@@ -401,7 +403,7 @@ def _cache_rows(url: str) -> tuple[dict, str | None]:
         if response.status_code != 200:
             return {}, f"prefix cache: {url} answered HTTP {response.status_code}, not metrics"
         return cache_rows(response.text), None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return {}, f"prefix cache: {url} did not answer ({type(exc).__name__})"
     except ValueError as exc:
         return {}, f"prefix cache: {url} is not a Prometheus endpoint ({_clip(str(exc))})"

@@ -262,7 +262,10 @@ class RequestService:
         # a slot is held until its compile ends, even when the request left meanwhile (a
         # thread cannot be stopped: the slot bounds the compiles running, not the requests)
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.time())):
+            left = deadline - time.time()
+            if left <= 0:  # a free slot is taken without a pause the timeout could end
+                raise TimeoutError
+            async with asyncio.timeout(left):
                 await self._compiling.acquire()
                 compiling = asyncio.ensure_future(asyncio.to_thread(self.guidance.grammar,
                                                                     structure))

@@ -9,10 +9,12 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   answered 431 beyond, and must arrive within `HEAD_TIMEOUT_S` of the connection opening or of
   its first byte after a response (408): uvicorn's httptools protocol has neither limit, so a
   64 MB header would be buffered whole before any check ran;
-- a response the client stops reading (its TCP window shut) for `WRITE_STALL_S` has its
-  connection closed: the proxy's own writes wait on the socket, but the ingress behind it
-  writes into Serve's unbounded queue and would decode the whole answer into memory, free the
-  key's stream slot and be counted answered while the client holds the connection for ever.
+- a response whose client reads nothing of it for `WRITE_STALL_S` (the transport paused and
+  its buffer not shrinking for a whole period; a slow reader that makes progress gets another
+  period, once the kernel's send buffer lets it show) has its connection closed: the proxy's
+  own writes wait on the socket, but the ingress behind it writes into Serve's unbounded
+  queue and would decode the whole answer into memory, free the key's stream slot and be
+  counted answered while the client holds the connection for ever.
   The proxy sees the close as the client leaving and cancels the request (the ingress's own
   `limits.write_stall_s` does this where it owns the socket: a direct-ingress replica);
 - `EdgeErrors` makes every answer the proxy itself writes an OpenAI-style JSON error (its own
@@ -139,7 +141,11 @@ class _HeadLimit:
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(WRITE_STALL_S, self._write_stalled)
+            self._arm_stall_timer()
+
+    def _arm_stall_timer(self) -> None:
+        self._stall_buffered = self.transport.get_write_buffer_size()
+        self._stall_timer = self.loop.call_later(WRITE_STALL_S, self._write_stalled)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -152,7 +158,11 @@ class _HeadLimit:
 
     def _write_stalled(self) -> None:
         self._stall_timer = None
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() < self._stall_buffered:
+            self._arm_stall_timer()  # a slow reader, still reading: another period
+        else:
             log.warning("a client read nothing of its response for %g s: closing it",
                         WRITE_STALL_S)
             self.transport.abort()

@@ -62,6 +62,7 @@ class _KeyState:
     tokens: Bucket | None
     streams: int = 0
     limits: QuotaSettings = field(default_factory=QuotaSettings)
+    charged: int = 0  # tokens charged to requests in flight: the most their refunds return
 
 
 @dataclass
@@ -147,8 +148,10 @@ class Quotas:
         if state is None or state.tokens is None:
             return None
         state.tokens.wait_s(0, self.clock())  # filled to now
-        return TokenRoom(grant.name, state.limits.tokens_per_min, state.tokens.level,
-                         state.tokens.capacity)
+        # the check comes later, after queues and fetches: what the key has now, plus every
+        # refund its requests in flight could still bring (the refill is credited there)
+        return TokenRoom(grant.name, state.limits.tokens_per_min,
+                         state.tokens.level + state.charged, state.tokens.capacity)
 
     def charge(self, grant: Grant, tokens: int) -> None:
         """Charge an admitted request's `tokens`, or raise `RateLimited` (then `release` it)."""
@@ -156,6 +159,7 @@ class Quotas:
         state = self.keys.get(grant.key)
         if state is not None and state.tokens is not None:
             state.tokens.take(tokens)
+            state.charged += tokens
         grant.tokens += tokens
 
     def release(self, grant: Grant | None, used_tokens: int) -> None:
@@ -164,5 +168,6 @@ class Quotas:
         if state is None:
             return
         state.streams = max(0, state.streams - 1)
+        state.charged = max(0, state.charged - grant.tokens)
         if state.tokens is not None and grant.tokens > used_tokens:
             state.tokens.refund(grant.tokens - used_tokens, self.clock())

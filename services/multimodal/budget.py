@@ -9,28 +9,34 @@ The exact count is checked again once the prompt is encoded."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from services.errors import ContextLengthExceeded, over_token_quota
 
 
 @dataclass(frozen=True)
 class TokenRoom:
-    """A key's token bucket as the ingress saw it: what it could pay then, and how fast it
-    refills."""
+    """A key's token bucket as the ingress saw it: the most the key could pay (what it had,
+    plus what its requests in flight could still refund) at wall-clock `at`, and the bucket's
+    size. Checked later (after queues and fetches), it credits the refill since: it refuses
+    only what the exact charge after encoding would refuse too."""
 
     key: str
     tokens_per_min: float
     available: float
     capacity: float
+    at: float = field(default_factory=time.time)
 
     def check(self, tokens: int) -> None:
-        """Raise the quota's 429 if `tokens` are more than the key could pay."""
+        """Raise the quota's 429 if `tokens` are more than the key could pay now."""
         if tokens > self.capacity:
             raise over_token_quota(tokens, self.key, self.tokens_per_min, float("inf"))
-        if tokens > self.available:
-            wait = (tokens - self.available) / (self.tokens_per_min / 60.0)
-            raise over_token_quota(tokens, self.key, self.tokens_per_min, wait)
+        per_s = self.tokens_per_min / 60.0
+        most = min(self.capacity, self.available + per_s * max(0.0, time.time() - self.at))
+        if tokens > most:
+            raise over_token_quota(tokens, self.key, self.tokens_per_min,
+                                   (tokens - most) / per_s)
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,12 @@ def decode_image(data: bytes, settings: ImageSettings, param: str,
 
 
 def _eight_bit(image):
-    """A 16- or 32-bit greyscale image (a 16-bit PNG) as 8-bit: mistral-common converts to RGB
-    by Pillow's `convert`, which clips such values at 255 (a scan turned all white)."""
+    """A 16-bit greyscale image (a 16-bit PNG, Pillow's `I;16`) as 8-bit, its top byte:
+    mistral-common converts to RGB by Pillow's `convert`, which clips values at 255 (a scan
+    turned all white). A 32-bit `I` image of unknown range is scaled only when its values go
+    past 8 bits."""
+    sixteen = image.mode.startswith("I;16")
     image = image.convert("I")
-    if image.getextrema()[1] > 255:
+    if sixteen or image.getextrema()[1] > 255:
         image = image.point(lambda v: v / 256)
     return image.convert("L")

@@ -163,5 +163,5 @@ def _loop_time(deadline: float | None) -> float | None:
 
 def _late() -> DeadlineExceeded:
     return DeadlineExceeded("the request's deadline passed while its images were being "
-                            "decoded (x-request-timeout or limits.request_timeout_s)",
+                            "fetched or decoded (x-request-timeout or limits.request_timeout_s)",
                             param="x-request-timeout")

@@ -136,11 +136,18 @@ def test_a_grammar_waiting_for_a_compile_slot_keeps_the_requests_deadline():
             late = await post()
             waited = asyncio.get_running_loop().time() - started
             ingress.service._compiling.release()
-            return late, waited, await post()
+            # a request whose deadline is gone by then takes no free slot, starts no compile
+            gone = await client.post("/v1/chat/completions", json=body, timeout=30,
+                                     headers={"x-request-timeout": "0.000001"})
+            return late, waited, (gone, len(compiles)), await post()
 
-    late, waited, after = asyncio.run(scenario())
+    compiles = []
+    grammar = ingress.service.guidance.grammar
+    ingress.service.guidance.grammar = lambda *a: compiles.append(a) or grammar(*a)
+    late, waited, (gone, compiled), after = asyncio.run(scenario())
     assert late.status_code == 504, late.text
     assert late.json()["error"]["param"] == "x-request-timeout"
     assert waited < 10  # its own deadline, not the slot's release
-    assert after.status_code == 200
+    assert gone.status_code == 504 and compiled == 0
+    assert after.status_code == 200 and len(compiles) == 1
 

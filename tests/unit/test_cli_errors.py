@@ -50,7 +50,11 @@ def no_ray(monkeypatch):
     return drained
 
 
-def test_up_whose_replicas_cannot_start_says_why_and_exits_1(no_ray, monkeypatch, capsys):
+@pytest.mark.parametrize("address, drained", [([], 1), (["--address", "10.0.0.1:6379"], 0)])
+def test_up_whose_replicas_cannot_start_says_why_and_exits_1(no_ray, monkeypatch, capsys,
+                                                            address, drained):
+    """On its own Ray, what did start is removed; on a cluster joined, an app of that name may
+    still serve its earlier version, and stays."""
     import ray
     from ray import serve
 
@@ -61,11 +65,11 @@ def test_up_whose_replicas_cannot_start_says_why_and_exits_1(no_ray, monkeypatch
     monkeypatch.setattr(ray, "init", lambda **kw: None)
     monkeypatch.setattr(serve, "start", lambda **kw: None)
     monkeypatch.setattr(serve, "run", fail)
-    assert main(["up", "--address", "10.0.0.1:6379"]) == 1
+    assert main(["up", *address]) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith("deploy failed: Deploying application small4 failed: Failed to "
                            "update the deployments ['PrefillWorker_fast'].")
-    assert len(no_ray) == 1, "the part of the app that did start is deleted"
+    assert len(no_ray) == drained
 
 
 def test_up_lets_other_errors_of_serve_run_through(no_ray, monkeypatch):
@@ -148,6 +152,18 @@ def test_status_with_a_metrics_url_that_is_not_prometheus_says_so_and_exits_2(
     assert code == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"--metrics-url http://127.0.0.1:{metrics.server_port}/ {why}")
+
+
+def test_status_with_a_malformed_metrics_url_says_so_and_exits_2(connected, capsys):
+    ready = serving(b'{"ready": true}')
+    try:
+        code = main(["status", "--metrics-url", "http://[::1",
+                     "--url", f"http://127.0.0.1:{ready.server_port}"])
+    finally:
+        ready.shutdown()
+        ready.server_close()
+    assert code == 2
+    assert one_line(capsys.readouterr().err).startswith("--metrics-url http://[::1 did not")
 
 
 def test_the_node_endpoints_cache_view_lists_a_non_prometheus_page_with_the_silent_ones():

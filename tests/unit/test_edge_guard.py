@@ -194,6 +194,32 @@ def test_keys_sharing_a_name_have_separate_quotas():
         quotas.admit(first, 1)
 
 
+def test_the_room_an_image_check_sees_counts_what_requests_in_flight_may_refund():
+    """The image service checks a request's tokens against the key's room later than the
+    ingress read it: a refund arriving meanwhile (a request of the key ending early) must not
+    turn into a 429 the exact charge would not give. The room counts every refund the key's
+    requests in flight could still bring, and the refill since the reading."""
+    clock = [0.0]
+    quotas = Quotas(QuotaSettings(tokens_per_min=60_000), clock=lambda: clock[0])
+    who = Principal("k", "t", key_id="c" * 64)
+    busy = [quotas.admit(who, 19_000) for _ in range(3)]  # 3,000 left
+    room = quotas.room(quotas.admit_request(who))
+    assert room.available == 60_000 and room.capacity == 60_000
+    room.check(6_000)  # passes: a refund could come before the charge
+    quotas.release(busy[0], 1_000)  # ... and one does
+    quotas.charge(quotas.admit_request(who), 6_000)  # the exact charge agrees
+    for grant in busy[1:]:
+        quotas.release(grant, 19_000)
+    spent = quotas.room(quotas.admit_request(who))
+    assert spent.available == 60_000 - 1_000 - 2 * 19_000  # nothing in flight to refund
+    with pytest.raises(RateLimited) as err:
+        spent.check(40_000)  # the in-flight 6,000 could come back, no more
+    assert err.value.code == "tokens_per_min_exceeded" and err.value.retry_after > 0
+    with pytest.raises(RateLimited, match="needs 70000 tokens") as never:
+        spent.check(70_000)  # more than the bucket holds: never
+    assert never.value.retry_after == 60.0
+
+
 def test_a_requoted_key_keeps_what_it_spent():
     """Reloading the keys file with a changed quota must not refill the key's buckets: an edit
     (even one of max_concurrent_streams only) is no fresh minute of tokens."""
@@ -443,6 +469,59 @@ def test_a_response_its_client_stops_reading_is_cut_after_the_write_stall(edge_s
         sock.close()
     assert ended["ended"] == "disconnected", ended
     assert ended["sent"] < 64 * 1024 * 1024  # stopped by the stall, not by the end
+
+
+def test_a_slow_reader_that_keeps_reading_gets_another_period():
+    """The stall is a period without progress: when the timer fires and the transport's
+    buffer has shrunk since it was armed (the client read some), it is armed again; only a
+    period in which nothing left the buffer closes the connection. (The kernel's send buffer
+    sits between: how soon a slow reader's progress shows depends on it, so the mixin is
+    driven here with a transport whose buffer the test sets.)"""
+    from services.guard import http_edge
+
+    class Base:
+        def pause_writing(self):
+            pass
+
+        def resume_writing(self):
+            pass
+
+    class Edge(http_edge._HeadLimit, Base):
+        pass
+
+    class Transport:
+        buffered, aborted = 65536, False
+
+        def get_write_buffer_size(self):
+            return self.buffered
+
+        def is_closing(self):
+            return self.aborted
+
+        def abort(self):
+            self.aborted = True
+
+    class Loop:
+        def __init__(self):
+            self.timers = []
+
+        def call_later(self, delay, callback):
+            self.timers.append(callback)
+            return type("Handle", (), {"cancel": lambda self: None})()
+
+    edge = Edge()
+    edge.transport, edge.loop = Transport(), Loop()
+    edge.pause_writing()
+    edge.transport.buffered = 40_000  # the client read some during the period
+    edge.loop.timers.pop()()
+    assert not edge.transport.aborted and len(edge.loop.timers) == 1  # armed again
+    edge.loop.timers.pop()()  # a whole period with nothing read
+    assert edge.transport.aborted
+    calm = Edge()
+    calm.transport, calm.loop = Transport(), Loop()
+    calm.pause_writing()
+    calm.resume_writing()  # drained below the low-water mark: the timer is stopped
+    assert calm._stall_timer is None
 
 
 def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):
