@@ -38,7 +38,6 @@ from services.guard.keys import Principal
 from services.guard.quotas import Grant, Quotas
 from services.guard.uploads import Uploads
 from services.kv.backends import SEQUENTIAL, build_handoff
-from services.multimodal.budget import PromptBudget
 from services.multimodal.preprocess import image_parts
 from services.routing import PoolChoice, cache_salt, choose_pool
 from services.settings import IngressSettings
@@ -132,10 +131,7 @@ class RequestService:
                 # a pool with room, before the costly steps (tokenising, images, a grammar):
                 # a saturated stack sheds with a 503 what it would shed after them anyway
                 choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing)
-                budget = prompt_budget(req, self.token_bytes, model=self.settings.model,
-                                       limits=limits, quota=self.quotas.room(record.grant))
-                prompt = await self._encode(req, effort, record.request_id, pre, deadline,
-                                            budget)
+                prompt = await self._encode(req, effort, record, pre, deadline)
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits)
@@ -194,12 +190,13 @@ class RequestService:
                                  param="x-request-timeout")
         return asked
 
-    async def _encode(self, req, effort: str, request_id: str, span, deadline: float,
-                      budget: PromptBudget) -> EncodedPrompt:
+    async def _encode(self, req, effort: str, record: _Record, span,
+                      deadline: float) -> EncodedPrompt:
         """Text stays here; a request with images is encoded by the multimodal deployment
-        (its span a child of `span`, the preprocessing's), which checks `budget` against its
-        images' tokens before decoding them. Either way a text longer in bytes than the
-        context in tokens is counted first, with an early stop (below)."""
+        (its span a child of `span`, the preprocessing's), which checks the request's
+        `prompt_budget` (the context, the key's token room) against its images' tokens before
+        decoding them. Either way a text longer in bytes than the context in tokens is counted
+        first, with an early stop (below)."""
         messages, tools = req.openai_messages(), tools_of(req)
         size = sum(len(t) for t in _texts(messages, tools))
         images = image_parts(messages)
@@ -212,6 +209,10 @@ class RequestService:
                 return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
             return await asyncio.to_thread(self.tokenizer.encode_chat, messages,
                                            effort=effort, tools=tools)
+        request_id = record.request_id
+        budget = prompt_budget(req, self.token_bytes, model=self.settings.model,
+                               limits=self.settings.limits,
+                               quota=self.quotas.room(record.grant))
         ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
         # queued behind a busy multimodal deployment, a request still keeps its deadline (a
