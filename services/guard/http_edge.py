@@ -90,9 +90,12 @@ class _HeadLimit:
         self._stop_head_timer()
 
     def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._stop_timer("_head_timer")
+
+    def _stop_timer(self, name: str) -> None:
+        if (timer := getattr(self, name)) is not None:
+            timer.cancel()
+            setattr(self, name, None)
 
     def _head_timed_out(self) -> None:
         answering = self.cycle is not None and not self.cycle.response_complete
@@ -152,9 +155,7 @@ class _HeadLimit:
         self._stop_stall_timer()
 
     def _stop_stall_timer(self) -> None:
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
+        self._stop_timer("_stall_timer")
 
     def _write_stalled(self) -> None:
         self._stall_timer = None
