@@ -62,12 +62,21 @@ def test_tiny_files_declaring_huge_images_are_refused_by_their_sum(base):
             "more than 48000000 pixels together")
 
 
+def test_images_over_the_context_are_refused_from_their_headers(base):
+    """Three tiny files declaring 1540 x 1540 (3,080 tokens each) cannot fit the 8,192-token
+    context: the image service refuses them from their headers, before decoding, and its
+    error crosses the Serve hop as the same 400."""
+    images = [data_url(declared_size_jpeg(1540, 1540), JPEG)] * 3
+    refused(ask(base, *images), 400, "messages", "images take 9240")
+    assert ask(base, *images[:2]).status_code == 200  # 6,160 tokens fit
+
+
 def test_decoding_is_cut_at_the_request_timeout(base):
     start = time.perf_counter()
     response = ask(base, SLOW_JPEG, headers={"x-request-timeout": "2"}, timeout=30)
     print(f"\nx-request-timeout 2 over a ~20 s decode: answered in "
           f"{time.perf_counter() - start:.2f} s")
-    refused(response, 504, "x-request-timeout", "images were being decoded")
+    refused(response, 504, "x-request-timeout", "images were being fetched or decoded")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 4000), (4000, 1)], ids=str)
