@@ -62,7 +62,9 @@ class Refused:
 # a prompt of more text than this (characters) is encoded off the event loop
 INLINE_ENCODE_CHARS = 65536
 ENCODE_GRACE_S = 2.0  # past the deadline, for the multimodal worker's own deadline answer
-RELEASE_S = 5.0  # a pixel release nobody waits for: past it the pixels wait out their deadline
+# a pixel release nobody waits for is tried at least this long, and until the request's
+# deadline (when the pixels let themselves go): behind a replica's encodes it waits for a slot
+RELEASE_S = 5.0
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
@@ -117,7 +119,7 @@ class RequestService:
             # cheapest first: the deadline header, the key's request and stream quota, an
             # upload slot; only then is the body read (checked as it streams in), sized against
             # the context and token quota, and only then tokenised
-            deadline = time.time() + self._timeout(headers)
+            deadline = record.deadline = time.time() + self._timeout(headers)
             record.grant = self.quotas.admit_request(principal)
             with tracing.scope("preprocess", record.span) as pre:
                 async with self.uploads.slot(principal.ident):
@@ -238,11 +240,15 @@ class RequestService:
             raise ContextLengthExceeded(f"this model's maximum context length is {context} "
                                         "tokens; the messages have more", param="messages")
 
-    def release_pixels(self, owner: Any) -> None:
+    def release_pixels(self, owner: Any, deadline: float | None = None) -> None:
         """Let the multimodal replica that keeps a finished request's pixels free them, in the
-        background (the answer is sent; a failed release leaves them to their deadline)."""
+        background (the answer is sent): tried until the request's `deadline`, when the
+        replica lets them go itself, and for at least `RELEASE_S`. A release queues for a
+        slot of that replica behind its encodes; given up sooner, it left the pixels held,
+        and counted against `max_held_bytes`, until the deadline all the same."""
+        left = 0.0 if deadline is None else deadline - time.time()
         in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing,
-                      RELEASE_S)
+                      max(RELEASE_S, left))
 
     async def _constrain(self, plan: RequestPlan, deadline: float) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools), waited
@@ -299,6 +305,7 @@ class _Record:
         self.pool = "none"
         self.error: StackError | None = None
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
+        self.deadline: float | None = None
         self.closed = False
 
     @classmethod
@@ -322,7 +329,7 @@ class _Record:
         self.closed = True
         service, pool, tenant = self.service, self.pool, self.tenant
         if self.pixels is not None:
-            service.release_pixels(self.pixels)
+            service.release_pixels(self.pixels, self.deadline)
         self.error = None if exc is None else as_stack_error(exc)
         status, error_type = (200, None) if self.error is None else (self.error.status,
                                                                      self.error.type)

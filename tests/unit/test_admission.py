@@ -151,3 +151,35 @@ def test_a_grammar_waiting_for_a_compile_slot_keeps_the_requests_deadline():
     assert gone.status_code == 504 and compiled == 0
     assert after.status_code == 200 and len(compiles) == 1
 
+
+
+
+def test_a_pixel_release_waits_for_a_busy_image_service_until_the_deadline(monkeypatch):
+    """A release queues for a slot of the replica that keeps the pixels, behind its encodes:
+    given up after a few seconds, it left them held (and counted against the replica's
+    `max_held_bytes`) until the request's deadline. It is tried until that deadline (and at
+    least `RELEASE_S`)."""
+    import time
+
+    import services.api.service as service_module
+    from services.multimodal.refs import PixelOwner
+
+    monkeypatch.setattr(service_module, "RELEASE_S", 0.2)
+    service = build_inprocess(parse_settings(PROFILE)).service
+    released = []
+
+    async def busy_release(owner):  # its turn comes after 0.6 s of other encodes
+        await asyncio.sleep(0.6)
+        released.append(owner.request_id)
+
+    service.multimodal.release = busy_release
+
+    async def scenario():
+        service.release_pixels(PixelOwner("replica", "within"), time.time() + 5)
+        service.release_pixels(PixelOwner("replica", "past"), time.time() - 1)
+        await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    # the first, within its deadline, waited for its turn; the second, past its deadline
+    # (its pixels already gone), was given RELEASE_S only
+    assert released == ["within"]
