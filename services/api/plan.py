@@ -110,9 +110,15 @@ def prompt_budget(req: ChatCompletionRequest, token_bytes: int, *, model: ModelS
                   limits: LimitSettings, quota: TokenRoom | None) -> PromptBudget:
     """What the request's prompt may cost, for the image service to check against its images'
     tokens before decoding them (`services.multimodal.budget`)."""
+    return _sizing(req, model, limits, _request_text_bytes(req) // max(token_bytes, 1), quota)
+
+
+def _sizing(req: ChatCompletionRequest, model: ModelSettings, limits: LimitSettings,
+            text_tokens: int = 0, quota: TokenRoom | None = None) -> PromptBudget:
+    """The request's completion and context, as `PromptBudget` sizes every prompt."""
     field = _max_tokens_field(req)
-    return PromptBudget(_request_text_bytes(req) // max(token_bytes, 1), model.context_length,
-                        choices=req.n, max_tokens=getattr(req, field), max_tokens_field=field,
+    return PromptBudget(text_tokens, model.context_length, choices=req.n,
+                        max_tokens=getattr(req, field), max_tokens_field=field,
                         default_max_tokens=limits.max_tokens_default, quota=quota)
 
 
@@ -156,7 +162,9 @@ def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                  ) -> RequestPlan:
     """Sampling and limits for an encoded prompt (of a request `admit` passed): what the pool
     receives."""
-    max_tokens = _max_tokens(req, len(prompt.ids), model, limits)
+    prompt_len = len(prompt.ids)
+    max_tokens = _sizing(req, model, limits).completion(prompt_len,
+                                                        f"the messages have {prompt_len}")
     # top_p 0 keeps only the most likely token: greedy decoding, which engines know as such
     temperature, top_p = (req.temperature, req.top_p) if req.top_p > 0 else (0.0, 1.0)
     bias = req.logit_bias_ids
@@ -197,21 +205,3 @@ def constrain(plan: RequestPlan, grammar: str | None, field: str = "response_for
 def _json(value):
     return value.model_dump(exclude_none=True, by_alias=True) if hasattr(
         value, "model_dump") else value
-
-
-def _max_tokens(req: ChatCompletionRequest, prompt_len: int, model: ModelSettings,
-                limits: LimitSettings) -> int:
-    field = _max_tokens_field(req)
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    room = model.context_length - prompt_len
-    if room <= 0:
-        raise ContextLengthExceeded(
-            f"this model's maximum context length is {model.context_length} tokens; the "
-            f"messages have {prompt_len}", param="messages")
-    if asked is None:
-        return min(limits.max_tokens_default, room)
-    if asked > room:  # (its range, 1 to limits.max_tokens_cap, was checked by `admit`)
-        raise ContextLengthExceeded(
-            f"this model's maximum context length is {model.context_length} tokens; the "
-            f"messages have {prompt_len} and {field} asks for {asked}", param="messages")
-    return asked

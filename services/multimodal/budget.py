@@ -42,7 +42,8 @@ class TokenRoom:
 @dataclass(frozen=True)
 class PromptBudget:
     """The text's floor, the context, the completion asked and the key's room: enough to refuse
-    a prompt from its images' token count (as `services.api.plan` sizes requests)."""
+    a prompt from its images' token count. `completion` is the one sizing rule: the request
+    plan's `max_tokens` comes from it too, once the prompt is encoded."""
 
     text_tokens: int
     context_length: int
@@ -52,24 +53,28 @@ class PromptBudget:
     default_max_tokens: int = 0
     quota: TokenRoom | None = None
 
+    def completion(self, prompt: int, taken: str) -> int:
+        """The completion a prompt of `prompt` tokens gets: the one asked, or the default
+        where the context leaves room; `ContextLengthExceeded` when it cannot fit, saying what
+        the messages take (`taken`)."""
+        context = self.context_length
+        room = context - prompt
+        if room <= 0:
+            raise ContextLengthExceeded(f"this model's maximum context length is {context} "
+                                        f"tokens; {taken}", param="messages")
+        if self.max_tokens is None:
+            return min(self.default_max_tokens, room)
+        if self.max_tokens > room:  # (its range, 1 to limits.max_tokens_cap: `admit`'s)
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {context} tokens; {taken} and "
+                f"{self.max_tokens_field} asks for {self.max_tokens}", param="messages")
+        return self.max_tokens
+
     def check(self, image_tokens: int) -> None:
         """Raise if a prompt of at least the text's floor plus `image_tokens` cannot fit the
         context with the completion asked, or its key cannot pay for every choice."""
         prompt = self.text_tokens + image_tokens
-        context = self.context_length
-        if self.max_tokens is None:
-            if prompt >= context:
-                raise ContextLengthExceeded(
-                    f"this model's maximum context length is {context} tokens; the messages' "
-                    f"images take {image_tokens} and their text at least {self.text_tokens}",
-                    param="messages")
-            completion = min(self.default_max_tokens, context - prompt)
-        else:
-            if prompt + self.max_tokens > context:
-                raise ContextLengthExceeded(
-                    f"this model's maximum context length is {context} tokens; the messages' "
-                    f"images take {image_tokens}, their text at least {self.text_tokens}, and "
-                    f"{self.max_tokens_field} asks for {self.max_tokens} more", param="messages")
-            completion = self.max_tokens
+        completion = self.completion(prompt, f"the messages' images take {image_tokens} and "
+                                             f"their text at least {self.text_tokens}")
         if self.quota is not None:
             self.quota.check(self.choices * (prompt + completion))
