@@ -1,7 +1,9 @@
 """Goodput at SLO of four ways to size the pools on 16 H200s (8 TP2 engines), in simulation: the
 production static split (fast 1P+2D, deep 2P+3D), Ray Serve's default policy per deployment, a
 Dynamo-style planner, and ours (SLO policies under the GPU-budget arbiter), on the same traces
-(same seed, same requests). The same code as `small4 simulate` (autoscaling.simulator.study).
+(same seed, same requests); beside them `hindsight`, a reference that reads each trace's future
+(what the budget can carry when the load is known in advance). The same code as
+`small4 simulate` (autoscaling.simulator.study).
 
     python bench/simulate_autoscaling.py [--traces steady step ...] [--seeds 5] [--jobs 2]
                                          [--holdout-minutes 60] [--duration-s S] [--out DIR]

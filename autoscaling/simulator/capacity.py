@@ -42,19 +42,33 @@ def best_split(perf: PerfModel, workload: Workload, budget: int,
     demand = {k: c * workload.share(k[0])
               for k, c in engine_seconds_per_request(perf, workload).items()}
     best, best_rps = None, -1.0
-    for split in itertools.product(range(minimum, budget + 1), repeat=len(KEYS)):
-        if sum(split) != budget:
-            continue
-        alloc = dict(zip(KEYS, split))
+    for alloc in splits(budget, minimum):
         rps = split_capacity(alloc, demand)
         if rps > best_rps:
             best, best_rps = alloc, rps
     return best, best_rps
 
 
+def splits(budget: int, minimum: int = 1) -> list[dict[Key, int]]:
+    """Every split of `budget` engines over the pools and roles, each at least `minimum`."""
+    return [dict(zip(KEYS, split))
+            for split in itertools.product(range(minimum, budget + 1), repeat=len(KEYS))
+            if sum(split) == budget]
+
+
 def split_capacity(alloc: dict[Key, int], demand: dict[Key, float]) -> float:
     """Requests/s a split carries at full utilisation, given engine-seconds per request."""
     return min(alloc[k] / d for k, d in demand.items() if d > 0)
+
+
+def request_cost(perf: PerfModel, prompt: int, output: int) -> tuple[float, float]:
+    """One request's prefill engine-seconds (at the batch rate) and how long its stream lasts
+    at a full batch's step at its mean context; the stream holds 1/`max_running` of an
+    engine for that long."""
+    prefill = (perf.prompt_flops(prompt) / perf.prefill_flops_per_s
+               + perf.prefill_batch_overhead_s * prompt / perf.max_batched_tokens)
+    context = perf.max_running * (prompt + output / 2)
+    return prefill, output * perf.decode_step_s(perf.max_running, context)
 
 
 def demand_peaks(perf: PerfModel, requests: list,
@@ -70,12 +84,9 @@ def demand_peaks(perf: PerfModel, requests: list,
     load = {k: np.zeros(bins) for k in KEYS}
     for r in requests:
         i = int(r.arrival // window_s)
-        prefill = (perf.prompt_flops(r.prompt) / perf.prefill_flops_per_s
-                   + perf.prefill_batch_overhead_s * r.prompt / perf.max_batched_tokens)
-        context = perf.max_running * (r.prompt + r.output / 2)
-        decode = r.output * perf.decode_step_s(perf.max_running, context) / perf.max_running
+        prefill, stream = request_cost(perf, r.prompt, r.output)
         load[(r.pool, "prefill")][i] += prefill
-        load[(r.pool, "decode")][i] += decode
+        load[(r.pool, "decode")][i] += stream / perf.max_running
     span = np.full(bins, window_s)
     span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
     total = sum(v / span for v in load.values())

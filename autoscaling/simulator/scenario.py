@@ -15,14 +15,17 @@ from autoscaling.ray_default import RayAutoscalingConfig
 from autoscaling.simulator.capacity import KEYS, best_split
 from autoscaling.simulator.controllers import (Controller, RayDefaultController, SloController,
                                                StaticController)
+from autoscaling.simulator.hindsight import HindsightController
 from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixModel
 from autoscaling.simulator.planner import PlannerController, PlannerSettings
 from autoscaling.simulator.report import PoolSLO, summarize
 from autoscaling.simulator.sim import Simulation
-from autoscaling.simulator.workload import Trace, TraceKind, Workload, arrivals, make_trace
+from autoscaling.simulator.workload import (Request, Trace, TraceKind, Workload, arrivals,
+                                            make_trace)
 
-CONTROLLERS = ("static", "ray_default", "planner", "ours")
+# `hindsight` reads the trace's future: a reference for what the budget can carry, no policy
+CONTROLLERS = ("static", "ray_default", "planner", "ours", "hindsight")
 
 
 def _split(fast_p: int, fast_d: int, deep_p: int, deep_d: int) -> dict[str, int]:
@@ -60,8 +63,10 @@ class SimSettings(BaseModel):
         return {tuple(k.split("/")): n for k, n in self.static_split.items()}
 
 
-def make_controller(name: str, s: SimSettings) -> Controller:
-    """A fresh controller called `name`, starting from the static split."""
+def make_controller(name: str, s: SimSettings, requests: list[Request] | None = None,
+                    duration_s: float = 0.0) -> Controller:
+    """A fresh controller called `name`, starting from the static split; `hindsight` is given
+    the trace's `requests` (and its duration) before they arrive."""
     split = s.split()
     if name == "static":
         return StaticController(split)
@@ -75,6 +80,10 @@ def make_controller(name: str, s: SimSettings) -> Controller:
             "ttft_slo_s": s.slos[k[0]].ttft_s, "itl_slo_s": s.slos[k[0]].itl_s,
             "max_replicas": s.budget_engines}) for k in KEYS}
         return SloController(split, policies, s.priorities, s.budget_engines, s.arbiter)
+    if name == "hindsight":
+        if requests is None:
+            raise ValueError("the hindsight controller needs the trace's requests")
+        return HindsightController(split, requests, s.perf, s.budget_engines, duration_s)
     raise KeyError(f"unknown controller {name!r}; known: {', '.join(CONTROLLERS)}")
 
 
@@ -107,7 +116,8 @@ def run(trace_kind: TraceKind, controller: str, s: SimSettings, seed: int = 0,
 def run_trace(trace: Trace, controller: str, s: SimSettings, seed: int = 0) -> dict:
     """Simulate one controller on `trace` (drawn with `seed`, or replayed from a file)."""
     requests = arrivals(trace, s.workload, seed)
-    sim = Simulation(requests, make_controller(controller, s), s.perf, s.budget_engines,
+    chosen = make_controller(controller, s, requests, trace.duration_s)
+    sim = Simulation(requests, chosen, s.perf, s.budget_engines,
                      s.split(), trace.duration_s, s.tick_s, grace_s=s.grace_s,
                      slos=role_slos(s), prefill_deadline=None if s.prefill_timeout_s is None
                      else (s.prefill_timeout_s, s.prefill_tokens_per_s_floor),

@@ -142,6 +142,7 @@ def _recovery(runs: list[dict]) -> list | None:
 def verdict(rows: list[dict], s: SimSettings) -> dict:
     """The issue's targets for our policy, each with the figures behind it."""
     ours = {r["trace"]: r for r in rows if r["policy"] == "ours"}
+    seen = {r["trace"]: r for r in rows if r["policy"] == "hindsight"}
     limit = s.perf.cold_start_s + 60.0
     out: dict = {"recovery_limit_s": limit}
     for trace, r in ours.items():
@@ -158,6 +159,9 @@ def verdict(rows: list[dict], s: SimSettings) -> dict:
         if trace not in NOT_CARRIED:
             t["slo_attainment"] = r["slo_attainment"]
             t["slo_target_met"] = r["slo_attainment"] >= SLO_TARGET
+        if trace in seen:  # what knowing the future reaches with this budget
+            t["hindsight_slo_attainment"] = seen[trace]["slo_attainment"]
+            t["hindsight_recovery_s"] = seen[trace]["recovery_s"]
         if trace in SHIFTING and r["recovery_s"] is not None:
             flat = [x for seed in r["recovery_s"] for x in seed]
             t["recovery_target_met"] = all(x is not None and x <= limit for x in flat)

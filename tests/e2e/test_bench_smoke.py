@@ -104,8 +104,9 @@ def test_simulate_autoscaling_bench_runs():
                        "--jobs", "1")
     assert {r["trace"] for r in report["summary"]} == {"steady", "mix-shift", "holdout"}
     assert {r["policy"] for r in report["summary"]} == {"static", "ray_default", "planner",
-                                                         "ours"}
+                                                         "ours", "hindsight"}
     assert "ceiling" in report["targets"]["mix-shift"]
+    assert 0 <= report["targets"]["mix-shift"]["hindsight_slo_attainment"] <= 1
 
 
 @pytest.mark.ray

@@ -126,7 +126,7 @@ def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_
     assert main(["simulate", "--trace", str(path), "--speedup", "2", "--out", str(out),
                  "--jobs", "1"]) == 0
     printed = capsys.readouterr()
-    assert "[1/4] ops.csv static 0" in printed.err  # progress while it runs
+    assert "[1/5] ops.csv static 0" in printed.err  # progress while it runs
     assert "ours" in printed.out and "planner" in printed.out and "x static" in printed.out
     assert "ops.csv: with our autoscaling, 4 engines (8 GPUs)" in printed.out
     assert "a fixed split needs 4 engines (8 GPUs): fast/prefill 1" in printed.out
@@ -134,7 +134,7 @@ def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_
 
     document = json.loads((out / "simulate.json").read_text())
     assert {r["policy"] for r in document["summary"]} == {"static", "ray_default", "planner",
-                                                           "ours"}
+                                                           "ours", "hindsight"}
     assert document["answers"][0]["ours"]["slo_attainment"] >= 0.95
     assert (out / "simulate.png").exists()
 
