@@ -29,6 +29,7 @@ class RoleMetrics:
     decode_residency_s: float = 0.0  # mean time a request spends decoding, measured
     generated_tokens_per_s: float = 0.0  # decode output, all replicas, measured
     mean_output_tokens: float = 0.0  # of requests that finished decoding, measured
+    arriving_output_tokens: float = 0.0  # expected of a request arriving now; 0 when unknown
     decode_tokens_per_s_per_replica: float = 0.0  # at full batch, profiled; 0 when unknown
     kv_tokens_used: int = 0
     kv_capacity_per_replica: int = 0

@@ -197,7 +197,10 @@ def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
                       m.arrival_requests_per_s * residency)
     by_slots = concurrency / m.max_running_per_replica if m.max_running_per_replica else 0.0
     by_kv = m.kv_tokens_used / m.kv_capacity_per_replica if m.kv_capacity_per_replica else 0.0
-    demand = max(m.generated_tokens_per_s, m.arrival_requests_per_s * m.mean_output_tokens)
+    # what a request arriving now will decode: the recent streams' (the mean of what finished
+    # lags a shift to shorter answers by minutes, and times today's arrivals it held engines)
+    output = m.arriving_output_tokens or m.mean_output_tokens
+    demand = max(m.generated_tokens_per_s, m.arrival_requests_per_s * output)
     by_rate = (demand / m.decode_tokens_per_s_per_replica
                if m.decode_tokens_per_s_per_replica else 0.0)
     by_slots = max(by_slots, by_rate)
@@ -212,7 +215,7 @@ def decode_wish(m: RoleMetrics, s: PolicySettings, state: PolicyState,
     if m.max_running_per_replica:
         arriving = m.arrival_requests_per_s * residency / m.max_running_per_replica
     if m.decode_tokens_per_s_per_replica:
-        arriving = max(arriving, m.arrival_requests_per_s * m.mean_output_tokens
+        arriving = max(arriving, m.arrival_requests_per_s * output
                        / m.decode_tokens_per_s_per_replica)
     return _damped(_wish(need, max(by_slots, by_kv), pressure, s), state, estimate, s, now,
                    s.decode_target_utilisation, arriving)

@@ -34,7 +34,7 @@ POLICY_PATH = "autoscaling.serve_policy:ServePolicy"
 SUMMED = ("queued_requests", "running_requests", "kv_tokens_used", "arrival_requests_per_s",
           "arrival_prompt_tokens_per_s", "generated_tokens_per_s", "slo_met", "slo_total")
 PER_REPLICA = ("max_running_per_replica", "kv_capacity_per_replica", "prefill_tokens_per_s",
-               "decode_residency_s", "mean_output_tokens")
+               "decode_residency_s", "mean_output_tokens", "arriving_output_tokens")
 WORST = ("latency_p90_s", "queue_wait_p90_s")
 PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
 
@@ -114,6 +114,7 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
         decode_residency_s=per_replica["decode_residency_s"],
         generated_tokens_per_s=summed["generated_tokens_per_s"],
         mean_output_tokens=per_replica["mean_output_tokens"],
+        arriving_output_tokens=per_replica["arriving_output_tokens"],
         decode_tokens_per_s_per_replica=profiled_tokens_per_s,
         kv_tokens_used=int(summed["kv_tokens_used"]),
         kv_capacity_per_replica=int(per_replica["kv_capacity_per_replica"]),

@@ -12,13 +12,23 @@ Two spans, one per kind of signal:
 - the mean output length over the last `output_window_s` seconds (300 by default): long enough
   that a burst of short answers does not hide the long ones still decoding, short enough that
   a shift to long reasoning outputs is seen within minutes (the worker used to average over its
-  whole life, the simulator over 30 minutes).
+  whole life, the simulator over 30 minutes);
+- the expected output of a request arriving now (`arriving_output_tokens`), from the decode
+  streams that arrived in the last `recent_s` seconds (60): a finished one at its length, a
+  running one at the mean length of the answers finished within `output_window_s` that were
+  longer than its tokens so far (what it is still expected to reach: neither cut at what it
+  has, which would read a rising load low because the short answers finish first, nor at the
+  mean). When the mix moves to shorter answers this follows within a minute, where the mean
+  of what finished stays on the long ones for minutes; the autoscaler multiplied that mean by
+  the new, larger arrival rate and held decode engines the prefill-heavy traffic needed.
 
 Samples per bucket are capped (`MAX_SAMPLES`) so a burst cannot grow a window without bound.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +39,7 @@ from autoscaling.metrics import RoleMetrics
 MAX_SAMPLES = 4096
 WINDOW_S = 10
 OUTPUT_WINDOW_S = 300
+RECENT_S = 60
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -54,6 +65,21 @@ class _Bucket:
     slo_total: int = 0
 
 
+@dataclass(slots=True)
+class Stream:
+    """One decode stream as the window follows it: the caller counts `tokens` as they leave;
+    `output` is set when it ends (`LoadWindow.decoded`, or `ended` for one cut short)."""
+
+    second: int
+    tokens: int = 0
+    output: int | None = None
+
+    def ended(self, tokens: int) -> None:
+        """It stopped after `tokens` (an error, the client gone): counted at what it sent."""
+        if self.output is None:
+            self.output = tokens
+
+
 def _add(samples: list, value: float) -> None:
     if len(samples) < MAX_SAMPLES:
         samples.append(value)
@@ -71,6 +97,7 @@ class LoadReport:
     generated_tokens_per_s: float = 0.0
     decode_residency_s: float = 0.0
     mean_output_tokens: float = 0.0  # over `output_window_s`
+    arriving_output_tokens: float = 0.0  # expected of a request arriving now (recent streams)
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
     queue_wait_p90_s: float | None = None
@@ -103,6 +130,7 @@ class LoadReport:
             decode_residency_s=self.decode_residency_s,
             generated_tokens_per_s=self.generated_tokens_per_s,
             mean_output_tokens=self.mean_output_tokens,
+            arriving_output_tokens=self.arriving_output_tokens,
             decode_tokens_per_s_per_replica=decode_tokens_per_s_per_replica,
             kv_tokens_used=self.kv_tokens_used,
             kv_capacity_per_replica=self.kv_capacity_per_replica,
@@ -117,14 +145,17 @@ class LoadWindow:
     objective: time to first token (prefill) or seconds per output token (decode)."""
 
     def __init__(self, slo_s: float, clock: Callable[[], float], window_s: int = WINDOW_S,
-                 output_window_s: int = OUTPUT_WINDOW_S):
-        if window_s < 1 or output_window_s < 1:
+                 output_window_s: int = OUTPUT_WINDOW_S, recent_s: int = RECENT_S):
+        if window_s < 1 or output_window_s < 1 or recent_s < 1:
             raise ValueError("windows are whole seconds, at least one")
         self.slo_s, self.clock = slo_s, clock
-        self.window_s, self.output_window_s = window_s, output_window_s
+        self.window_s, self.output_window_s, self.recent_s = window_s, output_window_s, recent_s
         self.buckets: deque[_Bucket] = deque()
         self.outputs: deque[list] = deque()  # [second, sum, count]
         self.output_sum, self.output_count = 0, 0
+        self.finished: deque[tuple[int, int]] = deque()  # (second, output), MAX_SAMPLES at most
+        self.lengths: list[int] = []  # the outputs in `finished`, sorted
+        self.streams: deque[Stream] = deque()  # arrived within `recent_s`, MAX_SAMPLES at most
 
     def _now(self) -> _Bucket:
         second = int(self.clock())
@@ -135,7 +166,24 @@ class LoadWindow:
         while self.outputs and self.outputs[0][0] <= second - self.output_window_s:
             _, total, count = self.outputs.popleft()
             self.output_sum, self.output_count = self.output_sum - total, self.output_count - count
+        while self.finished and self.finished[0][0] <= second - self.output_window_s:
+            self._forget()
+        while self.streams and self.streams[0].second <= second - self.recent_s:
+            self.streams.popleft()
         return self.buckets[-1]
+
+    def _forget(self) -> None:
+        _, n = self.finished.popleft()
+        del self.lengths[bisect.bisect_left(self.lengths, n)]
+
+    def stream(self) -> Stream:
+        """A decode stream arrived now: the caller keeps its `tokens` current and passes it to
+        `decoded` when it finishes (or calls its `ended`)."""
+        stream = Stream(self._now().second)
+        if len(self.streams) >= MAX_SAMPLES:
+            self.streams.popleft()
+        self.streams.append(stream)
+        return stream
 
     def arrived(self, prompt_tokens: int) -> None:
         """A request arrived for this role."""
@@ -165,9 +213,17 @@ class LoadWindow:
         for _ in range(min(int(tokens), 64)):
             _add(b.latencies, seconds_per_token)
 
-    def decoded(self, output_tokens: int, residency_s: float, wait_s: float | None = None) -> None:
-        """A request left decode after `residency_s`, having waited `wait_s` (if known)."""
+    def decoded(self, output_tokens: int, residency_s: float, wait_s: float | None = None,
+                stream: Stream | None = None) -> None:
+        """A request left decode after `residency_s`, having waited `wait_s` (if known); its
+        `stream`, when the caller followed it, ends at `output_tokens`."""
         b = self._now()
+        if stream is not None:
+            stream.output = output_tokens
+        if len(self.finished) >= MAX_SAMPLES:
+            self._forget()
+        self.finished.append((b.second, output_tokens))
+        bisect.insort(self.lengths, output_tokens)
         _add(b.residencies, residency_s)
         if wait_s is not None:
             _add(b.waits, wait_s)
@@ -180,6 +236,31 @@ class LoadWindow:
         self.output_count += 1
         b.slo_total += 1
         b.slo_met += residency_s / max(output_tokens, 1) <= self.slo_s
+
+    @property
+    def mean_output_tokens(self) -> float:
+        """Mean output of the requests that finished within `output_window_s`; 0 without."""
+        return self.output_sum / self.output_count if self.output_count else 0.0
+
+    @property
+    def arriving_output_tokens(self) -> float:
+        """Expected output of a request arriving now (see the module's docstring); the mean
+        of what finished when no stream arrived within `recent_s` (or nothing finished)."""
+        self._now()
+        if not self.streams or not self.finished:
+            return self.mean_output_tokens
+        lengths, below = self.lengths, None
+        total = 0.0
+        for s in self.streams:
+            if s.output is not None:
+                total += s.output
+                continue
+            if below is None:  # below[i]: the sum of lengths[:i]
+                below = [0, *itertools.accumulate(lengths)]
+            i = bisect.bisect_right(lengths, s.tokens)
+            longer = len(lengths) - i
+            total += (below[-1] - below[i]) / longer if longer else s.tokens
+        return total / len(self.streams)
 
     def snapshot(self, queued: int = 0, running: int = 0, max_running: int = 0, kv_used: int = 0,
                  kv_capacity: int = 0) -> LoadReport:
@@ -195,7 +276,8 @@ class LoadWindow:
             prefill_tokens_per_s=sum(x.prefill_tokens for x in b) / busy if busy else 0.0,
             generated_tokens_per_s=sum(x.generated for x in b) / span,
             decode_residency_s=sum(residencies) / len(residencies) if residencies else 0.0,
-            mean_output_tokens=self.output_sum / self.output_count if self.output_count else 0.0,
+            mean_output_tokens=self.mean_output_tokens,
+            arriving_output_tokens=self.arriving_output_tokens,
             latency_p50_s=percentile(latencies, 0.5), latency_p90_s=percentile(latencies, 0.9),
             queue_wait_p90_s=percentile([v for x in b for v in x.waits], 0.9),
             slo_met=sum(x.slo_met for x in b), slo_total=sum(x.slo_total for x in b),

@@ -19,7 +19,7 @@ from autoscaling.simulator.engines import DecodeEngine
 from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixModel, assign
 from autoscaling.simulator.workload import POOLS, Request
-from autoscaling.window import LoadWindow
+from autoscaling.window import LoadWindow, Stream
 
 PREFILL_DONE, DECODE, TICK = "prefill_done", "decode", "tick"
 
@@ -65,6 +65,7 @@ class Simulation:
         self.busy_s, self.timeline = 0.0, []
         self.next_rid = max((r.rid for r in requests), default=-1) + 1
         self.resumed = 0  # streams cut by a replica leaving and resumed on another
+        self.streams: dict[int, Stream] = {}  # decode streams the windows follow, by request
 
     def schedule(self, when: float, kind: str, *args) -> None:
         """Put an event on the heap."""
@@ -135,6 +136,7 @@ class Simulation:
             prefill_window.prefilled(r.prompt, busy * r.prompt / tokens, started - r.arrival,
                                      now - r.arrival)
             decode_window.arrived(r.prompt)
+            self.streams[r.rid] = decode_window.stream()
         self.queues[decode_key].extend(batch)
         if slot.phase == "draining":
             self._release(slot, now)
@@ -170,7 +172,7 @@ class Simulation:
         done = slot.engine.finish_due(now)
         window = self.windows[slot.key]
         for r in done:
-            window.decoded(r.output, now - r.decode_start)
+            window.decoded(r.output, now - r.decode_start, stream=self.streams.pop(r.rid, None))
             if r.resumes is not None:
                 r.resumes.finish = now
         if slot.phase == "draining" and not slot.engine.running:
@@ -199,6 +201,8 @@ class Simulation:
         if isinstance(slot.engine, DecodeEngine):
             cut = slot.engine.cut_all(now)
             for request, generated in cut:
+                if (stream := self.streams.pop(request.rid, None)) is not None:
+                    stream.ended(generated)
                 self._resume(request, generated, now)
             if cut:
                 self._kick_prefill((slot.key[0], "prefill"), now)
@@ -245,6 +249,9 @@ class Simulation:
                     engine.advance(now)
                     kv += engine.kv_used()
                     self.busy_s += self.tick_s
+                for rid, (_, joined) in engine.running.items():  # tokens so far, as a worker counts
+                    if (stream := self.streams.get(rid)) is not None:
+                        stream.tokens = int(engine.v - joined)
                 if engine.produced:
                     window.generated(engine.produced, engine.step)
                 engine.produced = 0.0

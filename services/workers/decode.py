@@ -104,6 +104,7 @@ class DecodeWorker(EngineHost):
             "small4.request_id": ctx.request_id, "small4.pool": self.settings.pool})
         outcome = {"tokens_out": 0, "finish_reason": None, "error": None}
         self.arrived(len(request.prompt_ids))
+        stream = self.load.stream()  # what it decodes, for the autoscaler's expected output
         ttft, leg, tokens, upstream = 0.0, None, None, 0.0
         try:
             leg = await start(
@@ -131,6 +132,7 @@ class DecodeWorker(EngineHost):
             if first.finish_reason:
                 first.timings = leg.timings | await leg.late_timings()
             outcome["tokens_out"], outcome["finish_reason"] = len(first.token_ids), first.finish_reason
+            stream.tokens = outcome["tokens_out"]
             if send_first or first.finish_reason:
                 yield first
             if first.finish_reason:
@@ -141,6 +143,7 @@ class DecodeWorker(EngineHost):
                         raise DeadlineExceeded("the request's deadline passed while decoding",
                                                request_id=request.request_id)
                     outcome["tokens_out"] += len(chunk.token_ids)
+                    stream.tokens = outcome["tokens_out"]
                     outcome["finish_reason"] = chunk.finish_reason
                     if chunk.finish_reason:
                         chunk.timings = await leg.late_timings()
@@ -172,7 +175,9 @@ class DecodeWorker(EngineHost):
                 # from prefill, which needed them)
                 self.load.decoded(outcome["tokens_out"],
                                   time.perf_counter() - received - ttft,
-                                  max(ttft - upstream, 0.0))
+                                  max(ttft - upstream, 0.0), stream)
+            else:
+                stream.ended(outcome["tokens_out"])
             metrics.record_engine(self.engine.stats(), self.settings.pool)
             outcome.clear()  # no cycle (error → traceback → this frame) keeps the stream
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
@@ -100,6 +101,12 @@ def test_decode_sizes_by_profiled_throughput_before_the_batches_fill():
     surge = decode(running_requests=40, arrival_requests_per_s=30, mean_output_tokens=500,
                    decode_tokens_per_s_per_replica=5_000)
     assert wish(decode_wish, surge) == 4  # 15k tok/s arriving = 3 engines, / 0.85
+    # what the arrivals will decode is the recent streams' expectation, not what finished
+    shorter = decode(running_requests=40, arrival_requests_per_s=30, mean_output_tokens=500,
+                     arriving_output_tokens=100, decode_residency_s=2,
+                     decode_tokens_per_s_per_replica=5_000)
+    assert wish(decode_wish, shorter) == 1  # 3k tok/s arriving = 0.6 engines, / 0.85
+    assert wish(decode_wish, replace(shorter, arriving_output_tokens=0.0)) == 4  # unknown
     little = decode(running_requests=10, arrival_requests_per_s=20, decode_residency_s=20)
     assert wish(decode_wish, little) == 4  # Little: 400 in flight / 108.8 slots
 

@@ -50,6 +50,7 @@ def test_load_window_rates_expire_with_the_window():
     later = window.report(stats, max_running=8)
     assert later["arrival_requests_per_s"] == 0 and later["slo_total"] == 0
     assert "latency_p90_s" not in later and later["mean_output_tokens"] == 10
+    assert later["arriving_output_tokens"] == 10  # no stream followed: what finished
 
 
 def replica(name: str) -> ReplicaID:

@@ -55,6 +55,33 @@ def test_the_mean_output_length_follows_a_shift_within_its_own_span():
     assert w.snapshot().mean_output_tokens == 0.0
 
 
+def test_the_expected_output_of_an_arriving_request_follows_a_shift_within_a_minute():
+    clock = Clock()
+    w = LoadWindow(slo_s=0.05, clock=clock, window_s=10, output_window_s=300, recent_s=60)
+    for n in (100, 1000) * 50:  # what finished: half short, half long answers
+        w.decoded(output_tokens=n, residency_s=10.0, stream=w.stream())
+    clock.t += 61  # those arrived more than a minute ago: the mean of what finished stands
+    assert w.snapshot().arriving_output_tokens == pytest.approx(550) == \
+        w.snapshot().mean_output_tokens
+    # a running stream counts at the mean of the finished answers longer than its tokens so
+    # far: not at what it has (a rise would read low, the short ones finishing first)
+    running = w.stream()
+    assert w.snapshot().arriving_output_tokens == pytest.approx(550)  # 0 so far: all count
+    running.tokens = 200
+    assert w.snapshot().arriving_output_tokens == pytest.approx(1000)
+    running.tokens = 5000  # longer than anything finished: at least what it has
+    assert w.snapshot().arriving_output_tokens == pytest.approx(5000)
+    # the mix moves to short answers: those arriving finish within seconds
+    for _ in range(9):
+        w.decoded(output_tokens=50, residency_s=1.0, stream=w.stream())
+    assert w.snapshot().arriving_output_tokens == pytest.approx((5000 + 9 * 50) / 10)
+    running.ended(300)  # cut short: counted at what it sent
+    assert w.snapshot().arriving_output_tokens == pytest.approx((300 + 9 * 50) / 10)
+    assert w.snapshot().mean_output_tokens > 450  # the finished mean still reads long
+    clock.t += 61
+    assert w.snapshot().arriving_output_tokens == w.snapshot().mean_output_tokens
+
+
 def test_decode_latency_slo_and_waits():
     clock = Clock()
     w = LoadWindow(slo_s=0.05, clock=clock)
