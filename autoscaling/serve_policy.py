@@ -34,7 +34,7 @@ POLICY_PATH = "autoscaling.serve_policy:ServePolicy"
 SUMMED = ("queued_requests", "running_requests", "kv_tokens_used", "arrival_requests_per_s",
           "arrival_prompt_tokens_per_s", "generated_tokens_per_s", "slo_met", "slo_total")
 PER_REPLICA = ("max_running_per_replica", "kv_capacity_per_replica", "prefill_tokens_per_s",
-               "decode_residency_s", "mean_output_tokens", "arriving_output_tokens")
+               "decode_residency_s", "mean_output_tokens")
 WORST = ("latency_p90_s", "queue_wait_p90_s")
 PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
 
@@ -98,6 +98,13 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
     scale = (reported + silent) / reported if reported and silent > 0 else 1.0
     summed = {k: sum(values(k)) * scale for k in SUMMED}
     per_replica = {k: max(values(k), default=0.0) for k in PER_REPLICA}
+    # each replica's expected output is over its own last minute of streams: pooled, weighted
+    # by those streams (a max of small samples reads high; a replica without streams has none)
+    streams = aggregated.get("arriving_streams") or {}
+    expected = aggregated.get("arriving_output_tokens") or {}
+    weights = {r: n for r, n in streams.items() if n > 0 and r in expected}
+    arriving_output = (sum(expected[r] * n for r, n in weights.items()) / sum(weights.values())
+                       if weights else 0.0)
     worst = {k: max(values(k), default=None) for k in WORST}
     arrivals = summed["arrival_requests_per_s"]
     mean_prompt = summed["arrival_prompt_tokens_per_s"] / arrivals if arrivals else 0.0
@@ -114,7 +121,7 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
         decode_residency_s=per_replica["decode_residency_s"],
         generated_tokens_per_s=summed["generated_tokens_per_s"],
         mean_output_tokens=per_replica["mean_output_tokens"],
-        arriving_output_tokens=per_replica["arriving_output_tokens"],
+        arriving_output_tokens=arriving_output,
         decode_tokens_per_s_per_replica=profiled_tokens_per_s,
         kv_tokens_used=int(summed["kv_tokens_used"]),
         kv_capacity_per_replica=int(per_replica["kv_capacity_per_replica"]),

@@ -5,7 +5,7 @@ both record their events here and both turn it into the same typed `LoadReport`,
 in the simulator sees what it sees under Ray Serve. Pure: the clock is injected (the worker
 passes `time.monotonic`, the simulator its event time, tests a fake).
 
-Two spans, one per kind of signal:
+Three spans, one per kind of signal:
 
 - rates, latencies, waits and SLO counts over the last `window_s` seconds (10 by default, a
   Prometheus `rate()` over the workers' series would use the same), in one-second buckets;
@@ -20,7 +20,11 @@ Two spans, one per kind of signal:
   has, which would read a rising load low because the short answers finish first, nor at the
   mean). When the mix moves to shorter answers this follows within a minute, where the mean
   of what finished stays on the long ones for minutes; the autoscaler multiplied that mean by
-  the new, larger arrival rate and held decode engines the prefill-heavy traffic needed.
+  the new, larger arrival rate and held decode engines the prefill-heavy traffic needed. A
+  stream that ended before its first token (its prefill failed, its client left) decoded
+  nothing and says nothing of what arrives: it is left out (a prefill overload would
+  otherwise read as short answers and give decode engines away). The streams are reported
+  with their count, so replicas pool by it (`autoscaling.serve_policy`).
 
 Samples per bucket are capped (`MAX_SAMPLES`) so a burst cannot grow a window without bound.
 """
@@ -73,11 +77,13 @@ class Stream:
     second: int
     tokens: int = 0
     output: int | None = None
+    void: bool = False  # ended before its first token: left out
 
     def ended(self, tokens: int) -> None:
-        """It stopped after `tokens` (an error, the client gone): counted at what it sent."""
+        """It stopped after `tokens` (an error, the client gone): counted at what it sent,
+        left out when that is nothing."""
         if self.output is None:
-            self.output = tokens
+            self.output, self.void = tokens, tokens <= 0
 
 
 def _add(samples: list, value: float) -> None:
@@ -98,6 +104,7 @@ class LoadReport:
     decode_residency_s: float = 0.0
     mean_output_tokens: float = 0.0  # over `output_window_s`
     arriving_output_tokens: float = 0.0  # expected of a request arriving now (recent streams)
+    arriving_streams: int = 0  # the recent streams behind it (0: it is the finished mean)
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
     queue_wait_p90_s: float | None = None
@@ -246,12 +253,19 @@ class LoadWindow:
     def arriving_output_tokens(self) -> float:
         """Expected output of a request arriving now (see the module's docstring); the mean
         of what finished when no stream arrived within `recent_s` (or nothing finished)."""
+        return self._arriving()[0]
+
+    def _arriving(self) -> tuple[float, int]:
+        """(expected output, streams behind it)."""
         self._now()
         if not self.streams or not self.finished:
-            return self.mean_output_tokens
+            return self.mean_output_tokens, 0
         lengths, below = self.lengths, None
-        total = 0.0
+        total, counted = 0.0, 0
         for s in self.streams:
+            if s.void:
+                continue
+            counted += 1
             if s.output is not None:
                 total += s.output
                 continue
@@ -260,12 +274,15 @@ class LoadWindow:
             i = bisect.bisect_right(lengths, s.tokens)
             longer = len(lengths) - i
             total += (below[-1] - below[i]) / longer if longer else s.tokens
-        return total / len(self.streams)
+        if not counted:
+            return self.mean_output_tokens, 0
+        return total / counted, counted
 
     def snapshot(self, queued: int = 0, running: int = 0, max_running: int = 0, kv_used: int = 0,
                  kv_capacity: int = 0) -> LoadReport:
         """The window's figures with the caller's instantaneous counts."""
         self._now()
+        arriving, streams = self._arriving()
         b, span = self.buckets, float(self.window_s)
         busy = sum(x.prefill_busy_s for x in b)
         residencies = [r for x in b for r in x.residencies]
@@ -277,7 +294,7 @@ class LoadWindow:
             generated_tokens_per_s=sum(x.generated for x in b) / span,
             decode_residency_s=sum(residencies) / len(residencies) if residencies else 0.0,
             mean_output_tokens=self.mean_output_tokens,
-            arriving_output_tokens=self.arriving_output_tokens,
+            arriving_output_tokens=arriving, arriving_streams=streams,
             latency_p50_s=percentile(latencies, 0.5), latency_p90_s=percentile(latencies, 0.9),
             queue_wait_p90_s=percentile([v for x in b for v in x.waits], 0.9),
             slo_met=sum(x.slo_met for x in b), slo_total=sum(x.slo_total for x in b),

@@ -249,9 +249,6 @@ class Simulation:
                     engine.advance(now)
                     kv += engine.kv_used()
                     self.busy_s += self.tick_s
-                for rid, (_, joined) in engine.running.items():  # tokens so far, as a worker counts
-                    if (stream := self.streams.get(rid)) is not None:
-                        stream.tokens = int(engine.v - joined)
                 if engine.produced:
                     window.generated(engine.produced, engine.step)
                 engine.produced = 0.0
@@ -259,6 +256,11 @@ class Simulation:
                 running += len(engine.batch)
         full = 0.0
         if key[1] == "decode":
+            for slot in self.cluster.of(key, "ready", "draining"):  # each stream's tokens so
+                slot.engine.advance(now)                           # far, as workers count
+                for rid, (_, joined) in slot.engine.running.items():
+                    if (stream := self.streams.get(rid)) is not None:
+                        stream.tokens = int(slot.engine.v - joined)
             context = kv / running if running else 4096.0
             n = self.perf.max_running
             full = n / self.perf.decode_step_s(n, n * context)

@@ -53,6 +53,21 @@ def test_load_window_rates_expire_with_the_window():
     assert later["arriving_output_tokens"] == 10  # no stream followed: what finished
 
 
+def test_the_expected_output_is_pooled_over_replicas_by_their_streams():
+    a, b, c, old = replica("a"), replica("b"), replica("c"), replica("old")
+    aggregated = {"running_requests": {a: 10, b: 10, c: 0, old: 5},
+                  "arriving_output_tokens": {a: 100.0, b: 1000.0, c: 4000.0},
+                  "arriving_streams": {a: 30, b: 10, c: 0},  # c: its finished mean, no streams
+                  "mean_output_tokens": {a: 900.0, b: 1000.0, c: 4000.0, old: 700.0}}
+    m = role_metrics(aggregated, "decode", replicas=4, starting=0)
+    assert m.arriving_output_tokens == pytest.approx((30 * 100 + 10 * 1000) / 40)
+    assert m.mean_output_tokens == 4000.0  # what finished keeps the conservative max
+    none = role_metrics({"running_requests": {old: 5}, "mean_output_tokens": {old: 700.0}},
+                        "decode", replicas=1, starting=0)
+    assert none.arriving_output_tokens == 0.0  # workers that do not report it: the policy's
+    assert none.mean_output_tokens == 700.0    # fallback, the finished mean
+
+
 def replica(name: str) -> ReplicaID:
     return ReplicaID(name, DeploymentID("fast-decode", "app"))
 

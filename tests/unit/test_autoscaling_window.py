@@ -82,6 +82,37 @@ def test_the_expected_output_of_an_arriving_request_follows_a_shift_within_a_min
     assert w.snapshot().arriving_output_tokens == w.snapshot().mean_output_tokens
 
 
+def test_streams_that_decoded_nothing_say_nothing_of_what_arrives():
+    clock = Clock()
+    w = LoadWindow(slo_s=0.05, clock=clock, recent_s=60)
+    for _ in range(10):
+        w.decoded(output_tokens=800, residency_s=10.0, stream=w.stream())
+    report = w.snapshot()
+    assert (report.arriving_output_tokens, report.arriving_streams) == (800, 10)
+    for _ in range(90):  # a prefill overload: most requests fail before their first token
+        w.stream().ended(0)
+    report = w.snapshot()
+    assert (report.arriving_output_tokens, report.arriving_streams) == (800, 10)
+    clock.t += 61  # none left within the minute: the finished mean, and no streams to pool
+    report = w.snapshot()
+    assert (report.arriving_output_tokens, report.arriving_streams) == (800, 0)
+
+
+def test_finished_lengths_stay_sorted_and_in_step_through_expiry_and_the_cap(monkeypatch):
+    from autoscaling import window as module
+
+    monkeypatch.setattr(module, "MAX_SAMPLES", 8)
+    clock = Clock()
+    w = LoadWindow(slo_s=0.05, clock=clock, output_window_s=300)
+    for n in (5, 3, 9, 3, 7, 1, 8, 2, 6, 4):  # two past the cap: the oldest (5, 3) go
+        w.decoded(output_tokens=n, residency_s=1.0)
+        clock.t += 1
+    assert w.lengths == sorted(n for _, n in w.finished) == [1, 2, 3, 4, 6, 7, 8, 9]
+    clock.t += 295  # past 300 s for the first ones
+    w.snapshot()
+    assert w.lengths == sorted(n for _, n in w.finished) and len(w.lengths) < 8
+
+
 def test_decode_latency_slo_and_waits():
     clock = Clock()
     w = LoadWindow(slo_s=0.05, clock=clock)
