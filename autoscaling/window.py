@@ -76,14 +76,13 @@ class Stream:
 
     second: int
     tokens: int = 0
-    output: int | None = None
-    void: bool = False  # ended before its first token: left out
+    output: int | None = None  # 0: it decoded nothing, and is left out
 
     def ended(self, tokens: int) -> None:
         """It stopped after `tokens` (an error, the client gone): counted at what it sent,
         left out when that is nothing."""
         if self.output is None:
-            self.output, self.void = tokens, tokens <= 0
+            self.output = max(tokens, 0)
 
 
 def _add(samples: list, value: float) -> None:
@@ -249,21 +248,17 @@ class LoadWindow:
         """Mean output of the requests that finished within `output_window_s`; 0 without."""
         return self.output_sum / self.output_count if self.output_count else 0.0
 
-    @property
-    def arriving_output_tokens(self) -> float:
-        """Expected output of a request arriving now (see the module's docstring); the mean
-        of what finished when no stream arrived within `recent_s` (or nothing finished)."""
-        return self._arriving()[0]
-
     def _arriving(self) -> tuple[float, int]:
-        """(expected output, streams behind it)."""
+        """The expected output of a request arriving now (see the module's docstring) and the
+        streams behind it; the mean of what finished, and 0, when no stream arrived within
+        `recent_s` (or nothing finished)."""
         self._now()
         if not self.streams or not self.finished:
             return self.mean_output_tokens, 0
         lengths, below = self.lengths, None
         total, counted = 0.0, 0
         for s in self.streams:
-            if s.void:
+            if s.output == 0:
                 continue
             counted += 1
             if s.output is not None:

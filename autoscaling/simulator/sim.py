@@ -241,26 +241,26 @@ class Simulation:
         """What the role's workers would report now, through the same window and report."""
         ready = self.cluster.of(key, "ready")
         running, kv, window = 0, 0.0, self.windows[key]
-        for slot in ready:
+        for slot in self.cluster.of(key, "ready", "draining"):
             engine = slot.engine
-            if isinstance(engine, DecodeEngine):
-                running += len(engine.running)
-                if engine.running:
-                    engine.advance(now)
-                    kv += engine.kv_used()
-                    self.busy_s += self.tick_s
-                if engine.produced:
-                    window.generated(engine.produced, engine.step)
-                engine.produced = 0.0
-            else:
-                running += len(engine.batch)
+            if not isinstance(engine, DecodeEngine):
+                running += len(engine.batch) if slot.phase == "ready" else 0
+                continue
+            engine.advance(now)
+            for rid, (_, joined) in engine.running.items():  # tokens so far, as workers count
+                if (stream := self.streams.get(rid)) is not None:
+                    stream.tokens = int(engine.v - joined)
+            if slot.phase != "ready":
+                continue
+            running += len(engine.running)
+            if engine.running:
+                kv += engine.kv_used()
+                self.busy_s += self.tick_s
+            if engine.produced:
+                window.generated(engine.produced, engine.step)
+            engine.produced = 0.0
         full = 0.0
         if key[1] == "decode":
-            for slot in self.cluster.of(key, "ready", "draining"):  # each stream's tokens so
-                slot.engine.advance(now)                           # far, as workers count
-                for rid, (_, joined) in slot.engine.running.items():
-                    if (stream := self.streams.get(rid)) is not None:
-                        stream.tokens = int(slot.engine.v - joined)
             context = kv / running if running else 4096.0
             n = self.perf.max_running
             full = n / self.perf.decode_step_s(n, n * context)
