@@ -65,6 +65,9 @@ ENCODE_GRACE_S = 2.0  # past the deadline, for the multimodal worker's own deadl
 # a pixel release nobody waits for is tried at least this long, and until the request's
 # deadline (when the pixels let themselves go): behind a replica's encodes it waits for a slot
 RELEASE_S = 5.0
+# a 504 within this of the client's own deadline is its deadline's (the replicas that raise it
+# read their own wall clocks, which may run ahead of the ingress's)
+CLOCK_SLACK_S = 0.5
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
@@ -120,6 +123,7 @@ class RequestService:
             # upload slot; only then is the body read (checked as it streams in), sized against
             # the context and token quota, and only then tokenised
             deadline = record.deadline = time.time() + self._timeout(headers)
+            record.client_deadline = headers.get("x-request-timeout") is not None
             record.grant = self.quotas.admit_request(principal)
             with tracing.scope("preprocess", record.span) as pre:
                 async with self.uploads.slot(principal.ident):
@@ -306,6 +310,7 @@ class _Record:
         self.error: StackError | None = None
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
         self.deadline: float | None = None
+        self.client_deadline = False  # the deadline is the client's (x-request-timeout)
         self.closed = False
 
     @classmethod
@@ -317,6 +322,21 @@ class _Record:
             "small4.request_id": request_id, "small4.tenant": principal.tenant})
         trace_id = tracing.trace_id(span, incoming) or new_trace_id()
         return cls(service, principal, span, trace_id, request_id, started)
+
+    def _alerting(self, status: int) -> None:
+        """What the alerts read of a failure beside its status: a 504 at the deadline the
+        client chose is not the stack's failure (the error-rate alerts leave it out: one
+        client's short x-request-timeout must not page anyone); a request that a pool was
+        serving and that ended without a first token after its pool's TTFT SLO missed that
+        SLO, whether it timed out, failed or its client left (the TTFT histogram sees only
+        first tokens, so a stalled prefill would otherwise burn no budget)."""
+        if isinstance(self.error, DeadlineExceeded) and self.client_deadline and (
+                self.deadline is not None and time.time() >= self.deadline - CLOCK_SLACK_S):
+            metrics.CLIENT_DEADLINES.inc(pool=self.pool)
+        pool = self.service.settings.pools.get(self.pool)
+        if self.plan is None and pool is not None and (status >= 500 or status == 499) and (
+                time.perf_counter() - self.started > pool.slo.ttft_s):
+            metrics.TTFT_MISSED.inc(pool=self.pool)
 
     def refuse(self, exc: BaseException) -> Refused:
         self.close(exc)
@@ -350,6 +370,7 @@ class _Record:
         metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
         if error_type is not None:
             metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
+            self._alerting(status)
         if self.plan is not None:  # answered (its first token came)
             metrics.TENANT_TOKENS.inc(prompt, tenant=tenant, kind="prompt")
             metrics.TENANT_TOKENS.inc(completion, tenant=tenant, kind="completion")

@@ -131,6 +131,13 @@ SPILLOVER = Counter("small4_spillover_total", "requests served by another pool t
 ERRORS = Counter("small4_errors_total", "failed requests by error type", ("pool", "role", "type"))
 REQUESTS = TenantCounter("small4_requests_total", "requests answered at the ingress, by tenant and "
                    "HTTP status", ("tenant", "pool", "status"))
+TTFT_MISSED = Counter("small4_ttft_missed_total", "requests routed to a pool that ended without "
+                      "a first token after waiting longer than the pool's TTFT SLO (timed out, "
+                      "failed, or their client left): the TTFT burn alerts count them as misses",
+                      ("pool",))
+CLIENT_DEADLINES = Counter("small4_client_deadlines_total", "requests answered 504 at the "
+                           "deadline their client set (x-request-timeout): counted in "
+                           "small4_requests_total, left out of the error-rate alerts", ("pool",))
 TENANT_TOKENS = TenantCounter("small4_tenant_tokens_total", "prompt and completion tokens by tenant",
                         ("tenant", "kind"))
 RESUMES = Counter("small4_decode_resumes_total", "streams resumed on another decode replica",

@@ -19,6 +19,7 @@ import yaml
 from stack_schema import VALUES_SCHEMA, stack_defs
 
 from cluster.settings import SettingsError, parse_settings
+from tests.promql import fires
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "small4"
 KUBE = "1.32.0"
@@ -539,7 +540,8 @@ def test_ttft_burn_alerts_follow_each_pools_own_slo(render, slos, thresholds):
         assert set(re.findall(r'pool="(\w+)"', rule["expr"])) == {pool}
         by_pool.setdefault(pool, set()).update(re.findall(r'le=~"([0-9.]+)\(', rule["expr"]))
         assert set(re.findall(r"\bray_small4_\w+", rule["expr"])) == {
-            "ray_small4_ttft_seconds_bucket", "ray_small4_ttft_seconds_count"}
+            "ray_small4_ttft_seconds_bucket", "ray_small4_ttft_seconds_count",
+            "ray_small4_ttft_missed_total"}
     assert by_pool == {pool: {le} for pool, le in thresholds.items()}
     # the chart's bucket list is the histograms'
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
@@ -548,6 +550,35 @@ def test_ttft_burn_alerts_follow_each_pools_own_slo(render, slos, thresholds):
     with pytest.raises(helm.HelmRenderError, match="above the largest latency bucket"):
         render(monitoring={"prometheusRule": {"enabled": True}},
                stack={"pools": {"fast": {"slo": {"ttft_s": 500.0}}}})
+
+
+def test_ttft_burn_alerts_count_first_tokens_that_never_came(render):
+    """Evaluated on the rendered rules (fast pool: 1 s): the TTFT histogram sees only first
+    tokens, so a pool whose prefills all stall (every request timing out or abandoned, no
+    first token at all) burnt no budget and paged no one; those requests count as misses
+    now, beside the slow first tokens, and one pool's misses do not page for another."""
+    docs = render(monitoring={"prometheusRule": {"enabled": True}})
+    rules = one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    burn = {(r["labels"]["pool"], r["alert"][len("Small4TTFTBudgetBurn"):]): r["expr"]
+            for r in rules}
+
+    def ttft(pool: str, within: float, total: float) -> list:
+        labels = {"pool": pool, "role": "ingress"}
+        return [("ray_small4_ttft_seconds_bucket", labels | {"le": "1.0"}, within),
+                ("ray_small4_ttft_seconds_count", labels, total)]
+
+    def missed(pool: str, rate: float) -> list:
+        return [("ray_small4_ttft_missed_total", {"pool": pool}, rate)]
+
+    healthy = ttft("fast", 10.0, 10.0)
+    assert not any(fires(expr, healthy) for expr in burn.values())
+    stalled = missed("fast", 1.0)  # no first token since the replicas started
+    assert fires(burn["fast", "Fast"], stalled) and fires(burn["fast", "Slow"], stalled)
+    assert not fires(burn["deep", "Fast"], stalled)
+    some = healthy + missed("fast", 1.0)  # 1 in 11 (9 %): above the slow rule's 6 %
+    assert fires(burn["fast", "Slow"], some) and not fires(burn["fast", "Fast"], some)
+    slow = ttft("fast", 8.0, 10.0)  # 20 % of first tokens late, nothing missed
+    assert fires(burn["fast", "Fast"], slow)
 
 
 # Disruptions: node drains and upgrades

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from services.telemetry import metrics
+from tests.promql import evaluate, fires
 
 FILES = Path(__file__).resolve().parents[2] / "helm" / "small4" / "files"
 SUFFIXES = {"Histogram": ("_bucket", "_count", "_sum"), "Counter": ("",), "Gauge": ("",)}
@@ -51,15 +52,49 @@ def test_alert_rules_cover_queue_growth_and_errors():
 def test_error_rules_count_every_request_refusals_before_routing_included():
     """A request shed before routing (503, pool "none") never reaches the latency histograms:
     the error rates are over `small4_requests_total`, which counts every outcome, and the
-    overall rule keeps pool "none" in (no grouping by pool)."""
+    overall rule keeps pool "none" in (no grouping by pool); the 504s at a client's own deadline
+    are taken out of the failures."""
     rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
     alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
     overall, per_pool = alerts["Small4ErrorRateHigh"]["expr"], alerts["Small4PoolErrorRateHigh"][
         "expr"]
     for expr in (overall, per_pool):
-        assert referenced(expr) == {"ray_small4_requests_total"}, expr
+        assert referenced(expr) == {"ray_small4_requests_total",
+                                    "ray_small4_client_deadlines_total"}, expr
         assert 'status=~"5.."' in expr
     assert "by (" not in overall and 'pool!="none"' in per_pool
+
+
+def requests(pool: str, status: str, rate: float) -> tuple:
+    return "ray_small4_requests_total", {"tenant": "all", "pool": pool, "status": status}, rate
+
+
+def client_deadlines(pool: str, rate: float) -> tuple:
+    return "ray_small4_client_deadlines_total", {"pool": pool}, rate
+
+
+def test_error_rate_alerts_page_on_the_stacks_failures_not_on_a_clients_deadline():
+    """Evaluated, not read: one client setting a short x-request-timeout makes 504s that are
+    its deadline's, and must not page; the same 504s at the stack's own deadline, or 500s, do,
+    also before any client deadline was ever counted (the counter has no series then, and
+    subtracting an empty vector would empty the whole rule); per pool, one pool's client
+    deadlines neither hide another's failures nor drop that pool from the rule."""
+    rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
+    alerts = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    overall, per_pool = alerts["Small4ErrorRateHigh"], alerts["Small4PoolErrorRateHigh"]
+    served = [requests("fast", "200", 90.0), requests("deep", "200", 47.0)]
+    theirs = served + [requests("fast", "504", 10.0), client_deadlines("fast", 10.0)]
+    assert not fires(overall, theirs) and not fires(per_pool, theirs)
+    ours = served + [requests("fast", "504", 10.0)]
+    assert fires(overall, ours) and fires(per_pool, ours)
+    failing = served + [requests("deep", "500", 3.0)]
+    assert fires(overall, failing)
+    assert set(evaluate(per_pool, failing)) == {frozenset({("pool", "deep")})}
+    both = theirs + [requests("deep", "500", 3.0)]
+    assert set(evaluate(per_pool, both)) == {frozenset({("pool", "deep")})}
+    assert not fires(overall, both)  # 3 of 150 (2 %) failed, the 504s being the client's
+    shed = served + [requests("none", "503", 5.0)]  # refused before routing
+    assert fires(overall, shed) and not fires(per_pool, shed)
 
 
 def test_the_readme_names_every_metric_the_stack_exports():
