@@ -102,6 +102,7 @@ class LoadReport:
     generated_tokens_per_s: float = 0.0
     decode_residency_s: float = 0.0
     mean_output_tokens: float = 0.0  # over `output_window_s`
+    finished_outputs: int = 0  # the answers behind it
     arriving_output_tokens: float = 0.0  # expected of a request arriving now (recent streams)
     arriving_streams: int = 0  # the recent streams behind it (0: it is the finished mean)
     latency_p50_s: float | None = None
@@ -288,7 +289,7 @@ class LoadWindow:
             prefill_tokens_per_s=sum(x.prefill_tokens for x in b) / busy if busy else 0.0,
             generated_tokens_per_s=sum(x.generated for x in b) / span,
             decode_residency_s=sum(residencies) / len(residencies) if residencies else 0.0,
-            mean_output_tokens=self.mean_output_tokens,
+            mean_output_tokens=self.mean_output_tokens, finished_outputs=self.output_count,
             arriving_output_tokens=arriving, arriving_streams=streams,
             latency_p50_s=percentile(latencies, 0.5), latency_p90_s=percentile(latencies, 0.9),
             queue_wait_p90_s=percentile([v for x in b for v in x.waits], 0.9),

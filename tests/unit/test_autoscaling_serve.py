@@ -61,11 +61,28 @@ def test_the_expected_output_is_pooled_over_replicas_by_their_streams():
                   "mean_output_tokens": {a: 900.0, b: 1000.0, c: 4000.0, old: 700.0}}
     m = role_metrics(aggregated, "decode", replicas=4, starting=0)
     assert m.arriving_output_tokens == pytest.approx((30 * 100 + 10 * 1000) / 40)
-    assert m.mean_output_tokens == 4000.0  # what finished keeps the conservative max
     none = role_metrics({"running_requests": {old: 5}, "mean_output_tokens": {old: 700.0}},
                         "decode", replicas=1, starting=0)
     assert none.arriving_output_tokens == 0.0  # workers that do not report it: the policy's
     assert none.mean_output_tokens == 700.0    # fallback, the finished mean
+
+
+def test_means_of_few_requests_are_pooled_over_replicas_by_their_requests():
+    """Each replica's mean output and residency cover its own few requests: the largest of
+    them read high at 8 replicas, a replica with no finished request reports 0 (not a mean).
+    Pooled by their counts, they are the mean over every request, as the simulator's one
+    window per role computes it; an older worker without the counts is one sample."""
+    a, b, idle, old = replica("a"), replica("b"), replica("idle"), replica("old")
+    aggregated = {"running_requests": {a: 10, b: 10, idle: 0, old: 4},
+                  "mean_output_tokens": {a: 900.0, b: 3000.0, idle: 0.0, old: 600.0},
+                  "finished_outputs": {a: 90, b: 10, idle: 0},
+                  "decode_residency_s": {a: 20.0, b: 60.0, idle: 0.0, old: 0.0},
+                  "slo_total": {a: 9, b: 1, idle: 0, old: 0}}
+    m = role_metrics(aggregated, "decode", replicas=4, starting=0)
+    assert m.mean_output_tokens == pytest.approx((90 * 900 + 10 * 3000 + 600) / 101)
+    assert m.decode_residency_s == pytest.approx((9 * 20 + 60) / 10)
+    assert role_metrics({"running_requests": {idle: 0}}, "decode", replicas=1,
+                        starting=0).decode_residency_s == 0.0
 
 
 def replica(name: str) -> ReplicaID:
