@@ -130,12 +130,14 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
 
 
 def _pooled(aggregated: dict[str, dict[Any, float]], name: str, weight: str) -> float:
-    """The replicas' `name` weighted by their `weight` (0 when none has any). A worker that
-    does not report the weight (older than it) counts as one sample of its figure, as long as
-    it reports one."""
+    """The replicas' `name` weighted by their `weight` (0 when none has any). While a replica
+    reports the figure without its weight (an older worker, in a rolling upgrade), the
+    largest figure, as before the weights: counting it as one sample would let a single new
+    replica outweigh old ones that each averaged hundreds."""
     values, weights = aggregated.get(name) or {}, aggregated.get(weight) or {}
-    counted = {r: weights.get(r, 1.0 if v > 0 else 0.0) for r, v in values.items()}
-    counted = {r: n for r, n in counted.items() if n > 0}
+    if any(v > 0 and r not in weights for r, v in values.items()):
+        return max(values.values())
+    counted = {r: weights[r] for r in values if weights.get(r, 0) > 0}
     total = sum(counted.values())
     return sum(values[r] * n for r, n in counted.items()) / total if total else 0.0
 

@@ -176,9 +176,8 @@ class RequestService:
         except Exception as exc:  # still a refusal: nothing of the answer was sent
             await answer.close(exc)
             return Refused(record.error, record.request_id, record.trace_id)
-        record.plan = plan  # answered: the prompt counts from here
-        metrics.TTFT.observe(time.perf_counter() - record.started, pool=choice.pool,
-                             role="ingress")
+        record.plan, record.first_at = plan, time.perf_counter()  # the prompt counts from here
+        metrics.TTFT.observe(record.first_at - record.started, pool=choice.pool, role="ingress")
         return answer
 
     def _timeout(self, headers: Mapping[str, str]) -> float:
@@ -311,6 +310,7 @@ class _Record:
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
         self.deadline: float | None = None
         self.client_deadline = False  # the deadline is the client's (x-request-timeout)
+        self.first_at: float | None = None  # when its first token left (perf_counter)
         self.closed = False
 
     @classmethod
@@ -323,20 +323,40 @@ class _Record:
         trace_id = tracing.trace_id(span, incoming) or new_trace_id()
         return cls(service, principal, span, trace_id, request_id, started)
 
-    def _alerting(self, status: int) -> None:
-        """What the alerts read of a failure beside its status: a 504 at the deadline the
-        client chose is not the stack's failure (the error-rate alerts leave it out: one
-        client's short x-request-timeout must not page anyone); a request that a pool was
-        serving and that ended without a first token after its pool's TTFT SLO missed that
-        SLO, whether it timed out, failed or its client left (the TTFT histogram sees only
-        first tokens, so a stalled prefill would otherwise burn no budget)."""
+    def _alerting(self, status: int, completion: int) -> None:
+        """What the alerts read of a failure beside its status.
+
+        A 504 at the deadline the client chose, while the stack was keeping its SLOs, is the
+        client's (`_on_schedule`: it asked for less time than the SLOs promise this request),
+        and the error-rate alerts leave it out: one client's short x-request-timeout must not
+        page anyone. A 504 at a deadline the stack was already late for is the stack's, client
+        header or not. A request a pool was serving that ended without a first token after
+        its pool's TTFT SLO missed that SLO, whether it timed out, failed or its client left:
+        the TTFT histogram sees only first tokens, so a stalled prefill burnt no budget."""
+        now = time.perf_counter()
         if isinstance(self.error, DeadlineExceeded) and self.client_deadline and (
-                self.deadline is not None and time.time() >= self.deadline - CLOCK_SLACK_S):
+                self.deadline is not None and time.time() >= self.deadline - CLOCK_SLACK_S
+                ) and self._on_schedule(now, completion):
             metrics.CLIENT_DEADLINES.inc(pool=self.pool)
         pool = self.service.settings.pools.get(self.pool)
-        if self.plan is None and pool is not None and (status >= 500 or status == 499) and (
-                time.perf_counter() - self.started > pool.slo.ttft_s):
+        if self.first_at is None and pool is not None and (status >= 500 or status == 499) \
+                and now - self.started > metrics.slo_bucket(pool.slo.ttft_s):
             metrics.TTFT_MISSED.inc(pool=self.pool)
+
+    def _on_schedule(self, now: float, completion: int) -> bool:
+        """Whether the request was within its SLOs at `now`: no first token yet and within the
+        TTFT SLO (its pool's; before routing, the strictest pool's), or, after the first
+        token, its choices streamed no slower than the pool's ITL SLO. Within the SLO is what
+        the TTFT alerts count as within: up to the latency bucket at or above it."""
+        pools = self.service.settings.pools
+        pool = pools.get(self.pool)
+        if self.first_at is None:
+            slo = pool.slo.ttft_s if pool else min(p.slo.ttft_s for p in pools.values())
+            return now - self.started <= metrics.slo_bucket(slo)
+        if pool is None or self.plan is None:
+            return False
+        tokens = completion / max(self.plan.n, 1)
+        return now - self.first_at <= pool.slo.itl_s * (tokens + 1)
 
     def refuse(self, exc: BaseException) -> Refused:
         self.close(exc)
@@ -370,7 +390,7 @@ class _Record:
         metrics.REQUESTS.inc(tenant=tenant, pool=pool, status=str(status))
         if error_type is not None:
             metrics.ERRORS.inc(pool=pool, role="ingress", type=error_type)
-            self._alerting(status)
+            self._alerting(status, completion)
         if self.plan is not None:  # answered (its first token came)
             metrics.TENANT_TOKENS.inc(prompt, tenant=tenant, kind="prompt")
             metrics.TENANT_TOKENS.inc(completion, tenant=tenant, kind="completion")

@@ -106,6 +106,14 @@ class Histogram(_Metric):
 
 # (the Helm chart's alert rules read them: helm/small4/templates/_helpers.tpl)
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 4, 5, 10, 30, 60, 120]
+
+
+def slo_bucket(seconds: float) -> float:
+    """The latency bucket bound at or above `seconds`: what the TTFT burn alerts (and the
+    ingress, counting the requests they add) take as within an SLO of `seconds`."""
+    return next((b for b in LATENCY_BUCKETS if b >= seconds), seconds)
+
+
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2]
 ROLE = ("pool", "role")
 

@@ -5,7 +5,8 @@ engines (`autoscaling.window`: rates over the last 10 s, the mean output length 
 300 s), and Ray Serve asks for `report()` through the deployment's `record_autoscaling_stats`
 hook. The keys are the field names of `autoscaling.window.LoadReport` (those of
 `autoscaling.metrics.RoleMetrics` where they mean the same), per replica, plus `healthy`: the
-Serve adapter sums counts and rates over replicas and takes the worst percentile. A percentile
+Serve adapter sums counts and rates over replicas, takes the worst percentile and pools the
+per-request means by the requests behind them (`autoscaling.serve_policy`). A percentile
 with no samples is left out (Ray takes numbers only). `slo_met`/`slo_total` count the window's
 requests that met this role's latency objective (prefill: time to first token; decode: mean
 time per output token).

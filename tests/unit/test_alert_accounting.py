@@ -1,9 +1,10 @@
-"""What the alerts read of a request that got no first token (in-process workers, a simulated
-engine whose prefill outlasts every deadline here): a 504 at the deadline the client set is
-counted as the client's (`small4_client_deadlines_total`), one at the stack's own deadline is
-not; either, once it waited longer than its pool's TTFT SLO, is a TTFT miss
-(`small4_ttft_missed_total`). The rules that read them are evaluated in
-tests/unit/test_monitoring_assets.py and tests/helm."""
+"""What the alerts read of a request that ended in a 504 or without a first token (in-process
+workers, a simulated engine): a 504 at the deadline the client set, while the stack was keeping
+its SLOs, is the client's (`small4_client_deadlines_total`, left out of the error-rate alerts);
+one at the stack's own deadline, or at a client's deadline the stack was already late for, is
+the stack's. A request that got no first token within its pool's TTFT SLO (as the alerts read
+it: up to the latency bucket at or above it) is a TTFT miss (`small4_ttft_missed_total`). The
+rules that read them are evaluated in tests/unit/test_monitoring_assets.py and tests/helm."""
 
 from __future__ import annotations
 
@@ -16,48 +17,67 @@ from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
 from services.telemetry import metrics
 
-PROFILE = {
-    "profile": "alerts",
-    "auth": {"enabled": False},
-    "model": {"context_length": 4096},
-    "limits": {"request_timeout_s": 0.6},
+BASE = {"auth": {"enabled": False}, "model": {"context_length": 4096}}
+# prefill outlasts every deadline here; the fast pool's TTFT SLO reads as 0.5 s (its bucket)
+SLOW_PREFILL = BASE | {
+    "profile": "alerts", "limits": {"request_timeout_s": 0.8},
     "engine": {"kind": "simulated", "simulated": {"prefill_base_ms": 3000}},
-    "pools": {"fast": {"effort": "none", "slo": {"ttft_s": 0.3}},
-              "deep": {"effort": "high"}},
-}
+    "pools": {"fast": {"effort": "none", "slo": {"ttft_s": 0.3}}, "deep": {"effort": "high"}}}
+# first tokens at once, then one token per 0.1 s: late for fast's 0.05 s ITL SLO, on time for
+# deep's 0.5 s
+SLOW_DECODE = BASE | {
+    "profile": "alerts-decode",
+    "engine": {"kind": "simulated", "simulated": {"decode_step_ms": 100, "output": "counter"}},
+    "pools": {"fast": {"effort": "none", "slo": {"itl_s": 0.05}},
+              "deep": {"effort": "high", "slo": {"itl_s": 0.5}}}}
 BODY = {"model": "mistral-small-4", "max_tokens": 4,
         "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture(scope="module")
-def app():
-    return build_inprocess(parse_settings(PROFILE)).build_asgi_app()
+def apps():
+    return {name: build_inprocess(parse_settings(profile)).build_asgi_app()
+            for name, profile in (("prefill", SLOW_PREFILL), ("decode", SLOW_DECODE))}
 
 
-def counts() -> tuple[float, float, float]:
-    return (metrics.CLIENT_DEADLINES.value(pool="fast"), metrics.TTFT_MISSED.value(pool="fast"),
-            metrics.REQUESTS.value(tenant="all", pool="fast", status="504"))
+def counts(pool: str) -> tuple[float, float, float]:
+    return (metrics.CLIENT_DEADLINES.value(pool=pool), metrics.TTFT_MISSED.value(pool=pool),
+            metrics.REQUESTS.value(tenant="all", pool=pool, status="504"))
+
+
+def ask(app, body: dict, headers: dict, pool: str) -> tuple[int, int, int]:
+    """The request's status and what it added to the client-deadline and TTFT-miss counts."""
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=body, headers=headers,
+                                     timeout=30)
+
+    before = counts(pool)
+    response = asyncio.run(post())
+    after = counts(pool)
+    assert after[2] - before[2] == (response.status_code == 504)
+    return response.status_code, after[0] - before[0], after[1] - before[1]
 
 
 @pytest.mark.parametrize(("headers", "theirs", "missed"), [
-    ({"x-request-timeout": "0.5"}, 1, 1),  # the client's deadline, after the 0.3 s SLO
-    ({}, 0, 1),  # the stack's own (limits.request_timeout_s)
-    ({"x-request-timeout": "0.1"}, 1, 0),  # the client's, before the SLO: no TTFT verdict
+    ({"x-request-timeout": "0.2"}, 1, 0),  # the client's, within the SLO: no verdict on TTFT
+    ({"x-request-timeout": "1.5"}, 0, 1),  # the client's, but the first token was late by then
+    ({}, 0, 1),  # the stack's own deadline (limits.request_timeout_s)
 ])
-def test_a_504_is_the_clients_when_its_deadline_fired_and_a_ttft_miss_after_the_slo(
-        app, headers, theirs, missed):
-    async def ask():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
-            return await client.post("/v1/chat/completions", json=BODY, headers=headers,
-                                     timeout=30)
+def test_no_first_token_a_504_is_the_clients_only_while_the_stack_was_on_time(
+        apps, headers, theirs, missed):
+    assert ask(apps["prefill"], BODY, headers, "fast") == (504, theirs, missed)
 
-    before = counts()
-    response = asyncio.run(ask())
-    assert response.status_code == 504, response.text
-    after = counts()
-    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (
-        theirs, missed, 1)
+
+@pytest.mark.parametrize(("effort", "pool", "theirs"), [
+    ("none", "fast", 0),  # streaming slower than its ITL SLO when the client's deadline came
+    ("high", "deep", 1),  # on time: the client asked for less than 40 tokens take
+])
+def test_after_the_first_token_a_504_is_the_clients_only_if_decode_kept_its_slo(
+        apps, effort, pool, theirs):
+    body = BODY | {"max_tokens": 40, "reasoning_effort": effort}
+    assert ask(apps["decode"], body, {"x-request-timeout": "1.0"}, pool) == (504, theirs, 0)
 
 
 def test_a_504_before_the_clients_deadline_is_the_stacks():
@@ -70,7 +90,7 @@ def test_a_504_before_the_clients_deadline_is_the_stacks():
     from services.errors import DeadlineExceeded
     from services.guard.keys import Principal
 
-    service = build_inprocess(parse_settings(PROFILE)).service
+    service = build_inprocess(parse_settings(SLOW_PREFILL)).service
     outcomes = []
     for left_s in (30.0, 0.0):
         record = _Record.open(service, Principal("k", "t"), {})

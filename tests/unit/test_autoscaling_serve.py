@@ -71,7 +71,8 @@ def test_means_of_few_requests_are_pooled_over_replicas_by_their_requests():
     """Each replica's mean output and residency cover its own few requests: the largest of
     them read high at 8 replicas, a replica with no finished request reports 0 (not a mean).
     Pooled by their counts, they are the mean over every request, as the simulator's one
-    window per role computes it; an older worker without the counts is one sample."""
+    window per role computes it; while an older worker reports a mean without its count, the
+    largest mean stands, as before."""
     a, b, idle, old = replica("a"), replica("b"), replica("idle"), replica("old")
     aggregated = {"running_requests": {a: 10, b: 10, idle: 0, old: 4},
                   "mean_output_tokens": {a: 900.0, b: 3000.0, idle: 0.0, old: 600.0},
@@ -79,8 +80,11 @@ def test_means_of_few_requests_are_pooled_over_replicas_by_their_requests():
                   "decode_residency_s": {a: 20.0, b: 60.0, idle: 0.0, old: 0.0},
                   "slo_total": {a: 9, b: 1, idle: 0, old: 0}}
     m = role_metrics(aggregated, "decode", replicas=4, starting=0)
-    assert m.mean_output_tokens == pytest.approx((90 * 900 + 10 * 3000 + 600) / 101)
+    assert m.mean_output_tokens == 3000.0  # `old` reports no count: the largest
     assert m.decode_residency_s == pytest.approx((9 * 20 + 60) / 10)
+    upgraded = aggregated | {"finished_outputs": {a: 90, b: 10, idle: 0, old: 100}}
+    assert role_metrics(upgraded, "decode", replicas=4, starting=0).mean_output_tokens == \
+        pytest.approx((90 * 900 + 10 * 3000 + 100 * 600) / 200)
     assert role_metrics({"running_requests": {idle: 0}}, "decode", replicas=1,
                         starting=0).decode_residency_s == 0.0
 
