@@ -54,9 +54,14 @@ class AutoscalingSettings(BaseModel):
         None, gt=0, description="engines all roles may hold together; default: what the "
         "topology holds when engines use GPUs, else the sum of the roles' max_replicas")
     look_back_period_s: float = Field(
-        12.0, gt=10, description="how long Serve keeps reports; must exceed its deprecated "
-        "10 s metrics_interval_s. The policy reads each replica's latest report; the workers "
-        "already average rates over their own 10 s window")
+        12.0, gt=10, description="how long Serve keeps reports; must exceed report_interval_s. "
+        "The policy reads each replica's latest report; the workers already average rates "
+        "over their own 10 s window")
+    report_interval_s: float = Field(
+        1.0, gt=0, le=10, description="how often each replica's load report reaches the "
+        "policy (Serve's metrics_interval_s: Ray 2.60 pushes replica reports on it, 10 s by "
+        "default, and does not read the RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S "
+        "that its deprecation names). The simulator's policy reads a report a second old")
     decode_tokens_per_s_per_replica: float = Field(
         0.0, ge=0, description="profiled decode throughput at full batch; 0 = unknown")
     policy: PolicySettings = PolicySettings()
@@ -75,6 +80,7 @@ class AutoscalingSettings(BaseModel):
         return {
             "min_replicas": lowest, "max_replicas": highest, "initial_replicas": replicas,
             "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.report_interval_s,
             # Serve wraps a custom policy in its own delays (30 s up, 600 s down by default);
             # ours already holds a wish for upscale_delay_s/downscale_delay_s before acting.
             "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
@@ -142,6 +148,15 @@ def _pooled(aggregated: dict[str, dict[Any, float]], name: str, weight: str) -> 
     return sum(values[r] * n for r, n in counted.items()) / total if total else 0.0
 
 
+def report_age_s(ctx, now: float) -> float | None:
+    """How old the stalest running replica's latest report is (None before any report)."""
+    running, stamps = set(ctx.running_replicas), []
+    for replica, series in ((ctx.raw_metrics or {}).get("running_requests") or {}).items():
+        if replica in running and series:
+            stamps.append(series[-1].timestamp)
+    return max(now - min(stamps), 0.0) if stamps else None
+
+
 def latest_reports(ctx) -> dict[str, dict[Any, float]]:
     """Each running replica's latest report (`raw_metrics`), else Serve's window average."""
     running = set(ctx.running_replicas)
@@ -201,7 +216,7 @@ class ServePolicy:
         if now - self.published >= PUBLISH_S:
             self.published = now
             _publish(app, self.key, metrics, reports, wish, decision, shared, self.settings,
-                     ctx.target_num_replicas, sum(self.fixed.values()))
+                     ctx.target_num_replicas, sum(self.fixed.values()), report_age_s(ctx, now))
         return decision, {"wish": wish.replicas, "decision": decision}
 
 
@@ -224,7 +239,7 @@ def _overrides(app: str) -> dict:
 
 
 def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision: int, shared,
-             s, target: int, fixed: int) -> None:
+             s, target: int, fixed: int, age: float | None = None) -> None:
     met = sum((reports.get("slo_met") or {}).values())
     total = sum((reports.get("slo_total") or {}).values())
     latency = m.itl_p90_s if key[1] == "decode" else m.ttft_p90_s
@@ -240,6 +255,7 @@ def _publish(app: str, key, m: RoleMetrics, reports: dict, wish: Wish, decision:
         "slo_s": s.itl_slo_s if key[1] == "decode" else s.ttft_slo_s,
         "slo_attainment": met / total if total else None,
         "override": shared.applied_overrides.get(key), "error": shared.error,
+        "report_age_s": None if age is None else round(age, 2),  # the stalest replica's
         "at": time.time()}
     try:
         control.publish_status(app, key, status)

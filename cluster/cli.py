@@ -127,8 +127,6 @@ def cmd_up(args) -> int:
             raise _Refused(f"--address {args.address}: {exc}") from None
         metrics = None
     else:
-        # Workers' load reports reach the autoscaling policy every 2 s, not Serve's 10 s.
-        os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "2")
         # Serve's HTTP proxy bounds request heads and answers in our error shape (read by
         # the proxy when it starts, so it must be in the environment Ray starts with).
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", EDGE_CALLBACK)
@@ -427,16 +425,18 @@ def status_table(rows: dict, now: float | None = None) -> str:
     live = fresh(rows, now)
     head = (f"{'pool/role':16s} {'replicas':>8s} {'target':>6s} {'wish':>4s} {'queue':>5s} "
             f"{'running':>7s} {'kv use':>7s} {'p90 s':>7s} {'slo s':>6s} {'slo met':>7s} "
-            f"override")
+            f"{'report':>6s} override")
     lines = [head]
     for (pool, role), r in sorted(rows.items()):
         kv = f"{100 * r['kv_used'] / r['kv_capacity']:.1f}%" if r.get("kv_capacity") else "-"
         p90 = f"{r['latency_p90_s']:.3f}" if r.get("latency_p90_s") is not None else "-"
         met = f"{100 * r['slo_attainment']:.1f}%" if r.get("slo_attainment") is not None else "-"
         pinned = "-" if r.get("override") is None else str(r["override"])
+        # how old the stalest replica's load report was when the policy last decided
+        age = f"{r['report_age_s']:.1f}s" if r.get("report_age_s") is not None else "-"
         lines.append(f"{pool + '/' + role:16s} {r['replicas']:>8d} {r['target']:>6d} "
                      f"{r['wish']:>4d} {r['queued']:>5d} {r['running']:>7d} {kv:>7s} {p90:>7s} "
-                     f"{r['slo_s']:>6.3f} {met:>7s} {pinned}")
+                     f"{r['slo_s']:>6.3f} {met:>7s} {age:>6s} {pinned}")
         if r.get("error"):
             lines.append(f"  ! {r['error']}")
         if (pool, role) not in live:

@@ -16,8 +16,6 @@ os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `small4 up` r
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",  # as `small4 up` sets it
                       "services.guard.http_edge:install")
-# Workers' load reports reach the autoscaling policy twice a second (Serve's default is 10 s).
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -102,6 +102,19 @@ class Load:
         return self.outcomes
 
 
+def report_ages(seconds: int) -> list[float]:
+    """The stalest fast/decode report's age, as the policy published it, once a second."""
+    from autoscaling import control
+
+    ages = []
+    for _ in range(seconds):
+        row = control.read_status("auto").get(("fast", "decode")) or {}
+        if row.get("report_age_s") is not None:
+            ages.append(row["report_age_s"])
+        time.sleep(1)
+    return ages
+
+
 def test_load_step_scales_decode_up_then_down_without_losing_a_request(auto):
     assert decode_replicas() == 1
     step = Load(auto, workers=12)  # 12 streams over 4 decode slots per replica
@@ -109,6 +122,7 @@ def test_load_step_scales_decode_up_then_down_without_losing_a_request(auto):
     try:
         wait_for(lambda: decode_replicas() >= 2, 90, "decode to scale up under the load step")
         peak = decode_replicas()
+        ages = report_ages(6)
         trickle = Load(auto, workers=1)  # requests keep running while replicas leave
         outcomes = step.finish()
         wait_for(lambda: decode_replicas() == 1, 120, "decode to scale back down")
@@ -119,6 +133,9 @@ def test_load_step_scales_decode_up_then_down_without_losing_a_request(auto):
     failures = [o for o in everything if isinstance(o, BaseException)]
     assert not failures, f"{len(failures)} of {len(everything)} requests failed: {failures[:3]}"
     assert peak >= 2
+    # the policy decides on reports about a second old (the simulator's age), not Serve's
+    # default push interval of 10 s
+    assert ages and max(ages) <= 5, ages
     assert len(outcomes) >= 12 and outcomes_trickle, "the load never ran"
     assert all(o == ("length", MAX_TOKENS) for o in everything), \
         sorted({o for o in everything if o != ("length", MAX_TOKENS)})

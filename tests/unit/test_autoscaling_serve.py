@@ -246,9 +246,28 @@ def test_settings_wire_our_policy_into_the_scalable_roles_only():
     assert kwargs["fixed"] == {"fast/prefill": 1, "deep/prefill": 1, "deep/decode": 1}
     assert settings.role_options("fast", "prefill")["num_replicas"] == 1
     assert decode["graceful_shutdown_timeout_s"] == 60.0
+    import warnings
+
     from ray.serve.config import AutoscalingConfig
 
-    AutoscalingConfig(**config)  # Serve accepts it
+    with warnings.catch_warnings():  # its look-back outlasts the report interval
+        warnings.simplefilter("error", FutureWarning)
+        accepted = AutoscalingConfig(**config)  # Serve accepts it
+    # Ray 2.60's replicas push their reports to the policy every metrics_interval_s (10 s by
+    # default; the environment variable its deprecation note names is not read): the policy
+    # decided on reports up to 12 s old, where the simulator's are a second old
+    assert accepted.metrics_interval_s == 1.0 < accepted.look_back_period_s
+
+
+def test_status_shows_how_old_the_stalest_report_is():
+    from autoscaling.serve_policy import report_age_s
+
+    fresh, stale, gone = replica("fresh"), replica("stale"), replica("gone")
+    ctx = context({fresh: {"running_requests": 1}, stale: {"running_requests": 2}}, 2, 100.0)
+    ctx.raw_metrics["running_requests"][stale][-1] = TimeStampedValue(93.0, 2)
+    ctx.raw_metrics["running_requests"][gone] = [TimeStampedValue(10.0, 0)]  # not running
+    assert report_age_s(ctx, 100.0) == pytest.approx(7.0)
+    assert report_age_s(context({}, 1, 100.0), 100.0) is None
 
 
 def test_a_scalable_role_cannot_start_from_zero():
@@ -295,3 +314,7 @@ def test_pins_survive_a_failed_read_and_old_status_is_flagged(monkeypatch):
     assert len(flagged) == 1 and "41 s" in flagged[0]
     assert table.splitlines()[2].startswith("fast/prefill")  # flagged right under it
     assert table.splitlines().index(flagged[0]) == 3
+    aged = status_table({("fast", "decode"): row | {"at": 1000.0, "report_age_s": 1.26}},
+                        now=1001.0).splitlines()
+    assert aged[0].split()[-2:] == ["report", "override"] and aged[1].split()[-2:] == [
+        "1.3s", "-"]

@@ -103,8 +103,6 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
   value: "0"
 - name: HF_HUB_OFFLINE
   value: "1"
-- name: RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
-  value: "2"
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH  # bounded request heads, JSON edge errors
   value: "services.guard.http_edge:install"
 - name: SMALL4_WRITE_STALL_S  # the proxy cuts a response its client stopped reading
