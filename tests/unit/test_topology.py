@@ -140,3 +140,28 @@ def test_up_checks_its_port_as_the_profiles_own(capsys):
 
     assert main(["up", "--config", str(H200), "--port", "8998"]) == 2
     assert "include port 8998, used by the HTTP ingress" in capsys.readouterr().err
+
+
+def test_h200x16_admits_what_its_engines_hold():
+    """A decode stream holds its Serve call for its whole life, and each ingress replica
+    admits `max_queue` streams per pool: caps below the engines' batch slots left them empty
+    (64 calls per decode replica against 128 slots; 2 x 64 streams per pool against up to 5
+    decode engines x 128), spilled or refused the rest, and hid that demand from the
+    autoscaler, which sees the engines' queues, not Serve's router's."""
+    s = load_settings(H200)
+    slots = s.engine.max_running_requests
+    admitted = 0
+    for name, pool in s.pools.items():
+        decode = s.role_options(name, "decode")["max_ongoing_requests"]
+        assert decode >= slots, name
+        assert s.ingress.replicas * pool.max_queue >= pool.decode.highest * slots, name
+        admitted += pool.max_queue
+    assert s.ingress.max_ongoing_requests >= admitted  # Serve's own cap does not bind first
+
+
+def test_a_decode_replica_takes_calls_for_its_batch_and_a_queue_unless_set():
+    settings = load_settings(H200)
+    assert settings.role_options("deep", "decode")["max_ongoing_requests"] == 256
+    assert settings.role_options("deep", "prefill")["max_ongoing_requests"] == 64
+    pinned = parse_settings(h200(pools__deep__decode__max_ongoing_requests=100))
+    assert pinned.role_options("deep", "decode")["max_ongoing_requests"] == 100
