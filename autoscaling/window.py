@@ -34,7 +34,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -163,6 +163,7 @@ class LoadWindow:
         self.finished: deque[tuple[int, int]] = deque()  # (second, output), MAX_SAMPLES at most
         self.lengths: list[int] = []  # the outputs in `finished`, sorted
         self.streams: deque[Stream] = deque()  # arrived within `recent_s`, MAX_SAMPLES at most
+        self.busy_until: dict[Hashable, float] = {}  # per engine: its prefill time counted
 
     def _now(self) -> _Bucket:
         second = int(self.clock())
@@ -198,12 +199,21 @@ class LoadWindow:
         b.arrivals += 1
         b.arrival_tokens += prompt_tokens
 
-    def prefilled(self, tokens: int, compute_s: float, wait_s: float, ttft_s: float) -> None:
-        """A prompt finished prefill here: `compute_s` of engine time, after `wait_s` queued,
-        `ttft_s` after it arrived."""
+    def prefilled(self, tokens: int, compute_s: float, wait_s: float, ttft_s: float,
+                  engine: Hashable = None) -> None:
+        """A prompt finished prefill on `engine` now, after `compute_s` in it (queueing
+        excluded; in a batch, the batch's time), `wait_s` queued, `ttft_s` after it arrived.
+
+        The engine's busy time is the union of its prompts' compute intervals, not their sum:
+        an engine that prefills a batch of k prompts (SGLang) reports each one's whole batch
+        time, and the sum read its rate k times low. Each interval ends now; the part of it
+        that an interval reported earlier already covered is not counted again."""
         b = self._now()
         b.prefill_tokens += tokens
-        b.prefill_busy_s += compute_s
+        now = self.clock()
+        covered = self.busy_until.get(engine, float("-inf"))
+        b.prefill_busy_s += max(0.0, now - max(now - compute_s, covered))
+        self.busy_until[engine] = max(covered, now)
         _add(b.waits, wait_s)
         _add(b.latencies, ttft_s)
         b.slo_total += 1

@@ -133,8 +133,8 @@ class Simulation:
         decode_key = (pool, "decode")
         prefill_window, decode_window = self.windows[slot.key], self.windows[decode_key]
         for r in batch:
-            prefill_window.prefilled(r.prompt, busy * r.prompt / tokens, started - r.arrival,
-                                     now - r.arrival)
+            prefill_window.prefilled(r.prompt, busy, started - r.arrival, now - r.arrival,
+                                     engine=id(slot))
             decode_window.arrived(r.prompt)
             self.streams[r.rid] = decode_window.stream()
         self.queues[decode_key].extend(batch)

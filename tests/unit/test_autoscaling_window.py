@@ -24,6 +24,7 @@ def test_rates_cover_the_window_and_expire_with_it():
     for _ in range(30):
         w.arrived(prompt_tokens=200)
     w.prefilled(tokens=4000, compute_s=0.5, wait_s=0.2, ttft_s=0.8)
+    clock.t += 0.5  # the next prompt's prefill ran after it
     w.prefilled(tokens=4000, compute_s=0.5, wait_s=1.5, ttft_s=2.0)
     r = w.snapshot(queued=4)
     assert isinstance(r, LoadReport)
@@ -31,7 +32,7 @@ def test_rates_cover_the_window_and_expire_with_it():
     assert r.arrival_prompt_tokens_per_s == pytest.approx(600.0)
     assert r.prefill_tokens_per_s == pytest.approx(8000.0)  # per busy second
     assert (r.slo_met, r.slo_total) == (1, 2) and r.queued_requests == 4
-    clock.t += 9.5  # still inside the ten seconds
+    clock.t += 9.0  # still inside the ten seconds
     assert w.snapshot().arrival_requests_per_s == pytest.approx(3.0)
     clock.t += 1.0
     later = w.snapshot()
@@ -170,3 +171,22 @@ def test_the_worker_reports_the_same_window_as_numbers_for_ray():
                                kv_capacity=4000).stats()
     assert report == {**expected, "healthy": 1.0}
     assert all(isinstance(v, float) for v in report.values())
+
+
+def test_prefill_time_is_the_union_of_an_engines_prompts_not_their_sum():
+    """SGLang prefills a batch together and reports each prompt's whole batch time: summed,
+    an engine prefilling 4 prompts at a time read a quarter of its rate, and the policy
+    asked for 4 times the prefill engines. Sequential prompts still add up; the simulator's
+    engines, sharing one window per role, keep their own union each."""
+    clock = Clock()
+    w = LoadWindow(slo_s=1.0, clock=clock, window_s=10)
+    for _ in range(4):  # one batch of four 2,000-token prompts in 0.5 s
+        w.prefilled(tokens=2000, compute_s=0.5, wait_s=0.0, ttft_s=0.5)
+    assert w.snapshot().prefill_tokens_per_s == pytest.approx(16000.0)
+    clock.t += 0.3  # a prompt that joined the batch late (chunked prefill): 0.3 s more
+    w.prefilled(tokens=3200, compute_s=0.6, wait_s=0.0, ttft_s=0.6)
+    assert w.snapshot().prefill_tokens_per_s == pytest.approx(11200 / 0.8)
+    other = LoadWindow(slo_s=1.0, clock=clock, window_s=10)
+    for engine in ("a", "b"):  # two engines at once in one pooled window: both count
+        other.prefilled(tokens=4000, compute_s=0.5, wait_s=0.0, ttft_s=0.5, engine=engine)
+    assert other.snapshot().prefill_tokens_per_s == pytest.approx(8000.0)
