@@ -195,10 +195,13 @@ class EngineLoad:
 def engine_load(engine: Any) -> EngineLoad | None:
     """What the engine's schedulers last published of their load (SGLang's `LoadSnapshot`s,
     the source of its `/v1/loads`, read from shared memory by its tokenizer manager: no call
-    into the engine): requests running, requests waiting (its queue; on a decode engine also
-    those whose KV is still on its way), KV tokens in use and the pool's size. None where the
-    engine publishes none (no snapshot yet, or an SGLang without them): the caller falls back
-    to its own count. The autoscaler reads `waiting` as the role's queue."""
+    into the engine): requests running, requests waiting, KV tokens in use and the pool's
+    size. None where the engine publishes none (no snapshot yet, or an SGLang without them):
+    the caller falls back to its own count. The autoscaler reads `waiting` as the role's
+    queue: on a decode engine SGLang's count also holds its transfer queue, requests whose KV
+    slots are allocated and whose prefill has not sent the KV yet (the prefill role's backlog,
+    not decode's: counted here, a prefill overload asked for decode engines), so those are
+    left out; its pre-allocation queue (waiting for KV room on this engine) stays in."""
     reader = getattr(getattr(engine, "tokenizer_manager", None), "load_snapshot_reader", None)
     if reader is None:
         return None
@@ -208,8 +211,10 @@ def engine_load(engine: Any) -> EngineLoad | None:
         return None
     if not loads:
         return None
+    transfer = sum(int(x.disaggregation.decode_transfer_queue_reqs) for x in loads
+                   if x.disaggregation is not None)
     return EngineLoad(running=sum(int(x.num_running_reqs) for x in loads),
-                      waiting=sum(int(x.num_waiting_reqs) for x in loads),
+                      waiting=max(sum(int(x.num_waiting_reqs) for x in loads) - transfer, 0),
                       kv_tokens=sum(int(x.num_used_tokens) for x in loads),
                       kv_capacity=sum(int(x.max_total_num_tokens) for x in loads))
 

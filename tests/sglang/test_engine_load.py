@@ -43,3 +43,23 @@ def test_no_snapshot_file_is_no_load(tmp_path):
     engine = SimpleNamespace(tokenizer_manager=SimpleNamespace(
         load_snapshot_reader=ShmLoadSnapshotReader(str(tmp_path / "none.shm"), 1)))
     assert engine_load(engine) is None
+
+
+def test_a_decode_engines_queue_leaves_out_requests_still_waiting_for_their_kv(tmp_path):
+    """SGLang counts its transfer queue (KV slots allocated, the prefill's KV not sent yet) in
+    a decode scheduler's waiting requests: the prefill role's backlog, which read as decode's
+    queue asked for decode engines under a prefill overload. Pre-allocation (no KV room yet)
+    and retracted requests are decode's own and stay."""
+    from sglang.srt.managers.load_snapshot import (DisaggregationMetrics, LoadSnapshot,
+                                                   ShmLoadSnapshotReader, ShmLoadSnapshotWriter)
+
+    path = str(tmp_path / "loads.shm")
+    writer = ShmLoadSnapshotWriter(path, 1, 0)
+    engine = SimpleNamespace(tokenizer_manager=SimpleNamespace(
+        load_snapshot_reader=ShmLoadSnapshotReader(path, 1)))
+    writer.write(LoadSnapshot(dp_rank=0, num_running_reqs=100, num_waiting_reqs=45,
+                              disaggregation=DisaggregationMetrics(
+                                  mode="decode", decode_prealloc_queue_reqs=5,
+                                  decode_transfer_queue_reqs=30,
+                                  decode_retracted_queue_reqs=2)))
+    assert engine_load(engine).waiting == 15  # 8 in its waiting queue, 5 + 2 of its own
