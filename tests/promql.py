@@ -1,12 +1,13 @@
 """Run the chart's alert expressions against given rates: Prometheus's grammar (promql-parser,
 the Rust parser Prometheus-compatible databases use) reads the expression, and this walks its
-tree for the part of PromQL the rules use — selectors under `rate()`, `sum [by (...)]`,
+tree for the part of PromQL the rules use — selectors (a gauge's value, or under `rate()`),
+`sum [by (...)]`,
 `vector()`, arithmetic, `or`/`and`, comparisons with a number. A rule is tested on what it
 fires on, not on its text: an empty series (a counter nobody has incremented yet) makes a whole
 expression empty unless the rule says `or vector(0)`, which only an evaluation shows.
 
-Series are given as their per-second rates, `(name, labels, rate)`: `rate(x[w])` of a series is
-its given rate whatever `w` is. Outside that subset the walker raises, so a rule that starts
+Series are given as `(name, labels, value)`: a gauge's value, or a counter's per-second rate,
+`rate(x[w])` of it whatever `w` is. Outside that subset the walker raises, so a rule that starts
 using more of the language fails its test instead of being read wrong.
 """
 
@@ -45,13 +46,20 @@ def _matches(matcher, labels: dict[str, str]) -> bool:
     return found if matcher.op == pq.MatchOp.Re else not found
 
 
-def _select(selector, series: list[Series]) -> Vector:
+def _select(selector, series: list[Series], named: bool = False) -> Vector:
+    """The matching series; an instant selector keeps the metric's name as a label (`rate()`
+    drops it), which vector matching then ignores, as Prometheus does."""
     if selector.offset is not None or selector.at is not None or \
             selector.matchers.or_matchers:
         raise NotImplementedError(f"selector {selector}")
-    return {frozenset(labels.items()): rate for name, labels, rate in series
+    return {frozenset(labels.items()) | ({("__name__", name)} if named else set()): value
+            for name, labels, value in series
             if name == selector.name and all(_matches(m, labels)
                                              for m in selector.matchers.matchers)}
+
+
+def _bare(labels: Labels) -> Labels:
+    return frozenset((k, v) for k, v in labels if k != "__name__")
 
 
 def _divide(a: float, b: float) -> float:
@@ -71,6 +79,8 @@ def _eval(node, series: list[Series]) -> Vector | float:
         return _eval(node.expr, series)
     if isinstance(node, pq.NumberLiteral):
         return float(node.val)
+    if isinstance(node, pq.VectorSelector):
+        return _select(node, series, named=True)
     if isinstance(node, pq.Call):
         name, args = node.func.name, node.args
         if name == "rate" and isinstance(args[0], pq.MatrixSelector):
@@ -110,11 +120,12 @@ def _binary(node, series: list[Series]) -> Vector | float:
     if op in ("or", "and", "unless"):
         if not (isinstance(lhs, dict) and isinstance(rhs, dict)):
             raise TypeError(f"{op} takes two vectors")
+        left, right = {_bare(k) for k in lhs}, {_bare(k) for k in rhs}
         if op == "or":
-            return lhs | {k: v for k, v in rhs.items() if k not in lhs}
+            return lhs | {k: v for k, v in rhs.items() if _bare(k) not in left}
         if op == "and":
-            return {k: v for k, v in lhs.items() if k in rhs}
-        return {k: v for k, v in lhs.items() if k not in rhs}
+            return {k: v for k, v in lhs.items() if _bare(k) in right}
+        return {k: v for k, v in lhs.items() if _bare(k) not in right}
     apply = ARITHMETIC.get(op)
     compare = COMPARISON.get(op)
     if apply is None and compare is None:
@@ -125,12 +136,16 @@ def _binary(node, series: list[Series]) -> Vector | float:
         return apply(lhs, rhs)
     if compare is not None:  # a filter: keeps the vector side's elements that pass
         if isinstance(lhs, dict) and isinstance(rhs, dict):
-            return {k: v for k, v in lhs.items() if k in rhs and compare(v, rhs[k])}
+            right = {_bare(k): v for k, v in rhs.items()}
+            return {k: v for k, v in lhs.items()
+                    if _bare(k) in right and compare(v, right[_bare(k)])}
         if isinstance(lhs, dict):
             return {k: v for k, v in lhs.items() if compare(v, rhs)}
         return {k: v for k, v in rhs.items() if compare(lhs, v)}
+    # arithmetic drops the metric's name
     if isinstance(lhs, dict) and isinstance(rhs, dict):  # one to one, on identical labels
-        return {k: apply(v, rhs[k]) for k, v in lhs.items() if k in rhs}
+        right = {_bare(k): v for k, v in rhs.items()}
+        return {_bare(k): apply(v, right[_bare(k)]) for k, v in lhs.items() if _bare(k) in right}
     if isinstance(lhs, dict):
-        return {k: apply(v, rhs) for k, v in lhs.items()}
-    return {k: apply(lhs, v) for k, v in rhs.items()}
+        return {_bare(k): apply(v, rhs) for k, v in lhs.items()}
+    return {_bare(k): apply(lhs, v) for k, v in rhs.items()}

@@ -102,6 +102,7 @@ class RequestService:
         self.tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.guidance = warmed(self.tokenizer)
         self.in_flight = {name: 0 for name in pools}  # decode streams, for spillover
+        self.overdue = {name: 0 for name in pools}  # past the TTFT SLO, no first token yet
         self.log = configure_logging(settings.telemetry.json_logs)
         self.quotas = Quotas(settings.auth.default_quota)
         self.uploads = Uploads(settings.limits)
@@ -166,6 +167,7 @@ class RequestService:
                              trace_headers=tracing.headers_of(record.span, incoming),
                              tenant=principal.tenant)
         record.pool = choice.pool
+        record.watch_first_token()
         answer = Answer(self, plan, choice, ctx, record)
         record.dispatched = plan.n * plan.prompt_tokens  # prefills the engines will run
         try:
@@ -177,6 +179,7 @@ class RequestService:
             await answer.close(exc)
             return Refused(record.error, record.request_id, record.trace_id)
         record.plan, record.first_at = plan, time.perf_counter()  # the prompt counts from here
+        record.unwatch()
         metrics.TTFT.observe(record.first_at - record.started, pool=choice.pool, role="ingress")
         return answer
 
@@ -311,6 +314,7 @@ class _Record:
         self.deadline: float | None = None
         self.client_deadline = False  # the deadline is the client's (x-request-timeout)
         self.first_at: float | None = None  # when its first token left (perf_counter)
+        self._overdue: asyncio.TimerHandle | bool | None = None  # True once counted overdue
         self.closed = False
 
     @classmethod
@@ -358,6 +362,33 @@ class _Record:
         tokens = completion / max(self.plan.n, 1)
         return now - self.first_at <= pool.slo.itl_s * (tokens + 1)
 
+    def watch_first_token(self) -> None:
+        """Count it overdue (`small4_first_token_overdue`) once its pool's TTFT SLO passes
+        with no first token, until the token comes or it ends: a pool that stopped shows at
+        once, where the TTFT histogram and the miss counter hear of a request only when it
+        ends (at its deadline, minutes later)."""
+        pool = self.service.settings.pools.get(self.pool)
+        if pool is not None and self._overdue is None:
+            due = metrics.slo_bucket(pool.slo.ttft_s) - (time.perf_counter() - self.started)
+            self._overdue = asyncio.get_running_loop().call_later(max(due, 0.0), self._due)
+
+    def _due(self) -> None:
+        if self.first_at is None and not self.closed:
+            self._overdue = True
+            self._count_overdue(+1)
+
+    def unwatch(self) -> None:
+        if isinstance(self._overdue, asyncio.TimerHandle):
+            self._overdue.cancel()
+        elif self._overdue is True:
+            self._count_overdue(-1)
+        self._overdue = False
+
+    def _count_overdue(self, step: int) -> None:
+        overdue = self.service.overdue
+        overdue[self.pool] = max(overdue.get(self.pool, 0) + step, 0)
+        metrics.FIRST_TOKEN_OVERDUE.set(overdue[self.pool], pool=self.pool)
+
     def refuse(self, exc: BaseException) -> Refused:
         self.close(exc)
         return Refused(self.error, self.request_id, self.trace_id)
@@ -367,6 +398,7 @@ class _Record:
         if self.closed:
             return
         self.closed = True
+        self.unwatch()
         service, pool, tenant = self.service, self.pool, self.tenant
         if self.pixels is not None:
             service.release_pixels(self.pixels, self.deadline)

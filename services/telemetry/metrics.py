@@ -143,6 +143,10 @@ TTFT_MISSED = Counter("small4_ttft_missed_total", "requests routed to a pool tha
                       "a first token after waiting longer than the pool's TTFT SLO (timed out, "
                       "failed, or their client left): the TTFT burn alerts count them as misses",
                       ("pool",))
+FIRST_TOKEN_OVERDUE = Gauge("small4_first_token_overdue", "requests in flight at this ingress "
+                            "replica that a pool is serving, past the pool's TTFT SLO with no "
+                            "first token yet (a stalled pool shows here before they end)",
+                            ("pool",))
 CLIENT_DEADLINES = Counter("small4_client_deadlines_total", "requests answered 504 at the "
                            "deadline their client set (x-request-timeout): counted in "
                            "small4_requests_total, left out of the error-rate alerts", ("pool",))

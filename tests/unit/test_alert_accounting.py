@@ -80,6 +80,35 @@ def test_after_the_first_token_a_504_is_the_clients_only_if_decode_kept_its_slo(
     assert ask(apps["decode"], body, {"x-request-timeout": "1.0"}, pool) == (504, theirs, 0)
 
 
+def test_a_request_past_its_ttft_slo_counts_overdue_until_it_ends(apps):
+    """The fast pool's SLO reads as 0.5 s: from then until the request ends (its 0.8 s
+    deadline here, minutes in production) it shows in `small4_first_token_overdue`, which a
+    stalled pool's alert reads; a request that got its first token in time never shows."""
+    async def scenario():
+        transport = httpx.ASGITransport(app=apps["prefill"])
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            post = asyncio.ensure_future(client.post("/v1/chat/completions", json=BODY,
+                                                     timeout=30))
+            await asyncio.sleep(0.3)
+            early = metrics.FIRST_TOKEN_OVERDUE.value(pool="fast")
+            await asyncio.sleep(0.35)
+            during = metrics.FIRST_TOKEN_OVERDUE.value(pool="fast")
+            response = await post
+            return early, during, response.status_code, metrics.FIRST_TOKEN_OVERDUE.value(
+                pool="fast")
+
+    early, during, status, after = asyncio.run(scenario())
+    assert (early or 0, during, status, after) == (0, 1, 504, 0)
+
+    async def answered():  # first tokens at once: never overdue
+        transport = httpx.ASGITransport(app=apps["decode"])
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=BODY, timeout=30)
+
+    assert asyncio.run(answered()).status_code == 200
+    assert metrics.FIRST_TOKEN_OVERDUE.value(pool="fast") == 0
+
+
 def test_a_504_before_the_clients_deadline_is_the_stacks():
     """A deadline of the stack's own that fires first (an attempt's, a worker's) is not the
     client's, whatever header it sent: only a 504 at (or, across clocks, just before) the

@@ -100,6 +100,29 @@ def test_error_rate_alerts_page_on_the_stacks_failures_not_on_a_clients_deadline
     assert fires(overall, shed) and not fires(per_pool, shed)
 
 
+def test_a_pool_that_sends_no_first_token_pages_before_its_requests_end():
+    """A stalled pool's requests reach the burn and error alerts only at their deadlines;
+    the stall alert reads the requests waiting past their SLO now, unless the pool still
+    sends first tokens (a busy pool's slow tail is the burn alerts' to judge)."""
+    rules = yaml.safe_load((FILES / "alert-rules.yaml").read_text())
+    expr = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}["Small4PoolStalled"][
+        "expr"]
+
+    def overdue(pool: str, n: float) -> tuple:
+        return "ray_small4_first_token_overdue", {"pool": pool, "replica": "a"}, n
+
+    def first_tokens(pool: str, rate: float) -> tuple:
+        return "ray_small4_ttft_seconds_count", {"pool": pool, "role": "ingress"}, rate
+
+    stalled = [overdue("deep", 3), first_tokens("fast", 20.0)]  # deep never answered
+    assert set(evaluate(expr, stalled)) == {frozenset({("pool", "deep")})}
+    stopped = stalled + [first_tokens("deep", 0.0)]  # deep answered once, then stopped
+    assert set(evaluate(expr, stopped)) == {frozenset({("pool", "deep")})}
+    busy = [overdue("deep", 3), first_tokens("deep", 4.0)]
+    assert not fires(expr, busy)
+    assert not fires(expr, [overdue("deep", 0), first_tokens("deep", 0.0)])
+
+
 def test_the_readme_names_every_metric_the_stack_exports():
     readme = (FILES.parents[2] / "README.md").read_text()
     names = {v.name for v in vars(metrics).values() if isinstance(v, metrics._Metric)}
