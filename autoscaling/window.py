@@ -44,6 +44,7 @@ MAX_SAMPLES = 4096
 WINDOW_S = 10
 OUTPUT_WINDOW_S = 300
 RECENT_S = 60
+BUSY_HORIZON_S = 120  # a prefill interval is compared with those that ended this long before
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -83,6 +84,28 @@ class Stream:
         left out when that is nothing."""
         if self.output is None:
             self.output = max(tokens, 0)
+
+
+class _Spans:
+    """Disjoint time intervals, sorted, ending within the last `BUSY_HORIZON_S`: `add`
+    returns how much of a new interval they did not cover yet, and merges it in."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def add(self, start: float, end: float) -> float:
+        while self.ends and self.ends[0] < end - BUSY_HORIZON_S:
+            del self.starts[0], self.ends[0]
+        lo = bisect.bisect_left(self.ends, start)  # the first span ending at or after start
+        hi = bisect.bisect_right(self.starts, end)  # past the last starting at or before end
+        covered = sum(min(e, end) - max(s, start)
+                      for s, e in zip(self.starts[lo:hi], self.ends[lo:hi]))
+        new = max(end - start - covered, 0.0)
+        if lo < hi:
+            start, end = min(start, self.starts[lo]), max(end, self.ends[hi - 1])
+        self.starts[lo:hi], self.ends[lo:hi] = [start], [end]
+        return new
 
 
 def _add(samples: list, value: float) -> None:
@@ -163,7 +186,7 @@ class LoadWindow:
         self.finished: deque[tuple[int, int]] = deque()  # (second, output), MAX_SAMPLES at most
         self.lengths: list[int] = []  # the outputs in `finished`, sorted
         self.streams: deque[Stream] = deque()  # arrived within `recent_s`, MAX_SAMPLES at most
-        self.busy_until: dict[Hashable, float] = {}  # per engine: its prefill time counted
+        self.busy: dict[Hashable, _Spans] = {}  # per engine: the prefill time counted
 
     def _now(self) -> _Bucket:
         second = int(self.clock())
@@ -207,13 +230,13 @@ class LoadWindow:
         The engine's busy time is the union of its prompts' compute intervals, not their sum:
         an engine that prefills a batch of k prompts (SGLang) reports each one's whole batch
         time, and the sum read its rate k times low. Each interval ends now; the part of it
-        that an interval reported earlier already covered is not counted again."""
+        that intervals reported earlier already covered, in whatever order they ended, is not
+        counted again."""
         b = self._now()
         b.prefill_tokens += tokens
         now = self.clock()
-        covered = self.busy_until.get(engine, float("-inf"))
-        b.prefill_busy_s += max(0.0, now - max(now - compute_s, covered))
-        self.busy_until[engine] = max(covered, now)
+        spans = self.busy.setdefault(engine, _Spans())
+        b.prefill_busy_s += spans.add(now - max(compute_s, 0.0), now)
         _add(b.waits, wait_s)
         _add(b.latencies, ttft_s)
         b.slo_total += 1

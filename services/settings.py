@@ -190,10 +190,10 @@ class RoleSettings(DeploymentSettings):
     max_replicas: int | None = Field(None, ge=1)
     max_ongoing_requests: int | None = Field(
         None, gt=0, description="Serve's cap on one replica's calls in flight; default: "
-        "prefill 64, decode twice the engine's max_running_requests (a stream holds its call "
-        "for its whole life: a cap below the engine's batch slots leaves them empty, and the "
-        "streams above it wait in Serve's router, where the autoscaler does not see them; "
-        "in the engine's queue it does)")
+        "prefill 64, decode twice the engine's max_running_requests, at least 64 (a stream "
+        "holds its call for its whole life: a cap below the engine's batch slots leaves them "
+        "empty, and the streams above it wait in Serve's router, where the autoscaler does "
+        "not see them; in the engine's queue it does)")
 
     @model_validator(mode="after")
     def _bounds_hold_replicas(self):

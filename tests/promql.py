@@ -7,7 +7,7 @@ fires on, not on its text: an empty series (a counter nobody has incremented yet
 expression empty unless the rule says `or vector(0)`, which only an evaluation shows.
 
 Series are given as `(name, labels, value)`: a gauge's value, or a counter's per-second rate,
-`rate(x[w])` of it whatever `w` is. Outside that subset the walker raises, so a rule that starts
+`rate(x[w])` of it whatever `w` is (`increase(x[w])`: that rate times `w`). Outside that subset the walker raises, so a rule that starts
 using more of the language fails its test instead of being read wrong.
 """
 
@@ -83,8 +83,12 @@ def _eval(node, series: list[Series]) -> Vector | float:
         return _select(node, series, named=True)
     if isinstance(node, pq.Call):
         name, args = node.func.name, node.args
-        if name == "rate" and isinstance(args[0], pq.MatrixSelector):
-            return _select(args[0].vector_selector, series)
+        if name in ("rate", "increase") and isinstance(args[0], pq.MatrixSelector):
+            rates = _select(args[0].vector_selector, series)
+            if name == "rate":
+                return rates
+            seconds = args[0].range.total_seconds()
+            return {k: v * seconds for k, v in rates.items()}
         if name == "vector":
             value = _eval(args[0], series)
             if isinstance(value, dict):

@@ -103,6 +103,7 @@ class RequestService:
         self.guidance = warmed(self.tokenizer)
         self.in_flight = {name: 0 for name in pools}  # decode streams, for spillover
         self.overdue = {name: 0 for name in pools}  # past the TTFT SLO, no first token yet
+        self._overdue_gauges: asyncio.Task | None = None
         self.log = configure_logging(settings.telemetry.json_logs)
         self.quotas = Quotas(settings.auth.default_quota)
         self.uploads = Uploads(settings.limits)
@@ -111,6 +112,19 @@ class RequestService:
         self._releasing: set[asyncio.Task] = set()
         self._compiling = asyncio.Semaphore(settings.limits.max_concurrent_compiles)
         tracing.configure(settings.telemetry.tracing, role="ingress")
+
+    def publish_overdue(self) -> None:
+        """Keep `small4_first_token_overdue` published for every pool (`GAUGE_REPUBLISH_S`)
+        from the first routed request on: Ray drops a gauge nobody sets again within ~20 s,
+        and a stalled pool's count stays put (its page would lose its series)."""
+        if self._overdue_gauges is None or self._overdue_gauges.done():
+            self._overdue_gauges = asyncio.get_running_loop().create_task(self._overdue_loop())
+
+    async def _overdue_loop(self) -> None:
+        while True:
+            for pool, n in self.overdue.items():
+                metrics.FIRST_TOKEN_OVERDUE.set(n, pool=pool)
+            await asyncio.sleep(metrics.GAUGE_REPUBLISH_S)
 
     async def chat(self, principal: Principal, headers: Mapping[str, str],
                    read_body: Callable[[], Awaitable[Any]]) -> Answer | Refused:
@@ -167,8 +181,8 @@ class RequestService:
                              trace_headers=tracing.headers_of(record.span, incoming),
                              tenant=principal.tenant)
         record.pool = choice.pool
-        record.watch_first_token()
         answer = Answer(self, plan, choice, ctx, record)
+        record.watch_first_token()  # (after the answer exists: it closes the record)
         record.dispatched = plan.n * plan.prompt_tokens  # prefills the engines will run
         try:
             await answer.start()
@@ -371,6 +385,7 @@ class _Record:
         if pool is not None and self._overdue is None:
             due = metrics.slo_bucket(pool.slo.ttft_s) - (time.perf_counter() - self.started)
             self._overdue = asyncio.get_running_loop().call_later(max(due, 0.0), self._due)
+            self.service.publish_overdue()
 
     def _due(self) -> None:
         if self.first_at is None and not self.closed:

@@ -211,8 +211,8 @@ def engine_load(engine: Any) -> EngineLoad | None:
         return None
     if not loads:
         return None
-    transfer = sum(int(x.disaggregation.decode_transfer_queue_reqs) for x in loads
-                   if x.disaggregation is not None)
+    transfer = sum(int(getattr(d, "decode_transfer_queue_reqs", 0)) for d in (
+        getattr(x, "disaggregation", None) for x in loads) if d is not None)
     return EngineLoad(running=sum(int(x.num_running_reqs) for x in loads),
                       waiting=max(sum(int(x.num_waiting_reqs) for x in loads) - transfer, 0),
                       kv_tokens=sum(int(x.num_used_tokens) for x in loads),

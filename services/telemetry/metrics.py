@@ -108,6 +108,11 @@ class Histogram(_Metric):
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 4, 5, 10, 30, 60, 120]
 
 
+# how often a process publishes its gauges again: Ray's metrics agent drops a gauge that is not
+# set within about 20 s, and a count that stays put (a stalled queue) is not set by its changes
+GAUGE_REPUBLISH_S = 2.0
+
+
 def slo_bucket(seconds: float) -> float:
     """The latency bucket bound at or above `seconds`: what the TTFT burn alerts (and the
     ingress, counting the requests they add) take as within an SLO of `seconds`."""

@@ -14,7 +14,7 @@ from services.workers.load import LoadWindow
 from services.settings import WorkerSettings
 
 
-GAUGE_S = 2.0  # how often an engine's load gauges are published once it has had a request
+GAUGE_S = metrics.GAUGE_REPUBLISH_S  # an engine's load gauges, once it has had a request
 
 
 class EngineHost:

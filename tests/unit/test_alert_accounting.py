@@ -109,6 +109,19 @@ def test_a_request_past_its_ttft_slo_counts_overdue_until_it_ends(apps):
     assert metrics.FIRST_TOKEN_OVERDUE.value(pool="fast") == 0
 
 
+def test_the_overdue_gauge_is_published_again_while_it_stays_put(apps, monkeypatch):
+    """Ray's metrics agent drops a gauge nobody sets within ~20 s, and a stalled pool's count
+    does not change: every pool's count is set again every GAUGE_REPUBLISH_S."""
+    monkeypatch.setattr(metrics, "GAUGE_REPUBLISH_S", 0.05)
+    published = []
+    set_gauge = metrics.FIRST_TOKEN_OVERDUE.set
+    monkeypatch.setattr(metrics.FIRST_TOKEN_OVERDUE, "set",
+                        lambda value, **tags: published.append((tags["pool"], value))
+                        or set_gauge(value, **tags))
+    assert ask(apps["prefill"], BODY, {}, "fast")[0] == 504
+    assert published.count(("deep", 0)) >= 5  # deep: nothing ever changed
+
+
 def test_a_504_before_the_clients_deadline_is_the_stacks():
     """A deadline of the stack's own that fires first (an attempt's, a worker's) is not the
     client's, whatever header it sent: only a 504 at (or, across clocks, just before) the

@@ -186,6 +186,11 @@ def test_prefill_time_is_the_union_of_an_engines_prompts_not_their_sum():
     clock.t += 0.3  # a prompt that joined the batch late (chunked prefill): 0.3 s more
     w.prefilled(tokens=3200, compute_s=0.6, wait_s=0.0, ttft_s=0.6)
     assert w.snapshot().prefill_tokens_per_s == pytest.approx(11200 / 0.8)
+    for order in ((2.0, 0.5), (0.5, 2.0)):  # a long prompt and one that joined its last step,
+        nested = LoadWindow(slo_s=1.0, clock=clock, window_s=10)  # reported in either order
+        for compute_s in order:
+            nested.prefilled(tokens=1000, compute_s=compute_s, wait_s=0.0, ttft_s=compute_s)
+        assert nested.snapshot().prefill_tokens_per_s == pytest.approx(1000.0), order
     other = LoadWindow(slo_s=1.0, clock=clock, window_s=10)
     for engine in ("a", "b"):  # two engines at once in one pooled window: both count
         other.prefilled(tokens=4000, compute_s=0.5, wait_s=0.0, ttft_s=0.5, engine=engine)
