@@ -198,10 +198,12 @@ def engine_load(engine: Any) -> EngineLoad | None:
     into the engine): requests running, requests waiting, KV tokens in use and the pool's
     size. None where the engine publishes none (no snapshot yet, or an SGLang without them):
     the caller falls back to its own count. The autoscaler reads `waiting` as the role's
-    queue: on a decode engine SGLang's count also holds its transfer queue, requests whose KV
-    slots are allocated and whose prefill has not sent the KV yet (the prefill role's backlog,
-    not decode's: counted here, a prefill overload asked for decode engines), so those are
-    left out; its pre-allocation queue (waiting for KV room on this engine) stays in."""
+    queue. Each role's count also holds the other role's backlog, which is left out here: on a
+    decode engine its transfer queue (KV slots allocated, the prefill not done or its KV not
+    sent: a prefill overload read as decode's queue asked for decode engines), on a prefill
+    engine its bootstrap queue (waiting for the decode side to allocate KV room: a decode
+    shortage read as prefill's). Decode's pre-allocation queue (waiting for KV room on this
+    engine), where those same requests wait, stays in."""
     reader = getattr(getattr(engine, "tokenizer_manager", None), "load_snapshot_reader", None)
     if reader is None:
         return None
@@ -211,10 +213,11 @@ def engine_load(engine: Any) -> EngineLoad | None:
         return None
     if not loads:
         return None
-    transfer = sum(int(getattr(d, "decode_transfer_queue_reqs", 0)) for d in (
-        getattr(x, "disaggregation", None) for x in loads) if d is not None)
+    others = sum(int(getattr(d, "decode_transfer_queue_reqs", 0))
+                 + int(getattr(d, "prefill_bootstrap_queue_reqs", 0))
+                 for d in (getattr(x, "disaggregation", None) for x in loads) if d is not None)
     return EngineLoad(running=sum(int(x.num_running_reqs) for x in loads),
-                      waiting=max(sum(int(x.num_waiting_reqs) for x in loads) - transfer, 0),
+                      waiting=max(sum(int(x.num_waiting_reqs) for x in loads) - others, 0),
                       kv_tokens=sum(int(x.num_used_tokens) for x in loads),
                       kv_capacity=sum(int(x.max_total_num_tokens) for x in loads))
 

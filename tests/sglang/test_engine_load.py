@@ -45,11 +45,12 @@ def test_no_snapshot_file_is_no_load(tmp_path):
     assert engine_load(engine) is None
 
 
-def test_a_decode_engines_queue_leaves_out_requests_still_waiting_for_their_kv(tmp_path):
+def test_each_roles_queue_leaves_out_the_other_roles_backlog(tmp_path):
     """SGLang counts its transfer queue (KV slots allocated, the prefill's KV not sent yet) in
     a decode scheduler's waiting requests: the prefill role's backlog, which read as decode's
     queue asked for decode engines under a prefill overload. Pre-allocation (no KV room yet)
-    and retracted requests are decode's own and stay."""
+    and retracted requests are decode's own and stay. Mirrored on prefill: its bootstrap
+    queue waits for decode."""
     from sglang.srt.managers.load_snapshot import (DisaggregationMetrics, LoadSnapshot,
                                                    ShmLoadSnapshotReader, ShmLoadSnapshotWriter)
 
@@ -63,3 +64,9 @@ def test_a_decode_engines_queue_leaves_out_requests_still_waiting_for_their_kv(t
                                   decode_transfer_queue_reqs=30,
                                   decode_retracted_queue_reqs=2)))
     assert engine_load(engine).waiting == 15  # 8 in its waiting queue, 5 + 2 of its own
+    # a prefill engine's bootstrap queue waits for the decode side's KV room: decode's backlog
+    writer.write(LoadSnapshot(dp_rank=0, num_running_reqs=3, num_waiting_reqs=25,
+                              disaggregation=DisaggregationMetrics(
+                                  mode="prefill", prefill_bootstrap_queue_reqs=20,
+                                  prefill_inflight_queue_reqs=4)))
+    assert engine_load(engine).waiting == 5
