@@ -114,8 +114,8 @@ class StackSettings(ServiceSettings):
         """Serve options of one pool's prefill or decode deployment: its size, placement, and
         our policy when autoscaling is on and the role may scale."""
         settings = getattr(self.pools[pool], role)
-        options = deployment_options(
-            settings, max(2 * self.engine.max_running_requests, 64) if role == "decode" else 64)
+        default = max(2 * self.engine.max_running_requests, 64) if role == "decode" else 64
+        options = deployment_options(settings, settings.max_ongoing_requests or default)
         if role == "prefill" and settings.highest > 1:
             options |= prefill_router_options(self.routing.prefix, self.engine, self.model)
         if not (self.autoscaling.enabled and settings.scalable):

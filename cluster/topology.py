@@ -120,10 +120,10 @@ def deployment_options(role: DeploymentSettings, max_ongoing: int | None = None
                        ) -> dict[str, Any]:
     """Serve options of a deployment: replicas, resources, and for GPU engines one STRICT_PACK
     placement group holding all of an engine's GPUs (so they share a node). `max_ongoing`:
-    the cap when the settings leave it unset."""
+    the cap, where the caller derives it (a role's default depends on its engine)."""
     options: dict[str, Any] = {
         "num_replicas": role.replicas,
-        "max_ongoing_requests": role.max_ongoing_requests or max_ongoing or 64,
+        "max_ongoing_requests": max_ongoing or role.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus},
         "graceful_shutdown_timeout_s": role.drain_deadline_s,
         "graceful_shutdown_wait_loop_s": 1.0}
