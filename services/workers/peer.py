@@ -7,8 +7,9 @@ imported, and a type checker sees the arguments and the result (`ParamSpec`)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -97,14 +98,21 @@ def _collect(loop: asyncio.AbstractEventLoop) -> None:
         _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
 
 
-def in_background(work: Awaitable[Any], tasks: set[asyncio.Task],
+def in_background(work: Coroutine[Any, Any, Any], tasks: set[asyncio.Task],
                   timeout_s: float | None = None) -> None:
     """Run `work` (a call nobody waits for: a release, an abort) as a task kept in `tasks`
     until it ends, its failure retrieved (a lost call is not an unhandled error); cancelled
     after `timeout_s` (a call Serve cannot place, with no replica to take it, would wait in
-    its router, and in `tasks`, for ever)."""
-    task = asyncio.ensure_future(work if timeout_s is None
-                                 else asyncio.wait_for(work, timeout_s))
+    its router, and in `tasks`, for ever).
+
+    It runs outside the request that sent it (an empty context): Serve gives a replica's calls
+    its request's id, and cancels the calls of a cancelled request still being placed or in
+    flight (`Replica._on_request_cancelled`), while the calls sent from here are often what
+    that cancellation must not stop: the release of a request's pixels, the abort of its
+    prefill, sent as its client leaves."""
+    task = asyncio.get_running_loop().create_task(
+        work if timeout_s is None else asyncio.wait_for(work, timeout_s),
+        context=contextvars.Context())
     tasks.add(task)
     task.add_done_callback(_forget(tasks))
 

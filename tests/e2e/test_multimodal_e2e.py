@@ -6,6 +6,7 @@ import base64
 import io
 import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -77,6 +78,28 @@ def test_a_finished_requests_pixels_leave_the_object_store(client, ask):
     with pytest.raises(openai.BadRequestError):  # refused once encoded: no room to answer
         client.chat.completions.create(model=MODEL, max_tokens=4090, messages=[
             {"role": "user", "content": [image, image]}])
+    deadline = time.monotonic() + 20
+    while (held := ask("ref", "multimodal", "held_images")) > before and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held <= before, (held, before)
+
+
+def test_a_client_that_leaves_mid_stream_leaves_no_pixels_held(stack, ask):
+    """A request cancelled by its client (the connection closed mid-stream) still releases
+    its pixels: the release is sent as Serve cancels the request, and must not be one of the
+    request's own calls that Serve cancels with it (they would stay held to the deadline)."""
+    image = {"type": "image_url", "image_url": {"url": png_url((64, 64), 4)}}
+    body = {"model": MODEL, "max_tokens": 3000, "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}]}
+    before = ask("ref", "multimodal", "held_images")
+    for _ in range(3):  # the release races the cancellation: more than one chance to lose it
+        with httpx.stream("POST", f"{stack['ref']}/v1/chat/completions", json=body,
+                          timeout=60) as reply:
+            lines = reply.iter_lines()
+            for _ in range(3):
+                next(lines)
+            assert ask("ref", "multimodal", "held_images") >= 1  # kept while it lives
     deadline = time.monotonic() + 20
     while (held := ask("ref", "multimodal", "held_images")) > before and \
             time.monotonic() < deadline:

@@ -178,3 +178,26 @@ def test_a_background_call_that_is_never_placed_leaves_after_its_timeout():
 
     tasks, never = asyncio.run(go())
     assert tasks == set() and never.cancelled()
+
+
+def test_a_background_call_is_not_one_of_its_requests_calls():
+    """Serve names a replica's calls by its request's internal id (from the request context)
+    and cancels a cancelled request's calls: a release or abort sent in the background, as the
+    request is cancelled, runs outside it (a call of no request, as from a driver)."""
+    from ray.serve import context as serve_context
+
+    seen: list[str] = []
+
+    async def work():
+        seen.append(serve_context._get_serve_request_context()._internal_request_id)
+
+    async def scenario():
+        serve_context._serve_request_context.set(
+            serve_context._RequestContext(_internal_request_id="the-request"))
+        tasks: set[asyncio.Task] = set()
+        peer.in_background(work(), tasks, 5.0)
+        await asyncio.gather(*tasks)
+        return serve_context._get_serve_request_context()._internal_request_id
+
+    assert asyncio.run(scenario()) == "the-request"  # the caller's own context is untouched
+    assert seen == [""]
