@@ -221,6 +221,12 @@ class DecodeWorker(EngineHost):
                     paired = await received
             except BaseException as exc:
                 await _cancel(replied, received)
+                if _succeeded(received):
+                    # its KV came (SGLang: the decode engine's request for the room opened) in
+                    # the turn the attempt ended (its prefill failed beside it, its time ran
+                    # out, its client left): nobody will read that request, so it is aborted
+                    # (SGLang would decode it to max_tokens, holding its KV and a batch slot)
+                    await asyncio.shield(self.engine.abort(request.request_id))
                 await close_stream(legs)
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
@@ -261,6 +267,11 @@ async def _nothing() -> None:
     return None
 
 
+def _succeeded(task: asyncio.Future | None) -> bool:
+    return task is not None and task.done() and not task.cancelled() \
+        and task.exception() is None
+
+
 async def _cancel(*tasks: asyncio.Future | None) -> None:
     """Cancel the tasks that are still running and wait until they have stopped."""
     running = [t for t in tasks if t is not None and not t.done()]
@@ -291,7 +302,7 @@ class _Leg:
         if replied is None:
             return {}
         await asyncio.wait({replied}, timeout=STUCK_GRACE_S)
-        if not replied.done() or replied.cancelled() or replied.exception():
+        if not _succeeded(replied):
             return {}
         reply = replied.result()
         return {"cached_tokens": reply.cached_tokens} if isinstance(reply, PrefillReply) else {}

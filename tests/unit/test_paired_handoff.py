@@ -16,6 +16,7 @@ from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
 from services.errors import EngineUnavailable, KVHandoffFailed
 from services.kv.backends import open_rooms
+from services.kv.protocol import PairedKV
 
 BODY = {"model": "mistral-small-4", "max_tokens": 12, "temperature": 0,
         "messages": [{"role": "user", "content": "count"}]}
@@ -246,3 +247,48 @@ def test_a_prefill_failing_after_its_kv_arrived_resumes_the_decode():
     assert content(answers[0][1]) == content(clean[0][1])
     assert answers[0][1]["usage"]["completion_tokens"] == 60
     assert nothing_held(decode)
+
+
+def test_a_kv_received_as_its_attempt_fails_is_aborted_in_the_decode_engine():
+    """SGLang's receive opens the decode engine's request for the room. An attempt that ends in
+    the turn its KV came (its prefill failed beside it, its time ran out, its client left)
+    leaves that request to nobody: it is aborted, or SGLang decodes it to `max_tokens`,
+    holding its KV and a batch slot."""
+    opened, aborted = [], []
+
+    class FailsAfterTicket:
+        """A prefill replica that says where it serves the KV, then fails at once."""
+
+        async def prefill_paired(self, ctx, request, ticket):
+            yield ticket
+            raise EngineUnavailable("the prefill replica went: injected")
+
+    class OpensAtOnce:
+        """The decode side's handoff: the KV there in the same turn (a decode request open)."""
+
+        def __init__(self, handoff):
+            self.handoff = handoff
+
+        def __getattr__(self, name):
+            return getattr(self.handoff, name)
+
+        async def receive(self, ticket, request=None):
+            opened.append(ticket.request_id)
+            return PairedKV(None, object())
+
+    def setup(decode):
+        decode.prefill, decode.handoff = FailsAfterTicket(), OpensAtOnce(decode.handoff)
+        abort = decode.engine.abort
+
+        async def recorded(request_id):
+            aborted.append(request_id)
+            return await abort(request_id)
+
+        decode.engine.abort = recorded
+
+    settings = profile("paired")
+    settings["kv_handoff"] |= {"prefill_attempts": 2}
+    answers, decode = serve(settings, [BODY], setup=setup)
+    assert answers[0][0] == 502, answers
+    assert len(opened) == 2 and set(opened) <= set(aborted), (opened, aborted)
+    assert open_rooms() == 0
