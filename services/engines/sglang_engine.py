@@ -106,7 +106,9 @@ class SGLangEngine:
                         request)
         kwargs["stream"] = False
         started = time.perf_counter()
-        self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
+        # one attempt of the request: a retry in a new room may reach this engine before this
+        # attempt's cancellation does, under the same request id (its own rid, though)
+        attempt = self.live[request.request_id] = [kwargs["rid"], len(request.prompt_ids)]
         try:
             out = await self.engine.async_generate(**kwargs)
         except ValueError as exc:  # SGLang's answer to a request it refuses (400)
@@ -114,11 +116,14 @@ class SGLangEngine:
         except Exception as exc:  # e.g. a failed KV transfer (500): retried in a new room
             raise engine_error(request.request_id, "abort", f"{type(exc).__name__}: {exc}") \
                 from exc
-        except BaseException:  # cancelled (its deadline, or the decode side gave up): SGLang
-            await self.abort(request.request_id)  # keeps running it unless told, KV held
+        except BaseException:  # cancelled (its deadline, or the decode side gave up): this
+            # attempt's rid, never a later attempt's (SGLang aborts a cancelled call itself
+            # too; a second abort of one rid is a no-op there)
+            self.engine.tokenizer_manager.abort_request(rid=attempt[0])
             raise
         finally:
-            self.live.pop(request.request_id, None)
+            if self.live.get(request.request_id) is attempt:
+                del self.live[request.request_id]
         OutputReader(request.request_id).finish(out)  # raises if SGLang aborted it
         meta = out.get("meta_info") or {}
         ids = out.get("output_ids") or []

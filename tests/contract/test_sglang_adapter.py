@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,40 @@ def test_a_decode_whose_kv_never_came_or_that_sglang_refused_fails_at_its_start(
     engine, stream = _decode_stream(arrived)
     opened = asyncio.run(engine.open_decode(stream.request, dict(PAIRING)))
     assert opened.head["output_ids"] == [7]
+
+
+def test_a_cancelled_prefill_attempt_aborts_its_own_rid_not_its_retrys():
+    """A retry in a new room can reach the same prefill engine before the cancellation of the
+    attempt it replaces (same request id, another rid): the cancelled attempt aborts its own
+    rid and leaves the retry running and counted."""
+    import asyncio
+
+    from services.multimodal.uniform import ImageTokens
+    from services.tokenizer import load_tokenizer
+
+    engine, _ = _decode_stream(None)
+    engine.image_tokens = ImageTokens.of(load_tokenizer(None))
+    release = {}
+
+    async def async_generate(**kwargs):
+        release[kwargs["rid"]] = asyncio.Event()
+        await release[kwargs["rid"]].wait()
+        return {"output_ids": [7], "meta_info": {"finish_reason": {"type": "length"}}}
+
+    engine.engine.async_generate = async_generate
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.prefill(request()))
+        await asyncio.sleep(0.01)
+        retry = replace(request(), handoff=dict(PAIRING) | {"bootstrap_room": 777})
+        second = asyncio.ensure_future(engine.prefill(retry))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        assert engine.aborted == ["chatcmpl-1#12345"]
+        assert engine.live == {"chatcmpl-1": ["chatcmpl-1#777", 4]}  # the retry's, still live
+        release["chatcmpl-1#777"].set()
+        await second
+        assert engine.live == {}
+
+    asyncio.run(scenario())
