@@ -122,18 +122,20 @@ class Guidance:
             return None
         from mistral_common.exceptions import MistralCommonException
 
+        import llguidance
+
         try:
             request = _mistral_request(spec)
             lark = self.factory.get_grammar_for_chat_request(request, self._template(spec))
+            if lark is None:
+                return None
+            # (a lone surrogate in a schema, valid in the caller's JSON, is no UTF-8 for the
+            # compiler: a UnicodeEncodeError, one of the ValueErrors)
+            error = llguidance.LLMatcher.validate_grammar(
+                llguidance.LLMatcher.grammar_from_lark(lark), self.llg_tokenizer)
         except (MistralCommonException, ValueError, TypeError) as exc:
             raise InvalidRequest(f"{field_of(spec)}: {clip(reason(exc))}",
                                  param=field_of(spec)) from None
-        if lark is None:
-            return None
-        import llguidance
-
-        error = llguidance.LLMatcher.validate_grammar(
-            llguidance.LLMatcher.grammar_from_lark(lark), self.llg_tokenizer)
         if error:
             raise InvalidRequest(f"{field_of(spec)}: the grammar compiler cannot take this "
                                  f"schema: {clip(error.splitlines()[0])}", param=field_of(spec))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from typing import Any
 
 from services.api.schemas import ChatCompletionRequest
 from services.engines.protocol import EngineRequest, SamplingParams
@@ -129,8 +131,15 @@ def _max_tokens_field(req: ChatCompletionRequest) -> str:
 def _request_text_bytes(req: ChatCompletionRequest) -> int:
     """Bytes of everything textual that reaches the prompt: contents, calls, tools."""
     text = sum(_text_bytes(m.content) + _calls_bytes(m) for m in req.messages)
-    return text + sum(len(t.model_dump_json())
+    return text + sum(_json_bytes(t.model_dump())
                       for t in (req.tools if req.tools_offered else ()))
+
+
+def _json_bytes(value: Any) -> int:
+    """Bytes of `value` as compact JSON, a lone surrogate (valid in the caller's JSON, not
+    UTF-8) counted as its three bytes, as the texts are."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+               .encode("utf-8", "surrogatepass"))
 
 
 def _text_bytes(content) -> int:

@@ -258,3 +258,27 @@ def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["param"] == "messages" and "\\ud800" in error["message"]
+
+
+def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_500():
+    """A tool offered for the prompt is measured, a surrogate counted as the bytes it is
+    quoted as (its measure could not be serialised: a 500); a schema the grammar compiler
+    must take (a strict tool, `response_format`) is the client's 400 naming it."""
+    import json
+
+    def tool(**function):
+        return {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"\ud800": {"type": "string"}}}} | function}
+
+    cases = [(BODY | {"tools": [tool(description="\udc00")]}, 200, None),
+             (BODY | {"tools": [tool(strict=True)]}, 400, "tools"),
+             (BODY | {"response_format": {"type": "json_schema", "json_schema": {
+                 "name": "x", "schema": {"enum": ["\ud800"]}}}}, 400,
+              "response_format.json_schema")]
+    replies = serve(PROFILE, *[("POST", "/v1/chat/completions", {
+        "content": json.dumps(body), "headers": {"content-type": "application/json"}})
+        for body, _, _ in cases])
+    for reply, (_, status, param) in zip(replies, cases):
+        assert reply.status_code == status, reply.text
+        if param is not None:
+            assert reply.json()["error"]["param"] == param
