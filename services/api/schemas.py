@@ -377,6 +377,10 @@ NOT_HONOURED: dict[str, list[Any]] = {
     # Mistral's API, which its clients send: a seed by another name, a safety system prompt,
     # a reasoning system prompt
     "random_seed": [], "safe_prompt": [False], "prompt_mode": [],
+    # reasoning switched by other APIs' names (OpenRouter's `reasoning` object and
+    # `include_reasoning`, Qwen's `enable_thinking`, Anthropic's `thinking`): here the effort
+    # is `reasoning_effort`, and a request naming it otherwise must not be answered without
+    "reasoning": [], "include_reasoning": [True], "enable_thinking": [], "thinking": [],
 }
 
 

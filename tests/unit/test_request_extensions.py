@@ -61,7 +61,9 @@ def test_ignore_eos_with_a_constrained_answer_is_refused(extra):
     ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
     ("verbosity", "low"), ("add_generation_prompt", False), ("ignore_eos", "yes"),
     ("separate_reasoning", False), ("random_seed", 7), ("safe_prompt", True),
-    ("prompt_mode", "reasoning")])
+    ("prompt_mode", "reasoning"), ("reasoning", {"effort": "high"}),
+    ("include_reasoning", False), ("enable_thinking", True),
+    ("thinking", {"type": "enabled", "budget_tokens": 1024})])
 def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 400, reply.text
@@ -74,7 +76,8 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
     ("top_k", -1), ("min_p", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0),
     ("best_of", 1), ("modalities", ["text"]), ("skip_special_tokens", True),
     ("echo", False), ("verbosity", None), ("stop_token_ids", []), ("ignore_eos", False),
-    ("safe_prompt", False), ("separate_reasoning", True), ("some_field_nobody_knows", 3)])
+    ("safe_prompt", False), ("separate_reasoning", True), ("include_reasoning", True),
+    ("some_field_nobody_knows", 3)])
 def test_neutral_values_and_unknown_fields_are_answered(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 200, reply.text
