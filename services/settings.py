@@ -316,8 +316,9 @@ class LimitSettings(Strict):
                                   "or the tools when a call is constrained)")
     max_concurrent_compiles: int = Field(2, gt=0, description="grammars compiled at once per "
                                          "ingress replica (CPU-bound; others wait their turn)")
-    max_json_values: int = Field(100_000, gt=0, description="arrays, objects and members in "
-                                 "one body (a long agent session with 128 tools has ~20k)")
+    max_json_values: int = Field(100_000, gt=0, description="arrays, objects, strings and "
+                                 "members in one body (an agent session of 250 tool calls "
+                                 "with 128 tools has ~20k)")
     request_timeout_s: float = Field(600.0, gt=0, description="default deadline")
     max_request_timeout_s: float = Field(3600.0, gt=0, description="cap on x-request-timeout")
     max_resumes: int = Field(2, ge=0, description="decode restarts after a replica dies")

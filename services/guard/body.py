@@ -48,7 +48,7 @@ class ShapeCheck:
         self.max_string = limits.max_string_bytes
         self.max_depth = limits.max_json_depth
         self.max_values = limits.max_json_values
-        self.values = 0           # arrays, objects and the commas between members so far
+        self.values = 0           # arrays, objects, strings and the commas between members
         self.budget_s = limits.body_check_budget_s
         self.spent_s = 0.0
         self.depth = 0
@@ -66,7 +66,8 @@ class ShapeCheck:
                 self.values += chunk.count(b",", pos, match.start())
                 pos = match.end()
                 first = chunk[match.start()]
-                if first == _QUOTE:
+                if first == _QUOTE:  # a value too (back-to-back strings have no commas)
+                    self.values += 1
                     self.string_bytes = 0
                     self._string(match, match.start() + 1)
                 elif first in _OPEN:

@@ -57,11 +57,12 @@ def expected(value) -> str:
             return 1 + max((depth(x) for x in items), default=0)
         return 0
 
-    def values(v):  # containers, and the commas between their members
+    def values(v):  # containers, strings (keys too), and the commas between members
         if isinstance(v, (list, dict)):
             items = list(v.values() if isinstance(v, dict) else v)
-            return 1 + max(len(items) - 1, 0) + sum(values(x) for x in items)
-        return 0
+            keys = len(v) if isinstance(v, dict) else 0
+            return 1 + keys + max(len(items) - 1, 0) + sum(values(x) for x in items)
+        return int(isinstance(v, str))
 
     longest = max((m.end() - m.start() - 2 for m in _REFERENCE_STRING.finditer(raw)), default=0)
     over = {n for ok, n in ((longest <= 40, "PayloadTooLarge"),
@@ -92,7 +93,9 @@ def test_escape_heavy_strings_and_deep_nesting_are_refused():
     b'{"messages": [{"role": "user", "content": [' + b",".join(
         [b'{"type": "text", "text": ""}'] * 1_000_000) + b"]}]}",
     b'{"x": [' + b"0," * 2_000_000 + b"0]}",  # numbers in an ignored field
-], ids=["empty-parts", "numbers"])
+    # strings back to back (no commas): seconds of the check's own loop, one per string
+    b'{"messages": [' + b'""' * 2_000_000 + b"]}",
+], ids=["empty-parts", "numbers", "strings"])
 def test_a_body_of_too_many_values_is_refused_while_it_streams_in(body):
     check = ShapeCheck(LimitSettings())
     with pytest.raises(InvalidRequest) as info:
