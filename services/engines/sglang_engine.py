@@ -358,6 +358,7 @@ class EngineProbe:
 
     async def check(self) -> bool:
         rid = f"small4-probe-{uuid.uuid4().hex}"
+        started = time.time()  # SGLang stamps its outputs' arrival with time.time()
         try:
             async with asyncio.timeout(self.timeout_s):
                 out = await self.engine.async_generate(
@@ -368,8 +369,14 @@ class EngineProbe:
             self.healthy = kind in ("stop", "length")
             self.detail = "" if self.healthy else f"probe ended with {reason!r}"
         except TimeoutError:
-            self.engine.tokenizer_manager.abort_request(rid=rid)
-            self.healthy, self.detail = False, f"no token within {self.timeout_s:g} s"
+            manager = self.engine.tokenizer_manager
+            manager.abort_request(rid=rid)
+            # a saturated engine serves its queue before the probe (a decode engine: after
+            # the KV room it waits for): outputs arriving meanwhile say its scheduler works,
+            # as SGLang's own /health_generate reads them; not ready only when nothing came
+            busy = getattr(manager, "last_receive_tstamp", 0.0) > started
+            self.healthy = busy
+            self.detail = "" if busy else f"no token within {self.timeout_s:g} s"
         except Exception as exc:  # a dead scheduler process
             self.healthy, self.detail = False, f"{type(exc).__name__}: {exc}"
         self.checked_at = time.monotonic()

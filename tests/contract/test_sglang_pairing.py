@@ -211,6 +211,28 @@ def test_the_probe_makes_an_engine_ready_that_sglang_never_marks_up():
     assert stuck.engine.aborted[0].startswith("small4-probe-")
 
 
+def test_a_busy_engine_whose_probe_waits_behind_its_queue_stays_ready():
+    """At peak load the probe queues behind the engine's requests past its timeout: outputs
+    arriving for others meanwhile (SGLang stamps each batch's arrival) keep it ready, as
+    SGLang's own health check reads them; a probe with nothing arriving is not ready."""
+    import time
+
+    class Busy(RecordingEngine):
+        async def async_generate(self, **kwargs):
+            self.calls.append(kwargs)
+            await asyncio.sleep(0.01)
+            self.last_receive_tstamp = time.time()  # a batch for other requests came out
+            await asyncio.Event().wait()  # the probe's own token never comes in time
+
+    busy = EngineProbe(Busy(block=True), timeout_s=0.1)
+    assert asyncio.run(busy.check()) and busy.detail == ""
+    assert busy.engine.aborted[0].startswith("small4-probe-")  # still aborted
+    idle = RecordingEngine(block=True)
+    idle.last_receive_tstamp = time.time() - 60  # outputs, but only before the probe
+    stalled = EngineProbe(idle, timeout_s=0.05)
+    assert not asyncio.run(stalled.check()) and "no token within" in stalled.detail
+
+
 def test_bootstrap_ports_are_claimed_per_replica_and_never_shared(tmp_path):
     ports = [9100, 9101, 9102]
     first = claim_port(ports, rank=1, lock_dir=tmp_path)

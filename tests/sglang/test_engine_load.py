@@ -70,3 +70,15 @@ def test_each_roles_queue_leaves_out_the_other_roles_backlog(tmp_path):
                                   mode="prefill", prefill_bootstrap_queue_reqs=20,
                                   prefill_inflight_queue_reqs=4)))
     assert engine_load(engine).waiting == 5
+
+
+def test_the_tokenizer_manager_stamps_each_outputs_arrival_in_wall_time():
+    """What `EngineProbe` reads of a busy engine: the arrival of the latest batch of outputs,
+    in `time.time()` (the probe compares it with its own start)."""
+    import time
+
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.observability import req_time_stats
+
+    assert "self.last_receive_tstamp = real_time()" in inspect.getsource(TokenizerManager)
+    assert req_time_stats.real_time is time.time
