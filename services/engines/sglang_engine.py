@@ -130,11 +130,21 @@ class SGLangEngine:
         elapsed = time.perf_counter() - started
         # time in the scheduler's queue, where SGLang reports it (its metrics on)
         queued = min(elapsed, max(0.0, float(meta.get("queue_time") or 0.0)))
+        # the compute: from the prompt's first forward to its last chunk's, where SGLang
+        # reports them (its metrics on). A PD prefill answers only once its KV reached the
+        # decode engine, and its wait for that engine's room and the wire is decode's
+        # shortage, not this engine's work (counted as compute, a slow decode side made the
+        # prefill pool look slow, and the policy asked for prefill engines)
+        compute = elapsed - queued
+        entered = float(meta.get("forward_entry_time") or 0.0)
+        finished = float(meta.get("prefill_finished_time") or 0.0)
+        if 0.0 < entered <= finished:
+            compute = min(compute, finished - entered)
         # -1: the prefill engine reported no token; the decode engine streams the first one
         return PrefillResult(request.request_id, ids[0] if ids else -1,
                              len(request.prompt_ids), None,
                              cached_tokens=int(meta.get("cached_tokens") or 0),
-                             compute_s=elapsed - queued, queue_s=queued)
+                             compute_s=compute, queue_s=queued)
 
     async def open_decode(self, request: EngineRequest, pairing: dict[str, Any]) -> DecodeStream:
         """Start this decode engine's request for the room in `pairing` and wait until the KV

@@ -331,6 +331,24 @@ def test_a_prefills_time_in_sglangs_queue_is_its_queue_wait_not_compute():
     assert result.queue_s == 0.0 and result.compute_s > 0.0
 
 
+def test_a_prefills_compute_is_its_forwards_not_its_wait_for_the_decode_side():
+    """A PD prefill answers once its KV reached the decode engine: the time after its last
+    forward (decode's room, the wire) is not prefill compute. SGLang reports the forwards'
+    span in wall-clock seconds (metrics on)."""
+    class Slow(RecordingEngine):
+        async def async_generate(self, **kwargs):
+            await asyncio.sleep(0.2)  # the transfer to a busy decode engine
+            return await super().async_generate(**kwargs)
+
+    engine = Slow([{"output_ids": [4], "meta_info": {
+        "finish_reason": {"type": "length"}, "queue_time": 0.01,
+        "forward_entry_time": 1_796_000_000.50, "prefill_finished_time": 1_796_000_000.55}}])
+    adapter = Adapter(engine)
+    adapter.image_tokens = TOKENS
+    result = asyncio.run(SGLangEngine.prefill.__get__(adapter)(request()))
+    assert result.queue_s == 0.01 and abs(result.compute_s - 0.05) < 1e-6
+
+
 class Snapshots:
     """SGLang's load snapshot reader as its tokenizer manager holds it (`read_all`)."""
 

@@ -82,3 +82,13 @@ def test_the_tokenizer_manager_stamps_each_outputs_arrival_in_wall_time():
 
     assert "self.last_receive_tstamp = real_time()" in inspect.getsource(TokenizerManager)
     assert req_time_stats.real_time is time.time
+
+
+def test_a_prefills_meta_info_names_its_forwards_span_in_wall_time():
+    """What `SGLangEngine.prefill` reads as compute: the first forward's entry and the last
+    chunk's end, in the output's meta_info (wall-clock seconds, like `time.time()`)."""
+    from sglang.srt.observability.req_time_stats import SchedulerReqTimeStats
+
+    source = inspect.getsource(SchedulerReqTimeStats.convert_to_output_meta_info)
+    for field in ("forward_entry_time", "prefill_finished_time"):
+        assert f'meta_data["{field}"] = convert_time_to_realtime(' in source
