@@ -156,7 +156,7 @@ class RequestService:
             with tracing.scope("preprocess", record.span) as pre:
                 async with self.uploads.slot(principal.ident):
                     body = await read_body()
-                req = parse_chat_request(body)
+                req = parse_chat_request(body, limits.max_messages)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
                                max_images=self.settings.max_images if self.multimodal else None)

@@ -261,3 +261,21 @@ def test_the_served_spec_takes_its_response_schemas_from_the_models():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schema.pop("$defs", None)
         assert served[name] == schema, name
+
+
+def test_long_lists_are_refused_by_their_length_before_their_items_are_checked():
+    """A message of thousands of parts is refused for its length (not each bad part checked
+    and reported: 100k cost half a second); more messages than `limits.max_messages` are
+    refused before any is validated."""
+    from services.api.schemas import MAX_CONTENT_PARTS, parse_chat_request
+    from services.errors import InvalidRequest
+
+    parts = [{"type": "text", "text": ""}] * (MAX_CONTENT_PARTS + 1)
+    with pytest.raises(InvalidRequest) as err:
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": parts}]})
+    assert err.value.param == "messages.0.content"
+    assert f"at most {MAX_CONTENT_PARTS} items" in str(err.value)
+    bad = [{"role": "user", "content": 1}] * 600  # each invalid: the count comes first
+    with pytest.raises(InvalidRequest) as err:
+        parse_chat_request({"model": "m", "messages": bad}, max_messages=512)
+    assert err.value.param == "messages" and "at most 512 messages" in str(err.value)
