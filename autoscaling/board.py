@@ -11,9 +11,11 @@ application share it. A new board (a new application, or a Serve controller that
 lost the old one) decides nothing until every role it knows of has reported its real count, for
 `SEED_WAIT_S` at most: an allocation made while some roles only had their starting count would
 hand their engines to others (after a restart, a role at 6 replicas would be told its starting
-1). A role still silent after that counts with its starting replicas and no load; a role of the
-application keeps its last wish and count when it goes silent (Serve skips the policy of a role
-at zero replicas), so its engines are never handed out behind its back.
+1). A role that takes no decision (never heard after that wait, silent for `SILENT_S`: Serve
+skips the policy of a role at zero replicas with requests waiting; or holding its count because
+none of its replicas reports) is pinned at its current count: it cannot apply a new count, so
+its engines are never handed to others behind its back (they would wait, pending, for GPUs it
+still holds, and the targets would add up to more than the budget).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from autoscaling.metrics import Key, Wish
 
 STALE_S = 60.0  # a wish older than this belongs to a deployment that went away
 SEED_WAIT_S = 10.0  # how long a new board waits for every known role's first report
+# a role whose policy took no decision for this long is pinned at its count (Serve calls every
+# deployment's policy each control loop, ~0.1 s)
+SILENT_S = 3.0
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Board:
     known: set[Key] = field(default_factory=set)  # the application's roles (seeded)
     reported: set[Key] = field(default_factory=set)
     started_at: float | None = None
+    decided_at: dict[Key, float] = field(default_factory=dict)  # its policy's last decision
+    holding: set[Key] = field(default_factory=set)  # holding their count: no reports
 
     def seed(self, roles: Mapping[Key, tuple[int, int, int]], now: float) -> None:
         """Roles not reported yet: (replicas, min, max) at start, with no load."""
@@ -61,6 +68,8 @@ class Board:
         """Post `key`'s wish and current count; its engines under the latest allocation."""
         self.wishes[key], self.current[key] = (wish, now), current
         self.reported.add(key)
+        self.decided_at[key] = now
+        self.holding.discard(key)
         for k in [k for k, (_, t) in self.wishes.items()
                   if now - t > STALE_S and k not in self.known]:
             del self.wishes[k]
@@ -72,7 +81,21 @@ class Board:
             self._allocate(now, overrides(), fixed)
         return self.alloc.get(key, current)
 
+    def hold(self, key: Key, current: int) -> None:
+        """`key`'s policy keeps its count (none of its replicas reports): pinned there until it
+        decides again."""
+        self.current[key] = current
+        self.holding.add(key)
+
+    def silent(self, now: float) -> dict[Key, int]:
+        """Roles that take no decision now, at their current counts."""
+        started = self.started_at if self.started_at is not None else now
+        return {k: self.current[k] for k in self.wishes if k in self.current and (
+            k in self.holding or now - self.decided_at.get(k, started) > SILENT_S)}
+
     def _allocate(self, now: float, requested: dict[Key, int], fixed: Mapping[Key, int]) -> None:
+        # a silent role is fixed for this allocation: at its count, whatever it last wished
+        fixed = {**self.silent(now), **fixed}
         wishes = {k: w for k, (w, _) in self.wishes.items()}
         wishes.update({k: Wish(n, n, n) for k, n in fixed.items()})
         current = {**self.current, **fixed}

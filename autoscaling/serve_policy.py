@@ -198,8 +198,10 @@ class ServePolicy:
         reports = latest_reports(ctx)
         if ctx.target_num_replicas and not reports.get("running_requests"):
             # no replica's report arrived (stats calls failing, event loops blocked, or every
-            # replica still loading its model): no load known is not no load; hold the count
-            # and let the board keep the last wish
+            # replica still loading its model): no load known is not no load; hold the count,
+            # pinned there on the board (its engines are not handed out meanwhile)
+            board.board_for(ctx.app_name or "", self.budget, self.priorities,
+                            self.arbiter).hold(self.key, ctx.target_num_replicas)
             return ctx.target_num_replicas, {"held": "no reports"}
         now_reporting = set(reports.get("running_requests") or ())
         self.reporters = (self.reporters & set(ctx.running_replicas)) | now_reporting

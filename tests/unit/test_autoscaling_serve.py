@@ -318,3 +318,33 @@ def test_pins_survive_a_failed_read_and_old_status_is_flagged(monkeypatch):
                         now=1001.0).splitlines()
     assert aged[0].split()[-2:] == ["report", "override"] and aged[1].split()[-2:] == [
         "1.3s", "-"]
+
+
+@pytest.mark.parametrize("how", ["skipped", "holding"])
+def test_a_role_that_takes_no_decision_keeps_its_engines_on_the_board(how):
+    """A role whose policy Serve skips (zero replicas, requests waiting), or that holds its
+    count for want of reports, cannot apply a smaller count: the others' targets must not
+    take its engines (they would wait for GPUs it still holds, the targets over budget)."""
+    roles = {("fast", "prefill"): (1, 1, 3), ("fast", "decode"): (2, 1, 5),
+             ("deep", "prefill"): (2, 1, 4), ("deep", "decode"): (3, 1, 5)}
+    shared = Board(budget=8, priorities={"fast": 1, "deep": 0}, settings=QUICK_ARBITER)
+    shared.seed(roles, 0.0)
+    targets = {k: n for k, (n, _, _) in roles.items()}
+    load = {("fast", "prefill"): (1, 0.5), ("fast", "decode"): (2, 1.6),
+            ("deep", "prefill"): (2, 1.5), ("deep", "decode"): (3, 2.5)}
+    quiet = ("deep", "decode")
+    t = 0.0
+    for _ in range(200):
+        t += 0.5
+        if t > 20:
+            load[("fast", "decode")] = (5, 4.8)  # a surge on the fast pool
+        for key, (wished, busy_) in load.items():
+            _, low, high = roles[key]
+            if key == quiet and t > 15:
+                if how == "holding":
+                    shared.hold(key, targets[key])
+                continue
+            targets[key] = shared.decide(key, Wish(wished, low, high, busy_, 0.0, busy_),
+                                         targets[key], t, dict, {})
+        assert sum(targets.values()) <= 8, (t, targets)
+    assert targets[quiet] == 3 and targets[("fast", "decode")] > 2  # the rest moved
