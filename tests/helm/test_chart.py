@@ -161,6 +161,21 @@ def test_upgrade_strategy_is_the_operators_unless_set(render):
     jsonschema.validate(rayservice, CRD_SCHEMAS["RayService"])
 
 
+def test_an_upgrade_keeps_the_old_cluster_until_its_requests_could_end(render):
+    """KubeRay deletes the old cluster 60 s after an upgrade moved traffic unless told: every
+    stream still running then was cut. The delay covers the request timeout, or rendering
+    fails; the head never takes client traffic."""
+    spec = one(render(), "RayService")["spec"]
+    assert spec["rayClusterDeletionDelaySeconds"] >= 600
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    longer = {"limits": {"request_timeout_s": 900}}
+    with pytest.raises(Exception, match="shorter than stack.limits.request_timeout_s"):
+        render(stack=longer)
+    spec = one(render(stack=longer, clusterDeletionDelaySeconds=960), "RayService")["spec"]
+    assert spec["rayClusterDeletionDelaySeconds"] == 960
+    jsonschema.validate(one(render(), "RayService"), CRD_SCHEMAS["RayService"])
+
+
 def test_pod_templates_carry_only_stable_labels(render):
     for template in pod_templates(render()):
         assert set(template["metadata"]["labels"]) == {
