@@ -176,6 +176,21 @@ def test_an_upgrade_keeps_the_old_cluster_until_its_requests_could_end(render):
     jsonschema.validate(one(render(), "RayService"), CRD_SCHEMAS["RayService"])
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_object_store_fits_its_pods_shared_memory_with_room_left(render, profile):
+    """Ray's default store (30 % of the memory limit) is larger than the head's /dev/shm and
+    would spill to disk; on the GPU workers it takes 95 % of it, leaving NCCL and the engines
+    ~3 GiB. Each group sets its store within its /dev/shm, with room left."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    cluster = cluster_of(render(profile))
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (shm,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "shm"]
+        size = shm["emptyDir"]["sizeLimit"]
+        shm_bytes = int(size[:-2]) * units[size[-2:]]
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert 0 < store <= shm_bytes * 0.75, (group.get("groupName", "head"), store, size)
+
+
 def test_pod_templates_carry_only_stable_labels(render):
     for template in pod_templates(render()):
         assert set(template["metadata"]["labels"]) == {
