@@ -42,6 +42,9 @@ POOLED = {"decode_residency_s": "slo_total",  # decode: one per request that lef
           "arriving_output_tokens": "arriving_streams"}
 WORST = ("latency_p90_s", "queue_wait_p90_s")
 PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
+# a replica's report unchanged for this long is not read (replicas report every
+# `autoscaling.report_interval_s`, 1 s by default; under load the stalest is a few seconds old)
+STALE_REPORT_S = 15.0
 
 
 class AutoscalingSettings(BaseModel):
@@ -157,16 +160,39 @@ def report_age_s(ctx, now: float) -> float | None:
     return max(now - min(stamps), 0.0) if stamps else None
 
 
-def latest_reports(ctx) -> dict[str, dict[Any, float]]:
-    """Each running replica's latest report (`raw_metrics`), else Serve's window average."""
-    running = set(ctx.running_replicas)
-    out = {name: {r: v for r, v in per.items() if r in running}
+def latest_reports(ctx, stale: set[Any] = frozenset()) -> dict[str, dict[Any, float]]:
+    """Each running replica's latest report (`raw_metrics`), else Serve's window average; none
+    of the `stale` replicas (`ReportClock`)."""
+    fresh = set(ctx.running_replicas) - set(stale)
+    out = {name: {r: v for r, v in per.items() if r in fresh}
            for name, per in (ctx.aggregated_metrics or {}).items()}
     for name, per in (ctx.raw_metrics or {}).items():
         for replica, series in per.items():
-            if replica in running and series:
+            if replica in fresh and series:
                 out.setdefault(name, {})[replica] = series[-1].value
     return out
+
+
+class ReportClock:
+    """Which replicas' reports stopped coming. Serve keeps a replica's last report for as long
+    as it runs: one whose event loop is stuck would feed the policy the same figures for ever.
+    A replica whose latest report has not changed for `STALE_REPORT_S` of this process's time
+    is stale (left out, it counts as silent, at the reporters' mean). Its stamps are the
+    replica's own clock, so they are compared with each other, never with this one's."""
+
+    def __init__(self):
+        self.seen: dict[Any, tuple[float, float]] = {}  # replica -> (its stamp, when it came)
+
+    def stale(self, ctx, now: float) -> set[Any]:
+        running = set(ctx.running_replicas)
+        per = (ctx.raw_metrics or {}).get("running_requests") or {}
+        for replica, series in per.items():
+            if replica in running and series:
+                stamp = series[-1].timestamp
+                if self.seen.get(replica, (None, 0.0))[0] != stamp:
+                    self.seen[replica] = (stamp, now)
+        self.seen = {r: v for r, v in self.seen.items() if r in running}
+        return {r for r, (_, at) in self.seen.items() if now - at > STALE_REPORT_S}
 
 
 class ServePolicy:
@@ -191,11 +217,12 @@ class ServePolicy:
         self.state: PolicyState | None = None
         self.published = 0.0
         self.reporters: set[Any] = set()  # running replicas that have reported
+        self.clock = ReportClock()
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
         running = len(ctx.running_replicas)
-        reports = latest_reports(ctx)
+        reports = latest_reports(ctx, self.clock.stale(ctx, now))
         if ctx.target_num_replicas and not reports.get("running_requests"):
             # no replica's report arrived (stats calls failing, event loops blocked, or every
             # replica still loading its model): no load known is not no load; hold the count,

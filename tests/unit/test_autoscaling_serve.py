@@ -348,3 +348,31 @@ def test_a_role_that_takes_no_decision_keeps_its_engines_on_the_board(how):
                                          targets[key], t, dict, {})
         assert sum(targets.values()) <= 8, (t, targets)
     assert targets[quiet] == 3 and targets[("fast", "decode")] > 2  # the rest moved
+
+
+def test_a_replica_whose_report_stopped_coming_is_read_as_silent():
+    """Serve keeps a replica's last report while it runs: one whose event loop is stuck would
+    feed the policy its last figures for ever. A report unchanged for `STALE_REPORT_S` (of
+    the controller's time: the stamps are the replica's clock, which may be skewed) is left
+    out, counted at the reporters' mean as a silent replica is."""
+    from autoscaling.serve_policy import STALE_REPORT_S, ReportClock
+
+    a, stuck = replica("a"), replica("stuck")
+    clock = ReportClock()
+    skewed = -3600.0  # the stuck replica's node clock is an hour behind: not stale for that
+
+    def ctx_at(now: float, stuck_stamp: float):
+        ctx = context({a: busy(2, 0), stuck: busy(4, 9)}, 2, now)
+        for series in ctx.raw_metrics.values():
+            series[stuck] = [TimeStampedValue(stuck_stamp, series[stuck][-1].value)]
+        return ctx
+
+    for now in (100.0, 101.0, 102.0):  # its reports keep coming, stamped by its own clock
+        ctx = ctx_at(now, now + skewed)
+        assert latest_reports(ctx, clock.stale(ctx, now))["running_requests"] == {a: 2, stuck: 4}
+    now = 102.0
+    while now <= 103.0 + STALE_REPORT_S:  # then they stop: the same last report
+        now += 1.0
+        ctx = ctx_at(now, 102.0 + skewed)
+        reports = latest_reports(ctx, clock.stale(ctx, now))
+    assert reports["running_requests"] == {a: 2} and stuck not in reports["queued_requests"]
