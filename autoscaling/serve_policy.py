@@ -20,6 +20,7 @@ Serve applies the count; a replica that goes drains (Serve stops routing to it a
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ POOLED = {"decode_residency_s": "slo_total",  # decode: one per request that lef
           "mean_output_tokens": "finished_outputs",
           "arriving_output_tokens": "arriving_streams"}
 WORST = ("latency_p90_s", "queue_wait_p90_s")
+_log = logging.getLogger("small4.autoscaling")
 PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
 # a replica's report unchanged for this long is not read (replicas report every
 # `autoscaling.report_interval_s`, 1 s by default; under load the stalest is a few seconds old)
@@ -220,6 +222,19 @@ class ServePolicy:
         self.clock = ReportClock()
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        """The deployment's replicas now. A failure here holds the count (pinned on the board)
+        and is logged: raised, it would abort Serve's update of every application's state for
+        this control loop, and for every loop after it while it lasts."""
+        try:
+            return self._decide(ctx)
+        except Exception as exc:
+            _log.exception("autoscaling policy of %s/%s failed; holding %d replicas",
+                           *self.key, ctx.target_num_replicas)
+            board.board_for(ctx.app_name or "", self.budget, self.priorities,
+                            self.arbiter).hold(self.key, ctx.target_num_replicas)
+            return ctx.target_num_replicas, {"held": f"{type(exc).__name__}: {exc}"}
+
+    def _decide(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
         running = len(ctx.running_replicas)
         reports = latest_reports(ctx, self.clock.stale(ctx, now))

@@ -376,3 +376,18 @@ def test_a_replica_whose_report_stopped_coming_is_read_as_silent():
         ctx = ctx_at(now, 102.0 + skewed)
         reports = latest_reports(ctx, clock.stale(ctx, now))
     assert reports["running_requests"] == {a: 2} and stuck not in reports["queued_requests"]
+
+
+def test_a_failing_policy_holds_its_count_instead_of_raising_into_serve():
+    """An exception out of a custom policy aborts Serve's update of every application's
+    state for that control loop (and each loop while it lasts): it holds the count, pinned."""
+    board_module.BOARDS.clear()
+    p, r = policy(app="failing"), replica("a")
+
+    def broken(*_):
+        raise ZeroDivisionError("a wish that divides by zero")
+
+    p.wish = broken
+    decision, why = p(context({r: busy(4, 8)}, 2, 100.0, app="failing"))
+    assert decision == 2 and "ZeroDivisionError" in why["held"]
+    assert board_module.BOARDS["failing"].holding == {("fast", "decode")}
