@@ -110,8 +110,14 @@ class Board:
         except BudgetError as exc:
             self.error = f"overrides ignored: {exc}"
             pinned = {}
-            alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
-                                          self.state, now, dict(fixed), self.settings)
+            try:
+                alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
+                                              self.state, now, dict(fixed), self.settings)
+            except BudgetError as exc:  # the silent roles' counts alone leave the others no
+                # minimum (a count set behind the policy's back): every role stays where it is
+                # until they decide again
+                self.error = f"no allocation while roles are silent: {exc}"
+                alloc = {k: current.get(k, w.min_replicas) for k, w in wishes.items()}
         self.alloc, self.computed_at, self.applied_overrides = alloc, now, pinned
 
 

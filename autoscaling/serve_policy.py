@@ -43,6 +43,7 @@ POOLED = {"decode_residency_s": "slo_total",  # decode: one per request that lef
           "arriving_output_tokens": "arriving_streams"}
 WORST = ("latency_p90_s", "queue_wait_p90_s")
 _log = logging.getLogger("small4.autoscaling")
+FAILURE_LOG_S = 60.0  # a policy that keeps failing logs it once a minute
 PUBLISH_S = 1.0  # status for `small4 status`, at most once a second per deployment
 # a replica's report unchanged for this long is not read (replicas report every
 # `autoscaling.report_interval_s`, 1 s by default; under load the stalest is a few seconds old)
@@ -93,7 +94,8 @@ class AutoscalingSettings(BaseModel):
                 "pool": pool, "role": role, "budget_engines": budget_engines,
                 "priorities": priorities, "policy": policy.model_dump(),
                 "arbiter": self.arbiter.model_dump(), "roles": roles, "fixed": fixed,
-                "decode_tokens_per_s_per_replica": self.decode_tokens_per_s_per_replica}}}
+                "decode_tokens_per_s_per_replica": self.decode_tokens_per_s_per_replica,
+                "report_interval_s": self.report_interval_s}}}
 
 
 def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: int,
@@ -178,23 +180,28 @@ def latest_reports(ctx, stale: set[Any] = frozenset()) -> dict[str, dict[Any, fl
 class ReportClock:
     """Which replicas' reports stopped coming. Serve keeps a replica's last report for as long
     as it runs: one whose event loop is stuck would feed the policy the same figures for ever.
-    A replica whose latest report has not changed for `STALE_REPORT_S` of this process's time
-    is stale (left out, it counts as silent, at the reporters' mean). Its stamps are the
-    replica's own clock, so they are compared with each other, never with this one's."""
+    A replica whose latest report has not changed for `stale_s` of this process's time is
+    stale (left out, it counts as silent, at the reporters' mean). Its stamps are the
+    replica's own clock, so they are compared with each other, never with this one's. Read
+    from a figure only our report carries (Serve records its own `running_requests` for a
+    replica whose report call failed)."""
 
-    def __init__(self):
+    KEY = "max_running_per_replica"
+
+    def __init__(self, stale_s: float = STALE_REPORT_S):
+        self.stale_s = stale_s
         self.seen: dict[Any, tuple[float, float]] = {}  # replica -> (its stamp, when it came)
 
     def stale(self, ctx, now: float) -> set[Any]:
         running = set(ctx.running_replicas)
-        per = (ctx.raw_metrics or {}).get("running_requests") or {}
+        per = (ctx.raw_metrics or {}).get(self.KEY) or {}
         for replica, series in per.items():
             if replica in running and series:
                 stamp = series[-1].timestamp
                 if self.seen.get(replica, (None, 0.0))[0] != stamp:
                     self.seen[replica] = (stamp, now)
         self.seen = {r: v for r, v in self.seen.items() if r in running}
-        return {r for r, (_, at) in self.seen.items() if now - at > STALE_REPORT_S}
+        return {r for r, (_, at) in self.seen.items() if now - at > self.stale_s}
 
 
 class ServePolicy:
@@ -207,7 +214,7 @@ class ServePolicy:
     def __init__(self, pool: str, role: str, budget_engines: int, priorities: dict[str, int],
                  policy: dict[str, Any], arbiter: dict[str, Any],
                  roles: dict[str, list[int]], fixed: dict[str, int] | None = None,
-                 decode_tokens_per_s_per_replica: float = 0.0):
+                 decode_tokens_per_s_per_replica: float = 0.0, report_interval_s: float = 1.0):
         self.key = (pool, role)
         self.settings = PolicySettings(**policy)
         self.budget, self.priorities = budget_engines, dict(priorities)
@@ -219,7 +226,9 @@ class ServePolicy:
         self.state: PolicyState | None = None
         self.published = 0.0
         self.reporters: set[Any] = set()  # running replicas that have reported
-        self.clock = ReportClock()
+        # (a report may come a push late when Ray skips one still in flight)
+        self.failure_logged = float("-inf")
+        self.clock = ReportClock(max(STALE_REPORT_S, 3 * report_interval_s))
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         """The deployment's replicas now. A failure here holds the count (pinned on the board)
@@ -228,8 +237,11 @@ class ServePolicy:
         try:
             return self._decide(ctx)
         except Exception as exc:
-            _log.exception("autoscaling policy of %s/%s failed; holding %d replicas",
-                           *self.key, ctx.target_num_replicas)
+            now = time.monotonic()
+            if now - self.failure_logged >= FAILURE_LOG_S:  # not every control loop
+                self.failure_logged = now
+                _log.exception("autoscaling policy of %s/%s failed; holding %d replicas",
+                               *self.key, ctx.target_num_replicas)
             board.board_for(ctx.app_name or "", self.budget, self.priorities,
                             self.arbiter).hold(self.key, ctx.target_num_replicas)
             return ctx.target_num_replicas, {"held": f"{type(exc).__name__}: {exc}"}

@@ -257,6 +257,12 @@ def test_settings_wire_our_policy_into_the_scalable_roles_only():
     # default; the environment variable its deprecation note names is not read): the policy
     # decided on reports up to 12 s old, where the simulator's are a second old
     assert accepted.metrics_interval_s == 1.0 < accepted.look_back_period_s
+    # the policy reads a report as stale only well past the interval its replicas push on
+    slow = parse_settings({"pools": settings.model_dump()["pools"], "auth": {"enabled": False},
+                           "autoscaling": {"enabled": True, "report_interval_s": 10}})
+    kwargs = slow.role_options("fast", "decode")["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert ServePolicy(**kwargs).clock.stale_s == 30 and ServePolicy(**(kwargs | {
+        "report_interval_s": 1.0})).clock.stale_s == 15
 
 
 def test_status_shows_how_old_the_stalest_report_is():
@@ -391,3 +397,16 @@ def test_a_failing_policy_holds_its_count_instead_of_raising_into_serve():
     decision, why = p(context({r: busy(4, 8)}, 2, 100.0, app="failing"))
     assert decision == 2 and "ZeroDivisionError" in why["held"]
     assert board_module.BOARDS["failing"].holding == {("fast", "decode")}
+
+
+def test_silent_roles_holding_more_than_their_share_leave_the_others_where_they_are():
+    """A role held at a count the budget cannot also give the others their minimums (a count
+    set behind its policy's back): no allocation fits, and every role keeps its count rather
+    than the board raising on every decision."""
+    held, other = ("deep", "decode"), ("fast", "decode")
+    shared = Board(budget=4, priorities={"fast": 1, "deep": 0}, settings=QUICK_ARBITER)
+    shared.seed({held: (4, 1, 4), other: (1, 1, 3)}, 0.0)
+    shared.decide(held, Wish(4, 1, 4, 3.5), 4, 0.0, dict, {})
+    shared.hold(held, 4)
+    assert shared.decide(other, Wish(2, 1, 3, 1.9), 1, 0.1, dict, {}) == 1
+    assert "no allocation while roles are silent" in shared.error
