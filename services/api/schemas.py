@@ -64,9 +64,11 @@ class ToolCall(_Wire):
 NoName = Annotated[str | None, Field(json_schema_extra={"maxLength": 0})]
 
 
-# Parts of one message's content: far beyond any real message (text and images interleaved),
-# checked before its parts are (a list of 100k bad parts cost 0.5 s to validate and report)
+# Parts of one message's content, and of all messages together: far beyond any real request
+# (text and images interleaved), checked before the parts are (100k bad parts cost 0.5 s of
+# the event loop to validate and report, in one message or spread over many)
 MAX_CONTENT_PARTS = 1024
+MAX_TOTAL_CONTENT_PARTS = 4096
 TextParts = Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
 ContentParts = Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]
 
@@ -389,6 +391,9 @@ NOT_HONOURED: dict[str, list[Any]] = {
     # is `reasoning_effort`, and a request naming it otherwise must not be answered without
     "reasoning": [], "include_reasoning": [True], "enable_thinking": [], "thinking": [],
 }
+# what to send instead, where the endpoint has it under another name
+INSTEAD = {name: "set reasoning_effort (none or high) instead"
+           for name in ("reasoning", "include_reasoning", "enable_thinking", "thinking")}
 
 
 def refuse_not_honoured(body: dict) -> None:
@@ -397,8 +402,9 @@ def refuse_not_honoured(body: dict) -> None:
         value = body.get(name)
         if value is not None and not any(_same(value, a) for a in accepted):
             words = " or ".join(json.dumps(v) for v in [*accepted, None])
+            instead = f"; {INSTEAD[name]}" if name in INSTEAD else ""
             raise InvalidRequest(f"{name}: this endpoint does not honour {name}; only {words} "
-                                 f"is accepted", param=name)
+                                 f"is accepted{instead}", param=name)
 
 
 def _same(value: Any, accepted: Any) -> bool:
@@ -432,8 +438,15 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatComple
         raise InvalidRequest("the request body must be a JSON object", param=None)
     refuse_not_honoured(body)
     messages = body.get("messages")
-    if max_messages is not None and isinstance(messages, list) and len(messages) > max_messages:
-        raise InvalidRequest(f"at most {max_messages} messages are accepted", param="messages")
+    if isinstance(messages, list):
+        if max_messages is not None and len(messages) > max_messages:
+            raise InvalidRequest(f"at most {max_messages} messages are accepted",
+                                 param="messages")
+        parts = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_TOTAL_CONTENT_PARTS:
+            raise InvalidRequest(f"the messages have {parts} content parts; at most "
+                                 f"{MAX_TOTAL_CONTENT_PARTS} are accepted", param="messages")
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:

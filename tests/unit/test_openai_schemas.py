@@ -275,6 +275,10 @@ def test_long_lists_are_refused_by_their_length_before_their_items_are_checked()
         parse_chat_request({"model": "m", "messages": [{"role": "user", "content": parts}]})
     assert err.value.param == "messages.0.content"
     assert f"at most {MAX_CONTENT_PARTS} items" in str(err.value)
+    spread = [{"role": "user", "content": [0] * MAX_CONTENT_PARTS}] * 5  # each within its cap
+    with pytest.raises(InvalidRequest) as err:
+        parse_chat_request({"model": "m", "messages": spread})
+    assert err.value.param == "messages" and "content parts" in str(err.value)
     bad = [{"role": "user", "content": 1}] * 600  # each invalid: the count comes first
     with pytest.raises(InvalidRequest) as err:
         parse_chat_request({"model": "m", "messages": bad}, max_messages=512)

@@ -70,6 +70,8 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
     error = reply.json()["error"]
     assert error["param"] == field and field in error["message"]
     assert error["type"] == "invalid_request_error"
+    assert ("reasoning_effort" in error["message"]) is (field in (
+        "reasoning", "include_reasoning", "enable_thinking", "thinking"))
 
 
 @pytest.mark.parametrize("field, value", [
