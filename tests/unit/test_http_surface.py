@@ -225,10 +225,13 @@ def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
     assert missing.json()["error"]["trace_id"] == missing.headers["x-trace-id"]
 
 
-def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded():
+@pytest.mark.parametrize("text", ["9" * 100_000, "\U00020000" * 60_000],
+                         ids=["digits", "four-byte-characters"])
+def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
     """Digits are about a token a byte: 100 KB passes the size floor (bytes over the longest
     token) at a 4096-token context, then is counted up to the context and refused: the
-    conversation is never encoded whole."""
+    conversation is never encoded whole. Encoding costs with bytes, not characters: 60,000
+    four-byte characters (fewer than the inline threshold, 240 KB) are counted too."""
     encoded = []
 
     def spy(ingress):
@@ -237,7 +240,7 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded():
         tokenizer.encode_chat = lambda *a, **k: encoded.append(1) or real(*a, **k)
 
     (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {
-        "messages": [{"role": "user", "content": "9" * 100_000}]}}), prepare=spy)
+        "messages": [{"role": "user", "content": text}]}}), prepare=spy)
     error = response.json()["error"]
     assert response.status_code == 400 and error["code"] == "context_length_exceeded"
     assert error["param"] == "messages" and encoded == []
@@ -282,21 +285,3 @@ def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_50
         assert reply.status_code == status, reply.text
         if param is not None:
             assert reply.json()["error"]["param"] == param
-
-
-def test_a_prompt_of_few_characters_and_many_bytes_is_counted_never_encoded():
-    """Encoding costs with bytes, not characters: 60,000 four-byte characters (fewer than the
-    inline threshold, 240 KB) are over a 4096-token context by their tokens, counted to it
-    and refused, never encoded whole on the event loop."""
-    encoded = []
-
-    def spy(ingress):
-        tokenizer = ingress.service.tokenizer
-        real = tokenizer.encode_chat
-        tokenizer.encode_chat = lambda *a, **k: encoded.append(1) or real(*a, **k)
-
-    (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {
-        "messages": [{"role": "user", "content": "\U00020000" * 60_000}]}}), prepare=spy)
-    error = response.json()["error"]
-    assert response.status_code == 400 and error["code"] == "context_length_exceeded", error
-    assert encoded == []
