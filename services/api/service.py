@@ -92,8 +92,8 @@ def _encoding_size(messages: list[dict], tools: list[dict] | None) -> int:
     tokenizer's work grows with bytes, not characters: a 4-byte character costs ~8 of ASCII)
     and `PIECE_BYTES` a piece (thousands of empty parts are cheap to send, not to encode). An
     upper bound on its text's tokens too (a token is at least a byte)."""
-    return sum(len(t.encode("utf-8", "surrogatepass")) + PIECE_BYTES
-               for t in _texts(messages, tools))
+    return sum((len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")))
+               + PIECE_BYTES for t in _texts(messages, tools))
 
 
 class RequestService:
