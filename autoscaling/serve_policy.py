@@ -242,9 +242,12 @@ class ServePolicy:
                 self.failure_logged = now
                 _log.exception("autoscaling policy of %s/%s failed; holding %d replicas",
                                *self.key, ctx.target_num_replicas)
-            board.board_for(ctx.app_name or "", self.budget, self.priorities,
-                            self.arbiter).hold(self.key, ctx.target_num_replicas)
+            self._board(ctx).hold(self.key, ctx.target_num_replicas)
             return ctx.target_num_replicas, {"held": f"{type(exc).__name__}: {exc}"}
+
+    def _board(self, ctx) -> board.Board:
+        """The application's board, shared by its deployments' policies."""
+        return board.board_for(ctx.app_name or "", self.budget, self.priorities, self.arbiter)
 
     def _decide(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
@@ -254,8 +257,7 @@ class ServePolicy:
             # no replica's report arrived (stats calls failing, event loops blocked, or every
             # replica still loading its model): no load known is not no load; hold the count,
             # pinned there on the board (its engines are not handed out meanwhile)
-            board.board_for(ctx.app_name or "", self.budget, self.priorities,
-                            self.arbiter).hold(self.key, ctx.target_num_replicas)
+            self._board(ctx).hold(self.key, ctx.target_num_replicas)
             return ctx.target_num_replicas, {"held": "no reports"}
         now_reporting = set(reports.get("running_requests") or ())
         self.reporters = (self.reporters & set(ctx.running_replicas)) | now_reporting
@@ -265,7 +267,7 @@ class ServePolicy:
         state = self.state or PolicyState(ctx.target_num_replicas)
         wish, self.state = self.wish(metrics, self.settings, state, now)
         app = ctx.app_name or ""
-        shared = board.board_for(app, self.budget, self.priorities, self.arbiter)
+        shared = self._board(ctx)
         shared.seed(self.roles, now)
         decision = shared.decide(self.key, wish, ctx.target_num_replicas, now,
                                  lambda: _overrides(app), self.fixed)

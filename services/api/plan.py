@@ -57,9 +57,7 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
     if req.model != model.name:
         raise ModelNotFound(f"the model {clip(req.model)} does not exist; this endpoint serves "
                             f"{model.name!r}", param="model")
-    if len(req.messages) > limits.max_messages:
-        raise InvalidRequest(f"at most {limits.max_messages} messages are accepted",
-                             param="messages")
+    # (`limits.max_messages` is checked before validation: `parse_chat_request`)
     if max_images is not None:
         images = [(i, j) for i, m in enumerate(req.messages) if isinstance(m.content, list)
                   for j, part in enumerate(m.content) if part.type == "image_url"]
