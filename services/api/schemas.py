@@ -339,6 +339,11 @@ class ChatCompletionRequest(_Wire):
                     raise InvalidRequest(f"messages.{i}: a function message answers an "
                                          "assistant's function_call; none came before it",
                                          param=f"messages.{i}")
+                called = out[-1]["tool_calls"][0]["function"]["name"]
+                if item["name"] != called:
+                    raise InvalidRequest(f"messages.{i}.name: the result of {called!r} (the "
+                                         f"function_call it answers), not of {item['name']!r}",
+                                         param=f"messages.{i}.name")
                 item = {"role": "tool", "tool_call_id": legacy,
                         "content": item.get("content") or ""}
                 legacy = None  # one result per call
@@ -347,12 +352,42 @@ class ChatCompletionRequest(_Wire):
             if not item.get("prefix", True):
                 item.pop("prefix")
             out.append(item)
+        _every_call_answered(out)
         return out
 
     @property
     def tools_offered(self) -> bool:
         """Whether the model is shown the tools (`tool_choice: none` hides them)."""
         return bool(self.tools) and self.tool_choice != "none"
+
+
+def _every_call_answered(messages: list[dict[str, Any]]) -> None:
+    """Each assistant turn's calls get one result each before the conversation goes on, as
+    OpenAI requires: Mistral's format pairs results with calls by position, not by id, so a
+    missing result would hand the next call's result to this one."""
+    pending: dict[str, int] = {}  # call id -> the assistant message that made it
+    for i, item in enumerate(messages):
+        if item["role"] == "tool":
+            call = item["tool_call_id"]
+            if pending.pop(call, None) is None:
+                raise InvalidRequest(f"messages.{i}.tool_call_id: {call[:64]!r} answers no "
+                                     "call of the assistant message before it, or one already "
+                                     "answered",
+                                     param=f"messages.{i}.tool_call_id")
+            continue
+        _refuse_unanswered(pending, i)
+        if item["role"] == "assistant":
+            pending = {c["id"]: i for c in item.get("tool_calls") or ()}
+    _refuse_unanswered(pending, len(messages))
+
+
+def _refuse_unanswered(pending: dict[str, int], at: int) -> None:
+    if pending:
+        asked = next(iter(pending.values()))
+        raise InvalidRequest(
+            f"messages.{asked}.tool_calls: each call needs a tool message with its result "
+            f"before message {at}; none for {', '.join(map(repr, pending))}",
+            param=f"messages.{asked}.tool_calls")
 
 
 # Fields of the spec that change the answer and are not implemented yet, with the JSON values that

@@ -91,8 +91,8 @@ def test_fuzz_from_openapi_spec(fuzz, api_schema):
         response = case.call(base_url=fuzz, timeout=60)
         seen = (case.operation.label, response.status_code)
         STATUSES[seen] = STATUSES.get(seen, 0) + 1
-        # Conversation rules (role order, tool-call pairing) are mistral-common's, not the
-        # schema's: a schema-valid conversation may get a 400 that names `messages`.
+        # Conversation rules (role order, tool-call pairing) are checked after the schema (ours
+        # and mistral-common's): a schema-valid conversation may get a 400 naming `messages`.
         case.validate_response(response,
                                excluded_checks=[positive_data_acceptance, not_a_server_error])
         if response.status_code >= 500:

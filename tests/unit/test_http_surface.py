@@ -247,8 +247,8 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
 
 
 def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
-    """`"\\ud800"` is valid JSON and not valid UTF-8: mistral-common's message quoting it must
-    reach the client escaped (the response could not be encoded: a 500 for a 400)."""
+    """`"\\ud800"` is valid JSON and not valid UTF-8: the message quoting the tool_call_id back
+    must reach the client escaped (the response could not be encoded: a 500 for a 400)."""
     import json
 
     body = BODY | {"messages": [
@@ -260,7 +260,7 @@ def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
         "content": json.dumps(body), "headers": {"content-type": "application/json"}}))
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
-    assert error["param"] == "messages" and "\\ud800" in error["message"]
+    assert error["param"] == "messages.2.tool_call_id" and "\\ud800" in error["message"]
 
 
 def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_500():

@@ -380,6 +380,52 @@ def test_a_function_message_without_its_call_is_refused(tokenizer, messages, par
     assert err.value.param == param
 
 
+def _calls(*cities):
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call0000{i}", "type": "function",
+         "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+        for i, city in enumerate(cities)]}
+
+
+def _result(i, text):
+    return {"role": "tool", "tool_call_id": f"call0000{i}", "content": text}
+
+
+ASKED = [{"role": "user", "content": "Weather in Paris and Rome?"}, _calls("Paris", "Rome")]
+
+
+@pytest.mark.parametrize("messages, param", [
+    # Rome's result alone: Mistral's format pairs results with calls by position, so it would
+    # read as Paris's weather
+    (ASKED + [_result(1, "Rome: 30C")], "messages.1.tool_calls"),
+    (ASKED + [_result(1, "Rome: 30C"), {"role": "user", "content": "well?"}],
+     "messages.1.tool_calls"),
+    (ASKED + [{"role": "user", "content": "never mind"}], "messages.1.tool_calls"),
+    (ASKED + [_result(0, "Paris: 21C"), _result(0, "Paris: 22C")], "messages.3.tool_call_id"),
+    (ASKED + [_result(0, "Paris: 21C"), _result(1, "Rome: 30C"), _result(1, "again")],
+     "messages.4.tool_call_id"),
+    ([{"role": "user", "content": "hi"}, _result(0, "stray")], "messages.1.tool_call_id"),
+    # the deprecated API: a result under another function's name
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "function_call": {"name": "get_weather", "arguments": "{}"}},
+      {"role": "function", "name": "get_time", "content": "12:00"}], "messages.2.name"),
+])
+def test_every_call_gets_its_own_result_before_the_conversation_goes_on(tokenizer, messages,
+                                                                         param):
+    tools = [{"type": "function", "function": WEATHER}]
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, messages=messages, tools=tools)
+    assert err.value.param == param
+
+
+def test_results_in_any_order_answer_their_calls(tokenizer):
+    tools = [{"type": "function", "function": WEATHER}]
+    ids = [plan(tokenizer, messages=ASKED + results, tools=tools).engine_request.prompt_ids
+           for results in ([_result(0, "Paris: 21C"), _result(1, "Rome: 30C")],
+                           [_result(1, "Rome: 30C"), _result(0, "Paris: 21C")])]
+    assert ids[0] == ids[1]
+
+
 def test_the_quota_floor_counts_every_choice_and_the_default_max_tokens():
     """What the key must be able to pay before its images are decoded or its grammar is
     compiled: each choice's prompt (at least a token, even with no text) and its answer, the
