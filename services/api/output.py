@@ -211,7 +211,7 @@ class OutputParser:
         """The last delta and the OpenAI finish reason (`tool_calls` for calls, then stop)."""
         delta = OutputDelta()
         if self.state is not State.DONE:
-            self._close_segment(delta)
+            self._close_segment(delta, ended=finish_reason == "stop")
             self.state = State.DONE
         delta.content += self._hold.flush()
         if self.calls and finish_reason == "stop":
@@ -231,10 +231,9 @@ class OutputParser:
             self._switch(State.TOOL_NAME, delta)
         elif state is State.TOOL_NAME and token == self.args_mark:
             self.state = State.TOOL_ARGS
-        elif state is State.TOOL_NAME:
-            self._name_ids.append(token)
-        elif state is State.TOOL_ARGS:
-            self._args_ids.append(token)
+        elif state in (State.TOOL_NAME, State.TOOL_ARGS):
+            if not self.tokenizer.is_control(token):  # a stray marker is no part of a call
+                (self._name_ids if state is State.TOOL_NAME else self._args_ids).append(token)
         elif state is State.REASONING:
             self.reasoning_tokens += 1
             if token == self.end_think:
@@ -248,17 +247,26 @@ class OutputParser:
             self._text_ids.append(token)
 
     def _switch(self, state: State, delta: OutputDelta) -> None:
-        """Close the open segment, then move on unless a stop string ended the output."""
+        """Close the open segment, then move on unless a stop string ended the output. Content
+        held for a stop string is shown before a call: no stop string spans one (the engines'
+        rule), so it comes before the call's delta, where it was generated."""
+        was = self.state
         self._close_segment(delta)
         if self.state is not State.DONE:
             self.state = state
+            if was is State.CONTENT and state is State.TOOL_NAME:
+                delta.content += self._hold.flush()
 
-    def _close_segment(self, delta: OutputDelta) -> None:
-        """End the open text or tool call, so the next state starts clean."""
+    def _close_segment(self, delta: OutputDelta, ended: bool = True) -> None:
+        """End the open text or tool call, so the next state starts clean; `ended`: the call
+        was ended by the model (not cut by the token budget or an abort)."""
         if self.state in (State.TOOL_NAME, State.TOOL_ARGS):
             decode = self.tokenizer.decode
+            # a call the model ended with no arguments takes none: "{}", so they still parse as
+            # JSON (one cut short keeps what it had, as OpenAI's do)
+            arguments = decode(self._args_ids).strip()
             call = ToolCall(new_call_id(), decode(self._name_ids).strip(),
-                            decode(self._args_ids).strip())
+                            arguments or ("{}" if ended else ""))
             self._name_ids, self._args_ids = [], []
             if self.tools_enabled:
                 self.calls.append(call)

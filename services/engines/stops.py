@@ -1,8 +1,10 @@
 """When a sequence is finished: end-of-sequence ids, stop ids, stop strings, the token budget.
 
 Stop strings apply to the answer's content only, as the ingress's output parser shows it
-(`services.api.output`): text inside `[THINK]…[/THINK]` or after `[TOOL_CALLS]` never ends the
-output, so a reasoning step or a call's arguments that happen to contain one are not cut.
+(`services.api.output`): text inside `[THINK]…[/THINK]` or in a call (`[TOOL_CALLS]` to the end
+of sequence, past which only `ignore_eos` goes on) never ends the output, so a reasoning step
+or a call's arguments that happen to contain one are not cut; nor does a stop string span a
+call.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StopChecker:
                  detokenize: Callable[[list[int]], str], marks: OutputMarks | None = None):
         self.params = params
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.eos_ids = frozenset(eos_ids)
         self.detokenize = detokenize
         self.marks = marks
         self.generated: list[int] = []
@@ -69,8 +72,12 @@ class StopChecker:
         """Move through the output's segments by `token`; keep it when it is content text."""
         marks = self.marks
         if marks is not None:
-            if token == marks.tool_calls:  # a call runs to the end (the parser's rule)
-                self._segment = _CALL
+            if token == marks.tool_calls:  # a call runs to its end of sequence (the parser's
+                self._segment = _CALL   # rule): no stop string spans it
+                self._content.clear()
+            elif self._segment == _CALL:
+                if token in self.eos_ids:  # past it only with ignore_eos: content again
+                    self._segment = _CONTENT
             elif self._segment == _REASONING:
                 if token == marks.end_think:
                     self._segment = _CONTENT

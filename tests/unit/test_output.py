@@ -191,7 +191,38 @@ def test_a_call_is_delivered_by_the_feed_that_completes_it(tokenizer, ids_of, ma
     second = parser.feed(mark("[TOOL_CALLS]") + ids_of("b") + mark("[ARGS]"))
     last, finish = parser.finish("stop")
     assert [first.tool_calls, [c.name for c in second.tool_calls]] == [[], ["a"]]
-    assert [(c.name, c.arguments) for c in last.tool_calls] == [("b", "")]
+    assert [(c.name, c.arguments) for c in last.tool_calls] == [("b", "{}")]  # took none
+    assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("finish, arguments", [("stop", "{}"), ("length", "")])
+def test_a_call_without_arguments_takes_none_unless_it_was_cut_short(tokenizer, ids_of, mark,
+                                                                      finish, arguments):
+    _, _, calls, _ = parse_completion(tokenizer, mark("[TOOL_CALLS]") + ids_of("now"), finish,
+                                      tools_enabled=True)
+    assert [(c.name, c.arguments) for c in calls] == [("now", arguments)]
+
+
+def test_a_stray_marker_inside_a_call_is_no_part_of_it(tokenizer, ids_of, mark):
+    ids = (mark("[TOOL_CALLS]") + ids_of("f") + mark("[ARGS]") + ids_of('{"x": ') + mark("[THINK]")
+           + ids_of("1}"))
+    _, _, calls, _ = parse_completion(tokenizer, ids, "stop", tools_enabled=True)
+    assert [(c.name, c.arguments) for c in calls] == [("f", '{"x": 1}')]
+
+
+def test_content_held_for_a_stop_string_comes_before_the_call_that_follows_it(tokenizer, ids_of,
+                                                                               mark):
+    parser = OutputParser(tokenizer, tools_enabled=True, stop=("STOP",))
+    order = []
+    for piece in (ids_of("Let me check ST"), mark("[TOOL_CALLS]") + ids_of("f") + mark("[ARGS]")
+                  + ids_of("{}"), [tokenizer.eos_id]):
+        delta = parser.feed(piece)
+        order += [("content", delta.content)] * bool(delta.content) + [
+            ("call", c.name) for c in delta.tool_calls]
+    delta, finish = parser.finish("stop")
+    order += [("content", delta.content)] * bool(delta.content) + [
+        ("call", c.name) for c in delta.tool_calls]
+    assert order == [("content", "Let me check "), ("content", "ST"), ("call", "f")]
     assert finish == "tool_calls"
 
 

@@ -69,6 +69,22 @@ def test_a_stop_string_in_reasoning_or_a_tool_call_does_not_end_the_output():
     assert without_marks.check([THINK] + ids("END")) == "stop"
 
 
+EOS = 4
+
+
+def test_past_a_calls_end_of_sequence_ignore_eos_is_content_again_and_no_stop_spans_a_call():
+    """As the output parser reads it: with `ignore_eos` the text after a call's end of
+    sequence is content, where a stop string ends the output; none spans the call."""
+    def reason(tokens: list[int]) -> str | None:
+        checker = StopChecker(SamplingParams(max_tokens=99, stop=("END",), ignore_eos=True),
+                              (EOS,), chars, MARKS)
+        return checker.check(tokens)
+
+    assert reason(ids("ok ") + [CALLS] + ids("f") + [5] + ids("{}") + [EOS] + ids("so END")
+                  ) == "stop"
+    assert reason(ids("ok EN") + [CALLS] + ids("f") + [5] + ids("{}") + [EOS] + ids("D")) is None
+
+
 @pytest.fixture(scope="module")
 def client():
     ingress = build_inprocess(parse_settings(PROFILE))
