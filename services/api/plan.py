@@ -165,10 +165,12 @@ def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
 
 
 def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
-                 prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings
-                 ) -> RequestPlan:
+                 prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings,
+                 call_marker: int | None = None) -> RequestPlan:
     """Sampling and limits for an encoded prompt (of a request `admit` passed): what the pool
-    receives."""
+    receives. Where no tools are offered (none, or `tool_choice: none`) the `call_marker`
+    token is banned: a call there would have no tool to parse it against and the answer would
+    lose it (`tool_choice: none` promises text; a history of calls invites one)."""
     prompt_len = len(prompt.ids)
     max_tokens = _sizing(req, model, limits).completion(prompt_len,
                                                         f"the messages have {prompt_len}")
@@ -180,6 +182,8 @@ def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                               logit_bias=bias, presence_penalty=req.presence_penalty or 0.0,
                               frequency_penalty=req.frequency_penalty or 0.0,
                               ignore_eos=bool(req.ignore_eos),
+                              banned_ids=(() if req.tools_offered or call_marker is None
+                                          else (call_marker,)),
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
     return RequestPlan(req, effort, engine_request, tools_enabled=req.tools_offered)

@@ -293,7 +293,9 @@ class ChatCompletionRequest(_Wire):
 
     @property
     def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
-        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+        """(id, bias) once per id: `"1"` and `"01"` name one token, the last one given wins
+        (as SGLang dedups them; a tensor's `+=` at a repeated index is undefined)."""
+        return tuple({int(k): float(v) for k, v in (self.logit_bias or {}).items()}.items())
 
     @field_validator("temperature", "top_p", "n", "stream")
     @classmethod

@@ -168,7 +168,8 @@ class RequestService:
                 prompt = await self._encode(req, effort, record, pre, deadline)
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
-                                    model=self.settings.model, limits=limits)
+                                    model=self.settings.model, limits=limits,
+                                    call_marker=self.tokenizer.special("[TOOL_CALLS]"))
                 # charged before a grammar compile (a key that cannot pay gets none); each
                 # of the n choices is a prefill and a sequence of its own
                 self.quotas.charge(record.grant, plan.n * (

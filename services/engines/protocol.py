@@ -42,6 +42,9 @@ class SamplingParams:
     grammar: str | None = None
     grammar_field: str = "response_format"  # the request field it comes from (errors name it)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Ids never sampled: the call marker where no tools are offered, whose call nobody would
+    # parse (an engine whose output is planned, not sampled, never plans them)
+    banned_ids: tuple[int, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # None: no logprobs; k >= 0: each token's logprob and the k most likely alternatives

@@ -1,7 +1,8 @@
 """Token sampling shared by the CPU engines: logit bias, presence and frequency penalties, grammar
 masks, greedy/temperature/nucleus picks with reproducible seeds, and logprobs.
 
-Each sequence keeps one `Sampler`. Its steps, per token: add `logit_bias`; subtract the penalties
+Each sequence keeps one `Sampler`. Its steps, per token: add `logit_bias`; mask `banned_ids`;
+subtract the penalties
 for the tokens generated so far (OpenAI's definitions: `presence_penalty` once per token seen,
 `frequency_penalty` times its count); mask the ids the request's grammar forbids (llguidance,
 batched over the running sequences by `sample_batch`); then pick. Logprobs are taken from the
@@ -56,8 +57,11 @@ class Sampler:
             logits = logits.clone()
             ids = torch.tensor([i for i, _ in params.logit_bias])
             logits[ids] += torch.tensor([b for _, b in params.logit_bias])
-        if self.counts:
+        if params.banned_ids:
             logits = logits.clone() if not params.logit_bias else logits
+            logits[torch.tensor(params.banned_ids)] = float("-inf")
+        if self.counts:
+            logits = logits.clone() if not (params.logit_bias or params.banned_ids) else logits
             ids = torch.tensor(list(self.counts))
             counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype)
             logits[ids] -= params.presence_penalty + params.frequency_penalty * counts

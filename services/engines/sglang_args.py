@@ -175,8 +175,9 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
     }
     if seeded and s.seed is not None:
         params["sampling_seed"] = s.seed
-    if s.logit_bias:
-        params["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
+    if s.logit_bias or s.banned_ids:
+        params["logit_bias"] = {str(token): bias for token, bias in s.logit_bias} | {
+            str(token): float("-inf") for token in s.banned_ids}
     if s.presence_penalty:
         params["presence_penalty"] = s.presence_penalty
     if s.frequency_penalty:

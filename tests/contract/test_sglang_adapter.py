@@ -163,6 +163,17 @@ def test_sampling_controls_and_logprobs_are_sglangs_fields():
     sglang_accepts(params)
 
 
+def test_a_banned_id_is_a_logit_bias_no_client_bias_can_outweigh():
+    """SGLang has no ban of its own: a banned id (the call marker where no tools are offered)
+    is a -inf bias, over a client's own bias for the same id."""
+    params = sampling_args(request(logit_bias=((17, 5.0), (900, 100.0)), banned_ids=(900,)),
+                           (2,))
+    assert params["logit_bias"] == {"17": 5.0, "900": float("-inf")}
+    assert sampling_args(request(banned_ids=(900,)), (2,))["logit_bias"] == {
+        "900": float("-inf")}
+    sglang_accepts(params)
+
+
 def test_a_grammar_goes_as_ebnf_and_a_resumed_leg_names_the_tokens_before_it():
     """The Lark grammar is SGLang's `ebnf` (llguidance reads Lark there); a resumed leg's key
     carries the tokens generated before it, which our backend advances the grammar over."""

@@ -19,6 +19,7 @@ from referencing.jsonschema import DRAFT202012
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
+from services.tokenizer import PromptTokenizer
 
 SPEC = Path(__file__).parents[1] / "openai_spec" / "chat_schemas.json"
 SPEC_URI = "urn:openai-openapi:chat-schemas"
@@ -261,6 +262,37 @@ def test_the_served_spec_takes_its_response_schemas_from_the_models():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schema.pop("$defs", None)
         assert served[name] == schema, name
+
+
+@pytest.mark.parametrize("body", [
+    {},  # no tools
+    {"tools": [CLOCK], "tool_choice": "none"},  # tools hidden: a text answer is promised
+])
+def test_where_no_tools_are_offered_the_answer_is_text_not_a_lost_call(body):
+    """The stand-in model pushed to a call (its marker biased up as far as a client may): a
+    call there has no tool to be parsed against and was dropped, leaving an empty answer.
+    The marker is never sampled now; the answer is text."""
+    tokenizer = PromptTokenizer()
+    marker = str(tokenizer.special("[TOOL_CALLS]"))
+    history = [{"role": "user", "content": "What time is it?"},
+               {"role": "assistant", "content": None, "tool_calls": [{
+                   "id": "abcdefghi", "type": "function",
+                   "function": {"name": "get_time", "arguments": '{"zone": "utc"}'}}]},
+               {"role": "tool", "tool_call_id": "abcdefghi", "content": "12:00"}]
+    app = build_inprocess(parse_settings(PROFILE)).build_asgi_app()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", timeout=60, json=BODY | body | {
+                "messages": history, "temperature": 0, "max_tokens": 4,
+                "logit_bias": {marker: 100}})
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]
+    assert message["message"]["content"] and not message["message"].get("tool_calls")
+    assert message["finish_reason"] == "length"
 
 
 def test_long_lists_are_refused_by_their_length_before_their_items_are_checked():

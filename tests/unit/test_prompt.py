@@ -197,6 +197,8 @@ def test_sampling_controls_reach_the_engine_request(tokenizer):
     sampling = plan(tokenizer, logit_bias={"17": 5, "900": -100}, presence_penalty=0.5,
                     frequency_penalty=-1, logprobs=True, top_logprobs=3).engine_request.sampling
     assert sampling.logit_bias == ((17, 5.0), (900, -100.0))
+    twice = plan(tokenizer, logit_bias={"17": 5, "017": 60}).engine_request.sampling.logit_bias
+    assert twice == ((17, 60.0),)  # one token, once: the last given
     assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
     assert sampling.logprobs == 3
     assert plan(tokenizer, logprobs=True).engine_request.sampling.logprobs == 0
@@ -416,6 +418,23 @@ def test_every_call_gets_its_own_result_before_the_conversation_goes_on(tokenize
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, messages=messages, tools=tools)
     assert err.value.param == param
+
+
+@pytest.mark.parametrize("body, banned", [
+    ({}, True),  # no tools: a call would be lost
+    ({"tools": [{"type": "function", "function": WEATHER}], "tool_choice": "none"}, True),
+    ({"tools": [{"type": "function", "function": WEATHER}]}, False),
+    ({"tools": [{"type": "function", "function": WEATHER}], "tool_choice": "required"}, False),
+])
+def test_the_call_marker_is_banned_where_no_tools_are_offered(tokenizer, body, banned):
+    full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
+    req = parse_chat_request(full)
+    effort = admit(req, model=ModelSettings(), routing=RoutingSettings(), limits=LimitSettings())
+    prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
+    marker = tokenizer.special("[TOOL_CALLS]")
+    sampling = plan_request(req, "r1", effort=effort, prompt=prompt, model=ModelSettings(),
+                            limits=LimitSettings(), call_marker=marker).engine_request.sampling
+    assert sampling.banned_ids == ((marker,) if banned else ())
 
 
 def test_results_in_any_order_answer_their_calls(tokenizer):

@@ -178,6 +178,16 @@ def test_logit_bias_forces_and_forbids(tokenizer):
     assert banned.pick(banned.adjust(logits), 0)[0] != top
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_banned_id_is_never_sampled_even_biased_up(tokenizer, temperature):
+    logits = torch.randn(tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=1, temperature=temperature, seed=3, logprobs=2,
+                            logit_bias=((77, 100.0),), banned_ids=(77,))
+    sampler = Sampler(params)
+    token, record = sampler.pick(sampler.adjust(logits), 0)
+    assert token != 77 and 77 not in dict(record.top)
+
+
 @pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
 def test_penalties_stop_greedy_repetition(tokenizer, penalty):
     """Fixed logits make greedy repeat one token forever; a large penalty moves on each step."""
