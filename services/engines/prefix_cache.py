@@ -18,6 +18,7 @@ block).
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,9 +73,10 @@ class PrefixCache:
         marks = image_marks or {}
         size, out = self.block_tokens, []
         parent = hashlib.sha256(_ROOT + salt.encode()).digest()
+        data = _little_endian_u32(token_ids)
         for start in range(0, len(token_ids) - size + 1, size):
             h = hashlib.sha256(parent)
-            h.update(b"".join(int(t).to_bytes(4, "little") for t in token_ids[start:start + size]))
+            h.update(data[4 * start:4 * (start + size)])
             for digest in self._images_in(marks, start):
                 h.update(digest)
             key = h.digest()
@@ -132,10 +134,15 @@ class PrefixCache:
         size, stored, chain = self.block_tokens, 0, []
         try:
             for index, (parent, key) in enumerate(self.chain(token_ids, salt, marks)):
-                if key not in self._blocks:
+                start = index * size
+                held = self._blocks.get(key)
+                if held is not None and not self._same(held, parent, salt,
+                                                       token_ids[start:start + size],
+                                                       self._images_in(marks, start)):
+                    break  # a colliding key: what follows would chain onto other tokens' KV
+                if held is None:
                     if not self._make_room(size):  # never at the cost of this chain's head
                         break
-                    start = index * size
                     self._blocks[key] = Block(
                         key, parent, salt, tuple(int(t) for t in token_ids[start:start + size]),
                         self._images_in(marks, start), kv_of_block(index))
@@ -156,17 +163,27 @@ class PrefixCache:
             self._blocks.move_to_end(key)
 
     def _make_room(self, tokens: int) -> bool:
-        """Evict unread blocks, least recently used first, until `tokens` more fit."""
+        """Evict unread blocks, least recently used first, until `tokens` more fit. Called per
+        block stored: with room already it costs nothing; otherwise it walks only as far as it
+        must (a copy of every key per block made a long prompt's insert quadratic in the
+        blocks held: seconds for 256K tokens into a large cache, on the engine's loop)."""
+        short = self.stats.held_tokens + tokens - self.capacity_tokens
+        if short <= 0:
+            return True
         if tokens > self.capacity_tokens:
             return False
-        for key in list(self._blocks):
-            if self.stats.held_tokens + tokens <= self.capacity_tokens:
-                break
-            if self._blocks[key].readers == 0:
-                del self._blocks[key]
-                self.stats.held_tokens -= self.block_tokens
-                self.stats.evicted_tokens += self.block_tokens
-        return self.stats.held_tokens + tokens <= self.capacity_tokens
+        victims = []
+        for key, block in self._blocks.items():
+            if block.readers == 0:
+                victims.append(key)
+                short -= self.block_tokens
+                if short <= 0:
+                    break
+        for key in victims:
+            del self._blocks[key]
+        self.stats.held_tokens -= len(victims) * self.block_tokens
+        self.stats.evicted_tokens += len(victims) * self.block_tokens
+        return short <= 0
 
     def clear(self) -> None:
         self._blocks = OrderedDict((k, b) for k, b in self._blocks.items() if b.readers)
@@ -220,3 +237,8 @@ def image_marks(token_ids: Sequence[int], digests: Sequence[bytes], img: int | N
     if image != len(digests):  # ids and images disagree: the engine refuses the prompt anyway
         return {positions[0]: combined}
     return marks
+
+
+def _little_endian_u32(token_ids: Sequence[int]) -> bytes:
+    """The ids as 4-byte little-endian words, in one pass (not a `to_bytes` per id)."""
+    return struct.pack(f"<{len(token_ids)}I", *token_ids)

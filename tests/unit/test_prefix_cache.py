@@ -147,6 +147,32 @@ def test_a_hash_collision_never_hands_out_kv_of_other_tokens():
     assert cache.acquire([1, 2, 3, 4, 5], "other tenant").tokens == 0
 
 
+class FirstBlockCollides(PrefixCache):
+    """Only the first block's key collides between prompts (a stand-in for a sha256 collision);
+    the rest is the real chain from it."""
+
+    def chain(self, token_ids, salt, image_marks=None):
+        out = super().chain(token_ids, salt, image_marks)
+        parent, fixed = b"first", []
+        for i in range(len(out)):
+            key = b"first" if i == 0 else bytes(
+                token_ids[i * self.block_tokens:(i + 1) * self.block_tokens]) + parent
+            fixed.append((out[0][0] if i == 0 else parent, key))
+            parent = key
+        return fixed
+
+
+def test_an_insert_never_chains_onto_a_colliding_block():
+    """B's first block collides with A's: B's next block, computed after B's own first, must
+    not be stored under A's chain, where a prompt A0 + B1 would hit it."""
+    cache = FirstBlockCollides(block_tokens=4, capacity_tokens=64)
+    a0, b0, b1 = [1, 2, 3, 4], [9, 9, 9, 9], [5, 6, 7, 8]
+    cache.insert(a0, "t", None, lambda i: "kv of a0")
+    assert cache.insert(b0 + b1, "t", None, lambda i: f"kv of b{i} after b0") == 0
+    hit = cache.acquire(a0 + b1 + [0], "t")
+    assert [b.kv for b in hit.blocks] == ["kv of a0"]
+
+
 def probe(cache: PrefixCache, ids: list[int]) -> int:
     """Tokens a lookup would reuse (the lookup is released at once)."""
     hit = cache.acquire(ids + [0], "")
