@@ -45,6 +45,10 @@ from services.engines.prefix_cache import PrefixCache
 from services.workers import prefix_exchange, router_state
 from services.workers.call_match import PerCallMatch
 
+# Chains hashed while choosing, kept until their call is routed: at most this many calls and
+# keys (a key per block: 256K keys are 16M prompt tokens at 64 a block, ~10 MB)
+MAX_CHAINS, MAX_CHAIN_KEYS = 4096, 262144
+
 
 @dataclass(eq=False)
 class _Routed:
@@ -79,8 +83,10 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.by_request: dict[str, _Routed] = {}  # EngineRequest id -> its call
         self.mean_uncached = float(block_tokens)
         self.decisions = {"routed": 0, "predicted_hit_tokens": 0, "reported_hit_tokens": 0}
-        # hashed while choosing, read when routed; by (internal request id, EngineRequest id)
+        # hashed while choosing, read when routed; by (internal request id, EngineRequest id);
+        # bounded by the keys they hold (a call cancelled before it was routed leaves its own)
         self._chains: dict[tuple[str, str], list[bytes]] = {}
+        self._chain_keys = 0
         self._img: int | None = None  # the `[IMG]` id, read from the tokenizer on first use
         self.live: set[ReplicaID] = set()
         self.gone: OrderedDict[ReplicaID, None] = OrderedDict()  # left: others' news ignored
@@ -151,11 +157,27 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         """The prompt's block keys, hashed once per request (choosing may be retried)."""
         rid = (pending.metadata.internal_request_id, request.request_id)
         if rid not in self._chains:
-            while len(self._chains) >= 4096:  # requests cancelled before they were routed
-                del self._chains[next(iter(self._chains))]
-            self._chains[rid] = [key for _, key in self.keys.chain(
-                self._before_images(request), request.cache_salt)]
+            chain = [key for _, key in self.keys.chain(self._before_images(request),
+                                                       request.cache_salt)]
+            while self._chains and (len(self._chains) >= MAX_CHAINS
+                                    or self._chain_keys + len(chain) > MAX_CHAIN_KEYS):
+                self._chain_keys -= len(self._chains.pop(next(iter(self._chains))))
+            self._chains[rid] = chain
+            self._chain_keys += len(chain)
         return self._chains[rid]
+
+    def _take_chain(self, pending: PendingRequest, request) -> list[bytes]:
+        """The chain hashed while choosing, forgotten here; hashed now only where a choice was
+        made without it (a lone replica costs no hashing while this router has no other)."""
+        chain = self._chains.pop((pending.metadata.internal_request_id, request.request_id),
+                                 None)
+        if chain is not None:
+            self._chain_keys -= len(chain)
+            return chain
+        if len(self.live) <= 1:
+            return []
+        return [key for _, key in self.keys.chain(self._before_images(request),
+                                                  request.cache_salt)]
 
     def _before_images(self, request) -> list[int]:
         """The prompt up to its first image: the engines key a block by the content of the
@@ -183,7 +205,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         if replica_id in self.gone:  # routed just before it left: nothing of it to keep
             request = _engine_request(pending_request)
             if request is not None:
-                self._chains.pop((internal, request.request_id), None)
+                self._take_chain(pending_request, request)
             return
         calls = self.routed.setdefault(internal, [])
         request = _engine_request(pending_request)
@@ -191,8 +213,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
             calls.append(_Routed(replica_id, None, 0))
             self.open[replica_id] = self.open.get(replica_id, 0) + 1
             return
-        chain = self._chain(pending_request, request)
-        self._chains.pop((internal, request.request_id), None)
+        chain = self._take_chain(pending_request, request)
         prompt = len(request.prompt_ids)
         hit = min(self.predicted_hit(replica_id, chain), prompt - 1)
         tokens = prompt - hit
@@ -213,8 +234,10 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
             self.sharing.routed(replica_id, chain)
 
     def learn(self, replica_id: ReplicaID, chain: list[bytes]) -> None:
-        """Another router of this deployment sent a prompt of `chain` to `replica_id`."""
-        if replica_id in self.gone:
+        """Another router of this deployment sent a prompt of `chain` to `replica_id` (news of
+        a replica this router does not list is dropped: one that died before it listed
+        replicas would otherwise stay indexed until the set next changed)."""
+        if replica_id in self.gone or (self.live and replica_id not in self.live):
             return
         now = time.monotonic()
         self.recent[replica_id] = (self.recent_requests(replica_id, now) + 1, now)

@@ -207,6 +207,35 @@ def test_one_replica_is_handed_back_and_other_calls_are_spread(router):
     assert len(ranks) == 1 and len(ranks[0]) == 3
 
 
+def test_a_lone_replica_costs_no_hashing_and_news_of_unlisted_replicas_is_dropped(router):
+    """With one replica listed there is nothing to choose: its calls are counted (the load
+    stays known if more come) but their prompts are not hashed or indexed. Another router's
+    news of a replica this one does not list (one that died before) indexes nothing."""
+    one, = replicas(1)
+
+    async def listed():  # Serve lists replicas on its loop
+        router.update_replicas([one])
+    asyncio.run(listed())
+    request = pending(conversation(0, 1)[0])
+    assert route(router, [one], request) is one
+    assert router.open[one.replica_id] == 1 and not router.index.get(one.replica_id)
+    dead = replicas(3)[2].replica_id
+    router.learn(dead, [b"k"] * 4)
+    assert dead not in router.index and dead not in router.recent
+
+
+def test_chains_hashed_for_calls_never_routed_are_bounded_by_their_keys(router, monkeypatch):
+    """A call cancelled while it waited for a replica leaves the chain hashed for it: they are
+    kept up to a number of keys, not of calls (4,096 chains of a 256K prompt were ~2 GB)."""
+    from services.workers import prefix_router
+
+    monkeypatch.setattr(prefix_router, "MAX_CHAIN_KEYS", 100)
+    for _ in range(12):  # 20 blocks each, never routed
+        asyncio.run(router.choose_replicas(replicas(2), pending([7] * (20 * BLOCK))))
+    assert router._chain_keys == sum(map(len, router._chains.values())) <= 100
+    assert len(router._chains) == 5
+
+
 def test_prefill_roles_that_may_have_several_replicas_get_the_router():
     from cluster.settings import RAY_PREFIX_ROUTER, parse_settings
 
