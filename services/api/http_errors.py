@@ -19,7 +19,9 @@ def as_stack_error(exc: BaseException) -> StackError:
     """Our typed error for any exception; unexpected ones are logged, never leaked."""
     error = from_exception(exc)
     if error.status >= 500 and not isinstance(exc, StackError):
-        log.error("unexpected error: %r", exc, exc_info=exc)
+        # its type, and the traceback (which shows str(exc)): a repr may hold far more (a
+        # UnicodeDecodeError's holds the whole object it failed to decode)
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
     return error
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.errors import Unauthorized
 from services.settings import QuotaSettings, Strict
@@ -46,6 +46,17 @@ class KeysFile(Strict):
     # required: an empty or half-written file (a rewrite read midway) is not "no keys";
     # revoking every key is `keys: []`
     keys: list[KeyEntry]
+
+    @model_validator(mode="after")
+    def _one_entry_per_key(self):
+        """A digest listed twice is refused (the last good key set is kept): with the last
+        entry winning, a copy of a revoked key's entry below it would silently un-revoke it."""
+        first: dict[str, int] = {}
+        for i, entry in enumerate(self.keys):
+            if first.setdefault(entry.sha256, i) != i:
+                raise ValueError(f"keys.{i}.sha256: the digest of keys.{first[entry.sha256]} "
+                                 "again; list each key once")
+        return self
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,8 @@ class KeyRing:
             version = (st.st_ino, st.st_mtime_ns, st.st_size)
             if version == self.version:
                 return
-            data = KeysFile.model_validate(yaml.safe_load(self.path.read_text()))
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            data = KeysFile.model_validate(yaml.safe_load(self.path.read_bytes().decode()))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError) as exc:
             why = _without_values(exc)
             if strict:
                 raise ValueError(f"auth.keys_file {self.path}: {why}") from None
@@ -129,7 +140,12 @@ def _without_values(exc: BaseException) -> str:
                for e in exc.errors()):
             return "no top-level `keys:` list (empty, or written only in part; to revoke " \
                    "every key write `keys: []`)"
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in exc.errors())
+        # our own checks' messages name positions only; pydantic's would quote the value
+        return "; ".join(str(e["ctx"]["error"]) if e["type"] == "value_error"
+                         else f"{'.'.join(map(str, e['loc']))}: {e['type']}"
+                         for e in exc.errors())
+    if isinstance(exc, UnicodeDecodeError):  # its repr holds the whole file
+        return f"not UTF-8 (byte {exc.start})"
     if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         return f"not valid YAML{f' (line {mark.line + 1})' if mark else ''}"

@@ -261,6 +261,29 @@ def test_a_raw_key_pasted_into_the_keys_file_is_never_printed(tmp_path, caplog):
     assert len(ring.entries) == 1
 
 
+def test_a_keys_file_not_utf8_or_listing_a_key_twice_keeps_the_last_good_set(tmp_path, caplog):
+    """Not UTF-8 (a comment in Latin-1): refused at start with where, kept through on reload,
+    never a 500 and never the file's text in the log (a UnicodeDecodeError's repr holds all
+    of it). A digest listed twice: refused (the last entry winning would un-revoke a key
+    whose entry was copied below its revoked one)."""
+    path = tmp_path / "keys.yaml"
+    one = {"name": "a", "tenant": "t", "sha256": digest("k" * 32)}
+    latin1 = "# sk-live-S3CRET (clé de prod)\n".encode("latin-1") + json.dumps(
+        {"keys": [one]}).encode()
+    path.write_bytes(latin1)
+    with pytest.raises(ValueError, match="not UTF-8") as err:
+        KeyRing(path)
+    assert "S3CRET" not in str(err.value)
+    path.write_text(json.dumps({"keys": [one]}))
+    ring = KeyRing(path, reload_s=0)
+    for bad in (latin1, json.dumps({"keys": [one | {"revoked": True}, one | {"name": "b"}]})):
+        path.write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        assert ring.authenticate("Bearer " + "k" * 32).key == "a"
+    assert "not UTF-8" in caplog.text and "S3CRET" not in caplog.text
+    assert "keys.1.sha256: the digest of keys.0 again" in caplog.text
+
+
 def test_an_empty_or_half_written_keys_file_keeps_the_keys_and_a_same_tick_edit_is_seen(
         tmp_path, caplog):
     path = tmp_path / "keys.yaml"
