@@ -32,17 +32,21 @@ def applied_effort(requested: str | None, routing: RoutingSettings) -> str:
 
 
 def choose_pool(effort: str, pools: dict[str, PoolSettings], in_flight: dict[str, int],
-                routing: RoutingSettings) -> PoolChoice:
-    """The least-loaded pool serving `effort`; if every such pool is at its queue limit and
-    spillover is on, the least-loaded other pool with room; with no room anywhere the request
-    may take, `Overloaded` (503, retry after a second) instead of an unbounded wait."""
+                routing: RoutingSettings, n: int = 1) -> PoolChoice:
+    """The least-loaded pool serving `effort` with room for the request's `n` streams (an
+    idle pool has room for any); if no such pool has room and spillover is on, the least-loaded
+    other pool with room; with no room anywhere the request may take, `Overloaded` (503,
+    retry after a second) instead of an unbounded wait."""
     def load(name: str) -> float:
         return in_flight.get(name, 0) / pools[name].max_queue
 
-    home = min((n for n, p in pools.items() if p.effort == effort), key=load)
-    if load(home) < 1.0:
+    def room(name: str) -> bool:
+        return in_flight.get(name, 0) == 0 or in_flight[name] + n <= pools[name].max_queue
+
+    home = min((name for name, p in pools.items() if p.effort == effort), key=load)
+    if room(home):
         return PoolChoice(effort, home, home)
-    others = [n for n in pools if pools[n].effort != effort and load(n) < 1.0]
+    others = [name for name in pools if pools[name].effort != effort and room(name)]
     if not routing.spillover or not others:
         raise Overloaded(f"every pool that serves effort {effort!r} is at its queue limit",
                          retry_after=1.0)

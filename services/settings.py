@@ -228,8 +228,9 @@ class PoolSettings(Strict):
     effort: Effort
     prefill: RoleSettings = RoleSettings()
     decode: RoleSettings = RoleSettings()
-    max_queue: int = Field(32, gt=0, description="in-flight requests before spillover; when "
-                           "every pool that could take a request is full, it gets 503")
+    max_queue: int = Field(32, gt=0, description="in-flight decode streams (a request's n "
+                           "choices are n) before spillover; when every pool that could take "
+                           "a request is full, it gets 503 (an idle pool takes any n)")
     priority: int = Field(0, description="who keeps engines when the GPU budget is short")
     slo: SLOSettings = SLOSettings()
 
@@ -343,7 +344,8 @@ class QuotaSettings(Strict):
 
     requests_per_s: float | None = Field(None, gt=0)
     tokens_per_min: float | None = Field(None, gt=0, description="prompt + max_tokens")
-    max_concurrent_streams: int | None = Field(None, gt=0)
+    max_concurrent_streams: int | None = Field(None, gt=0, description="decode streams in "
+                                               "flight: a request of n choices holds n")
 
 
 class AuthSettings(Strict):

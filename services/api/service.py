@@ -164,7 +164,9 @@ class RequestService:
                     req, self.token_bytes, model=self.settings.model, limits=limits))
                 # a pool with room, before the costly steps (tokenising, images, a grammar):
                 # a saturated stack sheds with a 503 what it would shed after them anyway
-                choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing)
+                self.quotas.take_streams(principal, record.grant, req.n)
+                choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing,
+                            req.n)
                 prompt = await self._encode(req, effort, record, pre, deadline)
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
@@ -181,7 +183,7 @@ class RequestService:
                                                             self.settings.routing.prefix)
             with tracing.scope("route", record.span, **{"small4.effort": plan.effort}) as route:
                 choice = choose_pool(plan.effort, self.settings.pools, self.in_flight,
-                                     self.settings.routing)
+                                     self.settings.routing, plan.n)
                 if choice.spilled:
                     metrics.SPILLOVER.inc(from_pool=choice.home_pool, to_pool=choice.pool)
                 route.set_attributes({"small4.pool": choice.pool,

@@ -1,7 +1,7 @@
 """Per-key quotas: requests per second and tokens per minute (token buckets), concurrent streams.
 
 A request is admitted when its key has a request token, enough token budget for its prompt plus
-its `max_tokens`, and a free stream slot; otherwise `RateLimited` (429) says which limit and
+its `max_tokens`, and a free stream slot for each of its `n` choices; otherwise `RateLimited` (429) says which limit and
 after how many seconds to retry (`Retry-After`). Tokens are charged at admission for the whole
 request and the unused part is refunded when it ends, so a burst of long requests cannot
 overdraw the minute's budget. State is per ingress replica: with N replicas a key gets up to N
@@ -67,11 +67,15 @@ class _KeyState:
 
 @dataclass
 class Grant:
-    """An admitted request's charge, to settle with `Quotas.release`."""
+    """An admitted request's charge, to settle with `Quotas.release`: `tokens` charged in all,
+    `bucketed` of them taken from the key's token bucket (none while it had no token quota: a
+    key re-quoted meanwhile is refunded only what its bucket gave), `streams` slots held."""
 
     key: str
     tokens: int
     name: str = ""
+    bucketed: int = 0
+    streams: int = 1
 
 
 class Quotas:
@@ -94,7 +98,7 @@ class Quotas:
                 if rps else None,
                 _bucket(tpm / 60.0, tpm, state.tokens if state else None, now)
                 if tpm else None,
-                state.streams if state else 0, limits)
+                state.streams if state else 0, limits, state.charged if state else 0)
         return state
 
     def admit(self, who: Principal, tokens: int) -> Grant:
@@ -115,13 +119,16 @@ class Quotas:
         self._take_request(state)
         return Grant(who.ident, 0, who.key)
 
-    def _check_request(self, who: Principal, state: _KeyState) -> None:
+    def _check_request(self, who: Principal, state: _KeyState, streams: int = 1) -> None:
         limits = state.limits
         if limits.max_concurrent_streams is not None and \
-                state.streams >= limits.max_concurrent_streams:
-            raise RateLimited(f"key {who.key!r} has {state.streams} requests in flight, its "
-                              f"limit is {limits.max_concurrent_streams}", retry_after=1.0,
+                state.streams + streams > limits.max_concurrent_streams:
+            raise RateLimited(f"key {who.key!r} has {state.streams} streams in flight (a "
+                              f"choice each); {streams} more would pass its limit of "
+                              f"{limits.max_concurrent_streams}", retry_after=1.0,
                               code="concurrency_limit_exceeded")
+        if streams > 1:
+            return  # the request's own token was taken with its first stream
         if state.requests is not None and (wait := state.requests.wait_s(1, self.clock())) > 0:
             raise RateLimited(f"key {who.key!r} is over {limits.requests_per_s:g} requests/s",
                               retry_after=wait, code="requests_per_s_exceeded")
@@ -131,6 +138,16 @@ class Quotas:
         if state.requests is not None:
             state.requests.take(1)
         state.streams += 1
+
+    def take_streams(self, who: Principal, grant: Grant, n: int) -> None:
+        """A request of `n` choices decodes `n` streams: the slots beyond the one its admission
+        took, or `RateLimited` (the grant keeps what it holds, to `release`)."""
+        state = self.keys.get(grant.key)
+        if state is None or n <= grant.streams:
+            return
+        self._check_request(who, state, n - grant.streams)
+        state.streams += n - grant.streams
+        grant.streams = n
 
     def check_tokens(self, grant: Grant, tokens: int) -> None:
         """Raise `RateLimited` if the key could not pay `tokens` now (nothing is charged)."""
@@ -160,6 +177,7 @@ class Quotas:
         if state is not None and state.tokens is not None:
             state.tokens.take(tokens)
             state.charged += tokens
+            grant.bucketed += tokens
         grant.tokens += tokens
 
     def release(self, grant: Grant | None, used_tokens: int) -> None:
@@ -167,7 +185,8 @@ class Quotas:
         state = self.keys.get(grant.key) if grant is not None else None
         if state is None:
             return
-        state.streams = max(0, state.streams - 1)
-        state.charged = max(0, state.charged - grant.tokens)
-        if state.tokens is not None and grant.tokens > used_tokens:
-            state.tokens.refund(grant.tokens - used_tokens, self.clock())
+        state.streams = max(0, state.streams - grant.streams)
+        state.charged = max(0, state.charged - grant.bucketed)
+        unused = min(grant.bucketed, grant.tokens - used_tokens)
+        if state.tokens is not None and unused > 0:
+            state.tokens.refund(unused, self.clock())

@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
+from services.errors import RateLimited
+from services.guard.keys import Principal
+from services.guard.quotas import Quotas
+from services.settings import QuotaSettings
 from services.telemetry import metrics
 
 PROFILE = {
@@ -49,6 +54,63 @@ def test_full_pools_answer_503_with_retry_after_then_admit_again():
     assert sorted(r.headers["x-small4-pool"] for r in answered) == ["deep", "fast"]
     assert [r.status_code for r in answered] == [200, 200]
     assert after.status_code == 200
+
+
+def test_n_choices_take_n_streams_of_the_pool_and_of_the_key():
+    """Each choice is its own decode stream (`in_flight` counts it so): a request of n must
+    find n places in a pool's queue (an idle pool takes any n) and n of its key's stream
+    slots, not one of each -- else one request of 16 passed a queue of 2 and a key of 1."""
+    profile = PROFILE | {"limits": {"max_n": 4},
+                         "pools": {"fast": {"effort": "none", "max_queue": 3},
+                                   "deep": {"effort": "high", "max_queue": 3}}}
+    ingress = build_inprocess(parse_settings(profile))
+    app = ingress.build_asgi_app()
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            def post(n):
+                return client.post("/v1/chat/completions", json=BODY | {"n": n}, timeout=30)
+            alone = await post(4)  # an idle pool: any n
+            busy = asyncio.ensure_future(post(2))
+            await asyncio.sleep(0.3)
+            seen = dict(ingress.service.in_flight)
+            too_many = await post(2)  # 2 + 2 > 3 in fast, and deep takes 2 + 0: spilled
+            return alone, seen, too_many, await busy
+
+    alone, seen, spilled, busy = asyncio.run(scenario())
+    assert alone.status_code == busy.status_code == 200 and len(alone.json()["choices"]) == 4
+    assert seen["fast"] == 2
+    assert spilled.status_code == 200 and spilled.headers["x-small4-pool"] == "deep"
+
+
+def test_a_keys_stream_limit_counts_every_choice_and_a_requota_refunds_only_its_bucket():
+    """n choices hold n of the key's stream slots. A grant charged while the key had no token
+    quota is refunded nothing into the bucket a re-quota created meanwhile (it took nothing
+    from it): 190k tokens were admitted at one instant on a key re-quoted to 100k/min."""
+    quotas = Quotas(QuotaSettings(max_concurrent_streams=3), clock=lambda: 0.0)
+    key = Principal("k", "t", key_id="a" * 64)
+    first = quotas.admit_request(key)
+    quotas.take_streams(key, first, 3)
+    with pytest.raises(RateLimited) as err:
+        quotas.admit_request(key)
+    assert err.value.code == "concurrency_limit_exceeded"
+    quotas.release(first, 0)
+    grant = quotas.admit_request(key)
+    with pytest.raises(RateLimited):
+        quotas.take_streams(key, grant, 4)
+    quotas.release(grant, 0)
+    assert quotas.keys[key.ident].streams == 0
+
+    unlimited = Principal("k", "t", QuotaSettings(), key_id="b" * 64)
+    old = quotas.admit_request(unlimited)
+    quotas.charge(old, 130_000)
+    requoted = Principal("k", "t", QuotaSettings(tokens_per_min=100_000), key_id="b" * 64)
+    new = quotas.admit_request(requoted)
+    quotas.charge(new, 95_000)
+    quotas.release(old, 1_000)  # ends early: its unused 129k came from no bucket
+    with pytest.raises(RateLimited):
+        quotas.charge(quotas.admit_request(requoted), 95_000)
 
 
 PNG_1X1 = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4"
