@@ -72,6 +72,7 @@ class ReferenceEngine:
         self._executor.submit(torch.set_num_threads, settings.torch_threads).result()
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
+        self._layout: tuple | None = None  # of the KV this engine's model makes
         self._aborted: set[str] = set()
         self.image_end_id = image_end_id
         self.prefix_cache = prefix_cache_for(settings, role)
@@ -133,6 +134,8 @@ class ReferenceEngine:
                 logits = await loop.run_in_executor(self._executor, self._forward_chunk,
                                                     embeds[:, start:end], cache, start)
                 self._gate.running[request.request_id] = end
+            if request.request_id in self._aborted:  # during the last chunk: no KV kept
+                raise asyncio.CancelledError(f"request {request.request_id} aborted in prefill")
         finally:
             if hit is not None:
                 prefix.release(hit)
@@ -165,6 +168,9 @@ class ReferenceEngine:
         validate_request(request, self.context_length, self.vocab_size)
         if kv is None or kv.num_tokens != len(request.prompt_ids):
             raise EngineError(f"KV for {request.request_id} does not match its prompt")
+        if kv.layout() != self.kv_layout():  # it would fail the whole batch's next step
+            raise EngineError(f"KV for {request.request_id} has another model's layout (a "
+                              "prefill replica of another model or dtype?)")
         sampling = request.sampling
         seq = _Sequence(request, StopChecker(sampling, self.eos_ids, self.detokenize, self.marks),
                         layers=kv.to_layers(), last_token=first_token,
@@ -214,6 +220,20 @@ class ReferenceEngine:
                                   position_ids=positions)
         new_kv = [(layer.keys[:, :, -1:], layer.values[:, :, -1:]) for layer in cache.layers]
         return out.logits[:, -1, :self.vocab_size].float(), new_kv
+
+    def kv_layout(self) -> tuple:
+        """The layout of the KV this engine's model makes (`KVBlob.layout`), from a one-token
+        forward the first time it is asked."""
+        if self._layout is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            with torch.inference_mode():
+                embeds = self.bundle.embed(torch.tensor([[0]]), [])
+                self.bundle.forward(cache, inputs_embeds=embeds,
+                                    position_ids=torch.tensor([[0]]))
+            self._layout = KVBlob.from_cache(cache).layout()
+        return self._layout
 
     # ---- control -------------------------------------------------------------------------
     async def abort(self, request_id: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -239,3 +241,72 @@ def test_an_abort_reaches_a_prefill_still_waiting_for_its_turn(standin, tokenize
     assert aborted and isinstance(queued, asyncio.CancelledError)
     assert first.first_token is not None and ran == ["first"]
     assert engine._aborted == set() and engine._gate.queued == {}
+
+
+def test_a_bfloat16_model_hands_its_kv_over_and_decodes(tokenizer):
+    """numpy has no bfloat16: its KV travels as its bits and is viewed back (the export raised,
+    so every prefill of a bfloat16 reference engine failed)."""
+    from services.model.loader import load_model
+    from services.settings import ModelSettings
+
+    bundle = load_model(ModelSettings(dtype="bfloat16"))
+    prefill, decode = (make_engine(bundle, tokenizer, role) for role in ("prefill", "decode"))
+    request = EngineRequest("b", prompt_of(tokenizer, 6), SamplingParams(max_tokens=5, **GREEDY))
+    tokens = asyncio.run(disaggregated(prefill, decode, request))
+    assert len(tokens) == 5 and decode.kv_layout()[-1] == "bfloat16"
+
+
+def test_kv_of_another_layout_is_refused_alone_not_failing_the_batch(standin, tokenizer):
+    """A KV of the right length but another model's shape (a prefill replica of another
+    config in a rollout) failed the next decode step of every stream in the batch."""
+    import numpy as np
+
+    from services.kv.blob import KVBlob
+
+    engine = make_engine(standin, tokenizer, "both")
+
+    async def scenario():
+        good = EngineRequest("good", prompt_of(tokenizer, 5), SamplingParams(max_tokens=30,
+                                                                            **GREEDY))
+        bad = EngineRequest("bad", prompt_of(tokenizer, 7), SamplingParams(max_tokens=30,
+                                                                          **GREEDY))
+        first, other = await engine.prefill(good), await engine.prefill(bad)
+        wide = KVBlob([(np.zeros(k.shape[:-1] + (2 * k.shape[-1],), k.dtype), v)
+                       for k, v in other.kv.layers])
+        stream = engine.decode(good, first.first_token, first.kv)
+        got = [await anext(stream)]
+        with pytest.raises(EngineError, match="layout"):
+            engine.decode(bad, other.first_token, wide)
+        async for chunk in stream:
+            got.append(chunk)
+        return sum(len(c.token_ids) for c in got)
+
+    assert asyncio.run(scenario()) == 29
+
+
+def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer, monkeypatch):
+    """Acknowledged (True) and then ignored: the one chunk ran on, sampled, exported its KV and
+    filled the prefix cache. It raises where the chunks end now."""
+    engine = make_engine(standin, tokenizer, "prefill")  # one 512-token chunk
+    forward, started = engine._forward_chunk, threading.Event()
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.3)
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "_forward_chunk", slow)
+
+    async def scenario():
+        request = EngineRequest("only", prompt_of(tokenizer, 60), SamplingParams(
+            max_tokens=2, **GREEDY))
+        assert len(request.prompt_ids) < 512  # one chunk
+        running = asyncio.ensure_future(engine.prefill(request))
+        assert await asyncio.to_thread(started.wait, 30)
+        return await engine.abort("only"), await asyncio.gather(running,
+                                                                return_exceptions=True)
+
+    aborted, (outcome,) = asyncio.run(scenario())
+    assert aborted and isinstance(outcome, asyncio.CancelledError)
+    assert engine.prefix_cache is None or engine.prefix_cache.stats.held_tokens == 0
+
