@@ -244,7 +244,7 @@ class PrefixRoutingSettings(Strict):
     router: Literal["cache_aware", "serve_default", "ray_prefix_affinity"] = "cache_aware"
     max_imbalance: float = Field(1.5, ge=1.0, description="no replica is chosen while its "
                                  "queued prefill tokens exceed this × the shortest queue + "
-                                 "one prompt")
+                                 "one prompt, or its calls in flight this × the fewest + 4")
     load_blocks: float = Field(3.0, ge=0, description="cache_aware: each request routed to a "
                                "replica lately counts as this many blocks of load there, so "
                                "equal scores spread instead of piling on one replica")

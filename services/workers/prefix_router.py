@@ -18,7 +18,10 @@ that ends without one counts until it completes), plus, for calls of other route
 probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
 while its queue exceeds `max_imbalance` × the shortest queue + `recompute_weight` × one prompt
 (a hot prefix cannot pin one replica while others idle; the cost alone lets a replica's queue
-run that far ahead before a hit there stops paying). The last term is the load the sessions
+run that far ahead before a hit there stops paying), nor while its calls in flight exceed
+`max_imbalance` × the fewest anywhere + `OPEN_SLACK`: hits queue few uncached tokens, yet each
+still costs its whole prompt there (attention over the prefix, the KV handed to decode), so a
+hot long prefix would otherwise draw every call to one replica. The last term is the load the sessions
 living on a replica will bring back: a conversation's turns follow where its history is, so a
 new conversation (no hit anywhere) goes where fewer live ones are, while a turn's own history
 (thousands of tokens) outweighs it; among equal costs, the replica holding less KV wins. A
@@ -48,6 +51,7 @@ from services.workers.call_match import PerCallMatch
 # Chains hashed while choosing, kept until their call is routed: at most this many calls and
 # keys (a key per block: 256K keys are 16M prompt tokens at 64 a block, ~10 MB)
 MAX_CHAINS, MAX_CHAIN_KEYS = 4096, 262144
+OPEN_SLACK = 4  # calls in flight a replica may run ahead of max_imbalance × the fewest
 
 
 @dataclass(eq=False)
@@ -119,12 +123,15 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         queued = {r.replica_id: self.queued_tokens(r) for r in replicas}
         ceiling = (self.max_imbalance * min(queued.values())
                    + self.recompute_weight * prompt_tokens)
+        calls = {r.replica_id: self.calls_in_flight(r) for r in replicas}
+        most_calls = self.max_imbalance * min(calls.values()) + OPEN_SLACK
         scored = []
         for replica in replicas:
             hit = min(self.predicted_hit(replica.replica_id, chain), prompt_tokens - 1)
             cost = self.recompute_weight * (prompt_tokens - hit) + queued[replica.replica_id] \
                 + self.load_tokens * self.recent_requests(replica.replica_id)
-            over = queued[replica.replica_id] > ceiling
+            over = (queued[replica.replica_id] > ceiling
+                    or calls[replica.replica_id] > most_calls)
             held = len(self.index.get(replica.replica_id, ()))  # ties: the emptier cache
             scored.append((over, cost, held, random.random(), hit, replica))
         scored.sort(key=lambda s: s[:4])
@@ -147,6 +154,11 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         probed = self.replica_queue_len_cache.get(rid) or 0
         others = max(0, probed - self.open.get(rid, 0))
         return self.queued.get(rid, 0) + others * self.mean_uncached
+
+    def calls_in_flight(self, replica: RunningReplica) -> int:
+        """Calls at the replica: this router's open ones, or all Serve's probe saw if more."""
+        rid = replica.replica_id
+        return max(self.open.get(rid, 0), self.replica_queue_len_cache.get(rid) or 0)
 
     def recent_requests(self, replica: ReplicaID, now: float | None = None) -> float:
         count, at = self.recent.get(replica, (0.0, 0.0))

@@ -94,6 +94,27 @@ def test_a_hot_prefix_spills_over_when_its_replica_queues(router):
     assert queued[-1] <= 1.5 * queued[0] + len(prompt)
 
 
+def test_a_hot_long_prefix_whose_hits_queue_little_still_spreads_its_calls():
+    """A long shared prefix prefilled on one replica, then many calls with short tails: each
+    queues a few uncached tokens there, so the token ceiling would let ~240 pile onto it
+    (every one still costs its whole prompt there). The calls guard spreads them."""
+    async def make():
+        r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        r.initialize_state(block_tokens=BLOCK, capacity_tokens=4096 * BLOCK, share_interval_s=0)
+        return r
+    router = asyncio.run(make())
+    pool = replicas(2)
+    system = [7] * (256 * BLOCK)
+    warm = pending(system + [1])
+    home = route(router, pool, warm)
+    router.prefilled(warm.args[1].request_id, 0)
+    router.on_request_completed(home.replica_id, warm.metadata.internal_request_id)
+    tails = iter(range(10_000, 10**6, BLOCK))
+    chosen = [route(router, pool, pending(system + list(range(next(tails), next(tails) + BLOCK))))
+              .replica_id for _ in range(40)]
+    assert min(chosen.count(r.replica_id) for r in pool) >= 12, chosen.count(home.replica_id)
+
+
 def test_a_turn_returns_to_its_replica_once_the_last_turns_prefill_reported(router):
     """The call of the last turn stays open while decode fetches its KV; its prefill is done,
     so it no longer counts as queued there and the next turn goes where its history is."""
