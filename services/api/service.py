@@ -440,11 +440,13 @@ class _Record:
         if self.grant is not None:
             # the prefills sent count against the key whether or not a first token came: a
             # client that leaves (or sets a deadline) just before it spent them all the same;
-            # only a failure of the stack's own (a 5xx but the deadline) gives them back
+            # only a failure of the stack's own (a 5xx but the deadline) gives back what the
+            # client did not get: the prompt, and a whole answer never sent (non-streamed)
             spent = self.dispatched + completion
-            if self.plan is None and self.error is not None and self.error.status >= 500 \
+            if self.error is not None and self.error.status >= 500 \
                     and not isinstance(self.error, DeadlineExceeded):
-                spent = completion
+                streamed = self.plan is not None and bool(self.plan.request.stream)
+                spent = completion if self.plan is None or streamed else 0
             if isinstance(self.error, ReaderStalled):
                 # the tokens it never read were decoded all the same, for up to write_stall_s
                 # (the reader pulls them, so how many is not known here): the whole grant

@@ -76,6 +76,31 @@ def test_every_choice_is_charged_to_the_token_quota():
     assert single.status_code == 200, single.text
 
 
+def test_a_whole_answer_the_stack_failed_to_send_is_not_charged():
+    """n=2, one choice's decode dies with no resume allowed: a non-streamed client gets a 503
+    and nothing else, so the key is charged nothing (it paid prompt and tokens it never saw);
+    a streamed one pays the tokens it was sent."""
+    failing = PROFILE | {"limits": {"max_resumes": 0}, "engine": {
+        "kind": "simulated", "simulated": {"decode_step_ms": 1, "output": "counter"},
+        "faults": {"decode_fail_every": 2, "decode_fail_after_tokens": 3}},
+        "auth": {"enabled": False, "default_quota": {"tokens_per_min": 100_000}}}
+    spent = {}
+    for stream in (False, True):
+        seen = []
+
+        def prepare(ingress):
+            ingress.service.quotas.clock = lambda: 1000.0  # no refill
+            seen.append(ingress)
+        reply, = serve(failing, ("POST", "/v1/chat/completions", {"json": BODY | {
+            "n": 2, "max_tokens": 10, "stream": stream}}), prepare=prepare)
+        state, = seen[0].service.quotas.keys.values()
+        spent[stream] = state.tokens.capacity - state.tokens.level
+        assert state.charged == 0 and state.streams == 0
+        if not stream:
+            assert reply.status_code == 503, reply.text
+    assert spent[False] == 0 and spent[True] > 0
+
+
 def test_a_client_leaving_an_n_stream_frees_every_choice():
     """Closing the stream mid-answer stops all n decode streams: no sequence, KV or pool slot
     is left behind (the merge's pending reads are cancelled before the streams are closed)."""
