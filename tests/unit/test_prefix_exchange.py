@@ -139,6 +139,30 @@ def test_the_log_is_bounded_in_keys_and_a_reader_far_behind_gets_what_is_kept():
     assert len(short.entries) == 100
 
 
+def test_a_reader_far_behind_gets_the_newest_decisions_up_to_a_bound_in_slices(monkeypatch):
+    """A new router (unknown epoch) was sent the whole log, up to 1M keys (36 MB), and applied
+    it in one step of its loop (535 ms measured): it gets the newest up to `reply_keys`, and
+    applies them yielding to its loop every `LEARN_SLICE`."""
+    log = DecisionLog(max_keys=1000)
+    for i in range(100):
+        log.exchange("a", [(f"r{i % 2}", [bytes([i]), b"x"])], "", 0)
+    _, _, news = log.exchange("new", [], "not this epoch", 0, reply_keys=30)
+    assert [keys[0] for _, keys in news] == [bytes([i]) for i in range(90, 100)]
+
+    monkeypatch.setattr(prefix_exchange, "LEARN_SLICE", 8)
+    yields, learned = [], []
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay):
+        yields.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(prefix_exchange.asyncio, "sleep", counting_sleep)
+    sharing = prefix_exchange.Sharing(lambda: InProcess(log), 0.01)
+    asyncio.run(sharing.sync(lambda replica, keys: learned.append(keys)))
+    assert len(learned) == 100 and len(yields) == 100 // 8
+
+
 def test_a_router_holds_a_bounded_outbox_while_the_log_cannot_be_reached(monkeypatch):
     monkeypatch.setattr(prefix_exchange, "OUTBOX_KEYS", 9)
     router = make_router(lambda: Unreachable())
