@@ -33,6 +33,7 @@ class Sequence:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
     finished: bool = False  # its last chunk was handed out
+    pending: BaseException | None = None  # an error queued behind tokens handed out first
 
     @property
     def kv_tokens(self) -> int:
@@ -151,14 +152,22 @@ class ContinuousBatcher:
 
 async def _next_chunk(seq: Sequence) -> TokenChunk:
     """Every token queued for `seq` so far (at least one), their logprobs if sampled with them,
-    and the finish reason if it ended (then `seq.finished` is set)."""
+    and the finish reason if it ended (then `seq.finished` is set). An error queued after
+    tokens is raised by the next call: the tokens sampled before it are not lost (a resumed
+    stream would sample them again, differently where unseeded)."""
+    if seq.pending is not None:
+        error, seq.pending = seq.pending, None
+        raise error
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []
     finish: FinishReason | None = None
     item = await seq.queue.get()
     while True:
         if isinstance(item, BaseException):
-            raise item
+            if not tokens:
+                raise item
+            seq.pending = item
+            return TokenChunk(tokens, None, logprobs or None)
         token, finish, logprob = item
         tokens.append(token)
         if logprob is not None:

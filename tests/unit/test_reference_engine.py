@@ -14,7 +14,7 @@ from services.engines.batching import ContinuousBatcher, Sequence
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.reference import ReferenceEngine
 from services.engines.stops import StopChecker
-from services.errors import EngineError, InvalidRequest
+from services.errors import EngineError, EngineUnavailable, InvalidRequest
 from services.kv.backends import LocalHandoff
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import EngineSettings
@@ -170,6 +170,36 @@ def test_a_failed_decode_step_fails_its_batch_and_health_recovers_with_the_next(
 
     failed, after, tokens = asyncio.run(run())
     assert "transient" in failed and after == "" and tokens == 2
+
+
+def test_tokens_sampled_before_an_abort_reach_the_reader_before_the_error():
+    """A reader slower than the steps finds tokens and then the abort queued: it gets the
+    tokens, then the error (they were dropped, to be sampled again on the resumed leg)."""
+    class Seq(Sequence):
+        kv_tokens = 1
+
+    steps = []
+
+    async def step(batch):
+        steps.append(len(batch))
+        await asyncio.sleep(0)  # a step takes time: the loop runs between them
+        return [(7, None)] * len(batch)
+
+    async def run():
+        batcher = ContinuousBatcher(EngineSettings(), step)
+        params = SamplingParams(max_tokens=10_000, ignore_eos=True)
+        seq = Seq(EngineRequest("slow", [1, 2], params), StopChecker(params, (), str))
+        stream = batcher.stream(seq, 5)
+        got = [await anext(stream)]
+        while len(steps) < 4:  # the steps run on while the reader waits
+            await asyncio.sleep(0)
+        batcher.drop("slow")  # the 4th step is running: its token is not sent
+        with pytest.raises(EngineUnavailable):
+            async for chunk in stream:
+                got.append(chunk)
+        return sum(len(c.token_ids) for c in got)
+
+    assert asyncio.run(run()) == 3
 
 
 def test_a_stop_check_that_fails_ends_its_sequence_only():
