@@ -202,13 +202,20 @@ def structured_request(plan: RequestPlan, limits: LimitSettings) -> StructuredRe
         reasoning_budget=int(max_tokens * limits.constrained_reasoning_share))
 
 
+def refuse_prefix_under(plan: RequestPlan, cause: str) -> None:
+    """A constrained answer starts where its grammar does: an assistant prefix to continue
+    (`prefix: true`) cannot go with one. Checked before any grammar is built; names what
+    constrains the answer (`cause`: `StructuredRequest.cause`)."""
+    if any(m.role == "assistant" and getattr(m, "prefix", False) for m in plan.request.messages):
+        raise InvalidRequest(f"messages: an assistant prefix (prefix: true) cannot be continued "
+                             f"under a constrained answer ({cause})", param="messages")
+
+
 def constrain(plan: RequestPlan, grammar: str | None, field: str = "response_format") -> None:
     """Give the plan's engine request its grammar (None: unconstrained), from `field`."""
     if grammar is None:
         return
-    if any(m.role == "assistant" and getattr(m, "prefix", False) for m in plan.request.messages):
-        raise InvalidRequest("messages: an assistant prefix (prefix: true) cannot be continued "
-                             "under response_format or a forced tool call", param="messages")
+    refuse_prefix_under(plan, field)
     request = plan.engine_request
     request.sampling = replace(request.sampling, grammar=grammar, grammar_field=field)
 

@@ -25,7 +25,7 @@ from services.api.http_errors import as_stack_error, sse_error, sse_event
 from services.api.middleware import new_trace_id
 from services.api.output import OutputParser
 from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_budget,
-                              prompt_floor, structured_request, tools_of)
+                              prompt_floor, refuse_prefix_under, structured_request, tools_of)
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
@@ -293,6 +293,7 @@ class RequestService:
         structure = structured_request(plan, limits)
         if not structure.constrained:
             return
+        refuse_prefix_under(plan, structure.cause)
         # a compile costs with the schema's size: bounded before it starts, and only a few
         # at once per replica (off the event loop; a thread cannot be stopped midway)
         sizes = [(len(json.dumps(schema)), param) for param, schema in structure.schemas()]

@@ -295,6 +295,33 @@ def test_where_no_tools_are_offered_the_answer_is_text_not_a_lost_call(body):
     assert message["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("body, cause", [
+    ({"response_format": THING}, "response_format"),
+    ({"tools": [CLOCK | {"function": CLOCK["function"] | {"strict": True}}]},
+     "tools.0.function.strict"),
+    ({"tools": [CLOCK], "parallel_tool_calls": False}, "parallel_tool_calls"),
+])
+def test_an_assistant_prefix_under_a_constrained_answer_is_refused_before_any_compile(body,
+                                                                                      cause):
+    ingress = build_inprocess(parse_settings(PROFILE))
+    compiled = []
+    ingress.service.guidance.grammar = lambda *a: compiled.append(a)
+    app = ingress.build_asgi_app()
+    messages = ASK + [{"role": "assistant", "content": "It is", "prefix": True}]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", timeout=60,
+                                     json=BODY | body | {"messages": messages})
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "messages" and f"({cause})" in error["message"]
+    assert compiled == []
+
+
 def test_long_lists_are_refused_by_their_length_before_their_items_are_checked():
     """A message of thousands of parts is refused for its length (not each bad part checked
     and reported: 100k cost half a second); more messages than `limits.max_messages` are
