@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from services.context import RequestContext
@@ -24,6 +25,7 @@ from services.errors import DeadlineExceeded, EngineError, KVHandoffFailed, from
 from services.kv.transfer import KVState, KVTransfer
 from services.settings import StreamSettings, WorkerSettings
 from services.telemetry import metrics, tracing
+from services.workers import router_state
 from services.workers.engine_host import EngineHost
 from services.workers.peer import call, close_stream, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
@@ -214,6 +216,8 @@ class DecodeWorker(EngineHost):
                     transfer.move(KVState.TRANSFERRING)
                     transfer.ready(await anext(legs))
                     replied = asyncio.ensure_future(anext(legs))
+                    replied.add_done_callback(partial(_prefill_left_its_queue,
+                                                      request.request_id))
                     received = asyncio.ensure_future(transfer.consume(request))
                     await asyncio.wait({replied, received}, return_when=asyncio.FIRST_COMPLETED)
                     if replied.done():
@@ -265,6 +269,15 @@ class DecodeWorker(EngineHost):
 
 async def _nothing() -> None:
     return None
+
+
+def _prefill_left_its_queue(request_id: str, replied: asyncio.Future) -> None:
+    """The concurrent handoff's prefill reply came: its prefill left its replica's queue in
+    the routers' reckoning now, not when its call closes with the decode stream (minutes
+    later). What the replica holds is not reported there (SGLang's radix cache): its index
+    is left as it is."""
+    if _succeeded(replied) and isinstance(reply := replied.result(), PrefillReply):
+        router_state.correct(reply.replica, None, request_id, reply.cached_tokens)
 
 
 def _succeeded(task: asyncio.Future | None) -> bool:

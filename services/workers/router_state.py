@@ -18,14 +18,16 @@ def register(router: Any) -> None:
         _routers.add(router)
 
 
-def correct(replica_unique_id: str, held_tokens: int, request_id: str | None = None,
+def correct(replica_unique_id: str, held_tokens: int | None, request_id: str | None = None,
             cached_tokens: int = 0) -> None:
     """A prefill replica reported holding `held_tokens` of prompt KV: every router here trims
-    its index of that replica to it; and, where the report is `request_id`'s prefill reply
-    (`cached_tokens` of it were hits), its prefill left that replica's queue."""
+    its index of that replica to it (None: not known, as from SGLang's engines: nothing
+    trimmed); and, where the report is `request_id`'s prefill reply (`cached_tokens` of it
+    were hits), its prefill left that replica's queue."""
     with _lock:
         routers = list(_routers)
     for router in routers:
-        router.correct_replica(replica_unique_id, held_tokens)
+        if held_tokens is not None:
+            router.correct_replica(replica_unique_id, held_tokens)
         if request_id is not None:
             router.prefilled(request_id, cached_tokens)

@@ -292,3 +292,28 @@ def test_a_kv_received_as_its_attempt_fails_is_aborted_in_the_decode_engine():
     assert answers[0][0] == 502, answers
     assert len(opened) == 2 and set(opened) <= set(aborted), (opened, aborted)
     assert open_rooms() == 0
+
+
+def test_a_paired_prefill_leaves_the_routers_queue_when_it_replies_not_when_decode_ends():
+    """The routers count a prefill's uncached tokens as queued at its replica until it
+    reports done. The sequential path reports with its reply; the concurrent one's call
+    closes with the decode stream (minutes), so its tokens stayed queued that long: it
+    reports with its reply too (what the replica holds is not known there: no trim)."""
+    from services.workers import router_state
+
+    class Listening:
+        def __init__(self):
+            self.done, self.trimmed = [], []
+
+        def prefilled(self, request_id, cached_tokens):
+            self.done.append(request_id)
+
+        def correct_replica(self, replica, held_tokens):
+            self.trimmed.append(replica)
+
+    router = Listening()
+    router_state.register(router)
+    answers, _ = serve(profile("paired"), [BODY])
+    assert answers[0][0] == 200
+    assert len(router.done) == 1 and router.trimmed == []
+
