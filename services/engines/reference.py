@@ -73,6 +73,8 @@ class ReferenceEngine:
         self._batcher = ContinuousBatcher(settings, self._decode_step)
         self._gate = PrefillGate()
         self._layout: tuple | None = None  # of the KV this engine's model makes
+        if role != "prefill":  # decode checks each KV it takes against it (its own thread)
+            self._layout = self._executor.submit(self._probe_layout).result()
         self._aborted: set[str] = set()
         self.image_end_id = image_end_id
         self.prefix_cache = prefix_cache_for(settings, role)
@@ -222,18 +224,20 @@ class ReferenceEngine:
         return out.logits[:, -1, :self.vocab_size].float(), new_kv
 
     def kv_layout(self) -> tuple:
-        """The layout of the KV this engine's model makes (`KVBlob.layout`), from a one-token
-        forward the first time it is asked."""
+        """The layout of the KV this engine's model makes (`KVBlob.layout`)."""
         if self._layout is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            with torch.inference_mode():
-                embeds = self.bundle.embed(torch.tensor([[0]]), [])
-                self.bundle.forward(cache, inputs_embeds=embeds,
-                                    position_ids=torch.tensor([[0]]))
-            self._layout = KVBlob.from_cache(cache).layout()
+            self._layout = self._executor.submit(self._probe_layout).result()
         return self._layout
+
+    @torch.inference_mode()
+    def _probe_layout(self) -> tuple:
+        """A one-token forward's KV layout (on the engine's thread, at start)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        embeds = self.bundle.embed(torch.tensor([[0]]), [])
+        self.bundle.forward(cache, inputs_embeds=embeds, position_ids=torch.tensor([[0]]))
+        return KVBlob.from_cache(cache).layout()
 
     # ---- control -------------------------------------------------------------------------
     async def abort(self, request_id: str) -> bool:
