@@ -43,9 +43,11 @@ def choose_pool(effort: str, pools: dict[str, PoolSettings], in_flight: dict[str
     def room(name: str) -> bool:
         return in_flight.get(name, 0) == 0 or in_flight[name] + n <= pools[name].max_queue
 
-    home = min((name for name, p in pools.items() if p.effort == effort), key=load)
-    if room(home):
+    serving = [name for name, p in pools.items() if p.effort == effort]
+    if fits := [name for name in serving if room(name)]:
+        home = min(fits, key=load)
         return PoolChoice(effort, home, home)
+    home = min(serving, key=load)
     others = [name for name in pools if pools[name].effort != effort and room(name)]
     if not routing.spillover or not others:
         raise Overloaded(f"every pool that serves effort {effort!r} is at its queue limit",

@@ -321,7 +321,7 @@ class ChatCompletionRequest(_Wire):
         """Messages as plain dicts for mistral-common (developer → system; the deprecated
         functions API's `function_call` and `function` messages as a tool call and its
         result, under an id of Mistral's shape)."""
-        out, legacy = [], None
+        out, legacy, called = [], None, ""
         for i, message in enumerate(self.messages):
             item = message.model_dump(exclude_none=True)
             if item["role"] == "developer":
@@ -333,7 +333,7 @@ class ChatCompletionRequest(_Wire):
                     raise InvalidRequest(f"messages.{i}: an assistant message has tool_calls "
                                          "or the deprecated function_call, not both",
                                          param=f"messages.{i}.function_call")
-                legacy = f"func{i:05d}"
+                legacy, called = f"func{i:05d}", item["function_call"]["name"]
                 item["tool_calls"] = [{"id": legacy, "type": "function",
                                        "function": item.pop("function_call")}]
             elif item["role"] == "function":
@@ -341,7 +341,6 @@ class ChatCompletionRequest(_Wire):
                     raise InvalidRequest(f"messages.{i}: a function message answers an "
                                          "assistant's function_call; none came before it",
                                          param=f"messages.{i}")
-                called = out[-1]["tool_calls"][0]["function"]["name"]
                 if item["name"] != called:
                     raise InvalidRequest(f"messages.{i}.name: the result of {called!r} (the "
                                          f"function_call it answers), not of {item['name']!r}",

@@ -119,16 +119,17 @@ class Quotas:
         self._take_request(state)
         return Grant(who.ident, 0, who.key)
 
-    def _check_request(self, who: Principal, state: _KeyState, streams: int = 1) -> None:
-        limits = state.limits
-        if limits.max_concurrent_streams is not None and \
-                state.streams + streams > limits.max_concurrent_streams:
+    @staticmethod
+    def _check_streams(who: Principal, state: _KeyState, streams: int) -> None:
+        limit = state.limits.max_concurrent_streams
+        if limit is not None and state.streams + streams > limit:
             raise RateLimited(f"key {who.key!r} has {state.streams} streams in flight (a "
                               f"choice each); {streams} more would pass its limit of "
-                              f"{limits.max_concurrent_streams}", retry_after=1.0,
-                              code="concurrency_limit_exceeded")
-        if streams > 1:
-            return  # the request's own token was taken with its first stream
+                              f"{limit}", retry_after=1.0, code="concurrency_limit_exceeded")
+
+    def _check_request(self, who: Principal, state: _KeyState) -> None:
+        limits = state.limits
+        self._check_streams(who, state, 1)
         if state.requests is not None and (wait := state.requests.wait_s(1, self.clock())) > 0:
             raise RateLimited(f"key {who.key!r} is over {limits.requests_per_s:g} requests/s",
                               retry_after=wait, code="requests_per_s_exceeded")
@@ -145,7 +146,7 @@ class Quotas:
         state = self.keys.get(grant.key)
         if state is None or n <= grant.streams:
             return
-        self._check_request(who, state, n - grant.streams)
+        self._check_streams(who, state, n - grant.streams)  # its request token is taken
         state.streams += n - grant.streams
         grant.streams = n
 

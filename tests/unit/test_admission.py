@@ -84,6 +84,21 @@ def test_n_choices_take_n_streams_of_the_pool_and_of_the_key():
     assert spilled.status_code == 200 and spilled.headers["x-small4-pool"] == "deep"
 
 
+def test_a_request_goes_to_a_pool_of_its_effort_with_room_for_its_choices():
+    """The least loaded pool of the effort may lack room for n streams where a fuller but
+    larger one has it: that one is taken, not another effort's (or a 503)."""
+    from services.routing import choose_pool
+    from services.settings import PoolSettings, RoutingSettings
+
+    pools = {"big": PoolSettings(effort="none", max_queue=100),
+             "small": PoolSettings(effort="none", max_queue=4),
+             "deep": PoolSettings(effort="high", max_queue=100)}
+    routing = RoutingSettings(effort_map={"none": "none", "high": "high"}, spillover=False)
+    in_flight = {"big": 90, "small": 3, "deep": 0}
+    assert choose_pool("none", pools, in_flight, routing, n=8).pool == "big"
+    assert choose_pool("none", pools, in_flight, routing, n=1).pool == "small"
+
+
 def test_a_keys_stream_limit_counts_every_choice_and_a_requota_refunds_only_its_bucket():
     """n choices hold n of the key's stream slots. A grant charged while the key had no token
     quota is refunded nothing into the bucket a re-quota created meanwhile (it took nothing
@@ -101,6 +116,10 @@ def test_a_keys_stream_limit_counts_every_choice_and_a_requota_refunds_only_its_
         quotas.take_streams(key, grant, 4)
     quotas.release(grant, 0)
     assert quotas.keys[key.ident].streams == 0
+    once_a_second = Principal("k", "t", QuotaSettings(requests_per_s=1), key_id="c" * 64)
+    pair = quotas.admit_request(once_a_second)
+    quotas.take_streams(once_a_second, pair, 2)  # its own request token, not a second one
+    assert pair.streams == 2
 
     unlimited = Principal("k", "t", QuotaSettings(), key_id="b" * 64)
     old = quotas.admit_request(unlimited)

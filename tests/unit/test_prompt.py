@@ -407,10 +407,14 @@ ASKED = [{"role": "user", "content": "Weather in Paris and Rome?"}, _calls("Pari
     (ASKED + [_result(0, "Paris: 21C"), _result(1, "Rome: 30C"), _result(1, "again")],
      "messages.4.tool_call_id"),
     ([{"role": "user", "content": "hi"}, _result(0, "stray")], "messages.1.tool_call_id"),
-    # the deprecated API: a result under another function's name
+    # the deprecated API: a result under another function's name; one after a user turn
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
       "function_call": {"name": "get_weather", "arguments": "{}"}},
       {"role": "function", "name": "get_time", "content": "12:00"}], "messages.2.name"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+      "function_call": {"name": "get_weather", "arguments": "{}"}},
+      {"role": "user", "content": "well?"},
+      {"role": "function", "name": "get_weather", "content": "sunny"}], "messages.1.tool_calls"),
 ])
 def test_every_call_gets_its_own_result_before_the_conversation_goes_on(tokenizer, messages,
                                                                          param):
