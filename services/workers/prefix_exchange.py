@@ -37,7 +37,7 @@ LOG_KEYS = 1 << 20  # by the actor: a router further behind misses the oldest
 # replicas' worth of a 256K-token cache at 64 tokens a block), not a 36 MB log applied in one
 # step of its loop (535 ms measured)
 REPLY_KEYS = 1 << 16
-LEARN_SLICE = 256  # decisions applied between yields to the router's loop
+LEARN_SLICE = 4096  # keys applied between yields to the router's loop (a few ms)
 OUTBOX_KEYS = 1 << 18  # by a router while the actor cannot be reached
 IDLE_STOP_S = 60.0  # a router's sharing loop stops after this long without routing
 # How long the first choice after such a stop (or a router's very first) waits for the others'
@@ -158,9 +158,12 @@ class Sharing:
             self._hold(routed + list(held))
             return
         self.epoch, self.since = epoch, since
-        for i, (replica, keys) in enumerate(others, 1):
+        applied = 0
+        for replica, keys in others:
             learn(replica, keys)
-            if i % LEARN_SLICE == 0:
+            applied += _size(keys)
+            if applied >= LEARN_SLICE:
+                applied = 0
                 await asyncio.sleep(0)  # calls are being routed on this loop meanwhile
         self.learned += len(others)
 

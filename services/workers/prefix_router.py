@@ -18,8 +18,8 @@ that ends without one counts until it completes), plus, for calls of other route
 probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
 while its queue exceeds `max_imbalance` × the shortest queue + `recompute_weight` × one prompt
 (a hot prefix cannot pin one replica while others idle; the cost alone lets a replica's queue
-run that far ahead before a hit there stops paying), nor while its calls in flight exceed
-`max_imbalance` × the fewest anywhere + `OPEN_SLACK`: hits queue few uncached tokens, yet each
+run that far ahead before a hit there stops paying), nor while its prefills in flight (sent by this
+router, not yet reported done) exceed `max_imbalance` × the fewest anywhere + `OPEN_SLACK`: hits queue few uncached tokens, yet each
 still costs its whole prompt there (attention over the prefix, the KV handed to decode), so a
 hot long prefix would otherwise draw every call to one replica. The last term is the load the sessions
 living on a replica will bring back: a conversation's turns follow where its history is, so a
@@ -59,6 +59,7 @@ class _Routed:
     replica: ReplicaID
     request_id: str | None  # the EngineRequest's: what a prefill reply names (None: no prefill)
     tokens: int  # uncached prompt tokens expected to run there; 0 once the prefill reported
+    prefilling: bool = False  # counted in `CacheAwareRouter.prefilling` until it reports
 
 
 class CacheAwareRouter(PerCallMatch, RequestRouter):
@@ -81,6 +82,9 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
         self.open: dict[ReplicaID, int] = {}  # calls routed, not yet completed
+        # prefills routed, not yet reported done: a call stays open after (its KV held for
+        # decode; on the concurrent handoff until its decode stream ends), not in this count
+        self.prefilling: dict[ReplicaID, int] = {}
         # the calls routed and not completed, by internal request id: every call one request
         # makes shares its id (its `n` prefills, an abort beside a retry; `call_match`)
         self.routed: dict[str, list[_Routed]] = {}
@@ -156,9 +160,10 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         return self.queued.get(rid, 0) + others * self.mean_uncached
 
     def calls_in_flight(self, replica: RunningReplica) -> int:
-        """Calls at the replica: this router's open ones, or all Serve's probe saw if more."""
-        rid = replica.replica_id
-        return max(self.open.get(rid, 0), self.replica_queue_len_cache.get(rid) or 0)
+        """Prefills this router sent to the replica that have not reported done (Serve's probe
+        would also count calls past their prefill: decode streams, on the concurrent handoff,
+        which would send every call to a replica just started)."""
+        return self.prefilling.get(replica.replica_id, 0)
 
     def recent_requests(self, replica: ReplicaID, now: float | None = None) -> float:
         count, at = self.recent.get(replica, (0.0, 0.0))
@@ -231,7 +236,8 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         tokens = prompt - hit
         for earlier in [c for c in calls if c.request_id == request.request_id]:
             self._settle(internal, earlier)  # a retried call: its earlier leg no longer counts
-        routed = _Routed(replica_id, request.request_id, tokens)
+        routed = _Routed(replica_id, request.request_id, tokens, prefilling=True)
+        self.prefilling[replica_id] = self.prefilling.get(replica_id, 0) + 1
         self.routed.setdefault(internal, []).append(routed)
         self.by_request[request.request_id] = routed
         self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
@@ -270,6 +276,8 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         """The prefill of `request_id` ran (its reply came back, naming `cached_tokens`): its
         tokens leave the replica's queue now, not when the call closes after the KV handoff."""
         routed = self.by_request.get(request_id)
+        if routed is not None:
+            self._done_prefilling(routed)
         if routed is not None and routed.tokens:
             self.queued[routed.replica] = max(0, self.queued.get(routed.replica, 0)
                                               - routed.tokens)
@@ -297,6 +305,13 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
             self.queued[routed.replica] = max(0, self.queued[routed.replica] - routed.tokens)
         if routed.replica in self.open:
             self.open[routed.replica] = max(0, self.open[routed.replica] - 1)
+        self._done_prefilling(routed)
+
+    def _done_prefilling(self, routed: _Routed) -> None:
+        if routed.prefilling:
+            routed.prefilling = False
+            if routed.replica in self.prefilling:
+                self.prefilling[routed.replica] = max(0, self.prefilling[routed.replica] - 1)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -318,6 +333,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.index.pop(replica_id, None)
         self.queued.pop(replica_id, None)
         self.open.pop(replica_id, None)
+        self.prefilling.pop(replica_id, None)
         self.recent.pop(replica_id, None)
 
     def correct_replica(self, replica_unique_id: str, held_tokens: int) -> None:

@@ -142,14 +142,14 @@ def test_the_log_is_bounded_in_keys_and_a_reader_far_behind_gets_what_is_kept():
 def test_a_reader_far_behind_gets_the_newest_decisions_up_to_a_bound_in_slices(monkeypatch):
     """A new router (unknown epoch) was sent the whole log, up to 1M keys (36 MB), and applied
     it in one step of its loop (535 ms measured): it gets the newest up to `reply_keys`, and
-    applies them yielding to its loop every `LEARN_SLICE`."""
+    applies them yielding to its loop every `LEARN_SLICE` keys."""
     log = DecisionLog(max_keys=1000)
     for i in range(100):
         log.exchange("a", [(f"r{i % 2}", [bytes([i]), b"x"])], "", 0)
     _, _, news = log.exchange("new", [], "not this epoch", 0, reply_keys=30)
     assert [keys[0] for _, keys in news] == [bytes([i]) for i in range(90, 100)]
 
-    monkeypatch.setattr(prefix_exchange, "LEARN_SLICE", 8)
+    monkeypatch.setattr(prefix_exchange, "LEARN_SLICE", 24)  # keys: 8 decisions of 2 + 1
     yields, learned = [], []
     real_sleep = asyncio.sleep
 

@@ -115,6 +115,24 @@ def test_a_hot_long_prefix_whose_hits_queue_little_still_spreads_its_calls():
     assert min(chosen.count(r.replica_id) for r in pool) >= 12, chosen.count(home.replica_id)
 
 
+def test_calls_past_their_prefill_do_not_count_for_the_guard(router):
+    """On the concurrent handoff a call stays open until its decode stream ends: those
+    streams are no load on the prefill replica, and counting them sent every call to a
+    replica just started (no hit there)."""
+    router.load_tokens = 0  # no recent-load term: the guard alone keeps a turn off home
+    pool = replicas(2)
+    system = [7] * (8 * BLOCK)
+    home = route(router, pool, pending(system + [1]))
+    for i in range(12):  # prefilled and replied; their calls stay open (streams decoding)
+        request = pending(system + list(range(100 + 20 * i, 120 + 20 * i)))
+        router.on_request_routed(request, home.replica_id, None)
+        router.prefilled(request.args[1].request_id, 8 * BLOCK)
+    router.prefilled(next(iter(router.by_request)), 0)
+    assert router.open[home.replica_id] == 13 and router.prefilling[home.replica_id] == 0
+    turn = pending(system + list(range(900, 920)))
+    assert route(router, pool, turn) is home
+
+
 def test_a_turn_returns_to_its_replica_once_the_last_turns_prefill_reported(router):
     """The call of the last turn stays open while decode fetches its KV; its prefill is done,
     so it no longer counts as queued there and the next turn goes where its history is."""
