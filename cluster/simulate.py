@@ -7,8 +7,8 @@ Exit codes: 0 done; 2 the input was refused (a bad trace file, an unknown policy
 
 from __future__ import annotations
 
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +23,9 @@ from autoscaling.simulator.tracefile import TraceFileError, TraceSource
 from autoscaling.simulator.workload import TRACES
 
 POLICIES = (*CONTROLLERS, "all")
+# the hindsight reference tries every split of the budget (budget^4 of them): 64 takes
+# seconds, 1000 would never end
+MAX_BUDGET_ENGINES = 128
 
 
 def add_arguments(parser) -> None:
@@ -64,13 +67,13 @@ def run(args) -> int:
     started = time.perf_counter()
     s = SimSettings()
     if args.budget_engines is not None:
-        if args.budget_engines < 4:
-            print("--budget-engines must be at least 4 (one engine per pool and role)",
-                  file=sys.stderr)
+        if not 4 <= args.budget_engines <= MAX_BUDGET_ENGINES:
+            print(f"--budget-engines must be 4 to {MAX_BUDGET_ENGINES} (one engine per pool "
+                  "and role at least)", file=sys.stderr)
             return 2
         s = _budget(s, args.budget_engines)
-    if args.seeds < 1:
-        print("--seeds must be at least 1", file=sys.stderr)
+    if args.seeds < 1 or args.jobs < 1:
+        print(f"--{'seeds' if args.seeds < 1 else 'jobs'} must be at least 1", file=sys.stderr)
         return 2
     try:
         prefix = PrefixModel(share=args.prefix_share, groups=args.prefix_groups,
@@ -90,15 +93,17 @@ def run(args) -> int:
         return 2
     specs = specs or [TraceSpec("steady", kind="steady")]
     out = Path(args.out)
-    try:  # before minutes of study, not when its results are written
+    try:  # before minutes of study, not when its results are written: a real write (as
+        # root, os.access says yes to everything, /sys included)
         out.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out, os.W_OK | os.X_OK)
+        for name in ("simulate.json", "simulate.png"):
+            if (out / name).is_dir():
+                raise IsADirectoryError(f"{out / name} is a directory")
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".small4-simulate-"):
+            pass
     except OSError as exc:
-        writable = False
-        args.out = f"{args.out} ({exc.strerror or exc})"
-    if not writable:
-        print(f"small4 simulate: --out {args.out}: not a directory this user can write",
-              file=sys.stderr)
+        print(f"small4 simulate: --out {args.out}: not a directory this user can write "
+              f"({exc.strerror or exc})", file=sys.stderr)
         return 2
     policies = list(CONTROLLERS) if args.policy == "all" else [args.policy]
     results = run_study(specs, policies, args.seeds, s, args.jobs, progress)
@@ -118,7 +123,11 @@ def run(args) -> int:
                 "answers": answers, "runs": results, "prefix": {
                     **prefix.model_dump(), "by_routing": routing_rows} if prefix.on else None,
                 "wall_s": round(time.perf_counter() - started, 1)}
-    json_path, png = write(document, out)
+    try:
+        json_path, png = write(document, out)
+    except OSError as exc:  # the directory changed under the study (full, removed)
+        print(f"small4 simulate: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     print(table(rows))
     print()
     if routing_rows:

@@ -85,8 +85,10 @@ def demand_peaks(perf: PerfModel, requests: list,
     for r in requests:
         i = int(r.arrival // window_s)
         prefill, stream = request_cost(perf, r.prompt, r.output)
-        load[(r.pool, "prefill")][i] += prefill
-        load[(r.pool, "decode")][i] += stream / perf.max_running
+        # one prefill runs on one engine, one stream in one of its slots: a request longer
+        # than the window holds that much for it, not many engines at once
+        load[(r.pool, "prefill")][i] += min(prefill, window_s)
+        load[(r.pool, "decode")][i] += min(stream, window_s) / perf.max_running
     span = np.full(bins, window_s)
     span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
     total = sum(v / span for v in load.values())

@@ -2,9 +2,11 @@
 
     TIMESTAMP,ContextTokens,GeneratedTokens[,Effort]
 
-`TIMESTAMP` is seconds (any origin) or an ISO date-time (as in Azure's LLM inference traces,
-`2023-11-16 18:15:46.6805900`); `ContextTokens` is the prompt, `GeneratedTokens` the output;
-`Effort` (optional) is the request's `reasoning_effort` and picks the pool as the stack's
+`TIMESTAMP` is seconds (any origin; epoch milliseconds or finer are refused, not read as
+seconds) or an ISO date-time (as in Azure's LLM inference traces, `2023-11-16 18:15:46.6805900`;
+UTC where it names no offset); column names are matched ignoring case; `ContextTokens` is the prompt, `GeneratedTokens` the output;
+A row longer than the model's context (`MAX_CONTEXT`) is refused: the stack would refuse
+it. `Effort` (optional) is the request's `reasoning_effort` and picks the pool as the stack's
 default routing does (`none`, `minimal`, `low` → fast; `medium`, `high` → deep). A file without
 an `Effort` column takes the effort given after its name (`FILE:EFFORT`): one file per pool, or
 one mixed file. Times start at the first request of all files and are divided by `speedup`.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +47,23 @@ class TraceSource:
     def parse(cls, spec: str) -> TraceSource:
         """`FILE` or `FILE:EFFORT` (the suffix only counts when it names an effort)."""
         head, sep, tail = spec.rpartition(":")
-        if not sep or not head or "/" in tail or Path(spec).exists():
+        if not sep or not head or "/" in tail or "\\" in tail or Path(spec).exists():
             return cls(Path(spec))
         if tail.lower() not in EFFORT_POOL:
+            if not Path(head).exists():  # `trace:v2.csv` is a file name, not a bad effort
+                return cls(Path(spec))
             raise TraceFileError(f"{spec}: unknown effort {tail!r}; known: "
                                  f"{', '.join(EFFORT_POOL)}")
         return cls(Path(head), tail.lower())
 
 
 MAX_TOKENS = 10_000_000  # per row and column: far beyond any context, still a number
+# the production profile's context (Mistral Small 4's 256K): a row beyond it is a request the
+# stack refuses (400), which would otherwise count as load that sizes the answer's budget
+MAX_CONTEXT = 262_144
+# seconds since 1970 stay below this until the year 5138; epoch milliseconds are above it
+# from 1973 on: a file in milliseconds would otherwise be read as seconds, 1000x too slow
+MAX_SECONDS = 1e11
 MAX_SPAN_S = 7 * 86400.0  # simulated time (after --speedup): the simulator ticks every second
 SECONDS, ISO = "seconds", "ISO date-times"
 
@@ -64,12 +74,18 @@ def _time(value: str) -> tuple[float, str]:
         number = float(value)
     except ValueError:
         try:
-            return datetime.fromisoformat(value.strip()).timestamp(), ISO
+            at = datetime.fromisoformat(value.strip())
         except ValueError:
             raise ValueError(f"TIMESTAMP must be seconds or an ISO date-time; "
                              f"got {value!r}") from None
+        if at.tzinfo is None:  # not this machine's zone: a daylight-saving change would
+            at = at.replace(tzinfo=timezone.utc)  # drop or repeat an hour
+        return at.timestamp(), ISO
     if not math.isfinite(number):
         raise ValueError(f"TIMESTAMP must be finite; got {value!r}")
+    if abs(number) >= MAX_SECONDS:
+        raise ValueError(f"TIMESTAMP {value!r} is not seconds (epoch milliseconds or finer?): "
+                         "convert it to seconds or to an ISO date-time")
     return number, SECONDS
 
 
@@ -115,7 +131,8 @@ def _rows(name: str, source: TraceSource, reader) -> tuple[list[tuple[float, str
     if not header or not any(h.strip() for h in header):
         raise TraceFileError(f"{name}: empty file; expected a header "
                              f"{','.join(REQUIRED)}[,Effort] and one row per request")
-    header = [h.strip() for h in header]
+    canonical = {c.lower(): c for c in COLUMNS}
+    header = [canonical.get(h.strip().lower(), h.strip()) for h in header]
     unknown = [h for h in header if h not in COLUMNS]
     if unknown:
         raise TraceFileError(f"{name}: unknown column {unknown[0]!r}; the columns are "
@@ -147,6 +164,9 @@ def _rows(name: str, source: TraceSource, reader) -> tuple[list[tuple[float, str
             effort = source.effort
             if "Effort" in index and row[index["Effort"]].strip():
                 effort = row[index["Effort"]].strip().lower()
+            if effort is None:
+                raise ValueError(f"no Effort on this row; fill it, or give the file's as "
+                                 f"{name}:EFFORT (one of {', '.join(EFFORT_POOL)})")
             if effort not in EFFORT_POOL:
                 raise ValueError(f"unknown Effort {effort!r}; known: "
                                  f"{', '.join(EFFORT_POOL)}")
@@ -155,9 +175,13 @@ def _rows(name: str, source: TraceSource, reader) -> tuple[list[tuple[float, str
             if len(kinds) > 1:
                 raise ValueError(f"TIMESTAMP is {kind} here, the rows before have "
                                  f"{(kinds - {kind}).pop()}; a file keeps to one kind")
-            rows.append((at, EFFORT_POOL[effort],
-                         max(_tokens(row[index["ContextTokens"]], "ContextTokens"), 1),
-                         max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1)))
+            prompt = max(_tokens(row[index["ContextTokens"]], "ContextTokens"), 1)
+            output = max(_tokens(row[index["GeneratedTokens"]], "GeneratedTokens"), 1)
+            if prompt + output > MAX_CONTEXT:
+                raise ValueError(f"ContextTokens + GeneratedTokens is {prompt + output:,}, "
+                                 f"beyond the model's context of {MAX_CONTEXT:,} tokens (the "
+                                 "stack refuses such a request); leave the row out")
+            rows.append((at, EFFORT_POOL[effort], prompt, output))
         except ValueError as exc:
             raise TraceFileError(f"{name} line {line}: {exc}") from None
     if not rows:
@@ -168,8 +192,8 @@ def _rows(name: str, source: TraceSource, reader) -> tuple[list[tuple[float, str
 def load_trace(sources: list[TraceSource], speedup: float = 1.0,
                name: str | None = None) -> Trace:
     """One trace of every file's requests, from the first arrival, time divided by `speedup`."""
-    if not speedup > 0:
-        raise TraceFileError(f"--speedup must be above 0; got {speedup}")
+    if not 0 < speedup < math.inf:
+        raise TraceFileError(f"--speedup must be above 0 and finite; got {speedup}")
     read = [(s.path, *_read(s)) for s in sources]
     kinds = {kind: path for path, _, kind in read}
     if len(kinds) > 1:
@@ -181,7 +205,7 @@ def load_trace(sources: list[TraceSource], speedup: float = 1.0,
                      for i, (t, pool, prompt, output) in enumerate(rows))
     duration = max(requests[-1].arrival, 1.0)
     if duration > MAX_SPAN_S:
-        raise TraceFileError(f"the trace spans {duration / 86400:,.1f} days of simulated time; "
+        raise TraceFileError(f"the trace spans {duration / 86400:,.3g} days of simulated time; "
                              f"at most {MAX_SPAN_S / 86400:g} (compress it with --speedup, "
                              "or check TIMESTAMP's unit: seconds are expected)")
     counts = {p: sum(r.pool == p for r in requests) for p in POOLS}

@@ -268,3 +268,50 @@ def test_knowing_the_future_carries_a_length_shift_that_ours_does_not():
     assert seer["engine_moves"] <= 20
     with pytest.raises(ValueError, match="needs the trace's requests"):
         make_controller("hindsight", SMALL)
+
+
+def _report(goodput: float, pools: dict[str, tuple[int, float]]) -> dict:
+    return {"goodput_rps": goodput, "offered_rps": 1.0, "slo_attainment": 0.95,
+            "gpu_hours_allocated": 1.0, "engine_moves": 0,
+            "pools": {p: {"requests": n, "slo_attainment": a} for p, (n, a) in pools.items()}}
+
+
+def test_a_baseline_that_served_nothing_in_slo_has_no_ratio_not_a_crash():
+    """One row whose prefill alone outlasts the TTFT SLO: the static split's goodput is 0,
+    and the study died dividing by it after every run had finished (nothing written)."""
+    from autoscaling.simulator.study import summarise, verdict
+
+    zero = _report(0.0, {"fast": (1, 0.0), "deep": (0, None)})
+    rows = summarise({"t": {"static": [zero], "planner": [zero], "ours": [zero]}},
+                     SimSettings())
+    ours = next(r for r in rows if r["policy"] == "ours")
+    assert ours["vs_static"] is None and ours["ceiling"] is None and ours["vs_planner"] is None
+    assert "vs_static" not in verdict(rows, SimSettings())["t"]
+
+
+def test_the_answer_holds_every_pool_to_the_target_not_the_whole(monkeypatch):
+    """95 % of requests in the fast pool at 99.8 % and 5 % in the deep pool at 16 %: 95.5 %
+    within SLO overall, which the answer called met."""
+    from autoscaling.simulator import study
+
+    hidden = _report(1.0, {"fast": (1900, 0.998), "deep": (100, 0.163)})
+    monkeypatch.setattr(study, "run_jobs", lambda jobs, workers, progress: [
+        (None, None, None, hidden) for _ in jobs])
+    assert study._attainment(None, SimSettings(), "ours", 1, 1, None) == pytest.approx(0.163)
+
+
+def test_an_answer_that_found_nothing_says_what_it_tried():
+    from autoscaling.simulator.study import answer_line
+
+    line = answer_line({"trace": "huge.csv", "ours": None, "fixed_split": None,
+                        "max_budget": 32, "ours_from": 228, "fixed_from": 12})
+    assert "need 228 engines, above the 32 this answer tries" in line
+    assert "no budget of 12-32 engines tried" in line
+
+
+def test_the_table_shows_a_missing_ratio_as_a_dash():
+    from autoscaling.simulator.study import summarise, table
+
+    zero = _report(0.0, {"fast": (1, 0.0), "deep": (0, None)})
+    printed = table(summarise({"t": {"static": [zero], "ours": [zero]}}, SimSettings()))
+    assert printed.splitlines()[-1].split("|")[3].strip() == "-"

@@ -53,6 +53,8 @@ def test_one_file_per_pool_takes_the_effort_after_its_name(tmp_path):
     ("TIMESTAMP,ContextTokens\n0,1\n", "missing column 'GeneratedTokens'"),
     (f"{HEADER},ContextTokens\n0,1,2,3\n", "column 'ContextTokens' appears twice"),
     (f"{HEADER}\n0,1e30,2\n", "line 2: ContextTokens must be at most 10,000,000"),
+    (f"{HEADER}\n0,262000,1000\n", "line 2: ContextTokens \\+ GeneratedTokens is 263,000, "
+                                   "beyond the model's context"),
     (f"{HEADER}\n0,1,2\n2023-11-16 18:15:46,1,2\n",
      "line 3: TIMESTAMP is ISO date-times here, the rows before have seconds"),
     (f'{HEADER}\n0,1,2\n1,"2\n3\n4\n', "line 3: 2 fields"),  # where it starts
@@ -79,11 +81,43 @@ def test_files_on_different_clocks_or_beyond_a_week_are_refused(tmp_path):
     iso = write(tmp_path, "b.csv", f"{HEADER}\n2023-11-16 18:15:46,100,20\n")
     with pytest.raises(TraceFileError, match="cannot be put on one clock"):
         load_trace([TraceSource(seconds, "none"), TraceSource(iso, "high")])
+    fortnight = write(tmp_path, "long.csv", f"{HEADER}\n0,100,20\n1209600,100,20\n")
+    with pytest.raises(TraceFileError, match="14 days of simulated time"):
+        load_trace([TraceSource(fortnight, "none")])
+    assert load_trace([TraceSource(fortnight, "none")], speedup=2).duration_s == 604800
+
+
+def test_milliseconds_are_refused_not_read_as_seconds_and_naive_times_are_utc(tmp_path,
+                                                                             monkeypatch):
+    """Five minutes in epoch milliseconds read as seconds were 3.5 days of simulated time,
+    run at that (a one-second file as 1000 s). An ISO time without an offset was this
+    machine's local time: across a daylight-saving change an hour vanished."""
+    import time
+
     millis = write(tmp_path, "ms.csv", f"{HEADER}\n1700000000000,100,20\n"
-                   "1700003600000,100,20\n")  # an hour, in milliseconds
-    with pytest.raises(TraceFileError, match="41.7 days of simulated time"):
-        load_trace([TraceSource(millis, "none")])
-    assert load_trace([TraceSource(millis, "none")], speedup=1000).duration_s == 3600
+                   "1700000300000,100,20\n")
+    with pytest.raises(TraceFileError, match="line 2: TIMESTAMP '1700000000000' is not "
+                                             "seconds"):
+        read_rows(TraceSource(millis, "none"))
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        dst = write(tmp_path, "dst.csv", f"{HEADER}\n2023-03-12T01:30:00,1,1\n"
+                    "2023-03-12T02:30:00,1,1\n2023-03-12T03:30:00,1,1\n")
+        trace = load_trace([TraceSource(dst, "none")])
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert [r.arrival for r in trace.requests] == [0.0, 3600.0, 7200.0]
+
+
+def test_column_names_ignore_case_and_an_empty_effort_cell_names_the_way_out(tmp_path):
+    lower = write(tmp_path, "lower.csv", "timestamp,contexttokens,GENERATEDTOKENS,effort\n"
+                  "0,100,20,high\n")
+    assert read_rows(TraceSource(lower)) == [(0.0, "deep", 100, 20)]
+    blank = write(tmp_path, "blank.csv", f"{HEADER},Effort\n0,100,20,\n")
+    with pytest.raises(TraceFileError, match="line 2: no Effort on this row"):
+        read_rows(TraceSource(blank))
 
 
 def test_a_file_without_effort_needs_one_after_its_name(tmp_path):
@@ -111,11 +145,24 @@ def test_small4_simulate_refuses_a_missing_file_and_a_tiny_budget(tmp_path, caps
     assert main(["simulate", "--trace", str(tmp_path / "none.csv:high")]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(["simulate", "--budget-engines", "2", "--kind", "steady"]) == 2
-    assert "at least 4" in capsys.readouterr().err
+    assert "must be 4 to 128" in capsys.readouterr().err
+    # the hindsight reference tries budget^4 splits: 1000 never ended
+    assert main(["simulate", "--budget-engines", "1000", "--kind", "steady"]) == 2
+    assert main(["simulate", "--jobs", "0", "--kind", "steady"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    # a file name with a colon is a file that cannot be read, not an unknown effort
+    assert main(["simulate", "--trace", str(tmp_path / "trace:v2.csv")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["simulate", "--trace", f"{write(tmp_path, 's.csv', HEADER + chr(10) + '0,1,1')}"
+                 ":none", "--speedup", "inf"]) == 2
+    assert "finite" in capsys.readouterr().err
     # refused before the study runs (minutes), not when its results are written
     blocker = write(tmp_path, "a-file", "")
     assert main(["simulate", "--kind", "steady", "--out", str(blocker / "out")]) == 2
     assert "not a directory this user can write" in capsys.readouterr().err
+    (tmp_path / "taken" / "simulate.json").mkdir(parents=True)  # a directory where it writes
+    assert main(["simulate", "--kind", "steady", "--out", str(tmp_path / "taken")]) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_small4_simulate_replays_a_file_and_answers_with_a_budget_and_split(tmp_path, capsys):
