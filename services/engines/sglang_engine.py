@@ -63,6 +63,9 @@ class SGLangEngine:
     """An `Engine` running one SGLang prefill or decode engine in this process's children."""
 
     kind = "sglang"
+    # `stats().healthy` comes from a probe through the engine itself (`EngineProbe`): a failed
+    # one means the engine cannot produce a token, whether or not it has other work
+    probed_health = True
 
     def __init__(self, worker: WorkerSettings, *, role: str, tokenizer: PromptTokenizer):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.engines.protocol import EngineStats
 from services.engines.registry import build_engine
@@ -15,6 +16,9 @@ from services.settings import WorkerSettings
 
 
 GAUGE_S = metrics.GAUGE_REPUBLISH_S  # an engine's load gauges, once it has had a request
+# how long an engine stays unhealthy before this replica fails Serve's health check (which
+# then replaces it after its own 3 failed checks, ~30 s more): longer than a probe's timeout
+UNHEALTHY_FOR_S = 60.0
 
 
 class EngineHost:
@@ -22,6 +26,7 @@ class EngineHost:
 
     role = ""
     _gauges: asyncio.Task | None = None
+    _unhealthy_since: float | None = None
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
@@ -49,6 +54,25 @@ class EngineHost:
             metrics.record_engine(self.engine.stats(), self.settings.pool,
                                   self.replica if self.role == "prefill" else "")
             await asyncio.sleep(GAUGE_S)
+
+    async def check_health(self) -> None:
+        """Serve's health check: without it Serve checks only that this replica's loop answers,
+        so a hung engine (an SGLang scheduler stuck, its process dead) kept its replica RUNNING
+        and routed to, every stream on it waiting out its deadline. An engine unhealthy for
+        `UNHEALTHY_FOR_S` fails it; Serve replaces the replica and the streams it cuts are
+        resumed elsewhere. A CPU engine's health is its last decode step's: one that failed
+        with nothing running since is idle, not hung (the next request tests it again)."""
+        stats = self.engine.stats()
+        idle = not (stats.running or stats.waiting)
+        if stats.healthy or (idle and not getattr(self.engine, "probed_health", False)):
+            self._unhealthy_since = None
+            return
+        now = time.monotonic()
+        if self._unhealthy_since is None:
+            self._unhealthy_since = now
+        if now - self._unhealthy_since >= UNHEALTHY_FOR_S:
+            raise RuntimeError(f"the {self.role} engine has been unhealthy for "
+                               f"{now - self._unhealthy_since:.0f} s: {stats.detail}")
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)
