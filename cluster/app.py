@@ -47,7 +47,12 @@ class DecodeDeployment(StartupHeapFrozen, DecodeWorker):
 
 
 class MultimodalDeployment(StartupHeapFrozen, MultimodalWorker):
-    pass
+    async def __del__(self):
+        """Serve awaits this once the replica's calls drained, within its
+        `graceful_shutdown_timeout_s`: the pixels it keeps go with it (`MultimodalWorker.drain`).
+        (Here, not on the worker: an in-process worker collected by Python would get a
+        coroutine nobody awaits.)"""
+        await self.drain()
 
 
 @serve.ingress()

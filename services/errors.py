@@ -196,6 +196,15 @@ class EngineUnavailable(StackError):
     code = "engine_unavailable"
 
 
+class PixelsLost(StackError):
+    """The replica that kept a request's pixels went away (its store objects with it): no
+    retry here can fetch them, the client's resend can (503, not retried by the stack)."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "pixels_lost"
+
+
 # Ray's exceptions for a replica that died or cannot be reached (matched by name, anywhere in
 # the exception's class hierarchy, so this module does not import Ray).
 _REPLICA_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError",

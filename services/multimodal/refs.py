@@ -10,8 +10,10 @@ if that never comes. They cross Serve calls as `Held` identities, which Ray does
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
+from services.errors import PixelsLost
 from services.kv.held import KEEPER, Held
 from services.settings import LimitSettings
 
@@ -48,5 +50,23 @@ def in_store(images: list) -> bool:
 
 
 async def resolve(images: list) -> list:
-    """The arrays behind `publish`'s result (held ones are fetched from the object store)."""
-    return [await item.fetch() if isinstance(item, Held) else item for item in images]
+    """The arrays behind `publish`'s result (held ones are fetched from the object store).
+    Pixels whose keeper went away are `PixelsLost`: not a replica to retry past (every
+    attempt would fail the same), a request to send again."""
+    try:
+        return [await item.fetch() if isinstance(item, Held) else item for item in images]
+    except Exception as exc:
+        if any(c.__name__ in ("OwnerDiedError", "ObjectLostError")
+               for c in type(exc).__mro__):
+            raise PixelsLost("the image service replica that kept this request's pixels went "
+                             "away (a restart or a scale-down); send the request again") from exc
+        raise
+
+
+async def drain(poll_s: float = 0.5) -> None:
+    """Wait until this process keeps no pixels (each request released them, or its deadline
+    passed): a replica going away takes its store objects with it, so it stays while any
+    request in flight may still fetch them (a prefill retry, a resumed stream), up to its
+    deployment's `drain_deadline_s`."""
+    while len(KEEPER):
+        await asyncio.sleep(poll_s)

@@ -12,6 +12,7 @@ from services.multimodal.budget import PromptBudget
 from services.multimodal.preprocess import MultimodalPreprocessor
 from services.kv.held import KEEPER
 from services.multimodal.refs import PixelOwner, in_store, publish
+from services.multimodal.refs import drain as drain_pixels
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
@@ -74,3 +75,8 @@ class MultimodalWorker:
     async def held_images(self) -> int:
         """Images this replica keeps in the object store now."""
         return len(KEEPER)
+
+    async def drain(self) -> None:
+        """Before this replica goes (Serve awaits its `__del__` after its calls drained): the
+        pixels it keeps for requests in flight (`refs.drain`)."""
+        await drain_pixels()

@@ -191,6 +191,44 @@ def test_a_release_goes_to_the_replica_that_keeps_the_pixels():
     assert choose([], encode) == []
 
 
+def test_a_replica_going_away_keeps_its_pixels_until_released_and_a_loss_is_not_retried():
+    """Serve awaits the replica's `__del__` once its calls drained: it waits while pixels are
+    kept for requests in flight (a prefill retry or a resumed stream fetches them again).
+    Pixels whose keeper went anyway are `PixelsLost`: a 503 the stack does not retry (every
+    attempt would fail the same), where Ray's OwnerDiedError read as a replica to retry past."""
+    from types import SimpleNamespace
+
+    from services.errors import PixelsLost, from_exception, retryable
+    from services.kv.held import KEEPER, Held
+    from services.multimodal.refs import drain, resolve
+
+    async def going_away():
+        KEEPER.keep(SimpleNamespace(key=b"in-flight"), 60, "r1")
+        waiting = asyncio.ensure_future(drain(poll_s=0.01))
+        await asyncio.sleep(0.05)
+        still = not waiting.done()
+        KEEPER.release_group("r1")
+        await asyncio.wait_for(waiting, 5)
+        return still
+
+    assert asyncio.run(going_away())
+
+    class OwnerDiedError(Exception):  # Ray's, by name as `retryable` matches it
+        pass
+
+    class Gone(Held):
+        def __init__(self):
+            pass
+
+        async def fetch(self):
+            raise OwnerDiedError("the owner of this object died")
+
+    with pytest.raises(PixelsLost) as err:
+        asyncio.run(resolve([Gone()]))
+    assert not retryable(err.value) and from_exception(err.value).status == 503
+    assert retryable(OwnerDiedError())  # a call's own owner dying is still a replica gone
+
+
 def test_an_image_service_keeping_its_limit_of_pixels_answers_503_before_decoding(tokenizer):
     """Slow streams of many large images pin their pixels for their whole life: past
     `multimodal.max_held_bytes` a replica refuses more (retry later) instead of filling the
