@@ -39,8 +39,13 @@ class ModelSettings(Strict):
 
         A checkpoint's own `tekken.json` wins: encoding a real model's prompts with the
         stand-in's relabelled vocabulary would feed it other ids. A `model.tokenizer` given
-        beside a checkpoint that carries its own must be the same file, or start-up stops.
+        beside a checkpoint that carries its own must be the same file, or start-up stops; so
+        does a checkpoint directory that is not there (a node without the model's mount: its
+        ingress and image service would encode with the stand-in's vocabulary).
         """
+        if self.source == "checkpoint" and self.path and not self.path.is_dir():
+            raise ValueError(f"model.path {self.path}: no such directory on this node (the "
+                             "model's volume not mounted?)")
         own = self.path / "tekken.json" if self.source == "checkpoint" and self.path else None
         if own is None or not own.is_file():
             return self.tokenizer

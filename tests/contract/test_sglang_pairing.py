@@ -315,6 +315,9 @@ def test_prompts_are_encoded_with_the_checkpoints_own_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="differs from the checkpoint's own"):
         clash.tokenizer_file()
     assert ModelSettings().tokenizer_file() is None
+    unmounted = ModelSettings(source="checkpoint", path=tmp_path / "not-mounted")
+    with pytest.raises(ValueError, match="no such directory on this node"):
+        unmounted.tokenizer_file()  # not the stand-in's, silently
 
 
 

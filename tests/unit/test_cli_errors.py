@@ -189,7 +189,13 @@ def test_generate_with_a_missing_checkpoint_is_one_line_and_exit_1(capsys, tmp_p
 
 def test_generate_without_sglang_names_the_extra_and_exits_1(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "sglang", None)  # `import sglang` fails, installed or not
+    from services.tokenizer import standin_tokenizer_path
+
     data = yaml.safe_load(H200.read_text()) | {"auth": {"enabled": False}}
+    checkpoint = tmp_path / "model"  # mounted (a missing one is refused first, by name)
+    checkpoint.mkdir()
+    (checkpoint / "tekken.json").write_bytes(standin_tokenizer_path().read_bytes())
+    data["model"] = data["model"] | {"path": str(checkpoint)}
     profile = tmp_path / "sglang.yaml"
     profile.write_text(yaml.safe_dump(data))
     assert main(["generate", "hi", "--config", str(profile)]) == 1
