@@ -285,3 +285,28 @@ def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_50
         assert reply.status_code == status, reply.text
         if param is not None:
             assert reply.json()["error"]["param"] == param
+
+
+def test_ready_asks_every_pool_at_once():
+    """The fast pool's answer waits for the deep pool to be asked: asked one after another,
+    the fast pool's probe ran out its 5 s first and /ready said 503."""
+    def prepare(ingress):
+        asked = asyncio.Event()
+        fast, deep = ingress.service.pools["fast"], ingress.service.pools["deep"]
+        fast_ready, deep_ready = fast.readiness, deep.readiness
+
+        async def fast_waits():
+            await asyncio.wait_for(asked.wait(), 10)
+            return await fast_ready()
+
+        async def deep_says():
+            asked.set()
+            return await deep_ready()
+
+        fast.readiness, deep.readiness = fast_waits, deep_says
+
+    reply, = serve(PROFILE, ("GET", "/ready", {}), prepare=prepare)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["pools"] == {"fast": {"decode": True, "prefill": True},
+                                     "deep": {"decode": True, "prefill": True}}
+
