@@ -156,7 +156,8 @@ class StackSettings(ServiceSettings):
         return MultimodalWorkerSettings(model=self.model, images=self.multimodal.images,
                                         telemetry=self.telemetry,
                                         one_image_size=self.engine.kind == "sglang",
-                                        max_held_bytes=self.multimodal.max_held_bytes)
+                                        max_held_bytes=self.multimodal.max_held_bytes,
+                                        drain_deadline_s=self.multimodal.drain_deadline_s)
 
     def ingress_settings(self) -> IngressSettings:
         return IngressSettings(model=self.model, engine_kind=self.engine.kind,

@@ -123,11 +123,6 @@ def run(args) -> int:
                 "answers": answers, "runs": results, "prefix": {
                     **prefix.model_dump(), "by_routing": routing_rows} if prefix.on else None,
                 "wall_s": round(time.perf_counter() - started, 1)}
-    try:
-        json_path, png = write(document, out)
-    except OSError as exc:  # the directory changed under the study (full, removed)
-        print(f"small4 simulate: --out {args.out}: {exc}", file=sys.stderr)
-        return 2
     print(table(rows))
     print()
     if routing_rows:
@@ -138,6 +133,11 @@ def run(args) -> int:
         print()
     for a in answers:
         print(answer_line(a))
+    try:  # after the results are printed: a write that fails now loses none of them
+        json_path, png = write(document, out)
+    except OSError as exc:  # the directory changed under the study (full, removed)
+        print(f"small4 simulate: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {json_path}" + (f" and {png}" if png else
                                  "; PNG skipped: matplotlib is not installed (pip install "
                                  "'small4-serve[dev]')"))

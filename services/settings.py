@@ -43,7 +43,8 @@ class ModelSettings(Strict):
         does a checkpoint directory that is not there (a node without the model's mount: its
         ingress and image service would encode with the stand-in's vocabulary).
         """
-        if self.source == "checkpoint" and self.path and not self.path.is_dir():
+        if self.source == "checkpoint" and self.path and self.tokenizer is None \
+                and not self.path.is_dir():
             raise ValueError(f"model.path {self.path}: no such directory on this node (the "
                              "model's volume not mounted?)")
         own = self.path / "tekken.json" if self.source == "checkpoint" and self.path else None
@@ -455,6 +456,7 @@ class MultimodalWorkerSettings(Strict):
     # where the prompt is encoded, so every later step sees the same ids.
     one_image_size: bool = False
     max_held_bytes: int = 4 * 1024 ** 3
+    drain_deadline_s: float = 60.0  # its deployment's graceful_shutdown_timeout_s
 
 
 class WorkerSettings(Strict):

@@ -71,6 +71,15 @@ def request_cost(perf: PerfModel, prompt: int, output: int) -> tuple[float, floa
     return prefill, output * perf.decode_step_s(perf.max_running, context)
 
 
+def _spread(load: np.ndarray, start: float, end: float, window_s: float, weight: float) -> None:
+    """Add `weight` × the seconds of [start, end) that fall in each window (what is past the
+    last window is after the traffic: not counted)."""
+    i = int(start // window_s)
+    while i < len(load) and i * window_s < end:
+        load[i] += weight * (min(end, (i + 1) * window_s) - max(start, i * window_s))
+        i += 1
+
+
 def demand_peaks(perf: PerfModel, requests: list,
                  window_s: float = 300.0) -> tuple[dict[Key, float], float]:
     """Each (pool, role)'s busiest `window_s` in engines at full utilisation, from the
@@ -83,12 +92,13 @@ def demand_peaks(perf: PerfModel, requests: list,
     bins = int(end // window_s) + 1
     load = {k: np.zeros(bins) for k in KEYS}
     for r in requests:
-        i = int(r.arrival // window_s)
         prefill, stream = request_cost(perf, r.prompt, r.output)
-        # one prefill runs on one engine, one stream in one of its slots: a request longer
-        # than the window holds that much for it, not many engines at once
-        load[(r.pool, "prefill")][i] += min(prefill, window_s)
-        load[(r.pool, "decode")][i] += min(stream, window_s) / perf.max_running
+        # one prefill holds one engine while it runs, one stream one slot of an engine after
+        # it: each counted in the windows it spans (a request longer than a window holds
+        # one engine there, not many at once; a long stream holds its slot in later windows)
+        _spread(load[(r.pool, "prefill")], r.arrival, r.arrival + prefill, window_s, 1.0)
+        _spread(load[(r.pool, "decode")], r.arrival + prefill, r.arrival + prefill + stream,
+                window_s, 1.0 / perf.max_running)
     span = np.full(bins, window_s)
     span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
     total = sum(v / span for v in load.values())

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from autoscaling.simulator.capacity import KEYS, demand_peaks
+from autoscaling.simulator.capacity import KEYS, demand_peaks, request_cost
 from autoscaling.simulator.scenario import (CONTROLLERS, SimSettings, capacity_rps, run_trace)
 from autoscaling.simulator.tracefile import TraceSource, load_trace
-from autoscaling.simulator.workload import SHIFTING, Trace, TraceKind, arrivals, make_trace
+from autoscaling.simulator.workload import (POOLS, SHIFTING, Trace, TraceKind, arrivals,
+                                            make_trace)
 
 SLO_TARGET = 0.95  # of requests within SLO, where the budget carries the load
 RECOVERY_TARGET = 0.9
@@ -185,17 +186,18 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
     target.
     """
     n_seeds = 1 if spec.replayed else seeds
-    found = [demand_peaks(s.perf, arrivals(spec.build(s, k), s.workload, k))
-             for k in range(n_seeds)]
+    drawn = [arrivals(spec.build(s, k), s.workload, k) for k in range(n_seeds)]
+    found = [demand_peaks(s.perf, requests) for requests in drawn]
+    reachable = _reachable(s, drawn)
     peak = {k: max(p[k] for p, _ in found) for k in KEYS}
     split = {k: max(1, math.ceil(peak[k] / 0.85 - 1e-9)) for k in KEYS}
-    fixed = _grow(spec, s, n_seeds, split, peak, workers, progress, max_budget)
+    fixed = _grow(spec, s, n_seeds, split, peak, workers, progress, max_budget, reachable)
     together = max(total for _, total in found)
     budget = max(len(KEYS), math.ceil(together / 0.95 - 1e-9))
     ours = None
     while budget <= max_budget:
         settings = _with(s, budget, s.split())
-        att = _attainment(spec, settings, "ours", n_seeds, workers, progress)
+        att = _attainment(spec, settings, "ours", n_seeds, workers, progress, reachable)
         if att >= SLO_TARGET:
             ours = {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,
                     "slo_attainment": round(att, 4)}
@@ -203,6 +205,8 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
         budget += 1
     return {"trace": spec.label, "fixed_split": fixed, "ours": ours, "max_budget": max_budget,
             "fixed_from": sum(split.values()),
+            "never_in_slo": {p: round(1 - share, 4) for p, share in reachable.items()
+                             if share < 1},
             "ours_from": max(len(KEYS), math.ceil(together / 0.95 - 1e-9)),
             "busiest_5min_engines": {f"{p}/{r}": round(v, 2) for (p, r), v in peak.items()},
             "busiest_5min_engines_together": round(together, 2)}
@@ -221,13 +225,29 @@ def _with(s: SimSettings, budget: int, split: dict) -> SimSettings:
                                 "static_split": {f"{p}/{r}": n for (p, r), n in start.items()}})
 
 
+def _reachable(s: SimSettings, drawn: list[list]) -> dict[str, float]:
+    """Per pool, the share of requests that can meet its TTFT SLO at all: a prompt whose
+    prefill alone, on an idle engine, outlasts the SLO misses it at any budget."""
+    share = {}
+    for pool in POOLS:
+        mine = [r for requests in drawn for r in requests if r.pool == pool]
+        ok = sum(request_cost(s.perf, r.prompt, r.output)[0] <= s.slos[pool].ttft_s
+                 for r in mine)
+        share[pool] = ok / len(mine) if mine else 1.0
+    return share
+
+
 def _attainment(spec: TraceSpec, s: SimSettings, policy: str, seeds: int, workers: int,
-                progress: Progress | None) -> float:
-    """The mean over seeds of the worst pool's share within SLO (every pool with requests
-    must meet the target: the whole share would let a large pool hide a failing small one)."""
+                progress: Progress | None, reachable: dict[str, float] | None = None) -> float:
+    """The mean over seeds of the worst pool's share within SLO, of what can be (every pool
+    with requests must meet the target: the whole share would let a large pool hide a failing
+    small one; a request too long for its TTFT SLO at any budget is left out of its pool's
+    share, or no budget would ever do)."""
+    reachable = reachable or {}
     jobs = [(spec, policy, k, s) for k in range(seeds)]
     done = run_jobs(jobs, workers, None)
-    att = mean(min((p["slo_attainment"] for p in r[3]["pools"].values() if p["requests"]),
+    att = mean(min((min(1.0, p["slo_attainment"] / max(reachable.get(name, 1.0), 1e-9))
+                    for name, p in r[3]["pools"].items() if p["requests"]),
                    default=r[3]["slo_attainment"] or 0.0) for r in done)
     if progress:
         progress(0, 0, f"answer {spec.label}: {policy} with {s.budget_engines} engines "
@@ -236,13 +256,14 @@ def _attainment(spec: TraceSpec, s: SimSettings, policy: str, seeds: int, worker
 
 
 def _grow(spec: TraceSpec, s: SimSettings, seeds: int, split: dict, peak: dict, workers: int,
-          progress: Progress | None, max_budget: int) -> dict | None:
+          progress: Progress | None, max_budget: int,
+          reachable: dict[str, float] | None = None) -> dict | None:
     while sum(split.values()) <= max_budget:
         budget = sum(split.values())
         settings = _with(s, budget, split)
         settings = settings.model_copy(update={"static_split": {
             f"{p}/{r}": n for (p, r), n in split.items()}})
-        att = _attainment(spec, settings, "static", seeds, workers, progress)
+        att = _attainment(spec, settings, "static", seeds, workers, progress, reachable)
         if att >= SLO_TARGET:
             return {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,
                     "split": {f"{p}/{r}": n for (p, r), n in split.items()},
@@ -268,6 +289,9 @@ def answer_line(a: dict) -> str:
                      f"{split} ({100 * f['slo_attainment']:.1f}%).")
     else:
         parts.append(_none_found("a fixed split", a["fixed_from"], a["max_budget"]) + ".")
+    for pool, share in (a.get("never_in_slo") or {}).items():
+        parts.append(f"{100 * share:.1f}% of the {pool} pool's requests cannot meet its TTFT "
+                     "SLO at any budget (their prefill alone is longer): left out of its share.")
     return " ".join(parts)
 
 

@@ -56,17 +56,19 @@ async def resolve(images: list) -> list:
     try:
         return [await item.fetch() if isinstance(item, Held) else item for item in images]
     except Exception as exc:
-        if any(c.__name__ in ("OwnerDiedError", "ObjectLostError")
-               for c in type(exc).__mro__):
+        # by exact name: ObjectFetchTimedOutError is an ObjectLostError too, and transient
+        if type(exc).__name__ in ("OwnerDiedError", "ObjectLostError"):
             raise PixelsLost("the image service replica that kept this request's pixels went "
                              "away (a restart or a scale-down); send the request again") from exc
         raise
 
 
-async def drain(poll_s: float = 0.5) -> None:
-    """Wait until this process keeps no pixels (each request released them, or its deadline
-    passed): a replica going away takes its store objects with it, so it stays while any
-    request in flight may still fetch them (a prefill retry, a resumed stream), up to its
-    deployment's `drain_deadline_s`."""
-    while len(KEEPER):
+async def drain(limit_s: float, poll_s: float = 0.5) -> None:
+    """Wait up to `limit_s` while this process keeps pixels: a replica going away takes its
+    store objects with it, so it stays while a request in flight may still fetch them (a
+    prefill retry, a resumed stream: most come within seconds). Releases cannot reach a
+    replica Serve is stopping (it is no longer routed to), so the wait ends as the holds
+    expire (each at its request's deadline) or at `limit_s`, whichever is first."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while len(KEEPER) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(poll_s)

@@ -19,6 +19,9 @@ GAUGE_S = metrics.GAUGE_REPUBLISH_S  # an engine's load gauges, once it has had 
 # how long an engine stays unhealthy before this replica fails Serve's health check (which
 # then replaces it after its own 3 failed checks, ~30 s more): longer than a probe's timeout
 UNHEALTHY_FOR_S = 60.0
+# and none fails it in its first minutes: an engine's first tokens may wait on compilation and
+# lazy set-up (sglang.Engine warms up nothing), whose probes time out meanwhile
+STARTUP_GRACE_S = 300.0
 
 
 class EngineHost:
@@ -27,9 +30,11 @@ class EngineHost:
     role = ""
     _gauges: asyncio.Task | None = None
     _unhealthy_since: float | None = None
+    _started = float("-inf")
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        self._started = time.monotonic()
         tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
                                    tokenizer=tokenizer, worker=settings)
@@ -60,8 +65,9 @@ class EngineHost:
         so a hung engine (an SGLang scheduler stuck, its process dead) kept its replica RUNNING
         and routed to, every stream on it waiting out its deadline. An engine unhealthy for
         `UNHEALTHY_FOR_S` fails it; Serve replaces the replica and the streams it cuts are
-        resumed elsewhere. A CPU engine's health is its last decode step's: one that failed
-        with nothing running since is idle, not hung (the next request tests it again)."""
+        resumed elsewhere. Not within `STARTUP_GRACE_S` of start (a first token may wait on
+        compilation). A CPU engine's health is its last decode step's: one that failed with
+        nothing running since is idle, not hung (the next request tests it again)."""
         stats = self.engine.stats()
         idle = not (stats.running or stats.waiting)
         if stats.healthy or (idle and not getattr(self.engine, "probed_health", False)):
@@ -70,7 +76,8 @@ class EngineHost:
         now = time.monotonic()
         if self._unhealthy_since is None:
             self._unhealthy_since = now
-        if now - self._unhealthy_since >= UNHEALTHY_FOR_S:
+        if now - self._unhealthy_since >= UNHEALTHY_FOR_S \
+                and now - self._started >= STARTUP_GRACE_S:
             raise RuntimeError(f"the {self.role} engine has been unhealthy for "
                                f"{now - self._unhealthy_since:.0f} s: {stats.detail}")
 

@@ -20,6 +20,9 @@ from services.telemetry.logs import serve_identity
 from services.tokenizer import EncodedPrompt, load_tokenizer
 
 
+DRAIN_MARGIN_S = 5.0
+
+
 class MultimodalWorker:
     """Serves `encode` for requests that carry images."""
 
@@ -33,6 +36,7 @@ class MultimodalWorker:
         tracing.configure(settings.telemetry.tracing, role=self.role)
         self.replica = serve_identity().get("replica", "")
         self.max_held_bytes = settings.max_held_bytes
+        self.drain_deadline_s = settings.drain_deadline_s
 
     def _room(self, nbytes: int = 0) -> None:
         """Refuse (503, retry later) pixels beyond what this replica may keep for requests in
@@ -78,5 +82,6 @@ class MultimodalWorker:
 
     async def drain(self) -> None:
         """Before this replica goes (Serve awaits its `__del__` after its calls drained): the
-        pixels it keeps for requests in flight (`refs.drain`)."""
-        await drain_pixels()
+        pixels it keeps for requests in flight (`refs.drain`), ending a little before Serve's
+        force-kill at its `drain_deadline_s` (so its own shutdown still runs)."""
+        await drain_pixels(max(0.0, self.drain_deadline_s - DRAIN_MARGIN_S))

@@ -318,6 +318,8 @@ def test_prompts_are_encoded_with_the_checkpoints_own_tokenizer(tmp_path):
     unmounted = ModelSettings(source="checkpoint", path=tmp_path / "not-mounted")
     with pytest.raises(ValueError, match="no such directory on this node"):
         unmounted.tokenizer_file()  # not the stand-in's, silently
+    named = unmounted.model_copy(update={"tokenizer": standin_tokenizer_path()})
+    assert named.tokenizer_file() == standin_tokenizer_path()  # the one the operator named
 
 
 

@@ -315,3 +315,39 @@ def test_the_table_shows_a_missing_ratio_as_a_dash():
     zero = _report(0.0, {"fast": (1, 0.0), "deep": (0, None)})
     printed = table(summarise({"t": {"static": [zero], "ours": [zero]}}, SimSettings()))
     assert printed.splitlines()[-1].split("|")[3].strip() == "-"
+
+
+@pytest.mark.parametrize("output", [2000, 30000])
+def test_the_busiest_window_counts_a_long_stream_in_every_window_it_holds_a_slot(output):
+    """A steady request a second for an hour: the decode engines busy at once are the rate
+    times a stream's length over the slots of an engine, whether a stream lasts a minute or
+    fourteen (counted only in its arrival window, one of 843 s was under a third of it)."""
+    from types import SimpleNamespace
+
+    from autoscaling.simulator.capacity import demand_peaks, request_cost
+
+    perf = SimSettings().perf
+    _, stream = request_cost(perf, 4000, output)
+    requests = [SimpleNamespace(arrival=float(t), pool="deep", prompt=4000, output=output)
+                for t in range(3600)]
+    peaks, _ = demand_peaks(perf, requests)
+    assert peaks[("deep", "decode")] == pytest.approx(stream / perf.max_running, rel=0.02)
+
+
+def test_requests_too_long_for_their_ttft_slo_are_left_out_of_the_answers_target(monkeypatch):
+    """A fast-pool prompt of 40K tokens prefills for longer than the pool's 1 s TTFT SLO on an
+    idle engine: no budget meets it, and counting it made the answer try every budget."""
+    from types import SimpleNamespace
+
+    from autoscaling.simulator import study
+
+    s = SimSettings()
+    drawn = [[SimpleNamespace(pool="fast", prompt=40_000, output=10)] + [
+        SimpleNamespace(pool="fast", prompt=500, output=10) for _ in range(14)]]
+    reachable = study._reachable(s, drawn)
+    assert reachable == {"fast": pytest.approx(14 / 15), "deep": 1.0}
+    report = _report(1.0, {"fast": (15, 14 / 15), "deep": (0, None)})
+    monkeypatch.setattr(study, "run_jobs", lambda jobs, workers, progress: [
+        (None, None, None, report) for _ in jobs])
+    assert study._attainment(None, s, "static", 1, 1, None, reachable) == pytest.approx(1.0)
+    assert study._attainment(None, s, "static", 1, 1, None) == pytest.approx(14 / 15)

@@ -45,6 +45,9 @@ def test_an_engine_unhealthy_for_a_minute_fails_the_replicas_check(monkeypatch, 
     clock[0] += UNHEALTHY_FOR_S - 1
     asyncio.run(worker.check_health())  # not yet: a slow probe is not a hang
     clock[0] += 1
+    worker._started = clock[0] - 10  # just started: a first token may wait on compilation
+    asyncio.run(worker.check_health())
+    worker._started = float("-inf")
     if fails:
         with pytest.raises(RuntimeError, match="unhealthy for 60 s: stuck"):
             asyncio.run(worker.check_health())

@@ -204,11 +204,16 @@ def test_a_replica_going_away_keeps_its_pixels_until_released_and_a_loss_is_not_
 
     async def going_away():
         KEEPER.keep(SimpleNamespace(key=b"in-flight"), 60, "r1")
-        waiting = asyncio.ensure_future(drain(poll_s=0.01))
+        waiting = asyncio.ensure_future(drain(30, poll_s=0.01))
         await asyncio.sleep(0.05)
         still = not waiting.done()
         KEEPER.release_group("r1")
         await asyncio.wait_for(waiting, 5)
+        KEEPER.keep(SimpleNamespace(key=b"never-released"), 60, "r2")
+        try:  # releases cannot reach a replica being stopped: the wait has its own end
+            await asyncio.wait_for(drain(0.05, poll_s=0.01), 5)
+        finally:
+            KEEPER.release_group("r2")
         return still
 
     assert asyncio.run(going_away())
