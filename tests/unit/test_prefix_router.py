@@ -266,9 +266,8 @@ def test_a_lone_replica_costs_no_hashing_and_news_of_unlisted_replicas_is_droppe
 def test_chains_hashed_for_calls_never_routed_are_bounded_by_their_keys(router, monkeypatch):
     """A call cancelled while it waited for a replica leaves the chain hashed for it: they are
     kept up to a number of keys, not of calls (4,096 chains of a 256K prompt were ~2 GB)."""
-    from services.workers import prefix_router
-
-    monkeypatch.setattr(prefix_router, "MAX_CHAIN_KEYS", 100)
+    # the globals the class reads (Serve may have loaded its module again, by value)
+    monkeypatch.setitem(CacheAwareRouter._chain.__globals__, "MAX_CHAIN_KEYS", 100)
     for _ in range(12):  # 20 blocks each, never routed
         asyncio.run(router.choose_replicas(replicas(2), pending([7] * (20 * BLOCK))))
     assert router._chain_keys == sum(map(len, router._chains.values())) <= 100
