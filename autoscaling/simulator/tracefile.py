@@ -2,14 +2,14 @@
 
     TIMESTAMP,ContextTokens,GeneratedTokens[,Effort]
 
-`TIMESTAMP` is seconds (any origin; epoch milliseconds or finer are refused, not read as
-seconds) or an ISO date-time (as in Azure's LLM inference traces, `2023-11-16 18:15:46.6805900`;
-UTC where it names no offset); column names are matched ignoring case; `ContextTokens` is the prompt, `GeneratedTokens` the output;
-A row longer than the model's context (`MAX_CONTEXT`) is refused: the stack would refuse
-it. `Effort` (optional) is the request's `reasoning_effort` and picks the pool as the stack's
-default routing does (`none`, `minimal`, `low` → fast; `medium`, `high` → deep). A file without
-an `Effort` column takes the effort given after its name (`FILE:EFFORT`): one file per pool, or
-one mixed file. Times start at the first request of all files and are divided by `speedup`.
+`TIMESTAMP` is seconds (any origin; epoch milliseconds or finer are refused, not read as seconds) or
+an ISO date-time (as in Azure's LLM inference traces, `2023-11-16 18:15:46.6805900`; UTC where it
+names no offset); column names are matched ignoring case; `ContextTokens` is the prompt,
+`GeneratedTokens` the output. A row longer than the model's context (`MAX_CONTEXT`) is refused: the
+stack would refuse it. `Effort` (optional) is the request's `reasoning_effort` and picks the pool as
+the stack's default routing does (`none`, `minimal`, `low` → fast; `medium`, `high` → deep). A file
+without an `Effort` column takes the effort given after its name (`FILE:EFFORT`): one file per pool,
+or one mixed file. Times start at the first request of all files and are divided by `speedup`.
 
 Every problem is a `TraceFileError` naming the file and, for a bad row, its line.
 """

@@ -127,7 +127,11 @@ class EngineStats:
 class Engine(Protocol):
     """Prefill, decode, abort, stats: the four calls a worker makes on its engine. An abort
     frees the request's KV at once; a decode stream it ends raises `EngineUnavailable` to a
-    reader still there (retryable: the engine let go, the request did not fail)."""
+    reader still there (retryable: the engine let go, the request did not fail).
+    `probed_health`: `stats().healthy` comes from a probe through the engine itself (a failed
+    one means it cannot produce a token, idle or not), not from its last step's outcome."""
+
+    probed_health: bool
 
     async def prefill(self, request: EngineRequest) -> PrefillResult: ...
 

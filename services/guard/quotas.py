@@ -1,11 +1,11 @@
 """Per-key quotas: requests per second and tokens per minute (token buckets), concurrent streams.
 
-A request is admitted when its key has a request token, enough token budget for its prompt plus
-its `max_tokens`, and a free stream slot for each of its `n` choices; otherwise `RateLimited` (429) says which limit and
-after how many seconds to retry (`Retry-After`). Tokens are charged at admission for the whole
-request and the unused part is refunded when it ends, so a burst of long requests cannot
-overdraw the minute's budget. State is per ingress replica: with N replicas a key gets up to N
-times its quota (the documented trade-off for needing no shared store on the request path).
+A request is admitted when its key has a request token, enough token budget for its prompt plus its
+`max_tokens`, and a free stream slot for each of its `n` choices; otherwise `RateLimited` (429) says
+which limit and after how many seconds to retry (`Retry-After`). Tokens are charged at admission for
+the whole request and the unused part is refunded when it ends, so a burst of long requests cannot
+overdraw the minute's budget. State is per ingress replica: with N replicas a key gets up to N times
+its quota (the documented trade-off for needing no shared store on the request path).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class EngineHost:
         nothing running since is idle, not hung (the next request tests it again)."""
         stats = self.engine.stats()
         idle = not (stats.running or stats.waiting)
-        if stats.healthy or (idle and not getattr(self.engine, "probed_health", False)):
+        if stats.healthy or (idle and not self.engine.probed_health):
             self._unhealthy_since = None
             return
         now = time.monotonic()

@@ -13,24 +13,23 @@ both counted in prompt tokens:
                       every `load_half_life_s`; all settings of `routing.prefix`)
 
 Queued tokens are the uncached tokens of the prefills this router sent there that have not yet
-reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call
-that ends without one counts until it completes), plus, for calls of other routers that Serve's
-probe sees there beyond this router's own, the mean uncached prompt each. No replica is chosen
-while its queue exceeds `max_imbalance` × the shortest queue + `recompute_weight` × one prompt
-(a hot prefix cannot pin one replica while others idle; the cost alone lets a replica's queue
-run that far ahead before a hit there stops paying), nor while its prefills in flight (sent by this
-router, not yet reported done) exceed `max_imbalance` × the fewest anywhere + `OPEN_SLACK`: hits queue few uncached tokens, yet each
-still costs its whole prompt there (attention over the prefix, the KV handed to decode), so a
-hot long prefix would otherwise draw every call to one replica. The last term is the load the sessions
-living on a replica will bring back: a conversation's turns follow where its history is, so a
-new conversation (no hit anywhere) goes where fewer live ones are, while a turn's own history
-(thousands of tokens) outweighs it; among equal costs, the replica holding less KV wins. A
-replica that dies or leaves drops out of the index; `router_state.correct` trims a replica's
-index to the prompt KV its engine reports holding (its evictions). The routers of one deployment
-(one per calling process: every ingress and decode replica) send each other their decisions
-every `share_interval_s` through a small actor (`services.workers.prefix_exchange`), so a turn
-finds its history wherever the last turn was routed from. With one replica the router only hands
-it back.
+reported done (the decode worker hands each prefill's reply to `router_state.correct`; a call that
+ends without one counts until it completes), plus, for calls of other routers that Serve's probe
+sees there beyond this router's own, the mean uncached prompt each. No replica is chosen while its
+queue exceeds `max_imbalance` × the shortest queue + `recompute_weight` × one prompt (a hot prefix
+cannot pin one replica while others idle; the cost alone lets a replica's queue run that far ahead
+before a hit there stops paying), nor while its prefills in flight (sent by this router, not yet
+reported done) exceed `max_imbalance` × the fewest anywhere + `OPEN_SLACK`: hits queue few uncached
+tokens, yet each still costs its whole prompt there (attention over the prefix, the KV handed to
+decode), so a hot long prefix would otherwise draw every call to one replica. The last term is the
+load the sessions living on a replica will bring back: a conversation's turns follow where its
+history is, so a new conversation (no hit anywhere) goes where fewer live ones are, while a turn's
+own history (thousands of tokens) outweighs it; among equal costs, the replica holding less KV wins.
+A replica that dies or leaves drops out of the index; `router_state.correct` trims a replica's index
+to the prompt KV its engine reports holding (its evictions). The routers of one deployment (one per
+calling process: every ingress and decode replica) send each other their decisions every
+`share_interval_s` through a small actor (`services.workers.prefix_exchange`), so a turn finds its
+history wherever the last turn was routed from. With one replica the router only hands it back.
 """
 
 from __future__ import annotations
