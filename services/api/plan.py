@@ -212,10 +212,10 @@ def refuse_prefix_under(plan: RequestPlan, cause: str) -> None:
 
 
 def constrain(plan: RequestPlan, grammar: str | None, field: str = "response_format") -> None:
-    """Give the plan's engine request its grammar (None: unconstrained), from `field`."""
+    """Give the plan's engine request its grammar (None: unconstrained), from `field` (an
+    assistant prefix was refused before the grammar was built: `refuse_prefix_under`)."""
     if grammar is None:
         return
-    refuse_prefix_under(plan, field)
     request = plan.engine_request
     request.sampling = replace(request.sampling, grammar=grammar, grammar_field=field)
 

@@ -301,11 +301,12 @@ def test_where_no_tools_are_offered_the_answer_is_text_not_a_lost_call(body):
      "tools.0.function.strict"),
     ({"tools": [CLOCK], "parallel_tool_calls": False}, "parallel_tool_calls"),
 ])
-def test_an_assistant_prefix_under_a_constrained_answer_is_refused_before_any_compile(body,
-                                                                                      cause):
+def test_an_assistant_prefix_under_a_constrained_answer_is_refused_before_any_compile(
+        body, cause, monkeypatch):
     ingress = build_inprocess(parse_settings(PROFILE))
     compiled = []
-    ingress.service.guidance.grammar = lambda *a: compiled.append(a)
+    # (the guidance is shared by every in-process stack: patched for this test only)
+    monkeypatch.setattr(ingress.service.guidance, "grammar", lambda *a: compiled.append(a))
     app = ingress.build_asgi_app()
     messages = ASK + [{"role": "assistant", "content": "It is", "prefix": True}]
 
