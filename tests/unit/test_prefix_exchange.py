@@ -10,6 +10,7 @@ import asyncio
 import time
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ray.serve._private.common import DeploymentHandleSource
@@ -152,9 +153,11 @@ def test_a_reader_far_behind_gets_the_newest_decisions_up_to_a_bound_in_slices(m
     monkeypatch.setattr(prefix_exchange, "LEARN_SLICE", 24)  # keys: 8 decisions of 2 + 1
     yields, learned = [], []
     real_sleep = asyncio.sleep
+    here = threading.get_ident()
 
-    async def counting_sleep(delay):
-        yields.append(delay)
+    async def counting_sleep(delay):  # the module is shared: loops on other threads sleep too
+        if threading.get_ident() == here:
+            yields.append(delay)
         await real_sleep(delay)
 
     monkeypatch.setattr(prefix_exchange.asyncio, "sleep", counting_sleep)
