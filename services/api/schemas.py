@@ -93,6 +93,7 @@ class AssistantMessage(_Wire):
     # the deprecated functions API's call (a next turn of a `functions` conversation)
     function_call: FunctionCall | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = Field(None, description="vLLM's name for `reasoning_content`")
     refusal: str | None = None
     prefix: StrictBool | None = Field(
         None, description="Mistral's prefill: the last message, an assistant's, is continued")
@@ -348,7 +349,8 @@ class ChatCompletionRequest(_Wire):
                 item = {"role": "tool", "tool_call_id": legacy,
                         "content": item.get("content") or ""}
                 legacy = None  # one result per call
-            item.pop("reasoning_content", None)
+            if item["role"] == "assistant":
+                _one_reasoning(item, i)
             item.pop("refusal", None)
             if not item.get("prefix", True):
                 item.pop("prefix")
@@ -360,6 +362,20 @@ class ChatCompletionRequest(_Wire):
     def tools_offered(self) -> bool:
         """Whether the model is shown the tools (`tool_choice: none` hides them)."""
         return bool(self.tools) and self.tool_choice != "none"
+
+
+def _one_reasoning(item: dict[str, Any], i: int) -> None:
+    """An earlier turn's reasoning stays in the conversation, as the model wrote it and as
+    mistral-common encodes it (`[THINK]…[/THINK]` before the turn's answer or calls): dropped,
+    the model would see its answer without the reasoning it followed, the prompt would stop
+    matching the KV cached when that turn was generated, and a turn that is reasoning alone (an
+    answer cut by `max_tokens`) would be an empty message that cannot be encoded."""
+    named = item.pop("reasoning", None)
+    if named is not None and item.setdefault("reasoning_content", named) != named:
+        raise InvalidRequest(f"messages.{i}: reasoning and reasoning_content are two names for "
+                             "one field; they differ here", param=f"messages.{i}.reasoning")
+    if not item.get("reasoning_content"):
+        item.pop("reasoning_content", None)
 
 
 def _every_call_answered(messages: list[dict[str, Any]]) -> None:

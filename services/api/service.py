@@ -75,8 +75,8 @@ CLOCK_SLACK_S = 0.5
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
-    """The text of a conversation that reaches its prompt: contents, call arguments and the
-    tools' definitions (as the prompt shows them, JSON)."""
+    """The text of a conversation that reaches its prompt: contents, call arguments, earlier
+    turns' reasoning and the tools' definitions (as the prompt shows them, JSON)."""
     yield from (json.dumps(tool) for tool in tools or ())
     for message in messages:
         content = message.get("content")
@@ -85,6 +85,8 @@ def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[st
         elif isinstance(content, list):
             yield from (p.get("text") or "" for p in content if p.get("type") == "text")
         yield from (c["function"]["arguments"] for c in message.get("tool_calls") or ())
+        if message.get("reasoning_content"):
+            yield message["reasoning_content"]
 
 
 def _encoding_size(messages: list[dict], tools: list[dict] | None) -> int:

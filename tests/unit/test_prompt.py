@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (AssistantMessage, SystemMessage,
                                                        ToolMessage, UserMessage)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MCRequest
@@ -463,3 +464,41 @@ def test_the_quota_floor_counts_every_choice_and_the_default_max_tokens():
     assert floor(max_tokens=10, n=3) == 3 * (1 + 10)
     long = [{"role": "user", "content": "x" * 8 * 3500}]  # at least 3500 tokens: room 596
     assert floor(messages=long) == 3500 + 596
+
+
+THOUGHT = [{"role": "user", "content": "q1"},
+           {"role": "assistant", "content": "a1", "reasoning_content": "R1"},
+           {"role": "user", "content": "q2"}]
+
+
+@pytest.mark.parametrize("name", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("answer", ["a1", None])
+def test_an_earlier_turns_reasoning_reaches_the_prompt_as_the_model_wrote_it(tokenizer, name,
+                                                                             answer):
+    """Dropped, the model saw its answer without the reasoning it followed, and a turn that is
+    reasoning alone (an answer cut by max_tokens, sent back as the client got it) was an empty
+    message: 400. Either name (vLLM's `reasoning`) is the one field."""
+    messages = [THOUGHT[0], {"role": "assistant", "content": answer, name: "R1"}, THOUGHT[2]]
+    got = plan(tokenizer, messages=messages, reasoning_effort="high")
+    turn = [ThinkChunk(thinking="R1")] + ([TextChunk(text=answer)] if answer else [])
+    expected = tokenizer._mt.encode_chat_completion(MCRequest(
+        messages=[UserMessage(content="q1"), AssistantMessage(content=turn),
+                  UserMessage(content="q2")], reasoning_effort="high")).tokens
+    assert got.engine_request.prompt_ids == expected
+    assert "[THINK]R1[/THINK]" in tokenizer.decode(expected)
+
+
+def test_two_names_for_one_reasoning_that_differ_are_refused(tokenizer):
+    messages = [THOUGHT[0], THOUGHT[1] | {"reasoning": "R2"}, THOUGHT[2]]
+    with pytest.raises(InvalidRequest) as err:
+        plan(tokenizer, messages=messages)
+    assert err.value.param == "messages.1.reasoning" and err.value.status == 400
+
+
+def test_an_earlier_turns_reasoning_counts_in_the_cheap_context_check():
+    long = [THOUGHT[0], THOUGHT[1] | {"reasoning_content": "word " * 400}, THOUGHT[2]]
+    full = {"model": "mistral-small-4", "messages": long, "max_tokens": 8}
+    with pytest.raises(InvalidRequest) as err:
+        prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256),
+                     limits=LimitSettings())
+    assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
