@@ -93,15 +93,23 @@ class Histogram(_Metric):
 
     def __init__(self, name, description, labels, boundaries: list[float]):
         super().__init__(name, description, labels, boundaries=boundaries)
-        self._local: dict[tuple[str, ...], list[float]] = defaultdict(list)
+        # a count and a sum per label set, never the values: the decode worker observes once
+        # per output token, for the replica's whole life
+        self._count: _Tally = _Tally()
+        self._sum: defaultdict[tuple[str, ...], float] = defaultdict(float)
 
     def observe(self, value: float, **tags: str) -> None:
-        self._local[self._key(tags)].append(value)
+        key = self._key(tags)
+        self._count[key] += 1
+        self._sum[key] += value
         if (exporter := self._exporter()) is not None:
             exporter.observe(value, tags=tags)
 
     def count(self, **tags: str) -> int:
-        return len(self._local.get(self._key(tags), ()))
+        return self._count[self._key(tags)]
+
+    def sum(self, **tags: str) -> float:
+        return self._sum.get(self._key(tags), 0.0)
 
 
 # (the Helm chart's alert rules read them: helm/small4/templates/_helpers.tpl)
