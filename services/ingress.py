@@ -8,6 +8,7 @@ request goes through (plan, encode, route, answer, accounting) is `services/api/
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -25,8 +26,11 @@ from services.guard.body import read_json
 from services.guard.keys import ANONYMOUS, KeyRing, Principal
 from services.settings import IngressSettings
 from services.telemetry import metrics
+from services.telemetry.logs import LOGGER, request_line
 from services.workers.decode import DecodeWorker
 from services.workers.peer import call
+
+MAX_LOGGED_PATH = 200  # characters of a refused request's path that its log line keeps
 
 
 class Ingress:
@@ -169,7 +173,18 @@ async def _stack_error(request: Request, exc: StackError) -> JSONResponse:
     """A route's refusal outside the request service (the key check, an unknown model id):
     counted, in our error shape."""
     metrics.ERRORS.inc(pool="none", role="ingress", type=exc.type)
-    return error_response(exc, trace_id=_trace_of(request))
+    return _refused(request, exc)
+
+
+def _refused(request: Request, error: StackError) -> JSONResponse:
+    """A refusal outside the request service, logged as the service logs its own (a run of
+    401s is what an SRE looks for after a key rotation), under the trace id it reports."""
+    trace_id = _trace_of(request)
+    request_line(logging.getLogger(LOGGER), "request refused", request_id=None,
+                 trace_id=trace_id, started=time.perf_counter(), status=error.status,
+                 error_type=error.type, method=request.method,
+                 path=request.url.path[:MAX_LOGGED_PATH])
+    return error_response(error, trace_id=trace_id)
 
 
 def _trace_of(request: Request) -> str:
@@ -181,13 +196,12 @@ def _trace_of(request: Request) -> str:
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's routing errors in our error shape, keeping their headers (405's `Allow`)."""
     if exc.status_code == 404:
-        return error_response(NotFound(f"no route {request.method} {request.url.path}"),
-                              trace_id=_trace_of(request))
+        return _refused(request, NotFound(f"no route {request.method} {request.url.path}"))
     if exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
         error = StackError(str(exc.detail))
         error.status, error.type = exc.status_code, "invalid_request_error"
-    response = error_response(error, trace_id=_trace_of(request))
+    response = _refused(request, error)
     response.headers.update(exc.headers or {})
     return response

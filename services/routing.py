@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.errors import InvalidRequest, Overloaded
+from services.errors import InvalidRequest, Overloaded, clip
 from services.settings import PoolSettings, PrefixRoutingSettings, RoutingSettings
 
 
@@ -26,7 +26,7 @@ def applied_effort(requested: str | None, routing: RoutingSettings) -> str:
     name = routing.default_effort if requested is None else requested
     if name not in routing.effort_map:
         allowed = ", ".join(sorted(routing.effort_map))
-        raise InvalidRequest(f"reasoning_effort must be one of {allowed}; got {name!r}",
+        raise InvalidRequest(f"reasoning_effort must be one of {allowed}; got {clip(name)}",
                              param="reasoning_effort")
     return routing.effort_map[name]
 

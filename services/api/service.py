@@ -467,13 +467,15 @@ class _Record:
                 metrics.COMPLETION_TOKENS.inc(completion, pool=pool)
                 metrics.REASONING_TOKENS.inc(reasoning, pool=pool)
             metrics.E2E.observe(time.perf_counter() - self.started, pool=pool, role="ingress")
+            # the status as the requests metric counts it (a streamed answer's HTTP status
+            # was 200 before an error event ended it)
             tracing.finish(self.span, exc, **{
-                "small4.finish_reason": finish_reason or "abort",
+                "small4.finish_reason": finish_reason or "abort", "small4.status": status,
                 "small4.completion_tokens": completion})
             request_line(service.log, "request done", request_id=self.request_id,
                          trace_id=self.trace_id, started=self.started, pool=pool,
-                         finish_reason=finish_reason or "abort", prompt_tokens=prompt,
-                         completion_tokens=completion,
+                         status=status, finish_reason=finish_reason or "abort",
+                         prompt_tokens=prompt, completion_tokens=completion,
                          error_type=error_type)
             return
         tracing.finish(self.span, exc, **{"http.response.status_code": status})

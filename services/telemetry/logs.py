@@ -24,6 +24,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A text line, then its `extra` fields as `key=value` (values as JSON, so a newline a
+    client put in one stays on the line): the ids an SRE greps for, in either log format."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in record.__dict__.items()
+                         if k not in JsonFormatter._standard)
+        line = super().format(record)
+        return f"{line} {extra}" if extra else line
+
+
 def configure_logging(json_logs: bool) -> logging.Logger:
     """The `small4` logger, writing one line per record to the process's own stderr (once per
     process); inside a Serve replica each line also names the app, deployment and replica.
@@ -37,7 +48,7 @@ def configure_logging(json_logs: bool) -> logging.Logger:
     logger = logging.getLogger(LOGGER)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
-        handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(
+        handler.setFormatter(JsonFormatter() if json_logs else TextFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s"))
         if identity := serve_identity():
             handler.addFilter(_Stamp(identity))
@@ -47,7 +58,7 @@ def configure_logging(json_logs: bool) -> logging.Logger:
     return logger
 
 
-def request_line(logger: logging.Logger, event: str, *, request_id: str,
+def request_line(logger: logging.Logger, event: str, *, request_id: str | None,
                  trace_id: str | None, started: float, **fields) -> None:
     """Log one request event with its ids and elapsed milliseconds."""
     logger.info(event, extra={"request_id": request_id, "trace_id": trace_id,

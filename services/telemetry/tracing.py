@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ from services.settings import TracingSettings
 
 _configured: dict[str, Any] = {}
 TRACER_NAME = "small4"
+# an error's message often quotes the client's input (a 4 MB field, quoted whole, was 24 MB of
+# span events per request, held until exported): what a span records of it is clipped here,
+# and any attribute past ATTRIBUTE_MAX_CHARS by the SDK
+ERROR_MAX_CHARS = 1000
+ATTRIBUTE_MAX_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,8 @@ def configure(settings: TracingSettings | Tracing | None, *, role: str,
     if _configured or resolved is None:
         return
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     attributes = {"service.name": resolved.service_name, "small4.role": role,
                   "process.pid": os.getpid(), **resolved.resource_attributes}
@@ -114,14 +119,29 @@ def configure(settings: TracingSettings | Tracing | None, *, role: str,
         attributes["small4.pool"] = pool
     # No sampler given: the SDK reads OTEL_TRACES_SAMPLER(_ARG) (default parent-based on).
     sampler = (None if resolved.sampling_ratio is None
-               else ParentBased(TraceIdRatioBased(resolved.sampling_ratio)))
-    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+               else _sampler(resolved.sampling_ratio, from_clients=role == "ingress"))
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler,
+                              span_limits=SpanLimits(max_attribute_length=ATTRIBUTE_MAX_CHARS))
     exporter = _exporter(resolved)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(
             exporter, schedule_delay_millis=resolved.export_interval_ms))
     _configured["provider"] = provider
     _configured["tracer"] = provider.get_tracer(TRACER_NAME)
+
+
+def _sampler(ratio: float, *, from_clients: bool):
+    """Our spans follow their parent's decision, made once at the ingress by `ratio`: there a
+    remote parent is a client, whose `traceparent` keeps its trace id but not a say in the
+    sampling (its flag set, any client could have every request of its traced: ten times
+    the export at a ratio of 0.1). Decided by the trace id, so every hop decides alike."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    ratio_based = TraceIdRatioBased(ratio)
+    if not from_clients:
+        return ParentBased(ratio_based)
+    return ParentBased(ratio_based, remote_parent_sampled=ratio_based,
+                       remote_parent_not_sampled=ratio_based)
 
 
 def _exporter(settings: Tracing):
@@ -173,10 +193,22 @@ def start(name: str, parent: Parent, *, kind: SpanKind = SpanKind.INTERNAL,
 def finish(span: trace.Span, error: BaseException | None = None, **attributes: Any) -> None:
     """Set final attributes, record `error` if any, end the span."""
     span.set_attributes(_clean(attributes))
-    if error is not None:
-        span.record_exception(error)
+    if error is not None and span.is_recording():
+        span.record_exception(error, attributes=_error_attributes(error))
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
     span.end()
+
+
+def _error_attributes(error: BaseException) -> dict[str, str]:
+    """What a span records of `error`: its message clipped to `ERROR_MAX_CHARS`, and its
+    traceback's frames with that message (the SDK's own would quote it whole again)."""
+    message = str(error)
+    if len(message) > ERROR_MAX_CHARS:
+        message = f"{message[:ERROR_MAX_CHARS]}… ({len(message)} characters)"
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    return {"exception.message": message,
+            "exception.stacktrace": f"Traceback (most recent call last):\n{frames}"
+                                    f"{type(error).__qualname__}: {message}"}
 
 
 @contextmanager
@@ -209,8 +241,9 @@ def trace_id(span: trace.Span | None, carrier: dict[str, str] | None = None) -> 
 
 
 # version-traceid-parentid-flags in lower-case hex, as W3C Trace Context writes them and
-# OpenTelemetry's propagator reads them (a later version may append fields)
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
+# OpenTelemetry's propagator reads them (a later version may append fields; 00 may not, ff is
+# invalid, as are all-zero ids)
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 
 TRACESTATE_MAX_CHARS = 512  # W3C: vendors may drop a longer one; we never forward it
 
@@ -231,9 +264,13 @@ def traceparent_id(traceparent: str) -> str | None:
     """The trace id of a valid W3C `traceparent` (32 hex digits, not all zero), lower-case;
     None for anything else (a client's header is never echoed unchecked)."""
     match = _TRACEPARENT.fullmatch(traceparent.strip())
-    if match is None or match.group(1) == "0" * 32:
+    if match is None:
         return None
-    return match.group(1)
+    version, trace, parent, more = match.groups()
+    if (version == "ff" or (version == "00" and more) or trace == "0" * 32
+            or parent == "0" * 16):
+        return None
+    return trace
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -201,3 +201,78 @@ def test_the_engines_sampler_follows_the_requests_and_samples_its_own_roots_at_o
     assert isinstance(sampler._root, TraceIdRatioBased) and sampler._root.rate == 0.1
     unset = resolve(TracingSettings(), {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
     assert "OTEL_TRACES_SAMPLER" not in engine_env(stack.model, stack.kv_handoff, unset)
+
+
+SAMPLED_BY_CLIENT = """
+from services.settings import TracingSettings
+from services.telemetry import tracing
+tracing.configure(TracingSettings(enabled=True, exporter="none", sampling_ratio={ratio}),
+                  role="{role}")
+parent = {{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"}}
+span = tracing.start("x", parent)
+print(span.is_recording(), format(span.get_span_context().trace_id, "032x"))
+"""
+
+
+@pytest.mark.parametrize("role, ratio, flags, recorded", [
+    ("ingress", 0.0, "01", False),  # a client's flag does not get its requests traced
+    ("ingress", 1.0, "00", True),  # nor keep them out of our sample
+    ("decode", 0.0, "01", True),  # behind the ingress, a parent is ours: its decision holds
+    ("decode", 1.0, "00", False),
+])
+def test_the_ingress_samples_by_our_ratio_whatever_the_clients_flag_says(role, ratio, flags,
+                                                                         recorded):
+    import os
+
+    script = SAMPLED_BY_CLIENT.format(role=role, ratio=ratio, flags=flags)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ), check=True, timeout=60).stdout.split()
+    assert out == [str(recorded), "4bf92f3577b34da6a3ce929d0e0e4736"]  # the client's trace
+
+
+def test_a_span_records_an_error_quoting_client_input_clipped():
+    """An error quoting a 4 MB field was recorded whole, twice (message and traceback), on
+    every span it passed: tens of MB per request held until exported."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.errors import InvalidRequest
+    from services.telemetry import tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    span = provider.get_tracer("test").start_span("preprocess")
+    try:
+        raise InvalidRequest("reasoning_effort must be one of high, none; got " + "x" * 4_000_000)
+    except InvalidRequest as error:
+        tracing.finish(span, error)
+    (event,) = exported.get_finished_spans()[0].events
+    message = event.attributes["exception.message"]
+    stack = event.attributes["exception.stacktrace"]
+    assert len(message) < 2 * tracing.ERROR_MAX_CHARS and message.endswith("characters)")
+    assert len(stack) < 4 * tracing.ERROR_MAX_CHARS
+    assert "test_a_span_records_an_error_quoting_client_input_clipped" in stack  # its frames
+    assert stack.endswith(f"InvalidRequest: {message}")
+
+
+@pytest.mark.parametrize("header, valid", [
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
+    ("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later", True),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later", False),
+    ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", False),
+    ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", False),
+])
+def test_a_traceparent_is_kept_where_opentelemetry_would_read_it(header, valid):
+    """Kept (and forwarded to every hop with tracing off) only where OpenTelemetry's own
+    propagator reads it."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from services.telemetry.tracing import incoming_context
+
+    read = TraceContextTextMapPropagator().extract({"traceparent": header})
+    assert trace.get_current_span(read).get_span_context().is_valid is valid
+    assert bool(incoming_context({"traceparent": header})) is valid
