@@ -95,6 +95,7 @@ class AssistantMessage(_Wire):
     reasoning_content: str | None = None
     reasoning: str | None = Field(None, description="vLLM's name for `reasoning_content`")
     refusal: str | None = None
+    audio: dict[str, Any] | None = None  # a previous audio answer's id: refused, see below
     prefix: StrictBool | None = Field(
         None, description="Mistral's prefill: the last message, an assistant's, is continued")
 
@@ -176,7 +177,7 @@ class Prediction(_Wire):
 
 
 class FunctionCallChoice(_Wire):
-    name: str
+    name: str = Field(min_length=1)
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=True)]
@@ -234,14 +235,21 @@ class ChatCompletionRequest(_Wire):
     def _functions_are_tools(self):
         """The deprecated `functions`/`function_call` are tools with one call at most; the
         answer comes back in their shape (`message.function_call`), see `legacy_functions`."""
-        if self.functions is None and self.function_call in (None, "none", "auto"):
-            return self  # no functions: "none" and "auto" choose nothing
+        if self.functions is None:
+            if self.function_call is None:
+                return self
+            if self.tools is not None or self.tool_choice is not None:  # even "none": refused,
+                # not dropped (it would have kept the tools from being called)
+                raise InvalidRequest("function_call: with tools, choose with tool_choice; "
+                                     "function_call goes with the deprecated functions",
+                                     param="function_call")
+            if self.function_call in ("none", "auto"):
+                return self  # no functions, no tools: "none" and "auto" choose nothing
+            raise InvalidRequest("function_call: it names one of `functions`, which is not "
+                                 "set", param="function_call")
         if self.tools is not None or self.tool_choice is not None:
             raise InvalidRequest("functions: use tools and tool_choice, or the deprecated "
                                  "functions and function_call, not both", param="functions")
-        if self.functions is None:
-            raise InvalidRequest("function_call: it names one of `functions`, which is not "
-                                 "set", param="function_call")
         self.tools = [Tool(type="function", function=f) for f in self.functions]
         choice = self.function_call
         self.tool_choice = (NamedToolChoice(type="function",
@@ -272,6 +280,11 @@ class ChatCompletionRequest(_Wire):
 
     @model_validator(mode="after")
     def _related_fields(self):
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise InvalidRequest("max_tokens: max_completion_tokens is the same limit by its "
+                                 "newer name; set one of them (or both alike)",
+                                 param="max_tokens", code="invalid_parameter_combination")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options: only allowed when stream is true",
                                  param="stream_options")
@@ -350,8 +363,7 @@ class ChatCompletionRequest(_Wire):
                         "content": item.get("content") or ""}
                 legacy = None  # one result per call
             if item["role"] == "assistant":
-                _one_reasoning(item, i)
-            item.pop("refusal", None)
+                _assistant_turn(item, i)
             if not item.get("prefix", True):
                 item.pop("prefix")
             out.append(item)
@@ -364,12 +376,26 @@ class ChatCompletionRequest(_Wire):
         return bool(self.tools) and self.tool_choice != "none"
 
 
-def _one_reasoning(item: dict[str, Any], i: int) -> None:
-    """An earlier turn's reasoning stays in the conversation, as the model wrote it and as
-    mistral-common encodes it (`[THINK]…[/THINK]` before the turn's answer or calls): dropped,
-    the model would see its answer without the reasoning it followed, the prompt would stop
-    matching the KV cached when that turn was generated, and a turn that is reasoning alone (an
-    answer cut by `max_tokens`) would be an empty message that cannot be encoded."""
+def _assistant_turn(item: dict[str, Any], i: int) -> None:
+    """An earlier assistant turn as the model's prompt carries it.
+
+    Its reasoning stays, as the model wrote it and as mistral-common encodes it
+    (`[THINK]…[/THINK]` before the turn's answer or calls): dropped, the model would see its
+    answer without the reasoning it followed, the prompt would stop matching the KV cached
+    when that turn was generated, and a turn that is reasoning alone (an answer cut by
+    `max_tokens`) would be an empty message that cannot be encoded. A refusal (OpenAI's shape
+    for a turn the model declined: no content) is that turn's text. An audio answer's id
+    names audio this model never made: refused."""
+    if "audio" in item:
+        raise InvalidRequest(f"messages.{i}.audio: this model answers in text; an earlier "
+                             "audio answer cannot be part of its conversation",
+                             param=f"messages.{i}.audio")
+    refusal = item.pop("refusal", None)
+    if refusal:
+        if item.get("content"):
+            raise InvalidRequest(f"messages.{i}.refusal: an assistant turn is its content or "
+                                 "its refusal, not both", param=f"messages.{i}.refusal")
+        item["content"] = refusal
     named = item.pop("reasoning", None)
     if named is not None and item.setdefault("reasoning_content", named) != named:
         raise InvalidRequest(f"messages.{i}: reasoning and reasoning_content are two names for "
@@ -421,7 +447,9 @@ UNSUPPORTED: dict[str, list[Any]] = {
 # audio, web search, verbosity. vLLM's and SGLang's extensions, which OpenAI-compatible clients
 # pass through (`extra_body`): sampling, guided decoding, templates, output shaping. Mistral's.
 NOT_HONOURED: dict[str, list[Any]] = {
-    "modalities": [["text"]], "audio": [], "web_search_options": [], "verbosity": [],
+    "modalities": [["text"]], "audio": [], "web_search_options": [],
+    "verbosity": ["medium"],  # OpenAI's default
+    "moderation": [],
     "top_k": [-1, 0], "min_p": [0], "repetition_penalty": [1], "min_tokens": [0],
     "best_of": [1], "use_beam_search": [False], "length_penalty": [1],
     "stop_token_ids": [[]], "bad_words": [[]], "allowed_token_ids": [],
@@ -434,7 +462,9 @@ NOT_HONOURED: dict[str, list[Any]] = {
     "skip_special_tokens": [True], "spaces_between_special_tokens": [True],
     "include_stop_str_in_output": [False], "no_stop_trim": [False],
     "truncate_prompt_tokens": [], "lora_path": [], "return_hidden_states": [False],
-    "separate_reasoning": [True],
+    "separate_reasoning": [True], "stream_reasoning": [True], "stop_regex": [],
+    "mm_processor_kwargs": [], "max_dynamic_patch": [], "min_dynamic_patch": [],
+    "custom_params": [],
     # Mistral's API, which its clients send: a seed by another name, a safety system prompt,
     # a reasoning system prompt
     "random_seed": [], "safe_prompt": [False], "prompt_mode": [],

@@ -174,9 +174,22 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_int=_parse_int)
+        return json.loads(text, parse_int=_parse_int, parse_constant=_not_json)
     except (json.JSONDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
+    except _NotJson as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc.args[0]} is not a "
+                             "JSON value") from None
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(constant: str):
+    """Python's `json` reads NaN and ±Infinity; JSON has no such values (a tool's schema with
+    `"maximum": NaN` reached the prompt as written)."""
+    raise _NotJson(constant)
 
 
 def _parse_int(digits: str) -> int | float:

@@ -176,6 +176,13 @@ def test_invalid_utf8_and_runaway_recursion_are_400():
         parse_json(b"[" * 100_000 + b"]" * 100_000)
 
 
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_values_python_reads_and_json_has_not_are_400(constant):
+    """A tool's schema with `"maximum": NaN` reached the prompt as written."""
+    with pytest.raises(InvalidRequest, match=constant.decode()):
+        parse_json(b'{"tools": [{"parameters": {"maximum": ' + constant + b'}}]}')
+
+
 def test_client_disconnect_is_an_aborted_request_not_an_internal_error():
     error = from_exception(ClientDisconnect())
     assert isinstance(error, RequestAborted) and error.type == "request_aborted"

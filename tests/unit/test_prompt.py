@@ -234,6 +234,12 @@ def test_deprecated_functions_are_tools_with_one_call(tokenizer):
     ({"functions": [WEATHER], "tools": [{"type": "function", "function": WEATHER}]},
      "functions"),
     ({"function_call": {"name": "get_weather"}}, "function_call"),
+    # "none" beside tools kept nothing from being called: refused, not dropped
+    ({"tools": [{"type": "function", "function": WEATHER}], "function_call": "none"},
+     "function_call"),
+    ({"tools": [{"type": "function", "function": WEATHER}],
+      "function_call": {"name": "get_weather"}}, "function_call"),
+    ({"functions": [WEATHER], "function_call": {"name": ""}}, "function_call.name"),
 ])
 def test_functions_and_tools_do_not_mix(tokenizer, body, param):
     with pytest.raises(InvalidRequest) as err:
@@ -276,6 +282,15 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
     ({"logit_bias": {"\u00b2": 5}}, "logit_bias", "token ids"),  # '²'.isdigit()
     ({"logit_bias": {"\uff11\uff12": 5}}, "logit_bias", "token ids"),  # fullwidth 12
+    # one limit by two names that differ: which one was meant? (OpenAI refuses both at once)
+    ({"max_tokens": 10, "max_completion_tokens": 20}, "max_tokens", "same limit"),
+    ({"max_tokens": -5, "max_completion_tokens": 10}, "max_tokens", "same limit"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "x", "refusal": "I can't"},
+                   {"role": "user", "content": "why?"}]}, "messages.1.refusal", "not both"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "audio": {"id": "audio_1"}},
+                   {"role": "user", "content": "again"}]}, "messages.1.audio", "in text"),
 ])
 def test_fields_that_would_change_the_answer_are_refused_by_name(tokenizer, body, param, words):
     with pytest.raises(InvalidRequest) as err:
@@ -502,3 +517,19 @@ def test_an_earlier_turns_reasoning_counts_in_the_cheap_context_check():
         prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256),
                      limits=LimitSettings())
     assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+
+
+def test_a_refused_turn_is_its_refusal_text(tokenizer):
+    """OpenAI's shape for a turn the model declined (content null, a refusal) was an empty
+    assistant message: 400 from the encoder, naming no field."""
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    said = {"role": "assistant", "content": "I can't help with that."}
+    asked = [{"role": "user", "content": "hi"}, {"role": "user", "content": "why?"}]
+    got = plan(tokenizer, messages=[asked[0], refused, asked[1]])
+    assert got.engine_request.prompt_ids == plan(
+        tokenizer, messages=[asked[0], said, asked[1]]).engine_request.prompt_ids
+
+
+def test_both_names_of_the_limit_alike_are_one_limit(tokenizer):
+    got = plan(tokenizer, max_tokens=7, max_completion_tokens=7)
+    assert got.engine_request.sampling.max_tokens == 7

@@ -63,7 +63,10 @@ def test_ignore_eos_with_a_constrained_answer_is_refused(extra):
     ("separate_reasoning", False), ("random_seed", 7), ("safe_prompt", True),
     ("prompt_mode", "reasoning"), ("reasoning", {"effort": "high"}),
     ("include_reasoning", False), ("enable_thinking", True),
-    ("thinking", {"type": "enabled", "budget_tokens": 1024})])
+    ("thinking", {"type": "enabled", "budget_tokens": 1024}),
+    ("moderation", {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}),
+    ("stop_regex", "\\d"), ("stream_reasoning", False), ("custom_params", {"a": 1}),
+    ("mm_processor_kwargs", {"max_pixels": 1}), ("max_dynamic_patch", 4)])
 def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 400, reply.text
@@ -77,7 +80,8 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
 @pytest.mark.parametrize("field, value", [
     ("top_k", -1), ("min_p", 0.0), ("repetition_penalty", 1.0), ("min_tokens", 0),
     ("best_of", 1), ("modalities", ["text"]), ("skip_special_tokens", True),
-    ("echo", False), ("verbosity", None), ("stop_token_ids", []), ("ignore_eos", False),
+    ("echo", False), ("verbosity", None), ("verbosity", "medium"), ("stop_token_ids", []),
+    ("ignore_eos", False), ("stream_reasoning", True),
     ("safe_prompt", False), ("separate_reasoning", True), ("include_reasoning", True),
     ("some_field_nobody_knows", 3)])
 def test_neutral_values_and_unknown_fields_are_answered(field, value):
