@@ -31,6 +31,9 @@ from services.workers.decode import DecodeWorker
 from services.workers.peer import call
 
 MAX_LOGGED_PATH = 200  # characters of a refused request's path that its log line keeps
+# what a send may take past the deadline: the event saying the deadline passed is sent after
+# it (with none, a send that waited at all cut the stream without it, charged as a stall)
+FINAL_EVENT_GRACE_S = 1.0
 
 
 class Ingress:
@@ -151,10 +154,11 @@ class _AnswerStream(StreamingResponse):
         async def bounded_send(message) -> None:
             """A client that stops reading (its TCP window closed) would hold the send, and
             with it the key's stream slot and the pool's place, for ever: each event must be
-            taken within `limits.write_stall_s`, and never after the request's deadline."""
+            taken within `limits.write_stall_s`, and never long after the request's deadline
+            (`FINAL_EVENT_GRACE_S`)."""
             left = self.answer.ctx.remaining_s()
-            async with asyncio.timeout(self.write_stall_s if left is None
-                                       else max(0.0, min(self.write_stall_s, left))):
+            async with asyncio.timeout(self.write_stall_s if left is None else min(
+                    self.write_stall_s, max(left, FINAL_EVENT_GRACE_S))):
                 await send(message)
 
         try:

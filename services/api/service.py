@@ -509,7 +509,11 @@ class _Choice:
         self.prefilled: Prefilled | None = None  # a first leg's prefill run from here
 
     def _open(self, request: EngineRequest):
-        return stream(self.service.pools[self.pool], DecodeWorker.generate, self.ctx, request)
+        """A decode leg that prefills `request` itself: a resumed one makes one prefill
+        attempt (this resume is its retry), so a choice reaches at most `prefill_attempts` +
+        `max_resumes` prefills, whatever fails."""
+        ctx = replace(self.ctx, attempts=1) if self.resumes else self.ctx
+        return stream(self.service.pools[self.pool], DecodeWorker.generate, ctx, request)
 
     async def start(self) -> None:
         """Its first chunk. With a prefill client for the pool the prompt is prefilled from
@@ -566,8 +570,11 @@ class _Choice:
             except TimeoutError:
                 raise _deadline() from None
             except Exception as exc:
-                handed = self.prefilled is not None and isinstance(exc, KVHandoffFailed)
-                if not (retryable(exc) or handed):
+                # a failed handoff resumes where the leg had one try: a KV prefilled from
+                # here that decode did not receive, or a resumed leg's one prefill (a first leg
+                # that failed all its `prefill_attempts` is not given more)
+                handed = self.prefilled is not None or self.resumes > 0
+                if not (retryable(exc) or (handed and isinstance(exc, KVHandoffFailed))):
                     raise
                 if (finish := self._finished()) is not None:
                     # the leg failed after its last token, before saying so: nothing to resume
@@ -580,7 +587,11 @@ class _Choice:
                 metrics.RESUMES.inc(pool=self.pool)
                 await close_stream(self.chunks)
                 await self._prefilled_close()
-                await asyncio.sleep(0.1 * self.resumes)  # let Serve see the replica is gone
+                pause = 0.1 * self.resumes  # let Serve see the replica is gone
+                left = self.ctx.remaining_s()
+                if left is not None and left <= pause:  # no leg opened past the deadline
+                    raise _deadline() from None
+                await asyncio.sleep(pause)
                 self.chunks, self.answered = self._open(self._resumed()), False
 
     async def _prefilled_close(self) -> None:

@@ -126,9 +126,12 @@ class ContinuousBatcher:
             try:
                 sampled = await self.step(batch)
             except Exception as exc:  # an engine fault fails the batch, not the process
+                # and not its requests: none of them caused it alone (that is the stop check,
+                # below), so each is resumed on a replica (the ingress bounds how often)
                 self.failure = f"{type(exc).__name__}: {exc}"
                 for seq in batch:
-                    self._finish(seq, EngineError(f"decode step failed: {exc}"))
+                    self._finish(seq, EngineUnavailable(f"decode step failed: {exc}",
+                                                        request_id=seq.request.request_id))
                 continue
             self.failure = ""  # a transient fault does not mark the engine unhealthy for good
             for seq, (token, logprob) in zip(batch, sampled):

@@ -204,7 +204,8 @@ class DecodeWorker(EngineHost):
         one that fails after ends this decode leg at once (SGLang's own router leaves it waiting
         out a 300 s timeout, sglang#9726), and the ingress resumes the stream."""
         handoff, last = self.settings.kv_handoff, None
-        for attempt in range(handoff.prefill_attempts):
+        attempts = ctx.attempts_at_most(handoff.prefill_attempts)
+        for attempt in range(attempts):
             await self.prefill_client.before_attempt(attempt, ctx, request)
             transfer = KVTransfer(self.handoff, request.request_id)
             attempt_s = handoff.attempt_timeout_s(len(request.prompt_ids))
@@ -245,7 +246,7 @@ class DecodeWorker(EngineHost):
                         self._watch_prefill(request.request_id, legs, replied),
                         first_logprob=paired.first_logprob,
                         replied=None if "cached_tokens" in timings else replied)
-        raise KVHandoffFailed(f"prefill failed on {handoff.prefill_attempts} attempts "
+        raise KVHandoffFailed(f"prefill failed on {attempts} attempts "
                               f"(last: {type(last).__name__}: {last})",
                               request_id=request.request_id)
 

@@ -63,7 +63,7 @@ class PrefillClient:
         much as one that never replied — so when the replica dies, fails as unavailable, does
         not finish within its attempt's time, or its KV does not arrive, the whole attempt is
         made again (Serve routes the new call to any live replica), up to `prefill_attempts`
-        times, each with a transfer of its own. Each attempt carries its deadline, which the
+        times (fewer where `ctx.attempts` says so), each with a transfer of its own. Each attempt carries its deadline, which the
         prefill replica enforces itself (freeing what it holds); waiting a little longer here
         covers a replica too stuck to answer at all. The prefill replica keeps the KV until
         the call it replied in is closed: here once the attempt is over, or, without
@@ -71,7 +71,8 @@ class PrefillClient:
         last = None
         attempt_s = self.settings.attempt_timeout_s(len(request.prompt_ids))
         first = request
-        for attempt in range(self.settings.prefill_attempts):
+        attempts = ctx.attempts_at_most(self.settings.prefill_attempts)
+        for attempt in range(attempts):
             await self.before_attempt(attempt, ctx, first)
             # each attempt is its own engine request: the abort sent after a late attempt
             # (routed anew, it may arrive while the next attempt waits on the same replica)
@@ -122,7 +123,7 @@ class PrefillClient:
             finally:  # the prefill replica lets go of the KV it kept for this attempt
                 if not kept:
                     await asyncio.shield(close_stream(legs, answered=answered))
-        raise KVHandoffFailed(f"prefill failed on {self.settings.prefill_attempts} attempts "
+        raise KVHandoffFailed(f"prefill failed on {attempts} attempts "
                               f"(last: {type(last).__name__}: {last})",
                               request_id=first.request_id)
 

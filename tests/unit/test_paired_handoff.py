@@ -98,7 +98,8 @@ class LosesEachFirstKV:
 
     async def receive(self, ticket, request=None):
         kv = await self.handoff.receive(ticket, request)
-        leg = ticket.request_id.split(".retry")[0]  # a retry is an engine request of its own
+        # a retry and a resume are engine requests of their own: the request's first is lost
+        leg = ticket.request_id.split(".retry")[0].split("-resume")[0]
         if leg not in self.lost:
             self.lost.add(leg)
             raise KVHandoffFailed(f"KV for {ticket.request_id} was lost: injected")
@@ -109,8 +110,8 @@ class LosesEachFirstKV:
 def test_a_kv_that_never_arrives_is_prefilled_again(backend):
     """An attempt is the prefill and the arrival of its KV: a lost KV is retried like a failed
     prefill, and the answer is the one a clean run gives. (On the sequential path the first
-    leg's prefill runs from the ingress; its lost KV resumes the request, whose own first KV,
-    under the resumed id, is lost too and prefilled again by decode.)"""
+    leg's prefill runs from the ingress; its lost KV resumes the request, prefilled again by
+    decode.)"""
     clean, _ = serve(profile(backend), [BODY] * 3, one_by_one=True)
     lossy = None
 
@@ -121,7 +122,7 @@ def test_a_kv_that_never_arrives_is_prefilled_again(backend):
     answers, decode = serve(profile(backend), [BODY] * 3, one_by_one=True, setup=lose)
     assert [s for s, _ in answers] == [200] * 3, answers
     assert [content(b) for _, b in answers] == [content(b) for _, b in clean]
-    assert len({rid.split("-resume")[0] for rid in lossy.lost}) == 3  # each lost its first
+    assert len(lossy.lost) == 3  # each lost its first
     assert nothing_held(decode)
 
 
@@ -129,17 +130,23 @@ def test_a_kv_lost_on_every_attempt_is_a_502_naming_the_loss():
     class LosesAll(LosesEachFirstKV):
         async def receive(self, ticket, request=None):
             await self.handoff.receive(ticket, request)
+            self.lost.add(ticket.request_id)
             raise KVHandoffFailed(f"KV for {ticket.request_id} was lost: injected")
 
+    losing = None
+
     def lose(decode):
-        decode.handoff = LosesAll(decode.handoff)
+        nonlocal losing
+        decode.handoff = losing = LosesAll(decode.handoff)
 
     settings = profile("local")
     settings["kv_handoff"] |= {"prefill_attempts": 2}
     answers, decode = serve(settings, [BODY], setup=lose)
     assert answers[0][0] == 502, answers
     message = answers[0][1]["error"]["message"]
-    assert "prefill failed on 2 attempts" in message and "was lost" in message
+    assert "prefill failed on 1 attempts" in message and "was lost" in message
+    # the first leg's KV (prefilled from the ingress), then one prefill per resume (2)
+    assert len(losing.lost) == 3 and sum("-resume" in rid for rid in losing.lost) == 2
     assert nothing_held(decode)
 
 

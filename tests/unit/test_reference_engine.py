@@ -162,7 +162,7 @@ def test_a_failed_decode_step_fails_its_batch_and_health_recovers_with_the_next(
             seq = Seq(EngineRequest(rid, [1, 2], params), StopChecker(params, (), str))
             return [c async for c in batcher.stream(seq, 5)]
 
-        with pytest.raises(EngineError, match="transient"):
+        with pytest.raises(EngineUnavailable, match="transient"):  # resumed, not a 500
             await one("a")
         failed = batcher.failure
         chunks = await one("b")

@@ -1,0 +1,104 @@
+"""How much one request's failures can cost (in-process workers, simulated engine): a choice
+reaches at most `prefill_attempts` + `max_resumes` prefills whatever fails (each resume made
+all its own attempts: 3 × (1 + 2) = 9, so an input that kills its engine killed nine), a decode
+step that fails a whole batch resumes its requests instead of failing them with 500s, and no
+resumed leg is opened past the request's deadline."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.testclient import TestClient
+
+from cluster.inprocess import build_inprocess
+from cluster.settings import parse_settings
+from services.errors import EngineUnavailable
+
+PROFILE = {"profile": "retry-bounds", "auth": {"enabled": False},
+           "model": {"context_length": 4096},
+           "engine": {"kind": "simulated", "simulated": {"output": "counter"}},
+           "stream": {"interval_tokens": 1}}
+BODY = {"model": "mistral-small-4", "max_tokens": 24, "temperature": 0,
+        "messages": [{"role": "user", "content": "count"}]}
+
+
+def build(**changes):
+    settings = parse_settings(PROFILE | changes)
+    ingress = build_inprocess(settings)
+    return settings, ingress, ingress.service.pools["fast"]
+
+
+def test_a_choice_reaches_at_most_its_attempts_plus_its_resumes_in_prefills():
+    settings, ingress, decoder = build(engine=PROFILE["engine"] | {
+        "faults": {"decode_fail_every": 1, "decode_fail_after_tokens": 2}})
+    worker, prefills = decoder.prefill, []
+    real = worker.prefill
+
+    async def failing_after_the_first(ctx, request, ticket):
+        prefills.append(request.request_id)
+        if len(prefills) > 1:  # every leg after the first: its prefill replica dies
+            raise EngineUnavailable("injected: the prefill replica died")
+        return await real(ctx, request, ticket)
+
+    worker.prefill = failing_after_the_first
+    with TestClient(ingress.build_asgi_app()) as client:
+        reply = client.post("/v1/chat/completions", json=BODY)
+    assert reply.status_code == 502, reply.text
+    attempts, resumes = settings.kv_handoff.prefill_attempts, settings.limits.max_resumes
+    assert len(prefills) == 1 + resumes <= attempts + resumes, prefills
+    assert all("-resume" in rid for rid in prefills[1:])  # each resume tried, once
+
+
+def test_a_decode_step_that_fails_its_batch_resumes_its_requests():
+    """One failed forward pass (an out-of-memory, say) failed every stream of the batch with
+    a 500, never resumed: none of them caused it."""
+    _, ingress, decoder = build()
+    batcher, steps = decoder.engine._batcher, []
+    real = batcher.step
+
+    async def failing_once(batch):
+        steps.append(len(batch))
+        if len(steps) == 3:
+            raise RuntimeError("injected: out of memory in one forward pass")
+        return await real(batch)
+
+    batcher.step = failing_once
+    with TestClient(ingress.build_asgi_app()) as client:
+        reply = client.post("/v1/chat/completions", json=BODY)
+        again = client.post("/v1/chat/completions", json=BODY)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == BODY["max_tokens"]
+    assert reply.json()["choices"][0]["message"]["content"] == \
+        again.json()["choices"][0]["message"]["content"]  # no gap, no repeat
+
+
+def test_no_resumed_leg_opens_past_the_deadline():
+    """The back-off before a resume slept past the deadline, then opened a leg anyway."""
+    _, ingress, decoder = build(engine=PROFILE["engine"] | {
+        "faults": {"decode_fail_every": 1, "decode_fail_after_tokens": 2}},
+        limits={"max_resumes": 50})
+    opened, real = [], decoder.generate
+
+    def generate(ctx, request):
+        opened.append(time.time())
+        return real(ctx, request)
+
+    decoder.generate = generate
+    with TestClient(ingress.build_asgi_app()) as client:
+        start = time.time()
+        reply = client.post("/v1/chat/completions", json=BODY,
+                            headers={"x-request-timeout": "0.25"})
+    assert reply.status_code == 504, reply.text
+    assert opened and all(t < start + 0.25 for t in opened), [t - start for t in opened]
+
+
+def test_a_stream_past_its_deadline_ends_with_the_deadline_event():
+    """The event saying the deadline passed was sent with no time left: a send that waited at
+    all cut the stream without it (no error event, no [DONE]), charged as a stalled reader."""
+    _, ingress, _ = build(engine={"kind": "simulated", "simulated": {
+        "output": "counter", "decode_step_ms": 20}})
+    with TestClient(ingress.build_asgi_app()) as client:
+        reply = client.post("/v1/chat/completions", json=BODY | {
+            "max_tokens": 400, "stream": True}, headers={"x-request-timeout": "0.5"})
+    events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-1] and "deadline" in events[-1], events[-3:]
