@@ -8,6 +8,7 @@ from typing import Any
 
 from services.api.schemas import ChatCompletionRequest
 from services.engines.protocol import EngineRequest, SamplingParams
+from services.engines.stops import OutputMarks
 from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, clip
 from services.grammar import StructuredRequest
 from services.multimodal.budget import PromptBudget, TokenRoom
@@ -174,11 +175,14 @@ def tools_of(req: ChatCompletionRequest) -> list[dict] | None:
 
 def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                  prompt: EncodedPrompt, model: ModelSettings, limits: LimitSettings,
-                 call_marker: int | None = None) -> RequestPlan:
+                 marks: OutputMarks | None = None) -> RequestPlan:
     """Sampling and limits for an encoded prompt (of a request `admit` passed): what the pool
-    receives. Where no tools are offered (none, or `tool_choice: none`) the `call_marker`
-    token is banned: a call there would have no tool to parse it against and the answer would
-    lose it (`tool_choice: none` promises text; a history of calls invites one)."""
+    receives. Two of the output's `marks` are banned where the request rules out what they
+    open: the call marker where no tools are offered (none, or `tool_choice: none`: a call
+    would have no tool to parse it against and the answer would lose it; `tool_choice: none`
+    promises text, a history of calls invites one), and the reasoning marker at effort
+    `none` (which promises an answer without reasoning: one begun anyway was shown as
+    reasoning and counted as reasoning tokens)."""
     prompt_len = len(prompt.ids)
     max_tokens = _sizing(req, model, limits).completion(prompt_len,
                                                         f"the messages have {prompt_len}")
@@ -190,11 +194,17 @@ def plan_request(req: ChatCompletionRequest, request_id: str, *, effort: str,
                               logit_bias=bias, presence_penalty=req.presence_penalty or 0.0,
                               frequency_penalty=req.frequency_penalty or 0.0,
                               ignore_eos=bool(req.ignore_eos),
-                              banned_ids=(() if req.tools_offered or call_marker is None
-                                          else (call_marker,)),
+                              banned_ids=_banned(marks, req.tools_offered, effort),
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     engine_request = EngineRequest(request_id, prompt.ids, sampling, images=prompt.images)
     return RequestPlan(req, effort, engine_request, tools_enabled=req.tools_offered)
+
+
+def _banned(marks: OutputMarks | None, tools_offered: bool, effort: str) -> tuple[int, ...]:
+    if marks is None:
+        return ()
+    return ((() if tools_offered else (marks.tool_calls,))
+            + ((marks.think,) if effort == "none" else ()))
 
 
 def structured_request(plan: RequestPlan, limits: LimitSettings) -> StructuredRequest:

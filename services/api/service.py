@@ -173,7 +173,7 @@ class RequestService:
                 record.pixels = prompt.pixels_owner
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits,
-                                    call_marker=self.marks.tool_calls)
+                                    marks=self.marks)
                 # charged before a grammar compile (a key that cannot pay gets none); each
                 # of the n choices is a prefill and a sequence of its own
                 self.quotas.charge(record.grant, plan.n * (

@@ -11,6 +11,7 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 
 from services.api.plan import admit, plan_request, prompt_floor, tools_of
 from services.api.schemas import parse_chat_request
+from services.engines.stops import OutputMarks
 from services.errors import InvalidRequest
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
 
@@ -446,15 +447,21 @@ def test_every_call_gets_its_own_result_before_the_conversation_goes_on(tokenize
     ({"tools": [{"type": "function", "function": WEATHER}]}, False),
     ({"tools": [{"type": "function", "function": WEATHER}], "tool_choice": "required"}, False),
 ])
-def test_the_call_marker_is_banned_where_no_tools_are_offered(tokenizer, body, banned):
-    full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}]} | body
+@pytest.mark.parametrize("effort", ["none", "high"])
+def test_the_call_marker_is_banned_where_no_tools_are_offered_and_reasoning_at_effort_none(
+        tokenizer, body, banned, effort):
+    """At effort none a reasoning block begun anyway was shown as reasoning, its tokens
+    counted as reasoning tokens: none promises an answer without."""
+    full = {"model": "mistral-small-4", "messages": [{"role": "user", "content": "hi"}],
+            "reasoning_effort": effort} | body
     req = parse_chat_request(full)
     effort = admit(req, model=ModelSettings(), routing=RoutingSettings(), limits=LimitSettings())
     prompt = tokenizer.encode_chat(req.openai_messages(), effort=effort, tools=tools_of(req))
-    marker = tokenizer.special("[TOOL_CALLS]")
+    marks = OutputMarks.of(tokenizer)
     sampling = plan_request(req, "r1", effort=effort, prompt=prompt, model=ModelSettings(),
-                            limits=LimitSettings(), call_marker=marker).engine_request.sampling
-    assert sampling.banned_ids == ((marker,) if banned else ())
+                            limits=LimitSettings(), marks=marks).engine_request.sampling
+    assert set(sampling.banned_ids) == ({marks.tool_calls} if banned else set()) | (
+        {tokenizer.special("[THINK]")} if effort == "none" else set())
 
 
 def test_results_in_any_order_answer_their_calls(tokenizer):
