@@ -428,7 +428,7 @@ class _Record:
         return Refused(self.error, self.request_id, self.trace_id)
 
     def close(self, exc: BaseException | None = None, *, finish_reason: str | None = None,
-              completion: int = 0, reasoning: int = 0) -> None:
+              completion: int = 0, reasoning: int = 0, resumes: int = 0) -> None:
         if self.closed:
             return
         self.closed = True
@@ -471,12 +471,12 @@ class _Record:
             # was 200 before an error event ended it)
             tracing.finish(self.span, exc, **{
                 "small4.finish_reason": finish_reason or "abort", "small4.status": status,
-                "small4.completion_tokens": completion})
+                "small4.completion_tokens": completion, "small4.resumes": resumes})
             request_line(service.log, "request done", request_id=self.request_id,
                          trace_id=self.trace_id, started=self.started, pool=pool,
                          status=status, finish_reason=finish_reason or "abort",
                          prompt_tokens=prompt, completion_tokens=completion,
-                         error_type=error_type)
+                         resumes=resumes, error_type=error_type)
             return
         tracing.finish(self.span, exc, **{"http.response.status_code": status})
         request_line(service.log, "request refused", request_id=self.request_id,
@@ -800,7 +800,8 @@ class Answer:
             self.record.close(exc,
                               finish_reason=self.choices[0].finish_reason if finished else None,
                               completion=sum(c.parser.completion_tokens for c in self.choices),
-                              reasoning=sum(c.parser.reasoning_tokens for c in self.choices))
+                              reasoning=sum(c.parser.reasoning_tokens for c in self.choices),
+                              resumes=sum(c.resumes for c in self.choices))
 
     async def _close_choices(self) -> None:
         for c in self.choices:

@@ -5,7 +5,6 @@ model retrieve, HEAD, CORS from settings, a trace id on every answer, SSE cache 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
-from services.telemetry.logs import LOGGER
+from tests.log_lines import LogLines
 
 ORIGIN = "https://app.example.com"
 PROFILE = {
@@ -218,35 +217,18 @@ def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
     keys.write_text("keys: []\n")
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     profile = PROFILE | {"auth": {"enabled": True, "keys_file": str(keys)}}
-    logged, logger = _Lines(), logging.getLogger(LOGGER)
-    logger.addHandler(logged)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with LogLines() as logged:
         unauthorised, missing = serve(profile, ("POST", "/v1/chat/completions", {
             "json": BODY, "headers": {"authorization": "Bearer sk-nope",
                                       "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}}),
             ("GET", "/v1/nothing", {}))
-    finally:
-        logger.removeHandler(logged)
-        logger.setLevel(level)
     assert unauthorised.status_code == 401 and missing.status_code == 404
     assert unauthorised.json()["error"]["trace_id"] == unauthorised.headers["x-trace-id"] == trace
     assert missing.json()["error"]["trace_id"] == missing.headers["x-trace-id"]
     # and logged as the request service logs its refusals (401s were in no log)
-    refused = [(r.status, r.trace_id, r.path) for r in logged.records
-               if r.getMessage() == "request refused"]
+    refused = [(r.status, r.trace_id, r.path) for r in logged.named("request refused")]
     assert refused == [(401, trace, "/v1/chat/completions"),
                        (404, missing.headers["x-trace-id"], "/v1/nothing")]
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
 
 
 @pytest.mark.parametrize("text", ["9" * 100_000, "\U00020000" * 60_000],

@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from cluster.inprocess import build_inprocess
 from cluster.settings import parse_settings
 from services.errors import EngineUnavailable
+from tests.log_lines import LogLines
 
 PROFILE = {"profile": "retry-bounds", "auth": {"enabled": False},
            "model": {"context_length": 4096},
@@ -63,9 +64,11 @@ def test_a_decode_step_that_fails_its_batch_resumes_its_requests():
         return await real(batch)
 
     batcher.step = failing_once
-    with TestClient(ingress.build_asgi_app()) as client:
+    with LogLines() as logged, TestClient(ingress.build_asgi_app()) as client:
         reply = client.post("/v1/chat/completions", json=BODY)
         again = client.post("/v1/chat/completions", json=BODY)
+    # the request's log line (and its span) says it was resumed, the next one that it was not
+    assert [r.resumes for r in logged.named("request done")] == [1, 0]
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == BODY["max_tokens"]
     assert reply.json()["choices"][0]["message"]["content"] == \
