@@ -283,8 +283,11 @@ class PrefixRoutingSettings(Strict):
 class RoutingSettings(Strict):
     """How a request's `reasoning_effort` picks a pool, and a prompt its prefill replica."""
 
+    # OpenAI's efforts (its SDK's `ReasoningEffort`) onto the model's two: above medium, the
+    # most this model reasons is `high`
     effort_map: dict[str, Effort] = {"none": "none", "minimal": "none", "low": "none",
-                                     "medium": "high", "high": "high"}
+                                     "medium": "high", "high": "high", "xhigh": "high",
+                                     "max": "high"}
     default_effort: str = "none"
     spillover: bool = True
     prefix: PrefixRoutingSettings = PrefixRoutingSettings()

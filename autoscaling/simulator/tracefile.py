@@ -28,8 +28,9 @@ from autoscaling.simulator.workload import POOLS, Request, Trace
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens", "Effort")
 REQUIRED = COLUMNS[:3]
+# the pool each effort reaches under the stack's default routing (`routing.effort_map`)
 EFFORT_POOL = {"none": "fast", "minimal": "fast", "low": "fast", "medium": "deep",
-               "high": "deep"}
+               "high": "deep", "xhigh": "deep", "max": "deep"}
 
 
 class TraceFileError(ValueError):

@@ -540,3 +540,21 @@ def test_a_refused_turn_is_its_refusal_text(tokenizer):
 def test_both_names_of_the_limit_alike_are_one_limit(tokenizer):
     got = plan(tokenizer, max_tokens=7, max_completion_tokens=7)
     assert got.engine_request.sampling.max_tokens == 7
+
+
+def test_every_effort_of_openais_sdk_is_routed_and_the_simulator_reads_them_alike():
+    """The SDK's `ReasoningEffort` names seven; `xhigh` and `max` were 400s. The capacity
+    planner's trace files pick pools by the same map (it imports nothing of the services)."""
+    import typing
+
+    from openai.types.shared.reasoning_effort import ReasoningEffort
+
+    from autoscaling.simulator.tracefile import EFFORT_POOL
+    from services.routing import applied_effort
+    from services.settings import ServiceSettings
+
+    names = [a for a in typing.get_args(typing.get_args(ReasoningEffort)[0])]
+    routing, pools = RoutingSettings(), ServiceSettings.model_fields["pools"].default
+    pool_of = {p.effort: name for name, p in pools.items()}
+    assert {name: pool_of[applied_effort(name, routing)] for name in names} == \
+        {name: EFFORT_POOL[name] for name in names}
