@@ -196,6 +196,17 @@ class EngineUnavailable(StackError):
     code = "engine_unavailable"
 
 
+class DecodeStepFailed(EngineUnavailable):
+    """A decode step failed its whole batch (500, not 503: nothing says capacity will come
+    back). Resumed like a replica's failure, since no request of the batch is known to have
+    caused it; a request that caused it (an input that breaks the step wherever it runs)
+    fails each batch it is resumed into, up to `limits.max_resumes`, then gets this."""
+
+    status = 500
+    type = "internal_error"
+    code = "decode_step_failed"
+
+
 class PixelsLost(StackError):
     """The replica that kept a request's pixels went away (its store objects with it): no
     retry here can fetch them, the client's resend can (503, not retried by the stack)."""

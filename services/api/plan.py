@@ -129,7 +129,7 @@ def _max_tokens_field(req: ChatCompletionRequest) -> str:
 
 def _request_text_bytes(req: ChatCompletionRequest) -> int:
     """Bytes of everything textual that reaches the prompt: contents, earlier turns'
-    reasoning, calls, tools."""
+    reasoning and refusals, calls, tools."""
     text = sum(_text_bytes(m.content) + _calls_bytes(m) + _reasoning_bytes(m)
                for m in req.messages)
     return text + sum(_json_bytes(t.model_dump())
@@ -163,9 +163,11 @@ def _calls_bytes(message) -> int:
 
 
 def _reasoning_bytes(message) -> int:
-    """An earlier turn's reasoning reaches the prompt as written (under either name)."""
+    """An earlier turn's reasoning reaches the prompt as written (under either name), as does
+    a refused turn's refusal (its text)."""
     return _text_bytes(getattr(message, "reasoning_content", None)
-                       or getattr(message, "reasoning", None))
+                       or getattr(message, "reasoning", None)) + _text_bytes(
+        getattr(message, "refusal", None))
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

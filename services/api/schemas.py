@@ -95,7 +95,16 @@ class AssistantMessage(_Wire):
     reasoning_content: str | None = None
     reasoning: str | None = Field(None, description="vLLM's name for `reasoning_content`")
     refusal: str | None = None
-    audio: dict[str, Any] | None = None  # a previous audio answer's id: refused, see below
+    audio: None = Field(None, description="an earlier audio answer: this model answers in "
+                        "text, so none can be part of its conversation")
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _no_audio(cls, value):
+        if value is not None:
+            raise ValueError("this model answers in text; an earlier audio answer cannot be "
+                             "part of its conversation")
+        return value
     prefix: StrictBool | None = Field(
         None, description="Mistral's prefill: the last message, an assistant's, is continued")
 
@@ -238,8 +247,8 @@ class ChatCompletionRequest(_Wire):
         if self.functions is None:
             if self.function_call is None:
                 return self
-            if self.tools is not None or self.tool_choice is not None:  # even "none": refused,
-                # not dropped (it would have kept the tools from being called)
+            if self.tools is not None:  # even "none": refused, not dropped (it would have
+                # kept the tools from being called)
                 raise InvalidRequest("function_call: with tools, choose with tool_choice; "
                                      "function_call goes with the deprecated functions",
                                      param="function_call")
@@ -385,11 +394,7 @@ def _assistant_turn(item: dict[str, Any], i: int) -> None:
     when that turn was generated, and a turn that is reasoning alone (an answer cut by
     `max_tokens`) would be an empty message that cannot be encoded. A refusal (OpenAI's shape
     for a turn the model declined: no content) is that turn's text. An audio answer's id
-    names audio this model never made: refused."""
-    if "audio" in item:
-        raise InvalidRequest(f"messages.{i}.audio: this model answers in text; an earlier "
-                             "audio answer cannot be part of its conversation",
-                             param=f"messages.{i}.audio")
+    names audio this model never made: refused by the schema."""
     refusal = item.pop("refusal", None)
     if refusal:
         if item.get("content"):
@@ -400,8 +405,6 @@ def _assistant_turn(item: dict[str, Any], i: int) -> None:
     if named is not None and item.setdefault("reasoning_content", named) != named:
         raise InvalidRequest(f"messages.{i}: reasoning and reasoning_content are two names for "
                              "one field; they differ here", param=f"messages.{i}.reasoning")
-    if not item.get("reasoning_content"):
-        item.pop("reasoning_content", None)
 
 
 def _every_call_answered(messages: list[dict[str, Any]]) -> None:

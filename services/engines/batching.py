@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from services.engines.protocol import (EngineRequest, EngineStats, FinishReason, TokenChunk,
                                        TokenLogprob)
 from services.engines.stops import StopChecker
-from services.errors import EngineError, EngineUnavailable
+from services.errors import DecodeStepFailed, EngineError, EngineUnavailable
 from services.settings import EngineSettings
 
 
@@ -130,8 +130,8 @@ class ContinuousBatcher:
                 # below), so each is resumed on a replica (the ingress bounds how often)
                 self.failure = f"{type(exc).__name__}: {exc}"
                 for seq in batch:
-                    self._finish(seq, EngineUnavailable(f"decode step failed: {exc}",
-                                                        request_id=seq.request.request_id))
+                    self._finish(seq, DecodeStepFailed(f"decode step failed: {exc}",
+                                                       request_id=seq.request.request_id))
                 continue
             self.failure = ""  # a transient fault does not mark the engine unhealthy for good
             for seq, (token, logprob) in zip(batch, sampled):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -174,7 +175,8 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_int=_parse_int, parse_constant=_not_json)
+        return json.loads(text, parse_int=_parse_int, parse_float=_finite,
+                          parse_constant=_not_json)
     except (json.JSONDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     except _NotJson as exc:
@@ -190,6 +192,15 @@ def _not_json(constant: str):
     """Python's `json` reads NaN and ±Infinity; JSON has no such values (a tool's schema with
     `"maximum": NaN` reached the prompt as written)."""
     raise _NotJson(constant)
+
+
+def _finite(text: str) -> float:
+    """A JSON number past a double's range (`1e999`) is no number Python can hold: read as
+    infinity, it reached the prompt as `Infinity`."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(text if len(text) <= 32 else f"{text[:32]}…")
+    return value
 
 
 def _parse_int(digits: str) -> int | float:

@@ -10,29 +10,45 @@ import time
 LOGGER = "small4"
 
 
+def _extra(record: logging.LogRecord) -> dict:
+    """A record's `extra` fields: not the record's own, not a formatter's (`asctime`), not
+    private ones (Ray's record factory adds `_ray_timestamp_ns` to every record)."""
+    return {k: v for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")}
+
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any `extra` fields."""
-
-    _standard = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": round(record.created, 6), "level": record.levelname,
                 "logger": record.name, "message": record.getMessage()}
-        line.update({k: v for k, v in record.__dict__.items() if k not in self._standard})
+        line.update(_extra(record))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
 
 
 class TextFormatter(logging.Formatter):
-    """A text line, then its `extra` fields as `key=value` (values as JSON, so a newline a
-    client put in one stays on the line): the ids an SRE greps for, in either log format."""
+    """A text line with its `extra` fields as `key=value` (values as JSON, so a newline a
+    client put in one stays on the line), then any traceback: the ids an SRE greps for are on
+    the line with the level, in either log format."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in record.__dict__.items()
-                         if k not in JsonFormatter._standard)
-        line = super().format(record)
-        return f"{line} {extra}" if extra else line
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if extra := _extra(record):
+            line += " " + " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in extra.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
 
 def configure_logging(json_logs: bool) -> logging.Logger:

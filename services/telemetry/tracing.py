@@ -201,14 +201,31 @@ def finish(span: trace.Span, error: BaseException | None = None, **attributes: A
 
 def _error_attributes(error: BaseException) -> dict[str, str]:
     """What a span records of `error`: its message clipped to `ERROR_MAX_CHARS`, and its
-    traceback's frames with that message (the SDK's own would quote it whole again)."""
-    message = str(error)
-    if len(message) > ERROR_MAX_CHARS:
-        message = f"{message[:ERROR_MAX_CHARS]}… ({len(message)} characters)"
-    frames = "".join(traceback.format_tb(error.__traceback__))
-    return {"exception.message": message,
-            "exception.stacktrace": f"Traceback (most recent call last):\n{frames}"
-                                    f"{type(error).__qualname__}: {message}"}
+    traceback as Python prints it, the errors it was raised from or during first (an
+    `EngineError` wrapping CUDA's), each message clipped alike (the SDK's own would quote
+    them whole again)."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen and len(chain) < 8:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    parts = []
+    for i, exc in enumerate(reversed(chain)):
+        if i:
+            parts.append("\nThe above exception was the direct cause of the following "
+                         "exception:\n\n" if exc.__cause__ is not None else
+                         "\nDuring handling of the above exception, another exception "
+                         "occurred:\n\n")
+        parts.append("Traceback (most recent call last):\n"
+                     + "".join(traceback.format_tb(exc.__traceback__))
+                     + f"{type(exc).__qualname__}: {_clipped(str(exc))}\n")
+    return {"exception.message": _clipped(str(chain[0])), "exception.stacktrace": "".join(parts)}
+
+
+def _clipped(message: str) -> str:
+    if len(message) <= ERROR_MAX_CHARS:
+        return message
+    return f"{message[:ERROR_MAX_CHARS]}… ({len(message)} characters)"
 
 
 @contextmanager

@@ -176,9 +176,10 @@ def test_invalid_utf8_and_runaway_recursion_are_400():
         parse_json(b"[" * 100_000 + b"]" * 100_000)
 
 
-@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1.5e400"])
 def test_values_python_reads_and_json_has_not_are_400(constant):
-    """A tool's schema with `"maximum": NaN` reached the prompt as written."""
+    """A tool's schema with `"maximum": NaN` (or `1e999`, read as infinity) reached the prompt
+    as `NaN` (`Infinity`)."""
     with pytest.raises(InvalidRequest, match=constant.decode()):
         parse_json(b'{"tools": [{"parameters": {"maximum": ' + constant + b'}}]}')
 

@@ -36,3 +36,20 @@ def test_a_request_line_names_its_ids_on_one_line_in_either_format(formatter):
     for value in ("chatcmpl-1", "ab" * 16, "401", "elapsed_ms", json.dumps("/v1/x\ninjected "
                                                                           "INFO y")[1:-1]):
         assert value in line
+    assert "_ray" not in line and "asctime" not in line.split("request refused")[1]
+
+
+def test_a_text_lines_ids_stay_on_its_first_line_above_its_traceback():
+    logger, last = logging.getLogger("small4-test-logs"), _Last()
+    logger.addHandler(last)
+    logger.setLevel(logging.INFO)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("stream failed", extra={"request_id": "chatcmpl-2"})
+    finally:
+        logger.removeHandler(last)
+    first, *rest = TextFormatter("%(levelname)s %(message)s").format(last.record).splitlines()
+    assert first == 'ERROR stream failed request_id="chatcmpl-2"'
+    assert rest[0].startswith("Traceback") and rest[-1] == "ValueError: boom"

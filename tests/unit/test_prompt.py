@@ -132,6 +132,7 @@ def test_fields_we_cannot_honour_yet_are_refused_by_name(tokenizer, body):
     {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"logit_bias": {}},
     {"presence_penalty": 0}, {"frequency_penalty": 0.0}, {"response_format": {"type": "text"}},
     {"parallel_tool_calls": True}, {"function_call": "auto"}, {"tool_choice": "auto"},
+    {"tool_choice": "none", "function_call": "none"},  # no tools: nothing either could call
     {k: None for k in ("temperature", "top_p", "n", "stream", "max_tokens", "stop", "seed",
                        "logprobs", "response_format", "presence_penalty", "tool_choice",
                        "stream_options", "max_completion_tokens", "user")},
@@ -517,13 +518,23 @@ def test_two_names_for_one_reasoning_that_differ_are_refused(tokenizer):
     assert err.value.param == "messages.1.reasoning" and err.value.status == 400
 
 
-def test_an_earlier_turns_reasoning_counts_in_the_cheap_context_check():
-    long = [THOUGHT[0], THOUGHT[1] | {"reasoning_content": "word " * 400}, THOUGHT[2]]
-    full = {"model": "mistral-small-4", "messages": long, "max_tokens": 8}
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "refusal"])
+def test_an_earlier_turns_reasoning_or_refusal_counts_in_the_cheap_context_check(field):
+    turn = {"role": "assistant", "content": None, field: "word " * 400}
+    full = {"model": "mistral-small-4", "messages": [THOUGHT[0], turn, THOUGHT[2]],
+            "max_tokens": 8}
     with pytest.raises(InvalidRequest) as err:
         prompt_floor(parse_chat_request(full), 8, model=ModelSettings(context_length=256),
                      limits=LimitSettings())
     assert err.value.code == "context_length_exceeded" and err.value.param == "messages"
+
+
+def test_an_empty_reasoning_is_encoded_as_mistral_common_encodes_it(tokenizer):
+    messages = [THOUGHT[0], THOUGHT[1] | {"reasoning_content": ""}, THOUGHT[2]]
+    got = plan(tokenizer, messages=messages, reasoning_effort="high")
+    expected = tokenizer.encode_chat(messages, effort="high").ids  # mistral-common's from_openai
+    assert got.engine_request.prompt_ids == expected
+    assert "[THINK][/THINK]a1" in tokenizer.decode(expected)
 
 
 def test_a_refused_turn_is_its_refusal_text(tokenizer):

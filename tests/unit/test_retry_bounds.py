@@ -105,3 +105,26 @@ def test_a_stream_past_its_deadline_ends_with_the_deadline_event():
             "max_tokens": 400, "stream": True}, headers={"x-request-timeout": "0.5"})
     events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
     assert '"error"' in events[-1] and "deadline" in events[-1], events[-3:]
+
+
+def test_a_request_that_breaks_every_step_it_joins_ends_in_a_500_after_its_resumes():
+    """A failed step resumes its batch's requests; one that breaks the step wherever it runs
+    fails each batch it is resumed into, up to `max_resumes`, then is answered 500 (it got a
+    503, overloaded, as if capacity would come back)."""
+    settings, ingress, decoder = build()
+    batcher, failed = decoder.engine._batcher, []
+    real = batcher.step
+
+    async def breaks_on_long_prompts(batch):
+        if any(len(seq.request.prompt_ids) > 40 for seq in batch):
+            failed.append(len(batch))
+            raise RuntimeError("injected: this input breaks the step")
+        return await real(batch)
+
+    batcher.step = breaks_on_long_prompts
+    with TestClient(ingress.build_asgi_app()) as client:
+        reply = client.post("/v1/chat/completions", json=BODY | {"messages": [
+            {"role": "user", "content": "word " * 60}]})
+    assert reply.status_code == 500, reply.text
+    assert reply.json()["error"]["code"] == "decode_step_failed"
+    assert len(failed) == 1 + settings.limits.max_resumes

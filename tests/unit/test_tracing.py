@@ -245,16 +245,23 @@ def test_a_span_records_an_error_quoting_client_input_clipped():
     provider.add_span_processor(SimpleSpanProcessor(exported))
     span = provider.get_tracer("test").start_span("preprocess")
     try:
-        raise InvalidRequest("reasoning_effort must be one of high, none; got " + "x" * 4_000_000)
+        try:
+            raise RuntimeError("CUDA error: an illegal memory access " + "y" * 10_000)
+        except RuntimeError as cause:
+            raise InvalidRequest("reasoning_effort must be one of high, none; got "
+                                 + "x" * 4_000_000) from cause
     except InvalidRequest as error:
         tracing.finish(span, error)
     (event,) = exported.get_finished_spans()[0].events
     message = event.attributes["exception.message"]
     stack = event.attributes["exception.stacktrace"]
     assert len(message) < 2 * tracing.ERROR_MAX_CHARS and message.endswith("characters)")
-    assert len(stack) < 4 * tracing.ERROR_MAX_CHARS
+    assert len(stack) < 6 * tracing.ERROR_MAX_CHARS
     assert "test_a_span_records_an_error_quoting_client_input_clipped" in stack  # its frames
-    assert stack.endswith(f"InvalidRequest: {message}")
+    assert stack.rstrip().endswith(f"InvalidRequest: {message}")
+    # and what it was raised from, as Python prints it (an engine's error under our wrapper)
+    assert "RuntimeError: CUDA error: an illegal memory access" in stack
+    assert "direct cause of the following exception" in stack
 
 
 @pytest.mark.parametrize("header, valid", [
