@@ -21,7 +21,7 @@ from typing import Any
 
 from services.engines.protocol import EngineRequest, FinishReason, TokenLogprob
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
-from services.multimodal.uniform import ImageTokens, image_offsets
+from services.multimodal.uniform import ImageTokens, image_offsets, image_rows
 from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
                                SpeculativeSettings)
 from services.telemetry.tracing import Tracing
@@ -238,8 +238,11 @@ def image_payload(prompt_ids: list[int], pixel_values: list[Any],
                   tokens: ImageTokens) -> list[dict[str, Any]]:
     """SGLang's `image_data` for a request's preprocessed images: one `processor_output` item
     (SGLang takes one per request) holding an (N, C, H, W) torch tensor (it hashes tensors, not
-    numpy arrays) and each image's offsets, along which it splits the item into one per image
-    for its Mistral-native vision tower. That tower takes one size per item, so the multimodal
+    numpy arrays) and the prompt's `[IMG]` runs, one per row of patches, as SGLang's processor
+    finds them itself: every position of an offset is padded as a placeholder for one
+    embedding, so an offset spanning a whole image (its `[IMG_BREAK]`s too) padded more
+    placeholders than the tower made embeddings, and the forward pass failed, taking the engine
+    with it. Its Mistral-native vision tower takes one size per item, so the multimodal
     service gives the images of a request one size (`uniform_image_sizes`) for this engine."""
     if not pixel_values:
         return []
@@ -256,7 +259,8 @@ def image_payload(prompt_ids: list[int], pixel_values: list[Any],
                              f"{len(pixel_values)} images", param="messages")
     batch = torch.from_numpy(np.stack(pixel_values).astype(np.float32, copy=False))
     return [{"format": "processor_output", "pixel_values": batch,
-             "image_sizes": [tuple(p.shape[-2:]) for p in pixel_values], "offsets": offsets}]
+             "image_sizes": [tuple(p.shape[-2:]) for p in pixel_values],
+             "offsets": image_rows(prompt_ids, tokens)}]
 
 
 class OutputReader:

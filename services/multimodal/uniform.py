@@ -67,6 +67,22 @@ def relayout(ids: list[int], images: int, tokens: ImageTokens, rows: int,
     return out
 
 
+def image_rows(ids: list[int], tokens: ImageTokens) -> list[tuple[int, int]]:
+    """(first, last) position of each run of `[IMG]` (inclusive): a row of an image's patches,
+    as SGLang's own processor finds placeholders (`get_mm_items_offset`). Every position in an
+    offset becomes a placeholder for an embedding; the `[IMG_BREAK]` between rows has none."""
+    runs, start = [], None
+    for i, t in enumerate(ids):
+        if t == tokens.img and start is None:
+            start = i
+        elif t != tokens.img and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(ids) - 1))
+    return runs
+
+
 def image_offsets(ids: list[int], tokens: ImageTokens) -> list[tuple[int, int]]:
     """(first, last) position of each image's block before its `[IMG_END]` (inclusive)."""
     spans, start = [], None

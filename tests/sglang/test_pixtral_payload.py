@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from services.engines.sglang_args import image_payload
-from services.multimodal.uniform import ImageTokens, image_offsets, uniform_image_sizes
+from services.multimodal.uniform import (ImageTokens, image_offsets, image_rows,
+                                         uniform_image_sizes)
 from tests.sglang.conftest import gpu_profiles
 from tests.sglang.resolve import environment, profile_args, resolve
 
@@ -91,9 +92,41 @@ def test_images_reach_the_vision_tower_where_our_encoding_put_them(count, tokeni
         assert ids == encoded.ids, "images of one size go exactly as mistral-common encoded them"
     out, embeddings = through_sglang(sglang_side, ids, payload)
     assert list(out.input_ids) == ids, "SGLang re-tokenised or re-laid-out our prompt"
-    assert len(out.mm_items) == count
-    assert [it.offsets[0] for it in out.mm_items] == image_offsets(ids, tokens)
+    assert len(image_offsets(ids, tokens)) == count
+    offsets = [o for it in out.mm_items for o in it.offsets]
+    assert offsets == image_rows(ids, tokens), "the placeholders SGLang's processor would find"
     assert embeddings.shape[0] == ids.count(tokens.img), "one embedding per [IMG]"
+    # and through the forward pass's own embedding step, where placeholders meet embeddings
+    # (an offset over a whole image padded its [IMG_BREAK]s too: more placeholders than
+    # embeddings, an exception there, and the engine's scheduler gone)
+    embedded, mask = forward_embedding(sglang_side, ids, out)
+    assert int(mask.sum()) == embedded.shape[0] == ids.count(tokens.img)
+    assert [i for i, on in enumerate(mask.flatten().tolist()) if on] == [
+        i for i, t in enumerate(ids) if t == tokens.img]
+
+
+def forward_embedding(sglang_side, ids, out):
+    """What the prefill's forward pass does with the request's items: pad the placeholders,
+    embed the items, match the two (`get_embedding_and_mask`)."""
+    import functools
+    from array import array
+
+    import torch
+    from sglang.srt.managers import mm_schedule
+    from sglang.srt.managers.mm_utils import pad_mm_tokens
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    from sglang.srt.models.pixtral import PixtralForConditionalGeneration
+
+    _, tower = sglang_side
+    mm_schedule.init_mm_embedding_cache(100 * 1024 * 1024)
+    inputs = MultimodalInputs(mm_items=out.mm_items, im_token_id=out.im_token_id)
+    padded = torch.tensor(list(pad_mm_tokens(array("q", ids), inputs)))
+    pads = torch.tensor(sorted(v for it in out.mm_items for v in it.padding_values()))
+    embedder = functools.partial(PixtralForConditionalGeneration.get_image_feature, tower)
+    embedded, mask, _ = mm_schedule.get_embedding_and_mask(
+        embedder, out.mm_items, pads, padded, [0, len(out.mm_items)], [0], [len(ids)],
+        [[o for it in out.mm_items for o in it.offsets]])
+    return embedded, mask
 
 
 def test_the_old_payload_is_what_sglang_refused(tokenizer, sglang_side):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.errors import InvalidRequest
-from services.multimodal.uniform import (ImageTokens, image_offsets, relayout,
+from services.multimodal.uniform import (ImageTokens, image_offsets, image_rows, relayout,
                                          uniform_image_sizes)
 from services.tokenizer import EncodedPrompt
 
@@ -27,6 +27,9 @@ def test_images_of_several_sizes_are_padded_to_one_and_laid_out_again():
     assert [p.shape for p in out.images] == [(3, 84, 112)] * 2
     assert out.ids == [1] + block(3, 4) + [5] + block(3, 4) + [6]
     assert image_offsets(out.ids, TOKENS) == [(1, 14), (17, 30)]
+    # SGLang's placeholders: the [IMG] runs, one per row, never an [IMG_BREAK] between them
+    assert image_rows(out.ids, TOKENS) == [(1, 4), (6, 9), (11, 14), (17, 20), (22, 25),
+                                           (27, 30)]
     assert float(out.images[1][:, :, :28].min()) == 1.0
     assert float(np.abs(out.images[1][:, :, 28:]).max()) == 0.0  # the mean colour
 
