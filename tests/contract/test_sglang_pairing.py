@@ -84,7 +84,7 @@ def outputs(*cumulative: list[int], finish: str = "length") -> list[dict]:
         for i, ids in enumerate(cumulative)]
 
 
-def test_images_go_as_one_tensor_item_with_each_images_offsets():
+def test_images_go_as_one_tensor_item_with_their_rows_as_offsets():
     ids = [1, 3] + image_block(2, 4) + image_block(2, 4) + [7, 4]
     pixels = [np.full((3, 56, 112), v, np.float32) for v in (0.5, -0.5)]
     items = image_payload(ids, pixels, TOKENS)
@@ -92,7 +92,8 @@ def test_images_go_as_one_tensor_item_with_each_images_offsets():
     batch = items[0]["pixel_values"]
     assert type(batch).__module__.startswith("torch"), "SGLang hashes tensors, not numpy"
     assert tuple(batch.shape) == (2, 3, 56, 112) and float(batch[1, 0, 0, 0]) == -0.5
-    assert items[0]["offsets"] == [(2, 10), (12, 20)]
+    # one offset per row of [IMG]s, as SGLang finds placeholders (the [IMG_BREAK] is none)
+    assert items[0]["offsets"] == [(2, 5), (7, 10), (12, 15), (17, 20)]
     assert image_payload([1, 2], [], TOKENS) == []
     with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
         image_payload([1] + image_block(2, 4), pixels, TOKENS)
