@@ -120,10 +120,16 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
       `TracerProvider` takes the SDK's sampler from the environment (parent-based, always on,
       by default): a request's spans follow the decision in the trace header the workers pass,
       and the engine's own roots (its health probes) are sampled at our ratio, not all kept.
+    - Tenants: SGLang caches vision-tower embeddings by the image's content hash alone, across
+      tenants (the radix cache's `cache_salt` does not reach it): a tenant resending another's
+      image would skip the tower, a difference in time that tells it the image was sent. The
+      cache is off (`SGLANG_VLM_CACHE_SIZE_MB=0`); the cost is a tower run per request per
+      image (and per prefill chunk an image spans), not KV (the radix cache keeps that).
     """
     wait = math.ceil(kv_handoff.attempt_timeout_s(model.context_length) + PD_TIMEOUT_MARGIN_S)
     env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(wait),
-           "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(wait)}
+           "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(wait),
+           "SGLANG_VLM_CACHE_SIZE_MB": "0"}
     if model.context_length > SGLANG_NATIVE_CONTEXT_DEFAULT:
         env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
     if tracing is not None and tracing.exporter in ("otlp_http", "otlp_grpc"):
@@ -133,6 +139,25 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
             env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                     "OTEL_TRACES_SAMPLER_ARG": repr(float(tracing.sampling_ratio))}
     return env
+
+
+# our grammar backend, as pyproject.toml registers it for SGLang's processes to load
+GRAMMAR_PLUGIN = ("sglang.srt.plugins", "small4_mistral_grammar")
+
+
+def require_grammar_plugin() -> None:
+    """Fail at start-up where SGLang would not find our grammar backend: it loads plugins from
+    installed packages' entry points in each of its processes, so a host with SGLang but not
+    this project installed (`PYTHONPATH=.` is not installed) starts, and then refuses every
+    structured-output request (a 400 from its grammar manager, which has no backend of its own
+    under `skip_tokenizer_init`)."""
+    from importlib.metadata import entry_points
+
+    group, name = GRAMMAR_PLUGIN
+    if not any(point.name == name for point in entry_points(group=group)):
+        raise RuntimeError(f"SGLang would not load this project's grammar backend (entry point "
+                           f"{name} in {group}): install the project on this host, "
+                           "pip install --no-deps . (or '.[sglang]')")
 
 
 def require_transfer_backend(backend: str) -> None:

@@ -16,7 +16,8 @@ conformance tier (`make test-sglang`).
 Tenants stay apart in SGLang's radix cache as in our engines' prefix cache: each request carries
 its `cache_salt` (one per tenant unless `routing.prefix.shared_tenants` groups them) as SGLang's
 own `cache_salt`, which namespaces its radix tree (`RadixKey.cache_salt`: prompts of different
-salts share no node, so no hit and no timing tells one tenant what another sent).
+salts share no node, so no hit and no timing tells one tenant what another sent). Its
+vision-embedding cache, keyed by image content alone, is off (`engine_env`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from services.engines.bootstrap_port import claim_port, replica_rank
 from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk)
 from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, OutputReader, engine_env,
                                           engine_error, generate_args, image_payload,
-                                          require_transfer_backend, server_args)
+                                          require_grammar_plugin, require_transfer_backend,
+                                          server_args)
 from services.engines.stops import OutputMarks, StopChecker
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
@@ -74,6 +76,7 @@ class SGLangEngine:
             raise RuntimeError("engine.kind sglang needs the 'sglang' extra on a GPU host "
                                "(pip install '.[sglang]')") from exc
         require_transfer_backend(worker.engine.sglang.transfer_backend)
+        require_grammar_plugin()
         if worker.model.tokenizer_file() != worker.model.path / "tekken.json":
             raise RuntimeError(f"{worker.model.path} has no tekken.json: SGLang serves a "
                                "Mistral-native checkpoint, whose prompts are encoded with its own")

@@ -311,3 +311,22 @@ def test_a_cancelled_prefill_attempt_aborts_its_own_rid_not_its_retrys():
         assert engine.live == {}
 
     asyncio.run(scenario())
+
+
+def test_an_engine_host_without_our_grammar_backend_installed_fails_at_start(monkeypatch):
+    """SGLang loads plugins from installed entry points only: a GPU host running the project
+    from its source (`PYTHONPATH=.`) started, then answered every structured-output request
+    with SGLang's 400 (no grammar backend). The entry point checked is pyproject's."""
+    import importlib.metadata
+    import tomllib
+
+    from services.engines import sglang_args
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    group, name = sglang_args.GRAMMAR_PLUGIN
+    assert project["project"]["entry-points"][group][name] == \
+        "services.engines.sglang_grammar:install"
+    sglang_args.require_grammar_plugin()  # this project is installed here
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [])
+    with pytest.raises(RuntimeError, match="pip install --no-deps"):
+        sglang_args.require_grammar_plugin()

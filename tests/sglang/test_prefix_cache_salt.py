@@ -58,3 +58,28 @@ def test_a_seed_is_refused_only_where_sglang_would_sample():
     assert GREEDY_BELOW == sampling_params._SAMPLING_EPS
     params = sampling_params.SamplingParams(temperature=GREEDY_BELOW / 2)
     assert params.top_k == 1  # greedy
+
+
+def test_no_image_embedding_is_kept_across_requests_in_the_engines_environment():
+    """SGLang's vision-embedding cache is keyed by image content alone, not salted: with it,
+    one tenant resending another's image would skip the vision tower (a timing that tells).
+    Off in the environment our engines start with, as SGLang reads it."""
+    import torch
+    from sglang.srt.environ import envs
+    from sglang.srt.managers import mm_schedule
+    from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
+
+    from cluster.settings import parse_settings
+    from services.engines.sglang_args import engine_env
+    from tests.sglang.resolve import environment
+
+    stack = parse_settings({"auth": {"enabled": False}})
+    with environment(engine_env(stack.model, stack.kv_handoff, None)):
+        size_mb = envs.SGLANG_VLM_CACHE_SIZE_MB.get()
+    assert size_mb == 0
+    mm_schedule.init_mm_embedding_cache(size_mb * 1024 * 1024)  # as SGLang's KV builder does
+    try:
+        kept = mm_schedule.embedding_cache.set(1234, EmbeddingResult(embedding=torch.ones(8, 4)))
+        assert not kept and mm_schedule.embedding_cache.get_single(1234) is None
+    finally:
+        mm_schedule.init_mm_embedding_cache(100 * 1024 * 1024)
