@@ -337,12 +337,19 @@ class OutputReader:
                            reason.get("status_code") if isinstance(reason, dict) else None)
 
 
+# how SGLang's scheduler words its abort when a sampled token fails the request's grammar
+# (`batch_result_processor.py`; a banned id's -inf bias over a grammar allowing nothing else)
+GRAMMAR_REFUSED = "Grammar accept_token failed"
+
+
 def engine_error(request_id: str, kind: str, message: str, status: int | None = None):
     """SGLang's abort of a request as our error: the client's fault (400) when SGLang says it
-    was a bad request, a lost replica or transfer (retryable) otherwise."""
+    was a bad request; a token its grammar would not take (it aborts the request with a 500,
+    `GRAMMAR_REFUSED`) is the request's own, the same on any replica (500, not retried);
+    otherwise a lost replica or transfer (retryable)."""
     text = f"SGLang ended {request_id}: {kind}" + (f" ({message})" if message else "")
     if status == 400:
         return InvalidRequest(text, request_id=request_id)
-    if kind == "abort":
+    if kind == "abort" and not (message or "").startswith(GRAMMAR_REFUSED):
         return EngineUnavailable(text, request_id=request_id)
     return EngineError(text, request_id=request_id)

@@ -19,7 +19,7 @@ from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.sglang_args import (BOOTSTRAP_FIELDS, GRAMMAR_BACKEND, OutputReader,
                                           generate_args, parse_grammar_key, sampling_args,
                                           server_args)
-from services.errors import EngineUnavailable, InvalidRequest
+from services.errors import EngineError, EngineUnavailable, InvalidRequest
 
 RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
 PROFILE = load_settings("cluster/profiles/h200x16.yaml")
@@ -135,6 +135,11 @@ def test_finish_reasons_and_aborts_map_to_ours():
     with pytest.raises(InvalidRequest):
         reader.finish({"meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
                                                        "message": "too long"}}})
+    # a token the grammar refused fails alike on every replica: not retried
+    with pytest.raises(EngineError, match="accept_token"):
+        reader.finish({"meta_info": {"finish_reason": {
+            "type": "abort", "status_code": 500,
+            "message": "Grammar accept_token failed: token 34 is not allowed"}}})
 
 
 def test_sglang_engine_and_handoff_go_together_on_gpus():
