@@ -27,9 +27,9 @@ from services.settings import StreamSettings, WorkerSettings
 from services.telemetry import metrics, tracing
 from services.workers import router_state
 from services.workers.engine_host import EngineHost
-from services.workers.peer import call, close_stream, stream
+from services.workers.peer import call, close_stream, in_background, stream
 from services.workers.prefill import PrefillReply, PrefillWorker
-from services.workers.prefill_client import (STUCK_GRACE_S, PrefillClient, timings,
+from services.workers.prefill_client import (ABORT_S, STUCK_GRACE_S, PrefillClient, timings,
                                              worth_retrying)
 
 log = logging.getLogger("small4.decode")
@@ -118,11 +118,12 @@ class DecodeWorker(EngineHost):
             tokens = self.engine.decode(
                 replace(request, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 leg.first_token, leg.kv)
+            leg.kv = None  # the engine has it now: ours pinned a second copy the whole decode
             if leg.first_token is not None:  # prefill sampled it
                 first = StreamChunk([leg.first_token], logprobs=(
                     [leg.first_logprob] if leg.first_logprob is not None else None))
             else:  # the decode engine streams from the first token (SGLang)
-                head = await anext(tokens, None)
+                head = await _by_deadline(ctx, anext(tokens, None), request)
                 if head is None:
                     raise EngineError("the decode engine ended before its first token",
                                       request_id=request.request_id)
@@ -140,10 +141,10 @@ class DecodeWorker(EngineHost):
             if first.finish_reason:
                 return
             async with aclosing(coalesce(tokens, self.settings.stream, self._observe_itl)) as chunks:
-                async for chunk in chunks:
-                    if (left := ctx.remaining_s()) is not None and left <= 0:  # caller gone
-                        raise DeadlineExceeded("the request's deadline passed while decoding",
-                                               request_id=request.request_id)
+                # each wait on the engine ends at the deadline: a stalled engine kept the
+                # sequence's KV and batch slot past it, for a caller gone by then
+                while (chunk := await _by_deadline(ctx, anext(chunks, None), request)
+                       ) is not None:
                     outcome["tokens_out"] += len(chunk.token_ids)
                     stream.tokens = outcome["tokens_out"]
                     outcome["finish_reason"] = chunk.finish_reason
@@ -254,7 +255,7 @@ class DecodeWorker(EngineHost):
         """Abort this decode leg if its prefill fails after all; the close of the request."""
         def on_done(task: asyncio.Future) -> None:
             if not task.cancelled() and task.exception() is not None:
-                asyncio.ensure_future(self.engine.abort(request_id))
+                in_background(self.engine.abort(request_id), _ABORTING, ABORT_S)
 
         replied.add_done_callback(on_done)
 
@@ -270,6 +271,20 @@ class DecodeWorker(EngineHost):
 
 async def _nothing() -> None:
     return None
+
+
+async def _by_deadline(ctx: RequestContext, waiting: Awaitable[Any],
+                       request: EngineRequest) -> Any:
+    """`waiting`, or `DeadlineExceeded` once the request's deadline passes first."""
+    try:
+        async with asyncio.timeout(ctx.remaining_s()):
+            return await waiting
+    except TimeoutError:
+        raise DeadlineExceeded("the request's deadline passed while decoding",
+                               request_id=request.request_id) from None
+
+
+_ABORTING: set[asyncio.Task] = set()  # aborts sent in the background, kept until they end
 
 
 def _prefill_left_its_queue(request_id: str, replied: asyncio.Future) -> None:

@@ -88,8 +88,10 @@ class PrefillWorker(EngineHost):
         closes the call (it has the KV, gave up, or was cancelled) and released then. A caller
         may keep it a while: with `n` choices the ingress hands each KV to decode once every
         choice has prefilled, so a choice prefilled early waits for its siblings. A caller
-        that vanished without closing it leaves it held until the request's deadline (at
-        least the handoff's timeout). A KV sent in the reply holds nothing: the call ends."""
+        that vanished without closing it leaves it held until the deadline of the call (the
+        attempt's: `PrefillClient.run` gives each attempt its own), at least the handoff's
+        `timeout_s`; a sibling's retry that outlasts that finds this choice's KV gone and
+        resumes it from its prompt. A KV sent in the reply holds nothing: the call ends."""
         reply = await self.prefill(ctx, request, ticket)
         kept = reply.ticket
         try:

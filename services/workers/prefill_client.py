@@ -47,13 +47,18 @@ class Prefilled:
             await asyncio.shield(close_stream(legs, answered=True))
 
 
+_ABORTING: set[asyncio.Task] = set()
+
+
 class PrefillClient:
     """Prefills of one pool through its sequential handoff (`handoff.concurrent` is False)."""
 
     def __init__(self, prefill: Any, handoff: KVHandoff, settings: KVHandoffSettings,
                  pool: str):
         self.prefill, self.handoff, self.settings, self.pool = prefill, handoff, settings, pool
-        self._aborting: set[asyncio.Task] = set()
+        # the process's: a decode replica makes a client per call, and an abort sent in the
+        # background must outlive it (a task only the event loop refers to may be collected)
+        self._aborting = _ABORTING
 
     async def run(self, ctx: RequestContext, request: EngineRequest, span: Any = None, *,
                   receive: bool = True) -> Prefilled:

@@ -65,3 +65,74 @@ def test_each_attempt_is_its_own_engine_request(app, monkeypatch):
     reply = client.post("/v1/chat/completions", json=BODY)
     assert reply.status_code == 502, reply.text
     assert len(seen) == 2 and seen[1] == f"{seen[0]}.retry1"
+
+
+def test_a_decode_leg_waiting_on_a_stalled_engine_ends_at_the_deadline():
+    """The deadline was checked only when a chunk came: an engine that stalled (here a 4 s
+    step) kept the sequence's KV and batch slot past it, for a caller gone by then. Nor does
+    the leg keep its own copy of the prompt's KV once the engine has it."""
+    import asyncio
+
+    from services.context import RequestContext
+    from services.engines.protocol import EngineRequest, SamplingParams
+    from services.errors import DeadlineExceeded
+    from services.workers.decode import DecodeWorker
+    from services.workers.prefill import PrefillWorker
+
+    worker = parse_settings({"profile": "stall", "auth": {"enabled": False},
+                             "kv_handoff": {"backend": "local"},
+                             "engine": {"kind": "simulated", "simulated": {
+                                 "output": "counter", "decode_step_ms": 4000}}}).worker("fast")
+    decode = DecodeWorker(worker, PrefillWorker(worker))
+
+    async def run():
+        ctx = RequestContext("r", deadline=time.time() + 0.5)
+        start, got = time.monotonic(), []
+        with pytest.raises(DeadlineExceeded):
+            async for chunk in decode.generate(ctx, EngineRequest(
+                    "r", list(range(1, 20)), SamplingParams(max_tokens=50))):
+                got.append(chunk)
+        return time.monotonic() - start, got
+
+    took, got = asyncio.run(run())
+    assert len(got) == 1 and took < 3.0, took  # the first token, then the deadline, not 4 s
+    stats = decode.engine.stats()
+    assert stats.running == 0 and stats.kv_tokens == 0
+
+
+def test_a_decode_leg_lets_go_of_the_prompts_kv_once_its_engine_has_it():
+    """The leg kept the KV it received for its whole decode: beside the engine's own, a second
+    copy of the prompt's KV per running sequence (on Ray, the object store's, pinned)."""
+    import asyncio
+    import gc
+    import weakref
+
+    from services.context import RequestContext
+    from services.engines.protocol import EngineRequest, SamplingParams
+    from services.workers.decode import DecodeWorker
+    from services.workers.prefill import PrefillWorker
+
+    worker = parse_settings({"profile": "kv-copy", "auth": {"enabled": False},
+                             "kv_handoff": {"backend": "local"},
+                             "engine": {"kind": "simulated", "simulated": {
+                                 "output": "counter", "decode_step_ms": 20}}}).worker("fast")
+    decode = DecodeWorker(worker, PrefillWorker(worker))
+    received, real = [], decode.engine.decode
+
+    def recorded(request, first_token, kv):
+        received.append(weakref.ref(kv))
+        return real(request, first_token, kv.copy() if hasattr(kv, "copy") else type(kv)(
+            kv.num_tokens))
+
+    decode.engine.decode = recorded
+
+    async def run():
+        alive = []
+        async for chunk in decode.generate(RequestContext("r"), EngineRequest(
+                "r", list(range(1, 20)), SamplingParams(max_tokens=6))):
+            gc.collect()
+            alive.append(received[0]() is not None if received else None)
+        return alive
+
+    alive = asyncio.run(run())
+    assert alive and not any(alive[1:]), alive  # gone once the engine started
