@@ -17,6 +17,7 @@ against the signatures recorded in `tests/contract/sglang_0.5.23.json` elsewhere
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from services.engines.protocol import EngineRequest, FinishReason, TokenLogprob
@@ -123,8 +124,11 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
     - Tenants: SGLang caches vision-tower embeddings by the image's content hash alone, across
       tenants (the radix cache's `cache_salt` does not reach it): a tenant resending another's
       image would skip the tower, a difference in time that tells it the image was sent. The
-      cache is off (`SGLANG_VLM_CACHE_SIZE_MB=0`); the cost is a tower run per request per
-      image (and per prefill chunk an image spans), not KV (the radix cache keeps that).
+      cache is off (`SGLANG_VLM_CACHE_SIZE_MB=0`). The cost: a tower run per request (the
+      radix cache still keeps the KV), and per prefill chunk that reaches any image row: the
+      images of a request of rows taller than one patch go as one item (SGLang splits an item
+      per image only where each has one offset), so such a chunk runs the tower over all
+      of them.
     """
     wait = math.ceil(kv_handoff.attempt_timeout_s(model.context_length) + PD_TIMEOUT_MARGIN_S)
     env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": str(wait),
@@ -148,9 +152,10 @@ GRAMMAR_PLUGIN = ("sglang.srt.plugins", "small4_mistral_grammar")
 def require_grammar_plugin() -> None:
     """Fail at start-up where SGLang would not find our grammar backend: it loads plugins from
     installed packages' entry points in each of its processes, so a host with SGLang but not
-    this project installed (`PYTHONPATH=.` is not installed) starts, and then refuses every
+    this project installed (a checkout on `PYTHONPATH` is not, unless a build left its
+    metadata there) starts, and then refuses every
     structured-output request (a 400 from its grammar manager, which has no backend of its own
-    under `skip_tokenizer_init`)."""
+    under `skip_tokenizer_init`). Nor where SGLang's `SGLANG_PLUGINS` allowlist leaves it out."""
     from importlib.metadata import entry_points
 
     group, name = GRAMMAR_PLUGIN
@@ -158,6 +163,10 @@ def require_grammar_plugin() -> None:
         raise RuntimeError(f"SGLang would not load this project's grammar backend (entry point "
                            f"{name} in {group}): install the project on this host, "
                            "pip install --no-deps . (or '.[sglang]')")
+    allowed = os.environ.get("SGLANG_PLUGINS", "")  # SGLang's allowlist, when one is set
+    if allowed.strip() and name not in {p.strip() for p in allowed.split(",")}:
+        raise RuntimeError(f"SGLANG_PLUGINS={allowed!r} leaves out {name}, this project's "
+                           "grammar backend: add it, or unset SGLANG_PLUGINS")
 
 
 def require_transfer_backend(backend: str) -> None:
@@ -282,10 +291,17 @@ def image_payload(prompt_ids: list[int], pixel_values: list[Any],
     if len(offsets) != len(pixel_values):
         raise InvalidRequest(f"the prompt holds {len(offsets)} image blocks for "
                              f"{len(pixel_values)} images", param="messages")
+    rows = image_rows(prompt_ids, tokens)
+    placeholders = sum(last - first + 1 for first, last in rows)
+    embeddings = sum((p.shape[-2] // tokens.patch) * (p.shape[-1] // tokens.patch)
+                     for p in pixel_values)
+    if placeholders != embeddings:  # SGLang's forward pass would fail, taking its engine
+        raise EngineError(f"the prompt's image blocks hold {placeholders} [IMG] for "
+                          f"{embeddings} patches of its images")
     batch = torch.from_numpy(np.stack(pixel_values).astype(np.float32, copy=False))
     return [{"format": "processor_output", "pixel_values": batch,
              "image_sizes": [tuple(p.shape[-2:]) for p in pixel_values],
-             "offsets": image_rows(prompt_ids, tokens)}]
+             "offsets": rows}]
 
 
 class OutputReader:
@@ -350,6 +366,8 @@ def engine_error(request_id: str, kind: str, message: str, status: int | None = 
     text = f"SGLang ended {request_id}: {kind}" + (f" ({message})" if message else "")
     if status == 400:
         return InvalidRequest(text, request_id=request_id)
-    if kind == "abort" and not (message or "").startswith(GRAMMAR_REFUSED):
+    # the marker anywhere: a non-streamed call (prefill's) raises it as `HTTPException: 500:
+    # Grammar accept_token failed: …`, a stream ends with it as its abort's message
+    if kind == "abort" and GRAMMAR_REFUSED not in (message or ""):
         return EngineUnavailable(text, request_id=request_id)
     return EngineError(text, request_id=request_id)

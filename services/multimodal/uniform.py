@@ -70,16 +70,21 @@ def relayout(ids: list[int], images: int, tokens: ImageTokens, rows: int,
 def image_rows(ids: list[int], tokens: ImageTokens) -> list[tuple[int, int]]:
     """(first, last) position of each run of `[IMG]` (inclusive): a row of an image's patches,
     as SGLang's own processor finds placeholders (`get_mm_items_offset`). Every position in an
-    offset becomes a placeholder for an embedding; the `[IMG_BREAK]` between rows has none."""
-    runs, start = [], None
+    offset becomes a placeholder for an embedding; the `[IMG_BREAK]` between rows has none.
+    Only runs inside an image's block (up to its `[IMG_END]`) count: an `[IMG]` sampled into
+    a resumed leg's prompt is text there, with no embedding of its own."""
+    runs, block, start = [], [], None
     for i, t in enumerate(ids):
         if t == tokens.img and start is None:
             start = i
         elif t != tokens.img and start is not None:
-            runs.append((start, i - 1))
+            block.append((start, i - 1))
             start = None
-    if start is not None:
-        runs.append((start, len(ids) - 1))
+        if t == tokens.end:  # the block ends: its rows are an image's
+            runs += block
+            block = []
+        elif t != tokens.img and t != tokens.brk:  # text: rows not closed by one are not
+            block = []
     return runs
 
 

@@ -17,8 +17,8 @@ import pytest
 from cluster.settings import load_settings, parse_settings
 from services.engines.protocol import EngineRequest, SamplingParams
 from services.engines.sglang_args import (BOOTSTRAP_FIELDS, GRAMMAR_BACKEND, OutputReader,
-                                          generate_args, parse_grammar_key, sampling_args,
-                                          server_args)
+                                          engine_error, generate_args, parse_grammar_key,
+                                          sampling_args, server_args)
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
 
 RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
@@ -135,11 +135,14 @@ def test_finish_reasons_and_aborts_map_to_ours():
     with pytest.raises(InvalidRequest):
         reader.finish({"meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
                                                        "message": "too long"}}})
-    # a token the grammar refused fails alike on every replica: not retried
+    # a token the grammar refused fails alike on every replica: not retried, whether a
+    # stream's abort says so or a non-streamed call (prefill's) raises it
     with pytest.raises(EngineError, match="accept_token"):
         reader.finish({"meta_info": {"finish_reason": {
             "type": "abort", "status_code": 500,
             "message": "Grammar accept_token failed: token 34 is not allowed"}}})
+    raised = engine_error("r", "abort", "HTTPException: 500: Grammar accept_token failed: x")
+    assert type(raised) is EngineError
 
 
 def test_sglang_engine_and_handoff_go_together_on_gpus():
@@ -319,11 +322,13 @@ def test_a_cancelled_prefill_attempt_aborts_its_own_rid_not_its_retrys():
 
 
 def test_an_engine_host_without_our_grammar_backend_installed_fails_at_start(monkeypatch):
-    """SGLang loads plugins from installed entry points only: a GPU host running the project
-    from its source (`PYTHONPATH=.`) started, then answered every structured-output request
-    with SGLang's 400 (no grammar backend). The entry point checked is pyproject's."""
+    """SGLang loads plugins from installed entry points only (and of those, what its
+    `SGLANG_PLUGINS` allowlist names): a GPU host running the project from its source started,
+    then answered every structured-output request with SGLang's 400 (no grammar backend).
+    The entry point checked is pyproject's."""
     import importlib.metadata
     import tomllib
+    from types import SimpleNamespace
 
     from services.engines import sglang_args
 
@@ -331,7 +336,17 @@ def test_an_engine_host_without_our_grammar_backend_installed_fails_at_start(mon
     group, name = sglang_args.GRAMMAR_PLUGIN
     assert project["project"]["entry-points"][group][name] == \
         "services.engines.sglang_grammar:install"
-    sglang_args.require_grammar_plugin()  # this project is installed here
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [])
+    installed = [SimpleNamespace(name="other"), SimpleNamespace(name=name)]
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: installed if group == sglang_args.GRAMMAR_PLUGIN[0] else [])
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    sglang_args.require_grammar_plugin()
+    monkeypatch.setenv("SGLANG_PLUGINS", f"other, {name}")
+    sglang_args.require_grammar_plugin()
+    monkeypatch.setenv("SGLANG_PLUGINS", "other")
+    with pytest.raises(RuntimeError, match="leaves out"):
+        sglang_args.require_grammar_plugin()
+    monkeypatch.delenv("SGLANG_PLUGINS")
+    installed.pop()
     with pytest.raises(RuntimeError, match="pip install --no-deps"):
         sglang_args.require_grammar_plugin()

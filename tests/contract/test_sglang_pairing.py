@@ -97,6 +97,12 @@ def test_images_go_as_one_tensor_item_with_their_rows_as_offsets():
     assert image_payload([1, 2], [], TOKENS) == []
     with pytest.raises(InvalidRequest, match="1 image blocks for 2 images"):
         image_payload([1] + image_block(2, 4), pixels, TOKENS)
+    # a resumed leg's prompt: [IMG]s it sampled are text, not placeholders
+    resumed = image_payload(ids + [55, 10, 10], pixels, TOKENS)
+    assert resumed[0]["offsets"] == items[0]["offsets"]
+    # blocks that would pad more placeholders than the images have patches: never sent
+    with pytest.raises(EngineError, match="hold 16 \\[IMG\\] for 8 patches"):
+        image_payload(ids, [p[:, :28, :] for p in pixels], TOKENS)
 
 
 def test_images_of_several_sizes_must_have_been_made_one_size():

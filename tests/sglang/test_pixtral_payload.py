@@ -80,10 +80,15 @@ def through_sglang(sglang_side, ids, payload):
     return out, embeddings
 
 
-@pytest.mark.parametrize("count", [1, 2, 8])
-def test_images_reach_the_vision_tower_where_our_encoding_put_them(count, tokenizer,
+ONE_ROW = [((100, 20), "RGB"), ((56, 28), "RGB")]  # SGLang splits these into an item each
+
+
+@pytest.mark.parametrize("sizes", [SIZES_MODES[:1], SIZES_MODES[:2], SIZES_MODES, ONE_ROW],
+                         ids=["1", "2", "8", "one-row"])
+def test_images_reach_the_vision_tower_where_our_encoding_put_them(sizes, tokenizer,
                                                                     sglang_side):
-    images = [Image.new(mode, size, 90) for size, mode in SIZES_MODES[:count]]
+    count = len(sizes)
+    images = [Image.new(mode, size, 90) for size, mode in sizes]
     encoded = encode(tokenizer, images)
     tokens = ImageTokens.of(tokenizer)
     uniform = uniform_image_sizes(encoded, tokens)  # what the multimodal service sends
@@ -94,7 +99,7 @@ def test_images_reach_the_vision_tower_where_our_encoding_put_them(count, tokeni
     assert list(out.input_ids) == ids, "SGLang re-tokenised or re-laid-out our prompt"
     assert len(image_offsets(ids, tokens)) == count
     offsets = [o for it in out.mm_items for o in it.offsets]
-    assert offsets == image_rows(ids, tokens), "the placeholders SGLang's processor would find"
+    assert offsets == image_rows(ids, tokens), "SGLang kept the rows we sent, in order"
     assert embeddings.shape[0] == ids.count(tokens.img), "one embedding per [IMG]"
     # and through the forward pass's own embedding step, where placeholders meet embeddings
     # (an offset over a whole image padded its [IMG_BREAK]s too: more placeholders than

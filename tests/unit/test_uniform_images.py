@@ -30,6 +30,9 @@ def test_images_of_several_sizes_are_padded_to_one_and_laid_out_again():
     # SGLang's placeholders: the [IMG] runs, one per row, never an [IMG_BREAK] between them
     assert image_rows(out.ids, TOKENS) == [(1, 4), (6, 9), (11, 14), (17, 20), (22, 25),
                                            (27, 30)]
+    # an [IMG] sampled into a resumed leg's prompt is no image's row (it has no embedding)
+    assert image_rows([10, 10, 5] + out.ids + [55, 10, 10], TOKENS) == [
+        (a + 3, b + 3) for a, b in image_rows(out.ids, TOKENS)]
     assert float(out.images[1][:, :, :28].min()) == 1.0
     assert float(np.abs(out.images[1][:, :, 28:]).max()) == 0.0  # the mean colour
 
