@@ -255,7 +255,7 @@ class DecodeWorker(EngineHost):
         """Abort this decode leg if its prefill fails after all; the close of the request."""
         def on_done(task: asyncio.Future) -> None:
             if not task.cancelled() and task.exception() is not None:
-                in_background(self.engine.abort(request_id), _ABORTING, ABORT_S)
+                in_background(self.engine.abort(request_id), timeout_s=ABORT_S)
 
         replied.add_done_callback(on_done)
 
@@ -282,9 +282,6 @@ async def _by_deadline(ctx: RequestContext, waiting: Awaitable[Any],
     except TimeoutError:
         raise DeadlineExceeded("the request's deadline passed while decoding",
                                request_id=request.request_id) from None
-
-
-_ABORTING: set[asyncio.Task] = set()  # aborts sent in the background, kept until they end
 
 
 def _prefill_left_its_queue(request_id: str, replied: asyncio.Future) -> None:

@@ -98,10 +98,12 @@ def _collect(loop: asyncio.AbstractEventLoop) -> None:
         _scheduled[loop] = loop.call_later(COLLECT_AFTER_S, _collect, loop)
 
 
-def in_background(work: Coroutine[Any, Any, Any], tasks: set[asyncio.Task],
+def in_background(work: Coroutine[Any, Any, Any], tasks: set[asyncio.Task] | None = None,
                   timeout_s: float | None = None) -> None:
     """Run `work` (a call nobody waits for: a release, an abort) as a task kept in `tasks`
-    until it ends, its failure retrieved (a lost call is not an unhandled error); cancelled
+    (the process's own set by default: a task only the event loop refers to may be collected
+    before it ends) until it ends, its failure retrieved (a lost call is not an unhandled
+    error); cancelled
     after `timeout_s` (a call Serve cannot place, with no replica to take it, would wait in
     its router, and in `tasks`, for ever).
 
@@ -113,8 +115,12 @@ def in_background(work: Coroutine[Any, Any, Any], tasks: set[asyncio.Task],
     task = asyncio.get_running_loop().create_task(
         work if timeout_s is None else asyncio.wait_for(work, timeout_s),
         context=contextvars.Context())
+    tasks = _BACKGROUND if tasks is None else tasks
     tasks.add(task)
     task.add_done_callback(_forget(tasks))
+
+
+_BACKGROUND: set[asyncio.Task] = set()
 
 
 def _forget(tasks: set[asyncio.Task]) -> Callable[[asyncio.Task], None]:

@@ -47,18 +47,12 @@ class Prefilled:
             await asyncio.shield(close_stream(legs, answered=True))
 
 
-_ABORTING: set[asyncio.Task] = set()
-
-
 class PrefillClient:
     """Prefills of one pool through its sequential handoff (`handoff.concurrent` is False)."""
 
     def __init__(self, prefill: Any, handoff: KVHandoff, settings: KVHandoffSettings,
                  pool: str):
         self.prefill, self.handoff, self.settings, self.pool = prefill, handoff, settings, pool
-        # the process's: a decode replica makes a client per call, and an abort sent in the
-        # background must outlive it (a task only the event loop refers to may be collected)
-        self._aborting = _ABORTING
 
     async def run(self, ctx: RequestContext, request: EngineRequest, span: Any = None, *,
                   receive: bool = True) -> Prefilled:
@@ -68,8 +62,9 @@ class PrefillClient:
         much as one that never replied — so when the replica dies, fails as unavailable, does
         not finish within its attempt's time, or its KV does not arrive, the whole attempt is
         made again (Serve routes the new call to any live replica), up to `prefill_attempts`
-        times (fewer where `ctx.attempts` says so), each with a transfer of its own. Each attempt carries its deadline, which the
-        prefill replica enforces itself (freeing what it holds); waiting a little longer here
+        times (fewer where `ctx.attempts` says so), each with a transfer of its own. Each
+        attempt carries its deadline, which the prefill replica enforces itself (freeing what
+        it holds); waiting a little longer here
         covers a replica too stuck to answer at all. The prefill replica keeps the KV until
         the call it replied in is closed: here once the attempt is over, or, without
         `receive`, by the caller once the KV was received elsewhere (`Prefilled.close`)."""
@@ -116,7 +111,7 @@ class PrefillClient:
                     # that made this attempt late, and a retry must not wait behind it)
                     # (for ABORT_S at most: the replica may be gone, its KV with it, or busy)
                     in_background(call(self.prefill, PrefillWorker.abort, request.request_id),
-                                  self._aborting, ABORT_S)
+                                  timeout_s=ABORT_S)
                 if cancelled:
                     raise
                 if not worth_retrying(exc):
