@@ -129,9 +129,9 @@ def _max_tokens_field(req: ChatCompletionRequest) -> str:
 
 def _request_text_bytes(req: ChatCompletionRequest) -> int:
     """Bytes of everything textual that reaches the prompt: contents, earlier turns'
-    reasoning and refusals, calls, tools."""
-    text = sum(_text_bytes(m.content) + _calls_bytes(m) + _reasoning_bytes(m)
-               for m in req.messages)
+    reasoning, calls, tools (a refused turn's refusal is its content, `AssistantMessage`)."""
+    text = sum(_text_bytes(m.content) + _calls_bytes(m)
+               + _text_bytes(getattr(m, "reasoning_content", None)) for m in req.messages)
     return text + sum(_json_bytes(t.model_dump())
                       for t in (req.tools if req.tools_offered else ()))
 
@@ -160,14 +160,6 @@ def _calls_bytes(message) -> int:
         functions.append(message.function_call)
     return sum(len(f.name.encode("utf-8", "surrogatepass"))
                + len(f.arguments.encode("utf-8", "surrogatepass")) for f in functions)
-
-
-def _reasoning_bytes(message) -> int:
-    """An earlier turn's reasoning reaches the prompt as written (under either name), as does
-    a refused turn's refusal (its text)."""
-    return _text_bytes(getattr(message, "reasoning_content", None)
-                       or getattr(message, "reasoning", None)) + _text_bytes(
-        getattr(message, "refusal", None))
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

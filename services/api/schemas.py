@@ -86,6 +86,16 @@ class UserMessage(_Wire):
 
 
 class AssistantMessage(_Wire):
+    """An earlier assistant turn, as the model's prompt carries it.
+
+    Its reasoning stays, as the model wrote it and as mistral-common encodes it
+    (`[THINK]…[/THINK]` before the turn's answer or calls): dropped, the model would see its
+    answer without the reasoning it followed, the prompt would stop matching the KV cached
+    when that turn was generated, and a turn that is reasoning alone (an answer cut by
+    `max_tokens`) would be an empty message that cannot be encoded. vLLM's name for it,
+    `reasoning`, is the same field. A refusal (OpenAI's shape for a turn the model declined:
+    no content) is that turn's text. An audio answer names audio this model never made."""
+
     role: Literal["assistant"]
     content: str | TextParts | None = None
     name: NoName = None
@@ -98,6 +108,9 @@ class AssistantMessage(_Wire):
     audio: None = Field(None, description="an earlier audio answer: this model answers in "
                         "text, so none can be part of its conversation")
 
+    prefix: StrictBool | None = Field(
+        None, description="Mistral's prefill: the last message, an assistant's, is continued")
+
     @field_validator("audio", mode="before")
     @classmethod
     def _no_audio(cls, value):
@@ -105,8 +118,31 @@ class AssistantMessage(_Wire):
             raise ValueError("this model answers in text; an earlier audio answer cannot be "
                              "part of its conversation")
         return value
-    prefix: StrictBool | None = Field(
-        None, description="Mistral's prefill: the last message, an assistant's, is continued")
+
+    @field_validator("reasoning")
+    @classmethod
+    def _one_reasoning(cls, value, info):
+        given = info.data.get("reasoning_content")
+        if value is not None and given is not None and given != value:
+            raise ValueError("reasoning and reasoning_content are two names for one field; "
+                             "they differ here")
+        return value
+
+    @field_validator("refusal")
+    @classmethod
+    def _content_or_refusal(cls, value, info):
+        if value and info.data.get("content"):
+            raise ValueError("an assistant turn is its content or its refusal, not both")
+        return value
+
+    @model_validator(mode="after")
+    def _as_the_prompt_carries_it(self):
+        """One name for the reasoning, the refusal as the turn's text (see the class)."""
+        if self.reasoning is not None:
+            self.reasoning_content, self.reasoning = self.reasoning, None
+        if self.refusal:
+            self.content, self.refusal = self.refusal, None
+        return self
 
 
 class ToolMessage(_Wire):
@@ -371,8 +407,6 @@ class ChatCompletionRequest(_Wire):
                 item = {"role": "tool", "tool_call_id": legacy,
                         "content": item.get("content") or ""}
                 legacy = None  # one result per call
-            if item["role"] == "assistant":
-                _assistant_turn(item, i)
             if not item.get("prefix", True):
                 item.pop("prefix")
             out.append(item)
@@ -383,28 +417,6 @@ class ChatCompletionRequest(_Wire):
     def tools_offered(self) -> bool:
         """Whether the model is shown the tools (`tool_choice: none` hides them)."""
         return bool(self.tools) and self.tool_choice != "none"
-
-
-def _assistant_turn(item: dict[str, Any], i: int) -> None:
-    """An earlier assistant turn as the model's prompt carries it.
-
-    Its reasoning stays, as the model wrote it and as mistral-common encodes it
-    (`[THINK]…[/THINK]` before the turn's answer or calls): dropped, the model would see its
-    answer without the reasoning it followed, the prompt would stop matching the KV cached
-    when that turn was generated, and a turn that is reasoning alone (an answer cut by
-    `max_tokens`) would be an empty message that cannot be encoded. A refusal (OpenAI's shape
-    for a turn the model declined: no content) is that turn's text. An audio answer's id
-    names audio this model never made: refused by the schema."""
-    refusal = item.pop("refusal", None)
-    if refusal:
-        if item.get("content"):
-            raise InvalidRequest(f"messages.{i}.refusal: an assistant turn is its content or "
-                                 "its refusal, not both", param=f"messages.{i}.refusal")
-        item["content"] = refusal
-    named = item.pop("reasoning", None)
-    if named is not None and item.setdefault("reasoning_content", named) != named:
-        raise InvalidRequest(f"messages.{i}: reasoning and reasoning_content are two names for "
-                             "one field; they differ here", param=f"messages.{i}.reasoning")
 
 
 def _every_call_answered(messages: list[dict[str, Any]]) -> None:

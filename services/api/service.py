@@ -124,7 +124,6 @@ class RequestService:
         self.uploads = Uploads(settings.limits)
         self.token_bytes = _max_token_bytes(self.tokenizer)
         self.marks = OutputMarks.of(self.tokenizer)
-        self._releasing: set[asyncio.Task] = set()
         self._compiling = asyncio.Semaphore(settings.limits.max_concurrent_compiles)
         tracing.configure(settings.telemetry.tracing, role="ingress")
 
@@ -285,8 +284,8 @@ class RequestService:
         slot of that replica behind its encodes; given up sooner, it left the pixels held,
         and counted against `max_held_bytes`, until the deadline all the same."""
         left = 0.0 if deadline is None else deadline - time.time()
-        in_background(call(self.multimodal, MultimodalWorker.release, owner), self._releasing,
-                      max(RELEASE_S, left))
+        in_background(call(self.multimodal, MultimodalWorker.release, owner),
+                      timeout_s=max(RELEASE_S, left))
 
     async def _constrain(self, plan: RequestPlan, deadline: float) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools), waited
@@ -573,8 +572,8 @@ class _Choice:
                 # a failed handoff resumes where the leg had one try: a KV prefilled from
                 # here that decode did not receive, or a resumed leg's one prefill (a first leg
                 # that failed all its `prefill_attempts` is not given more)
-                handed = self.prefilled is not None or self.resumes > 0
-                if not (retryable(exc) or (handed and isinstance(exc, KVHandoffFailed))):
+                one_try = self.prefilled is not None or self.resumes > 0
+                if not (retryable(exc) or (one_try and isinstance(exc, KVHandoffFailed))):
                     raise
                 if (finish := self._finished()) is not None:
                     # the leg failed after its last token, before saying so: nothing to resume

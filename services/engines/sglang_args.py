@@ -153,9 +153,9 @@ def require_grammar_plugin() -> None:
     """Fail at start-up where SGLang would not find our grammar backend: it loads plugins from
     installed packages' entry points in each of its processes, so a host with SGLang but not
     this project installed (a checkout on `PYTHONPATH` is not, unless a build left its
-    metadata there) starts, and then refuses every
-    structured-output request (a 400 from its grammar manager, which has no backend of its own
-    under `skip_tokenizer_init`). Nor where SGLang's `SGLANG_PLUGINS` allowlist leaves it out."""
+    metadata there) starts, and then refuses every structured-output request (a 400 from its
+    grammar manager, which has no backend of its own under `skip_tokenizer_init`). Nor where
+    SGLang's `SGLANG_PLUGINS` allowlist leaves it out."""
     from importlib.metadata import entry_points
 
     group, name = GRAMMAR_PLUGIN
