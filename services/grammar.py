@@ -21,6 +21,7 @@ Decisions where the spec leaves room:
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any
@@ -36,6 +37,7 @@ _THINK_RULE = "think: {{ begin_think_token }} content {{ end_think_token }}"
 _TEXT_BEFORE_CALLS = "fcalls: content? {{ fcall }}"
 _BUDGETED_THINK_RULE = ("think: {{ begin_think_token }} reasoning {{ end_think_token }}\n"
                         "reasoning[max_tokens=%d]: /(.|\\n)+/")
+MATCHERS_KEPT = 64  # built matchers kept per process, by grammar (`Guidance._matcher`)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,11 @@ class Guidance:
 
     def __init__(self, tokenizer: PromptTokenizer):
         self.tokenizer = tokenizer
+        # a matcher per grammar, built once (a large schema's takes a tenth of a second and
+        # more) and copied for each sequence; the engine threads and the ingress's compile
+        # threads share it
+        self._matchers: OrderedDict[str, Any] = OrderedDict()
+        self._matchers_lock = threading.Lock()
 
     @cached_property
     def factory(self):
@@ -117,7 +124,11 @@ class Guidance:
     def grammar(self, spec: StructuredRequest) -> str | None:
         """The Lark grammar for a request, checked by the compiler against this tokenizer; None
         when unconstrained. Raises `InvalidRequest` naming the field it could not be built
-        from. The engines compile it into a matcher per sequence (`constraint`)."""
+        from: what the compiler's check refuses, and what it passes but cannot build a matcher
+        of (llguidance's check does not build one: a schema of a few KB of nested `anyOf`s
+        passes it, and its matcher is born stopped, allowing only the end of the answer, an
+        empty 200 where a schema was promised). The engines copy that matcher per sequence
+        (`constraint`)."""
         if not spec.constrained:
             return None
         from mistral_common.exceptions import MistralCommonException
@@ -136,6 +147,8 @@ class Guidance:
         except (MistralCommonException, ValueError, TypeError) as exc:
             raise InvalidRequest(f"{field_of(spec)}: {clip(reason(exc))}",
                                  param=field_of(spec)) from None
+        if not error and (matcher := self._matcher(lark)).is_error():
+            error = matcher.get_error()
         if error:
             raise InvalidRequest(f"{field_of(spec)}: the grammar compiler cannot take this "
                                  f"schema: {clip(error.splitlines()[0])}", param=field_of(spec))
@@ -144,15 +157,34 @@ class Guidance:
     def constraint(self, grammar: str, history: tuple[int, ...] = ()) -> Constraint:
         """A fresh matcher for `grammar`, advanced over tokens already generated (`history`:
         a stream resumed on another replica, or decode after the first token)."""
+        built = self._matcher(grammar)
+        if built.is_error():  # refused at the ingress (`grammar`); never sampled unconstrained
+            raise InvalidRequest("the request's grammar (from response_format or tools) cannot "
+                                 f"be built: {clip(built.get_error().splitlines()[0])}",
+                                 param="response_format")
+        constraint = Constraint(built.deep_copy(), self.vocab_size)
+        for token in history:
+            constraint.advance(token)
+        return constraint
+
+    def _matcher(self, grammar: str):
+        """The matcher built for `grammar` in its initial state (never advanced: callers copy
+        it), the last `MATCHERS_KEPT` grammars kept."""
+        with self._matchers_lock:
+            matcher = self._matchers.get(grammar)
+            if matcher is not None:
+                self._matchers.move_to_end(grammar)
+                return matcher
         import llguidance
 
         matcher = llguidance.LLMatcher(self.llg_tokenizer,
                                        llguidance.LLMatcher.grammar_from_lark(grammar),
                                        log_level=0)
-        constraint = Constraint(matcher, self.vocab_size)
-        for token in history:
-            constraint.advance(token)
-        return constraint
+        with self._matchers_lock:
+            self._matchers[grammar] = matcher
+            while len(self._matchers) > MATCHERS_KEPT:
+                self._matchers.popitem(last=False)
+        return matcher
 
     def _template(self, spec: StructuredRequest) -> str:
         from mistral_common.guidance import grammar_factory as gf

@@ -147,6 +147,49 @@ def test_a_schema_the_compiler_cannot_take_is_refused_naming_the_field(guidance,
     assert words in caught.value.message and "validation error" not in caught.value.message
 
 
+def _unbuildable_schema() -> dict:
+    """~5 KB of nested `anyOf`s that llguidance's grammar check passes and whose matcher it
+    cannot build (too many symbols): a stopped matcher, which allows only the end."""
+    return {"allOf": [{"anyOf": [{"type": "object", "properties": {f"p{j}_{i}": {
+        "type": "integer"}}, "required": [f"p{j}_{i}"]} for i in range(18)]} for j in range(3)]}
+
+
+def test_a_schema_the_compiler_checks_but_cannot_build_is_refused_naming_the_field(
+        guidance, tokenizer):
+    import llguidance
+
+    from services.grammar import _mistral_request
+
+    spec = StructuredRequest(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": _unbuildable_schema()}})
+    lark = guidance.factory.get_grammar_for_chat_request(_mistral_request(spec),
+                                                         guidance._template(spec))
+    # what the check alone let through (the premise: llguidance's check passes it)
+    assert not llguidance.LLMatcher.validate_grammar(
+        llguidance.LLMatcher.grammar_from_lark(lark), guidance.llg_tokenizer)
+    with pytest.raises(InvalidRequest) as caught:
+        guidance.grammar(spec)
+    assert caught.value.param == "response_format.json_schema"
+    assert "cannot take this schema" in caught.value.message
+    # and an engine handed such a grammar refuses it rather than sample an empty answer
+    with pytest.raises(InvalidRequest):
+        Sampler(SamplingParams(max_tokens=8, grammar=lark), guidance)
+
+
+def test_each_sequence_gets_its_own_matcher_of_a_grammar_built_once(guidance, tokenizer):
+    """Matchers are built once per grammar and copied: one sequence's progress is not
+    another's (a fresh sampler of the same grammar starts at the beginning)."""
+    grammar = guidance.grammar(StructuredRequest(response_format=JSON_SCHEMA))
+    params = SamplingParams(max_tokens=200, grammar=grammar, temperature=0.0)
+    logits = torch.randn(40, tokenizer.vocab_size, generator=torch.Generator().manual_seed(5))
+    first = Sampler(params, guidance)
+    one = [sample_batch([first], logits[i:i + 1].clone(), [i])[0][0] for i in range(40)]
+    second = Sampler(params, guidance)  # after the first has advanced
+    two = [sample_batch([second], logits[i:i + 1].clone(), [i])[0][0] for i in range(40)]
+    assert one == two
+    assert guidance.constraint(grammar).matcher is not guidance.constraint(grammar).matcher
+
+
 def test_a_named_tool_that_is_not_offered_is_refused(guidance):
     with pytest.raises(InvalidRequest) as caught:
         guidance.grammar(StructuredRequest(tools=[WEATHER], tool_choice={
