@@ -16,9 +16,10 @@ from pydantic import Field, ValidationError, model_validator
 from autoscaling.serve_policy import AutoscalingSettings
 from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
-from services.settings import (EngineSettings, IngressSettings, ModelSettings,
-                               MultimodalWorkerSettings, PrefixRoutingSettings, ServiceSettings,
-                               Strict, WorkerSettings)
+from services.kv.backends import SEQUENTIAL
+from services.settings import (EngineSettings, IngressSettings, KVHandoffSettings,
+                               ModelSettings, MultimodalWorkerSettings, PrefixRoutingSettings,
+                               ServiceSettings, Strict, WorkerSettings)
 
 ROLES = ("prefill", "decode")
 
@@ -117,7 +118,8 @@ class StackSettings(ServiceSettings):
         default = max(2 * self.engine.max_running_requests, 64) if role == "decode" else 64
         options = deployment_options(settings, settings.max_ongoing_requests or default)
         if role == "prefill" and settings.highest > 1:
-            options |= prefill_router_options(self.routing.prefix, self.engine, self.model)
+            options |= prefill_router_options(self.routing.prefix, self.engine, self.model,
+                                              self.kv_handoff)
         if not (self.autoscaling.enabled and settings.scalable):
             return options
         options.pop("num_replicas")
@@ -194,8 +196,12 @@ def parse_settings(data: dict[str, Any] | None) -> StackSettings:
 
 
 def prefill_router_options(prefix: PrefixRoutingSettings, engine: EngineSettings,
-                           model: ModelSettings | None = None) -> dict[str, Any]:
-    """`request_router_config` of a prefill deployment that may run more than one replica."""
+                           model: ModelSettings | None = None,
+                           kv_handoff: KVHandoffSettings | None = None) -> dict[str, Any]:
+    """`request_router_config` of a prefill deployment that may run more than one replica.
+    On a concurrent handoff (`paired`, `sglang`) a prefill call stays open until its decode
+    stream ends, so Serve's probe of a replica counts streams, not queued prefills: the router
+    is told not to read other routers' calls from it."""
     if prefix.router == "serve_default":
         return {}
     if prefix.router == "cache_aware" and engine.kind != "sglang" and not \
@@ -217,6 +223,8 @@ def prefill_router_options(prefix: PrefixRoutingSettings, engine: EngineSettings
                                "load_half_life_s": prefix.load_half_life_s,
                                "recompute_weight": prefix.recompute_weight,
                                "share_interval_s": prefix.share_interval_s,
+                               "probe_others": kv_handoff is None
+                               or kv_handoff.backend in SEQUENTIAL,
                                # where the router finds the image marker's id: the tokenizer
                                # its process already loaded (ingress or decode replica)
                                "model": model.model_dump(mode="json") if model else None})}

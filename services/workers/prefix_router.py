@@ -34,6 +34,7 @@ history wherever the last turn was routed from. With one replica the router only
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import OrderedDict
@@ -59,6 +60,9 @@ class _Routed:
     request_id: str | None  # the EngineRequest's: what a prefill reply names (None: no prefill)
     tokens: int  # uncached prompt tokens expected to run there; 0 once the prefill reported
     prefilling: bool = False  # counted in `CacheAwareRouter.prefilling` until it reports
+    blocks: int = 0  # blocks it added to the replica's index that its prefill has yet to fill
+    tracked: bool = False  # settled by its own result's completion, not by Serve's hook
+    settled: bool = False
 
 
 class CacheAwareRouter(PerCallMatch, RequestRouter):
@@ -68,7 +72,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
                          max_imbalance: float = 1.5, load_blocks: float = 3.0,
                          load_half_life_s: float = 30.0, recompute_weight: float = 1.0,
                          share_interval_s: float = 0.1, model: dict | None = None,
-                         **_: Any) -> None:
+                         probe_others: bool = True, **_: Any) -> None:
         self.keys = PrefixCache(block_tokens, capacity_tokens)  # its chain(), nothing stored
         self.model = model  # the served model's settings (its tokenizer), as a dict
         self.block_tokens = block_tokens
@@ -77,6 +81,9 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.load_tokens = load_blocks * block_tokens  # per recent request
         self.load_half_life_s = load_half_life_s
         self.recompute_weight = recompute_weight
+        # whether Serve's probe of a replica counts calls that are prefilling (sequential
+        # handoffs); on a concurrent one it counts open decode streams (`prefill_router_options`)
+        self.probe_others = probe_others
         self.recent: dict[ReplicaID, tuple[float, float]] = {}  # (decayed requests, at time)
         self.index: dict[ReplicaID, OrderedDict[bytes, None]] = {}
         self.queued: dict[ReplicaID, int] = {}  # uncached tokens routed, not yet prefilled
@@ -84,6 +91,9 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         # prefills routed, not yet reported done: a call stays open after (its KV held for
         # decode; on the concurrent handoff until its decode stream ends), not in this count
         self.prefilling: dict[ReplicaID, int] = {}
+        # blocks indexed for prefills not yet reported done: not in a replica's report yet
+        self.unfilled: dict[ReplicaID, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop Serve routes on
         # the calls routed and not completed, by internal request id: every call one request
         # makes shares its id (its `n` prefills, an abort beside a retry; `call_match`)
         self.routed: dict[str, list[_Routed]] = {}
@@ -152,8 +162,11 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
 
     def queued_tokens(self, replica: RunningReplica) -> float:
         """Prefill tokens ahead of a new request there: this router's own not yet prefilled,
-        and the mean uncached prompt for each call Serve's probe sees beyond this router's."""
+        and the mean uncached prompt for each call Serve's probe sees beyond this router's
+        (where the probe counts prefills: `probe_others`)."""
         rid = replica.replica_id
+        if not self.probe_others:
+            return self.queued.get(rid, 0)
         probed = self.replica_queue_len_cache.get(rid) or 0
         others = max(0, probed - self.open.get(rid, 0))
         return self.queued.get(rid, 0) + others * self.mean_uncached
@@ -226,7 +239,7 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         calls = self.routed.setdefault(internal, [])
         request = _engine_request(pending_request)
         if request is None:  # no prefill (an abort): open until it completes, like any call
-            calls.append(_Routed(replica_id, None, 0))
+            calls.append(self._track(_Routed(replica_id, None, 0), internal, result))
             self.open[replica_id] = self.open.get(replica_id, 0) + 1
             return
         chain = self._take_chain(pending_request, request)
@@ -235,9 +248,11 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         tokens = prompt - hit
         for earlier in [c for c in calls if c.request_id == request.request_id]:
             self._settle(internal, earlier)  # a retried call: its earlier leg no longer counts
-        routed = _Routed(replica_id, request.request_id, tokens, prefilling=True)
+        routed = _Routed(replica_id, request.request_id, tokens, prefilling=True,
+                         blocks=max(0, len(chain) - hit // self.block_tokens))
         self.prefilling[replica_id] = self.prefilling.get(replica_id, 0) + 1
-        self.routed.setdefault(internal, []).append(routed)
+        self.unfilled[replica_id] = self.unfilled.get(replica_id, 0) + routed.blocks
+        self.routed.setdefault(internal, []).append(self._track(routed, internal, result))
         self.by_request[request.request_id] = routed
         self.queued[replica_id] = self.queued.get(replica_id, 0) + tokens
         self.open[replica_id] = self.open.get(replica_id, 0) + 1
@@ -249,6 +264,23 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self._remember(replica_id, chain)
         if self.sharing is not None:
             self.sharing.routed(replica_id, chain)
+
+    def _track(self, routed: _Routed, internal: str, result: Any) -> _Routed:
+        """Settle `routed` when its own call's result completes. Serve's completion hook names
+        only the replica and the request's internal id, which a request's calls share, and it
+        also fires for a call the replica rejected (never routed: Serve cancels it and routes
+        it again), which would settle a routed sibling's accounting in its place. Serve runs
+        result callbacks on other threads: the settling is put on this router's loop."""
+        if result is None or not hasattr(result, "add_done_callback"):
+            return routed  # (tests) settled by the hook
+        try:
+            loop = self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return routed
+        routed.tracked = True
+        result.add_done_callback(
+            lambda _: _soon(loop, self._settle, internal, routed))
+        return routed
 
     def learn(self, replica_id: ReplicaID, chain: list[bytes]) -> None:
         """Another router of this deployment sent a prompt of `chain` to `replica_id` (news of
@@ -271,6 +303,20 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
     def _connect(self):
         return prefix_exchange.actor_log(self._deployment_id.app_name, self._deployment_id.name)
 
+    def report(self, replica_unique_id: str, held_tokens: int | None,
+               request_id: str | None, cached_tokens: int) -> None:
+        """What a prefill reply says (`router_state.correct`), applied on this router's loop:
+        with `ray.throughput_optimized` off, Serve routes on a loop of its own, on another
+        thread than the caller's code that hands the reply here."""
+        if self._loop is not None and self._loop is not _running_loop():
+            _soon(self._loop, self.report, replica_unique_id, held_tokens, request_id,
+                  cached_tokens)
+            return
+        if request_id is not None:  # first: the held count includes this prefill's blocks
+            self.prefilled(request_id, cached_tokens)
+        if held_tokens is not None:
+            self.correct_replica(replica_unique_id, held_tokens)
+
     def prefilled(self, request_id: str, cached_tokens: int) -> None:
         """The prefill of `request_id` ran (its reply came back, naming `cached_tokens`): its
         tokens leave the replica's queue now, not when the call closes after the KV handoff."""
@@ -287,12 +333,16 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         """One of the request's calls to `replica_id` completed. Serve names only the request,
         so among its calls there, one whose prefill reported (or that had none) is taken
         first: a call completes after its prefill's reply, so it is most likely that one."""
-        calls = [c for c in self.routed.get(internal_request_id, ()) if c.replica == replica_id]
+        calls = [c for c in self.routed.get(internal_request_id, ())
+                 if c.replica == replica_id and not c.tracked]
         if calls:
             self._settle(internal_request_id,
                          next((c for c in calls if not c.tokens), calls[0]))
 
     def _settle(self, internal_request_id: str, routed: _Routed) -> None:
+        if routed.settled:  # (a retried call's earlier leg, then its own completion)
+            return
+        routed.settled = True
         calls = self.routed.get(internal_request_id, [])
         if routed in calls:
             calls.remove(routed)
@@ -311,6 +361,9 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
             routed.prefilling = False
             if routed.replica in self.prefilling:
                 self.prefilling[routed.replica] = max(0, self.prefilling[routed.replica] - 1)
+            if routed.replica in self.unfilled:
+                self.unfilled[routed.replica] = max(0, self.unfilled[routed.replica]
+                                                    - routed.blocks)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -333,16 +386,36 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         self.queued.pop(replica_id, None)
         self.open.pop(replica_id, None)
         self.prefilling.pop(replica_id, None)
+        self.unfilled.pop(replica_id, None)
         self.recent.pop(replica_id, None)
 
     def correct_replica(self, replica_unique_id: str, held_tokens: int) -> None:
         """The engine of `replica_unique_id` holds `held_tokens` of prompt KV now: keep no more
         than that many of the most recent blocks in its index (its evictions, as they happened,
-        including those other callers' prompts caused)."""
+        including those other callers' prompts caused), beside the blocks of this router's
+        prefills still running there (indexed when routed, not held yet: counting them as
+        held would trim as many blocks the engine does hold)."""
         for replica, index in list(self.index.items()):  # the router loop may add one
             if replica.unique_id == replica_unique_id:
-                while len(index) > held_tokens // self.block_tokens:
+                keep = held_tokens // self.block_tokens + self.unfilled.get(replica, 0)
+                while len(index) > keep:
                     index.popitem(last=False)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _soon(loop: asyncio.AbstractEventLoop, callback, *args: Any) -> None:
+    """`callback(*args)` on `loop` from any thread; dropped where that loop has closed (its
+    router with it)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _engine_request(pending: PendingRequest | None):

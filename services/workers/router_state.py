@@ -27,7 +27,4 @@ def correct(replica_unique_id: str, held_tokens: int | None, request_id: str | N
     with _lock:
         routers = list(_routers)
     for router in routers:
-        if held_tokens is not None:
-            router.correct_replica(replica_unique_id, held_tokens)
-        if request_id is not None:
-            router.prefilled(request_id, cached_tokens)
+        router.report(replica_unique_id, held_tokens, request_id, cached_tokens)

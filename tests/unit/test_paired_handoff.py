@@ -318,6 +318,12 @@ def test_a_paired_prefill_leaves_the_routers_queue_when_it_replies_not_when_deco
         def correct_replica(self, replica, held_tokens):
             self.trimmed.append(replica)
 
+        def report(self, replica, held_tokens, request_id, cached_tokens):  # as the router's
+            if request_id is not None:
+                self.prefilled(request_id, cached_tokens)
+            if held_tokens is not None:
+                self.correct_replica(replica, held_tokens)
+
     router = Listening()
     router_state.register(router)
     answers, _ = serve(profile("paired"), [BODY])

@@ -227,7 +227,8 @@ def test_a_replica_that_leaves_drops_out_and_reports_trim_the_index(router):
     request = pending(conversation(2, 1)[0])
     home = route(router, pool, request)
     assert router.index[home.replica_id]
-    router_state.correct(home.replica_id.unique_id, held_tokens=2 * BLOCK)
+    # its own prefill's reply: the engine holds two blocks of prompt KV now
+    router_state.correct(home.replica_id.unique_id, 2 * BLOCK, request.args[1].request_id, 0)
     assert len(router.index[home.replica_id]) == 2
     # the engine evicts a chain from its tail: what the index keeps is the prompt's head
     chain = [key for _, key in router.keys.chain(request.args[1].prompt_ids, "t")]
@@ -404,3 +405,151 @@ def test_a_prompts_blocks_from_its_first_image_on_predict_no_hit(router, tokeniz
     assert router.predicted_hit(home.replica_id, chain) == 4 * BLOCK
     text_only = pending(prompt)
     assert len(router._chain(text_only, text_only.args[1])) == len(prompt) // BLOCK
+
+
+def test_a_reply_keeps_the_blocks_of_prefills_still_running_there(router):
+    """A prefill's reply reports what its engine holds then; prompts routed there after it,
+    still prefilling, are indexed but not held yet: trimming to the report must not make room
+    for them by dropping what the engine does hold."""
+    pool = replicas(2)
+    first, second = pending([1] * (4 * BLOCK) + [5]), pending([2] * (4 * BLOCK) + [5])
+    for call in (first, second):
+        asyncio.run(router.choose_replicas(pool, call))
+        router.on_request_routed(call, pool[0].replica_id, None)
+    # the first prefill ran; the engine holds its four blocks (the second has not run yet)
+    router_state.correct("r0", 4 * BLOCK, first.args[1].request_id, 0)
+    for call in (first, second):
+        chain = [key for _, key in router.keys.chain(call.args[1].prompt_ids, "t")]
+        assert router.predicted_hit(pool[0].replica_id, chain) == 4 * BLOCK
+    # once the second has reported too, its blocks count as held like any others
+    router_state.correct("r0", 4 * BLOCK, second.args[1].request_id, 0)
+    assert len(router.index[pool[0].replica_id]) == 4 and router.unfilled[pool[0].replica_id] == 0
+
+
+class Result:
+    """What the router reads of Serve's ReplicaResult: its completion callbacks (Serve runs
+    them on another thread)."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def add_done_callback(self, callback):
+        self.callbacks.append(callback)
+
+    def complete(self):
+        import threading
+
+        for callback in self.callbacks:
+            thread = threading.Thread(target=callback, args=(self,))
+            thread.start()
+            thread.join()
+
+
+def test_a_rejected_sibling_does_not_settle_the_call_that_was_routed(router):
+    """A replica at its `max_ongoing_requests` rejects a call; Serve cancels it, which fires
+    the completion hook, naming the request's internal id, for a call never routed. A routed
+    sibling (the same request's other choice) keeps its accounting until its own result
+    completes."""
+    pool = replicas(2)
+    prompt = conversation(4, 1)[0]
+    routed, rejected = (pending(prompt, internal="req-2") for _ in range(2))
+    result = Result()
+
+    async def scenario():
+        await router.choose_replicas(pool, routed)
+        router.on_request_routed(routed, pool[0].replica_id, result)
+        await router.choose_replicas(pool, rejected)  # sent to r0, which rejects it
+        router.on_request_completed(pool[0].replica_id, "req-2")
+        counts = (router.open.get(pool[0].replica_id), router.queued.get(pool[0].replica_id),
+                  router.prefilling.get(pool[0].replica_id))
+        result.complete()
+        await asyncio.sleep(0)  # the completion is put on the router's loop
+        router.on_request_completed(pool[0].replica_id, "req-2")  # Serve's hook for it
+        return counts
+
+    open_, queued, prefilling = asyncio.run(scenario())
+    assert open_ == 1 and prefilling == 1 and queued > 0
+    assert router.open[pool[0].replica_id] == 0 and router.queued[pool[0].replica_id] == 0
+    assert router.prefilling[pool[0].replica_id] == 0 and router.routed == {}
+
+
+def test_a_reply_handed_over_from_another_thread_is_applied_on_the_routers_loop(router):
+    """With `ray.throughput_optimized` off Serve routes on a loop of its own thread, and the
+    caller's code hands prefill replies over from another: the router's state is changed on
+    its loop only."""
+    import threading
+
+    pool = replicas(2)
+    call = pending(conversation(5, 1)[0])
+    seen = []
+    prefilled = router.prefilled
+    router.prefilled = lambda *args: (seen.append(threading.get_ident()), prefilled(*args))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        async def routed():
+            await router.choose_replicas(pool, call)
+            router.on_request_routed(call, pool[0].replica_id, Result())
+        asyncio.run_coroutine_threadsafe(routed(), loop).result(10)
+        router_state.correct("r0", 10**6, call.args[1].request_id, 0)  # from this thread
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert seen == [thread.ident]
+    assert router.queued[pool[0].replica_id] == 0
+
+
+def test_a_retried_calls_earlier_leg_is_settled_once(router):
+    """A retry settles its earlier leg when routed; that leg's own completion, later, takes
+    nothing off the retry's counts."""
+    pool = replicas(2)
+    call = pending(conversation(6, 1)[0])
+    first, second = Result(), Result()
+
+    async def scenario():
+        await router.choose_replicas(pool, call)
+        router.on_request_routed(call, pool[0].replica_id, first)
+        await router.choose_replicas(pool, call)
+        router.on_request_routed(call, pool[0].replica_id, second)
+        first.complete()
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert router.open[pool[0].replica_id] == 1 and router.prefilling[pool[0].replica_id] == 1
+    assert router.queued[pool[0].replica_id] > 0
+
+
+def test_on_a_concurrent_handoff_the_probe_is_not_read_as_other_routers_prefills():
+    """On `paired` and `sglang` a prefill call is open until its decode stream ends: Serve's
+    probe counts streams there, and reading them as other routers' queued prefills sent a turn
+    away from its history. The sequential handoffs keep reading it."""
+    from cluster.settings import parse_settings
+
+    def kwargs(backend: str) -> dict:
+        settings = parse_settings({
+            "pools": {"fast": {"effort": "none", "prefill": {"replicas": 2}},
+                      "deep": {"effort": "high"}},
+            "kv_handoff": {"backend": backend}, "auth": {"enabled": False}})
+        return settings.role_options("fast", "prefill")[
+            "request_router_config"].request_router_kwargs
+
+    assert kwargs("object_store")["probe_others"] is True
+    assert kwargs("paired")["probe_others"] is False
+
+    async def make():
+        r = CacheAwareRouter(DEPLOYMENT, DeploymentHandleSource.REPLICA)
+        r.initialize_state(block_tokens=BLOCK, capacity_tokens=64 * BLOCK,
+                           share_interval_s=0, probe_others=False)
+        return r
+    router = asyncio.run(make())
+    pool = replicas(2)
+    prompt = conversation(7, 1)[0]
+    home = route(router, pool, pending(prompt))
+    router_state.correct(home.replica_id.unique_id, 10**6, "nobody", 0)
+    router.on_request_completed(home.replica_id, next(iter(router.routed)))
+    router.replica_queue_len_cache.update(home.replica_id, 40)  # others' decode streams
+    assert router.queued_tokens(home) == 0
+    assert route(router, pool, pending(prompt + [7] * BLOCK)) is home
