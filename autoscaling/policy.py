@@ -38,20 +38,17 @@ TREND_FAST_S, TREND_SLOW_S = 30.0, 120.0  # time constants of the trend's two av
 BURST_COUNT_SPAN = 10  # bursts are counted over this many memories
 
 
-class PolicySettings(BaseModel):
-    """SLOs, utilisation targets and damping of one pool-and-role's policy."""
+class SharedPolicySettings(BaseModel):
+    """Utilisation targets and damping every role's policy shares (`autoscaling.policy`); its
+    SLOs and bounds are the role's and its pool's (`PolicySettings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttft_slo_s: float = Field(1.0, gt=0)
-    itl_slo_s: float = Field(0.05, gt=0)
     queue_wait_share: float = Field(0.5, gt=0, le=1, description="of the TTFT SLO, per role")
     prefill_target_utilisation: float = Field(0.8, gt=0, le=1)
     decode_target_utilisation: float = Field(0.85, gt=0, le=1, description="of decode slots")
     kv_target_utilisation: float = Field(0.8, gt=0, le=1)
     backlog_drain_s: float = Field(30.0, gt=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(8, ge=1)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
     smoothing: float = Field(0.3, gt=0, le=1, description="EWMA weight of a new measurement, "
@@ -66,6 +63,15 @@ class PolicySettings(BaseModel):
                           "its trend takes it this far ahead (about a cold start; 0: off)")
     prior_prefill_tokens_per_s: float = Field(40_000.0, gt=0)
     prior_decode_residency_s: float = Field(10.0, gt=0)
+
+
+class PolicySettings(SharedPolicySettings):
+    """SLOs, utilisation targets and damping of one pool-and-role's policy."""
+
+    ttft_slo_s: float = Field(1.0, gt=0)
+    itl_slo_s: float = Field(0.05, gt=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(8, ge=1)
 
 
 @dataclass(frozen=True)

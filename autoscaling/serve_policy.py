@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoscaling import board, control
 from autoscaling.arbiter import ArbiterSettings
 from autoscaling.metrics import RoleMetrics, Wish
-from autoscaling.policy import PolicySettings, PolicyState, decode_wish, prefill_wish
+from autoscaling.policy import (PolicySettings, PolicyState, SharedPolicySettings, decode_wish,
+                                prefill_wish)
 
 POLICY_PATH = "autoscaling.serve_policy:ServePolicy"
 SUMMED = ("queued_requests", "running_requests", "kv_tokens_used", "arrival_requests_per_s",
@@ -70,7 +71,8 @@ class AutoscalingSettings(BaseModel):
         "that its deprecation names). The simulator's policy reads a report a second old")
     decode_tokens_per_s_per_replica: float = Field(
         0.0, ge=0, description="profiled decode throughput at full batch; 0 = unknown")
-    policy: PolicySettings = PolicySettings()
+    # (a role's SLOs and bounds are its own and its pool's, not settable here)
+    policy: SharedPolicySettings = SharedPolicySettings()
     arbiter: ArbiterSettings = ArbiterSettings()
 
     def serve_config(self, *, pool: str, role: str, replicas: int, lowest: int, highest: int,
@@ -80,9 +82,8 @@ class AutoscalingSettings(BaseModel):
         """Serve's `autoscaling_config` for one role running `ServePolicy`: its bounds, and
         the policy's constructor arguments (`roles`: every autoscaled "pool/role" →
         [replicas, min, max]; `fixed`: the others → replicas)."""
-        policy = self.policy.model_copy(update={
-            "ttft_slo_s": ttft_slo_s, "itl_slo_s": itl_slo_s,
-            "min_replicas": lowest, "max_replicas": highest})
+        policy = PolicySettings(**self.policy.model_dump(), ttft_slo_s=ttft_slo_s,
+                                itl_slo_s=itl_slo_s, min_replicas=lowest, max_replicas=highest)
         return {
             "min_replicas": lowest, "max_replicas": highest, "initial_replicas": replicas,
             "look_back_period_s": self.look_back_period_s,

@@ -94,6 +94,12 @@ class StackSettings(ServiceSettings):
             if floor > self.budget_engines():
                 raise ValueError(f"autoscaling: the roles' min_replicas add up to {floor} "
                                  f"engines; the budget is {self.budget_engines()}")
+            # Serve starts every role at `replicas` (and again on each redeploy): engines over
+            # the budget would load for minutes, then be shed once they report
+            start = sum(getattr(p, r).replicas for p in self.pools.values() for r in ROLES)
+            if start > self.budget_engines():
+                raise ValueError(f"autoscaling: the roles' replicas add up to {start} engines "
+                                 f"at start; the budget is {self.budget_engines()}")
             for name, pool in self.pools.items():
                 for role in ROLES:
                     if getattr(pool, role).scalable and getattr(pool, role).lowest == 0:

@@ -298,6 +298,42 @@ def test_min_replicas_beyond_the_budget_are_refused():
                                   "deep": {"effort": "high"}}})
 
 
+def test_starting_replicas_beyond_the_budget_are_refused():
+    """Serve starts every role at `replicas` (on each redeploy too): more engines than the
+    budget would load for minutes and then be shed."""
+    from cluster.settings import SettingsError
+
+    profile = {"autoscaling": {"enabled": True, "budget_engines": 5},
+               "auth": {"enabled": False},
+               "pools": {"fast": {"effort": "none", "decode": {"min_replicas": 1, "replicas": 3,
+                                                               "max_replicas": 4}},
+                         "deep": {"effort": "high"}}}
+    with pytest.raises(SettingsError, match="replicas add up to 6 engines at start"):
+        parse_settings(profile)
+    profile["pools"]["fast"]["decode"]["replicas"] = 2
+    assert parse_settings(profile).budget_engines() == 5
+
+
+@pytest.mark.parametrize("field", ["min_replicas", "max_replicas", "ttft_slo_s", "itl_slo_s"])
+def test_a_roles_own_bounds_and_slos_are_refused_under_the_shared_policy(field):
+    """Each role's policy takes its bounds from the role and its SLOs from the pool: the same
+    names under `autoscaling.policy` were accepted and replaced without a word."""
+    from cluster.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=f"autoscaling.policy.{field}"):
+        parse_settings({"autoscaling": {"enabled": True, "policy": {field: 2}},
+                        "auth": {"enabled": False}})
+    shared = parse_settings({"autoscaling": {"enabled": True, "policy": {
+        "upscale_delay_s": 3}}, "auth": {"enabled": False}})
+    config = shared.autoscaling.serve_config(
+        pool="fast", role="decode", replicas=1, lowest=1, highest=3, ttft_slo_s=2.0,
+        itl_slo_s=0.1, budget_engines=4, priorities={}, roles={}, fixed={})
+    policy = config["policy"]["policy_kwargs"]["policy"]
+    assert policy["upscale_delay_s"] == 3
+    assert (policy["min_replicas"], policy["max_replicas"]) == (1, 3)
+    assert (policy["ttft_slo_s"], policy["itl_slo_s"]) == (2.0, 0.1)
+
+
 def test_pins_survive_a_failed_read_and_old_status_is_flagged(monkeypatch):
     from autoscaling import control, serve_policy
     from cluster.cli import status_table
