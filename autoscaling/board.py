@@ -5,6 +5,9 @@ supported), each in the Serve controller's process. Every deployment's policy po
 here and receives its share of the GPU budget from one `arbitrate` run over all the wishes,
 recomputed at most once per `tick_s` so that the deployments of one control-loop pass see the
 same allocation and the arbiter's state (moves, shortfalls) advances once per tick.
+A role grows only into engines the other roles' current targets leave free: an engine moved
+from one role to another is released by its donor (in its own policy's call, maybe later in the
+same pass) before its recipient takes it, so the targets never add up to more than the budget.
 
 The board lives in an ordinary module (not pickled with the policy), so the deployments of an
 application share it. A new board (a new application, or a Serve controller that restarted and
@@ -79,7 +82,17 @@ class Board:
         due = self.computed_at is None or now - self.computed_at >= self.tick_s
         if due or key not in self.alloc:
             self._allocate(now, overrides(), fixed)
-        return self.alloc.get(key, current)
+        granted = self.alloc.get(key, current)
+        if granted > current:
+            # grows only into engines the other roles' targets leave free now: an engine the
+            # allocation moved here is taken once its donor has given it up (the donor's policy
+            # may run later in this control loop, or hold its count), so Serve's targets never
+            # add up to more than the budget, not even between two policies' calls
+            others = sum(n for k, n in self.current.items() if k != key) + sum(
+                n for k, n in fixed.items() if k not in self.current)
+            granted = max(current, min(granted, self.budget - others))
+        self.current[key] = granted  # the target Serve takes from this answer
+        return granted
 
     def hold(self, key: Key, current: int) -> None:
         """`key`'s policy keeps its count (none of its replicas reports): pinned there until it

@@ -446,3 +446,37 @@ def test_silent_roles_holding_more_than_their_share_leave_the_others_where_they_
     shared.hold(held, 4)
     assert shared.decide(other, Wish(2, 1, 3, 1.9), 1, 0.1, dict, {}) == 1
     assert "no allocation while roles are silent" in shared.error
+
+
+def test_the_targets_never_add_up_to_more_than_the_budget_between_two_policies_calls():
+    """Serve calls the roles' policies one after another. An allocation that moves a donor's
+    engine to a surging role was handed to the recipient at once while the donor still held it
+    (its policy called later in the pass, or holding its count: no reports): targets over the
+    budget, replicas started for GPUs still in use. After every single call, over random
+    wishes, call orders, holds and pins, the targets fit the budget."""
+    import random
+
+    keys = [("fast", "prefill"), ("fast", "decode"), ("deep", "prefill"), ("deep", "decode")]
+    for seed in range(60):
+        rng = random.Random(seed)
+        budget = rng.randint(4, 10)
+        shared = Board(budget, {"fast": 1, "deep": 0}, rng.choice(
+            [ArbiterSettings(), QUICK_ARBITER]))
+        targets = {k: 1 for k in keys}
+        shared.seed({k: (1, 1, budget) for k in keys}, 0.0)
+        now, pins = 0.0, {}
+        for _ in range(150):
+            now += rng.choice([0.1, 0.13, 0.2])
+            if rng.random() < 0.02:
+                pins = {rng.choice(keys): rng.randint(1, 3)} if rng.random() < 0.5 else {}
+            order = rng.sample(keys, len(keys))
+            for i, key in enumerate(order):
+                if rng.random() < 0.02:
+                    shared.hold(key, targets[key])
+                    continue
+                asked = rng.randint(1, budget)
+                load = asked * rng.uniform(0.5, 1.0)
+                targets[key] = shared.decide(key, Wish(asked, 1, budget, load,
+                                                       rng.uniform(0, 2), load),
+                                             targets[key], now + 0.01 * i, lambda: pins, {})
+                assert sum(targets.values()) <= budget, (seed, targets, shared.error)
