@@ -177,7 +177,7 @@ class RequestService:
                 # of the n choices is a prefill and a sequence of its own
                 self.quotas.charge(record.grant, plan.n * (
                     plan.prompt_tokens + plan.engine_request.sampling.max_tokens))
-                await self._constrain(plan, deadline)
+                await self._constrain(plan, deadline, record)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
                 plan.engine_request.cache_salt = cache_salt(principal.tenant,
@@ -200,7 +200,7 @@ class RequestService:
         record.pool = choice.pool
         answer = Answer(self, plan, choice, ctx, record)
         record.watch_first_token()  # (after the answer exists: it closes the record)
-        record.dispatched = plan.n * plan.prompt_tokens  # prefills the engines will run
+        record.dispatched += plan.n * plan.prompt_tokens  # prefills the engines will run
         try:
             await answer.start()
         except asyncio.CancelledError:
@@ -287,9 +287,13 @@ class RequestService:
         in_background(call(self.multimodal, MultimodalWorker.release, owner),
                       timeout_s=max(RELEASE_S, left))
 
-    async def _constrain(self, plan: RequestPlan, deadline: float) -> None:
+    async def _constrain(self, plan: RequestPlan, deadline: float, record: _Record) -> None:
         """The grammar of a structured answer (JSON format, forced or strict tools), waited
-        for (a compile slot, the compile) no longer than the request's deadline."""
+        for (a compile slot, the compile) no longer than the request's deadline. Its schemas
+        are charged to the key first, as the prompt tokens their bytes are at least (a
+        compile costs with the schema's size, and the schema is not in the prompt: a large
+        one with `max_tokens: 1` cost seconds of compile for a few tokens of quota), and kept
+        charged whatever the answer (the compile ran)."""
         limits = self.settings.limits
         structure = structured_request(plan, limits)
         if not structure.constrained:
@@ -304,6 +308,9 @@ class RequestService:
                                  f"(this one {size}); a structured answer's grammar is built from "
                                  f"at most {limits.max_schema_bytes} (limits.max_schema_bytes)",
                                  param=param)
+        schema_tokens = -(-sum(size for size, _ in sizes) // self.token_bytes)
+        self.quotas.charge(record.grant, schema_tokens)
+        record.dispatched += schema_tokens
         # a slot is held until its compile ends, even when the request left meanwhile (a
         # thread cannot be stopped: the slot bounds the compiles running, not the requests)
         try:
@@ -339,7 +346,8 @@ class _Record:
         self.request_id, self.started = request_id, started
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
-        self.dispatched = 0  # prompt tokens sent to be prefilled (all choices)
+        # prompt tokens sent to be prefilled (all choices), and the schemas of a grammar built
+        self.dispatched = 0
         self.pool = "none"
         self.error: StackError | None = None
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere

@@ -269,6 +269,44 @@ def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
     assert error["param"] == "messages.2.tool_call_id" and "\\ud800" in error["message"]
 
 
+def test_a_schema_is_charged_to_the_key_as_the_tokens_its_bytes_are_at_least():
+    """A compile costs with the schema, which is not in the prompt: a large schema with
+    `max_tokens: 1` cost seconds of compile for a few tokens of quota. Its bytes are charged as
+    the prompt tokens they are at least, and kept whatever the answer (a schema the compiler
+    refuses was compiled all the same). The reference engine: it samples under the grammar."""
+    import json
+
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 4}
+                                               for i in range(150)}}
+    bad = schema | {"properties": schema["properties"] | {"bad": {"type": "nonsense"}}}
+    bodies = {"plain": BODY | {"max_tokens": 1}} | {
+        name: BODY | {"max_tokens": 1, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": s}}}
+        for name, s in (("answered", schema), ("refused", bad))}
+    ingress = build_inprocess(parse_settings({
+        "auth": {"enabled": False, "default_quota": {"tokens_per_min": 10**6}},
+        "model": {"context_length": 4096}}))
+    ingress.service.quotas.clock = lambda: 1000.0  # no refill
+    app = ingress.build_asgi_app()
+
+    async def go():
+        spent = {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://small4") as client:
+            for name, body in bodies.items():
+                reply = await client.post("/v1/chat/completions", json=body, timeout=60)
+                assert reply.status_code == (400 if name == "refused" else 200), reply.text
+                state, = ingress.service.quotas.keys.values()
+                spent[name] = state.tokens.capacity - state.tokens.level - sum(spent.values())
+        return spent
+
+    spent = asyncio.run(go())
+    floor = len(json.dumps(schema)) // ingress.service.token_bytes
+    assert floor > 50  # the premise: a schema of some size
+    assert spent["answered"] >= spent["plain"] + floor
+    assert spent["refused"] >= floor
+
+
 def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_500():
     """A tool offered for the prompt is measured, a surrogate counted as the bytes it is
     quoted as (its measure could not be serialised: a 500); a schema the grammar compiler
