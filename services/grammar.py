@@ -20,9 +20,11 @@ Decisions where the spec leaves room:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache, cached_property
 from typing import Any
 
@@ -38,6 +40,7 @@ _TEXT_BEFORE_CALLS = "fcalls: content? {{ fcall }}"
 _BUDGETED_THINK_RULE = ("think: {{ begin_think_token }} reasoning {{ end_think_token }}\n"
                         "reasoning[max_tokens=%d]: /(.|\\n)+/")
 MATCHERS_KEPT = 64  # built matchers kept per process, by grammar (`Guidance._matcher`)
+GRAMMARS_KEPT = 256  # requests' grammars kept per process, by their fields (`Guidance.grammar`)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class Guidance:
         # threads share it
         self._matchers: OrderedDict[str, Any] = OrderedDict()
         self._matchers_lock = threading.Lock()
+        # each request's grammar (or why there is none) by its structured fields: an app sends
+        # the same schema with every request, compiled once
+        self._grammars: OrderedDict[str, str | None | InvalidRequest] = OrderedDict()
 
     @cached_property
     def factory(self):
@@ -122,6 +128,31 @@ class Guidance:
         return self.llg_tokenizer.vocab_size
 
     def grammar(self, spec: StructuredRequest) -> str | None:
+        """`_grammar(spec)`, the last `GRAMMARS_KEPT` answers kept (a refusal as well)."""
+        if not spec.constrained:
+            return None
+        key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, ensure_ascii=True,
+                                        default=str).encode()).hexdigest()
+        with self._matchers_lock:
+            if key in self._grammars:
+                self._grammars.move_to_end(key)
+                known = self._grammars[key]
+            else:
+                known = False
+        if known is False:
+            try:
+                known = self._grammar(spec)
+            except InvalidRequest as exc:
+                known = exc
+            with self._matchers_lock:
+                self._grammars[key] = known
+                while len(self._grammars) > GRAMMARS_KEPT:
+                    self._grammars.popitem(last=False)
+        if isinstance(known, InvalidRequest):
+            raise InvalidRequest(known.message, param=known.param)
+        return known
+
+    def _grammar(self, spec: StructuredRequest) -> str | None:
         """The Lark grammar for a request, checked by the compiler against this tokenizer; None
         when unconstrained. Raises `InvalidRequest` naming the field it could not be built
         from: what the compiler's check refuses, and what it passes but cannot build a matcher

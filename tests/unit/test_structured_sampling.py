@@ -190,6 +190,27 @@ def test_each_sequence_gets_its_own_matcher_of_a_grammar_built_once(guidance, to
     assert guidance.constraint(grammar).matcher is not guidance.constraint(grammar).matcher
 
 
+def test_a_requests_grammar_is_built_once_for_the_same_fields(tokenizer, monkeypatch):
+    """An app sends one schema with every request: compiled once, answered (or refused, with
+    the same field named) from then on; other fields get their own grammar."""
+    fresh = Guidance(tokenizer)
+    built = []
+    compile_ = fresh._grammar
+    monkeypatch.setattr(fresh, "_grammar", lambda spec: built.append(spec) or compile_(spec))
+    spec = StructuredRequest(response_format=JSON_SCHEMA)
+    assert fresh.grammar(spec) == fresh.grammar(StructuredRequest(response_format=JSON_SCHEMA))
+    assert len(built) == 1
+    other = StructuredRequest(response_format=JSON_SCHEMA, reasoning=True, reasoning_budget=9)
+    assert fresh.grammar(other) != fresh.grammar(spec) and len(built) == 2
+    bad = StructuredRequest(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}})
+    for _ in range(2):
+        with pytest.raises(InvalidRequest) as caught:
+            fresh.grammar(bad)
+        assert caught.value.param == "response_format.json_schema"
+    assert len(built) == 3
+
+
 def test_a_named_tool_that_is_not_offered_is_refused(guidance):
     with pytest.raises(InvalidRequest) as caught:
         guidance.grammar(StructuredRequest(tools=[WEATHER], tool_choice={
