@@ -327,6 +327,13 @@ def cmd_status(args) -> int:
         for name, dep in app.deployments.items():
             replicas = ", ".join(f"{n} {_name(s)}" for s, n in dep.replica_states.items())
             print(f"  {name:16s} {_name(dep.status):10s} {replicas}")
+    # the exit code says whether the application asked for is running: one whose redeploy
+    # failed still answers /ready from its old version, and a mistyped --app is no success
+    mine = serve_status.applications.get(_app(args))
+    problem = (f"no application {_app(args)!r} in Serve (applications: "
+               f"{', '.join(serve_status.applications) or 'none'})" if mine is None
+               else None if _name(mine.status) == "RUNNING"
+               else f"application {_app(args)!r} is {_name(mine.status)}")
     print(status_table(control.read_status(_app(args))))
     bad_metrics = None
     if args.metrics_url is not None:  # the user's own URL: one that gives no metrics is theirs
@@ -345,7 +352,12 @@ def cmd_status(args) -> int:
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # no answer, not our JSON
         print(f"ingress at {args.url} did not answer: {exc}", file=sys.stderr)
         return 1
-    return 0 if ready.get("ready") and bad_metrics is None else 2
+    if bad_metrics is not None:
+        return 2
+    if problem is not None or not ready.get("ready"):
+        print(problem or f"ingress at {args.url} is not ready", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _within(timeout_s: float, call):

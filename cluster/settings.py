@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from autoscaling.serve_policy import AutoscalingSettings
-from cluster.topology import (TopologyError, TopologySettings, bootstrap_ports,
+from cluster.topology import (RAY_PORTS, TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
 from services.kv.backends import SEQUENTIAL
 from services.settings import (EngineSettings, IngressSettings, KVHandoffSettings,
@@ -76,6 +76,11 @@ class StackSettings(ServiceSettings):
         if sglang[0] and not gpu_engines(self.pools, self.topology):
             raise ValueError("engine.kind sglang needs GPUs: give the prefill and decode roles "
                              "num_gpus equal to topology.tensor_parallel")
+        for field, port in (("http.port", self.http.port),
+                            ("ray.metrics_port", self.ray.metrics_port)):
+            if port in RAY_PORTS:  # (the chart opens http.port to every client)
+                raise ValueError(f"{field}: {port} is the port of {RAY_PORTS[port]} on every "
+                                 "node; give another")
         if self.ray.metrics_port == self.http.port:
             raise ValueError(f"ray.metrics_port: {self.ray.metrics_port} is http.port too; "
                              "Ray's metrics export and the HTTP ingress need a port each")

@@ -19,7 +19,8 @@ from pydantic import Field
 
 from services.settings import DeploymentSettings, PoolSettings, RoleSettings, Strict
 
-RAY_PORTS = {6379: "the Ray GCS", 8265: "the Ray dashboard", 10001: "the Ray client server"}
+RAY_PORTS = {6379: "the Ray GCS", 8265: "the Ray dashboard", 10001: "the Ray client server",
+             52365: "the Ray dashboard agent"}
 
 
 class TopologySettings(Strict):

@@ -256,3 +256,31 @@ def test_status_passes_on_what_serve_status_raises(connected, monkeypatch):
 def test_status_refuses_a_timeout_that_is_not_positive(capsys):
     assert main(["status", "--timeout", "0"]) == 2
     assert one_line(capsys.readouterr().err) == "--timeout must be positive"
+
+
+@pytest.mark.parametrize("apps, app, code, says", [
+    ({}, "small4", 1, "no application 'small4' in Serve (applications: none)"),
+    ({"small4": "RUNNING"}, "smal4", 1, "no application 'smal4' in Serve (applications: small4)"),
+    ({"small4": "DEPLOY_FAILED"}, "small4", 1, "application 'small4' is DEPLOY_FAILED"),
+    ({"small4": "RUNNING"}, "small4", 0, ""),
+])
+def test_status_exits_non_zero_unless_the_application_asked_for_runs(
+        apps, app, code, says, connected, monkeypatch, capsys):
+    """A redeploy that failed still answers /ready from the old version, and a mistyped --app
+    found nothing: both exited 0."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, ServeStatus
+
+    monkeypatch.setattr(serve, "status", lambda: ServeStatus(applications={
+        name: ApplicationStatusOverview(status=ApplicationStatus(state), message="",
+                                        last_deployed_time_s=0.0, deployments={})
+        for name, state in apps.items()}))
+    ready = serving(b'{"ready": true}')
+    try:
+        assert main(["status", "--app", app, "--url",
+                     f"http://127.0.0.1:{ready.server_port}"]) == code
+    finally:
+        ready.shutdown()
+        ready.server_close()
+    err = capsys.readouterr().err
+    assert says in err if says else "no application" not in err

@@ -20,7 +20,7 @@ def h200(**changes) -> dict:
         node = data
         *parents, leaf = path.split("__")
         for key in parents:
-            node = node[key]
+            node = node.setdefault(key, {})
         node[leaf] = value
     return data
 
@@ -62,6 +62,10 @@ def test_gpu_roles_get_one_strict_pack_group_per_engine():
     ({"topology__bootstrap_port_base": 8078}, "include port 8080, used by Ray's metrics export"),
     ({"ray__metrics_port": 9000}, "include port 9000, used by Ray's metrics export"),
     ({"ray__metrics_port": 8000}, "ray.metrics_port: 8000 is http.port too"),
+    # Ray's own ports: the chart opens http.port to every client (8265 took jobs from anyone)
+    ({"http__port": 8265}, "http.port: 8265 is the port of the Ray dashboard"),
+    ({"http__port": 52365}, "http.port: 52365 is the port of the Ray dashboard agent"),
+    ({"ray__metrics_port": 6379}, "ray.metrics_port: 6379 is the port of the Ray GCS"),
     ({"autoscaling__budget_engines": 12}, "12 engines, but the topology holds 8"),
 ])
 def test_impossible_profiles_are_refused_naming_the_problem(changes, problem):
