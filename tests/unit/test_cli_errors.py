@@ -3,6 +3,7 @@ traceback. Without Ray: where the CLI calls into Ray, the call raises what Ray r
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -284,3 +285,13 @@ def test_status_exits_non_zero_unless_the_application_asked_for_runs(
         ready.server_close()
     err = capsys.readouterr().err
     assert says in err if says else "no application" not in err
+
+
+def test_generate_answers_with_a_profile_whose_keys_guard_a_socket(capsys, tmp_path):
+    """`generate` runs the stack in its own process, on no socket: a profile with API keys
+    (production's, whose keys file is not on this machine) answered 401, or failed to start."""
+    profile = tmp_path / "keyed.yaml"
+    profile.write_text(yaml.safe_dump({"auth": {"enabled": True, "keys_file": str(
+        tmp_path / "absent.yaml")}, "engine": {"kind": "simulated"}}))
+    assert main(["generate", "hi", "--config", str(profile), "--max-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["choices"][0]["finish_reason"]
