@@ -157,6 +157,7 @@ class RequestService:
             with tracing.scope("preprocess", record.span) as pre:
                 async with self.uploads.slot(principal.ident):
                     body = await read_body()
+                record.received = time.perf_counter()
                 req = parse_chat_request(body, limits.max_messages)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
@@ -211,7 +212,8 @@ class RequestService:
             return Refused(record.error, record.request_id, record.trace_id)
         record.plan, record.first_at = plan, time.perf_counter()  # the prompt counts from here
         record.unwatch()
-        metrics.TTFT.observe(record.first_at - record.started, pool=choice.pool, role="ingress")
+        metrics.TTFT.observe(record.first_at - record.received, pool=choice.pool,
+                             role="ingress")
         return answer
 
     def _timeout(self, headers: Mapping[str, str]) -> float:
@@ -344,6 +346,9 @@ class _Record:
         self.service, self.tenant, self.span, self.trace_id = (service, principal.tenant, span,
                                                                trace_id)
         self.request_id, self.started = request_id, started
+        # the body in: the stack's latencies (TTFT, its SLO's misses and overdue count) count
+        # from here, not from the head (a slow upload is the client's link, not a late pool)
+        self.received = started
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
         # prompt tokens sent to be prefilled (all choices), and the schemas of a grammar built
@@ -384,7 +389,7 @@ class _Record:
             metrics.CLIENT_DEADLINES.inc(pool=self.pool)
         pool = self.service.settings.pools.get(self.pool)
         if self.first_at is None and pool is not None and (status >= 500 or status == 499) \
-                and now - self.started > metrics.slo_bucket(pool.slo.ttft_s):
+                and now - self.received > metrics.slo_bucket(pool.slo.ttft_s):
             metrics.TTFT_MISSED.inc(pool=self.pool)
 
     def _on_schedule(self, now: float, completion: int) -> bool:
@@ -396,7 +401,7 @@ class _Record:
         pool = pools.get(self.pool)
         if self.first_at is None:
             slo = pool.slo.ttft_s if pool else min(p.slo.ttft_s for p in pools.values())
-            return now - self.started <= metrics.slo_bucket(slo)
+            return now - self.received <= metrics.slo_bucket(slo)
         if pool is None or self.plan is None:
             return False
         tokens = completion / max(self.plan.n, 1)
@@ -409,7 +414,7 @@ class _Record:
         ends (at its deadline, minutes later)."""
         pool = self.service.settings.pools.get(self.pool)
         if pool is not None and self._overdue is None:
-            due = metrics.slo_bucket(pool.slo.ttft_s) - (time.perf_counter() - self.started)
+            due = metrics.slo_bucket(pool.slo.ttft_s) - (time.perf_counter() - self.received)
             self._overdue = asyncio.get_running_loop().call_later(max(due, 0.0), self._due)
             self.service.publish_overdue()
 
@@ -469,11 +474,12 @@ class _Record:
         if self.plan is not None:  # answered (its first token came)
             metrics.TENANT_TOKENS.inc(prompt, tenant=tenant, kind="prompt")
             metrics.TENANT_TOKENS.inc(completion, tenant=tenant, kind="completion")
-            if finish_reason:
-                metrics.PROMPT_TOKENS.inc(prompt, pool=pool)
-                metrics.COMPLETION_TOKENS.inc(completion, pool=pool)
-                metrics.REASONING_TOKENS.inc(reasoning, pool=pool)
-            metrics.E2E.observe(time.perf_counter() - self.started, pool=pool, role="ingress")
+            # what was sent, whether the answer finished or not (an error, a client leaving):
+            # tokens streamed before an incident were missing from the pool's rates during it
+            metrics.PROMPT_TOKENS.inc(prompt, pool=pool)
+            metrics.COMPLETION_TOKENS.inc(completion, pool=pool)
+            metrics.REASONING_TOKENS.inc(reasoning, pool=pool)
+            metrics.E2E.observe(time.perf_counter() - self.received, pool=pool, role="ingress")
             # the status as the requests metric counts it (a streamed answer's HTTP status
             # was 200 before an error event ended it)
             tracing.finish(self.span, exc, **{
@@ -590,15 +596,15 @@ class _Choice:
                     return StreamChunk([], finish_reason=finish)
                 if self.resumes >= limits.max_resumes:
                     raise
-                self.resumes += 1
-                metrics.RESUMES.inc(pool=self.pool)
                 await close_stream(self.chunks)
                 await self._prefilled_close()
-                pause = 0.1 * self.resumes  # let Serve see the replica is gone
+                pause = 0.1 * (self.resumes + 1)  # let Serve see the replica is gone
                 left = self.ctx.remaining_s()
                 if left is not None and left <= pause:  # no leg opened past the deadline
                     raise _deadline() from None
                 await asyncio.sleep(pause)
+                self.resumes += 1  # counted once a leg opens (the span and log count it too)
+                metrics.RESUMES.inc(pool=self.pool)
                 self.chunks, self.answered = self._open(self._resumed()), False
 
     async def _prefilled_close(self) -> None:

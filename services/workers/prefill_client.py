@@ -131,11 +131,12 @@ class PrefillClient:
                              request: EngineRequest) -> None:
         """Back off before a retry; refuse to start an attempt past the request's deadline."""
         if attempt:
-            metrics.PREFILL_RETRIES.inc(pool=self.pool)
             await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
         if (ctx.remaining_s() or 1.0) <= 0:
             raise DeadlineExceeded("the request's deadline passed during prefill",
                                    request_id=request.request_id)
+        if attempt:  # counted once it is made
+            metrics.PREFILL_RETRIES.inc(pool=self.pool)
 
 
 def worth_retrying(exc: BaseException) -> bool:

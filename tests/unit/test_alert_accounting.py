@@ -142,3 +142,35 @@ def test_a_504_before_the_clients_deadline_is_the_stacks():
         record.close(DeadlineExceeded("an attempt's deadline passed"))
         outcomes.append(metrics.CLIENT_DEADLINES.value(pool="fast") - before)
     assert outcomes == [0, 1]
+
+
+def test_a_slow_upload_is_the_clients_link_not_a_late_first_token():
+    """The stack's latencies count from the body in: a client that took 1.5 s to send its
+    body, answered in milliseconds after, neither missed the 0.3 s TTFT SLO nor showed as a
+    1.5 s first token (it paged the TTFT burn alerts)."""
+    import json
+
+    quick = BASE | {"profile": "alerts-upload", "engine": {"kind": "simulated"},
+                    "pools": {"fast": {"effort": "none", "slo": {"ttft_s": 0.3}},
+                              "deep": {"effort": "high"}}}
+    app = build_inprocess(parse_settings(quick)).build_asgi_app()
+    body = json.dumps(BODY).encode()
+
+    async def slowly():
+        yield body[:10]
+        await asyncio.sleep(1.5)  # the client's link
+        yield body[10:]
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", content=slowly(), timeout=30,
+                                     headers={"content-type": "application/json"})
+
+    before = (metrics.TTFT.count(pool="fast", role="ingress"),
+              metrics.TTFT.sum(pool="fast", role="ingress"), metrics.TTFT_MISSED.value(pool="fast"))
+    reply = asyncio.run(post())
+    assert reply.status_code == 200, reply.text
+    assert metrics.TTFT.count(pool="fast", role="ingress") == before[0] + 1
+    assert metrics.TTFT.sum(pool="fast", role="ingress") - before[1] < 0.5
+    assert metrics.TTFT_MISSED.value(pool="fast") == before[2]

@@ -128,3 +128,48 @@ def test_a_request_that_breaks_every_step_it_joins_ends_in_a_500_after_its_resum
     assert reply.status_code == 500, reply.text
     assert reply.json()["error"]["code"] == "decode_step_failed"
     assert len(failed) == 1 + settings.limits.max_resumes
+
+
+def test_resumes_are_counted_as_the_legs_they_open():
+    """The resume counter (and the span's and log line's count) went up before the deadline
+    check that refused the leg: a resume that never ran was counted."""
+    from services.telemetry import metrics
+
+    for _ in range(3):  # where the deadline falls differs run to run: each run must agree
+        _, ingress, decoder = build(engine=PROFILE["engine"] | {
+            "faults": {"decode_fail_every": 1, "decode_fail_after_tokens": 2}},
+            limits={"max_resumes": 50})
+        opened, real = [], decoder.generate
+
+        def generate(ctx, request, opened=opened, real=real):
+            opened.append(request.request_id)
+            return real(ctx, request)
+
+        decoder.generate = generate
+        before = metrics.RESUMES.value(pool="fast")
+        with TestClient(ingress.build_asgi_app()) as client:
+            reply = client.post("/v1/chat/completions", json=BODY,
+                                headers={"x-request-timeout": "0.25"})
+        assert reply.status_code == 504, reply.text
+        resumed = [r for r in opened if "-resume" in r]
+        assert metrics.RESUMES.value(pool="fast") - before == len(resumed)
+
+
+def test_tokens_sent_before_a_failure_count_in_the_pools_token_rates():
+    """`small4_completion_tokens_total` (the pool's tokens/s panel) counted only answers that
+    finished: tokens streamed before an error were missing from it during the incident, while
+    the tenant counter had them."""
+    from services.telemetry import metrics
+
+    _, ingress, _ = build(engine=PROFILE["engine"] | {
+        "faults": {"decode_fail_every": 1, "decode_fail_after_tokens": 3}},
+        limits={"max_resumes": 0})
+    before = (metrics.COMPLETION_TOKENS.value(pool="fast"), metrics.PROMPT_TOKENS.value(
+        pool="fast"), metrics.TENANT_TOKENS.value(tenant="all", kind="completion"))
+    with TestClient(ingress.build_asgi_app()) as client:
+        reply = client.post("/v1/chat/completions", json=BODY | {"stream": True})
+    assert '"error"' in reply.text  # the premise: it failed after some tokens were sent
+    sent = metrics.TENANT_TOKENS.value(tenant="all", kind="completion") - before[2]
+    assert sent > 0
+    assert metrics.COMPLETION_TOKENS.value(pool="fast") - before[0] == sent
+    assert metrics.PROMPT_TOKENS.value(pool="fast") > before[1]
