@@ -1,7 +1,9 @@
-"""The settings root's JSON schema inside the chart's values.schema.json, so Helm checks `stack:`.
+"""The settings root's JSON schema inside the chart's values.schema.json, so Helm checks `stack:`,
+and the keys file's entry schema under `apiKeys.keys` (a key the stack would refuse, as a quota
+field misspelt, kept every ingress replica from starting: the chart rendered it).
 
-`python tests/helm/stack_schema.py` rewrites the schema's `$defs` from `cluster.settings`; the
-chart tests fail when the file and the settings root disagree.
+`python tests/helm/stack_schema.py` rewrites the schema's `$defs` from `cluster.settings` and
+the key entries from `services.guard.keys`; the chart tests fail when they disagree.
 """
 
 from __future__ import annotations
@@ -34,9 +36,20 @@ def stack_defs() -> dict[str, Any]:
     return _untitled(dict(sorted(defs.items())))
 
 
+def key_entry() -> dict[str, Any]:
+    """One `apiKeys.keys` entry, as the keys file takes it (its quota the settings' own)."""
+    from services.guard.keys import KeyEntry
+
+    entry = KeyEntry.model_json_schema()
+    defs = entry.pop("$defs")
+    assert set(defs) <= set(stack_defs()), "a key entry's model is not among the settings'"
+    return _untitled(entry)
+
+
 def main() -> None:
     schema = json.loads(VALUES_SCHEMA.read_text())
     schema["$defs"] = stack_defs()
+    schema["properties"]["apiKeys"]["properties"]["keys"]["items"] = key_entry()
     VALUES_SCHEMA.write_text(json.dumps(schema, indent=2) + "\n")
     print(f"wrote {VALUES_SCHEMA}")
 

@@ -16,7 +16,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from stack_schema import VALUES_SCHEMA, stack_defs
+from stack_schema import VALUES_SCHEMA, key_entry, stack_defs
 
 from cluster.settings import SettingsError, parse_settings
 from tests.promql import fires
@@ -211,6 +211,8 @@ def test_values_schema_carries_the_settings_root_schema():
     schema = json.loads(VALUES_SCHEMA.read_text())
     assert schema["properties"]["stack"] == {"$ref": "#/$defs/StackSettings"}
     assert schema["$defs"] == stack_defs(), (
+        "values.schema.json is stale: run `python tests/helm/stack_schema.py`")
+    assert schema["properties"]["apiKeys"]["properties"]["keys"]["items"] == key_entry(), (
         "values.schema.json is stale: run `python tests/helm/stack_schema.py`")
 
 
@@ -444,6 +446,23 @@ def test_created_secret_holds_digests_where_the_stack_reads_them(render):
         mount = {"name": "api-keys", "mountPath": "/etc/small4/keys", "readOnly": True}
         assert mount in container["volumeMounts"]
         assert str(stack.auth.keys_file).startswith(mount["mountPath"] + "/")
+
+
+def test_keys_the_stack_would_refuse_are_refused_by_the_chart(render):
+    """A keys file the stack refuses keeps every ingress replica from starting (and an upgrade
+    that only changes the Secret leaves the last good keys, a key revoked in it still working):
+    a quota field misspelt, a quota of 0, a digest listed twice never render."""
+    from services.guard.keys import digest
+
+    key = {"name": "search", "tenant": "search", "sha256": digest("sk-a")}
+    for quota, where in (({"requests_per_sec": 5}, "/apiKeys/keys/0/quota"),
+                         ({"requests_per_s": 0}, "/apiKeys/keys/0/quota")):
+        with pytest.raises(helm.HelmValuesError, match=where):
+            render(apiKeys={"create": True, "existingSecret": "",
+                            "keys": [key | {"quota": quota}]})
+    with pytest.raises(helm.HelmRenderError, match="is listed twice"):
+        render(apiKeys={"create": True, "existingSecret": "",
+                        "keys": [key, key | {"name": "copy", "revoked": True}]})
 
 
 def test_existing_secret_is_referenced_not_rendered(render):
