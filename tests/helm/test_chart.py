@@ -728,3 +728,13 @@ def test_the_proxy_cuts_a_stalled_reader_after_the_stacks_own_bound(render, stac
                          env=dict(os.environ, SMALL4_WRITE_STALL_S=env), timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout) == stall
+
+
+def test_a_checkpoint_off_the_model_volume_is_refused(render):
+    """A checkpoint path outside the workers' model volume, or no volume, rendered; every
+    engine then failed to load its weights, after 16 GPUs were held."""
+    with pytest.raises(helm.HelmRenderError, match="is not under workers.modelVolume.mountPath"):
+        render(stack={"model": {"path": "/data/mistral-small-4-119b-2603"}})
+    with pytest.raises(helm.HelmRenderError, match="modelVolume.enabled is false"):
+        render(workers={"modelVolume": {"enabled": False}})
+    assert render()  # the default: /models/... on the /models volume

@@ -61,6 +61,21 @@ a test keeps the two equal). */}}
 {{- end -}}
 {{- end -}}
 
+{{/* A checkpoint model lies on the workers' model volume: one elsewhere (or no volume) renders,
+then every engine fails to load it once its GPUs are held. */}}
+{{- define "small4.checkedModel" -}}
+{{- if eq (dig "model" "source" "standin" .Values.stack | toString) "checkpoint" -}}
+{{- $path := dig "model" "path" "" .Values.stack | toString -}}
+{{- $volume := .Values.workers.modelVolume -}}
+{{- if not $volume.enabled -}}
+{{- fail (printf "stack.model.source is checkpoint (%s) but workers.modelVolume.enabled is false: the engines would find no weights" $path) -}}
+{{- end -}}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $volume.mountPath)) $path) -}}
+{{- fail (printf "stack.model.path %q is not under workers.modelVolume.mountPath %q, where the weights are mounted" $path $volume.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The port Serve's HTTP proxy listens on: the stack's own `http.port`. */}}
 {{- define "small4.httpPort" -}}
 {{- dig "http" "port" 8000 .Values.stack | int -}}
@@ -154,6 +169,7 @@ names: the operator builds the head Service from them and reaches the dashboard 
 {{- $group := .group -}}
 {{- $apiKeys := include "small4.mountedKeys" $root -}}
 {{- $models := and (eq .role "worker") $v.workers.modelVolume.enabled -}}
+{{- include "small4.checkedModel" $root -}}
 serviceAccountName: {{ include "small4.serviceAccountName" $root }}
 automountServiceAccountToken: false
 terminationGracePeriodSeconds: {{ include "small4.terminationGrace" $root }}
