@@ -112,25 +112,32 @@ class Board:
         wishes = {k: w for k, (w, _) in self.wishes.items()}
         wishes.update({k: Wish(n, n, n) for k, n in fixed.items()})
         current = {**self.current, **fixed}
-        # An override outside a role's bounds is clipped to them; one that does not fit the
-        # budget with the others is refused as a whole and reported.
-        pinned = {k: max(wishes[k].min_replicas, min(n, wishes[k].max_replicas))
-                  for k, n in requested.items() if k in wishes and k not in fixed}
-        try:
-            alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
-                                          self.state, now, {**pinned, **fixed}, self.settings)
-            self.error = None
-        except BudgetError as exc:
-            self.error = f"overrides ignored: {exc}"
-            pinned = {}
+        # An override outside a role's bounds is clipped to them. Pins that do not fit the
+        # budget with the others are refused and reported: the new ones first (a pin that held
+        # already stays: a new pin that does not fit is the one refused, not every pin ops
+        # had set), then all of them.
+        requested = {k: max(wishes[k].min_replicas, min(n, wishes[k].max_replicas))
+                     for k, n in requested.items() if k in wishes and k not in fixed}
+        held = {k: n for k, n in requested.items() if self.applied_overrides.get(k) == n}
+        tries = [requested]
+        tries += [p for p in (held, {}) if p not in tries]
+        first: BudgetError | None = None
+        for pinned in tries:
             try:
                 alloc, self.state = arbitrate(wishes, self.budget, self.priorities, current,
-                                              self.state, now, dict(fixed), self.settings)
-            except BudgetError as exc:  # the silent roles' counts alone leave the others no
-                # minimum (a count set behind the policy's back): every role stays where it is
-                # until they decide again
-                self.error = f"no allocation while roles are silent: {exc}"
-                alloc = {k: current.get(k, w.min_replicas) for k, w in wishes.items()}
+                                              self.state, now, {**pinned, **fixed},
+                                              self.settings)
+            except BudgetError as exc:
+                first = first or exc
+                continue
+            refused = sorted("/".join(k) for k in requested if k not in pinned)
+            self.error = f"overrides ignored ({', '.join(refused)}): {first}" if first else None
+            break
+        else:  # the silent roles' counts alone leave the others no minimum (a count set
+            # behind the policy's back): every role stays where it is until they decide again
+            self.error = f"no allocation while roles are silent: {first}"
+            alloc = {k: current.get(k, w.min_replicas) for k, w in wishes.items()}
+            pinned = {}
         self.alloc, self.computed_at, self.applied_overrides = alloc, now, pinned
 
 

@@ -269,8 +269,8 @@ def cmd_scale(args) -> int:
               f"{control.FRESH_S:g} s (autoscaling off, or its policy has not run yet): "
               "nothing to pin", file=sys.stderr)
         return 2
-    # the controller refuses overrides that do not fit the budget as a group: every pin
-    # would be dropped, so refuse this one here, where ops see it
+    # the controller refuses a new pin that does not fit the budget (reported by `status`):
+    # refuse one that cannot fit even at the other roles' minimums here, where ops see it
     pins = {**control.read_overrides(app), key: args.replicas}
     status = known[key]
     need = status.get("fixed_engines", 0) + sum(pins.get(k, s["min"]) for k, s in known.items())

@@ -480,3 +480,20 @@ def test_the_targets_never_add_up_to_more_than_the_budget_between_two_policies_c
                                                        rng.uniform(0, 2), load),
                                              targets[key], now + 0.01 * i, lambda: pins, {})
                 assert sum(targets.values()) <= budget, (seed, targets, shared.error)
+
+
+def test_a_new_pin_that_does_not_fit_is_refused_alone():
+    """Pins that do not fit the budget together were all dropped: a new one that does not fit
+    took away the pin ops had set before it (a role pinned at 2 fell back to its policy)."""
+    fast, deep = ("fast", "decode"), ("deep", "decode")
+    shared = Board(budget=5, priorities={"fast": 1, "deep": 0}, settings=QUICK_ARBITER)
+    idle = Wish(1, 1, 4, load=0.1)
+    pins = {fast: 2}
+    assert shared.decide(fast, idle, 1, 0.0, lambda: pins, {}) == 2
+    assert shared.decide(deep, idle, 1, 0.0, lambda: pins, {}) == 1
+    pins = {fast: 2, deep: 4}  # 6 engines: does not fit 5
+    shared.computed_at = None
+    assert shared.decide(fast, idle, 2, 1.0, lambda: pins, {}) == 2  # the earlier pin holds
+    assert shared.decide(deep, idle, 1, 1.0, lambda: pins, {}) == 1
+    assert shared.applied_overrides == {fast: 2}
+    assert "overrides ignored (deep/decode)" in shared.error
