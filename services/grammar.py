@@ -131,7 +131,8 @@ class Guidance:
         """`_grammar(spec)`, the last `GRAMMARS_KEPT` answers kept (a refusal as well)."""
         if not spec.constrained:
             return None
-        key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, ensure_ascii=True,
+        # (keys in the order given: a schema's property order is the order its answer keeps)
+        key = hashlib.sha256(json.dumps(asdict(spec), ensure_ascii=True,
                                         default=str).encode()).hexdigest()
         with self._matchers_lock:
             if key in self._grammars:

@@ -190,6 +190,28 @@ def test_each_sequence_gets_its_own_matcher_of_a_grammar_built_once(guidance, to
     assert guidance.constraint(grammar).matcher is not guidance.constraint(grammar).matcher
 
 
+def test_a_grammars_matcher_is_built_once_per_process(tokenizer, monkeypatch):
+    """Building a large schema's matcher takes a tenth of a second and more: it was built
+    again for every sequence (every choice, every resumed leg)."""
+    import llguidance
+
+    fresh = Guidance(tokenizer)
+    grammar = fresh.grammar(StructuredRequest(response_format=JSON_SCHEMA))
+    builds, real = [], llguidance.LLMatcher
+
+    class Counted:
+        grammar_from_lark = staticmethod(real.grammar_from_lark)
+
+        def __new__(cls, *args, **kwargs):
+            builds.append(args)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counted)
+    for _ in range(3):
+        Sampler(SamplingParams(max_tokens=8, grammar=grammar), fresh)
+    assert len(builds) <= 1
+
+
 def test_a_requests_grammar_is_built_once_for_the_same_fields(tokenizer, monkeypatch):
     """An app sends one schema with every request: compiled once, answered (or refused, with
     the same field named) from then on; other fields get their own grammar."""
@@ -209,6 +231,15 @@ def test_a_requests_grammar_is_built_once_for_the_same_fields(tokenizer, monkeyp
             fresh.grammar(bad)
         assert caught.value.param == "response_format.json_schema"
     assert len(built) == 3
+    # a schema's property order is the order its answer keeps: the same properties in
+    # another order are another grammar (one tenant's order must not become another's)
+    def ordered(*names):
+        return StructuredRequest(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {
+                n: {"type": "string", "maxLength": 3} for n in names},
+                "required": sorted(names), "additionalProperties": False}}})
+    assert fresh.grammar(ordered("answer", "reasoning")) != fresh.grammar(
+        ordered("reasoning", "answer"))
 
 
 def test_a_named_tool_that_is_not_offered_is_refused(guidance):
