@@ -738,3 +738,23 @@ def test_a_checkpoint_off_the_model_volume_is_refused(render):
     with pytest.raises(helm.HelmRenderError, match="modelVolume.enabled is false"):
         render(workers={"modelVolume": {"enabled": False}})
     assert render()  # the default: /models/... on the /models volume
+
+
+@pytest.mark.parametrize("stack, says", [
+    ({"http": {"port": 8265}}, "stack.http.port: 8265 is the port of the Ray dashboard"),
+    ({"ray": {"metrics_port": 6379}}, "stack.ray.metrics_port: 6379 is the port of the Ray GCS"),
+])
+def test_a_port_of_rays_own_never_renders(render, stack, says):
+    """The stack refuses these only once its app builds in the cluster: by then the chart had
+    opened http.port, 8265 the Ray dashboard (which takes jobs), to every client."""
+    with pytest.raises(helm.HelmRenderError, match=says):
+        render(stack=stack)
+    from cluster.topology import RAY_PORTS
+
+    for port in RAY_PORTS:  # the chart's list is the stack's
+        with pytest.raises(helm.HelmRenderError, match=f"stack.http.port: {port} is"):
+            render(stack={"http": {"port": port}})
+
+
+def test_a_checkpoint_at_the_root_of_the_model_volume_renders(render):
+    assert render(stack={"model": {"path": "/models"}})

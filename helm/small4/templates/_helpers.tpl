@@ -42,7 +42,21 @@ a test keeps the two equal). */}}
 
 {{/* Ray's Prometheus port on every pod: the stack's own `ray.metrics_port`. */}}
 {{- define "small4.metricsPort" -}}
-{{- dig "ray" "metrics_port" 8080 .Values.stack | int -}}
+{{- $port := dig "ray" "metrics_port" 8080 .Values.stack | int -}}
+{{- include "small4.notRayPort" (list "stack.ray.metrics_port" $port) -}}
+{{- $port -}}
+{{- end -}}
+
+{{/* Ray's own ports (cluster/topology.py RAY_PORTS, which the stack refuses too, but only once
+its app builds in the cluster): http.port 8265 had the NetworkPolicy open the Ray dashboard,
+which takes jobs, to every client. */}}
+{{- define "small4.notRayPort" -}}
+{{- $field := index . 0 -}}
+{{- $port := index . 1 | int -}}
+{{- $ray := dict "6379" "the Ray GCS" "8265" "the Ray dashboard" "10001" "the Ray client server" "52365" "the Ray dashboard agent" -}}
+{{- if hasKey $ray (toString $port) -}}
+{{- fail (printf "%s: %d is the port of %s on every node; give another" $field $port (get $ray (toString $port))) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret mounted for the API keys: only where the stack checks keys, and where its
@@ -70,7 +84,8 @@ then every engine fails to load it once its GPUs are held. */}}
 {{- if not $volume.enabled -}}
 {{- fail (printf "stack.model.source is checkpoint (%s) but workers.modelVolume.enabled is false: the engines would find no weights" $path) -}}
 {{- end -}}
-{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $volume.mountPath)) $path) -}}
+{{- $mount := trimSuffix "/" $volume.mountPath -}}
+{{- if not (or (eq (trimSuffix "/" $path) $mount) (hasPrefix (printf "%s/" $mount) $path)) -}}
 {{- fail (printf "stack.model.path %q is not under workers.modelVolume.mountPath %q, where the weights are mounted" $path $volume.mountPath) -}}
 {{- end -}}
 {{- end -}}
@@ -78,7 +93,9 @@ then every engine fails to load it once its GPUs are held. */}}
 
 {{/* The port Serve's HTTP proxy listens on: the stack's own `http.port`. */}}
 {{- define "small4.httpPort" -}}
-{{- dig "http" "port" 8000 .Values.stack | int -}}
+{{- $port := dig "http" "port" 8000 .Values.stack | int -}}
+{{- include "small4.notRayPort" (list "stack.http.port" $port) -}}
+{{- $port -}}
 {{- end -}}
 
 {{/* How long a Ray node drains on SIGTERM (a node drain, a cluster upgrade) before Ray stops its
