@@ -156,8 +156,11 @@ class RequestService:
             record.grant = self.quotas.admit_request(principal)
             with tracing.scope("preprocess", record.span) as pre:
                 async with self.uploads.slot(principal.ident):
+                    reading = time.perf_counter()
                     body = await read_body()
-                record.received = time.perf_counter()
+                # the body's transfer is the client's link; a wait for an upload slot is the
+                # stack's own congestion and stays counted
+                record.received = record.started + time.perf_counter() - reading
                 req = parse_chat_request(body, limits.max_messages)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
@@ -201,7 +204,7 @@ class RequestService:
         record.pool = choice.pool
         answer = Answer(self, plan, choice, ctx, record)
         record.watch_first_token()  # (after the answer exists: it closes the record)
-        record.dispatched += plan.n * plan.prompt_tokens  # prefills the engines will run
+        record.dispatched = plan.n * plan.prompt_tokens  # prefills the engines will run
         try:
             await answer.start()
         except asyncio.CancelledError:
@@ -312,7 +315,7 @@ class RequestService:
                                  param=param)
         schema_tokens = -(-sum(size for size, _ in sizes) // self.token_bytes)
         self.quotas.charge(record.grant, schema_tokens)
-        record.dispatched += schema_tokens
+        record.compiled = schema_tokens
         # a slot is held until its compile ends, even when the request left meanwhile (a
         # thread cannot be stopped: the slot bounds the compiles running, not the requests)
         try:
@@ -346,13 +349,14 @@ class _Record:
         self.service, self.tenant, self.span, self.trace_id = (service, principal.tenant, span,
                                                                trace_id)
         self.request_id, self.started = request_id, started
-        # the body in: the stack's latencies (TTFT, its SLO's misses and overdue count) count
-        # from here, not from the head (a slow upload is the client's link, not a late pool)
+        # where the stack's latencies (TTFT, its SLO's misses and overdue count) count from:
+        # the head's arrival plus the body's transfer (a slow upload is the client's link,
+        # not a late pool)
         self.received = started
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
-        # prompt tokens sent to be prefilled (all choices), and the schemas of a grammar built
-        self.dispatched = 0
+        self.dispatched = 0  # prompt tokens sent to be prefilled (all choices)
+        self.compiled = 0  # the tokens a grammar's schemas were charged: kept whatever happens
         self.pool = "none"
         self.error: StackError | None = None
         self.pixels = None  # where its images' pixels are kept (a `PixelOwner`), if anywhere
@@ -462,6 +466,7 @@ class _Record:
                     and not isinstance(self.error, DeadlineExceeded):
                 streamed = self.plan is not None and bool(self.plan.request.stream)
                 spent = completion if self.plan is None or streamed else 0
+            spent += self.compiled  # the compile ran, whatever came of the request
             if isinstance(self.error, ReaderStalled):
                 # the tokens it never read were decoded all the same, for up to write_stall_s
                 # (the reader pulls them, so how many is not known here): the whole grant

@@ -174,3 +174,38 @@ def test_a_slow_upload_is_the_clients_link_not_a_late_first_token():
     assert metrics.TTFT.count(pool="fast", role="ingress") == before[0] + 1
     assert metrics.TTFT.sum(pool="fast", role="ingress") - before[1] < 0.5
     assert metrics.TTFT_MISSED.value(pool="fast") == before[2]
+
+
+def test_a_wait_for_an_upload_slot_counts_as_the_stacks_own():
+    """Only the body's transfer is the client's: a request that waited for an upload slot
+    behind another client's slow upload waited on the stack (its TTFT counts that wait)."""
+    import json
+
+    one_slot = BASE | {"profile": "alerts-slots", "engine": {"kind": "simulated"},
+                       "limits": {"max_uploads": 1, "upload_wait_s": 5},
+                       "pools": {"fast": {"effort": "none"}, "deep": {"effort": "high"}}}
+    app = build_inprocess(parse_settings(one_slot)).build_asgi_app()
+    body = json.dumps(BODY).encode()
+
+    async def slowly():
+        yield body[:10]
+        await asyncio.sleep(1.0)  # the first client's link, holding the only slot
+        yield body[10:]
+
+    async def post(client, content):
+        return await client.post("/v1/chat/completions", content=content, timeout=30,
+                                 headers={"content-type": "application/json"})
+
+    async def both():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://small4") as client:
+            slow = asyncio.ensure_future(post(client, slowly()))
+            await asyncio.sleep(0.2)  # the slow one holds the slot
+            before = metrics.TTFT.sum(pool="fast", role="ingress")
+            quick = await post(client, body)
+            waited = metrics.TTFT.sum(pool="fast", role="ingress") - before
+            return (await slow).status_code, quick.status_code, waited
+
+    slow, quick, waited = asyncio.run(both())
+    assert slow == quick == 200
+    assert waited > 0.5  # the quick request's ~0.8 s behind the slot, counted

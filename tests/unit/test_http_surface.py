@@ -306,6 +306,32 @@ def test_a_schema_is_charged_to_the_key_as_the_tokens_its_bytes_are_at_least():
     assert spent["answered"] >= spent["plain"] + floor
     assert spent["refused"] >= floor
 
+    # a failure of the stack's own gives back the prompt and an answer never sent, not the
+    # compile: it ran
+    from services.errors import EngineUnavailable
+
+    failing = build_inprocess(parse_settings({
+        "auth": {"enabled": False, "default_quota": {"tokens_per_min": 10**6}},
+        "model": {"context_length": 4096}, "limits": {"max_resumes": 0}}))
+    failing.service.quotas.clock = lambda: 1000.0
+
+    async def lost(*args, **kwargs):  # the decode replica is gone
+        raise EngineUnavailable("decode replica lost")
+        yield
+    failing.service.pools["fast"].decode_handed = lost
+
+    async def fail():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=failing.build_asgi_app()), base_url="http://small4") as client:
+            reply = await client.post("/v1/chat/completions", timeout=60,
+                                      json=bodies["answered"] | {"max_tokens": 8})
+        state, = failing.service.quotas.keys.values()
+        return reply, state.tokens.capacity - state.tokens.level
+
+    reply, kept = asyncio.run(fail())
+    assert reply.status_code >= 500, reply.text
+    assert kept >= floor
+
 
 def test_lone_surrogates_in_tools_and_schemas_are_answered_or_refused_never_a_500():
     """A tool offered for the prompt is measured, a surrogate counted as the bytes it is
