@@ -34,7 +34,6 @@ class EngineHost:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        self._started = time.monotonic()
         tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
                                    tokenizer=tokenizer, worker=settings)
@@ -44,6 +43,10 @@ class EngineHost:
         slo = settings.slo.ttft_s if self.role == "prefill" else settings.slo.itl_s
         self.load = LoadWindow(slo)
         tracing.configure(settings.telemetry.tracing, role=self.role, pool=settings.pool)
+        # the start-up grace counts from the engine loaded (SGLang loads the weights in its
+        # constructor: minutes from a cold volume would have used up the grace before any
+        # first token could wait on compilation)
+        self._started = time.monotonic()
 
     def arrived(self, prompt_tokens: int) -> None:
         """A request reached this worker: counted in its load window, and from the first one

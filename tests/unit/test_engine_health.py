@@ -57,3 +57,30 @@ def test_an_engine_unhealthy_for_a_minute_fails_the_replicas_check(monkeypatch, 
     asyncio.run(worker.check_health())
     engine.healthy = False
     asyncio.run(worker.check_health())
+
+
+def test_the_start_up_grace_counts_from_the_engine_loaded(monkeypatch):
+    """SGLang loads the weights in its constructor: 400 s from a cold volume used up the
+    grace meant for a first token waiting on compilation, and a slow first probe had the
+    replica replaced, to load again."""
+    from cluster.settings import parse_settings
+
+    clock = [1000.0]
+    monkeypatch.setattr(engine_host.time, "monotonic", lambda: clock[0])
+    engine = Engine(probed=True)
+
+    def loading(*args, **kwargs):
+        clock[0] += 400  # the weights, from a cold volume
+        return engine
+
+    monkeypatch.setattr(engine_host, "build_engine", loading)
+    monkeypatch.setattr(engine_host, "build_handoff", lambda *args, **kwargs: None)
+    settings = parse_settings({"auth": {"enabled": False}, "engine": {"kind": "simulated"}})
+    worker = EngineHost(settings.worker("fast"))
+    engine.healthy, engine.running = False, 1  # its first probe is slow
+    asyncio.run(worker.check_health())
+    clock[0] += UNHEALTHY_FOR_S + 1
+    asyncio.run(worker.check_health())  # within the grace: compiling, not hung
+    clock[0] += engine_host.STARTUP_GRACE_S
+    with pytest.raises(RuntimeError, match="unhealthy"):
+        asyncio.run(worker.check_health())
