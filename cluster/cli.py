@@ -161,14 +161,14 @@ def cmd_up(args) -> int:
             failed = " ".join(str(exc).split())
     except _Interrupted as interrupted:
         print("interrupted while deploying: stopping", flush=True)
-        _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+        _drain(APP_NAME, settings.drain_s(), owns_ray=not args.address)
         return 128 + interrupted.signum
     if failed is not None:  # a replica that cannot start: say why
         print(f"deploy failed: {failed} (the replicas' errors are in Serve's controller log)",
               file=sys.stderr, flush=True)
         if not args.address:  # our own Ray: remove what did start. On a cluster joined, an
             # app of that name may still serve its earlier version: it stays
-            _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=True)
+            _drain(APP_NAME, settings.drain_s(), owns_ray=True)
         return 1
     serving.set()
     base = f"http://{_host(settings.http.host)}:{port}"
@@ -178,8 +178,8 @@ def cmd_up(args) -> int:
         print(f"metrics (Prometheus): {metrics}", flush=True)
     while not stop.wait(1.0):
         pass
-    print(f"draining: open requests get up to {settings.ray.drain_timeout_s:g} s", flush=True)
-    _drain(APP_NAME, settings.ray.drain_timeout_s, owns_ray=not args.address)
+    print(f"draining: open requests get up to {settings.drain_s():g} s", flush=True)
+    _drain(APP_NAME, settings.drain_s(), owns_ray=not args.address)
     print("stopped", flush=True)
     return 0
 

@@ -44,7 +44,8 @@ class RaySettings(Strict):
                               description="Ray's Prometheus metrics port (`small4 up` prints "
                               "its URL)")
     drain_timeout_s: float = Field(60, gt=0, description="on SIGTERM or Ctrl-C, how long "
-                                   "`small4 up` lets open requests finish before it stops")
+                                   "`small4 up` lets open requests finish before it stops (at "
+                                   "least the deployments' longest drain_deadline_s)")
     throughput_optimized: bool = Field(
         True, description="Ray Serve's high-throughput mode (gRPC between deployments, user "
         "code on the replica loop; direct ingress where `small4 up` starts Ray on one node, "
@@ -113,6 +114,14 @@ class StackSettings(ServiceSettings):
                         raise ValueError(f"pools.{name}.{role}.min_replicas: 0 cannot scale "
                                          "with autoscaling on; give it 1 or more")
         return self
+
+    def drain_s(self) -> float:
+        """How long `small4 up` drains on SIGTERM: `ray.drain_timeout_s`, and at least the
+        longest `drain_deadline_s` a deployment was given to finish its requests (stopping Ray
+        sooner cut them, where the chart's grace period follows the longest)."""
+        deadlines = [self.ingress.drain_deadline_s, self.multimodal.drain_deadline_s]
+        deadlines += [getattr(p, r).drain_deadline_s for p in self.pools.values() for r in ROLES]
+        return max(self.ray.drain_timeout_s, *deadlines)
 
     def budget_engines(self) -> int:
         """Engines all prefill and decode roles may hold together."""

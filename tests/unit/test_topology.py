@@ -169,3 +169,15 @@ def test_a_decode_replica_takes_calls_for_its_batch_and_a_queue_unless_set():
     assert settings.role_options("deep", "prefill")["max_ongoing_requests"] == 64
     pinned = parse_settings(h200(pools__deep__decode__max_ongoing_requests=100))
     assert pinned.role_options("deep", "decode")["max_ongoing_requests"] == 100
+
+
+def test_small4_up_drains_at_least_as_long_as_its_longest_deployment_drain():
+    """Each deployment gets its `drain_deadline_s` to finish its requests (the chart's grace
+    period follows the longest); `small4 up` stopped Ray after `ray.drain_timeout_s` (60 s),
+    cutting a decode role given 300."""
+    base = {"auth": {"enabled": False}}
+    assert parse_settings(base).drain_s() == 60
+    long = parse_settings(base | {"pools": {"fast": {"effort": "none", "decode": {
+        "drain_deadline_s": 300}}, "deep": {"effort": "high"}}})
+    assert long.drain_s() == 300
+    assert parse_settings(base | {"ray": {"drain_timeout_s": 900}}).drain_s() == 900
