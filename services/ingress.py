@@ -34,6 +34,7 @@ MAX_LOGGED_PATH = 200  # characters of a refused request's path that its log lin
 # what a send may take past the deadline: the event saying the deadline passed is sent after
 # it (with none, a send that waited at all cut the stream without it, charged as a stall)
 FINAL_EVENT_GRACE_S = 1.0
+READY_CALL_S = 5.0  # how long /ready waits for a pool's answer
 
 
 class Ingress:
@@ -110,17 +111,23 @@ class Ingress:
 
     async def ready(self) -> JSONResponse:
         """200 when every pool has a live decode and prefill replica, else 503 with details.
-        The pools are asked at once (one after another, a probe took up to 5 s per pool)."""
-        async def pool(peer) -> dict[str, Any]:
+        The pools are asked at once (one after another, a probe took up to 5 s per pool); a
+        pool that does not answer within `READY_CALL_S` but handed this replica tokens from
+        both roles within `SERVING_S` is ready (`busy`): saturated, not down."""
+        async def pool(name: str) -> dict[str, Any]:
             try:
-                legs = await asyncio.wait_for(call(peer, DecodeWorker.readiness), 5.0)
+                legs = await asyncio.wait_for(call(self.service.pools[name],
+                                                   DecodeWorker.readiness), READY_CALL_S)
                 return {role: s.healthy for role, s in legs.items()}
             except Exception as exc:
+                # a pool saturated with streams answers only after them (the call queues in
+                # Serve like any other): tokens from both its roles just now say it serves
+                if self.service.serving(name):
+                    return {"prefill": True, "decode": True, "busy": True}
                 return {"error": type(exc).__name__}
 
         names = list(self.service.pools)
-        report = dict(zip(names, await asyncio.gather(*(pool(self.service.pools[n])
-                                                        for n in names))))
+        report = dict(zip(names, await asyncio.gather(*(pool(n) for n in names))))
         ok = all("error" not in legs and all(legs.values()) for legs in report.values())
         return JSONResponse({"ready": ok, "pools": report}, status_code=200 if ok else 503)
 

@@ -72,6 +72,9 @@ RELEASE_S = 5.0
 # a 504 within this of the client's own deadline is its deadline's (the replicas that raise it
 # read their own wall clocks, which may run ahead of the ingress's)
 CLOCK_SLACK_S = 0.5
+# a pool whose prefill and decode handed this replica tokens this recently is serving, though
+# its readiness call waits behind its streams (`RequestService.serving`)
+SERVING_S = 5.0
 
 
 def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[str]:
@@ -117,6 +120,8 @@ class RequestService:
         self.tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.guidance = warmed(self.tokenizer)
         self.in_flight = {name: 0 for name in pools}  # decode streams, for spillover
+        # when each pool's prefill and decode last handed this replica a token (`serving`)
+        self.progress: dict[tuple[str, str], float] = {}
         self.overdue = {name: 0 for name in pools}  # past the TTFT SLO, no first token yet
         self._overdue_gauges: asyncio.Task | None = None
         self.log = configure_logging(settings.telemetry.json_logs)
@@ -126,6 +131,14 @@ class RequestService:
         self.marks = OutputMarks.of(self.tokenizer)
         self._compiling = asyncio.Semaphore(settings.limits.max_concurrent_compiles)
         tracing.configure(settings.telemetry.tracing, role="ingress")
+
+    def serving(self, pool: str) -> bool:
+        """Whether the pool's prefill and decode both handed this replica a token within
+        `SERVING_S`: a pool saturated with streams answers a readiness call only after them
+        (it queues in Serve like any call), and is serving all the same."""
+        now = time.monotonic()
+        return all(now - self.progress.get((pool, role), float("-inf")) <= SERVING_S
+                   for role in ("prefill", "decode"))
 
     def publish_overdue(self) -> None:
         """Keep `small4_first_token_overdue` published for every pool (`GAUGE_REPUBLISH_S`)
@@ -551,6 +564,7 @@ class _Choice:
         except TimeoutError:
             raise _deadline() from None
         reply = self.prefilled.reply
+        self.service.progress[(self.pool, "prefill")] = time.monotonic()
         self.first = StreamChunk(
             [reply.first_token], prompt_tokens=reply.prompt_tokens,
             timings=timings(reply, self.prefilled.transfer, client.handoff.backend),
@@ -575,7 +589,11 @@ class _Choice:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
-                self.answered = True
+                first_of_leg, self.answered = not self.answered, True
+                now = time.monotonic()
+                self.service.progress[(self.pool, "decode")] = now
+                if first_of_leg:  # the leg's prefill ran (from decode, or from here)
+                    self.service.progress[(self.pool, "prefill")] = now
                 if not self.resumes and "cached_tokens" in chunk.timings:
                     # the first leg's: on the first chunk, or the last where the prefill's
                     # reply came after decoding started (the concurrent handoff)

@@ -380,3 +380,34 @@ def test_ready_asks_every_pool_at_once():
     assert reply.json()["pools"] == {"fast": {"decode": True, "prefill": True},
                                      "deep": {"decode": True, "prefill": True}}
 
+
+
+def test_a_pool_saturated_with_streams_is_ready_while_it_hands_out_tokens(monkeypatch):
+    """/ready asks each pool through Serve's queue, behind its streams: a saturated pool
+    answered after the probe's limit and read as down (503) while tokens were flowing. Tokens
+    from both its roles just now say it serves; with none, the timeout is a 503 as before."""
+    import services.ingress
+
+    monkeypatch.setattr(services.ingress, "READY_CALL_S", 0.2)
+    ingress = build_inprocess(parse_settings(PROFILE))
+    for decoder in ingress.service.pools.values():
+        async def queued(*args, **kwargs):  # behind the streams
+            await asyncio.sleep(5)
+        decoder.readiness = queued
+    app = ingress.build_asgi_app()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://small4") as client:
+            idle = await client.get("/ready")
+            for effort in ("none", "high"):  # tokens from both pools, both roles
+                answered = await client.post("/v1/chat/completions", json=BODY | {
+                    "reasoning_effort": effort})
+                assert answered.status_code == 200, answered.text
+            busy = await client.get("/ready")
+            return idle, busy
+
+    idle, busy = asyncio.run(go())
+    assert idle.status_code == 503 and "error" in idle.json()["pools"]["fast"]
+    assert busy.status_code == 200, busy.text
+    assert busy.json()["pools"]["fast"] == {"prefill": True, "decode": True, "busy": True}
