@@ -23,6 +23,10 @@ from services.engines.stops import StopChecker
 from services.errors import DecodeStepFailed, EngineError, EngineUnavailable
 from services.settings import EngineSettings
 
+# a decode step running this long is hung (a step of a full batch takes well under a second on
+# the reference engine's CPU): its engine reports unhealthy, and Serve's check replaces it
+STEP_STALL_S = 30.0
+
 
 @dataclass
 class Sequence:
@@ -57,6 +61,7 @@ class ContinuousBatcher:
         self.running: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.failure = ""  # the last step's error, "" once a step succeeds again
+        self.stepping: float | None = None  # when the step running now began (monotonic)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -93,6 +98,14 @@ class ContinuousBatcher:
                                                 "engine", request_id=request_id))
         return True
 
+    def health(self) -> str:
+        """Why the engine is unhealthy ("" when it is not): its last step failed, or the step
+        running now has run `STEP_STALL_S` (a hung step failed nothing: every stream on it
+        waited out its deadline while the engine read as healthy)."""
+        if self.stepping is not None and time.monotonic() - self.stepping > STEP_STALL_S:
+            return f"a decode step has run for {time.monotonic() - self.stepping:.0f} s"
+        return self.failure
+
     def kv_tokens(self) -> int:
         live = [s for s in self.running.values() if not s.done] + list(self.waiting)
         return sum(s.kv_tokens for s in live)
@@ -123,17 +136,20 @@ class ContinuousBatcher:
                 await self._wake.wait()
                 continue
             batch = list(self.running.values())
+            self.stepping = time.monotonic()
             try:
                 sampled = await self.step(batch)
             except Exception as exc:  # an engine fault fails the batch, not the process
                 # and not its requests: none of them caused it alone (that is the stop check,
                 # below), so each is resumed on a replica (the ingress bounds how often)
                 self.failure = f"{type(exc).__name__}: {exc}"
+                self.stepping = None
                 for seq in batch:
                     self._finish(seq, DecodeStepFailed(f"decode step failed: {exc}",
                                                        request_id=seq.request.request_id))
                 continue
             self.failure = ""  # a transient fault does not mark the engine unhealthy for good
+            self.stepping = None
             for seq, (token, logprob) in zip(batch, sampled):
                 if not seq.done:
                     try:
@@ -219,10 +235,11 @@ def engine_stats(kind: str, role: str, batcher: ContinuousBatcher, gate: Prefill
                  capacity: int, prefix_cache=None) -> EngineStats:
     """An engine's stats from its decode batcher, prefill gate and prefix cache (if any)."""
     cache = prefix_cache.stats if prefix_cache is not None else None
+    health = batcher.health()
     return EngineStats(kind, role, running=len(batcher.running) + len(gate.running),
                        waiting=len(batcher.waiting) + gate.waiting,
                        kv_tokens=batcher.kv_tokens() + sum(gate.running.values()),
-                       kv_capacity=capacity, healthy=not batcher.failure, detail=batcher.failure,
+                       kv_capacity=capacity, healthy=not health, detail=health,
                        cache_lookup_tokens=cache.lookup_tokens if cache else 0,
                        cache_hit_tokens=cache.hit_tokens if cache else 0,
                        cache_tokens=cache.held_tokens if cache else 0)

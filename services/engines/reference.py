@@ -52,7 +52,7 @@ class ReferenceEngine:
     """Prefill and decode on a transformers model; one instance may serve either role or both."""
 
     kind = "reference"
-    probed_health = False  # health is the last decode step's (`ContinuousBatcher.failure`)
+    probed_health = False  # health is its decode steps' (`ContinuousBatcher.health`)
 
     def __init__(self, bundle: ModelBundle, settings: EngineSettings, *, role: str,
                  context_length: int, eos_ids: tuple[int, ...],

@@ -151,7 +151,7 @@ class SimulatedEngine:
     """An engine with the reference engine's semantics and a timing model instead of a model."""
 
     kind = "simulated"
-    probed_health = False  # health is the last decode step's (`ContinuousBatcher.failure`)
+    probed_health = False  # health is its decode steps' (`ContinuousBatcher.health`)
 
     def __init__(self, settings: EngineSettings, *, role: str, context_length: int,
                  tokenizer: PromptTokenizer):

@@ -69,8 +69,9 @@ class EngineHost:
         and routed to, every stream on it waiting out its deadline. An engine unhealthy for
         `UNHEALTHY_FOR_S` fails it; Serve replaces the replica and the streams it cuts are
         resumed elsewhere. Not within `STARTUP_GRACE_S` of start (a first token may wait on
-        compilation). A CPU engine's health is its last decode step's: one that failed with
-        nothing running since is idle, not hung (the next request tests it again)."""
+        compilation). A CPU engine's health is its decode steps': the last one failed, or the
+        one running now has run `STEP_STALL_S`; one that failed with nothing running since is
+        idle, not hung (the next request tests it again)."""
         stats = self.engine.stats()
         idle = not (stats.running or stats.waiting)
         if stats.healthy or (idle and not self.engine.probed_health):

@@ -172,6 +172,43 @@ def test_a_failed_decode_step_fails_its_batch_and_health_recovers_with_the_next(
     assert "transient" in failed and after == "" and tokens == 2
 
 
+def test_a_hung_decode_step_reads_as_unhealthy():
+    """A CPU engine's health was only whether its last step failed: a step that never returned
+    kept the engine healthy, every stream on it waiting out its deadline."""
+    from services.engines import batching
+    from services.engines.batching import engine_stats
+
+    class Seq(Sequence):
+        kv_tokens = 1
+
+    async def run():
+        stuck = asyncio.Event()
+
+        async def step(batch):
+            await stuck.wait()  # never set: hung
+            return [(7, None)] * len(batch)
+
+        batcher = ContinuousBatcher(EngineSettings(), step)
+        params = SamplingParams(max_tokens=3)
+        seq = Seq(EngineRequest("h", [1, 2], params), StopChecker(params, (), str))
+        stream = batcher.stream(seq, 5)
+        reading = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)  # the step has started
+        gate = type("Gate", (), {"running": {}, "waiting": 0})()
+        fresh = engine_stats("reference", "decode", batcher, gate, 100)
+        batcher.stepping -= batching.STEP_STALL_S + 1  # as if it began that long ago
+        hung = engine_stats("reference", "decode", batcher, gate, 100)
+        reading.cancel()
+        stuck.set()  # (let the loop end)
+        await asyncio.gather(reading, return_exceptions=True)
+        await stream.aclose()
+        return fresh, hung
+
+    fresh, hung = asyncio.run(run())
+    assert fresh.healthy and not hung.healthy and hung.running == 1
+    assert "decode step has run for" in hung.detail
+
+
 def test_tokens_sampled_before_an_abort_reach_the_reader_before_the_error():
     """A reader slower than the steps finds tokens and then the abort queued: it gets the
     tokens, then the error (they were dropped, to be sampled again on the resumed leg)."""
