@@ -107,11 +107,10 @@ class Guidance:
         # a matcher per grammar, built once (a large schema's takes a tenth of a second and
         # more) and copied for each sequence; the engine threads and the ingress's compile
         # threads share it
-        self._matchers: OrderedDict[str, Any] = OrderedDict()
-        self._matchers_lock = threading.Lock()
+        self._matchers = _Kept(MATCHERS_KEPT)
         # each request's grammar (or why there is none) by its structured fields: an app sends
         # the same schema with every request, compiled once
-        self._grammars: OrderedDict[str, str | None | InvalidRequest] = OrderedDict()
+        self._grammars = _Kept(GRAMMARS_KEPT)
 
     @cached_property
     def factory(self):
@@ -134,21 +133,13 @@ class Guidance:
         # (keys in the order given: a schema's property order is the order its answer keeps)
         key = hashlib.sha256(json.dumps(asdict(spec), ensure_ascii=True,
                                         default=str).encode()).hexdigest()
-        with self._matchers_lock:
-            if key in self._grammars:
-                self._grammars.move_to_end(key)
-                known = self._grammars[key]
-            else:
-                known = False
-        if known is False:
+        known = self._grammars.get(key, _MISSING)
+        if known is _MISSING:
             try:
                 known = self._grammar(spec)
             except InvalidRequest as exc:
                 known = exc
-            with self._matchers_lock:
-                self._grammars[key] = known
-                while len(self._grammars) > GRAMMARS_KEPT:
-                    self._grammars.popitem(last=False)
+            self._grammars.put(key, known)
         if isinstance(known, InvalidRequest):
             raise InvalidRequest(known.message, param=known.param)
         return known
@@ -161,8 +152,6 @@ class Guidance:
         passes it, and its matcher is born stopped, allowing only the end of the answer, an
         empty 200 where a schema was promised). The engines copy that matcher per sequence
         (`constraint`)."""
-        if not spec.constrained:
-            return None
         from mistral_common.exceptions import MistralCommonException
 
         import llguidance
@@ -202,20 +191,14 @@ class Guidance:
     def _matcher(self, grammar: str):
         """The matcher built for `grammar` in its initial state (never advanced: callers copy
         it), the last `MATCHERS_KEPT` grammars kept."""
-        with self._matchers_lock:
-            matcher = self._matchers.get(grammar)
-            if matcher is not None:
-                self._matchers.move_to_end(grammar)
-                return matcher
-        import llguidance
+        matcher = self._matchers.get(grammar, None)
+        if matcher is None:
+            import llguidance
 
-        matcher = llguidance.LLMatcher(self.llg_tokenizer,
-                                       llguidance.LLMatcher.grammar_from_lark(grammar),
-                                       log_level=0)
-        with self._matchers_lock:
-            self._matchers[grammar] = matcher
-            while len(self._matchers) > MATCHERS_KEPT:
-                self._matchers.popitem(last=False)
+            matcher = llguidance.LLMatcher(self.llg_tokenizer,
+                                           llguidance.LLMatcher.grammar_from_lark(grammar),
+                                           log_level=0)
+            self._matchers.put(grammar, matcher)
         return matcher
 
     def _template(self, spec: StructuredRequest) -> str:
@@ -237,6 +220,30 @@ class Guidance:
                                    "services/grammar")
             template = template.replace(_TEXT_BEFORE_CALLS, "fcalls: {{ fcall }}")
         return template
+
+
+_MISSING = object()
+
+
+class _Kept:
+    """The last `size` values put, by key, least recently used dropped first; shared by
+    threads (the engines' and the ingress's compile threads)."""
+
+    def __init__(self, size: int):
+        self.size, self.values, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: str, default: Any) -> Any:
+        with self.lock:
+            if key not in self.values:
+                return default
+            self.values.move_to_end(key)
+            return self.values[key]
+
+    def put(self, key: str, value: Any) -> None:
+        with self.lock:
+            self.values[key] = value
+            while len(self.values) > self.size:
+                self.values.popitem(last=False)
 
 
 @cache
