@@ -271,13 +271,10 @@ class CacheAwareRouter(PerCallMatch, RequestRouter):
         also fires for a call the replica rejected (never routed: Serve cancels it and routes
         it again), which would settle a routed sibling's accounting in its place. Serve runs
         result callbacks on other threads: the settling is put on this router's loop."""
-        if result is None or not hasattr(result, "add_done_callback"):
+        loop = _running_loop()
+        if loop is None or not hasattr(result, "add_done_callback"):
             return routed  # (tests) settled by the hook
-        try:
-            loop = self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return routed
-        routed.tracked = True
+        self._loop, routed.tracked = loop, True
         result.add_done_callback(
             lambda _: _soon(loop, self._settle, internal, routed))
         return routed
