@@ -2,11 +2,13 @@
 
 Prefill runs a prompt in chunks of `prefill_chunk_tokens` and exports the KV cache as numpy arrays
 (`KVBlob`); with the prefix cache on, the prompt's leading blocks that an earlier prompt of the same
-salt computed are loaded instead of computed, and its new full blocks are kept for later ones. Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at the
-next step: each step left-pads every running sequence's KV to a common length, runs one forward
-pass for the whole batch with true positions and a padding mask, and appends each row's new KV
-back to its sequence. All model calls run on one worker thread; the event loop stays free for
-new calls and aborts.
+salt computed are loaded instead of computed, and its new full blocks are kept for later ones.
+Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at the next step:
+each step groups the running sequences by KV length (`length_groups`: one long sequence must
+not pad every short one to its length), left-pads each group's KV to a common length, runs one
+forward pass per group with true positions and a padding mask, and appends each row's new KV
+back to its sequence. All model calls run on one worker thread; the event loop
+stays free for new calls and aborts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class _Sequence(Sequence):
     @property
     def kv_tokens(self) -> int:
         return self.layers[0][0].shape[-2] if self.layers else 0
+
+
+PAD_RATIO = 2.0  # a decode step's rows padded to at most twice their KV (`length_groups`)
+PAD_FLOOR_TOKENS = 512  # unless the pass's longest row is this short
 
 
 class ReferenceEngine:
@@ -188,15 +194,23 @@ class ReferenceEngine:
 
     def _step(self, batch: list[_Sequence]) -> list[tuple[int, TokenLogprob | None]]:
         """One forward pass for the batch, then each row's token (on the engine's thread)."""
-        logits, new_kv = self._forward_batch(batch)
+        rows_logits: list[torch.Tensor | None] = [None] * len(batch)
+        for group in length_groups([seq.kv_tokens for seq in batch], ratio=PAD_RATIO,
+                                   floor=PAD_FLOOR_TOKENS):
+            logits, new_kv = self._forward_batch([batch[row] for row in group])
+            for at, row in enumerate(group):
+                rows_logits[row] = logits[at]
+                seq = batch[row]
+                if seq.done:
+                    continue
+                seq.layers = [(torch.cat([k, nk[at:at + 1]], dim=-2),
+                               torch.cat([v, nv[at:at + 1]], dim=-2))
+                              for (k, v), (nk, nv) in zip(seq.layers, new_kv)]
+                seq.position += 1
         live = [row for row, seq in enumerate(batch) if not seq.done]
-        for row in live:
-            seq = batch[row]
-            seq.layers = [(torch.cat([k, nk[row:row + 1]], dim=-2),
-                           torch.cat([v, nv[row:row + 1]], dim=-2))
-                          for (k, v), (nk, nv) in zip(seq.layers, new_kv)]
-            seq.position += 1
-        sampled = sample_batch([batch[row].sampler for row in live], logits[live],
+        sampled = sample_batch([batch[row].sampler for row in live],
+                               torch.stack([rows_logits[row] for row in live]) if live
+                               else torch.empty(0),
                                [batch[row].position for row in live])
         out: list[tuple[int, TokenLogprob | None]] = [(-1, None)] * len(batch)
         for row, (token, logprob) in zip(live, sampled):
@@ -268,6 +282,22 @@ def _load_blocks(cache, blocks) -> None:
         keys = torch.cat([b.kv[layer][0] for b in blocks], dim=-2)
         values = torch.cat([b.kv[layer][1] for b in blocks], dim=-2)
         cache.update(keys, values, layer)
+
+
+def length_groups(lengths: list[int], *, ratio: float, floor: int) -> list[list[int]]:
+    """The rows of a decode step cut into forward passes whose padding stays bounded: each
+    group's rows hold at least 1/`ratio` of its longest row's KV, or the group's longest is at
+    most `floor` tokens (padding that short costs less than another pass). One long sequence
+    then costs its own pass, not its length times every short row's."""
+    groups: list[list[int]] = []
+    longest = 0
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if groups and (lengths[row] * ratio >= longest or longest <= floor):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+            longest = lengths[row]
+    return groups
 
 
 def _left_pad(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -104,6 +104,51 @@ def test_eight_concurrent_requests_batched_in_decode_match_generate(standin, tok
     assert max(steps_seen) >= 4, "decode never batched several requests together"
 
 
+def test_length_groups_bound_each_passes_padding_and_keep_every_row_once():
+    from services.engines.reference import length_groups
+
+    lengths = [16000, 10, 9000, 30, 600, 400, 8100, 20]
+    groups = length_groups(lengths, ratio=2.0, floor=512)
+    assert sorted(row for group in groups for row in group) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[row] for row in group)
+        assert longest <= 512 or all(2.0 * lengths[row] >= longest for row in group), group
+    assert [0, 2, 6] in groups  # the long rows share a pass; the short ones never join it
+    assert length_groups([100, 3, 500], ratio=2.0, floor=512) == [[2, 0, 1]]
+
+
+def test_a_long_sequence_decodes_in_its_own_pass_and_every_row_still_matches_generate(
+        standin, tokenizer, monkeypatch):
+    """One long sequence in a batch of short ones: the short rows are not padded to its length
+    (a pass of their own), and each row's greedy output is still `generate`'s."""
+    from services.engines import reference
+
+    monkeypatch.setattr(reference, "PAD_FLOOR_TOKENS", 16)
+    prompts = [prompt_of(tokenizer, n, salt=str(n)) for n in (60, 1, 2, 3)]
+    prefill = make_engine(standin, tokenizer, "prefill")
+    decode = make_engine(standin, tokenizer, "decode")
+    passes = []
+    original = decode._forward_batch
+
+    def forward(batch):
+        passes.append(sorted(s.kv_tokens for s in batch))
+        return original(batch)
+
+    monkeypatch.setattr(decode, "_forward_batch", forward)
+
+    async def run_all():
+        requests = [EngineRequest(f"g{i}", p, SamplingParams(max_tokens=10, **GREEDY))
+                    for i, p in enumerate(prompts)]
+        return await asyncio.gather(*(disaggregated(prefill, decode, r) for r in requests))
+
+    outs = asyncio.run(run_all())
+    for i, (prompt, got) in enumerate(zip(prompts, outs)):
+        assert got == reference_ids(standin, prompt, 10), f"request {i} diverged"
+    long_rows = [p for p in passes if max(p) >= len(prompts[0])]
+    assert long_rows and all(len(p) == 1 for p in long_rows), passes
+    assert any(len(p) > 1 for p in passes), "the short rows never shared a pass"
+
+
 def test_image_prompt_prefill_matches_generate(standin, tokenizer):
     import base64
     import io
