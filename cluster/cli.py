@@ -132,6 +132,10 @@ def cmd_up(args) -> int:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", EDGE_CALLBACK)
         # ... and cuts a response its client stopped reading, after the stack's own bound
         os.environ.setdefault("SMALL4_WRITE_STALL_S", repr(settings.limits.write_stall_s))
+        # ... and bounds the request bodies it holds for requests not yet answered
+        os.environ.setdefault("SMALL4_MAX_BODY_BYTES", str(settings.limits.max_body_bytes))
+        os.environ.setdefault("SMALL4_EDGE_BODY_BUDGET_BYTES",
+                              str(settings.limits.edge_body_budget_bytes))
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024,
                  _node_ip_address=settings.ray.node_ip,

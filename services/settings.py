@@ -346,6 +346,19 @@ class LimitSettings(Strict):
                                  "the client to take its next event (a reader that stopped "
                                  "reading), never past the request's deadline")
     upload_wait_s: float = Field(1.0, ge=0, description="wait for a free upload slot before 429")
+    edge_body_budget_bytes: int = Field(1024 ** 3, gt=0, description="request body bytes each "
+                                        "HTTP proxy may hold for requests not yet answered "
+                                        "(Serve's proxy reads a body whole while the request "
+                                        "waits for an ingress replica); a body that would pass "
+                                        "it is refused at the edge (503)")
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_edge(self):
+        if self.edge_body_budget_bytes < self.max_body_bytes:
+            raise ValueError(f"limits.edge_body_budget_bytes ({self.edge_body_budget_bytes}) "
+                             f"is below limits.max_body_bytes ({self.max_body_bytes}): a "
+                             "largest body would always be refused")
+        return self
 
 
 class QuotaSettings(Strict):

@@ -17,7 +17,14 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   counted answered while the client holds the connection for ever.
   The proxy sees the close as the client leaving and cancels the request (the ingress's own
   `limits.write_stall_s` does this where it owns the socket: a direct-ingress replica);
-- `EdgeErrors` makes every answer the proxy itself writes an OpenAI-style JSON error (its own
+- `EdgeErrors` bounds request bodies before any replica sees them: Serve's proxy reads a body
+  whole into an unbounded queue as soon as the request arrives, while the request waits for an
+  ingress replica (and before its key is checked), so the ingress's own body limits came too
+  late to bound the proxy's memory. A declared or streamed body over `MAX_BODY_BYTES` (the
+  stack's `limits.max_body_bytes`) is answered 413, and bodies of requests not yet answered
+  may hold at most `BODY_BUDGET_BYTES` (`limits.edge_body_budget_bytes`) in this process: a
+  body that would pass it is answered 503 (retry), never waited for;
+- `EdgeErrors` also makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
   an SSE error event instead of a bare connection close.
@@ -39,6 +46,9 @@ HEAD_TIMEOUT_S = 30.0
 # the stack's `limits.write_stall_s`: the proxy reads no settings, `small4 up` and the chart
 # pass it in the environment
 WRITE_STALL_S = float(os.environ.get("SMALL4_WRITE_STALL_S", "30"))
+# the stack's `limits.max_body_bytes` and `limits.edge_body_budget_bytes`, passed the same way
+MAX_BODY_BYTES = int(os.environ.get("SMALL4_MAX_BODY_BYTES", str(96 * 1024 * 1024)))
+BODY_BUDGET_BYTES = int(os.environ.get("SMALL4_EDGE_BODY_BUDGET_BYTES", str(1024 ** 3)))
 _STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
                  503: "overloaded_error", 504: "timeout_error"}
 
@@ -202,21 +212,63 @@ class LimitedH11Protocol(H11Protocol):
 
 
 class EdgeErrors:
-    """ASGI middleware: the edge's own answers as OpenAI-style JSON errors, and a cut event
-    stream ended with an SSE error event."""
+    """ASGI middleware: request bodies bounded (each, and all those not yet answered), the
+    edge's own answers as OpenAI-style JSON errors, and a cut event stream ended with an SSE
+    error event."""
 
     def __init__(self, app):
         self.app = app
+        self.held = 0  # body bytes received for requests whose answer has not started
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state: dict[str, Any] = {"started": False, "done": False, "sse": False,
-                                 "rewrite": None}
+                                 "rewrite": None, "body": 0, "held": 0, "refused": None}
+        declared = _content_length(scope)
+        if declared is not None and declared > MAX_BODY_BYTES:
+            return await _send_json_error(send, 413, _too_large(declared), _CLOSE)
+
+        def release() -> None:
+            self.held -= state["held"]
+            state["held"] = 0
+
+        async def bounded_receive():
+            if state["refused"] is not None:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            size = len(message.get("body", b""))
+            state["body"] += size
+            if state["body"] > MAX_BODY_BYTES:
+                state["refused"] = (413, _too_large(state["body"]))
+            elif not state["started"] and state["rewrite"] is None:
+                if size and self.held + size > BODY_BUDGET_BYTES:
+                    state["refused"] = (503, "the server holds too many request bodies not "
+                                        "yet answered; retry the request")
+                else:
+                    self.held += size
+                    state["held"] += size
+            if state["refused"] is not None:  # the proxy hears a client gone: it cancels
+                release()
+                return {"type": "http.disconnect"}
+            return message
+
+        async def refuse() -> None:
+            status, message = state["refused"]
+            extra = _CLOSE | ({b"retry-after": b"1"} if status == 503 else {})
+            await _send_json_error(send, status, message, extra)
+            state["started"] = state["done"] = True
 
         async def guarded_send(message) -> None:
+            if state["done"]:  # the app's answer to a body refused here: ours went instead
+                return
             kind = message["type"]
             if kind == "http.response.start":
+                release()  # answered: whatever the body was, it was read
+                if state["refused"] is not None:  # an app reading the body itself (a direct
+                    return await refuse()         # ingress) answers the "client gone"
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
                 ctype = headers.get(b"content-type", b"")
                 state["sse"] = ctype.startswith(b"text/event-stream")
@@ -239,12 +291,16 @@ class EdgeErrors:
             await send(message)
 
         try:
-            await self.app(scope, receive, guarded_send)
+            await self.app(scope, bounded_receive, guarded_send)
         except Exception as exc:
             log.warning("the edge's app failed: %r", exc)
+        finally:
+            release()
         if state["done"]:
             return
-        if not state["started"]:
+        if not state["started"] and state["refused"] is not None:
+            await refuse()
+        elif not state["started"]:
             await _send_json_error(send, 500 if state["rewrite"] is None else
                                    state["rewrite"][0]["status"],
                                    "the server failed before answering; retry the request", {})
@@ -256,13 +312,33 @@ class EdgeErrors:
                         "body": f"data: {json.dumps(event)}\n\n".encode(), "more_body": False})
 
 
+# an answer sent before the body was read whole: the connection cannot carry another request
+_CLOSE = {b"connection": b"close"}
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:  # the HTTP parser refuses it before an app is called
+                return None
+    return None
+
+
+def _too_large(size: int) -> str:
+    return (f"the request body is over {MAX_BODY_BYTES} bytes ({size} at least); "
+            "limits.max_body_bytes bounds it")
+
+
 def _extra_headers(start) -> dict[bytes, bytes]:
     keep = (b"retry-after", b"x-request-id")
     return {k.lower(): v for k, v in start.get("headers", []) if k.lower() in keep}
 
 
 async def _send_json_error(send, status: int, message: str, extra: dict[bytes, bytes]) -> None:
-    codes = {408: "request_timeout", 429: "rate_limit_exceeded", 503: "overloaded"}
+    codes = {408: "request_timeout", 413: "payload_too_large", 429: "rate_limit_exceeded",
+             503: "overloaded"}
     body = error_bytes(status, message.strip() or "error", codes.get(status, "internal_error"))
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), *extra.items()]

@@ -730,6 +730,27 @@ def test_the_proxy_cuts_a_stalled_reader_after_the_stacks_own_bound(render, stac
     assert float(out.stdout) == stall
 
 
+@pytest.mark.parametrize("limits", [{}, {"max_body_bytes": 150_000_000,
+                                         "edge_body_budget_bytes": 3_000_000_000}])
+def test_the_proxy_bounds_bodies_by_the_stacks_own_limits(render, limits):
+    """The edge callback reads `limits.max_body_bytes` and `limits.edge_body_budget_bytes`
+    from the pods' environment (numbers Helm would print in exponent form unless made
+    integers)."""
+    from services.settings import LimitSettings
+
+    want = LimitSettings(**limits)
+    values = [env_of(t["spec"]["containers"][0])
+              for t in pod_templates(render(stack={"limits": limits} if limits else {}))]
+    (env,) = {(v["SMALL4_MAX_BODY_BYTES"], v["SMALL4_EDGE_BODY_BUDGET_BYTES"]) for v in values}
+    probe = ("from services.guard import http_edge; "
+             "print(http_edge.MAX_BODY_BYTES, http_edge.BODY_BUDGET_BYTES)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(os.environ, SMALL4_MAX_BODY_BYTES=env[0],
+                                  SMALL4_EDGE_BODY_BUDGET_BYTES=env[1]), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(want.max_body_bytes), str(want.edge_body_budget_bytes)]
+
+
 def test_a_checkpoint_off_the_model_volume_is_refused(render):
     """A checkpoint path outside the workers' model volume, or no volume, rendered; every
     engine then failed to load its weights, after 16 GPUs were held."""

@@ -392,9 +392,41 @@ async def _flood(receive, send) -> None:
         task.cancel()
 
 
+HELD = {"now": 0, "seen": [], "release": threading.Event()}  # what /hold saw
+
+
+async def _hold(receive, send, own_answer: bool = False) -> None:
+    """A request waiting for an ingress replica, as Serve's proxy keeps it: its body read whole
+    (into the proxy's queue), the answer not started until the test releases it."""
+    size = 0
+    while (message := await receive())["type"] == "http.request":
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    else:
+        HELD["seen"].append("disconnect")  # the proxy's cue to cancel the request
+        if own_answer:  # an app that reads the body itself (a direct ingress) answers it
+            await send({"type": "http.response.start", "status": 499,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error": "client gone"}'})
+        return
+    HELD["now"] += 1
+    try:
+        deadline = time.monotonic() + 20
+        while not HELD["release"].is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        HELD["now"] -= 1
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps({"read": size}).encode()})
+
+
 async def _app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] in ("/hold", "/own"):
+        return await _hold(receive, send, own_answer=scope["path"] == "/own")
     if scope["path"] == "/flood":
         return await _flood(receive, send)
     if scope["path"] == "/boom":
@@ -565,6 +597,83 @@ def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):
     with httpx.Client(timeout=10) as client:
         for _ in range(3):
             assert client.post(f"{url}/health", content=b"x" * 200_000).status_code == 200
+
+
+def _raw_post(port: int, body_parts: list[bytes], declared: int | None = None,
+              path: str = "/hold") -> bytes:
+    """POST `path` on a raw socket (chunked unless `declared`), then whatever comes back."""
+    head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n".encode()
+            + (f"content-length: {declared}\r\n".encode() if declared is not None
+               else b"transfer-encoding: chunked\r\n") + b"\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        try:
+            for part in body_parts:
+                sock.sendall(part if declared is not None
+                             else f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                time.sleep(0.02)
+            if declared is None:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:  # answered and closed before the body ended
+            pass
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer
+
+
+def test_a_body_over_the_limit_is_413_at_the_edge_declared_or_streamed(edge_server,
+                                                                       monkeypatch):
+    """Serve's proxy reads a body whole into an unbounded queue while the request waits for an
+    ingress replica, before the key is checked: the ingress's limits came too late to bound
+    its memory."""
+    from services.guard import http_edge
+
+    _, port = edge_server
+    monkeypatch.setattr(http_edge, "MAX_BODY_BYTES", 1000)
+    HELD["release"].set()
+    HELD["seen"].clear()
+    declared = _raw_post(port, [], declared=5000)
+    assert declared.startswith(b"HTTP/1.1 413") and b'"payload_too_large"' in declared
+    assert b"connection: close" in declared.lower()
+    assert HELD["seen"] == []  # refused from its headers: the app never ran
+    streamed = _raw_post(port, [b"x" * 400] * 5)
+    assert streamed.startswith(b"HTTP/1.1 413") and b"limits.max_body_bytes" in streamed
+    assert HELD["seen"] == ["disconnect"]  # the request was cancelled, its body dropped
+    own = _raw_post(port, [b"x" * 400] * 5, path="/own")
+    assert own.startswith(b"HTTP/1.1 413"), own[:200]  # not the app's answer to "gone"
+    fits = _raw_post(port, [b"x" * 400] * 2)
+    assert fits.startswith(b"HTTP/1.1 200") and b'{"read": 800}' in fits
+
+
+def test_bodies_held_for_unanswered_requests_are_bounded_and_freed_once_answered(
+        edge_server, monkeypatch):
+    from services.guard import http_edge
+
+    url, port = edge_server
+    monkeypatch.setattr(http_edge, "BODY_BUDGET_BYTES", 1000)
+    HELD["release"].clear()
+    first: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: first.append(
+        httpx.post(f"{url}/hold", content=b"a" * 600, timeout=30)))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 10
+        while HELD["now"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert HELD["now"] == 1
+        over = _raw_post(port, [b"b" * 600], declared=600)
+        assert over.startswith(b"HTTP/1.1 503") and b'"overloaded"' in over
+        assert b"retry-after: 1" in over.lower()
+    finally:
+        HELD["release"].set()
+        waiting.join(30)
+    assert first[0].status_code == 200 and first[0].json() == {"read": 600}
+    again = httpx.post(f"{url}/hold", content=b"c" * 600, timeout=10)  # the first's bytes freed
+    assert again.status_code == 200 and again.json() == {"read": 600}
 
 
 def test_edge_failures_are_json_errors_and_cut_streams_end_with_an_error_event(edge_server):

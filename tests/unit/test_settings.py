@@ -40,6 +40,16 @@ def test_auth_must_be_configured_or_turned_off_explicitly():
     assert not parse_settings(NO_AUTH).auth.enabled
 
 
+def test_the_edges_body_budget_must_hold_one_largest_body():
+    with pytest.raises(SettingsError, match="edge_body_budget_bytes") as err:
+        parse_settings({"limits": {"max_body_bytes": 2000, "edge_body_budget_bytes": 1000}}
+                       | NO_AUTH)
+    assert err.value.field == "limits"
+    ok = parse_settings({"limits": {"max_body_bytes": 1000, "edge_body_budget_bytes": 1000}}
+                        | NO_AUTH)
+    assert ok.limits.edge_body_budget_bytes == 1000
+
+
 def test_checkpoint_source_needs_a_path():
     with pytest.raises(SettingsError, match="model.path is required"):
         parse_settings({"model": {"source": "checkpoint"}} | NO_AUTH)

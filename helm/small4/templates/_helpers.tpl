@@ -139,6 +139,11 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
   value: "services.guard.http_edge:install"
 - name: SMALL4_WRITE_STALL_S  # the proxy cuts a response its client stopped reading
   value: {{ dig "limits" "write_stall_s" 30 .Values.stack | toString | quote }}
+- name: SMALL4_MAX_BODY_BYTES  # the proxy refuses a larger body before holding it (413)
+  value: {{ dig "limits" "max_body_bytes" 100663296 .Values.stack | int64 | toString | quote }}
+{{- $budget := dig "limits" "edge_body_budget_bytes" 1073741824 .Values.stack }}
+- name: SMALL4_EDGE_BODY_BUDGET_BYTES  # bodies the proxy may hold for requests not answered
+  value: {{ $budget | int64 | toString | quote }}
 # on SIGTERM `ray start --block` marks its node draining and waits this long for it to empty
 # (Ray's default: 30 s); the pod's grace period (small4.terminationGrace) outlasts it
 - name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
