@@ -113,6 +113,16 @@ class PromptTokenizer:
         cols, rows = encoder._image_to_num_tokens(_Sized((width, height)))
         return rows * (cols + 1)
 
+    @cached_property
+    def max_image_tokens(self) -> int:
+        """Prompt tokens of the largest image the encoder makes (its longest side at
+        `max_image_size`): the most any one image can take."""
+        encoder = self._mt.instruct_tokenizer.image_encoder
+        if encoder is None:
+            return 0
+        side = encoder.image_config.max_image_size
+        return self.image_tokens(side, side)
+
     def exceeds(self, texts: Iterable[str], limit: int, piece_chars: int = 1 << 18) -> bool:
         """Whether `texts` take more than `limit` tokens, counted piece by piece and stopped
         once they do: the cost is what reaches the limit, not the texts' size. A cut between

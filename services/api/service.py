@@ -178,7 +178,9 @@ class RequestService:
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
                                max_images=self.settings.max_images if self.multimodal else None)
-                self.quotas.check_tokens(record.grant, prompt_floor(
+                # the least it can cost is charged now (settled once the prompt is known), so
+                # what runs before that charge (images) is paid for, never only checked
+                self.quotas.charge(record.grant, prompt_floor(
                     req, self.token_bytes, model=self.settings.model, limits=limits))
                 # a pool with room, before the costly steps (tokenising, images, a grammar):
                 # a saturated stack sheds with a 503 what it would shed after them anyway
@@ -192,7 +194,7 @@ class RequestService:
                                     marks=self.marks)
                 # charged before a grammar compile (a key that cannot pay gets none); each
                 # of the n choices is a prefill and a sequence of its own
-                self.quotas.charge(record.grant, plan.n * (
+                self.quotas.settle(record.grant, plan.n * (
                     plan.prompt_tokens + plan.engine_request.sampling.max_tokens))
                 await self._constrain(plan, deadline, record)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
@@ -267,9 +269,12 @@ class RequestService:
             return await asyncio.to_thread(self.tokenizer.encode_chat, messages,
                                            effort=effort, tools=tools)
         request_id = record.request_id
+        # the most its images can take held now, as far as the key can pay: the image
+        # service refuses from the headers what this request holds cannot pay
+        most = req.n * len(images) * self.tokenizer.max_image_tokens
         budget = prompt_budget(req, self.token_bytes, model=self.settings.model,
                                limits=self.settings.limits,
-                               quota=self.quotas.room(record.grant))
+                               quota=self.quotas.reserve(record.grant, most))
         ctx = RequestContext(request_id, deadline=deadline,
                              trace_headers=tracing.headers_of(span))
         # queued behind a busy multimodal deployment, a request still keeps its deadline (a

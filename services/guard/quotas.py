@@ -159,17 +159,25 @@ class Quotas:
         if wait > 0:
             raise over_token_quota(tokens, grant.name, state.limits.tokens_per_min, wait)
 
-    def room(self, grant: Grant) -> TokenRoom | None:
-        """What the key could pay now (None: no token quota), for a check made elsewhere
-        before the request's cost is known (its images', from their headers)."""
+    def reserve(self, grant: Grant, most: int) -> TokenRoom | None:
+        """Hold up to `most` more tokens for a request whose cost is not known yet (its images'
+        tokens, read from their headers elsewhere), as much as the key has now, and the room
+        that check may use (None: no token quota): what this request holds in all, never what
+        other requests hold or might refund (concurrent image requests of one key would each
+        see the same tokens, and each have its images decoded before the exact charge refused
+        all but one). `settle` makes the charge exact once the cost is known."""
         state = self.keys.get(grant.key)
         if state is None or state.tokens is None:
             return None
         state.tokens.wait_s(0, self.clock())  # filled to now
-        # the check comes later, after queues and fetches: what the key has now, plus every
-        # refund its requests in flight could still bring (the refill is credited there)
-        return TokenRoom(grant.name, state.limits.tokens_per_min,
-                         state.tokens.level + state.charged, state.tokens.capacity)
+        take = int(min(max(most, 0), max(state.tokens.level, 0.0)))
+        if take:
+            state.tokens.take(take)
+            state.charged += take
+            grant.bucketed += take
+            grant.tokens += take
+        return TokenRoom(grant.name, state.limits.tokens_per_min, grant.bucketed,
+                         state.tokens.capacity)
 
     def charge(self, grant: Grant, tokens: int) -> None:
         """Charge an admitted request's `tokens`, or raise `RateLimited` (then `release` it)."""
@@ -180,6 +188,20 @@ class Quotas:
             state.charged += tokens
             grant.bucketed += tokens
         grant.tokens += tokens
+
+    def settle(self, grant: Grant, tokens: int) -> None:
+        """The request costs `tokens` in all, now known: charge what its grant lacks (or
+        raise `RateLimited`), or give back at once what it holds beyond them."""
+        more = tokens - grant.tokens
+        if more >= 0:
+            return self.charge(grant, more)
+        state = self.keys.get(grant.key)
+        back = min(grant.bucketed, -more)
+        grant.tokens = tokens
+        if state is not None and state.tokens is not None and back > 0:
+            grant.bucketed -= back
+            state.charged = max(0, state.charged - back)
+            state.tokens.refund(back, self.clock())
 
     def release(self, grant: Grant | None, used_tokens: int) -> None:
         """The request ended having used `used_tokens`: free its slot, refund the rest."""

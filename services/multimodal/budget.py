@@ -17,10 +17,12 @@ from services.errors import ContextLengthExceeded, over_token_quota
 
 @dataclass(frozen=True)
 class TokenRoom:
-    """A key's token bucket as the ingress saw it: the most the key could pay (what it had,
-    plus what its requests in flight could still refund) at wall-clock `at`, and the bucket's
-    size. Checked later (after queues and fetches), it credits the refill since: it refuses
-    only what the exact charge after encoding would refuse too."""
+    """What a request holds of its key's token bucket: the tokens the ingress charged it
+    before its images were read (its text's floor and completion, and as much of the most its
+    images can take as the key had: `Quotas.reserve`) at wall-clock `at`, and the bucket's
+    size. Checked later (after queues and fetches), it credits the refill since; what other
+    requests hold is never counted, so concurrent requests of one key cannot each pass on the
+    same tokens and have their images decoded unpaid."""
 
     key: str
     tokens_per_min: float

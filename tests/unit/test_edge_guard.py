@@ -5,6 +5,7 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -205,29 +206,39 @@ def test_keys_sharing_a_name_have_separate_quotas():
         quotas.admit(first, 1)
 
 
-def test_the_room_an_image_check_sees_counts_what_requests_in_flight_may_refund():
-    """The image service checks a request's tokens against the key's room later than the
-    ingress read it: a refund arriving meanwhile (a request of the key ending early) must not
-    turn into a 429 the exact charge would not give. The room counts every refund the key's
-    requests in flight could still bring, and the refill since the reading."""
+def test_the_room_an_image_check_sees_is_what_the_request_holds_never_others_tokens():
+    """The image service checks a request's images' tokens (from their headers) against the
+    room the ingress gave it, before decoding them. That room counted what the key had plus
+    every refund its requests in flight might bring, and held nothing: a drained key's image
+    requests, or fifty at once on one minute's tokens, all had their images decoded before
+    the exact charge refused them. Now a request holds what it may cost before the check."""
     clock = [0.0]
     quotas = Quotas(QuotaSettings(tokens_per_min=60_000), clock=lambda: clock[0])
     who = Principal("k", "t", key_id="c" * 64)
     busy = [quotas.admit(who, 19_000) for _ in range(3)]  # 3,000 left
-    room = quotas.room(quotas.admit_request(who))
-    assert room.available == 60_000 and room.capacity == 60_000
-    room.check(6_000)  # passes: a refund could come before the charge
-    quotas.release(busy[0], 1_000)  # ... and one does
-    quotas.charge(quotas.admit_request(who), 6_000)  # the exact charge agrees
-    for grant in busy[1:]:
-        quotas.release(grant, 19_000)
-    spent = quotas.room(quotas.admit_request(who))
-    assert spent.available == 60_000 - 1_000 - 2 * 19_000  # nothing in flight to refund
+    grant = quotas.admit_request(who)
+    quotas.charge(grant, 1_000)  # the text's floor, charged at admission
+    room = quotas.reserve(grant, 9_000)  # the most its images can take: 2,000 left to hold
+    assert room.available == 3_000 and room.capacity == 60_000
+    room.check(3_000)
     with pytest.raises(RateLimited) as err:
-        spent.check(40_000)  # the in-flight 6,000 could come back, no more
-    assert err.value.code == "tokens_per_min_exceeded" and err.value.retry_after > 0
+        room.check(6_000)  # what the busy requests hold is not this request's
+    assert err.value.code == "tokens_per_min_exceeded" and 0 < err.value.retry_after <= 3.0
+    other = quotas.admit_request(who)
+    assert quotas.reserve(other, 9_000).available == 0  # a second at once: nothing left
+    dataclasses.replace(room, at=room.at - 1.0).check(4_000)  # checked 1 s later: the refill
+    quotas.settle(grant, 2_500)  # the exact cost known: what it held beyond is back at once
+    assert (grant.tokens, grant.bucketed) == (2_500, 2_500)
+    assert quotas.reserve(other, 9_000).available == 500  # what the first gave back
+    quotas.settle(other, 500)
+    with pytest.raises(RateLimited):
+        quotas.settle(other, 4_000)  # more than the key has: the exact charge refuses it
+    for g in (*busy, grant, other):
+        quotas.release(g, 0)
+    assert quotas.keys[who.ident].charged == 0
+    assert quotas.keys[who.ident].tokens.level == 60_000  # every token came back, no more
     with pytest.raises(RateLimited, match="needs 70000 tokens") as never:
-        spent.check(70_000)  # more than the bucket holds: never
+        quotas.reserve(quotas.admit_request(who), 0).check(70_000)  # more than the bucket
     assert never.value.retry_after == 60.0
 
 

@@ -325,6 +325,53 @@ def test_an_image_prompt_its_key_cannot_pay_is_refused_from_its_headers(pre):
         asyncio.run(pre.encode(messages, effort="none", budget=fits))
 
 
+def test_concurrent_image_requests_of_one_key_are_decoded_only_as_far_as_it_can_pay(
+        monkeypatch):
+    """The token check before decoding held nothing and counted what the key's requests in
+    flight might refund: three image requests at once on a minute that pays for two each
+    passed it, had their images decoded, and the exact charge after refused one. Each now
+    holds what it may cost before its images are read: the third is refused from its header."""
+    import threading
+    import time
+
+    import httpx
+
+    from cluster.inprocess import build_inprocess
+    from cluster.settings import parse_settings
+    from services.multimodal import preprocess
+
+    decoded, lock = [], threading.Lock()
+
+    def slow_decode(data, settings, param, stop):  # the image reached the decoder
+        with lock:
+            decoded.append(param)
+        time.sleep(0.5)
+        raise InvalidRequest("image data could not be read", param=param)
+
+    monkeypatch.setattr(preprocess, "decode_image", slow_decode)
+    ingress = build_inprocess(parse_settings({
+        "auth": {"enabled": False, "default_quota": {"tokens_per_min": 7000}},
+        "model": {"context_length": 8192}}))
+    ingress.service.quotas.clock = lambda: 1000.0  # no refill
+    body = {"model": "mistral-small-4", "max_tokens": 16,
+            "messages": chat(declared_png(1540, 1540))}  # 3080 tokens from its header
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=ingress.build_asgi_app()), base_url="http://small4") as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body,
+                                                      timeout=60) for _ in range(3)))
+
+    replies = asyncio.run(go())
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [400, 400, 429], [r.text for r in replies]
+    assert len(decoded) == 2  # the one refused never reached the decoder
+    limited = next(r for r in replies if r.status_code == 429).json()["error"]
+    assert limited["code"] == "tokens_per_min_exceeded"
+    state, = ingress.service.quotas.keys.values()
+    assert state.charged == 0 and state.tokens.level == 7000  # all given back: nothing ran
+
+
 def test_a_16_bit_greyscale_png_keeps_its_greys(pre):
     """Pillow opens a 16-bit greyscale PNG as `I;16`; mistral-common's RGB conversion would
     clip every value above 255 to white. It is scaled to 8 bits first: a mid grey stays the
