@@ -95,7 +95,7 @@ class MultimodalPreprocessor:
         """(bytes, checked header) of each data-URL image; (None, None) for a URL to fetch."""
         inline = []
         for (_, _, url), param in zip(parts, params):
-            if url.startswith("data:"):
+            if url[:5].lower() == "data:":  # a URL's scheme is case-insensitive
                 data = data_url_bytes(url, self.settings, param)
                 inline.append((data, read_header(data, self.settings, param)))
             else:

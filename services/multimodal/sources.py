@@ -27,7 +27,7 @@ from services.settings import ImageSettings
 def data_url_bytes(url: str, settings: ImageSettings, param: str) -> bytes:
     """Decode a base64 `data:` URL, refusing it before decoding when it is too large."""
     header, _, payload = url.partition(",")
-    if ";base64" not in header:
+    if ";base64" not in header.lower():  # MIME parameters are case-insensitive (RFC 2397)
         raise InvalidRequest("data: image URLs must be base64-encoded", param=param)
     if len(payload) * 3 // 4 > settings.max_bytes + 3:
         raise InvalidRequest(f"image is larger than {settings.max_bytes} bytes", param=param)
@@ -45,7 +45,17 @@ def _shown(text: str, limit: int = 80) -> str:
 def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
     host = host.lower().rstrip(".")
     return any(host == entry or (entry.startswith(".") and host.endswith(entry))
-               for entry in (e.lower() for e in allowlist))
+               for entry in (_ascii_name(e.lower()) for e in allowlist))
+
+
+def _ascii_name(name: str) -> str:
+    """An allow-list entry as hosts are compared: an internationalised name in its IDNA form
+    (a leading dot, for a domain's subdomains, kept)."""
+    dot, bare = ("." if name.startswith(".") else ""), name.lstrip(".")
+    try:
+        return dot + bare.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,18 @@ def parse_target(url: str, param: str) -> Target:
         raise InvalidRequest("image URLs must be http(s) or data:", param=param)
     if not parts.hostname:
         raise InvalidRequest("image URL has no host", param=param)
+    try:  # sent as it is looked up: an internationalised name in its ASCII (IDNA) form
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InvalidRequest(f"image URL's host {_shown(parts.hostname)} is not a valid "
+                             "name", param=param) from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+        raise InvalidRequest("image URL has a control character", param=param)
     if port == 0:
         raise InvalidRequest("image URL has port 0", param=param)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     default = 443 if parts.scheme == "https" else 80
-    return Target(parts.scheme, parts.hostname, default if port is None else port, path)
+    return Target(parts.scheme, host, default if port is None else port, path)
 
 
 async def resolve_public(target: Target, settings: ImageSettings, param: str) -> str:
@@ -153,7 +170,7 @@ async def _fetch(url: str, settings: ImageSettings, param: str) -> bytes:
                         raise InvalidRequest(f"image URL sent a {encoding}-encoded body; the "
                                              "image must be sent as it is", param=param)
                     return await _read_limited(response, settings.max_bytes, param)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise InvalidRequest(f"image URL could not be fetched: {type(exc).__name__}",
                                      param=param) from None
     raise InvalidRequest(f"image URL redirected more than {settings.max_redirects} times",

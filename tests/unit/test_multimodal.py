@@ -151,6 +151,8 @@ def test_bad_images_are_refused_naming_the_part(pre, case):
     ("http://10.1.2.3/x.png", "non-public address"),
     ("http://evil.example.net/x.png", "not allowed"),
     ("ftp://127.0.0.1/x.png", "must be http"),
+    ("http://127.0.0.1/a\x01b.png", "control character"),
+    ("http://a..b.example.com/x.png", "not a valid name"),
 ])
 def test_urls_to_private_addresses_or_other_hosts_are_refused(tokenizer, url, message):
     policy = ImageSettings(allow_urls=True, url_allowlist=(
@@ -158,6 +160,25 @@ def test_urls_to_private_addresses_or_other_hosts_are_refused(tokenizer, url, me
     with pytest.raises(InvalidRequest, match=message) as err:
         asyncio.run(MultimodalPreprocessor(tokenizer, policy).encode(chat(url), effort="none"))
     assert err.value.param == "messages.1.content.1.image_url"
+
+
+def test_a_url_httpx_cannot_send_is_the_clients_400_never_a_500(tokenizer):
+    """httpx refuses a URL it cannot send (too long, say) with `InvalidURL`, which is not one
+    of its `HTTPError`s: it reached the error mapping as the stack's own 500."""
+    policy = ImageSettings(allow_urls=True, url_allowlist=("127.0.0.1",),
+                           admit_loopback_for_tests=True)
+    url = "http://127.0.0.1:9/" + "a" * 70_000 + ".png"
+    with pytest.raises(InvalidRequest, match="could not be fetched") as err:
+        asyncio.run(MultimodalPreprocessor(tokenizer, policy).encode(chat(url), effort="none"))
+    assert err.value.param == "messages.1.content.1.image_url"
+
+
+def test_a_data_url_is_read_whatever_the_case_of_its_scheme_and_encoding(tokenizer, pre):
+    raw = CASES["tiny-png"]()
+    plain = asyncio.run(pre.encode(chat(data_url(raw)), effort="none"))
+    shouted = "DATA:image/png;BASE64," + data_url(raw).partition(",")[2]
+    loud = asyncio.run(pre.encode(chat(shouted), effort="none"))
+    assert loud.ids == plain.ids and np.array_equal(loud.images[0], plain.images[0])
 
 
 def test_too_many_images_names_the_first_extra_part(tokenizer):
