@@ -198,7 +198,7 @@ def _banned(marks: OutputMarks | None, tools_offered: bool, effort: str) -> tupl
     if marks is None:
         return ()
     return ((() if tools_offered else (marks.tool_calls,))
-            + ((marks.think,) if effort == "none" else ()))
+            + ((marks.think,) if effort == "none" else ()) + marks.images)
 
 
 def structured_request(plan: RequestPlan, limits: LimitSettings) -> StructuredRequest:

@@ -23,11 +23,20 @@ class OutputMarks:
     end_think: int
     tool_calls: int
     is_control: Callable[[int], bool]
+    # the ids only an image's encoding puts in a prompt: never sampled (a resumed leg's prompt
+    # is the prompt and what was sampled, and one there would read as an image's slot)
+    images: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, tokenizer) -> OutputMarks:
+        images = []
+        for name in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"):
+            try:
+                images.append(tokenizer.special(name))
+            except Exception:  # a tokenizer without images
+                continue
         return cls(tokenizer.special("[THINK]"), tokenizer.special("[/THINK]"),
-                   tokenizer.special("[TOOL_CALLS]"), tokenizer.is_control)
+                   tokenizer.special("[TOOL_CALLS]"), tokenizer.is_control, tuple(images))
 
 
 _CONTENT, _REASONING, _CALL = range(3)
