@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Effort = Literal["none", "high"]
 
@@ -318,7 +318,8 @@ class LimitSettings(Strict):
     max_messages: int = Field(512, gt=0)
     max_n: int = Field(4, ge=1, le=128, description="choices a request may ask for (n); each "
                        "is its own decode stream and counts its max_tokens against the quota")
-    max_body_bytes: int = Field(96 * 1024 * 1024, gt=0, description="8 images of 10 MB, base64")
+    max_body_bytes: int = Field(112 * 1024 * 1024, gt=0, description="8 images of 10 MB, "
+                                "base64 (4/3 of their bytes: 107 MB), and the text")
     max_string_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one JSON string")
     max_json_depth: int = Field(32, gt=0)
     max_schema_bytes: int = Field(256 * 1024, gt=0, description="JSON of what a structured "
@@ -418,6 +419,25 @@ class ImageSettings(Strict):
     admit_loopback_for_tests: bool = Field(False, description="tests only: also fetch from "
                                            "loopback addresses (a local test server); never on "
                                            "in a profile")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        """Pillow's names (upper case): `png` matched no image's format (every image was
+        refused as the client's fault), and a name Pillow lacks failed every image (a 400)."""
+        from PIL import Image
+
+        Image.init()
+        known = {name.upper(): name for name in Image.OPEN}
+        names = {"JPG": "JPEG"}  # the common alias, as Pillow itself does not take it
+        out = []
+        for name in formats:
+            upper = names.get(name.strip().upper(), name.strip().upper())
+            if upper not in known:
+                raise ValueError(f"image format {name!r} is not one Pillow reads (one of "
+                                 f"{', '.join(sorted(known))})")
+            out.append(known[upper])
+        return tuple(dict.fromkeys(out))
 
 
 class MultimodalSettings(DeploymentSettings):

@@ -47,7 +47,7 @@ HEAD_TIMEOUT_S = 30.0
 # pass it in the environment
 WRITE_STALL_S = float(os.environ.get("SMALL4_WRITE_STALL_S", "30"))
 # the stack's `limits.max_body_bytes` and `limits.edge_body_budget_bytes`, passed the same way
-MAX_BODY_BYTES = int(os.environ.get("SMALL4_MAX_BODY_BYTES", str(96 * 1024 * 1024)))
+MAX_BODY_BYTES = int(os.environ.get("SMALL4_MAX_BODY_BYTES", str(112 * 1024 * 1024)))
 BODY_BUDGET_BYTES = int(os.environ.get("SMALL4_EDGE_BODY_BUDGET_BYTES", str(1024 ** 3)))
 _STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
                  503: "overloaded_error", 504: "timeout_error"}

@@ -50,6 +50,21 @@ def test_the_edges_body_budget_must_hold_one_largest_body():
     assert ok.limits.edge_body_budget_bytes == 1000
 
 
+def test_the_default_body_holds_the_most_images_of_the_largest_size_base64():
+    limits = parse_settings(NO_AUTH).limits
+    images = parse_settings(NO_AUTH).multimodal.images
+    encoded = -(-images.max_bytes // 3) * 4
+    assert images.max_images * encoded < limits.max_body_bytes
+    assert encoded < limits.max_string_bytes
+
+
+def test_image_formats_are_pillows_names_whatever_their_case():
+    assert parse_settings({"multimodal": {"images": {"formats": ["png", "jpg"]}}}
+                          | NO_AUTH).multimodal.images.formats == ("PNG", "JPEG")
+    with pytest.raises(SettingsError, match="not one Pillow reads"):
+        parse_settings({"multimodal": {"images": {"formats": ["PNG", "HEIC2"]}}} | NO_AUTH)
+
+
 def test_checkpoint_source_needs_a_path():
     with pytest.raises(SettingsError, match="model.path is required"):
         parse_settings({"model": {"source": "checkpoint"}} | NO_AUTH)

@@ -140,7 +140,7 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
 - name: SMALL4_WRITE_STALL_S  # the proxy cuts a response its client stopped reading
   value: {{ dig "limits" "write_stall_s" 30 .Values.stack | toString | quote }}
 - name: SMALL4_MAX_BODY_BYTES  # the proxy refuses a larger body before holding it (413)
-  value: {{ dig "limits" "max_body_bytes" 100663296 .Values.stack | int64 | toString | quote }}
+  value: {{ dig "limits" "max_body_bytes" 117440512 .Values.stack | int64 | toString | quote }}
 {{- $budget := dig "limits" "edge_body_budget_bytes" 1073741824 .Values.stack }}
 - name: SMALL4_EDGE_BODY_BUDGET_BYTES  # bodies the proxy may hold for requests not answered
   value: {{ $budget | int64 | toString | quote }}
