@@ -13,6 +13,7 @@ settings win. With tracing off, spans are no-ops but an incoming trace id is sti
 from __future__ import annotations
 
 import os
+import random
 import re
 import traceback
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,7 @@ from typing import Any, Union
 
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.settings import TracingSettings
@@ -117,9 +119,12 @@ def configure(settings: TracingSettings | Tracing | None, *, role: str,
                   "process.pid": os.getpid(), **resolved.resource_attributes}
     if pool:
         attributes["small4.pool"] = pool
-    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER(_ARG) (default parent-based on).
-    sampler = (None if resolved.sampling_ratio is None
-               else _sampler(resolved.sampling_ratio, from_clients=role == "ingress"))
+    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER(_ARG) (default parent-based on);
+    # the ingress reads the ratio it asks for itself, as its clients get no say in it
+    ratio = resolved.sampling_ratio
+    if ratio is None and role == "ingress":
+        ratio = _environment_ratio(os.environ)
+    sampler = None if ratio is None else _sampler(ratio, from_clients=role == "ingress")
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler,
                               span_limits=SpanLimits(max_attribute_length=ATTRIBUTE_MAX_CHARS))
     exporter = _exporter(resolved)
@@ -133,15 +138,56 @@ def configure(settings: TracingSettings | Tracing | None, *, role: str,
 def _sampler(ratio: float, *, from_clients: bool):
     """Our spans follow their parent's decision, made once at the ingress by `ratio`: there a
     remote parent is a client, whose `traceparent` keeps its trace id but not a say in the
-    sampling (its flag set, any client could have every request of its traced: ten times
-    the export at a ratio of 0.1). Decided by the trace id, so every hop decides alike."""
+    sampling. Neither its flag (set, any client could have every request of its traced: ten
+    times the export at a ratio of 0.1; unset, hide its requests from the traces) nor its
+    trace id (a ratio decided by the id is the client's to choose: one id under the ratio's
+    bound had every request sampled, all into one trace) decides: the ingress draws its own.
+    The hops behind it follow the ingress's flag."""
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    ratio_based = TraceIdRatioBased(ratio)
     if not from_clients:
-        return ParentBased(ratio_based)
-    return ParentBased(ratio_based, remote_parent_sampled=ratio_based,
-                       remote_parent_not_sampled=ratio_based)
+        return ParentBased(TraceIdRatioBased(ratio))
+    drawn = _DrawnRatio(ratio)
+    return ParentBased(drawn, remote_parent_sampled=drawn, remote_parent_not_sampled=drawn)
+
+
+class _DrawnRatio(Sampler):
+    """`ratio` of the spans it is asked about, by a draw of this process's own."""
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):
+        sampled = _draw() < self.ratio
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
+                              attributes if sampled else None,
+                              parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"DrawnRatio{{{self.ratio}}}"
+
+
+_draw = random.random
+
+
+def _environment_ratio(env: Mapping[str, str]) -> float | None:
+    """The share of requests `OTEL_TRACES_SAMPLER(_ARG)` asks for, as a ratio (its parent-based
+    forms alike: the ingress's parent is a client); None for a sampler it does not name."""
+    name = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").strip().lower()
+    name = name.removeprefix("parentbased_")
+    if name == "always_on":
+        return 1.0
+    if name == "always_off":
+        return 0.0
+    if name == "traceidratio":
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            return 1.0  # as the SDK reads a bad argument
+        return ratio if 0.0 <= ratio <= 1.0 else 1.0
+    return None
 
 
 def _exporter(settings: Tracing):
@@ -195,8 +241,22 @@ def finish(span: trace.Span, error: BaseException | None = None, **attributes: A
     span.set_attributes(_clean(attributes))
     if error is not None and span.is_recording():
         span.record_exception(error, attributes=_error_attributes(error))
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+        if _server_fault(error):  # a client's mistake or its leaving is no span error
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
     span.end()
+
+
+def _server_fault(error: BaseException) -> bool:
+    """Whether `error` is the stack's own failure (a 5xx, or anything not a `StackError`), as
+    OpenTelemetry's HTTP conventions set a span's error status: a 4xx the client caused
+    (and 499, a client gone; a cancellation) leaves it unset, so error-rate views of the
+    traces count the stack's failures only."""
+    import asyncio
+
+    if isinstance(error, asyncio.CancelledError):
+        return False
+    status = getattr(error, "status", None)
+    return not isinstance(status, int) or status >= 500
 
 
 def _error_attributes(error: BaseException) -> dict[str, str]:
@@ -260,7 +320,7 @@ def trace_id(span: trace.Span | None, carrier: dict[str, str] | None = None) -> 
 # version-traceid-parentid-flags in lower-case hex, as W3C Trace Context writes them and
 # OpenTelemetry's propagator reads them (a later version may append fields; 00 may not, ff is
 # invalid, as are all-zero ids)
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 TRACESTATE_MAX_CHARS = 512  # W3C: vendors may drop a longer one; we never forward it
 
@@ -270,10 +330,14 @@ def incoming_context(headers) -> dict[str, str]:
     `tracestate` when that is of a sane length. With tracing off they are forwarded as they
     are to every hop, so nothing unchecked (or 64 KiB long) rides along."""
     parent = headers.get("traceparent") or ""
-    if traceparent_id(parent) is None:
+    match = _TRACEPARENT.fullmatch(parent.strip())
+    if match is None or traceparent_id(parent) is None:
         return {}
+    # forwarded in version 00's form, as W3C asks of a later version's reader (its own
+    # fields after these four, of any length, never ride along)
+    _, trace_hex, parent_hex, flags = match.group(1, 2, 3, 4)
     state = headers.get("tracestate") or ""
-    return {"traceparent": parent.strip()} | (
+    return {"traceparent": f"00-{trace_hex}-{parent_hex}-{flags}"} | (
         {"tracestate": state} if 0 < len(state) <= TRACESTATE_MAX_CHARS else {})
 
 
@@ -283,7 +347,7 @@ def traceparent_id(traceparent: str) -> str | None:
     match = _TRACEPARENT.fullmatch(traceparent.strip())
     if match is None:
         return None
-    version, trace, parent, more = match.groups()
+    version, trace, parent, _, more = match.groups()
     if (version == "ff" or (version == "00" and more) or trace == "0" * 32
             or parent == "0" * 16):
         return None

@@ -230,6 +230,66 @@ def test_the_ingress_samples_by_our_ratio_whatever_the_clients_flag_says(role, r
     assert out == [str(recorded), "4bf92f3577b34da6a3ce929d0e0e4736"]  # the client's trace
 
 
+CHOSEN_TRACE_ID = """
+from services.settings import TracingSettings
+from services.telemetry import tracing
+tracing.configure(TracingSettings(enabled=True, exporter="none", sampling_ratio={ratio}),
+                  role="ingress")
+parent = {{"traceparent": "00-000000000000000000000000000000{tail}-00f067aa0ba902b7-{flags}"}}
+print(sum(tracing.start("x", parent).is_recording() for _ in range(400)))
+"""
+
+
+@pytest.mark.parametrize("ratio, env, flags, low, high", [
+    # a trace id whose low bits sit under any ratio's bound: decided by the id, every request
+    # of the client choosing it was sampled, all into one trace
+    (0.5, {}, "01", 100, 300),
+    (0.5, {}, "00", 100, 300),
+    # the ratio unset, the environment's sampler decides for the ingress, the client's flag
+    # never (parent-based by default: a client's 00 hid its requests from the traces)
+    (None, {}, "00", 400, 400),
+    (None, {"OTEL_TRACES_SAMPLER": "always_off"}, "01", 0, 0),
+    (None, {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.5"}, "01", 100, 300),
+])
+def test_a_client_chooses_neither_its_trace_id_nor_its_flag_into_our_sample(
+        ratio, env, flags, low, high):
+    import os
+
+    script = CHOSEN_TRACE_ID.format(ratio=ratio, flags=flags, tail="01")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_TRACES_SAMPLER")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=base | env, check=True, timeout=60).stdout.split()
+    assert low <= int(out[-1]) <= high, out
+
+
+def test_a_clients_mistake_or_leaving_is_no_span_error_the_stacks_failure_is():
+    """OpenTelemetry's HTTP conventions leave a server span's status unset for a 4xx: error
+    views counted every 400, 429 and client gone as the stack failing."""
+    import asyncio
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from services.errors import EngineUnavailable, InvalidRequest, RateLimited, RequestAborted
+    from services.telemetry import tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    errors = [InvalidRequest("bad", param="n"), RateLimited("slow down", retry_after=1.0),
+              RequestAborted("gone"), asyncio.CancelledError(), EngineUnavailable("down"),
+              RuntimeError("bug")]
+    for error in errors:
+        tracing.finish(provider.get_tracer("t").start_span("s"), error)
+    spans = exported.get_finished_spans()
+    assert [s.status.status_code for s in spans] == [StatusCode.UNSET] * 4 + [
+        StatusCode.ERROR] * 2
+    assert all(len(s.events) == 1 for s in spans)  # each still recorded as an event
+
+
 def test_a_span_records_an_error_quoting_client_input_clipped():
     """An error quoting a 4 MB field was recorded whole, twice (message and traceback), on
     every span it passed: tens of MB per request held until exported."""
@@ -282,4 +342,15 @@ def test_a_traceparent_is_kept_where_opentelemetry_would_read_it(header, valid):
 
     read = TraceContextTextMapPropagator().extract({"traceparent": header})
     assert trace.get_current_span(read).get_span_context().is_valid is valid
-    assert bool(incoming_context({"traceparent": header})) is valid
+    kept = incoming_context({"traceparent": header})
+    assert bool(kept) is valid
+    if valid:  # forwarded as version 00 writes it: a later version's own fields dropped
+        assert kept["traceparent"] == "00" + header[2:55]
+
+
+def test_a_later_versions_fields_of_any_length_never_ride_along():
+    from services.telemetry.tracing import incoming_context
+
+    header = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-" + "x" * 60_000
+    assert incoming_context({"traceparent": header}) == {
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
