@@ -337,8 +337,8 @@ def _extra_headers(start) -> dict[bytes, bytes]:
 
 
 async def _send_json_error(send, status: int, message: str, extra: dict[bytes, bytes]) -> None:
-    codes = {408: "request_timeout", 413: "payload_too_large", 429: "rate_limit_exceeded",
-             503: "overloaded"}
+    codes = {404: "not_found", 408: "request_timeout", 413: "payload_too_large",
+             429: "rate_limit_exceeded", 503: "overloaded"}
     body = error_bytes(status, message.strip() or "error", codes.get(status, "internal_error"))
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), *extra.items()]

@@ -447,6 +447,11 @@ async def _app(scope, receive, send):
                     "headers": [(b"content-type", b"text/event-stream")]})
         await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
         raise RuntimeError("the replica died mid-stream")
+    if scope["path"] == "/nowhere":  # Serve's proxy when no app has the route (a redeploy)
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": b"Path '/nowhere' not found."})
+        return
     if scope["path"] == "/busy":
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
@@ -695,6 +700,8 @@ def test_edge_failures_are_json_errors_and_cut_streams_end_with_an_error_event(e
     assert busy.status_code == 503
     assert busy.json()["error"] == {"message": "Too many requests", "type": "overloaded_error",
                                     "param": None, "code": "overloaded"}
+    nowhere = httpx.get(f"{url}/nowhere", timeout=10)
+    assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "not_found"
     cut = httpx.get(f"{url}/cut", timeout=10)
     events = [line[6:] for line in cut.text.splitlines() if line.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
