@@ -38,9 +38,9 @@ class Uploads:
         """Hold an upload slot for `key` while the body is read, or raise `RateLimited`."""
         if self._full(key):
             async with self._freed:
-                try:
-                    await asyncio.wait_for(self._freed.wait_for(lambda: not self._full(key)),
-                                           self.wait_s)
+                try:  # (not `wait_for`, which on Python 3.11 can lose a client's cancel)
+                    async with asyncio.timeout(self.wait_s):
+                        await self._freed.wait_for(lambda: not self._full(key))
                 except TimeoutError:
                     # (a slot may have freed as the wait ran out: then it is taken)
                     if why := self._full(key):

@@ -80,9 +80,11 @@ class ObjectStoreHandoff:
             raise KVHandoffFailed(f"no KV was sent for {ticket.request_id}")
         if not isinstance(ticket.payload, Held):
             return ticket.payload
-        try:
-            return await asyncio.wait_for(ticket.payload.fetch(), self.timeout_s)
-        except asyncio.TimeoutError:
+        try:  # (`asyncio.timeout`: Python 3.11's `wait_for` loses a cancel that comes as the
+            # fetch completes, and the request's decode would run on for a caller gone)
+            async with asyncio.timeout(self.timeout_s):
+                return await ticket.payload.fetch()
+        except TimeoutError:
             raise KVHandoffFailed(
                 f"KV for {ticket.request_id} not received within {self.timeout_s}s",
                 request_id=ticket.request_id) from None
@@ -136,8 +138,9 @@ class PairedHandoff:
         if room is None:
             raise KVHandoffFailed(f"no room is open for {ticket.request_id}")
         try:
-            return await asyncio.wait_for(asyncio.shield(room), self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout_s):  # (not `wait_for`: see above)
+                return await asyncio.shield(room)
+        except TimeoutError:
             raise KVHandoffFailed(f"KV for {ticket.request_id} not received within "
                                   f"{self.timeout_s}s", request_id=ticket.request_id) from None
 

@@ -55,3 +55,36 @@ def test_receive_without_send_fails_typed():
 def test_unknown_backend_names_the_extra():
     with pytest.raises(ValueError, match="sglang"):
         build_handoff(KVHandoffSettings(backend="sglang"))
+
+
+@pytest.mark.parametrize("backend", ["object_store", "paired"])
+def test_a_cancel_that_comes_as_the_kv_arrives_is_not_lost(backend):
+    """Python 3.11's `asyncio.wait_for` returns the result, dropping the cancel, when the
+    awaited fetch completes in the turn its caller is cancelled: the decode stream of a client
+    who just left ran on to its max_tokens, holding its batch slot and KV."""
+    from services.kv import backends
+    from services.kv.held import Held
+    from services.kv.protocol import KVTicket
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        arrived = loop.create_future()
+        handoff = build_handoff(KVHandoffSettings(backend=backend))
+        ticket = KVTicket("r", backend)
+        if backend == "object_store":
+            ticket.payload = Held(arrived)  # what `fetch` awaits: the object's arrival
+        else:
+            ticket.fields["bootstrap_room"] = room = 7
+            backends._ROOMS[room] = arrived
+        task = asyncio.create_task(handoff.receive(ticket))
+        for _ in range(3):
+            await asyncio.sleep(0)  # waiting for the KV
+        arrived.set_result("KV")
+        task.cancel()  # in the same turn
+        try:
+            return await task
+        finally:
+            backends._ROOMS.pop(7, None)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(go())
