@@ -594,6 +594,9 @@ class _Choice:
             try:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
+                if chunk.kv_received:  # decode has the KV (before its first decoded chunk,
+                    await self._prefilled_close()  # which may wait for a batch slot)
+                    continue
                 first_of_leg, self.answered = not self.answered, True
                 now = time.monotonic()
                 self.service.progress[(self.pool, "decode")] = now

@@ -44,6 +44,9 @@ class StreamChunk:
     prompt_tokens: int = 0
     timings: dict[str, Any] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+    # no tokens, only news: the leg's KV arrived (`decode_handed`: the caller that ran the
+    # prefill lets it go then, not at the first decoded chunk, which may wait for a batch slot)
+    kv_received: bool = False
 
 
 class DecodeWorker(EngineHost):
@@ -72,8 +75,9 @@ class DecodeWorker(EngineHost):
                             reply: PrefillReply) -> AsyncIterator[StreamChunk]:
         """Decode a request whose prefill the caller ran (`PrefillClient.run` without
         receiving) and whose first token it has sent already: receive the KV the reply's
-        ticket names, then stream the tokens after the first. A KV that does not arrive is a
-        `KVHandoffFailed`, which the caller answers by resuming the request."""
+        ticket names, say so (a `kv_received` chunk: the prefill may free its copy), then
+        stream the tokens after the first. A KV that does not arrive is a `KVHandoffFailed`,
+        which the caller answers by resuming the request."""
         async def start(ctx: RequestContext, request: EngineRequest, span) -> _Leg:
             transfer = KVTransfer(self.handoff, request.request_id)
             transfer.move(KVState.TRANSFERRING)
@@ -113,6 +117,8 @@ class DecodeWorker(EngineHost):
                 replace(ctx, trace_headers=tracing.headers_of(span, ctx.trace_headers)),
                 request, span)
             upstream = time.perf_counter() - received  # the prefill and the KV's transfer
+            if not send_first:  # the caller holds the prefill's copy of the KV until it hears
+                yield StreamChunk([], kv_received=True)
             # the engine's own spans (SGLang's) join the request's trace under this leg's span;
             # a copy: in one process the prefill worker may still read the request
             tokens = self.engine.decode(

@@ -411,3 +411,46 @@ def test_a_pool_saturated_with_streams_is_ready_while_it_hands_out_tokens(monkey
     assert idle.status_code == 503 and "error" in idle.json()["pools"]["fast"]
     assert busy.status_code == 200, busy.text
     assert busy.json()["pools"]["fast"] == {"prefill": True, "decode": True, "busy": True}
+
+
+def test_the_prefill_lets_its_kv_go_once_decode_has_it_not_at_its_first_decoded_chunk(
+        monkeypatch):
+    """The ingress closed the prefill call (whose replica holds the KV it sent) only on the
+    decode's first decoded chunk, which waits for a batch slot: on a saturated decode replica
+    every waiting request kept a second copy of its KV, and a prefill call slot, on the
+    prefill side. Decode now says when the KV is in (`kv_received`)."""
+    import time
+
+    from services.workers.prefill_client import Prefilled
+
+    ingress = build_inprocess(parse_settings(PROFILE))
+    seen: list[tuple[str, float]] = []
+    close = Prefilled.close
+
+    async def closed(self):
+        if self.legs is not None:
+            seen.append(("prefill closed", time.perf_counter()))
+        await close(self)
+
+    monkeypatch.setattr(Prefilled, "close", closed)
+    for decoder in ingress.service.pools.values():
+        engine, decode = decoder.engine, decoder.engine.decode
+
+        def slow(request, first_token, kv, _decode=decode):
+            async def tokens():
+                await asyncio.sleep(0.3)  # waiting for a batch slot
+                seen.append(("decoded", time.perf_counter()))
+                async for chunk in _decode(request, first_token, kv):
+                    yield chunk
+            return tokens()
+
+        monkeypatch.setattr(engine, "decode", slow)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=ingress.build_asgi_app()), base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=BODY, timeout=30)
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 200, reply.text
+    assert [what for what, _ in seen] == ["prefill closed", "decoded"]
