@@ -250,11 +250,10 @@ class OutputParser:
         """Close the open segment, then move on unless a stop string ended the output. Content
         held for a stop string is shown before a call: no stop string spans one (the engines'
         rule), so it comes before the call's delta, where it was generated."""
-        was = self.state
         self._close_segment(delta)
         if self.state is not State.DONE:
             self.state = state
-            if was is State.CONTENT and state is State.TOOL_NAME:
+            if state is State.TOOL_NAME:  # from content, or from reasoning after content
                 delta.content += self._hold.flush()
 
     def _close_segment(self, delta: OutputDelta, ended: bool = True) -> None:
@@ -268,7 +267,7 @@ class OutputParser:
             call = ToolCall(new_call_id(), decode(self._name_ids).strip(),
                             arguments or ("{}" if ended else ""))
             self._name_ids, self._args_ids = [], []
-            if self.tools_enabled:
+            if self.tools_enabled and call.name:  # a call naming no function is none
                 self.calls.append(call)
                 delta.tool_calls.append(call)
         else:

@@ -190,6 +190,8 @@ class NamedToolChoice(_Wire):
 
 class StreamOptions(_Wire):
     include_usage: bool = Field(False, strict=True)
+    # vLLM's usage on every chunk: not sent here, so refused unless off
+    continuous_usage_stats: Literal[False] | None = None
 
 
 class ResponseFormatText(_Wire):
@@ -479,7 +481,7 @@ NOT_HONOURED: dict[str, list[Any]] = {
     "truncate_prompt_tokens": [], "lora_path": [], "return_hidden_states": [False],
     "separate_reasoning": [True], "stream_reasoning": [True], "stop_regex": [],
     "mm_processor_kwargs": [], "max_dynamic_patch": [], "min_dynamic_patch": [],
-    "custom_params": [],
+    "custom_params": [], "return_tokens_as_token_ids": [False],
     # Mistral's API, which its clients send: a seed by another name, a safety system prompt,
     # a reasoning system prompt
     "random_seed": [], "safe_prompt": [False], "prompt_mode": [],

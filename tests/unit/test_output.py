@@ -226,6 +226,42 @@ def test_content_held_for_a_stop_string_comes_before_the_call_that_follows_it(to
     assert finish == "tool_calls"
 
 
+def test_content_held_for_a_stop_string_is_released_before_a_call_begun_in_reasoning(
+        tokenizer, ids_of, mark):
+    """Held content was released before a call only when the call followed the content; after
+    a reasoning block it stayed held past the call, and joined with content after it into the
+    stop string (the engine's check, which restarts at every call, had not stopped there):
+    everything after was lost, the tokens billed."""
+    ids = (ids_of("Hello S") + mark("[THINK]") + ids_of("plan") + mark("[TOOL_CALLS]")
+           + ids_of("f") + mark("[ARGS]") + ids_of("{}") + [tokenizer.eos_id]
+           + ids_of("TOP more"))  # generated on past the end (ignore_eos)
+    parser = OutputParser(tokenizer, tools_enabled=True, stop=("STOP",), ignore_eos=True)
+    order = []
+    for piece in (ids[:len(ids_of("Hello S")) + 3], ids[len(ids_of("Hello S")) + 3:]):
+        delta = parser.feed(piece)
+        order += [("content", delta.content)] * bool(delta.content) + [
+            ("call", c.name) for c in delta.tool_calls]
+    delta, _ = parser.finish("length")
+    order += [("content", delta.content)] * bool(delta.content)
+    text = "".join(t for kind, t in order if kind == "content")
+    assert text.startswith("Hello S") and "more" in text  # no stop string across the call
+    assert order.index(("call", "f")) > max(i for i, (kind, t) in enumerate(order)
+                                            if kind == "content" and "S" in t and "TOP" not in t)
+
+
+@pytest.mark.parametrize("ids", [
+    lambda ids_of, mark: mark("[TOOL_CALLS]") + mark("[ARGS]") + ids_of('{"x": 1}'),
+    lambda ids_of, mark: mark("[TOOL_CALLS]"),
+    lambda ids_of, mark: mark("[TOOL_CALLS]") + ids_of("   ") + mark("[ARGS]") + ids_of("{}"),
+])
+def test_a_call_naming_no_function_is_no_call(tokenizer, ids_of, mark, ids):
+    """`[TOOL_CALLS][ARGS]{...}` was answered as a call named "" with finish_reason
+    tool_calls: an agent loop then dispatched a function named ""."""
+    content, _, calls, finish = parse_completion(
+        tokenizer, ids(ids_of, mark) + [tokenizer.eos_id], "stop", tools_enabled=True)
+    assert calls == [] and finish == "stop"
+
+
 def test_content_before_a_tool_call_and_invalid_json_arguments_are_kept(tokenizer, ids_of, mark):
     ids = (ids_of("Checking.") + mark("[TOOL_CALLS]") + ids_of("lookup") + mark("[ARGS]")
            + ids_of("{not json") + [tokenizer.eos_id])

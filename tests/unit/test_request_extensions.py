@@ -66,7 +66,8 @@ def test_ignore_eos_with_a_constrained_answer_is_refused(extra):
     ("thinking", {"type": "enabled", "budget_tokens": 1024}),
     ("moderation", {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}),
     ("stop_regex", "\\d"), ("stream_reasoning", False), ("custom_params", {"a": 1}),
-    ("mm_processor_kwargs", {"max_pixels": 1}), ("max_dynamic_patch", 4)])
+    ("mm_processor_kwargs", {"max_pixels": 1}), ("max_dynamic_patch", 4),
+    ("return_tokens_as_token_ids", True)])
 def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 400, reply.text
@@ -83,10 +84,19 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
     ("echo", False), ("verbosity", None), ("verbosity", "medium"), ("stop_token_ids", []),
     ("ignore_eos", False), ("stream_reasoning", True),
     ("safe_prompt", False), ("separate_reasoning", True), ("include_reasoning", True),
-    ("some_field_nobody_knows", 3)])
+    ("return_tokens_as_token_ids", False), ("some_field_nobody_knows", 3)])
 def test_neutral_values_and_unknown_fields_are_answered(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 200, reply.text
+
+
+def test_usage_on_every_chunk_is_refused_naming_it():
+    """vLLM's `stream_options.continuous_usage_stats` was accepted and dropped: its client
+    read usage from chunks that never carried it."""
+    [reply] = post(BODY | {"stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "stream_options.continuous_usage_stats"
 
 
 def test_a_boolean_is_not_a_neutral_number():
