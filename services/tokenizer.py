@@ -110,8 +110,15 @@ class PromptTokenizer:
         encoder = self._mt.instruct_tokenizer.image_encoder
         if encoder is None:
             raise InvalidRequest("this model does not accept images", param="messages")
-        cols, rows = encoder._image_to_num_tokens(_Sized((width, height)))
+        cols, rows = self.image_grid(width, height)
         return rows * (cols + 1)
+
+    def image_grid(self, width: int, height: int) -> tuple[int, int]:
+        """(columns, rows) of `[IMG]` patches a `width` x `height` image is encoded as."""
+        encoder = self._mt.instruct_tokenizer.image_encoder
+        if encoder is None:
+            raise InvalidRequest("this model does not accept images", param="messages")
+        return encoder._image_to_num_tokens(_Sized((width, height)))
 
     @cached_property
     def max_image_tokens(self) -> int:

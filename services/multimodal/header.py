@@ -13,7 +13,7 @@ import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class ImageHeader:
     width: int
     height: int
     scans: int = 0
+    # whether decoding turns it a quarter (an EXIF orientation of 5 to 8 swaps its rows and
+    # columns); None where the header cannot tell (a PNG's EXIF may come after its pixels)
+    turned: bool | None = False
 
     @property
     def pixels(self) -> int:
@@ -52,11 +55,22 @@ def read_header(data: bytes, settings: ImageSettings, param: str) -> ImageHeader
         # only the accepted formats' parsers see the bytes (a camera's JPEG with an embedded
         # preview opens as MPO, through the JPEG plugin: it is a JPEG, decoded as one)
         with Image.open(io.BytesIO(data), formats=settings.formats) as image:
-            header = ImageHeader(_format(image), *image.size)
+            header = ImageHeader(_format(image), *image.size, turned=_turned(image, data))
     if header.format == "JPEG":
-        header = ImageHeader(header.format, header.width, header.height, jpeg_scans(data))
+        header = replace(header, scans=jpeg_scans(data))
     check_header(header, settings, param)
     return header
+
+
+def _turned(image, data: bytes) -> bool | None:
+    """Whether `ImageOps.exif_transpose` will swap the image's sides, from what its header
+    holds: a JPEG's and a WebP's EXIF are read when they are opened; a PNG's eXIf chunk may
+    follow its pixels (read only by decoding them), so one that has any is not known."""
+    if image.format == "PNG":
+        return None if b"eXIf" in data else False
+    if "exif" not in image.info:
+        return False
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
 def _format(image) -> str:

@@ -14,6 +14,7 @@ is enforced while it waits for a thread and while it decodes (`services.multimod
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 import time
@@ -43,9 +44,13 @@ def image_parts(messages: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
 class MultimodalPreprocessor:
     """Fetches, checks and decodes a request's images, then encodes the chat with them."""
 
-    def __init__(self, tokenizer: PromptTokenizer, settings: ImageSettings):
+    def __init__(self, tokenizer: PromptTokenizer, settings: ImageSettings, *,
+                 one_image_size: bool = False):
         self.tokenizer = tokenizer
         self.settings = settings
+        # the request's images will all be laid out at the largest size among them
+        # (`services.multimodal.uniform`): what they take is counted so from their headers
+        self.one_image_size = one_image_size
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="image-decode",
                                        initializer=_below_other_work,
                                        initargs=(settings.decode_niceness,))
@@ -79,7 +84,7 @@ class MultimodalPreprocessor:
                 headers = await self._in_pool(self._headers, raw, [h for _, h in inline],
                                               params)
                 if budget is not None:
-                    budget.check(sum(self._tokens(h) for h in headers))
+                    budget.check(self._prompt_tokens(headers))
                 return await self._in_pool(self._decode_and_encode, messages, parts, raw,
                                            effort, tools, stop)
         except (TimeoutError, DecodeStopped):
@@ -110,11 +115,21 @@ class MultimodalPreprocessor:
         check_request_pixels(headers, params, self.settings)
         return headers
 
-    def _tokens(self, header: ImageHeader) -> int:
-        """The fewest prompt tokens an image of this header can take (an EXIF orientation
-        may turn it, swapping its rows and columns)."""
-        return min(self.tokenizer.image_tokens(header.width, header.height),
-                   self.tokenizer.image_tokens(header.height, header.width))
+    def _prompt_tokens(self, headers: list[ImageHeader]) -> int:
+        """The fewest prompt tokens the images of these headers can take together (an EXIF
+        orientation turns one, swapping its rows and columns; both ways where its header
+        cannot tell): each its own grid, or, with
+        one image size per request, every image at the largest columns and rows among them
+        (padding included: it is encoded, computed and charged as the prompt it is)."""
+        grids = [{self.tokenizer.image_grid(*((h.height, h.width) if turn
+                                               else (h.width, h.height)))
+                  for turn in ((False, True) if h.turned is None else (h.turned,))}
+                 for h in headers]
+        if not self.one_image_size or len(headers) < 2:
+            return sum(min(rows * (cols + 1) for cols, rows in turns) for turns in grids)
+        return len(headers) * min(
+            max(r for _, r in pick) * (max(c for c, _ in pick) + 1)
+            for pick in itertools.product(*grids))
 
     def _decode_and_encode(self, messages, parts, raw, effort, tools, stop) -> EncodedPrompt:
         """Each image decoded, then the chat encoded (a pool thread)."""

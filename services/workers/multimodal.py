@@ -29,8 +29,9 @@ class MultimodalWorker:
     role = "multimodal"
 
     def __init__(self, settings: MultimodalWorkerSettings):
-        self.preprocessor = MultimodalPreprocessor(load_tokenizer(settings.model.tokenizer_file()),
-                                                   settings.images)
+        self.preprocessor = MultimodalPreprocessor(
+            load_tokenizer(settings.model.tokenizer_file()), settings.images,
+            one_image_size=settings.one_image_size)
         self.one_image_size = settings.one_image_size
         self.image_tokens = ImageTokens.of(self.preprocessor.tokenizer)
         tracing.configure(settings.telemetry.tracing, role=self.role)

@@ -393,6 +393,41 @@ def test_concurrent_image_requests_of_one_key_are_decoded_only_as_far_as_it_can_
     assert state.charged == 0 and state.tokens.level == 7000  # all given back: nothing ran
 
 
+@pytest.mark.parametrize("sizes", [((1540, 28), (28, 1540)), ((640, 480), (300, 900), (33, 33))])
+def test_with_one_image_size_the_headers_count_the_padded_layout_exactly(tokenizer, sizes):
+    """With one image size per request (SGLang's Pixtral), every image is laid out at the
+    largest columns and rows among them; counted from the headers as each image alone, two
+    thin images of 166 tokens became 6,160 once padded, past any check made before decoding."""
+    from services.multimodal.header import read_header
+    from services.multimodal.uniform import ImageTokens, uniform_image_sizes
+
+    settings = ImageSettings()
+    images = [encoded(noise(size), "PNG") for size in sizes]
+    uniform = MultimodalPreprocessor(tokenizer, settings, one_image_size=True)
+    headers = [read_header(data, settings, "p") for data in images]
+    marks = ImageTokens.of(tokenizer)
+    prompt = asyncio.run(uniform.encode(chat(*map(data_url, images)), effort="none"))
+    laid_out = uniform_image_sizes(prompt, marks)
+    padded = sum(t in (marks.img, marks.brk, marks.end) for t in laid_out.ids)
+    alone = sum(t in (marks.img, marks.brk, marks.end) for t in prompt.ids)
+    assert uniform._prompt_tokens(headers) == padded
+    assert MultimodalPreprocessor(tokenizer, settings)._prompt_tokens(headers) == alone
+    if sizes[0] == (1540, 28):
+        assert padded > 30 * alone  # the premise: padding is most of such a prompt
+
+
+def test_a_jpegs_exif_orientation_is_read_from_its_header():
+    from services.multimodal.header import read_header
+
+    turned = noise((60, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: decoded 20 x 60
+    data = encoded(turned, "JPEG", exif=exif.tobytes())
+    header = read_header(data, ImageSettings(), "p")
+    assert (header.width, header.height, header.turned) == (60, 20, True)
+    assert read_header(encoded(turned, "JPEG"), ImageSettings(), "p").turned is False
+
+
 def test_a_16_bit_greyscale_png_keeps_its_greys(pre):
     """Pillow opens a 16-bit greyscale PNG as `I;16`; mistral-common's RGB conversion would
     clip every value above 255 to white. It is scaled to 8 bits first: a mid grey stays the
