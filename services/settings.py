@@ -405,6 +405,11 @@ class ImageSettings(Strict):
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")
     max_request_pixels: int = Field(48_000_000, gt=0, description="decoded width x height "
                                     "summed over a request's images, checked before decoding")
+    max_pixels_per_token: int = Field(100_000, gt=0, description="decoded pixels per prompt "
+                                      "token the image is encoded as: decoding costs its "
+                                      "pixels, the key is charged its tokens (a 1 x 40M PNG "
+                                      "of 78 KB took 3.5 s and 2 GB to decode for 126 "
+                                      "tokens; a 40 MP photo has 13k per token)")
     max_jpeg_scans: int = Field(32, gt=0, description="start-of-scan markers per JPEG (each "
                                 "progressive scan costs a pass over the whole image)")
     decode_threads: int = Field(2, gt=0, description="images decoded at once per replica; "

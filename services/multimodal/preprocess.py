@@ -113,6 +113,16 @@ class MultimodalPreprocessor:
         headers = [header or read_header(data, self.settings, p)
                    for data, header, p in zip(raw, known, params)]
         check_request_pixels(headers, params, self.settings)
+        limit = self.settings.max_pixels_per_token
+        for header, param in zip(headers, params):
+            tokens = self._prompt_tokens([header])
+            if header.pixels > limit * tokens:
+                raise InvalidRequest(
+                    f"image is {header.width}x{header.height} pixels for {tokens} prompt "
+                    f"tokens once resized: over {limit} pixels per token "
+                    "(images.max_pixels_per_token), it costs far more to decode than the "
+                    "model sees of it; send it smaller, or a long image cut in parts",
+                    param=param)
         return headers
 
     def _prompt_tokens(self, headers: list[ImageHeader]) -> int:

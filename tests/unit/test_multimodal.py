@@ -428,6 +428,17 @@ def test_a_jpegs_exif_orientation_is_read_from_its_header():
     assert read_header(encoded(turned, "JPEG"), ImageSettings(), "p").turned is False
 
 
+def test_a_thin_image_costing_far_more_to_decode_than_its_tokens_is_refused_from_its_header(
+        pre):
+    """A 78 KB PNG of 1 x 40M pixels took 3.5 s and 2 GB to decode, for 110 prompt tokens: a
+    key paid nothing like what it cost. Refused from its header; a 40 MP photo is not."""
+    with pytest.raises(InvalidRequest, match="pixels per token") as err:
+        asyncio.run(pre.encode(chat(declared_png(1, 39_999_999)), effort="none"))
+    assert err.value.param == "messages.1.content.1.image_url"
+    with pytest.raises(InvalidRequest, match="corrupt or truncated"):  # passed: decoded
+        asyncio.run(pre.encode(chat(declared_png(6324, 6324)), effort="none"))
+
+
 def test_a_16_bit_greyscale_png_keeps_its_greys(pre):
     """Pillow opens a 16-bit greyscale PNG as `I;16`; mistral-common's RGB conversion would
     clip every value above 255 to white. It is scaled to 8 bits first: a mid grey stays the
