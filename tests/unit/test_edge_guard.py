@@ -500,12 +500,7 @@ def test_a_huge_header_is_431_before_it_is_read_whole(edge_server):
                 sent += 65536
         except OSError:
             pass
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
+        answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert sent < 8 * 1024 * 1024  # the server stopped reading long before the end
     assert b'"headers_too_large"' in answer
@@ -632,12 +627,17 @@ def _raw_post(port: int, body_parts: list[bytes], declared: int | None = None,
                 sock.sendall(b"0\r\n\r\n")
         except OSError:  # answered and closed before the body ended
             pass
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
+        return _read_all(sock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (or the read fails)."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
     return answer
 
 
