@@ -133,6 +133,7 @@ class ReferenceEngine:
             if hit is not None and hit.tokens:
                 await loop.run_in_executor(self._executor, _load_blocks, cache, hit.blocks)
             done = hit.tokens if hit is not None else 0
+            self._gate.running[request.request_id] = done  # its KV held from now
             chunk = self.settings.prefill_chunk_tokens
             logits = None
             for start in range(done, ids.shape[1], chunk):
@@ -142,7 +143,8 @@ class ReferenceEngine:
                 end = min(start + chunk, ids.shape[1])
                 logits = await loop.run_in_executor(self._executor, self._forward_chunk,
                                                     embeds[:, start:end], cache, start)
-                self._gate.running[request.request_id] = end
+                if request.request_id not in self._aborted:  # (an abort let its KV go)
+                    self._gate.running[request.request_id] = end
             if request.request_id in self._aborted:  # during the last chunk: no KV kept
                 raise asyncio.CancelledError(f"request {request.request_id} aborted in prefill")
         finally:
@@ -155,6 +157,8 @@ class ReferenceEngine:
                                       layer.values[:, :, i * size:(i + 1) * size].clone())
                                      for layer in cache.layers])
         first = await loop.run_in_executor(self._executor, self._sample_first, request, logits)
+        if request.request_id in self._aborted:  # acknowledged while the last steps ran
+            raise asyncio.CancelledError(f"request {request.request_id} aborted in prefill")
         return KVBlob.from_cache(cache), first, done
 
     def _sample_first(self, request: EngineRequest, logits: torch.Tensor):

@@ -59,7 +59,9 @@ class _Sequence(Sequence):
 
     @property
     def kv_tokens(self) -> int:
-        return len(self.request.prompt_ids) + self.produced
+        # the last token sampled has no KV until the step that reads it (as the reference
+        # engine and SGLang count it)
+        return len(self.request.prompt_ids) + self.produced - 1
 
     def next_token(self) -> int:
         """The plan's next token; a plan that has run out starts over (counter, ignore_eos)."""

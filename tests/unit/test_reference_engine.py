@@ -422,3 +422,55 @@ def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer
     assert aborted and isinstance(outcome, asyncio.CancelledError)
     assert engine.prefix_cache is None or engine.prefix_cache.stats.held_tokens == 0
 
+
+
+def test_an_abort_while_the_first_token_is_sampled_keeps_no_kv(standin, tokenizer,
+                                                                 monkeypatch):
+    """The chunks done, the prompt's blocks kept and the first token being sampled (a grammar
+    built there), an abort was acknowledged and then forgotten: the KV came back all the
+    same. It raises once the sampling ends now; its reservation is gone meanwhile."""
+    engine = make_engine(standin, tokenizer, "prefill")
+    sample, started = engine._sample_first, threading.Event()
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.3)
+        return sample(*args)
+
+    monkeypatch.setattr(engine, "_sample_first", slow)
+
+    async def scenario():
+        request = EngineRequest("late", prompt_of(tokenizer, 20), SamplingParams(
+            max_tokens=2, **GREEDY))
+        running = asyncio.ensure_future(engine.prefill(request))
+        assert await asyncio.to_thread(started.wait, 30)
+        held = engine.stats().kv_tokens
+        return held, await engine.abort("late"), await asyncio.gather(
+            running, return_exceptions=True)
+
+    held, aborted, (outcome,) = asyncio.run(scenario())
+    assert held > 0  # its KV was counted while it ran
+    assert aborted and isinstance(outcome, asyncio.CancelledError)
+    assert engine._aborted == set() and engine.stats().kv_tokens == 0
+
+
+def test_a_prefill_counts_the_kv_it_loaded_from_the_cache_from_the_start(standin, tokenizer,
+                                                                          monkeypatch):
+    """A prefill whose prompt the cache mostly held reported no KV until its first computed
+    chunk ended (the simulated engine counts the whole prompt from the start)."""
+    engine = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=16)
+    if engine.prefix_cache is None:
+        pytest.skip("prefix cache off by default")
+    prompt = prompt_of(tokenizer, 80)
+    asyncio.run(engine.prefill(EngineRequest("warm", prompt, SamplingParams(
+        max_tokens=2, **GREEDY))))
+    forward, seen = engine._forward_chunk, []
+
+    def watch(*args):
+        seen.append(engine.stats().kv_tokens)
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "_forward_chunk", watch)
+    hit = asyncio.run(engine.prefill(EngineRequest("hit", prompt + [5, 6, 7],
+                                                   SamplingParams(max_tokens=2, **GREEDY))))
+    assert hit.cached_tokens > 0 and seen[0] >= hit.cached_tokens

@@ -396,3 +396,19 @@ def test_a_next_turn_that_outgrows_the_cache_keeps_the_head_it_extends(tokenizer
     assert asyncio.run(cached(longer)) == shared // 16 * 16 > 0
     again = replace(longer, request_id="c")
     assert asyncio.run(cached(again)) == 256  # everything it could keep of the longer prompt
+
+
+def test_a_decoding_sequences_kv_is_counted_as_the_reference_engine_counts_it():
+    """The first token is sampled by prefill and has no KV until the step that reads it: the
+    simulated engine counted one token more per running sequence than the reference engine
+    (and SGLang), so its KV use, which the autoscaler reads, ran high."""
+    from services.engines.simulated import _Sequence
+    from services.engines.stops import StopChecker
+
+    tokenizer = PromptTokenizer()
+    request = EngineRequest("k", [5] * 18, SamplingParams(max_tokens=5))
+    seq = _Sequence(request, StopChecker(request.sampling, (tokenizer.eos_id,), tokenizer.decode),
+                    plan=[7])
+    assert seq.produced == 1 and seq.kv_tokens == 18  # the prompt's; the first token has none
+    seq.produced += 1  # one step read the first token, sampled the second
+    assert seq.kv_tokens == 19
