@@ -16,6 +16,8 @@ against the signatures recorded in `tests/contract/sglang_0.5.23.json` elsewhere
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import os
 from typing import Any
@@ -209,6 +211,11 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
     }
     if seeded and s.seed is not None:
         params["sampling_seed"] = s.seed
+    elif seeded and s.temperature >= GREEDY_BELOW:
+        # deterministic SGLang seeds an unseeded request with 42: every sampled answer to a
+        # prompt would be the same one, and a request's n choices identical. A seed of the
+        # request's own: its prefill and decode engines agree, its choices and others differ.
+        params["sampling_seed"] = request_seed(request.request_id)
     if s.logit_bias or s.banned_ids:
         params["logit_bias"] = {str(token): bias for token, bias in s.logit_bias} | {
             str(token): float("-inf") for token in s.banned_ids}
@@ -219,6 +226,12 @@ def sampling_args(request: EngineRequest, eos_ids: tuple[int, ...],
     if s.grammar is not None:
         params["ebnf"] = grammar_key(s.grammar, s.stop_context)
     return params
+
+
+def request_seed(request_id: str) -> int:
+    """A sampling seed for a request that gave none: its id's (31 bits)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
 
 
 def grammar_key(grammar: str, history: tuple[int, ...] = ()) -> str:

@@ -99,6 +99,22 @@ def test_sampling_keeps_control_tokens_and_always_sets_max_new_tokens():
     assert sampling_args(request(ignore_eos=True), (2,))["stop_token_ids"] == []
 
 
+def test_a_deterministic_engine_gets_a_seed_of_each_requests_own_when_it_sent_none():
+    """Deterministic SGLang seeds an unseeded request with 42 (`SamplingBatchInfo`): every
+    sampled answer to a prompt was the same, and the n choices of a request identical."""
+    from dataclasses import replace
+
+    sampled = request(temperature=0.8)
+    seeds = {sampling_args(replace(sampled, request_id=rid), (2,), seeded=True)["sampling_seed"]
+             for rid in ("chatcmpl-1", "chatcmpl-1-1", "chatcmpl-1-2", "chatcmpl-2")}
+    assert len(seeds) == 4 and all(0 <= seed < 2 ** 31 for seed in seeds)
+    again = sampling_args(sampled, (2,), seeded=True)["sampling_seed"]
+    assert again == sampling_args(sampled, (2,), seeded=True)["sampling_seed"]  # both engines
+    assert "sampling_seed" not in sampling_args(request(temperature=0.0), (2,), seeded=True)
+    assert sampling_args(request(temperature=0.8, seed=5), (2,), seeded=True)[
+        "sampling_seed"] == 5
+
+
 def test_each_pairing_attempt_has_an_rid_no_other_starts_with():
     first = generate_args(request(), (2,))["rid"]
     resumed = EngineRequest("chatcmpl-1-resume1", [1], SamplingParams(max_tokens=1),
