@@ -79,8 +79,23 @@ def _backend_class() -> type:
     from sglang.srt.constrained.base_grammar_backend import (BaseGrammarBackend,
                                                              BaseGrammarObject,
                                                              InvalidGrammarObject)
-    from sglang.srt.constrained.llguidance_backend import (GuidanceBackend,
+    from sglang.srt.constrained.llguidance_backend import (GuidanceBackend, GuidanceGrammar,
                                                            _get_or_init_mask_executor)
+
+    class MistralGuidanceGrammar(GuidanceGrammar):
+        """SGLang's llguidance grammar object, keeping the last token it took (`current_token`)
+        as SGLang's other grammar objects do: a PD decode engine resuming a request it
+        retracted (its KV was short) gives the request's last token to any grammar whose
+        `current_token` is None (`process_prebuilt`), and llguidance's never set it, so a
+        retracted structured request took its last token twice and was aborted (a 500)."""
+
+        def accept_token(self, token: int):
+            super().accept_token(token)
+            self.current_token = token
+
+        def copy(self):  # a request's own (its template's state, no token taken yet)
+            return MistralGuidanceGrammar(self.llguidance_tokenizer, self.serialized_grammar,
+                                          ll_matcher=self.ll_matcher.deep_copy())
 
     class MistralGuidanceBackend(GuidanceBackend):
         """SGLang's `GuidanceBackend` (its grammar objects, batched masks, caching, PD
@@ -96,6 +111,12 @@ def _backend_class() -> type:
             self.llguidance_tokenizer = llg_tokenizer
             _get_or_init_mask_executor()
 
+        def _from_serialized(self, serialized_grammar: str) -> BaseGrammarObject:
+            try:
+                return MistralGuidanceGrammar(self.llguidance_tokenizer, serialized_grammar)
+            except Exception as exc:  # as SGLang's own: a grammar llguidance refuses
+                return InvalidGrammarObject(str(exc))
+
         def dispatch_ebnf(self, key_string: str) -> BaseGrammarObject:
             lark, history = parse_grammar_key(key_string)
             grammar = super().dispatch_ebnf(lark)
@@ -108,6 +129,9 @@ def _backend_class() -> type:
                     grammar.accept_token(token)
             except ValueError as exc:  # a history the grammar does not take
                 return InvalidGrammarObject(f"resumed tokens break the grammar: {exc}")
+            # where the leg starts, not a token it took: a compiled grammar is the request's
+            # own (uncopied), and its decode engine must still give it the leg's first token
+            grammar.current_token = None
             return grammar
 
         def get_cached_or_future_value(self, key: tuple[str, str], require_reasoning: bool):

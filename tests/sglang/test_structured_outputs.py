@@ -188,3 +188,37 @@ def test_the_grammar_cache_is_bounded_and_keeps_no_resumed_leg(backend, monkeypa
         assert resumed not in backend.cache and len(backend.cache) == 2
     finally:
         backend.reset()
+
+
+def test_a_retracted_request_resumed_on_a_decode_engine_takes_its_last_token_once(backend):
+    """SGLang's PD decode engine gives a request's last token to its grammar where the
+    grammar's `current_token` is None (`process_prebuilt`): a request it retracted (its KV was
+    short) and resumes has taken that token already. SGLang's llguidance grammar never set it:
+    the token was taken twice, the request aborted with a 500."""
+    import inspect
+
+    from sglang.srt.disaggregation.decode_schedule_batch_mixin import (
+        ScheduleBatchDisaggregationDecodeMixin)
+
+    guard = inspect.getsource(ScheduleBatchDisaggregationDecodeMixin.process_prebuilt)
+    assert "current_token is None" in guard  # the rule this follows, as SGLang writes it
+
+    def prebuilt(grammar, last: int) -> None:  # what `process_prebuilt` does with a grammar
+        if grammar.current_token is None:
+            grammar.accept_token(last)
+
+    key = grammar_key('start: "{" "}"')
+    template = compiled(backend, key)
+    grammar = template.copy()
+    assert grammar.current_token is None
+    opening = int(torch.nonzero(allowed(sglang_mask(template.copy())[None], 131072)[0])[0])
+    prebuilt(grammar, opening)  # arrived from the prefill engine
+    prebuilt(grammar, opening)  # retracted, resumed: not taken again
+    assert grammar.current_token == opening and not grammar.ll_matcher.is_error()
+    fresh = template.copy()  # the template is left as it was: the next request takes its own
+    assert fresh.current_token is None
+    # a resumed leg's grammar (advanced over the tokens before it; compiled for it, so not a
+    # copy) still takes the leg's first token from its prefill engine
+    resumed = compiled(backend, grammar_key('start: "{" "}"', (opening,)))
+    assert resumed.current_token is None
+
