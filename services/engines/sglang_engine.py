@@ -33,11 +33,12 @@ from typing import Any
 
 from services.engines.bootstrap_port import claim_port, replica_rank
 from services.engines.protocol import (EngineRequest, EngineStats, PrefillResult, TokenChunk)
-from services.engines.sglang_args import (FAKE_BOOTSTRAP_HOST, OutputReader, engine_env,
-                                          engine_error, generate_args, image_payload,
+from services.engines.sglang_args import (BOOTSTRAP_FIELDS, FAKE_BOOTSTRAP_HOST, OutputReader,
+                                          engine_env, engine_error, generate_args, image_payload,
                                           require_grammar_plugin, require_transfer_backend,
                                           server_args)
 from services.engines.stops import OutputMarks, StopChecker
+from services.errors import KVHandoffFailed
 from services.kv.backends import new_room
 from services.kv.protocol import KVTicket, PairedKV
 from services.multimodal.uniform import ImageTokens
@@ -270,6 +271,11 @@ class SGLangHandoff:
         worker cancels it (aborting the room's request) and retries in a new room."""
         if request is None:
             raise ValueError("the SGLang handoff opens the decode request: pass the request")
+        unbound = [f for f in BOOTSTRAP_FIELDS if f not in ticket.fields]
+        if unbound:  # no prefill engine said where it serves this room's KV: none will come
+            raise KVHandoffFailed(f"no prefill engine bound the room for {ticket.request_id} "
+                                  f"({', '.join(unbound)} missing)",
+                                  request_id=ticket.request_id)
         return PairedKV(None, await self.engine.open_decode(request, dict(ticket.fields)))
 
     def release(self, ticket: KVTicket) -> None:
