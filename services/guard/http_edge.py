@@ -21,9 +21,12 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   whole into an unbounded queue as soon as the request arrives, while the request waits for an
   ingress replica (and before its key is checked), so the ingress's own body limits came too
   late to bound the proxy's memory. A declared or streamed body over `MAX_BODY_BYTES` (the
-  stack's `limits.max_body_bytes`) is answered 413, and bodies of requests not yet answered
-  may hold at most `BODY_BUDGET_BYTES` (`limits.edge_body_budget_bytes`) in this process: a
-  body that would pass it is answered 503 (retry), never waited for;
+  stack's `limits.max_body_bytes`) is answered 413; in Serve's proxy, body bytes queued for
+  replicas that have not taken them yet may be at most `BODY_BUDGET_BYTES`
+  (`limits.edge_body_budget_bytes`) per proxy: a body that would pass it is answered 503
+  (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
+  limits: there is no queue to bound.) Serve's `x-request-disconnect-disabled` header is
+  dropped: a refused request must be cancelled, its queued body with it;
 - `EdgeErrors` also makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
@@ -55,11 +58,57 @@ _STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
 
 def install() -> list[Middleware]:
     """Serve's proxy callback: bound the request head in this process's uvicorn servers, and
-    return the middleware that keeps every edge answer in the OpenAI error shape."""
+    return the middleware that bounds bodies and keeps every edge answer in the OpenAI error
+    shape."""
     from uvicorn import config
 
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:{_protocol_class().__name__}"
-    return [Middleware(EdgeErrors)]
+    proxy = _in_serve_proxy()
+    if proxy:
+        watch_pulls()
+    return [Middleware(EdgeErrors, proxy=proxy)]
+
+
+def _in_serve_proxy() -> bool:
+    """Whether this process is Serve's HTTP proxy (not a replica serving its own HTTP)."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_PROXY_NAME
+
+        return (ray.get_runtime_context().get_actor_name() or "").startswith(SERVE_PROXY_NAME)
+    except Exception:  # no Ray here
+        return False
+
+
+# The body messages a proxy queued for a replica, by identity, until the replica takes them:
+# id -> (the middleware, the request's state, bytes). Each request's state keeps its messages
+# alive meanwhile, so an id is never another object's.
+_QUEUED: dict[int, tuple[Any, dict[str, Any], int]] = {}
+
+
+def watch_pulls() -> None:
+    """Release the budget of body bytes as the replica takes them from the proxy's queue (Serve
+    2.60's `MessageQueue.get_messages_nowait`: what `receive_asgi_messages` hands the replica),
+    not when the answer starts, which a non-streamed answer does only once it is generated."""
+    from ray.serve._private.http_util import MessageQueue
+
+    taken = MessageQueue.get_messages_nowait
+    if getattr(taken, "small4_pulls", False):
+        return
+
+    def get_messages_nowait(self):
+        messages = taken(self)
+        for message in messages:
+            entry = _QUEUED.pop(id(message), None)
+            if entry is not None:
+                edge, state, size = entry
+                state["queued"].pop(id(message), None)
+                edge.held -= size
+                state["held"] -= size
+        return messages
+
+    get_messages_nowait.small4_pulls = True
+    MessageQueue.get_messages_nowait = get_messages_nowait
 
 
 def _protocol_class():
@@ -216,20 +265,27 @@ class EdgeErrors:
     edge's own answers as OpenAI-style JSON errors, and a cut event stream ended with an SSE
     error event."""
 
-    def __init__(self, app):
+    def __init__(self, app, proxy: bool = False):
         self.app = app
-        self.held = 0  # body bytes received for requests whose answer has not started
+        self.proxy = proxy  # Serve's proxy: bodies wait in its queue, bounded by the budget
+        self.held = 0  # body bytes queued for replicas that have not taken them
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state: dict[str, Any] = {"started": False, "done": False, "sse": False,
-                                 "rewrite": None, "body": 0, "held": 0, "refused": None}
+                                 "rewrite": None, "body": 0, "held": 0, "refused": None,
+                                 "queued": {}}
         declared = _content_length(scope)
         if declared is not None and declared > MAX_BODY_BYTES:
             return await _send_json_error(send, 413, _too_large(declared), _CLOSE)
+        scope["headers"] = [(k, v) for k, v in scope.get("headers", ())
+                            if k.lower() != b"x-request-disconnect-disabled"]
 
-        def release() -> None:
+        def release() -> None:  # the request ended: whatever it still had queued is gone
+            for key in state["queued"]:
+                _QUEUED.pop(key, None)
+            state["queued"].clear()
             self.held -= state["held"]
             state["held"] = 0
 
@@ -243,16 +299,17 @@ class EdgeErrors:
             state["body"] += size
             if state["body"] > MAX_BODY_BYTES:
                 state["refused"] = (413, _too_large(state["body"]))
-            elif not state["started"] and state["rewrite"] is None:
-                if size and self.held + size > BODY_BUDGET_BYTES:
+            elif self.proxy and size:
+                if self.held + size > BODY_BUDGET_BYTES:
                     state["refused"] = (503, "the server holds too many request bodies not "
-                                        "yet answered; retry the request")
-                else:
+                                        "yet taken by a replica; retry the request")
+                else:  # queued by the proxy until its replica takes it (`watch_pulls`)
                     self.held += size
                     state["held"] += size
+                    state["queued"][id(message)] = message
+                    _QUEUED[id(message)] = (self, state, size)
             if state["refused"] is not None:  # the proxy hears a client gone: it cancels
-                release()
-                return {"type": "http.disconnect"}
+                return {"type": "http.disconnect"}  # (what it queued goes when it ends)
             return message
 
         async def refuse() -> None:
@@ -266,7 +323,6 @@ class EdgeErrors:
                 return
             kind = message["type"]
             if kind == "http.response.start":
-                release()  # answered: whatever the body was, it was read
                 if state["refused"] is not None:  # an app reading the body itself (a direct
                     return await refuse()         # ingress) answers the "client gone"
                 headers = {k.lower(): v for k, v in message.get("headers", [])}

@@ -5,7 +5,6 @@ server."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -226,7 +225,6 @@ def test_the_room_an_image_check_sees_is_what_the_request_holds_never_others_tok
     assert err.value.code == "tokens_per_min_exceeded" and 0 < err.value.retry_after <= 3.0
     other = quotas.admit_request(who)
     assert quotas.reserve(other, 9_000).available == 0  # a second at once: nothing left
-    dataclasses.replace(room, at=room.at - 1.0).check(4_000)  # checked 1 s later: the refill
     quotas.settle(grant, 2_500)  # the exact cost known: what it held beyond is back at once
     assert (grant.tokens, grant.bucketed) == (2_500, 2_500)
     assert quotas.reserve(other, 9_000).available == 500  # what the first gave back
@@ -403,14 +401,19 @@ async def _flood(receive, send) -> None:
         task.cancel()
 
 
-HELD = {"now": 0, "seen": [], "release": threading.Event()}  # what /hold saw
+HELD = {"now": 0, "seen": [], "take": threading.Event(),  # what /hold saw; when its replica
+        "release": threading.Event()}  # takes the body; when it answers
 
 
 async def _hold(receive, send, own_answer: bool = False) -> None:
     """A request waiting for an ingress replica, as Serve's proxy keeps it: its body read whole
-    (into the proxy's queue), the answer not started until the test releases it."""
-    size = 0
+    into the proxy's queue (Serve's own `MessageQueue`), taken from there once the test lets
+    "the replica" have it, the answer not started until the test releases it."""
+    from ray.serve._private.http_util import MessageQueue
+
+    queue, size = MessageQueue(), 0
     while (message := await receive())["type"] == "http.request":
+        await queue(message)
         size += len(message.get("body", b""))
         if not message.get("more_body", False):
             break
@@ -424,6 +427,9 @@ async def _hold(receive, send, own_answer: bool = False) -> None:
     HELD["now"] += 1
     try:
         deadline = time.monotonic() + 20
+        while not HELD["take"].is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        queue.get_messages_nowait()  # what `receive_asgi_messages` hands the replica
         while not HELD["release"].is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
     finally:
@@ -471,7 +477,8 @@ def edge_server():
 
     saved = dict(uvicorn_config.HTTP_PROTOCOLS)
     middleware = http_edge.install()
-    app = middleware[0].cls(_app)
+    http_edge.watch_pulls()
+    app = middleware[0].cls(_app, proxy=True)  # as in Serve's proxy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -650,6 +657,7 @@ def test_a_body_over_the_limit_is_413_at_the_edge_declared_or_streamed(edge_serv
 
     _, port = edge_server
     monkeypatch.setattr(http_edge, "MAX_BODY_BYTES", 1000)
+    HELD["take"].set()
     HELD["release"].set()
     HELD["seen"].clear()
     declared = _raw_post(port, [], declared=5000)
@@ -665,31 +673,83 @@ def test_a_body_over_the_limit_is_413_at_the_edge_declared_or_streamed(edge_serv
     assert fits.startswith(b"HTTP/1.1 200") and b'{"read": 800}' in fits
 
 
-def test_bodies_held_for_unanswered_requests_are_bounded_and_freed_once_answered(
+def test_bodies_queued_for_replicas_are_bounded_and_freed_as_replicas_take_them(
         edge_server, monkeypatch):
+    """The budget covers what Serve's proxy queues for replicas that have not taken it yet:
+    freed as a replica takes a body, not when its answer starts (a non-streamed answer starts
+    only once it is generated: its body counted for minutes, other requests refused)."""
     from services.guard import http_edge
 
     url, port = edge_server
     monkeypatch.setattr(http_edge, "BODY_BUDGET_BYTES", 1000)
+    HELD["take"].clear()
     HELD["release"].clear()
-    first: list[httpx.Response] = []
-    waiting = threading.Thread(target=lambda: first.append(
-        httpx.post(f"{url}/hold", content=b"a" * 600, timeout=30)))
-    waiting.start()
-    try:
+    answers: list[httpx.Response] = []
+
+    def post_in_background(body: bytes) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{url}/hold", content=body, timeout=30)))
+        thread.start()
+        return thread
+
+    def wait_held(n: int) -> None:
         deadline = time.monotonic() + 10
-        while HELD["now"] == 0 and time.monotonic() < deadline:
+        while HELD["now"] < n and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert HELD["now"] == 1
+        assert HELD["now"] == n
+
+    waiting = [post_in_background(b"a" * 600)]
+    try:
+        wait_held(1)
         over = _raw_post(port, [b"b" * 600], declared=600)
         assert over.startswith(b"HTTP/1.1 503") and b'"overloaded"' in over
         assert b"retry-after: 1" in over.lower()
+        HELD["take"].set()  # the replica takes the first body; its answer has not started
+        deadline = time.monotonic() + 10
+        while HELD["now"] and http_edge._QUEUED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting.append(post_in_background(b"c" * 600))  # room again
+        wait_held(2)
     finally:
+        HELD["take"].set()
         HELD["release"].set()
-        waiting.join(30)
-    assert first[0].status_code == 200 and first[0].json() == {"read": 600}
-    again = httpx.post(f"{url}/hold", content=b"c" * 600, timeout=10)  # the first's bytes freed
-    assert again.status_code == 200 and again.json() == {"read": 600}
+        for thread in waiting:
+            thread.join(30)
+    assert sorted(r.json()["read"] for r in answers) == [600, 600]
+    assert not http_edge._QUEUED
+
+
+def test_a_client_cannot_keep_a_refused_request_alive_with_serves_header(edge_server,
+                                                                          monkeypatch):
+    """Serve keeps a request whose client sent `x-request-disconnect-disabled: ?1` running
+    after its client goes: a refused body would have stayed queued, its budget given back."""
+    from services.guard import http_edge
+
+    _, port = edge_server
+    monkeypatch.setattr(http_edge, "MAX_BODY_BYTES", 1000)
+    seen: list[list] = []
+
+    async def app(scope, receive, send):
+        seen.append([k for k, _ in scope["headers"]])
+        await _app(scope, receive, send)
+
+    edge = http_edge.EdgeErrors(app, proxy=True)
+    scope = {"type": "http", "path": "/health", "headers": [
+        (b"x-request-disconnect-disabled", b"?1"), (b"host", b"x")]}
+
+    async def go():
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+        await edge(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(go())
+    assert seen == [[b"host"]] and sent[0]["status"] == 200
 
 
 def test_edge_failures_are_json_errors_and_cut_streams_end_with_an_error_event(edge_server):
