@@ -9,8 +9,7 @@ The exact count is checked again once the prompt is encoded."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.errors import ContextLengthExceeded, over_token_quota
 
@@ -19,26 +18,23 @@ from services.errors import ContextLengthExceeded, over_token_quota
 class TokenRoom:
     """What a request holds of its key's token bucket: the tokens the ingress charged it
     before its images were read (its text's floor and completion, and as much of the most its
-    images can take as the key had: `Quotas.reserve`) at wall-clock `at`, and the bucket's
-    size. Checked later (after queues and fetches), it credits the refill since; what other
-    requests hold is never counted, so concurrent requests of one key cannot each pass on the
-    same tokens and have their images decoded unpaid."""
+    images can take as the key had: `Quotas.reserve`), and the bucket's size. Neither what
+    other requests hold nor the bucket's refill since is counted (the refill is the key's, not
+    this request's: credited to each of twenty requests at once, it had all their images
+    decoded unpaid); the exact charge after encoding may still take the refill."""
 
     key: str
     tokens_per_min: float
     available: float
     capacity: float
-    at: float = field(default_factory=time.time)
 
     def check(self, tokens: int) -> None:
-        """Raise the quota's 429 if `tokens` are more than the key could pay now."""
+        """Raise the quota's 429 if `tokens` are more than the request holds."""
         if tokens > self.capacity:
             raise over_token_quota(tokens, self.key, self.tokens_per_min, float("inf"))
-        per_s = self.tokens_per_min / 60.0
-        most = min(self.capacity, self.available + per_s * max(0.0, time.time() - self.at))
-        if tokens > most:
+        if tokens > self.available:
             raise over_token_quota(tokens, self.key, self.tokens_per_min,
-                                   (tokens - most) / per_s)
+                                   (tokens - self.available) / (self.tokens_per_min / 60.0))
 
 
 @dataclass(frozen=True)
