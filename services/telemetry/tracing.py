@@ -119,10 +119,12 @@ def configure(settings: TracingSettings | Tracing | None, *, role: str,
                   "process.pid": os.getpid(), **resolved.resource_attributes}
     if pool:
         attributes["small4.pool"] = pool
-    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER(_ARG) (default parent-based on);
-    # the ingress reads the ratio it asks for itself, as its clients get no say in it
+    # The ratio set, else the one OTEL_TRACES_SAMPLER(_ARG) names, read here in every process:
+    # the ingress draws by it (its clients get no say), the hops behind it follow its flag (a
+    # plain `traceidratio` from the SDK would decide by the trace id on its own, keeping spans
+    # of traces the ingress dropped). A sampler it does not name is the SDK's to build.
     ratio = resolved.sampling_ratio
-    if ratio is None and role == "ingress":
+    if ratio is None:
         ratio = _environment_ratio(os.environ)
     sampler = None if ratio is None else _sampler(ratio, from_clients=role == "ingress")
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler,

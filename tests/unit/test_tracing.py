@@ -263,6 +263,21 @@ def test_a_client_chooses_neither_its_trace_id_nor_its_flag_into_our_sample(
     assert low <= int(out[-1]) <= high, out
 
 
+@pytest.mark.parametrize("flags, recorded", [("01", True), ("00", False)])
+def test_behind_the_ingress_the_environments_ratio_follows_the_ingresss_flag(flags, recorded):
+    """With the ratio from `OTEL_TRACES_SAMPLER=traceidratio`, the SDK's own sampler (not
+    parent-based) decided by the trace id in every worker, whatever the ingress had drawn:
+    spans of traces the ingress dropped were kept, and traces it kept lost theirs."""
+    import os
+
+    script = SAMPLED_BY_CLIENT.format(role="decode", ratio=None, flags=flags)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_TRACES_SAMPLER")}
+    env = base | {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, check=True, timeout=60).stdout.split()
+    assert out[0] == str(recorded)
+
+
 def test_a_clients_mistake_or_leaving_is_no_span_error_the_stacks_failure_is():
     """OpenTelemetry's HTTP conventions leave a server span's status unset for a 4xx: error
     views counted every 400, 429 and client gone as the stack failing."""
