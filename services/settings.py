@@ -408,7 +408,7 @@ class ImageSettings(Strict):
     max_pixels_per_token: int = Field(100_000, gt=0, description="decoded pixels per prompt "
                                       "token the image is encoded as: decoding costs its "
                                       "pixels, the key is charged its tokens (a 1 x 40M PNG "
-                                      "of 78 KB took 3.5 s and 2 GB to decode for 126 "
+                                      "of 78 KB took 3.5 s and 2 GB to decode for 110 "
                                       "tokens; a 40 MP photo has 13k per token)")
     max_jpeg_scans: int = Field(32, gt=0, description="start-of-scan markers per JPEG (each "
                                 "progressive scan costs a pass over the whole image)")

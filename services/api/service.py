@@ -595,7 +595,8 @@ class _Choice:
                 async with asyncio.timeout(self.ctx.remaining_s()):
                     chunk = await self.chunks.__anext__()
                 if chunk.kv_received:  # decode has the KV (before its first decoded chunk,
-                    await self._prefilled_close()  # which may wait for a batch slot)
+                    self.answered = True  # which may wait for a batch slot): the leg is on
+                    await self._prefilled_close()
                     continue
                 first_of_leg, self.answered = not self.answered, True
                 now = time.monotonic()

@@ -66,8 +66,12 @@ def _turned(image, data: bytes) -> bool | None:
     """Whether `ImageOps.exif_transpose` will swap the image's sides, from what its header
     holds: a JPEG's and a WebP's EXIF are read when they are opened; a PNG's eXIf chunk may
     follow its pixels (read only by decoding them), so one that has any is not known."""
-    if image.format == "PNG":
-        return None if b"eXIf" in data else False
+    if image.format == "PNG":  # (ImageMagick writes EXIF as a "Raw profile type exif" text)
+        return None if b"eXIf" in data or b"Raw profile type exif" in data else False
+    if image.format == "GIF":
+        return False  # no EXIF
+    if image.format not in ("JPEG", "MPO", "WEBP"):
+        return None  # a format whose EXIF this does not read (TIFF's tags, say)
     if "exif" not in image.info:
         return False
     return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)

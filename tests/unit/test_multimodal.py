@@ -426,6 +426,18 @@ def test_a_jpegs_exif_orientation_is_read_from_its_header():
     header = read_header(data, ImageSettings(), "p")
     assert (header.width, header.height, header.turned) == (60, 20, True)
     assert read_header(encoded(turned, "JPEG"), ImageSettings(), "p").turned is False
+    # a PNG's EXIF may follow its pixels, or be ImageMagick's text chunk: not known from the
+    # header, counted both ways; a TIFF's tags are not read here: not known either
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Raw profile type exif", "exif\n 8\n4d4d002a00000008")
+    for data in (encoded(turned, "PNG", exif=exif.tobytes()), encoded(turned, "PNG",
+                                                                       pnginfo=text),
+                 encoded(turned, "TIFF")):
+        settings = ImageSettings(formats=("PNG", "TIFF"))
+        assert read_header(data, settings, "p").turned is None
+    assert read_header(encoded(turned, "PNG"), ImageSettings(), "p").turned is False
 
 
 def test_a_thin_image_costing_far_more_to_decode_than_its_tokens_is_refused_from_its_header(
