@@ -190,8 +190,8 @@ class NamedToolChoice(_Wire):
 
 class StreamOptions(_Wire):
     include_usage: bool = Field(False, strict=True)
-    # vLLM's usage on every chunk: not sent here, so refused unless off
-    continuous_usage_stats: Literal[False] | None = None
+    # vLLM's: every chunk carries the usage so far (guidellm asks for it)
+    continuous_usage_stats: bool = Field(False, strict=True)
 
 
 class ResponseFormatText(_Wire):

@@ -756,8 +756,12 @@ class Answer:
         """The SSE stream: a role chunk per choice, their deltas as they come, each choice's
         finish, then usage when asked, then `[DONE]`; an error after the start is an error
         event."""
-        include_usage = bool(self.plan.request.stream_options
-                             and self.plan.request.stream_options.include_usage)
+        options = self.plan.request.stream_options
+        include_usage = bool(options and options.include_usage)
+        # vLLM's `continuous_usage_stats`: every chunk carries the usage so far
+        continuous = bool(options and options.continuous_usage_stats)
+        usage_now = self.usage if continuous else (lambda: None)
+        include_usage = include_usage or continuous
         legacy = self.plan.request.legacy_functions
         calls = [0] * len(self.choices)
         error: BaseException | None = None
@@ -766,15 +770,16 @@ class Answer:
             # with include_usage every chunk has `usage`: null until the last one, as OpenAI's
             for c in self.choices:
                 yield sse_event(responses.chunk(self.meta, {"role": "assistant", "content": ""},
-                                                index=c.index, include_usage=include_usage))
+                                                usage_body=usage_now(), index=c.index,
+                                                include_usage=include_usage))
             async for c, chunk in merged:
                 delta = c.parser.feed(chunk.token_ids)
                 body = _delta_dict(delta, calls[c.index], legacy)
                 calls[c.index] += len(delta.tool_calls)
                 entries = c.logprobs(chunk)
                 if body or entries:
-                    yield sse_event(responses.chunk(self.meta, body, index=c.index,
-                                                    logprob_list=entries,
+                    yield sse_event(responses.chunk(self.meta, body, usage_body=usage_now(),
+                                                    index=c.index, logprob_list=entries,
                                                     include_usage=include_usage))
                 if chunk.finish_reason:
                     delta, c.finish_reason = c.parser.finish(chunk.finish_reason)
@@ -783,7 +788,7 @@ class Answer:
                         finish = "function_call"
                     yield sse_event(responses.chunk(
                         self.meta, _delta_dict(delta, calls[c.index], legacy), finish,
-                        index=c.index, include_usage=include_usage))
+                        usage_body=usage_now(), index=c.index, include_usage=include_usage))
             if include_usage:
                 yield sse_event(responses.usage_chunk(self.meta, self.usage()))
             yield "data: [DONE]\n\n"

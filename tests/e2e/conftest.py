@@ -143,7 +143,8 @@ class OTLPReceiver:
                             "span_id": span.span_id.hex(),
                             "parent_id": span.parent_span_id.hex(), "resource": resource,
                             "attributes": {a.key: _any_value(a.value) for a in span.attributes},
-                            "status": span.status.code})
+                            "status": span.status.code,
+                            "events": [event.name for event in span.events]})
 
     def trace(self, trace_id: str) -> list[dict]:
         with self.lock:

@@ -90,13 +90,23 @@ def test_neutral_values_and_unknown_fields_are_answered(field, value):
     assert reply.status_code == 200, reply.text
 
 
-def test_usage_on_every_chunk_is_refused_naming_it():
-    """vLLM's `stream_options.continuous_usage_stats` was accepted and dropped: its client
-    read usage from chunks that never carried it."""
+def test_usage_on_every_chunk_is_honoured():
+    """vLLM's `stream_options.continuous_usage_stats` (guidellm sends it) was accepted and
+    dropped: every chunk now carries the usage so far, and the last chunk the whole."""
+    import json
+
     [reply] = post(BODY | {"stream": True, "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}})
-    assert reply.status_code == 400, reply.text
-    assert reply.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+    assert reply.status_code == 200, reply.text
+    events = [json.loads(line[6:]) for line in reply.text.splitlines()
+              if line.startswith("data: {")]
+    done = [e["usage"]["completion_tokens"] for e in events]
+    assert all(e["usage"]["prompt_tokens"] > 0 for e in events)
+    assert done == sorted(done) and done[0] == 0 and done[-1] > 0  # so far, then the whole
+    assert events[-1]["choices"] == [] and done[-1] == done[-2]
+    [bad] = post(BODY | {"stream": True, "stream_options": {"continuous_usage_stats": "yes"}})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "stream_options.continuous_usage_stats"
 
 
 def test_a_boolean_is_not_a_neutral_number():
