@@ -348,10 +348,10 @@ class LimitSettings(Strict):
                                  "reading), never past the request's deadline")
     upload_wait_s: float = Field(1.0, ge=0, description="wait for a free upload slot before 429")
     edge_body_budget_bytes: int = Field(1024 ** 3, gt=0, description="request body bytes each "
-                                        "HTTP proxy may hold for requests not yet answered "
-                                        "(Serve's proxy reads a body whole while the request "
-                                        "waits for an ingress replica); a body that would pass "
-                                        "it is refused at the edge (503)")
+                                        "HTTP proxy may queue for ingress replicas that have "
+                                        "not taken them yet (Serve's proxy reads a body whole "
+                                        "while the request waits for a replica); a body that "
+                                        "would pass it is refused at the edge (503)")
 
     @model_validator(mode="after")
     def _one_body_fits_the_edge(self):

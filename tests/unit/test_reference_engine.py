@@ -400,14 +400,7 @@ def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer
     """Acknowledged (True) and then ignored: the one chunk ran on, sampled, exported its KV and
     filled the prefix cache. It raises where the chunks end now."""
     engine = make_engine(standin, tokenizer, "prefill")  # one 512-token chunk
-    forward, started = engine._forward_chunk, threading.Event()
-
-    def slow(*args):
-        started.set()
-        time.sleep(0.3)
-        return forward(*args)
-
-    monkeypatch.setattr(engine, "_forward_chunk", slow)
+    started = slowed(monkeypatch, engine, "_forward_chunk")
 
     async def scenario():
         request = EngineRequest("only", prompt_of(tokenizer, 60), SamplingParams(
@@ -423,6 +416,18 @@ def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer
     assert engine.prefix_cache is None or engine.prefix_cache.stats.held_tokens == 0
 
 
+def slowed(monkeypatch, engine, method: str) -> threading.Event:
+    """`engine.<method>` (a step on its thread) made 0.3 s slower; set once the step begins."""
+    original, started = getattr(engine, method), threading.Event()
+
+    def slow(*args):
+        started.set()
+        time.sleep(0.3)
+        return original(*args)
+
+    monkeypatch.setattr(engine, method, slow)
+    return started
+
 
 def test_an_abort_while_the_first_token_is_sampled_keeps_no_kv(standin, tokenizer,
                                                                  monkeypatch):
@@ -430,14 +435,7 @@ def test_an_abort_while_the_first_token_is_sampled_keeps_no_kv(standin, tokenize
     built there), an abort was acknowledged and then forgotten: the KV came back all the
     same. It raises once the sampling ends now; its reservation is gone meanwhile."""
     engine = make_engine(standin, tokenizer, "prefill")
-    sample, started = engine._sample_first, threading.Event()
-
-    def slow(*args):
-        started.set()
-        time.sleep(0.3)
-        return sample(*args)
-
-    monkeypatch.setattr(engine, "_sample_first", slow)
+    started = slowed(monkeypatch, engine, "_sample_first")
 
     async def scenario():
         request = EngineRequest("late", prompt_of(tokenizer, 20), SamplingParams(
