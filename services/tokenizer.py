@@ -107,9 +107,6 @@ class PromptTokenizer:
         """Prompt tokens of one `width` x `height` image, known from its header alone: its
         `[IMG]` grid as mistral-common's own image encoder sizes it (reading only the size),
         one `[IMG_BREAK]` or `[IMG_END]` closing each row."""
-        encoder = self._mt.instruct_tokenizer.image_encoder
-        if encoder is None:
-            raise InvalidRequest("this model does not accept images", param="messages")
         cols, rows = self.image_grid(width, height)
         return rows * (cols + 1)
 

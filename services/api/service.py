@@ -757,11 +757,10 @@ class Answer:
         finish, then usage when asked, then `[DONE]`; an error after the start is an error
         event."""
         options = self.plan.request.stream_options
-        include_usage = bool(options and options.include_usage)
         # vLLM's `continuous_usage_stats`: every chunk carries the usage so far
         continuous = bool(options and options.continuous_usage_stats)
+        include_usage = continuous or bool(options and options.include_usage)
         usage_now = self.usage if continuous else (lambda: None)
-        include_usage = include_usage or continuous
         legacy = self.plan.request.legacy_functions
         calls = [0] * len(self.choices)
         error: BaseException | None = None

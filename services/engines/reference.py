@@ -7,8 +7,8 @@ Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at 
 each step groups the running sequences by KV length (`length_groups`: one long sequence must
 not pad every short one to its length), left-pads each group's KV to a common length, runs one
 forward pass per group with true positions and a padding mask, and appends each row's new KV
-back to its sequence. All model calls run on one worker thread; the event loop
-stays free for new calls and aborts.
+back to its sequence. All model calls run on one worker thread; the event loop stays free for
+new calls and aborts.
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ def _in_serve_proxy() -> bool:
 
 
 # The body messages a proxy queued for a replica, by identity, until the replica takes them:
-# id -> (the middleware, the request's state, bytes). Each request's state keeps its messages
-# alive meanwhile, so an id is never another object's.
-_QUEUED: dict[int, tuple[Any, dict[str, Any], int]] = {}
+# id -> (the middleware, the request's queued messages: id -> (message, bytes)). Those keep
+# the messages alive meanwhile, so an id is never another object's.
+_QUEUED: dict[int, tuple[Any, dict[int, tuple[dict, int]]]] = {}
 
 
 def watch_pulls() -> None:
@@ -101,10 +101,8 @@ def watch_pulls() -> None:
         for message in messages:
             entry = _QUEUED.pop(id(message), None)
             if entry is not None:
-                edge, state, size = entry
-                state["queued"].pop(id(message), None)
-                edge.held -= size
-                state["held"] -= size
+                edge, queued = entry
+                edge.held -= queued.pop(id(message))[1]
         return messages
 
     get_messages_nowait.small4_pulls = True
@@ -274,8 +272,8 @@ class EdgeErrors:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state: dict[str, Any] = {"started": False, "done": False, "sse": False,
-                                 "rewrite": None, "body": 0, "held": 0, "refused": None,
-                                 "queued": {}}
+                                 "rewrite": None, "body": 0, "refused": None}
+        queued: dict[int, tuple[dict, int]] = {}  # its body messages no replica took yet
         declared = _content_length(scope)
         if declared is not None and declared > MAX_BODY_BYTES:
             return await _send_json_error(send, 413, _too_large(declared), _CLOSE)
@@ -283,11 +281,10 @@ class EdgeErrors:
                             if k.lower() != b"x-request-disconnect-disabled"]
 
         def release() -> None:  # the request ended: whatever it still had queued is gone
-            for key in state["queued"]:
+            for key, (_, size) in queued.items():
                 _QUEUED.pop(key, None)
-            state["queued"].clear()
-            self.held -= state["held"]
-            state["held"] = 0
+                self.held -= size
+            queued.clear()
 
         async def bounded_receive():
             if state["refused"] is not None:
@@ -305,9 +302,8 @@ class EdgeErrors:
                                         "yet taken by a replica; retry the request")
                 else:  # queued by the proxy until its replica takes it (`watch_pulls`)
                     self.held += size
-                    state["held"] += size
-                    state["queued"][id(message)] = message
-                    _QUEUED[id(message)] = (self, state, size)
+                    queued[id(message)] = (message, size)
+                    _QUEUED[id(message)] = (self, queued)
             if state["refused"] is not None:  # the proxy hears a client gone: it cancels
                 return {"type": "http.disconnect"}  # (what it queued goes when it ends)
             return message

@@ -12,6 +12,7 @@ settings win. With tracing off, spans are no-ops but an incoming trace id is sti
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -253,8 +254,6 @@ def _server_fault(error: BaseException) -> bool:
     OpenTelemetry's HTTP conventions set a span's error status: a 4xx the client caused
     (and 499, a client gone; a cancellation) leaves it unset, so error-rate views of the
     traces count the stack's failures only."""
-    import asyncio
-
     if isinstance(error, asyncio.CancelledError):
         return False
     status = getattr(error, "status", None)
@@ -331,29 +330,33 @@ def incoming_context(headers) -> dict[str, str]:
     """A client's W3C trace headers worth keeping: a valid `traceparent`, and its
     `tracestate` when that is of a sane length. With tracing off they are forwarded as they
     are to every hop, so nothing unchecked (or 64 KiB long) rides along."""
-    parent = headers.get("traceparent") or ""
-    match = _TRACEPARENT.fullmatch(parent.strip())
-    if match is None or traceparent_id(parent) is None:
+    parsed = _traceparent(headers.get("traceparent") or "")
+    if parsed is None:
         return {}
     # forwarded in version 00's form, as W3C asks of a later version's reader (its own
     # fields after these four, of any length, never ride along)
-    _, trace_hex, parent_hex, flags = match.group(1, 2, 3, 4)
     state = headers.get("tracestate") or ""
-    return {"traceparent": f"00-{trace_hex}-{parent_hex}-{flags}"} | (
+    return {"traceparent": "00-" + "-".join(parsed)} | (
         {"tracestate": state} if 0 < len(state) <= TRACESTATE_MAX_CHARS else {})
 
 
 def traceparent_id(traceparent: str) -> str | None:
     """The trace id of a valid W3C `traceparent` (32 hex digits, not all zero), lower-case;
     None for anything else (a client's header is never echoed unchecked)."""
+    parsed = _traceparent(traceparent)
+    return None if parsed is None else parsed[0]
+
+
+def _traceparent(traceparent: str) -> tuple[str, str, str] | None:
+    """(trace id, parent id, flags) of a valid W3C `traceparent`, else None."""
     match = _TRACEPARENT.fullmatch(traceparent.strip())
     if match is None:
         return None
-    version, trace, parent, _, more = match.groups()
-    if (version == "ff" or (version == "00" and more) or trace == "0" * 32
-            or parent == "0" * 16):
+    version, trace_hex, parent_hex, flags, more = match.groups()
+    if (version == "ff" or (version == "00" and more) or trace_hex == "0" * 32
+            or parent_hex == "0" * 16):
         return None
-    return trace
+    return trace_hex, parent_hex, flags
 
 
 def _clean(attributes: dict[str, Any]) -> dict[str, Any]:
