@@ -35,25 +35,6 @@ def images_profile(**images) -> dict:
     }
 
 
-def deploy(serve_url: str, name: str, profile: dict) -> str:
-    """Run the stack of `profile` as app `name` under `/name`; its base URL once ready."""
-    import httpx
-    from ray import serve
-
-    from cluster.app import build_app
-
-    serve.run(build_app(profile), name=name, route_prefix=f"/{name}")
-    url, deadline = f"{serve_url}/{name}", time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in 240 s")
-
-
 def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
     """(marker, start, end) of a JPEG's segments; a scan's segment includes its coded data."""
     i, out = 2, []

@@ -137,41 +137,43 @@ class Asker:
         self.thread.join(5)
 
 
-def deploy(app, name: str, route: str, transport: str) -> None:
-    """`serve.run` with the handles between deployments on one of Serve's two transports:
-    `actor` (Ray actor calls; what a driver that imported Serve before setting
-    RAY_SERVE_THROUGHPUT_OPTIMIZED gets) or `grpc` (the throughput-optimized default). The
-    handles take the option when the app is built, in this process."""
+def deploy(profile: dict, name: str, route: str, transport: str) -> None:
+    """The e2e tier's deploy (a deadline; deleted if it does not start) with the handles between
+    deployments on one of Serve's two transports: `actor` (Ray actor calls; what a driver that
+    imported Serve before setting RAY_SERVE_THROUGHPUT_OPTIMIZED gets) or `grpc` (the
+    throughput-optimized default). The handles take the option when the app is built, in this
+    process (the patched module attribute holds in the deploy's thread too)."""
     import ray.serve.handle
-    from ray import serve
     from ray.serve._private.handle_options import DynamicHandleOptions
+
+    from tests.e2e import conftest as e2e
 
     def options(**kwargs):
         return DynamicHandleOptions(**({"_by_reference": transport == "actor"} | kwargs))
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray.serve.handle, "create_dynamic_handle_options", options)
-        serve.run(app, name=name, route_prefix=route)
+        e2e.deploy(profile, name, route)
 
 
 @pytest.fixture(scope="module", params=["actor", "grpc"])
 def load_stack(request, serve_url):
     """The load app on each of Serve's transports, deployed once per module and transport,
     warmed up, with the objects Ray's workers held before any load."""
-    from ray import serve
-
-    from cluster.app import build_app
-
     name = f"adv-load-{request.param}"
-    deploy(build_app(load_profile()), name, f"{ROUTE}-{request.param}", request.param)
-    url = f"{serve_url}{ROUTE}-{request.param}"
-    wait_ready(url)
-    asker = Asker(name)
-    warm = asyncio.run(run_load(url, [body(), body(images=1)] * 2, 4))
-    assert all(o.ok for o in warm), warm
-    yield LoadStack(request.param, name, url, asker, stored_objects(name))
-    asker.close()
-    undeploy(name)
+    deploy(load_profile(), name, f"{ROUTE}-{request.param}", request.param)
+    asker = None
+    try:
+        url = f"{serve_url}{ROUTE}-{request.param}"
+        wait_ready(url)
+        asker = Asker(name)
+        warm = asyncio.run(run_load(url, [body(), body(images=1)] * 2, 4))
+        assert all(o.ok for o in warm), warm
+        yield LoadStack(request.param, name, url, asker, stored_objects(name))
+    finally:
+        if asker is not None:
+            asker.close()
+        undeploy(name)
 
 
 def stored_objects(app: str) -> Counter:

@@ -12,10 +12,7 @@ def edge(serve_url, tmp_path_factory):
     """The edge app's base URL (auth on; `KEYS` hold the keys by name); deployed per module
     and deleted after it, so the tiers after this one get the CPUs back."""
     import yaml
-    from ray import serve
-
-    from cluster.app import build_app
-    from tests.e2e.conftest import undeploy
+    from tests.e2e.conftest import deploy, undeploy
 
     keys_file = tmp_path_factory.mktemp("edge") / "keys.yaml"
     entries = [{"name": "alpha", "tenant": "t-alpha", "sha256": digest(KEYS["alpha"]),
@@ -26,10 +23,12 @@ def edge(serve_url, tmp_path_factory):
                {"name": "beta", "tenant": "t-beta", "sha256": digest(KEYS["beta"])},
                {"name": "slow", "tenant": "t-slow", "sha256": digest(KEYS["slow"])}]
     keys_file.write_text(yaml.safe_dump({"keys": entries}))
-    serve.run(build_app(edge_profile(str(keys_file))), name="adv-edge", route_prefix=ROUTE)
-    url = f"{serve_url}{ROUTE}"
-    wait_health(url)
-    yield url
-    undeploy("adv-edge")
+    deploy(edge_profile(str(keys_file)), "adv-edge", ROUTE)
+    try:
+        url = f"{serve_url}{ROUTE}"
+        wait_health(url)
+        yield url
+    finally:
+        undeploy("adv-edge")
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _images_fixtures import (MODEL, ImageServer, chat, data_url, declared_size_jpeg, deploy,
+from _images_fixtures import (MODEL, ImageServer, chat, data_url, declared_size_jpeg,
                               images_profile, many_scan_jpeg, png)
 
 pytestmark = pytest.mark.ray
@@ -31,12 +31,13 @@ def server():
 
 @pytest.fixture(scope="module")
 def base(serve_url):
-    from tests.e2e.conftest import undeploy
+    from tests.e2e.conftest import deployed
 
-    yield deploy(serve_url, "adv-images", images_profile(
-        max_jpeg_scans=SCAN_LIMIT, allow_urls=True, admit_loopback_for_tests=True,
-        url_allowlist=["127.0.0.1", "localhost"], url_timeout_s=3.0, max_bytes=2 * 1024 * 1024))
-    undeploy("adv-images")
+    with deployed(images_profile(
+            max_jpeg_scans=SCAN_LIMIT, allow_urls=True, admit_loopback_for_tests=True,
+            url_allowlist=["127.0.0.1", "localhost"], url_timeout_s=3.0,
+            max_bytes=2 * 1024 * 1024), "adv-images", serve_url) as url:
+        yield url
 
 
 def ask(base: str, *urls: str, timeout: float = 60.0, headers=None) -> httpx.Response:

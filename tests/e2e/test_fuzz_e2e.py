@@ -74,7 +74,6 @@ def api_schema(fuzz):
                                          headers={"authorization": f"Bearer {KEY}"})
 
 
-STATUSES: dict[tuple[str, int], int] = {}  # (operation, status) -> answers
 CHAT = "POST /v1/chat/completions"
 
 
@@ -82,6 +81,7 @@ def test_fuzz_from_openapi_spec(fuzz, api_schema):
     """Valid and invalid requests for every operation: every answer conforms to the spec and
     none is a 5xx, except a 504 for a deadline the client itself set too short for any answer
     (`x-request-timeout` under a second)."""
+    statuses: dict[tuple[str, int], int] = {}  # (operation, status) -> answers
     cases = st.one_of(api_schema.as_strategy(GenerationMode.POSITIVE),
                       api_schema.as_strategy(GenerationMode.NEGATIVE))
 
@@ -90,7 +90,7 @@ def test_fuzz_from_openapi_spec(fuzz, api_schema):
     def check(case):
         response = case.call(base_url=fuzz, timeout=60)
         seen = (case.operation.label, response.status_code)
-        STATUSES[seen] = STATUSES.get(seen, 0) + 1
+        statuses[seen] = statuses.get(seen, 0) + 1
         # Conversation rules (role order, tool-call pairing) are checked after the schema (ours
         # and mistral-common's): a schema-valid conversation may get a 400 naming `messages`.
         case.validate_response(response,
@@ -101,15 +101,14 @@ def test_fuzz_from_openapi_spec(fuzz, api_schema):
                     and float(timeout) < 1.0), (response.status_code, response.text)
 
     check()
+    reached_the_engines(statuses)
 
 
-def test_fuzzing_reached_the_engines():
+def reached_the_engines(statuses: dict[tuple[str, int], int]) -> None:
     """The generated traffic was not all refused at the door."""
-    if not STATUSES:
-        pytest.skip("counts the answers of test_fuzz_from_openapi_spec; run it first")
     print(json.dumps({"fuzz_statuses": {f"{op} {code}": n
-                                        for (op, code), n in sorted(STATUSES.items())}}))
-    chat = {code: n for (op, code), n in STATUSES.items() if op == CHAT}
+                                        for (op, code), n in sorted(statuses.items())}}))
+    chat = {code: n for (op, code), n in statuses.items() if op == CHAT}
     # ~80 derandomized chat cases, most setting a field the simulated engine refuses
     # (logprobs, logit_bias, penalties, grammars need logits) or a conversation mistral-common
     # refuses (a `function` result with no call before it, turns out of order): a handful reach
@@ -118,7 +117,7 @@ def test_fuzzing_reached_the_engines():
     # end either way follows the machine's speed.
     reached = chat.get(200, 0) + chat.get(504, 0)
     assert reached >= 5 and chat.get(200, 0) >= 2 and chat.get(400, 0) >= 20, chat
-    assert {code for _, code in STATUSES} <= {200, 400, 401, 404, 405, 413, 504}, STATUSES
+    assert {code for _, code in statuses} <= {200, 400, 401, 404, 405, 413, 504}, statuses
 
 
 # Text that a naive prompt builder would turn into control tokens, mixed with any unicode.

@@ -326,8 +326,10 @@ def test_scale_down_drains_in_flight_streams(stack):
             streams = [asyncio.ensure_future(stream_one(client, url, body=body))
                        for _ in range(8)]
             await asyncio.sleep(1.0)
-            await asyncio.to_thread(serve.run, build_app(drain_profile(1)), name="drain",
-                                    route_prefix="/drain")
+            # bounded: Serve's run waits for ever for replicas it cannot place
+            await asyncio.wait_for(asyncio.to_thread(
+                serve.run, build_app(drain_profile(1)), name="drain", route_prefix="/drain"),
+                240)
             return await asyncio.gather(*streams)
 
     try:

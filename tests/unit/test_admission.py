@@ -29,8 +29,17 @@ BODY = {"model": "mistral-small-4", "max_tokens": 20,
         "messages": [{"role": "user", "content": "count"}]}
 
 
+async def admitted(ingress, streams: int, timeout_s: float = 10.0) -> None:
+    """Wait (with a deadline) until the pools hold `streams` decode streams: the requests sent
+    before are admitted, whatever the machine's speed (a fixed sleep assumed it)."""
+    async with asyncio.timeout(timeout_s):
+        while sum(ingress.service.in_flight.values()) < streams:
+            await asyncio.sleep(0.01)
+
+
 def test_full_pools_answer_503_with_retry_after_then_admit_again():
-    app = build_inprocess(parse_settings(PROFILE)).build_asgi_app()
+    ingress = build_inprocess(parse_settings(PROFILE))
+    app = ingress.build_asgi_app()
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
@@ -38,7 +47,7 @@ def test_full_pools_answer_503_with_retry_after_then_admit_again():
             post = lambda: client.post("/v1/chat/completions", json=BODY, timeout=30)  # noqa: E731
             # two in flight fill both pools (the second spills over to deep)
             busy = [asyncio.ensure_future(post()) for _ in range(2)]
-            await asyncio.sleep(0.3)
+            await admitted(ingress, 2)
             shed = metrics.REQUESTS.value(tenant="all", pool="none", status="503")
             refused = await post()
             shed = metrics.REQUESTS.value(tenant="all", pool="none", status="503") - shed
@@ -73,7 +82,7 @@ def test_n_choices_take_n_streams_of_the_pool_and_of_the_key():
                 return client.post("/v1/chat/completions", json=BODY | {"n": n}, timeout=30)
             alone = await post(4)  # an idle pool: any n
             busy = asyncio.ensure_future(post(2))
-            await asyncio.sleep(0.3)
+            await admitted(ingress, 2)
             seen = dict(ingress.service.in_flight)
             too_many = await post(2)  # 2 + 2 > 3 in fast, and deep takes 2 + 0: spilled
             return alone, seen, too_many, await busy
@@ -167,7 +176,7 @@ def test_a_full_stack_sheds_before_any_image_is_encoded():
             post = lambda body: client.post("/v1/chat/completions", json=body,  # noqa: E731
                                             timeout=30)
             busy = [asyncio.ensure_future(post(BODY)) for _ in range(2)]
-            await asyncio.sleep(0.3)
+            await admitted(ingress, 2)
             refused = await post(image_body("what is this?"))
             await asyncio.gather(*busy)
             return refused, len(seen), await post(image_body("what is this?"))

@@ -26,6 +26,16 @@ BODY = {"model": "mistral-small-4", "max_tokens": 400, "stream": True,
         "messages": [{"role": "user", "content": "count"}]}
 
 
+async def given_back(ingress, timeout_s: float = 10.0) -> None:
+    """Wait, with a deadline, until the request that left is closed: no stream in flight and
+    no key holding a stream slot (a fixed sleep assumed how long its clean-up takes)."""
+    service = ingress.service
+    async with asyncio.timeout(timeout_s):
+        while any(service.in_flight.values()) or any(
+                state.streams for state in service.quotas.keys.values()):
+            await asyncio.sleep(0.01)
+
+
 async def asgi_post(app, body: dict, *, leave: str | None = None, upload: bool = False,
                     headers: tuple = ()) -> tuple[int, bytes]:
     """POST `body` to /v1/chat/completions as Serve's replica does (uvicorn's scope); with
@@ -83,7 +93,7 @@ def test_a_client_gone_before_its_stream_started_gives_everything_back():
 
     async def scenario():
         gone = await asgi_post(app, BODY, leave="start")
-        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        await given_back(ingress)  # the background closes (shielded from the cancel) ran
         return gone, await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
 
     (gone_status, gone_body), (status, answer) = asyncio.run(scenario())
@@ -99,7 +109,7 @@ def test_a_client_leaving_gives_everything_back(leave, upload):
 
     async def scenario():
         gone = await asgi_post(app, BODY, leave=leave, upload=upload)
-        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        await given_back(ingress)  # the background closes (shielded from the cancel) ran
         after = await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
         return gone, after
 
@@ -124,7 +134,7 @@ def test_a_client_that_stops_reading_gives_everything_back(limits, headers):
 
     async def scenario():
         gone = await asgi_post(app, BODY, leave="stall", headers=headers)
-        await asyncio.sleep(0.2)  # the background closes (shielded from the cancel) run
+        await given_back(ingress)  # the background closes (shielded from the cancel) ran
         return gone, await asgi_post(app, BODY | {"stream": False, "max_tokens": 3})
 
     ingress.service.quotas.clock = lambda: 1000.0  # no refill: what was spent stays spent

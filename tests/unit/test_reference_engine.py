@@ -399,7 +399,8 @@ def test_kv_of_another_layout_is_refused_alone_not_failing_the_batch(standin, to
 def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer, monkeypatch):
     """Acknowledged (True) and then ignored: the one chunk ran on, sampled, exported its KV and
     filled the prefix cache. It raises where the chunks end now."""
-    engine = make_engine(standin, tokenizer, "prefill")  # one 512-token chunk
+    # one 512-token chunk; the cache on whatever the default, so its check below can fail
+    engine = make_engine(standin, tokenizer, "prefill", prefix_cache={"enabled": True})
     started = slowed(monkeypatch, engine, "_forward_chunk")
 
     async def scenario():
@@ -413,7 +414,7 @@ def test_an_abort_during_the_last_prefill_chunk_keeps_nothing(standin, tokenizer
 
     aborted, (outcome,) = asyncio.run(scenario())
     assert aborted and isinstance(outcome, asyncio.CancelledError)
-    assert engine.prefix_cache is None or engine.prefix_cache.stats.held_tokens == 0
+    assert engine.prefix_cache.stats.held_tokens == 0
 
 
 def slowed(monkeypatch, engine, method: str) -> threading.Event:
@@ -456,9 +457,8 @@ def test_a_prefill_counts_the_kv_it_loaded_from_the_cache_from_the_start(standin
                                                                           monkeypatch):
     """A prefill whose prompt the cache mostly held reported no KV until its first computed
     chunk ended (the simulated engine counts the whole prompt from the start)."""
-    engine = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=16)
-    if engine.prefix_cache is None:
-        pytest.skip("prefix cache off by default")
+    engine = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=16,
+                         prefix_cache={"enabled": True})
     prompt = prompt_of(tokenizer, 80)
     asyncio.run(engine.prefill(EngineRequest("warm", prompt, SamplingParams(
         max_tokens=2, **GREEDY))))

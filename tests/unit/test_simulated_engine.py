@@ -201,20 +201,25 @@ def test_decode_steps_take_their_time(tokenizer):
 
 
 def test_concurrent_requests_share_decode_steps(tokenizer):
-    timing = dict(decode_step_ms=10.0, output="counter")
-    started = time.perf_counter()
-    generate(make_engine(tokenizer, **timing), user(tokenizer, "alone", max_tokens=20))
-    single = time.perf_counter() - started
-    engine = make_engine(tokenizer, **timing)
+    """Eight requests started together decode in shared steps: the batch holds all eight, and
+    the steps number about one request's, not eight's (counted, not timed)."""
+    engine = make_engine(tokenizer, decode_step_ms=10.0, output="counter")
+    step, batches = engine._batcher.step, []
+
+    async def counted(batch):
+        batches.append(len(batch))
+        return await step(batch)
+
+    engine._batcher.step = counted
 
     async def scenario():
         return await asyncio.gather(*(run(engine, user(tokenizer, f"r{i}", max_tokens=20))
                                       for i in range(8)))
 
-    started = time.perf_counter()
     results = asyncio.run(scenario())
     assert [len(tokens) for tokens, _ in results] == [20] * 8
-    assert time.perf_counter() - started < 4 * single
+    assert max(batches) == 8 and sum(batches) == 8 * 19  # the first token is prefill's
+    assert len(batches) < 2 * 19, batches
 
 
 def test_a_slow_consumer_gets_every_token_since_its_last_chunk(tokenizer):
