@@ -114,8 +114,10 @@ def run(args) -> int:
             update={"routing": "cache-aware"})})
         routing_rows = prefix_rows(results, run_study(specs, policies, args.seeds, aware,
                                                       args.jobs, progress))
-    answers = [] if args.no_answer else [answer(spec, s, args.seeds, args.jobs, progress)
-                                         for spec in specs]
+    # the answer looks up to twice the budget simulated (a traffic may need more than it)
+    most = min(MAX_BUDGET_ENGINES, max(32, 2 * s.budget_engines))
+    answers = [] if args.no_answer else [answer(spec, s, args.seeds, args.jobs, progress,
+                                                max_budget=most) for spec in specs]
     document = {"settings": {"budget_engines": s.budget_engines, "static_split": s.static_split,
                              "slos": {k: v.model_dump() for k, v in s.slos.items()},
                              "cold_start_s": s.perf.cold_start_s},

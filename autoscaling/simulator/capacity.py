@@ -91,15 +91,20 @@ def demand_peaks(perf: PerfModel, requests: list,
     end = max(r.arrival for r in requests)
     bins = int(end // window_s) + 1
     load = {k: np.zeros(bins) for k in KEYS}
+    last = 0.0  # when the last request's work ends
     for r in requests:
         prefill, stream = request_cost(perf, r.prompt, r.output)
+        last = max(last, r.arrival + prefill + stream)
         # one prefill holds one engine while it runs, one stream one slot of an engine after
         # it: each counted in the windows it spans (a request longer than a window holds
         # one engine there, not many at once; a long stream holds its slot in later windows)
         _spread(load[(r.pool, "prefill")], r.arrival, r.arrival + prefill, window_s, 1.0)
         _spread(load[(r.pool, "decode")], r.arrival + prefill, r.arrival + prefill + stream,
                 window_s, 1.0 / perf.max_running)
+    # the last window's work over the time it covers: up to when the last request's work
+    # ends (within the window), not up to the last arrival (a burst at one instant would be
+    # divided by nothing) nor the whole window (a short trace's load would be diluted)
     span = np.full(bins, window_s)
-    span[-1] = max(end - (bins - 1) * window_s, min(window_s, end) or 1.0)
+    span[-1] = min(window_s, max(last - (bins - 1) * window_s, 1e-3))
     total = sum(v / span for v in load.values())
     return {k: float((v / span).max()) for k, v in load.items()}, float(total.max())

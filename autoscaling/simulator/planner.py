@@ -136,10 +136,14 @@ class PlannerController:
         o, self.obs[pool] = self.obs[pool], _Interval()
         rps = o.rps / max(o.ticks, 1)
         isl = o.prompt_tps / o.rps if o.rps else 0.0
-        osl = _mean(o.osl)
-        if rps <= 0:
-            return {(pool, "prefill"): self.settings.min_engines,
-                    (pool, "decode"): self.settings.min_engines}
+        history = self.history[pool]
+        # no output length seen this interval (no stream ended yet): the last one known
+        osl = _mean(o.osl) if o.osl else history[-1][2] if history else None
+        keep = {(pool, role): self.current[(pool, role)] for role in ("prefill", "decode")}
+        if rps <= 0 or osl is None:
+            # nothing to size from: Dynamo's planner skips an interval whose metrics are
+            # missing rather than sizing a pool with streams still running down to the floor
+            return keep
         ttft_slo, itl_slo = self.slos[pool]
         context = isl + osl / 2
         if self.settings.correction:
@@ -149,7 +153,6 @@ class PlannerController:
                 batch = max(_mean(o.batch), 1.0)
                 self.correction[pool][1] = _mean(o.itl) / self.perf.decode_step_s(
                     int(round(batch)), batch * context)
-        history = self.history[pool]
         history.append((rps, isl, osl))
         rps, isl, osl = self._predict(history)
         p_corr, d_corr = self.correction[pool]

@@ -73,11 +73,16 @@ class Simulation:
         heapq.heappush(self.heap, (when, self.seq, kind, args))
 
     def run(self) -> SimResult:
-        """Play every event up to the end of the trace plus the grace period."""
+        """Play every event: the controller ticks to the end of the trace plus the grace
+        period; after that the allocation stays as it is and the requests admitted run to
+        their end (a stream still within its SLO is not a miss because the run stopped; one
+        with no engine left to take it stays unfinished). Engines are counted allocated for
+        the trace's duration only, as every policy serves the same arrivals in it."""
         self.schedule(0.0, TICK)
         handlers = {PREFILL_DONE: self._prefill_done, DECODE: self._decode, TICK: self._tick,
                     READY: self._ready, DRAIN_DEADLINE: self._drain_deadline}
         arrivals, i, now = self.requests, 0, 0.0
+        allocated = None
         while True:
             next_event = self.heap[0][0] if self.heap else float("inf")
             if i < len(arrivals) and arrivals[i].arrival <= next_event:
@@ -85,13 +90,15 @@ class Simulation:
                 self._arrive(arrivals[i], now)
                 i += 1
                 continue
-            if next_event > self.end:
+            if allocated is None and next_event > self.duration_s:
+                allocated = self.cluster.allocated_engine_s(self.duration_s)
+            if not self.heap:
                 break
             now, _, kind, args = heapq.heappop(self.heap)
             self.now = now
             handlers[kind](now, *args)
-        return SimResult(self.requests, self.duration_s, self.cluster.allocated_engine_s(now),
-                         self.busy_s, self.cluster.moves, self.resumed, self.timeline)
+        return SimResult(self.requests, self.duration_s, allocated, self.busy_s,
+                         self.cluster.moves, self.resumed, self.timeline)
 
     def _arrive(self, request: Request, now: float) -> None:
         key = (request.pool, "prefill")

@@ -150,7 +150,8 @@ def test_a_small_run_completes_with_sane_numbers():
     assert report["requests"] == pytest.approx(0.6 * 20.0 * 300, rel=0.1)
     assert report["slo_attainment"] > 0.97
     assert report["goodput_rps"] == pytest.approx(report["offered_rps"], rel=0.03)
-    assert report["gpu_hours_allocated"] == pytest.approx(16 * (300 + 120) / 3600)
+    # the trace's five minutes, not the two after it where only its last streams end
+    assert report["gpu_hours_allocated"] == pytest.approx(16 * 300 / 3600)
     assert 0 < report["gpu_hours_busy"] < report["gpu_hours_allocated"]
     fast = report["pools"]["fast"]
     assert 0.0 < fast["ttft_p50_s"] < 1.0 and 0.005 < fast["itl_p50_s"] < 0.05
@@ -351,3 +352,84 @@ def test_requests_too_long_for_their_ttft_slo_are_left_out_of_the_answers_target
         (None, None, None, report) for _ in jobs])
     assert study._attainment(None, s, "static", 1, 1, None, reachable) == pytest.approx(1.0)
     assert study._attainment(None, s, "static", 1, 1, None) == pytest.approx(14 / 15)
+
+
+def test_the_planner_keeps_a_pool_it_has_nothing_to_size_from():
+    """An interval in which no stream ended (no output length yet) or nothing arrived: the
+    planner kept sizing decode from an output length of 0, cutting a pool with a minute of
+    streams running to one engine; Dynamo's skips such an interval."""
+    from autoscaling.metrics import RoleMetrics
+    from autoscaling.simulator.planner import PlannerController
+
+    split = {FP: 1, FD: 1, DP: 1, DD: 3}
+    planner = PlannerController(split, PERF, {"fast": (1.0, 0.05), "deep": (4.0, 0.06)}, 8)
+    quiet = {FP: RoleMetrics(1), FD: RoleMetrics(1),
+             DP: RoleMetrics(1, arrival_requests_per_s=1, arrival_prompt_tokens_per_s=3000),
+             DD: RoleMetrics(3)}  # streams running, none ended
+    for t in range(61):
+        plan = planner.targets(float(t), quiet)
+    assert plan[DD] == 3 and plan[FD] == 1
+
+
+def test_a_stream_within_its_slo_that_ends_after_the_run_is_met(tmp_path):
+    """Long answers (12K tokens at the deep pool's 60 ms/token SLO may take 12 minutes) still
+    streaming when the controller stops: they were counted as misses, so the answer sized
+    decode for streams to end two minutes after the last arrival."""
+    from autoscaling.simulator.scenario import run_trace
+    from autoscaling.simulator.tracefile import TraceSource, load_trace
+
+    path = tmp_path / "long.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    + "".join(f"{t},3000,12000\n" for t in range(120)))
+    trace = load_trace([TraceSource(path, "high")], 1.0)
+    report = run_trace(trace, "static", SimSettings())
+    deep = report["pools"]["deep"]
+    assert deep["unfinished"] == 0 and deep["itl_p90_s"] < SimSettings().slos["deep"].itl_s
+    assert report["slo_attainment"] == 1.0
+
+
+def test_a_burst_at_one_instant_is_sized_by_the_time_its_work_lasts():
+    """200 requests at t = 0: their work was divided by one second (the last arrival's time,
+    floored), 77 decode engines for what 200 streams on 32-slot engines hold at once."""
+    from types import SimpleNamespace
+
+    from autoscaling.simulator.capacity import demand_peaks
+
+    perf = SimSettings().perf
+    requests = [SimpleNamespace(arrival=0.0, pool="deep", prompt=4000, output=2000)
+                for _ in range(200)]
+    peaks, _ = demand_peaks(perf, requests)
+    assert peaks[("deep", "decode")] <= 200 / perf.max_running * 1.05
+
+
+def test_the_answer_tries_every_budget_on_the_same_traffic(monkeypatch):
+    """A synthetic trace's rate follows a budget's capacity: each candidate budget was run on
+    traffic sized for itself (a smaller budget on lighter traffic), not the user's."""
+    from autoscaling.simulator import study
+
+    s = SimSettings()
+    jobs_seen = []
+
+    def run_jobs(jobs, workers, progress):
+        jobs_seen.extend(jobs)
+        return [(None, None, None, _report(1.0, {"fast": (1, 1.0), "deep": (1, 1.0)}))
+                for _ in jobs]
+
+    monkeypatch.setattr(study, "run_jobs", run_jobs)
+    spec = study.TraceSpec("steady", kind="steady", duration_s=600.0)
+    study.answer(spec, s, seeds=1, workers=1)
+    expected = len(arrivals(spec.build(s, 0), s.workload, 0))
+    budgets = {settings.budget_engines for *_, settings in jobs_seen}
+    assert budgets - {s.budget_engines}, budgets  # other budgets were tried
+    for job_spec, _, seed, settings in jobs_seen:
+        assert len(arrivals(job_spec.build(settings, seed), s.workload, seed)) == expected
+
+
+def test_the_ceiling_is_computed_before_rounding():
+    """A trace of a request every ten minutes: the offered rate rounded to 0.002 first made the
+    ceiling 1.17 where the static split served everything (1.0)."""
+    from autoscaling.simulator.study import summarise
+
+    served = _report(0.00171, {"fast": (2, 1.0), "deep": (0, None)}) | {"offered_rps": 0.00171}
+    rows = summarise({"t": {"static": [served], "ours": [served]}}, SimSettings())
+    assert {r["ceiling"] for r in rows} == {1.0}
