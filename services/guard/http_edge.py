@@ -75,6 +75,8 @@ def _in_serve_proxy() -> bool:
         import ray
         from ray.serve._private.constants import SERVE_PROXY_NAME
 
+        if not ray.is_initialized():  # asking for the runtime context would start a local Ray
+            return False
         return (ray.get_runtime_context().get_actor_name() or "").startswith(SERVE_PROXY_NAME)
     except Exception:  # no Ray here
         return False

@@ -769,3 +769,19 @@ def test_edge_failures_are_json_errors_and_cut_streams_end_with_an_error_event(e
 
 def test_stack_errors_have_their_statuses():
     assert PayloadTooLarge("x").status == 413 and UnsupportedMediaType("x").status == 415
+
+
+def test_installing_the_edge_outside_ray_starts_no_ray():
+    """Outside Serve's proxy (a test, an in-process stack) the edge asked Ray for its runtime
+    context to tell where it runs, which started a local Ray in that process."""
+    import subprocess
+    import sys
+
+    probe = ("from services.guard import http_edge; http_edge.install(); import ray; "
+             "print(ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))),
+                         env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
