@@ -101,6 +101,9 @@ class PromptTokenizer:
         except (MistralCommonException, ValueError, TypeError) as exc:
             raise InvalidRequest(f"messages could not be encoded: {reason(exc)}",
                                  param="messages") from None
+        except RecursionError:  # a call's `arguments` (a JSON string: no body check saw it)
+            raise InvalidRequest("messages could not be encoded: a tool call's arguments nest "
+                                 "too deeply to parse", param="messages") from None
         return EncodedPrompt(list(tokenized.tokens), list(tokenized.images), effort)
 
     def image_tokens(self, width: int, height: int) -> int:

@@ -33,6 +33,13 @@ class TextPart(_Wire):
     text: str
 
 
+class RefusalPart(_Wire):
+    """An earlier assistant turn's refusal, as OpenAI's content parts carry it (its text)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 class ImageURL(_Wire):
     url: str = Field(min_length=1)
     # "low" (a fixed low resolution, fewer tokens) is not implemented: every image is read at
@@ -69,6 +76,7 @@ NoName = Annotated[str | None, Field(json_schema_extra={"maxLength": 0})]
 # the event loop to validate and report, in one message or spread over many)
 MAX_CONTENT_PARTS = 1024
 MAX_TOTAL_CONTENT_PARTS = 4096
+MAX_TOTAL_TOOL_CALLS = 4096  # over every message (each holds at most 128)
 TextParts = Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
 ContentParts = Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]
 
@@ -97,7 +105,8 @@ class AssistantMessage(_Wire):
     no content) is that turn's text. An audio answer names audio this model never made."""
 
     role: Literal["assistant"]
-    content: str | TextParts | None = None
+    content: str | Annotated[list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]],
+                             Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: NoName = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     # the deprecated functions API's call (a next turn of a `functions` conversation)
@@ -142,6 +151,9 @@ class AssistantMessage(_Wire):
             self.reasoning_content, self.reasoning = self.reasoning, None
         if self.refusal:
             self.content, self.refusal = self.refusal, None
+        if isinstance(self.content, list):  # a refusal part is its text
+            self.content = [TextPart(type="text", text=part.refusal)
+                            if isinstance(part, RefusalPart) else part for part in self.content]
         return self
 
 
@@ -313,16 +325,19 @@ class ChatCompletionRequest(_Wire):
     def _conversation(self):
         """What Mistral's format cannot carry is refused, not dropped: a participant's `name`
         (mistral-common discards it; a tool message's `name` only repeats its call's), and a
-        conversation of system messages alone (nothing to answer: no user turn, so neither the
-        question nor the reasoning effort's setting would reach the model)."""
+        conversation without a user message (mistral-common renders it, but with neither the
+        tools nor the reasoning effort's setting, which it puts on the user's turn: the answer
+        would be routed and constrained for tools the model never saw)."""
         for i, message in enumerate(self.messages):
             if message.role not in ("tool", "function") and message.name:
                 raise InvalidRequest(f"messages.{i}.name: participant names are not part of "
                                      "the model's prompt format; leave name out",
                                      param=f"messages.{i}.name")
-        if all(m.role in ("system", "developer") for m in self.messages):
-            raise InvalidRequest("messages: a conversation needs a user message to answer; "
-                                 "this one has only system messages", param="messages")
+        if not any(m.role == "user" for m in self.messages):
+            raise InvalidRequest("messages: a conversation needs a user message (the model's "
+                                 "format sets the tools and the reasoning effort on the last "
+                                 "one: without it neither would reach the model)",
+                                 param="messages")
         return self
 
     @model_validator(mode="after")
@@ -345,10 +360,14 @@ class ChatCompletionRequest(_Wire):
         if json_format and self.tools_offered and self.tool_choice not in (None, "auto"):
             raise InvalidRequest("response_format: a JSON format goes with tool_choice "
                                  "auto or none only", param="response_format")
-        forced_call = self.tools_offered and self.tool_choice not in (None, "auto")
-        if self.ignore_eos and (json_format or forced_call):
+        # the calls are constrained as the grammar's `StructuredRequest.constrained` says
+        constrained_calls = self.tools_offered and (
+            self.tool_choice not in (None, "auto") or self.parallel_tool_calls is False
+            or any(t.function.strict for t in self.tools))
+        if self.ignore_eos and (json_format or constrained_calls):
             raise InvalidRequest("ignore_eos: a constrained answer (a JSON response_format, a "
-                                 "required or named tool_choice) ends where its grammar does",
+                                 "required or named tool_choice, a strict tool, "
+                                 "parallel_tool_calls false) ends where its grammar does",
                                  param="ignore_eos")
         return self
 
@@ -546,6 +565,11 @@ def parse_chat_request(body: Any, max_messages: int | None = None) -> ChatComple
         if parts > MAX_TOTAL_CONTENT_PARTS:
             raise InvalidRequest(f"the messages have {parts} content parts; at most "
                                  f"{MAX_TOTAL_CONTENT_PARTS} are accepted", param="messages")
+        calls = sum(len(m["tool_calls"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("tool_calls"), list))
+        if calls > MAX_TOTAL_TOOL_CALLS:  # as slow to validate as parts, when malformed
+            raise InvalidRequest(f"the messages have {calls} tool calls; at most "
+                                 f"{MAX_TOTAL_TOOL_CALLS} are accepted", param="messages")
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:

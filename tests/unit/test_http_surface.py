@@ -252,6 +252,27 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
     assert error["param"] == "messages" and encoded == []
 
 
+def test_a_request_with_tools_is_encoded_off_the_event_loop():
+    """Tools are checked against JSON Schema's metaschema as the prompt is encoded, at many
+    times a text byte's cost (48 KB of `anyOf` blocked the loop for 240 ms); a short text
+    request is encoded inline."""
+    import threading
+
+    threads = []
+
+    def spy(ingress):
+        tokenizer = ingress.service.tokenizer
+        real = tokenizer.encode_chat
+        tokenizer.encode_chat = lambda *a, **k: threads.append(
+            threading.current_thread()) or real(*a, **k)
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    answers = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {"tools": [tool]}}),
+                    ("POST", "/v1/chat/completions", {"json": BODY}), prepare=spy)
+    assert [r.status_code for r in answers] == [200, 200]
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
+
+
 def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
     """`"\\ud800"` is valid JSON and not valid UTF-8: the message quoting the tool_call_id back
     must reach the client escaped (the response could not be encoded: a 500 for a 400)."""

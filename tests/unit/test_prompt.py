@@ -278,7 +278,25 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
                    {"role": "assistant", "content": "hello", "name": "bot"},
                    {"role": "user", "content": "bye", "name": "Alice"}]},
      "messages.1.name", "participant names"),
-    ({"messages": [{"role": "system", "content": "Say hi."}]}, "messages", "only system"),
+    ({"messages": [{"role": "system", "content": "Say hi."}]}, "messages", "needs a user message"),
+    # no user turn to carry them: mistral-common renders neither the tools nor the effort
+    ({"messages": [{"role": "system", "content": "You are an agent."},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call00001", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "call00001", "content": "sunny"}],
+      "tools": [{"type": "function", "function": WEATHER}], "tool_choice": "required"},
+     "messages", "needs a user message"),
+    ({"messages": [{"role": "system", "content": "Go on."},
+                   {"role": "assistant", "content": "Once", "prefix": True}],
+      "reasoning_effort": "high"}, "messages", "needs a user message"),
+    # a grammar constrains the calls (one call at most, or a strict tool's schema)
+    ({"tools": [{"type": "function", "function": WEATHER}], "parallel_tool_calls": False,
+      "ignore_eos": True}, "ignore_eos", "ends where its grammar does"),
+    ({"tools": [{"type": "function", "function": WEATHER | {"strict": True}}],
+      "ignore_eos": True}, "ignore_eos", "ends where its grammar does"),
+    ({"messages": [{"role": "user", "content": "hi"}] + [
+        {"role": "assistant", "tool_calls": [{}] * 128}] * 33}, "messages", "tool calls"),
     ({"messages": [{"role": "developer", "content": "a"}, {"role": "system", "content": "b"}]},
      "messages", "needs a user message"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
@@ -572,3 +590,42 @@ def test_every_effort_of_openais_sdk_is_routed_and_the_simulator_reads_them_alik
     pool_of = {p.effort: name for name, p in pools.items()}
     assert {name: pool_of[applied_effort(name, routing)] for name in names} == \
         {name: EFFORT_POOL[name] for name in names}
+
+
+def test_a_refusal_part_is_its_turns_text(tokenizer):
+    """OpenAI's assistant content parts include `refusal`: the turn's text, as the message's
+    own `refusal` field is."""
+    parts = [{"type": "refusal", "refusal": "I can't help with that."}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": parts},
+                {"role": "user", "content": "why?"}]
+    got = plan(tokenizer, messages=messages)
+    as_text = [messages[0], {"role": "assistant", "content": "I can't help with that."},
+               messages[2]]
+    assert got.engine_request.prompt_ids == tokenizer.encode_chat(as_text, effort="none").ids
+
+
+def test_a_call_whose_arguments_nest_too_deeply_to_parse_is_a_400(tokenizer):
+    """An earlier call's `arguments` is a JSON string mistral-common parses: 2 KB nested a
+    thousand deep raised RecursionError, a 500 (no body check sees inside a string)."""
+    deep = "[" * 1100 + "]" * 1100
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call00001", "type": "function",
+                     "function": {"name": "get_weather", "arguments": deep}}]},
+                {"role": "tool", "tool_call_id": "call00001", "content": "ok"},
+                {"role": "user", "content": "and?"}]
+    with pytest.raises(InvalidRequest) as err:
+        tokenizer.encode_chat(messages, effort="none",
+                              tools=[{"type": "function", "function": WEATHER}])
+    assert err.value.param == "messages" and "nest too deeply" in str(err.value)
+
+
+def test_tools_are_sized_as_the_prompt_shows_them_not_escaped():
+    """The text-size bound of a request with non-ASCII tool descriptions: escaped (`\\uXXXX`,
+    six bytes a character) it refused tool sets that fit the context."""
+    from services.api.service import _encoding_size
+
+    description = "获取指定城市的天气预报信息并返回温度湿度风速等数据。" * 700
+    tools = [{"type": "function", "function": WEATHER | {"description": description}}]
+    size = _encoding_size([{"role": "user", "content": "北京天气怎么样"}], tools)
+    assert size < 1.2 * len(description.encode())
