@@ -220,7 +220,7 @@ class DecodeWorker(EngineHost):
                           request, transfer.ticket)
             replied = received = None
             try:
-                async with asyncio.timeout(attempt_s + STUCK_GRACE_S):
+                async with asyncio.timeout(attempt_s + STUCK_GRACE_S) as clock:
                     transfer.move(KVState.TRANSFERRING)
                     transfer.ready(await anext(legs))
                     replied = asyncio.ensure_future(anext(legs))
@@ -230,6 +230,13 @@ class DecodeWorker(EngineHost):
                     await asyncio.wait({replied, received}, return_when=asyncio.FIRST_COMPLETED)
                     if replied.done():
                         replied.result()  # a failed prefill raises here
+                        # prefilled: what is left is this engine's own wait (its KV, a batch
+                        # slot: SGLang's pre-allocation queue under load), which the request's
+                        # deadline bounds, not the prefill attempt's clock (that ran it out and
+                        # prefilled again, ending in a 502 for a saturated decode)
+                        left = ctx.remaining_s()
+                        clock.reschedule(None if left is None
+                                         else asyncio.get_running_loop().time() + left)
                     paired = await received
             except BaseException as exc:
                 await _cancel(replied, received)
@@ -242,6 +249,11 @@ class DecodeWorker(EngineHost):
                 await close_stream(legs)
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
+                if _succeeded(replied) and isinstance(exc, TimeoutError):
+                    # the prefill did its part; the request's own deadline passed meanwhile
+                    raise DeadlineExceeded("the request's deadline passed while its KV waited "
+                                           "for this decode engine",
+                                           request_id=request.request_id) from None
                 if cancelled or not worth_retrying(exc):
                     raise
                 last = exc

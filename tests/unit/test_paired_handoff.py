@@ -150,6 +150,42 @@ def test_a_kv_lost_on_every_attempt_is_a_502_naming_the_loss():
     assert nothing_held(decode)
 
 
+class SlowDecodeSide:
+    """The decode side's handoff, its KV taking `delay_s` to be taken once it is there (SGLang's
+    decode engine waiting for a batch slot, or in its pre-allocation queue, under load)."""
+
+    def __init__(self, handoff, delay_s: float):
+        self.handoff, self.delay_s = handoff, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.handoff, name)
+
+    async def receive(self, ticket, request=None):
+        kv = await self.handoff.receive(ticket, request)
+        await asyncio.sleep(self.delay_s)
+        return kv
+
+
+def test_a_prefill_that_replied_is_not_run_again_while_decode_is_slow_to_take_its_kv():
+    """The attempt's clock is the prefill's: once it replied, what is left is the decode
+    engine's own wait, bounded by the request's deadline. The clock ran it out: three
+    prefills that each succeeded, then a 502 saying prefill failed."""
+    prefills = []
+
+    def slow(decode):
+        decode.handoff = SlowDecodeSide(decode.handoff, 2.5)  # past 0.2 s + the grace
+        engine = decode.prefill.engine
+        real = engine.prefill
+        engine.prefill = lambda request: prefills.append(request.request_id) or real(request)
+
+    settings = profile("paired")
+    settings["kv_handoff"] |= {"prefill_timeout_s": 0.2, "prefill_attempts": 3}
+    answers, decode = serve(settings, [BODY | {"max_tokens": 3}], setup=slow)
+    assert answers[0][0] == 200, answers
+    assert len(prefills) == 1, prefills
+    assert nothing_held(decode)
+
+
 def test_a_client_leaving_during_prefill_leaves_nothing_open():
     slow = {"simulated": {"output": "counter", "prefill_base_ms": 2000}}
     _, decode = serve(profile("paired", **slow), [BODY] * 2, leave_after_s=0.3)
