@@ -71,7 +71,9 @@ class Outcome:
         return self.status == 200 and self.finish is not None and self.error is None
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, payload: dict) -> Outcome:
+async def stream_one(client: httpx.AsyncClient, url: str, payload: dict,
+                     on_first=None) -> Outcome:
+    """One streamed request's outcome; `on_first()` is called when its first content came."""
     events, error = [], None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=payload) as response:
         if response.status_code != 200:
@@ -84,20 +86,24 @@ async def stream_one(client: httpx.AsyncClient, url: str, payload: dict) -> Outc
                 error = event["error"]
             elif event.get("choices"):
                 events.append(event["choices"][0])
+                if on_first is not None and events[-1]["delta"].get("content"):
+                    on_first()
+                    on_first = None
     finish = next((c["finish_reason"] for c in events if c.get("finish_reason")), None)
     return Outcome(200, finish, "".join(c["delta"].get("content") or "" for c in events), error)
 
 
 async def run_load(url: str, payloads: list[dict], concurrency: int,
-                   timeout_s: float = 150.0) -> list[Outcome]:
-    """Send `payloads`, `concurrency` streams at a time; every request ends within the bound."""
+                   timeout_s: float = 150.0, on_first=None) -> list[Outcome]:
+    """Send `payloads`, `concurrency` streams at a time; every request ends within the bound
+    (`on_first()` called as each stream's first content arrives)."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         async def one(payload):
             async with gate:
                 try:
-                    return await stream_one(client, url, payload)
+                    return await stream_one(client, url, payload, on_first)
                 except httpx.HTTPError as exc:
                     return Outcome(0, None, "", {"transport": repr(exc)})
 

@@ -106,42 +106,57 @@ def test_streams_cancelled_mid_flight_leave_no_kv_behind(load_stack):
     assert not settle(lambda: grown(load_stack, images), timeout_s=30), "objects held"
 
 
-def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack):
-    """Image streams run on both decode replicas; the one running some is killed. Each is
-    resumed on the other from where it was cut (its images prefilled again, so their pixels
-    must still be there) and ends in full: same answer as one never cut."""
+def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack, metrics_url):
+    """Image streams run on both decode replicas; one is killed while they stream. Each cut
+    is resumed on the other from where it was cut (its images prefilled again, so their
+    pixels must still be there) and ends in full: same answer as one never cut. The kill is
+    timed from the clients' side (the streams' first content), not by asking the replicas:
+    that call queued behind the streams and was answered after them, and the test skipped."""
     import ray
 
-    ask = load_stack.ask
-    # 600 tokens at 10 ms a step: the streams run for seconds, so the kill lands mid-stream
-    # even when a stats call is slow on a busy machine (at 120 they could all end first)
+    # 600 tokens at 10 ms a step: each stream runs for seconds after its first content
     payloads = [body(images=1, seed=7, max_tokens=600) for _ in range(16)]
+    resumed_before = resumes(metrics_url)
 
     async def run():
-        load = asyncio.ensure_future(run_load(load_stack.url, payloads, 16))
-        # 16 image prefills queue behind each other first: on a busy 2-core machine the first
-        # streams reach decode after tens of seconds (a 30 s deadline failed twice)
-        deadline = time.time() + 120
-        while time.time() < deadline and not load.done():
-            name, stats = await asyncio.to_thread(ask, "fast-decode", "replica_stats")
-            if stats.running >= 1:
-                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-                break
-            await asyncio.sleep(0.05)
-        else:
-            if load.done() and all(o.ok for o in load.result()):
-                # the stats calls queue behind the streams on a saturated replica (its
-                # max_ongoing_requests), so on a slow machine they may only be answered once
-                # every stream ended: then no kill landed mid-stream and nothing was tested
-                return None
-            ended = [o for o in load.result() if not o.ok][:2] if load.done() else "running"
-            raise AssertionError(f"no decode replica was ever seen running image streams "
-                                 f"(the load: {ended})")
+        started, streaming = 0, asyncio.Event()
+
+        def first():
+            nonlocal started
+            started += 1
+            if started == 6:  # several streams under way, on both replicas (Serve's router
+                streaming.set()  # spreads them by queue length)
+
+        load = asyncio.ensure_future(run_load(load_stack.url, payloads, 16, on_first=first))
+        waiting = asyncio.ensure_future(streaming.wait())
+        await asyncio.wait({load, waiting}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        assert streaming.is_set() and not load.done(), "no stream was seen under way"
+        replicas = sorted((a["name"], a["namespace"])
+                          for a in ray.util.list_named_actors(all_namespaces=True)
+                          if f"{load_stack.app}#fast-decode#" in a["name"])
+        assert len(replicas) == 2, replicas
+        ray.kill(ray.get_actor(*replicas[0]), no_restart=True)
         return await load
 
     outcomes = asyncio.run(run())
-    if outcomes is None:
-        pytest.skip("every stream ended before a stats call saw one running: no kill landed")
     assert all(o.ok and o.finish == "length" for o in outcomes), [
         o for o in outcomes if not o.ok][:2]
     assert len({o.content for o in outcomes}) == 1
+    deadline = time.time() + 30  # the ingress's count reaches Ray's exporter within seconds
+    while resumes(metrics_url) <= resumed_before and time.time() < deadline:
+        time.sleep(1)
+    assert resumes(metrics_url) > resumed_before, "the kill cut no stream: nothing resumed"
+
+
+def resumes(metrics_url: str) -> float:
+    """Streams the fast pool resumed, as Ray's exporter has them (every process summed)."""
+    import re
+
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_small4_decode_resumes_total{") and 'pool="fast"' in line:
+            total += float(re.split(r"\s+", line.strip())[-1])
+    return total
