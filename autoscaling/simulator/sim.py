@@ -77,12 +77,13 @@ class Simulation:
         period; after that the allocation stays as it is and the requests admitted run to
         their end (a stream still within its SLO is not a miss because the run stopped; one
         with no engine left to take it stays unfinished). Engines are counted allocated for
-        the trace's duration only, as every policy serves the same arrivals in it."""
+        the trace's duration only (and busy within it), as every policy serves the same
+        arrivals in it."""
         self.schedule(0.0, TICK)
         handlers = {PREFILL_DONE: self._prefill_done, DECODE: self._decode, TICK: self._tick,
                     READY: self._ready, DRAIN_DEADLINE: self._drain_deadline}
         arrivals, i, now = self.requests, 0, 0.0
-        allocated = None
+        allocated = busy = None
         while True:
             next_event = self.heap[0][0] if self.heap else float("inf")
             if i < len(arrivals) and arrivals[i].arrival <= next_event:
@@ -92,12 +93,13 @@ class Simulation:
                 continue
             if allocated is None and next_event > self.duration_s:
                 allocated = self.cluster.allocated_engine_s(self.duration_s)
+                busy = self.busy_s  # the same span: busy can never exceed allocated
             if not self.heap:
                 break
             now, _, kind, args = heapq.heappop(self.heap)
             self.now = now
             handlers[kind](now, *args)
-        return SimResult(self.requests, self.duration_s, allocated, self.busy_s,
+        return SimResult(self.requests, self.duration_s, allocated, busy,
                          self.cluster.moves, self.resumed, self.timeline)
 
     def _arrive(self, request: Request, now: float) -> None:

@@ -388,6 +388,19 @@ def test_a_stream_within_its_slo_that_ends_after_the_run_is_met(tmp_path):
     assert report["slo_attainment"] == 1.0
 
 
+def test_busy_engines_are_counted_over_the_trace_as_allocated_ones_are(tmp_path):
+    """An overloaded trace's backlog is served after it: busy engine time was counted past
+    the trace's end, allocated time not, and busy came out above allocated."""
+    from autoscaling.simulator.scenario import run_trace
+    from autoscaling.simulator.tracefile import TraceSource, load_trace
+
+    path = tmp_path / "over.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    + "".join(f"{t / 10},20000,2000\n" for t in range(1200)))
+    report = run_trace(load_trace([TraceSource(path, "high")], 1.0), "static", SimSettings())
+    assert 0 < report["gpu_hours_busy"] <= report["gpu_hours_allocated"]
+
+
 def test_a_burst_at_one_instant_is_sized_by_the_time_its_work_lasts():
     """200 requests at t = 0: their work was divided by one second (the last arrival's time,
     floored), 77 decode engines for what 200 streams on 32-slot engines hold at once."""
