@@ -219,6 +219,7 @@ class DecodeWorker(EngineHost):
             legs = stream(self.prefill, PrefillWorker.prefill_paired, ctx.within(attempt_s),
                           request, transfer.ticket)
             replied = received = None
+            prefilled = False  # the prefill replied: the attempt's clock is the request's
             try:
                 async with asyncio.timeout(attempt_s + STUCK_GRACE_S) as clock:
                     transfer.move(KVState.TRANSFERRING)
@@ -237,6 +238,7 @@ class DecodeWorker(EngineHost):
                         left = ctx.remaining_s()
                         clock.reschedule(None if left is None
                                          else asyncio.get_running_loop().time() + left)
+                        prefilled = True
                     paired = await received
             except BaseException as exc:
                 await _cancel(replied, received)
@@ -249,7 +251,7 @@ class DecodeWorker(EngineHost):
                 await close_stream(legs)
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 transfer.end(KVState.ABORTED if cancelled else KVState.FAILED)
-                if _succeeded(replied) and isinstance(exc, TimeoutError):
+                if prefilled and isinstance(exc, TimeoutError):
                     # the prefill did its part; the request's own deadline passed meanwhile
                     raise DeadlineExceeded("the request's deadline passed while its KV waited "
                                            "for this decode engine",

@@ -186,6 +186,23 @@ def test_a_prefill_that_replied_is_not_run_again_while_decode_is_slow_to_take_it
     assert nothing_held(decode)
 
 
+def test_a_kv_that_decode_takes_past_the_requests_deadline_is_a_504_not_a_new_prefill():
+    prefills = []
+
+    def slow(decode):
+        decode.handoff = SlowDecodeSide(decode.handoff, 3.0)
+        engine = decode.prefill.engine
+        real = engine.prefill
+        engine.prefill = lambda request: prefills.append(request.request_id) or real(request)
+
+    settings = profile("paired") | {"limits": {"request_timeout_s": 1.5}}
+    settings["kv_handoff"] |= {"prefill_timeout_s": 0.2, "prefill_attempts": 3}
+    answers, decode = serve(settings, [BODY | {"max_tokens": 3}], setup=slow)
+    assert answers[0][0] == 504, answers  # the deadline's (the ingress's or this leg's)
+    assert len(prefills) == 1, prefills
+    assert nothing_held(decode)
+
+
 def test_a_client_leaving_during_prefill_leaves_nothing_open():
     slow = {"simulated": {"output": "counter", "prefill_base_ms": 2000}}
     _, decode = serve(profile("paired", **slow), [BODY] * 2, leave_after_s=0.3)
