@@ -43,6 +43,12 @@ MATCHERS_KEPT = 64  # built matchers kept per process, by grammar (`Guidance._ma
 GRAMMARS_KEPT = 256  # requests' grammars kept per process, by their fields (`Guidance.grammar`)
 
 
+def calls_constrained(tool_choice: Any, parallel_tool_calls: bool, strict: bool) -> bool:
+    """Whether offered tools' calls need a grammar: a call forced (`required`, named), one call
+    at most (`parallel_tool_calls` false), or a strict tool's arguments."""
+    return tool_choice not in (None, "auto") or not parallel_tool_calls or strict
+
+
 @dataclass(frozen=True)
 class StructuredRequest:
     """The fields of a chat request that decide its grammar, as plain JSON values."""
@@ -63,9 +69,8 @@ class StructuredRequest:
             return True
         if not self.tools or self.tool_choice == "none":
             return False
-        forced = self.tool_choice not in (None, "auto")
-        strict = any(t.get("function", {}).get("strict") for t in self.tools)
-        return forced or strict or not self.parallel_tool_calls
+        return calls_constrained(self.tool_choice, self.parallel_tool_calls,
+                                 any(t.get("function", {}).get("strict") for t in self.tools))
 
     def schemas(self) -> list[tuple[str, Any]]:
         """(field, JSON schema) of what the grammar is compiled from: response_format's schema,

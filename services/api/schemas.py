@@ -22,6 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
                       field_validator, model_validator)
 
 from services.errors import InvalidRequest, clip
+from services.grammar import calls_constrained
 
 
 class _Wire(BaseModel):
@@ -248,11 +249,10 @@ MAX_STOP_BYTES = 256
 
 class ChatCompletionRequest(_Wire):
     model: str
-    # at least one message that is not a system message: a conversation needs something to
-    # answer (`_conversation` refuses it by name; the served schema says it with `contains`)
+    # at least one user message: the model's format sets the tools and the effort on it
+    # (`_conversation` refuses it by name; the served schema says it with `contains`)
     messages: list[Message] = Field(min_length=1, json_schema_extra={"contains": {
-        "type": "object", "required": ["role"],
-        "properties": {"role": {"enum": ["user", "assistant", "tool", "function"]}}}})
+        "type": "object", "required": ["role"], "properties": {"role": {"const": "user"}}}})
     reasoning_effort: str | None = None
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
@@ -360,10 +360,9 @@ class ChatCompletionRequest(_Wire):
         if json_format and self.tools_offered and self.tool_choice not in (None, "auto"):
             raise InvalidRequest("response_format: a JSON format goes with tool_choice "
                                  "auto or none only", param="response_format")
-        # the calls are constrained as the grammar's `StructuredRequest.constrained` says
-        constrained_calls = self.tools_offered and (
-            self.tool_choice not in (None, "auto") or self.parallel_tool_calls is False
-            or any(t.function.strict for t in self.tools))
+        constrained_calls = self.tools_offered and calls_constrained(
+            self.tool_choice, self.parallel_tool_calls is not False,
+            any(t.function.strict for t in self.tools))
         if self.ignore_eos and (json_format or constrained_calls):
             raise InvalidRequest("ignore_eos: a constrained answer (a JSON response_format, a "
                                  "required or named tool_choice, a strict tool, "
