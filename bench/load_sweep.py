@@ -12,8 +12,10 @@ benchmark is bounded by `--max-requests` and `--max-seconds`, and each guidellm 
 The figures are read from guidellm's own JSON report. guidellm's target is the server root (it
 appends `/v1/chat/completions`); it runs as its own process, with the Hugging Face offline
 switches set, and under `.ci/loopback-only` its only connections are to the stack on loopback and
-its own worker processes (checked with `strace -f -e connect`). On the zero-compute engine the
-ITL is the gap between coalesced stream chunks (`stream.interval_tokens`), not a decode step.
+its own worker processes (checked with `strace -f -e connect`). The ITL is guidellm's: a
+request's stream time after its first token over its tokens after the first (a per-token mean,
+its percentiles weighted by tokens); on the zero-compute engine a coalesced stream's chunk
+(`stream.interval_tokens` tokens) comes that many ITLs apart, not one.
 
     .ci/loopback-only .venv/bin/python bench/load_sweep.py [--engine simulated|reference]
         [--mode both|concurrency|sweep] [--concurrency 1 8 32] [--rates 2 4 8 | --sweep-size 5]
@@ -97,12 +99,12 @@ def start_stack(engine: str, port: int) -> str:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, run_app
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(stack_profile(engine)), name="load", route_prefix="/")
+    run_app(build_app(stack_profile(engine)), "load", "/", READY_TIMEOUT_S)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     return url

@@ -42,7 +42,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from autoscaling.simulator.perf import PerfModel  # noqa: E402
 
 LAYERS = 36  # the checkpoint's decoder layers (reference/model.md)
-HBM_DATASHEET = 4.8e12  # H200, bytes/s: the figure the model's efficiency divides
+# datasheet HBM bandwidth (bytes/s) by device: what a measured read's efficiency divides (the
+# model's own figure is the H200's); a device not listed is divided by the H200's and said so
+HBM_DATASHEETS = {"H200": 4.8e12, "H100": 3.35e12}
+HBM_DATASHEET = HBM_DATASHEETS["H200"]
+
+
+def layer_device(layer) -> torch.device:
+    return next(layer.parameters()).device
+
+
+def hbm_datasheet(device_name: str) -> tuple[float, bool]:
+    """(the datasheet bandwidth of `device_name`, whether it is known)."""
+    for model, bandwidth in HBM_DATASHEETS.items():
+        if model in device_name:
+            return bandwidth, True
+    return HBM_DATASHEET, False
 
 
 def layer_config(smoke: bool):
@@ -194,14 +209,17 @@ def decode(layer, rope, config, timer: Timer, batch: int, perf: PerfModel) -> di
     read = fixed + distinct * per_expert
     # the model's own step for the same reads (bf16 weights: twice its FP8 bytes; one GPU; no
     # KV context), over the whole model, against 36 measured layers
+    # this device's bandwidth (the model's is the H200's)
+    datasheet, _ = hbm_datasheet(torch.cuda.get_device_name(layer_device(layer))
+                                 if layer_device(layer).type == "cuda" else "")
     bf16 = perf.model_copy(update={
         "gpus_per_engine": 1, "always_read_bytes": 2 * perf.always_read_bytes,
-        "expert_bytes": 2 * perf.expert_bytes})
+        "expert_bytes": 2 * perf.expert_bytes, "hbm_bytes_per_s_per_gpu": datasheet})
     return {"batch": batch, "mode": mode, "distinct_experts": distinct,
             "model_distinct_experts": round(perf.experts * (
                 1 - (1 - perf.experts_per_token / perf.experts) ** batch), 1),
             "layer_s": seconds, "layer_bytes": read, "achieved_bytes_per_s": read / seconds,
-            "hbm_efficiency": read / seconds / HBM_DATASHEET,
+            "hbm_efficiency": read / seconds / datasheet,
             "model_step_s_bf16_1gpu": bf16.decode_step_s(batch, 0.0),
             "measured_layers_s": LAYERS * seconds}
 
@@ -223,8 +241,11 @@ def main() -> None:
     timer, perf = Timer(device, args.repeats), PerfModel()
     config = layer_config(args.smoke)
     layer, rope = build_layer(config, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": name,
+        "hbm_datasheet_bytes_per_s": hbm_datasheet(name)[0],
+        "hbm_datasheet_known": hbm_datasheet(name)[1],
         "torch": torch.__version__, "smoke": args.smoke,
         "model": {"pflops_per_gpu": perf.pflops_per_gpu,
                   "prefill_efficiency": perf.prefill_efficiency,

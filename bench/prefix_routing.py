@@ -67,6 +67,7 @@ from services.tokenizer import PromptTokenizer  # noqa: E402
 
 ROUTERS = ("serve_default", "ray_prefix_affinity", "cache_aware")
 READY_TIMEOUT_S = 300.0
+SPANS_TIMEOUT_S = 30.0  # for every request's prefill span to reach the sink
 BLOCK = 64
 CAPACITY = 262144  # each prefill replica's prefix cache (engine.kv_capacity_tokens' default)
 
@@ -337,7 +338,7 @@ def main() -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
-    from cluster.app import build_app, delete_app
+    from cluster.app import build_app, delete_app, run_app
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
@@ -353,22 +354,29 @@ def main() -> None:
     try:
         for router in args.routers:
             url = f"http://127.0.0.1:{args.port}/{router}"
-            serve.run(build_app(profile(router, args.replicas, sink.endpoint, args.engine,
-                                        args.prefill_ms_per_token,
-                                        args.prefix if router == "cache_aware" else None,
-                                        args.ingress_replicas, args.capacity_tokens)),
-                      name=router,
-                      route_prefix=f"/{router}")
+            run_app(build_app(profile(router, args.replicas, sink.endpoint, args.engine,
+                                      args.prefill_ms_per_token,
+                                      args.prefix if router == "cache_aware" else None,
+                                      args.ingress_replicas, args.capacity_tokens)),
+                    router, f"/{router}", READY_TIMEOUT_S)
             wait_ready(url)
             order: list = []
             rows = asyncio.run(run_trace(url, convos, tokenizer, order))
-            time.sleep(1.5)  # the replicas' span exporters flush every 200 ms
             traces = {r["trace"] for r in rows}
-            per_replica = Counter(s["pid"] for s in sink.prefills if s["trace"] in traces)
+            # the replicas' span exporters flush every 200 ms: every request's prefill span
+            # is waited for (a share of them would make the per-replica load up)
+            deadline = time.monotonic() + SPANS_TIMEOUT_S
+            while True:
+                per_replica = Counter(s["pid"] for s in sink.prefills if s["trace"] in traces)
+                if sum(per_replica.values()) >= len(rows) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             report["ideal_cached_ratio"] = ideal_ratio(order)
             report["distinct_prompt_tokens"] = distinct_tokens(order)
             report["routers"][router] = summarise(rows, per_replica,
                                                   report["ideal_cached_ratio"], args.replicas)
+            report["routers"][router]["prefill_spans_missing"] = max(
+                0, len(rows) - sum(per_replica.values()))
             assert delete_app(router, 150), f"app {router} not deleted in 150 s"
     finally:
         sink.close()

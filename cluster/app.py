@@ -7,6 +7,7 @@ and each receives its peers' handles through its constructor.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from typing import Any
 
@@ -98,3 +99,34 @@ def delete_app(name: str, timeout_s: float) -> bool:
             return False
         time.sleep(0.5)
     return True
+
+
+def run_app(app: Application, name: str, route_prefix: str, timeout_s: float = 240.0) -> None:
+    """`serve.run` with a deadline: Serve waits forever for an app whose replicas the cluster
+    cannot place (and that app keeps the CPUs it did get). One not running in `timeout_s` is
+    deleted, and the error names what did not start and the CPUs that were free. For drivers
+    that deploy and go on (benches, tests); `small4 up` deploys in the foreground."""
+    import ray
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix)
+        except BaseException as error:  # reported below, from the caller's thread
+            failed.append(error)
+
+    thread = threading.Thread(target=run, name=f"deploy-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive() or failed:
+        status = serve.status().applications.get(name)
+        waiting = {deployment: (state.status, state.replica_states)
+                   for deployment, state in (status.deployments.items() if status else ())
+                   if state.status != "HEALTHY"}
+        free = ray.available_resources().get("CPU", 0.0)
+        # a replica still waiting for resources can take longer to go than Serve's own
+        # blocking delete waits (60 s)
+        delete_app(name, 300)
+        raise RuntimeError(f"app {name!r} not running in {timeout_s:.0f}s: {waiting}; "
+                           f"{free:.2f} CPUs were free") from (failed[0] if failed else None)

@@ -46,37 +46,11 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
 
 
 def deploy(profile: dict, name: str, route_prefix: str, timeout: float = 240.0) -> None:
-    """`serve.run` of the app `profile` builds, with a deadline: Serve waits forever for an app
-    whose replicas the cluster cannot place, and that app would keep the CPUs it did get from
-    every later module. One not running in `timeout` is deleted, and the error names what did
-    not start and the CPUs that were free."""
-    import ray
-    from ray import serve
+    """The app `profile` builds, running at `route_prefix` within `timeout` (`run_app`: one
+    that is not is deleted, so it cannot keep its CPUs from every later module)."""
+    from cluster.app import build_app, run_app
 
-    from cluster.app import build_app, delete_app
-
-    failed: list[BaseException] = []
-
-    def run():
-        try:
-            serve.run(build_app(profile), name=name, route_prefix=route_prefix)
-        except BaseException as error:  # reported below, from the test's thread
-            failed.append(error)
-
-    thread = threading.Thread(target=run, name=f"deploy-{name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive() or failed:
-        app = serve.status().applications.get(name)
-        waiting = {deployment: (status.status, status.replica_states)
-                   for deployment, status in (app.deployments.items() if app else ())
-                   if status.status != "HEALTHY"}
-        free = ray.available_resources().get("CPU", 0.0)
-        # a replica still waiting for resources can take longer to go than Serve's own
-        # blocking delete waits (60 s)
-        delete_app(name, 300)
-        raise RuntimeError(f"app {name!r} not running in {timeout:.0f}s: {waiting}; "
-                           f"{free:.2f} CPUs were free") from (failed[0] if failed else None)
+    run_app(build_app(profile), name, route_prefix, timeout)
 
 
 @contextlib.contextmanager

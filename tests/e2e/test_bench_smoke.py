@@ -75,6 +75,7 @@ def test_stack_overhead_bench_runs():
                        "--port", str(free_port()))
     assert set(report["ttft"]) == {"sim", "sim_via_decode", "ref"}
     assert report["throughput_tokens_per_s"]["sim"]["16"] > 0
+    assert set(report["coalescing_x"]) == {"1", "16"}
     assert report["echo_ttft_p50_ms"] > 0 and "added_ttft_p50_le_1.5x_echo" in report["targets"]
     # every app's replicas and the echo's are found (their CPU at 2 requests may be 0 ticks)
     for app in ("sim", "sim_via_decode", "ref"):
@@ -101,7 +102,7 @@ def test_body_check_bench_runs():
 def test_simulate_autoscaling_bench_runs():
     report = run_bench("simulate_autoscaling.py", "--traces", "steady", "mix-shift",
                        "--duration-s", "90", "--seeds", "1", "--holdout-minutes", "1",
-                       "--jobs", "1")
+                       "--jobs", "2")  # the process pool the full run uses
     assert {r["trace"] for r in report["summary"]} == {"steady", "mix-shift", "holdout"}
     assert {r["policy"] for r in report["summary"]} == {"static", "ray_default", "planner",
                                                          "ours", "hindsight"}
@@ -111,13 +112,16 @@ def test_simulate_autoscaling_bench_runs():
 
 @pytest.mark.ray
 def test_prefix_routing_bench_runs():
-    report = run_bench("prefix_routing.py", "--conversations", "2", "--system-words", "60",
-                       "--replicas", "2", "--routers", "serve_default", "cache_aware",
+    report = run_bench("prefix_routing.py", "--conversations", "2", "--families", "2",
+                       "--system-words", "60", "--replicas", "2", "--routers",
+                       "serve_default", "ray_prefix_affinity", "cache_aware",
                        "--port", str(free_port()))
-    assert set(report["routers"]) == {"serve_default", "cache_aware"}
+    assert set(report["routers"]) == {"serve_default", "ray_prefix_affinity", "cache_aware"}
     assert all(row["requests"] >= 8 for row in report["routers"].values())
-    # every deployed replica is counted, an idle one as 0
-    assert all(len(row["requests_per_replica"]) == 2 for row in report["routers"].values())
+    # every deployed replica is counted, an idle one as 0, and every request's prefill is
+    for row in report["routers"].values():
+        assert len(row["requests_per_replica"]) == 2
+        assert sum(row["requests_per_replica"]) >= row["requests"], row
     assert 0 < report["ideal_cached_ratio"] < 1
     assert 0 < report["distinct_prompt_tokens"] < report["replica_cache_capacity_tokens"]
 
@@ -125,7 +129,8 @@ def test_prefix_routing_bench_runs():
 @pytest.mark.ray
 def test_prefix_routing_bench_runs_on_the_simulated_engine_with_router_settings():
     report = run_bench("prefix_routing.py", "--engine", "simulated", "--conversations", "2",
-                       "--system-words", "60", "--replicas", "2", "--routers", "cache_aware",
+                       "--families", "2", "--system-words", "60", "--replicas", "2",
+                       "--routers", "cache_aware",
                        "--prefix", '{"recompute_weight": 4, "load_blocks": 0}',
                        "--port", str(free_port()))
     assert report["engine"] == "simulated"

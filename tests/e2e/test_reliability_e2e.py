@@ -315,7 +315,7 @@ def test_scale_down_drains_in_flight_streams(stack):
     replica stops taking requests and finishes its streams: every one ends in full."""
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, run_app
 
     deploy(drain_profile(2), "drain", "/drain")
     url = stack["ref"] + "/drain"
@@ -326,10 +326,9 @@ def test_scale_down_drains_in_flight_streams(stack):
             streams = [asyncio.ensure_future(stream_one(client, url, body=body))
                        for _ in range(8)]
             await asyncio.sleep(1.0)
-            # bounded: Serve's run waits for ever for replicas it cannot place
-            await asyncio.wait_for(asyncio.to_thread(
-                serve.run, build_app(drain_profile(1)), name="drain", route_prefix="/drain"),
-                240)
+            # bounded (`run_app`): Serve's run waits for ever for replicas it cannot place
+            await asyncio.to_thread(run_app, build_app(drain_profile(1)), "drain", "/drain",
+                                    240)
             return await asyncio.gather(*streams)
 
     try:
