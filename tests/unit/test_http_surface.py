@@ -233,7 +233,7 @@ def test_a_refusal_outside_the_request_service_carries_its_trace_id(tmp_path):
 
 @pytest.mark.parametrize("text", ["9" * 100_000, "\U00020000" * 60_000],
                          ids=["digits", "four-byte-characters"])
-def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
+def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text, monkeypatch):
     """Digits are about a token a byte: 100 KB passes the size floor (bytes over the longest
     token) at a 4096-token context, then is counted up to the context and refused: the
     conversation is never encoded whole. Encoding costs with bytes, not characters: 60,000
@@ -243,7 +243,9 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
     def spy(ingress):
         tokenizer = ingress.service.tokenizer
         real = tokenizer.encode_chat
-        tokenizer.encode_chat = lambda *a, **k: encoded.append(1) or real(*a, **k)
+        # (the process's one tokenizer: put back after the test)
+        monkeypatch.setattr(tokenizer, "encode_chat",
+                            lambda *a, **k: encoded.append(1) or real(*a, **k))
 
     (response,) = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {
         "messages": [{"role": "user", "content": text}]}}), prepare=spy)
@@ -252,7 +254,7 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text):
     assert error["param"] == "messages" and encoded == []
 
 
-def test_a_request_with_tools_is_encoded_off_the_event_loop():
+def test_a_request_with_tools_is_encoded_off_the_event_loop(monkeypatch):
     """Tools are checked against JSON Schema's metaschema as the prompt is encoded, at many
     times a text byte's cost (48 KB of `anyOf` blocked the loop for 240 ms); a short text
     request is encoded inline."""
@@ -263,8 +265,8 @@ def test_a_request_with_tools_is_encoded_off_the_event_loop():
     def spy(ingress):
         tokenizer = ingress.service.tokenizer
         real = tokenizer.encode_chat
-        tokenizer.encode_chat = lambda *a, **k: threads.append(
-            threading.current_thread()) or real(*a, **k)
+        monkeypatch.setattr(tokenizer, "encode_chat", lambda *a, **k: threads.append(
+            threading.current_thread()) or real(*a, **k))
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     answers = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {"tools": [tool]}}),
