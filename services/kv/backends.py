@@ -70,10 +70,7 @@ class ObjectStoreHandoff:
 
     async def send(self, ticket: KVTicket, kv: Any) -> KVTicket:
         ticket.num_tokens, ticket.nbytes = _size(kv)
-        # a KV past `inline_bytes` is copied into the object store off the event loop (a copy
-        # of tens of MB would stall every other call this replica is answering)
-        ticket.payload = kv if ticket.nbytes <= self.inline_bytes else (
-            await asyncio.to_thread(Held.put, kv))
+        ticket.payload = kv if ticket.nbytes <= self.inline_bytes else Held.put(kv)
         return ticket
 
     async def receive(self, ticket: KVTicket, request: Any = None) -> Any:

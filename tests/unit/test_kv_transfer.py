@@ -88,26 +88,3 @@ def test_a_cancel_that_comes_as_the_kv_arrives_is_not_lost(backend):
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(go())
-
-
-def test_a_kv_put_in_the_object_store_is_copied_off_the_event_loop(monkeypatch):
-    """Only a KV past `inline_bytes` goes to the object store, and its copy (tens of MB for a
-    long prompt) runs on a thread, not on the replica's loop; a small one rides inline."""
-    import threading
-
-    import numpy as np
-
-    from services.kv import backends
-
-    threads = []
-    monkeypatch.setattr(backends.Held, "put", classmethod(
-        lambda cls, value: threads.append(threading.current_thread()) or cls(value)))
-    handoff = build_handoff(KVHandoffSettings(backend="object_store", inline_bytes=1024))
-
-    async def send(kv):
-        return await handoff.send(handoff.open("r"), kv)
-
-    small = asyncio.run(send(np.zeros(8, np.float32)))  # nbytes: its size
-    large = asyncio.run(send(np.zeros(4096, np.float32)))
-    assert not handoff.holds(small) and handoff.holds(large)
-    assert threads and threads[0] is not threading.main_thread()
