@@ -65,6 +65,8 @@ INLINE_ENCODE_BYTES = 65536
 # what one piece of text (a content part, a message, a call) costs to encode beyond its bytes,
 # in bytes of text: measured ~2.8 µs a piece, ~150 ns a byte of ASCII (~280 of 4-byte CJK)
 PIECE_BYTES = 16
+# what a byte of a tool's definition costs to encode, in bytes of text: its schema is checked
+TOOL_BYTE_COST = 8
 ENCODE_GRACE_S = 2.0  # past the deadline, for the multimodal worker's own deadline answer
 # a pixel release nobody waits for is tried at least this long, and until the request's
 # deadline (when the pixels let themselves go): behind a replica's encodes it waits for a slot
@@ -265,9 +267,10 @@ class RequestService:
         if size > INLINE_ENCODE_BYTES:
             await self._refuse_overlong(messages, tools, size)
         if not images:
-            # tools are validated against JSON Schema's metaschema as they are encoded, at up
-            # to ~30x a text byte's cost (48 KB of `anyOf` took 240 ms): never on the loop
-            if size <= INLINE_ENCODE_BYTES and not tools:
+            # tools are validated against JSON Schema's metaschema as they are encoded, at
+            # several times a text byte's cost (45 tools, 55 KB: 26 ms; 48 KB of `anyOf`:
+            # 240 ms); a thread hop is not free either (it waits for the GIL behind a busy loop)
+            if size + (TOOL_BYTE_COST - 1) * _encoding_size([], tools) <= INLINE_ENCODE_BYTES:
                 return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
             return await asyncio.to_thread(self.tokenizer.encode_chat, messages,
                                            effort=effort, tools=tools)

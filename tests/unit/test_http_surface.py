@@ -256,8 +256,8 @@ def test_a_prompt_past_the_context_by_its_tokens_is_counted_never_encoded(text, 
 
 def test_a_request_with_tools_is_encoded_off_the_event_loop(monkeypatch):
     """Tools are checked against JSON Schema's metaschema as the prompt is encoded, at many
-    times a text byte's cost (48 KB of `anyOf` blocked the loop for 240 ms); a short text
-    request is encoded inline."""
+    times a text byte's cost (48 KB of `anyOf` blocked the loop for 240 ms; 8 KB of them is
+    encoded off the loop); a short text request and one small tool are encoded inline."""
     import threading
 
     threads = []
@@ -269,10 +269,15 @@ def test_a_request_with_tools_is_encoded_off_the_event_loop(monkeypatch):
             threading.current_thread()) or real(*a, **k))
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    answers = serve(PROFILE, ("POST", "/v1/chat/completions", {"json": BODY | {"tools": [tool]}}),
-                    ("POST", "/v1/chat/completions", {"json": BODY}), prepare=spy)
-    assert [r.status_code for r in answers] == [200, 200]
-    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
+    costly = {"type": "function", "function": {"name": "g", "parameters": {
+        "anyOf": [{}] * 2700}}}  # 8 KB
+    chat = "/v1/chat/completions"
+    answers = serve(PROFILE, ("POST", chat, {"json": BODY | {"tools": [costly]}}),
+                    ("POST", chat, {"json": BODY | {"tools": [tool]}}),
+                    ("POST", chat, {"json": BODY}), prepare=spy)
+    assert [r.status_code for r in answers] == [200] * 3, answers[0].text
+    assert threads[0] is not threading.main_thread()
+    assert threads[1:] == [threading.main_thread()] * 2
 
 
 def test_a_lone_surrogate_quoted_back_in_an_error_is_still_a_400():
