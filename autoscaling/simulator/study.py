@@ -206,7 +206,7 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
     while budget <= max_budget:
         # started from the fixed split's shape (the traffic's peaks), not the settings' own:
         # a trace shorter than a cold start leaves no time to move engines from a wrong one
-        settings = _with(s, budget, _fit(split, peak, budget))
+        settings = _with(s, _fit(split, peak, budget))
         att = _attainment(spec, settings, "ours", n_seeds, workers, progress, reachable)
         if att >= SLO_TARGET:
             ours = {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,
@@ -222,17 +222,10 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
             "busiest_5min_engines_together": round(together, 2)}
 
 
-def _with(s: SimSettings, budget: int, split: dict) -> SimSettings:
-    """`s` with a budget and a starting (and static) split that fits it."""
-    start = dict(split)
-    while sum(start.values()) > budget:
-        k = max(start, key=lambda k: start[k])
-        start[k] -= 1
-    while sum(start.values()) < budget:
-        k = min(start, key=lambda k: start[k])
-        start[k] += 1
-    return s.model_copy(update={"budget_engines": budget,
-                                "static_split": {f"{p}/{r}": n for (p, r), n in start.items()}})
+def _with(s: SimSettings, split: dict) -> SimSettings:
+    """`s` with `split` as its starting (and static) split, and its sum as the budget."""
+    return s.model_copy(update={"budget_engines": sum(split.values()),
+                                "static_split": {f"{p}/{r}": n for (p, r), n in split.items()}})
 
 
 def _fit(split: dict, peak: dict, budget: int) -> dict:
@@ -283,9 +276,7 @@ def _grow(spec: TraceSpec, s: SimSettings, seeds: int, split: dict, peak: dict, 
           reachable: dict[str, float] | None = None) -> dict | None:
     while sum(split.values()) <= max_budget:
         budget = sum(split.values())
-        settings = _with(s, budget, split)
-        settings = settings.model_copy(update={"static_split": {
-            f"{p}/{r}": n for (p, r), n in split.items()}})
+        settings = _with(s, split)
         att = _attainment(spec, settings, "static", seeds, workers, progress, reachable)
         if att >= SLO_TARGET:
             return {"budget_engines": budget, "gpus": budget * s.perf.gpus_per_engine,

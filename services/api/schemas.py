@@ -79,6 +79,8 @@ MAX_CONTENT_PARTS = 1024
 MAX_TOTAL_CONTENT_PARTS = 4096
 MAX_TOTAL_TOOL_CALLS = 4096  # over every message (each holds at most 128)
 TextParts = Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+AssistantParts = Annotated[list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]],
+                           Field(max_length=MAX_CONTENT_PARTS)]
 ContentParts = Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]
 
 
@@ -106,8 +108,7 @@ class AssistantMessage(_Wire):
     no content) is that turn's text. An audio answer names audio this model never made."""
 
     role: Literal["assistant"]
-    content: str | Annotated[list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]],
-                             Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    content: str | AssistantParts | None = None
     name: NoName = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     # the deprecated functions API's call (a next turn of a `functions` conversation)

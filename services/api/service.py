@@ -95,7 +95,7 @@ def _texts(messages: list[dict], tools: list[dict] | None = None) -> Iterator[st
             yield message["reasoning_content"]
 
 
-def _encoding_size(messages: list[dict], tools: list[dict] | None) -> int:
+def _encoding_size(messages: list[dict], tools: list[dict] | None = None) -> int:
     """What encoding the conversation costs, in bytes of text: its texts' UTF-8 bytes (the
     tokenizer's work grows with bytes, not characters: a 4-byte character costs ~8 of ASCII)
     and `PIECE_BYTES` a piece (thousands of empty parts are cheap to send, not to encode). An
@@ -260,7 +260,8 @@ class RequestService:
         decoding them. Either way a text longer in bytes than the context in tokens is counted
         first, with an early stop (below)."""
         messages, tools = req.openai_messages(), tools_of(req)
-        size = _encoding_size(messages, tools)
+        tool_size = _encoding_size([], tools)  # (dumped once: it is weighed below too)
+        size = _encoding_size(messages) + tool_size
         images = image_parts(messages)
         if images and self.multimodal is None:
             raise InvalidRequest("this endpoint does not accept images", param="messages")
@@ -270,7 +271,7 @@ class RequestService:
             # tools are validated against JSON Schema's metaschema as they are encoded, at
             # several times a text byte's cost (45 tools, 55 KB: 26 ms; 48 KB of `anyOf`:
             # 240 ms); a thread hop is not free either (it waits for the GIL behind a busy loop)
-            if size + (TOOL_BYTE_COST - 1) * _encoding_size([], tools) <= INLINE_ENCODE_BYTES:
+            if size + (TOOL_BYTE_COST - 1) * tool_size <= INLINE_ENCODE_BYTES:
                 return self.tokenizer.encode_chat(messages, effort=effort, tools=tools)
             return await asyncio.to_thread(self.tokenizer.encode_chat, messages,
                                            effort=effort, tools=tools)
