@@ -1,5 +1,6 @@
 """`small4`: run the stack (`up`), inspect it (`status`), scale a pool's role by hand (`scale`,
-`release`), or answer one prompt in-process (`generate`)."""
+`release`), answer one prompt in-process (`generate`), print the served OpenAPI document
+(`openapi`), show a profile's placement (`plan`), or plan capacity for traffic (`simulate`)."""
 
 from __future__ import annotations
 

@@ -149,7 +149,10 @@ class KVHandoffSettings(Strict):
     """How prefill hands the KV cache to decode."""
 
     backend: Literal["object_store", "local", "paired", "sglang"] = "object_store"
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(
+        30.0, gt=0, description="object_store, local, paired: how long a prefilled KV is "
+        "held for decode to take it. Unused by sglang, whose bootstrap and waiting timeouts "
+        "follow the attempt's deadline (prefill_timeout_s and the context length)")
     inline_bytes: int = Field(
         1 << 20, ge=0, description="object_store: a KV up to this size rides in the prefill "
         "reply itself (Ray inlines small results the same way); larger ones go through the "
