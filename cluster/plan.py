@@ -25,12 +25,9 @@ def deploy_plan(settings: StackSettings) -> list[dict[str, Any]]:
         if settings.engine.kind == "sglang":
             tracing = resolve_tracing(worker.telemetry.tracing)
             entry["sglang_args"] = server_args(
-                worker.model, worker.engine.sglang, role=p.role,
-                tp_size=worker.tensor_parallel,
-                max_running_requests=worker.engine.max_running_requests, host=NODE_ADDRESS,
-                bootstrap_port=p.bootstrap_port,
-                otlp_endpoint=tracing and tracing.otlp_endpoint(),
-                speculative=worker.engine.speculative)
+                worker.model, worker.engine, role=p.role, tp_size=worker.tensor_parallel,
+                host=NODE_ADDRESS, bootstrap_port=p.bootstrap_port,
+                otlp_endpoint=tracing and tracing.otlp_endpoint())
             entry["env"] = engine_env(worker.model, worker.kv_handoff, tracing)
         entries.append(entry)
     return entries

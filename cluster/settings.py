@@ -77,6 +77,20 @@ class StackSettings(ServiceSettings):
         if sglang[0] and not gpu_engines(self.pools, self.topology):
             raise ValueError("engine.kind sglang needs GPUs: give the prefill and decode roles "
                              "num_gpus equal to topology.tensor_parallel")
+        if sglang[0] and self.model.source != "checkpoint":
+            raise ValueError("engine.kind sglang serves a checkpoint: set model.source "
+                             "checkpoint and model.path (the stand-in is built for the CPU "
+                             "engines)")
+        if sglang[0]:
+            from services.engines.sglang_args import server_args  # (imports torch)
+
+            for role in ROLES:  # what a replica would refuse at start, after taking its GPUs
+                try:
+                    server_args(self.model, self.engine, role=role,
+                                tp_size=self.topology.tensor_parallel, host="<node address>",
+                                bootstrap_port=1)
+                except ValueError as exc:
+                    raise ValueError(str(exc)) from None
         for field, port in (("http.port", self.http.port),
                             ("ray.metrics_port", self.ray.metrics_port)):
             if port in RAY_PORTS:  # (the chart opens http.port to every client)

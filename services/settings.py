@@ -113,11 +113,12 @@ class SpeculativeSettings(Strict):
 
 
 class PrefixCacheSettings(Strict):
-    """Reuse of prompt KV across requests (CPU engines; SGLang's radix cache does it there)."""
+    """Reuse of prompt KV across requests (CPU engines; SGLang's radix cache does it there,
+    turned off with `enabled`; its block and capacity are the CPU engines' only)."""
 
     enabled: bool = True
     block_tokens: int = Field(64, gt=0, description="tokens per cached block: a prompt reuses "
-                              "whole blocks only")
+                              "whole blocks only (CPU engines)")
     capacity_tokens: int | None = Field(None, ge=0, description="tokens of prompt KV kept "
                                         "(least recently used evicted first); None: the "
                                         "engine's kv_capacity_tokens")
@@ -127,10 +128,11 @@ class EngineSettings(Strict):
     """The engine behind every worker of the stack and its capacity."""
 
     kind: Literal["reference", "simulated", "sglang"] = "reference"
-    prefill_chunk_tokens: int = Field(512, gt=0)
+    prefill_chunk_tokens: int = Field(512, gt=0, description="the reference engine's prefill "
+                                      "chunk (SGLang's: engine.sglang.chunked_prefill_size)")
     max_running_requests: int = Field(64, gt=0)
     kv_capacity_tokens: int = Field(262144, gt=0)
-    torch_threads: int = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0, description="the reference engine's torch threads")
     prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
     simulated: SimulatedTiming = SimulatedTiming()
     sglang: SGLangSettings = SGLangSettings()
@@ -186,7 +188,7 @@ class DeploymentSettings(Strict):
 
 
 class RoleSettings(DeploymentSettings):
-    """One role (prefill or decode) of one pool: its replicas (0 allowed) and resources.
+    """One role (prefill or decode) of one pool: its replicas and resources.
 
     `replicas` is the count at start; with `autoscaling.enabled` the policy moves it between
     `min_replicas` and `max_replicas` (both default to `replicas`: a fixed role). A replica
@@ -194,7 +196,8 @@ class RoleSettings(DeploymentSettings):
     requests finish or `drain_deadline_s` passes.
     """
 
-    replicas: int = Field(1, ge=0)
+    replicas: int = Field(1, ge=1, description="at start (a role without one serves nothing: "
+                          "its pool's requests would wait out their deadlines)")
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     max_ongoing_requests: int | None = Field(
@@ -362,6 +365,14 @@ class LimitSettings(Strict):
             raise ValueError(f"limits.edge_body_budget_bytes ({self.edge_body_budget_bytes}) "
                              f"is below limits.max_body_bytes ({self.max_body_bytes}): a "
                              "largest body would always be refused")
+        return self
+
+    @model_validator(mode="after")
+    def _default_within_the_cap(self):
+        if self.max_tokens_default > self.max_tokens_cap:
+            raise ValueError(f"limits.max_tokens_default ({self.max_tokens_default}) is above "
+                             f"limits.max_tokens_cap ({self.max_tokens_cap}): a request that "
+                             "names no max_tokens would get more than one may ask for")
         return self
 
 

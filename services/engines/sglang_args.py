@@ -25,7 +25,7 @@ from typing import Any
 from services.engines.protocol import EngineRequest, FinishReason, TokenLogprob
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
 from services.multimodal.uniform import ImageTokens, image_offsets, image_rows
-from services.settings import (KVHandoffSettings, ModelSettings, SGLangSettings,
+from services.settings import (EngineSettings, KVHandoffSettings, ModelSettings,
                                SpeculativeSettings)
 from services.telemetry.tracing import Tracing
 
@@ -46,11 +46,13 @@ ADVANCE_MARKER = "// small4-advance:"
 PD_TIMEOUT_MARGIN_S = 10.0
 
 
-def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_size: int,
-                max_running_requests: int, host: str, bootstrap_port: int | None,
-                otlp_endpoint: str | None = None,
-                speculative: SpeculativeSettings | None = None) -> dict[str, Any]:
-    """`ServerArgs` keyword arguments of a `role` ("prefill" or "decode") engine."""
+def server_args(model: ModelSettings, engine: EngineSettings, *, role: str, tp_size: int,
+                host: str, bootstrap_port: int | None,
+                otlp_endpoint: str | None = None) -> dict[str, Any]:
+    """`ServerArgs` keyword arguments of a `role` ("prefill" or "decode") engine: every model
+    and engine setting SGLang has a field for (those it has none for, the CPU engines' own,
+    say so in their descriptions)."""
+    sglang = engine.sglang
     if role not in ("prefill", "decode"):
         raise ValueError(f"an SGLang engine is a prefill or a decode engine, not {role!r}")
     if model.path is None:
@@ -63,7 +65,9 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         "context_length": model.context_length,
         "tp_size": tp_size,
         "mem_fraction_static": sglang.mem_fraction_static,
-        "max_running_requests": max_running_requests,
+        "max_running_requests": engine.max_running_requests,
+        "dtype": model.dtype,
+        "random_seed": model.seed,
         "chunked_prefill_size": sglang.chunked_prefill_size,
         "disaggregation_mode": role,
         "disaggregation_transfer_backend": sglang.transfer_backend,
@@ -84,10 +88,12 @@ def server_args(model: ModelSettings, sglang: SGLangSettings, *, role: str, tp_s
         args["attention_backend"] = sglang.attention_backend
     if sglang.deterministic:
         args["enable_deterministic_inference"] = True
+    if not engine.prefix_cache.enabled:  # its radix cache is SGLang's prefix cache
+        args["disable_radix_cache"] = True
     if otlp_endpoint:
         args |= {"enable_trace": True, "otlp_traces_endpoint": otlp_endpoint}
-    if speculative is not None:
-        args |= speculative_args(speculative)
+    if engine.speculative is not None:
+        args |= speculative_args(engine.speculative)
     clash = sorted(set(sglang.server_args) & set(args))
     if clash:
         raise ValueError(f"engine.sglang.server_args may not set {', '.join(clash)}: the stack "

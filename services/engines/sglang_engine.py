@@ -92,12 +92,10 @@ class SGLangEngine:
         self.bootstrap_port = self.port_claim.port if self.port_claim else None
         tracing = resolve_tracing(worker.telemetry.tracing)
         os.environ.update(engine_env(worker.model, worker.kv_handoff, tracing))
-        self.args = server_args(worker.model, worker.engine.sglang, role=role,
+        self.args = server_args(worker.model, worker.engine, role=role,
                                 tp_size=worker.tensor_parallel,
-                                max_running_requests=worker.engine.max_running_requests,
                                 host=self.host, bootstrap_port=self.bootstrap_port,
-                                otlp_endpoint=tracing and tracing.otlp_endpoint(),
-                                speculative=worker.engine.speculative)
+                                otlp_endpoint=tracing and tracing.otlp_endpoint())
         self.engine = sglang.Engine(**self.args)
         self.seeded = worker.engine.sglang.deterministic
         self.live: dict[str, list] = {}  # request id -> [engine rid, KV tokens it holds]

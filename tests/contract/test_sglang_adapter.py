@@ -20,6 +20,7 @@ from services.engines.sglang_args import (BOOTSTRAP_FIELDS, GRAMMAR_BACKEND, Out
                                           engine_error, generate_args, parse_grammar_key,
                                           sampling_args, server_args)
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
+from services.settings import PrefixCacheSettings
 
 RECORDED = json.loads((Path(__file__).parent / "sglang_0.5.23.json").read_text())
 PROFILE = load_settings("cluster/profiles/h200x16.yaml")
@@ -54,8 +55,7 @@ def request(**sampling) -> EngineRequest:
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_server_args_are_sglang_fields_from_the_profile(role):
     worker = PROFILE.worker("fast")
-    args = server_args(worker.model, worker.engine.sglang, role=role,
-                       tp_size=worker.tensor_parallel, max_running_requests=128,
+    args = server_args(worker.model, worker.engine, role=role, tp_size=worker.tensor_parallel,
                        host="10.0.0.7", bootstrap_port=8999 if role == "prefill" else None)
     assert set(args) <= names("server_args"), set(args) - names("server_args")
     assert args["tp_size"] == 2 and args["disaggregation_mode"] == role
@@ -63,14 +63,20 @@ def test_server_args_are_sglang_fields_from_the_profile(role):
     assert args["grammar_backend"] == GRAMMAR_BACKEND
     assert "mistral-small-4" in args["model_path"]
     assert ("disaggregation_bootstrap_port" in args) == (role == "prefill")
+    assert args["dtype"] == worker.model.dtype and args["random_seed"] == worker.model.seed
+    assert "disable_radix_cache" not in args
+    engine = worker.engine.model_copy(update={"prefix_cache": PrefixCacheSettings(enabled=False)})
+    assert server_args(worker.model, engine, role=role, tp_size=2, host="h",
+                       bootstrap_port=1)["disable_radix_cache"] is True
 
 
 def test_server_args_refuse_overriding_what_the_stack_sets():
     worker = PROFILE.worker("fast")
     sglang = worker.engine.sglang.model_copy(update={"server_args": {"tp_size": 4}})
+    engine = worker.engine.model_copy(update={"sglang": sglang})
     with pytest.raises(ValueError, match="may not set tp_size"):
-        server_args(worker.model, sglang, role="decode", tp_size=2, max_running_requests=8,
-                    host="h", bootstrap_port=None)
+        server_args(worker.model, engine, role="decode", tp_size=2, host="h",
+                    bootstrap_port=None)
 
 
 def test_generate_args_send_ids_rid_pairing_and_trace():

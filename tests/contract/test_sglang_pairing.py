@@ -294,10 +294,8 @@ def speculative_profile(**changes) -> dict:
 def test_speculative_decoding_reaches_both_roles():
     worker = parse_settings(speculative_profile()).worker("deep")
     for role in ("prefill", "decode"):
-        args = server_args(worker.model, worker.engine.sglang, role=role, tp_size=2,
-                           max_running_requests=8, host="h",
-                           bootstrap_port=1 if role == "prefill" else None,
-                           speculative=worker.engine.speculative)
+        args = server_args(worker.model, worker.engine, role=role, tp_size=2, host="h",
+                           bootstrap_port=1 if role == "prefill" else None)
         assert args["speculative_algorithm"] == "EAGLE" and args["speculative_num_steps"] == 3
         assert args["speculative_draft_model_path"].endswith("-eagle")
     with pytest.raises(Exception, match="num_steps"):

@@ -70,10 +70,9 @@ def profile_args(profile: dict, pool: str, role: str, checkpoint: Path, port: in
     settings = parse_settings(profile)
     worker = settings.worker(pool)
     model = worker.model.model_copy(update={"path": checkpoint})
-    args = server_args(model, worker.engine.sglang, role=role, tp_size=worker.tensor_parallel,
-                       max_running_requests=worker.engine.max_running_requests,
-                       host="10.0.0.7", bootstrap_port=port, speculative=changes.pop(
-                           "speculative", worker.engine.speculative))
+    engine = worker.engine.model_copy(update=changes)
+    args = server_args(model, engine, role=role, tp_size=worker.tensor_parallel,
+                       host="10.0.0.7", bootstrap_port=port)
     env = engine_env(model, worker.kv_handoff, resolve_tracing(worker.telemetry.tracing))
     return args, env, worker
 

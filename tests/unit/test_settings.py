@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cluster.settings import SettingsError, load_settings, parse_settings
 
 NO_AUTH = {"auth": {"enabled": False}}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_embedded_profile_runs_two_pools_on_cpu():
@@ -22,6 +25,8 @@ def test_embedded_profile_runs_two_pools_on_cpu():
     ({"engine": {"kind": "reference", "turbo": True}}, "engine.turbo"),
     ({"modle": {}}, "modle"),
     ({"pools": {"fast": {"effort": "none", "prefill": {"replicas": -1}}}}, "pools.fast.prefill.replicas"),
+    # a role without a replica serves nothing: its pool's requests wait out their deadlines
+    ({"pools": {"fast": {"effort": "none", "decode": {"replicas": 0}}}}, "pools.fast.decode.replicas"),
     ({"engine": {"kind": "vllm"}}, "engine.kind"),
 ])
 def test_bad_settings_name_the_field(data, field):
@@ -48,6 +53,32 @@ def test_the_edges_body_budget_must_hold_one_largest_body():
     ok = parse_settings({"limits": {"max_body_bytes": 1000, "edge_body_budget_bytes": 1000}}
                         | NO_AUTH)
     assert ok.limits.edge_body_budget_bytes == 1000
+
+
+def test_the_default_max_tokens_is_within_what_a_request_may_ask_for():
+    with pytest.raises(SettingsError, match="max_tokens_default") as err:
+        parse_settings({"limits": {"max_tokens_default": 4096, "max_tokens_cap": 2048}}
+                       | NO_AUTH)
+    assert err.value.field == "limits"
+    assert parse_settings({"limits": {"max_tokens_default": 2048, "max_tokens_cap": 2048}}
+                          | NO_AUTH).limits.max_tokens_default == 2048
+
+
+def test_sglang_settings_its_replicas_would_refuse_at_start_are_refused_at_load():
+    """What an SGLang replica would refuse only after taking its GPUs (`small4 up` and the
+    chart deploy it): the stand-in model, arguments the stack sets itself."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "cluster" / "profiles" / "h200x16.yaml").read_text())
+    parse_settings(data)  # as it is
+    with pytest.raises(SettingsError, match="serves a checkpoint"):
+        parse_settings(data | {"model": data["model"] | {"source": "standin", "path": None}})
+    sglang = data["engine"].get("sglang", {})
+    with pytest.raises(SettingsError, match="may not set tp_size"):
+        parse_settings(data | {"engine": data["engine"] | {
+            "sglang": sglang | {"server_args": {"tp_size": 4}}}})
+    loose = sglang | {"server_args": {"schedule_policy": "lpm"}}
+    assert parse_settings(data | {"engine": data["engine"] | {"sglang": loose}})
 
 
 def test_the_default_body_holds_the_most_images_of_the_largest_size_base64():
