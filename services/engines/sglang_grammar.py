@@ -31,7 +31,7 @@ from typing import Any
 
 from services.engines.sglang_args import ADVANCE_MARKER, GRAMMAR_BACKEND, parse_grammar_key
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("small4.grammar")
 
 MANAGER_INIT = "sglang.srt.constrained.grammar_manager.GrammarManager.__init__"
 

@@ -9,7 +9,7 @@ from services.engines.protocol import EngineStats
 from services.engines.registry import build_engine
 from services.kv.backends import build_handoff
 from services.telemetry import metrics, tracing
-from services.telemetry.logs import serve_identity
+from services.telemetry.logs import configure_logging, serve_identity
 from services.tokenizer import load_tokenizer
 from services.workers.load import LoadWindow
 from services.settings import WorkerSettings
@@ -34,6 +34,7 @@ class EngineHost:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        configure_logging(settings.telemetry.json_logs)  # its `small4.*` lines, as the ingress's
         tokenizer = load_tokenizer(settings.model.tokenizer_file())
         self.engine = build_engine(settings.model, settings.engine, role=self.role,
                                    tokenizer=tokenizer, worker=settings)

@@ -16,7 +16,7 @@ from services.multimodal.refs import drain as drain_pixels
 from services.multimodal.uniform import ImageTokens, uniform_image_sizes
 from services.settings import MultimodalWorkerSettings
 from services.telemetry import tracing
-from services.telemetry.logs import serve_identity
+from services.telemetry.logs import configure_logging, serve_identity
 from services.tokenizer import EncodedPrompt, load_tokenizer
 
 
@@ -29,6 +29,7 @@ class MultimodalWorker:
     role = "multimodal"
 
     def __init__(self, settings: MultimodalWorkerSettings):
+        configure_logging(settings.telemetry.json_logs)  # its `small4.*` lines, as the ingress's
         self.preprocessor = MultimodalPreprocessor(
             load_tokenizer(settings.model.tokenizer_file()), settings.images,
             one_image_size=settings.one_image_size)

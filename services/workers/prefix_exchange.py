@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("small4.prefix")
 
 # Decisions kept, counted in block keys (32 bytes each; a 256K-token prompt is 4096 of them):
 LOG_KEYS = 1 << 20  # by the actor: a router further behind misses the oldest

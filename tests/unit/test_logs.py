@@ -53,3 +53,32 @@ def test_a_text_lines_ids_stay_on_its_first_line_above_its_traceback():
     first, *rest = TextFormatter("%(levelname)s %(message)s").format(last.record).splitlines()
     assert first == 'ERROR stream failed request_id="chatcmpl-2"'
     assert rest[0].startswith("Traceback") and rest[-1] == "ValueError: boom"
+
+
+@pytest.mark.parametrize("worker, json_logs", [("multimodal", True), ("decode", False)])
+def test_every_worker_writes_its_lines_in_the_configured_format(worker, json_logs):
+    """`telemetry.json_logs` was the ingress's alone: a decode or image replica's `small4.*`
+    lines reached Serve's text handler whatever it said. A fresh process each: the logger is
+    configured once per process."""
+    import subprocess
+    import sys
+
+    build = {"multimodal": "from services.workers.multimodal import MultimodalWorker\n"
+                           "MultimodalWorker(settings.multimodal_settings())\n",
+             "decode": "from services.workers.decode import DecodeWorker\n"
+                       "DecodeWorker(settings.worker('fast'), None)\n"}[worker]
+    code = ("import logging\n"
+            "from cluster.settings import parse_settings\n"
+            "settings = parse_settings({'auth': {'enabled': False}, 'engine': {'kind': "
+            f"'simulated'}}, 'telemetry': {{'json_logs': {json_logs}}}}})\n"
+            + build +
+            "logging.getLogger('small4.decode').warning('closing failed')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ,
+                                            "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = [x for x in done.stderr.splitlines() if "closing failed" in x][-1]
+    if json_logs:
+        assert json.loads(line)["message"] == "closing failed"
+    else:
+        assert "WARNING small4.decode closing failed" in line
