@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 from typing import Any
+from urllib.parse import quote
 
 from services.engines.protocol import EngineRequest, FinishReason, TokenLogprob
 from services.errors import EngineError, EngineUnavailable, InvalidRequest
@@ -129,6 +130,9 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
       `TracerProvider` takes the SDK's sampler from the environment (parent-based, always on,
       by default): a request's spans follow the decision in the trace header the workers pass,
       and the engine's own roots (its health probes) are sampled at our ratio, not all kept.
+      Its exporter takes no headers and its resource names only its service: the collector's
+      headers and our resource attributes reach the SDK through its environment variables, as
+      do the service name (where SGLang names none) and the export delay.
     - Tenants: SGLang caches vision-tower embeddings by the image's content hash alone, across
       tenants (the radix cache's `cache_salt` does not reach it): a tenant resending another's
       image would skip the tower, a difference in time that tells it the image was sent. The
@@ -150,7 +154,21 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
         if tracing.sampling_ratio is not None:
             env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                     "OTEL_TRACES_SAMPLER_ARG": repr(float(tracing.sampling_ratio))}
+        # its exporters take no headers and its resource only a service name of its own: the
+        # SDK reads the rest from the environment (a collector's auth, our resource attributes)
+        if tracing.headers:
+            env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = _otel_pairs(tracing.headers)
+        if tracing.resource_attributes:
+            env["OTEL_RESOURCE_ATTRIBUTES"] = _otel_pairs(tracing.resource_attributes)
+        env["OTEL_SERVICE_NAME"] = tracing.service_name
+        env["SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = str(tracing.export_interval_ms)
     return env
+
+
+def _otel_pairs(pairs: dict[str, str]) -> str:
+    """`key=value,...` as OpenTelemetry's environment variables carry them (values
+    percent-encoded: a comma or `=` in one would split it)."""
+    return ",".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs.items())
 
 
 # our grammar backend, as pyproject.toml registers it for SGLang's processes to load

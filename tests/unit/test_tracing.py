@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -369,3 +370,61 @@ def test_a_later_versions_fields_of_any_length_never_ride_along():
     header = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-" + "x" * 60_000
     assert incoming_context({"traceparent": header}) == {
         "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+
+
+def test_the_engines_spans_reach_a_collector_with_its_headers_and_our_resource(monkeypatch):
+    """SGLang builds its OTLP exporter from an endpoint alone and its resource from its own
+    service name: the collector's headers (its key) and our resource attributes reach it only
+    through the SDK's environment, which the stack gives the engine. The SDK's own classes, as
+    SGLang calls them, export a span to a real OTLP/HTTP receiver on loopback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest)
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from cluster.settings import parse_settings
+    from services.engines.sglang_args import engine_env
+    from services.settings import TracingSettings
+    from services.telemetry.tracing import resolve
+
+    got = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
+    stack = parse_settings({"auth": {"enabled": False}})
+    traced = resolve(TracingSettings(
+        enabled=True, endpoint=endpoint, headers={"authorization": "Bearer k,e=y"},
+        resource_attributes={"deployment.environment": "prod", "k8s.cluster.name": "h200"}), {})
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    for name, value in engine_env(stack.model, stack.kv_handoff, traced).items():
+        monkeypatch.setenv(name, value)
+    provider = TracerProvider(resource=Resource.create(attributes={SERVICE_NAME: "sglang"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    try:
+        provider.get_tracer("sglang server").start_span("engine step").end()
+    finally:
+        provider.shutdown()
+        sink.shutdown()
+        sink.server_close()
+    [(headers, body)] = got
+    assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer k,e=y"
+    [spans] = ExportTraceServiceRequest.FromString(body).resource_spans
+    resource = {a.key: a.value.string_value for a in spans.resource.attributes}
+    assert resource["deployment.environment"] == "prod" and resource["k8s.cluster.name"] == "h200"
+    assert resource["service.name"] == "sglang"  # SGLang names its own
