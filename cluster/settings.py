@@ -44,8 +44,9 @@ class RaySettings(Strict):
                               description="Ray's Prometheus metrics port (`small4 up` prints "
                               "its URL)")
     drain_timeout_s: float = Field(60, gt=0, description="on SIGTERM or Ctrl-C, how long "
-                                   "`small4 up` lets open requests finish before it stops (at "
-                                   "least the deployments' longest drain_deadline_s)")
+                                   "`small4 up` lets open requests finish before it stops, and "
+                                   "how long the chart's pods drain (at least the "
+                                   "deployments' longest drain_deadline_s)")
     throughput_optimized: bool = Field(
         True, description="Ray Serve's high-throughput mode (gRPC between deployments, user "
         "code on the replica loop; direct ingress where `small4 up` starts Ray on one node, "

@@ -698,6 +698,13 @@ def test_pods_outlast_the_longest_drain_deadline(render, profile, stack, longest
     assert grace == drain + 15
 
 
+def test_the_stacks_ray_drain_timeout_holds_in_the_chart_as_in_small4_up(render):
+    docs = render(stack={"ray": {"drain_timeout_s": 300}})
+    assert longest_drain_deadline(docs) == 60  # above every deployment's own
+    ((grace, drain),) = drain_of(docs)
+    assert drain == parse_settings(serve_args(docs)).drain_s() + 15 == 315
+
+
 def test_grace_period_follows_a_changed_drain_deadline(render):
     before = drain_of(render())
     after = drain_of(render(stack={"pools": {"deep": {"decode": {"drain_deadline_s": 300}}}}))

@@ -99,15 +99,16 @@ then every engine fails to load it once its GPUs are held. */}}
 {{- end -}}
 
 {{/* How long a Ray node drains on SIGTERM (a node drain, a cluster upgrade) before Ray stops its
-processes: the stack's longest `drain_deadline_s` (each Serve deployment's
-graceful_shutdown_timeout_s, cluster/topology.py) over the pools' prefill and decode roles, the
-ingress and multimodal, in whole seconds rounded up, plus 15 s for Serve's controller to see the
-node draining and stop its replicas. A deadline left unset is the settings' default, 60 s
-(services/settings.py, DeploymentSettings.drain_deadline_s). */}}
+processes: as `small4 up` drains (StackSettings.drain_s), the stack's `ray.drain_timeout_s` and
+at least its longest `drain_deadline_s` (each Serve deployment's graceful_shutdown_timeout_s,
+cluster/topology.py) over the pools' prefill and decode roles, the ingress and multimodal, in
+whole seconds rounded up, plus 15 s for Serve's controller to see the node draining and stop its
+replicas. A value left unset is the settings' default, 60 s (services/settings.py,
+DeploymentSettings.drain_deadline_s; cluster/settings.py, RaySettings.drain_timeout_s). */}}
 {{- define "small4.drainSeconds" -}}
 {{- $stack := .Values.stack | default dict -}}
 {{- $deadlines := list (dig "ingress" "drain_deadline_s" 60 $stack)
-    (dig "multimodal" "drain_deadline_s" 60 $stack) -}}
+    (dig "multimodal" "drain_deadline_s" 60 $stack) (dig "ray" "drain_timeout_s" 60 $stack) -}}
 {{- range $pool := dig "pools" (dict) $stack | default dict -}}
 {{- range $role := list "prefill" "decode" -}}
 {{- $deadlines = append $deadlines (dig $role "drain_deadline_s" 60 ($pool | default dict)) -}}
