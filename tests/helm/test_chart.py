@@ -768,6 +768,14 @@ def test_a_checkpoint_off_the_model_volume_is_refused(render):
     assert render()  # the default: /models/... on the /models volume
 
 
+def test_a_draft_model_off_the_model_volume_is_refused(render):
+    spec = {"num_steps": 3, "eagle_topk": 1, "num_draft_tokens": 4}
+    with pytest.raises(helm.HelmRenderError, match="draft_model_path .* is not under"):
+        render(stack={"engine": {"speculative": spec | {"draft_model_path": "/data/eagle"}}})
+    assert render(stack={"engine": {"speculative": spec | {
+        "draft_model_path": "/models/mistral-small-4-119b-2603-eagle"}}})
+
+
 @pytest.mark.parametrize("stack, says", [
     ({"http": {"port": 8265}}, "stack.http.port: 8265 is the port of the Ray dashboard"),
     ({"ray": {"metrics_port": 6379}}, "stack.ray.metrics_port: 6379 is the port of the Ray GCS"),

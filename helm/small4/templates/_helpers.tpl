@@ -75,9 +75,17 @@ which takes jobs, to every client. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* A checkpoint model lies on the workers' model volume: one elsewhere (or no volume) renders,
-then every engine fails to load it once its GPUs are held. */}}
+{{/* A checkpoint model, and a speculative draft model, lie on the workers' model volume: one
+elsewhere (or no volume) renders, then every engine fails to load it once its GPUs are held. */}}
 {{- define "small4.checkedModel" -}}
+{{- $draft := dig "engine" "speculative" "draft_model_path" "" .Values.stack | toString -}}
+{{- if $draft -}}
+{{- $volume := .Values.workers.modelVolume -}}
+{{- $mount := trimSuffix "/" $volume.mountPath -}}
+{{- if not (and $volume.enabled (hasPrefix (printf "%s/" $mount) $draft)) -}}
+{{- fail (printf "stack.engine.speculative.draft_model_path %q is not under workers.modelVolume.mountPath %q (enabled: %v), where the weights are mounted" $draft $volume.mountPath $volume.enabled) -}}
+{{- end -}}
+{{- end -}}
 {{- if eq (dig "model" "source" "standin" .Values.stack | toString) "checkpoint" -}}
 {{- $path := dig "model" "path" "" .Values.stack | toString -}}
 {{- $volume := .Values.workers.modelVolume -}}
