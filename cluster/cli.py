@@ -137,6 +137,11 @@ def cmd_up(args) -> int:
         os.environ.setdefault("SMALL4_MAX_BODY_BYTES", str(settings.limits.max_body_bytes))
         os.environ.setdefault("SMALL4_EDGE_BODY_BUDGET_BYTES",
                               str(settings.limits.edge_body_budget_bytes))
+        # ... and the replicas take a call as large as the stack's limits allow
+        from cluster.settings import REPLICA_MESSAGE_BYTES
+
+        os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+                              str(REPLICA_MESSAGE_BYTES))
         ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=False,
                  object_store_memory=settings.ray.object_store_mb * 1024 * 1024,
                  _node_ip_address=settings.ray.node_ip,

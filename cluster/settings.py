@@ -22,6 +22,13 @@ from services.settings import (EngineSettings, IngressSettings, KVHandoffSetting
                                ServiceSettings, Strict, WorkerSettings)
 
 ROLES = ("prefill", "decode")
+# What Serve's gRPC between replicas (`ray.throughput_optimized`) takes in one call, read by
+# each replica from `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`: 4 MiB by default, so a request
+# of one 3 MB image failed on its way to the image service (its messages are the call's
+# argument), as would decode's call with a long prompt's ids and a KV riding inline. The
+# replicas take calls only from the stack's own code, whose sizes the ingress's limits bound;
+# gRPC's own ceiling, as Serve's callers already send up to it.
+REPLICA_MESSAGE_BYTES = 2**31 - 1
 
 
 class SettingsError(ValueError):

@@ -62,6 +62,18 @@ def test_bad_images_over_http_are_400_naming_the_part(client, url, fragment):
     assert fragment in err.value.body["message"]
 
 
+def test_an_image_of_several_megabytes_is_answered(client):
+    """A 5 MB image, within `multimodal.images.max_bytes` (10 MB), reaches the image service:
+    its request is larger than Serve's gRPC transport takes in one message between replicas
+    (4 MiB, `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`), which `small4 up` turns on."""
+    url = png_url((1300, 1300), 4)
+    assert len(url) > 5 * 1024 * 1024
+    reply = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": url}}]}])
+    assert reply.usage.prompt_tokens > 2000  # the image's tokens: it was encoded
+
+
 def test_a_finished_requests_pixels_leave_the_object_store(client, ask):
     """The multimodal replica keeps a request's pixels until the request ends, not until its
     deadline (600 s): answered or refused after encoding, they are released."""

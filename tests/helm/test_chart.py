@@ -758,6 +758,26 @@ def test_the_proxy_bounds_bodies_by_the_stacks_own_limits(render, limits):
     assert out.stdout.split() == [str(want.max_body_bytes), str(want.edge_body_budget_bytes)]
 
 
+def test_replicas_take_calls_as_large_as_the_stacks_limits(render):
+    """Serve's gRPC between replicas takes 4 MiB in one call by default: a request of a 3 MB
+    image failed on its way to the image service. The pods give Serve what `small4 up` gives
+    it, read by Serve itself."""
+    from cluster.settings import REPLICA_MESSAGE_BYTES
+
+    docs = render()
+    (value,) = {env_of(t["spec"]["containers"][0])["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]
+                for t in pod_templates(docs)}
+    assert int(value) == REPLICA_MESSAGE_BYTES
+    assert int(value) > parse_settings(serve_args(docs)).limits.max_body_bytes
+    probe = ("from ray.serve._private import constants; "
+             "print(constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(os.environ, RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=value),
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == value
+
+
 def test_a_checkpoint_off_the_model_volume_is_refused(render):
     """A checkpoint path outside the workers' model volume, or no volume, rendered; every
     engine then failed to load its weights, after 16 GPUs were held."""

@@ -153,6 +153,8 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
 {{- $budget := dig "limits" "edge_body_budget_bytes" 1073741824 .Values.stack }}
 - name: SMALL4_EDGE_BODY_BUDGET_BYTES  # bodies the proxy may hold for requests not answered
   value: {{ $budget | int64 | toString | quote }}
+- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH  # calls between replicas as large as the
+  value: "2147483647"                             # limits allow (cluster.settings)
 # on SIGTERM `ray start --block` marks its node draining and waits this long for it to empty
 # (Ray's default: 30 s); the pod's grace period (small4.terminationGrace) outlasts it
 - name: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
