@@ -158,7 +158,7 @@ class KVHandoffSettings(Strict):
     inline_bytes: int = Field(
         1 << 20, ge=0, description="object_store: a KV up to this size rides in the prefill "
         "reply itself (Ray inlines small results the same way); larger ones go through the "
-        "object store by reference. Serve's gRPC transport caps a reply at 4 MiB")
+        "object store by reference (one copy, into the decode replica's engine)")
     prefill_timeout_s: float = Field(60.0, gt=0, description="per attempt, queueing included")
     prefill_attempts: int = Field(3, ge=1, description="on another replica after a failure")
     prefill_tokens_per_s_floor: float = Field(

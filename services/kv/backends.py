@@ -49,8 +49,9 @@ class ObjectStoreHandoff:
 
     Up to `inline_bytes` the KV rides in the reply, as Ray inlines small task results: the
     transport that brings the reply brings the KV, and no reference crosses processes at all.
-    A larger one would overflow a reply on Serve's gRPC transport (4 MiB), so the ticket
-    carries a `Held` (the object's id and owner, not a counted reference: Ray miscounts
+    A larger one is copied once more for each hop it rides (the reply, then the ingress's call
+    to decode on the sequential path) and held in each process's memory meanwhile, so the
+    ticket carries a `Held` (the object's id and owner, not a counted reference: Ray miscounts
     references nested in Serve calls, see `services.kv.held`). The prefill side keeps that
     KV alive until it releases its ticket, which its worker does once the decode side has
     closed the call the ticket came back in (it has the KV, gave up, or was cancelled) or the
