@@ -134,15 +134,20 @@ def replica_cpu(app: str) -> dict[str, float]:
     return total
 
 
-async def measure_throughput(url: str, clients: int, tokens: int) -> float:
-    """Streamed tokens/s to `clients` at once, after two untimed streams (an app measured
-    first, like the uncoalesced baseline, would count its first request's cold path)."""
+async def measure_throughput(url: str, clients: int, tokens: int, streams: int = 16) -> float:
+    """Streamed tokens/s to `clients` at once, over `streams` streams in all (rounds of
+    `clients`: one stream of 512 tokens lasts tens of milliseconds, too short to measure
+    alone), after two untimed streams (an app measured first, like the uncoalesced baseline,
+    would count its first request's cold path)."""
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
         for _ in range(2):
             await http_stream(http, url, tokens)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(http_stream(http, url, tokens) for _ in range(clients)))
-        return sum(t for _, t in results) / (time.perf_counter() - start)
+        start, total = time.perf_counter(), 0
+        for _ in range(max(1, streams // clients)):
+            results = await asyncio.gather(*(http_stream(http, url, tokens)
+                                             for _ in range(clients)))
+            total += sum(t for _, t in results)
+        return total / (time.perf_counter() - start)
 
 
 def echo_app():
