@@ -47,7 +47,12 @@ def grown(stack, images: int) -> dict:
     return {d: n for d, n in more.items() if n > (images if d == "multimodal" else 4)}
 
 
-def test_64_concurrent_streams_with_images_all_answer_in_full(load_stack):
+def test_64_concurrent_streams_with_images_all_answer_in_full_and_nothing_stays_held(
+        load_stack):
+    """Every request answered in full; then the engines hold no KV, and the replicas no more
+    objects than before the load: each KV export was freed once decode had it, and pixels stay
+    only in the multimodal replica that made them, for their hold time (a resumed stream
+    prefills them again), never pinned elsewhere."""
     payloads = [body(images=1 + i % 2, seed=i) if i % 3 == 0 else body()
                 for i in range(REQUESTS)]
     started = time.time()
@@ -64,17 +69,8 @@ def test_64_concurrent_streams_with_images_all_answer_in_full(load_stack):
     # Greedy `counter` output is the same for every request of one prompt.
     assert len({o.content for p, o in zip(payloads, outcomes) if not has_images(p)}) == 1
 
-
-def test_nothing_is_held_after_the_load(load_stack):
-    """The engines hold no KV, and the replicas no more objects than before the load: each
-    KV export was freed once decode had it, and pixels stay only in the multimodal replica
-    that made them, for their hold time (a resumed stream prefills them again), never
-    pinned elsewhere."""
-    ask = load_stack.ask
-
-    assert not settle(lambda: engines_holding(ask))
+    assert not settle(lambda: engines_holding(load_stack.ask))
     images = sum(1 + i % 2 for i in range(0, REQUESTS, 3))
-
     assert not settle(lambda: grown(load_stack, images), timeout_s=30), "objects held"
 
 
