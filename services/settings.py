@@ -316,7 +316,8 @@ class LimitSettings(Strict):
     """Per-request limits enforced at the ingress; size and nesting are checked before the
     body is parsed."""
 
-    max_tokens_default: int = Field(1024, gt=0)
+    max_tokens_default: int = Field(1024, gt=0, description="where a request names none "
+                                    "(at most max_tokens_cap)")
     max_tokens_cap: int = Field(32768, gt=0)
     # With reasoning on and the answer constrained (response_format, a forced tool call), the
     # reasoning may use this share of max_tokens; the rest is left for the constrained answer.
@@ -367,13 +368,10 @@ class LimitSettings(Strict):
                              "largest body would always be refused")
         return self
 
-    @model_validator(mode="after")
-    def _default_within_the_cap(self):
-        if self.max_tokens_default > self.max_tokens_cap:
-            raise ValueError(f"limits.max_tokens_default ({self.max_tokens_default}) is above "
-                             f"limits.max_tokens_cap ({self.max_tokens_cap}): a request that "
-                             "names no max_tokens would get more than one may ask for")
-        return self
+    @property
+    def default_max_tokens(self) -> int:
+        """A request's max_tokens when it names none: never more than one may ask for."""
+        return min(self.max_tokens_default, self.max_tokens_cap)
 
 
 class QuotaSettings(Strict):

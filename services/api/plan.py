@@ -103,7 +103,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
             f"messages have {text} bytes of text, at least {floor} tokens, and {field} asks "
             f"for {asked} more", param="messages")
     if getattr(req, field) is None:  # `_max_tokens`' default, where the prompt leaves room
-        asked = min(limits.max_tokens_default, max(model.context_length - floor, 1))
+        asked = min(limits.default_max_tokens, max(model.context_length - floor, 1))
     return req.n * (max(floor, 1) + asked)
 
 
@@ -120,7 +120,7 @@ def _sizing(req: ChatCompletionRequest, model: ModelSettings, limits: LimitSetti
     field = _max_tokens_field(req)
     return PromptBudget(text_tokens, model.context_length, choices=req.n,
                         max_tokens=getattr(req, field), max_tokens_field=field,
-                        default_max_tokens=limits.max_tokens_default, quota=quota)
+                        default_max_tokens=limits.default_max_tokens, quota=quota)
 
 
 def _max_tokens_field(req: ChatCompletionRequest) -> str:

@@ -508,6 +508,9 @@ def test_the_quota_floor_counts_every_choice_and_the_default_max_tokens():
     assert floor(max_tokens=10, n=3) == 3 * (1 + 10)
     long = [{"role": "user", "content": "x" * 8 * 3500}]  # at least 3500 tokens: room 596
     assert floor(messages=long) == 3500 + 596
+    # a default above the cap is the cap: no request gets more than one may ask for
+    limits = LimitSettings(max_tokens_default=1000, max_tokens_cap=48)
+    assert floor() == 1 + 48
 
 
 THOUGHT = [{"role": "user", "content": "q1"},

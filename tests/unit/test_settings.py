@@ -55,15 +55,6 @@ def test_the_edges_body_budget_must_hold_one_largest_body():
     assert ok.limits.edge_body_budget_bytes == 1000
 
 
-def test_the_default_max_tokens_is_within_what_a_request_may_ask_for():
-    with pytest.raises(SettingsError, match="max_tokens_default") as err:
-        parse_settings({"limits": {"max_tokens_default": 4096, "max_tokens_cap": 2048}}
-                       | NO_AUTH)
-    assert err.value.field == "limits"
-    assert parse_settings({"limits": {"max_tokens_default": 2048, "max_tokens_cap": 2048}}
-                          | NO_AUTH).limits.max_tokens_default == 2048
-
-
 def test_sglang_settings_its_replicas_would_refuse_at_start_are_refused_at_load():
     """What an SGLang replica would refuse only after taking its GPUs (`small4 up` and the
     chart deploy it): the stand-in model, arguments the stack sets itself."""
