@@ -35,6 +35,12 @@ class RequestPlan:
         """How many choices: each is its own decode stream of the same prompt."""
         return self.request.n
 
+    def forget_messages(self) -> None:
+        """Drop the request's messages once its prompt is encoded and its grammar built: they
+        may be a whole body (eight images as data URLs, 107 MB), and an answer lives for
+        minutes on options alone (its engine request holds the prompt's ids and pixels)."""
+        self.request = self.request.model_copy(update={"messages": []})
+
     def engine_requests(self) -> list[EngineRequest]:
         """One engine request per choice. The first is `engine_request` itself; the others get
         their own id and, when seeded, their own seed (seed + i, kept in int64), so choices

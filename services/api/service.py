@@ -200,6 +200,8 @@ class RequestService:
                 self.quotas.settle(record.grant, plan.n * (
                     plan.prompt_tokens + plan.engine_request.sampling.max_tokens))
                 await self._constrain(plan, deadline, record)
+                plan.forget_messages()
+                del body, req  # (nor does this frame keep them while the first token comes)
                 pre.set_attributes({"small4.prompt_tokens": plan.prompt_tokens,
                                     "small4.images": len(plan.engine_request.images)})
                 plan.engine_request.cache_salt = cache_salt(principal.tenant,

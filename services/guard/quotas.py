@@ -112,12 +112,16 @@ class Quotas:
         return grant
 
     def admit_request(self, who: Principal) -> Grant:
-        """The cheap checks, before the body is read: a stream slot and a request token.
-        Tokens are charged once the request is planned (`charge`)."""
+        """The cheap checks, before the body is read: a stream slot, a request token, and a
+        token bucket that is not empty (a key out of tokens would otherwise still have its
+        body read and parsed: up to a second of the loop per 100 MB). Tokens are charged once
+        the request is planned (`charge`)."""
         state = self._state(who)
         self._check_request(who, state)
+        grant = Grant(who.ident, 0, who.key)
+        self.check_tokens(grant, 1)
         self._take_request(state)
-        return Grant(who.ident, 0, who.key)
+        return grant
 
     @staticmethod
     def _check_streams(who: Principal, state: _KeyState, streams: int) -> None:

@@ -141,6 +141,18 @@ def test_a_keys_stream_limit_counts_every_choice_and_a_requota_refunds_only_its_
         quotas.charge(quotas.admit_request(requoted), 95_000)
 
 
+def test_a_key_out_of_tokens_is_refused_before_its_body_is_read():
+    """The cheap checks before the body include an empty token bucket: a key that cannot pay
+    one token had its body read and parsed first (up to a second of the loop per 100 MB)."""
+    quotas = Quotas(QuotaSettings(), clock=lambda: 0.0)
+    key = Principal("k", "t", QuotaSettings(tokens_per_min=1000), key_id="d" * 64)
+    quotas.charge(quotas.admit_request(key), 1000)
+    with pytest.raises(RateLimited) as err:
+        quotas.admit_request(key)
+    assert "tokens" in str(err.value)
+    assert quotas.keys[key.ident].streams == 1  # the refused one took no stream slot
+
+
 PNG_1X1 = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4"
            "z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 

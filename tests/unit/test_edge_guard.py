@@ -223,10 +223,11 @@ def test_the_room_an_image_check_sees_is_what_the_request_holds_never_others_tok
     with pytest.raises(RateLimited) as err:
         room.check(6_000)  # what the busy requests hold is not this request's
     assert err.value.code == "tokens_per_min_exceeded" and 0 < err.value.retry_after <= 3.0
-    other = quotas.admit_request(who)
-    assert quotas.reserve(other, 9_000).available == 0  # a second at once: nothing left
+    with pytest.raises(RateLimited):  # a second at once: nothing left, refused before its body
+        quotas.admit_request(who)
     quotas.settle(grant, 2_500)  # the exact cost known: what it held beyond is back at once
     assert (grant.tokens, grant.bucketed) == (2_500, 2_500)
+    other = quotas.admit_request(who)
     assert quotas.reserve(other, 9_000).available == 500  # what the first gave back
     quotas.settle(other, 500)
     with pytest.raises(RateLimited):
