@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -88,10 +89,10 @@ tracing.flush()
 """
 
 
-def spans_received(env: dict[str, str]) -> int:
-    """Run EXPORT in a fresh process with `env` added, against a real OTLP/HTTP sink on
-    loopback; how many trace exports it received."""
-    import os
+@contextmanager
+def otlp_sink():
+    """A real OTLP/HTTP receiver on loopback: (its base URL, the (path, headers, body) of each
+    export it received)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -99,7 +100,8 @@ def spans_received(env: dict[str, str]) -> int:
 
     class Sink(BaseHTTPRequestHandler):
         def do_POST(self):
-            got.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            got.append((self.path, dict(self.headers),
+                        self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.end_headers()
 
@@ -109,15 +111,22 @@ def spans_received(env: dict[str, str]) -> int:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     try:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        base = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}"}
-        subprocess.run([sys.executable, "-c", EXPORT], env=clean | base | env, check=True,
-                       timeout=60, capture_output=True)
+        yield f"http://127.0.0.1:{sink.server_address[1]}", got
     finally:
         sink.shutdown()
         sink.server_close()
-    assert all(path == "/v1/traces" for path, _ in got)
-    return sum(b"probe" in body for _, body in got)
+
+
+def spans_received(env: dict[str, str]) -> int:
+    """Run EXPORT in a fresh process with `env` added, against a real OTLP/HTTP sink on
+    loopback; how many trace exports it received."""
+    with otlp_sink() as (url, got):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        subprocess.run([sys.executable, "-c", EXPORT], check=True, timeout=60,
+                       env=clean | {"OTEL_EXPORTER_OTLP_ENDPOINT": url} | env,
+                       capture_output=True)
+    assert all(path == "/v1/traces" for path, _, _ in got)
+    return sum(b"probe" in body for _, _, body in got)
 
 
 def test_the_environment_alone_exports_and_its_sampler_and_kill_switch_are_obeyed():
@@ -377,9 +386,6 @@ def test_the_engines_spans_reach_a_collector_with_its_headers_and_our_resource(m
     service name: the collector's headers (its key) and our resource attributes reach it only
     through the SDK's environment, which the stack gives the engine. The SDK's own classes, as
     SGLang calls them, export a span to a real OTLP/HTTP receiver on loopback."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest)
@@ -392,37 +398,24 @@ def test_the_engines_spans_reach_a_collector_with_its_headers_and_our_resource(m
     from services.settings import TracingSettings
     from services.telemetry.tracing import resolve
 
-    got = []
-
-    class Sink(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"
     stack = parse_settings({"auth": {"enabled": False}})
-    traced = resolve(TracingSettings(
-        enabled=True, endpoint=endpoint, headers={"authorization": "Bearer k,e=y"},
-        resource_attributes={"deployment.environment": "prod", "k8s.cluster.name": "h200"}), {})
-    for name in [n for n in os.environ if n.startswith("OTEL_")]:
-        monkeypatch.delenv(name)
-    for name, value in engine_env(stack.model, stack.kv_handoff, traced).items():
-        monkeypatch.setenv(name, value)
-    provider = TracerProvider(resource=Resource.create(attributes={SERVICE_NAME: "sglang"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    try:
-        provider.get_tracer("sglang server").start_span("engine step").end()
-    finally:
-        provider.shutdown()
-        sink.shutdown()
-        sink.server_close()
-    [(headers, body)] = got
+    with otlp_sink() as (url, got):
+        endpoint = f"{url}/v1/traces"
+        traced = resolve(TracingSettings(
+            enabled=True, endpoint=endpoint, headers={"authorization": "Bearer k,e=y"},
+            resource_attributes={"deployment.environment": "prod",
+                                 "k8s.cluster.name": "h200"}), {})
+        for name in [n for n in os.environ if n.startswith("OTEL_")]:
+            monkeypatch.delenv(name)
+        for name, value in engine_env(stack.model, stack.kv_handoff, traced).items():
+            monkeypatch.setenv(name, value)
+        provider = TracerProvider(resource=Resource.create(attributes={SERVICE_NAME: "sglang"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        try:
+            provider.get_tracer("sglang server").start_span("engine step").end()
+        finally:
+            provider.shutdown()
+    [(_, headers, body)] = got
     assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer k,e=y"
     [spans] = ExportTraceServiceRequest.FromString(body).resource_spans
     resource = {a.key: a.value.string_value for a in spans.resource.attributes}
