@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from cluster.settings import (StackSettings, multimodal_router_options, parse_settings,
                               require_serve_app)
@@ -23,6 +24,7 @@ from services.workers.multimodal import MultimodalWorker
 from services.workers.prefill import PrefillWorker
 
 APP_NAME = "small4"
+BACKPRESSURE_RETRY_S = 1.0  # the Retry-After of a request refused for a full ingress queue
 
 
 class StartupHeapFrozen:
@@ -81,7 +83,10 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
                                   **multimodal_router_options()).bind(
         settings.multimodal_settings())
     return serve.deployment(IngressDeployment, name="ingress",
-                            **deployment_options(settings.ingress)).bind(
+                            **deployment_options(settings.ingress),
+                            max_queued_requests=settings.ingress.max_queued_requests,
+                            backpressure_config=BackpressureConfig(
+                                status_code=503, retry_after_s=BACKPRESSURE_RETRY_S)).bind(
         settings.ingress_settings(), decoders, multimodal, prefills)
 
 

@@ -406,6 +406,11 @@ class IngressDeploymentSettings(DeploymentSettings):
     """The HTTP ingress deployment."""
 
     max_ongoing_requests: int = Field(256, gt=0)
+    max_queued_requests: int = Field(
+        64, gt=0, description="requests waiting for a replica's slot beyond "
+        "max_ongoing_requests (in Serve's proxy, or in the replica itself where it serves HTTP "
+        "directly, each holding its body, read before it waits, before its key is checked); "
+        "more are refused at once with a 503 and Retry-After (Serve's default: no bound)")
 
 
 class ImageSettings(Strict):
