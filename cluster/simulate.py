@@ -14,13 +14,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from autoscaling.policy import PolicySettings
 from autoscaling.simulator.prefix import PrefixModel
+from autoscaling.simulator.report import PoolSLO
 from autoscaling.simulator.scenario import CONTROLLERS, SimSettings
 from autoscaling.simulator.study import (TraceSpec, answer, answer_line, default_workers,
                                          file_spec, prefix_rows, prefix_table, run_study,
                                          summarise, table, verdict, write)
 from autoscaling.simulator.tracefile import TraceFileError, TraceSource
 from autoscaling.simulator.workload import TRACES
+from cluster.settings import SettingsError, load_settings
 
 POLICIES = (*CONTROLLERS, "all")
 # the hindsight reference tries every split of the budget (budget^4 of them): 64 takes
@@ -37,8 +40,14 @@ def add_arguments(parser) -> None:
                         help="a synthetic trace (repeatable; default: steady when no --trace)")
     parser.add_argument("--speedup", type=float, default=1.0,
                         help="divide the trace files' time by this")
+    parser.add_argument("--config", default=None, metavar="PROFILE",
+                        help="a settings profile (YAML, as small4 up takes): its budget, "
+                        "split, each role's min and max, SLOs, priorities and policy settings "
+                        "instead of the production defaults (one pool per effort, none and "
+                        "high; the performance model stays the H200 TP2 engine's)")
     parser.add_argument("--budget-engines", type=int, default=None,
-                        help="engines (TP2, 2 GPUs each) all roles share; default 8")
+                        help="engines (TP2, 2 GPUs each) all roles share; default 8, or the "
+                        "profile's")
     parser.add_argument("--policy", choices=POLICIES, default="all")
     parser.add_argument("--seeds", type=int, default=1, help="request draws per synthetic trace")
     parser.add_argument("--out", default=".", help="directory for simulate.json and simulate.png")
@@ -66,6 +75,12 @@ def run(args) -> int:
     """The subcommand."""
     started = time.perf_counter()
     s = SimSettings()
+    if args.config is not None:
+        try:
+            s = from_profile(s, load_settings(args.config))
+        except (SettingsError, ValueError, OSError) as exc:
+            print(f"small4 simulate: --config {args.config}: {exc}", file=sys.stderr)
+            return 2
     if args.budget_engines is not None:
         if not 4 <= args.budget_engines <= MAX_BUDGET_ENGINES:
             print(f"--budget-engines must be 4 to {MAX_BUDGET_ENGINES} (one engine per pool "
@@ -144,6 +159,33 @@ def run(args) -> int:
                                  "; PNG skipped: matplotlib is not installed (pip install "
                                  "'small4-serve[dev]')"))
     return 0
+
+
+def from_profile(s: SimSettings, stack) -> SimSettings:
+    """`s` with a profile's pools as the simulator models them (the pool of effort `none` as
+    `fast`, of `high` as `deep`): their start split, each role's bounds, SLOs, priorities,
+    the GPU budget, the policy's and arbiter's settings and the prefill attempt deadline."""
+    by_effort: dict[str, list] = {}
+    for pool in stack.pools.values():
+        by_effort.setdefault(pool.effort, []).append(pool)
+    if sorted(by_effort) != ["high", "none"] or any(len(p) > 1 for p in by_effort.values()):
+        efforts = sorted(p.effort for p in stack.pools.values())
+        raise ValueError("the simulator models one pool of effort none and one of high; "
+                         f"this profile's pools serve {efforts}")
+    pools = {"fast": by_effort["none"][0], "deep": by_effort["high"][0]}
+    roles = {f"{name}/{role}": getattr(pool, role) for name, pool in pools.items()
+             for role in ("prefill", "decode")}
+    return s.model_copy(update={
+        "budget_engines": stack.budget_engines(),
+        "static_split": {k: r.replicas for k, r in roles.items()},
+        "bounds": {k: (r.lowest, r.highest) for k, r in roles.items()},
+        "slos": {name: PoolSLO(ttft_s=p.slo.ttft_s, itl_s=p.slo.itl_s)
+                 for name, p in pools.items()},
+        "priorities": {name: p.priority for name, p in pools.items()},
+        "policy": PolicySettings(**stack.autoscaling.policy.model_dump()),
+        "arbiter": stack.autoscaling.arbiter,
+        "prefill_timeout_s": stack.kv_handoff.prefill_timeout_s,
+        "prefill_tokens_per_s_floor": stack.kv_handoff.prefill_tokens_per_s_floor})
 
 
 def _budget(s: SimSettings, budget: int) -> SimSettings:

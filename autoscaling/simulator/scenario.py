@@ -42,6 +42,8 @@ class SimSettings(BaseModel):
     workload: Workload = Workload()
     budget_engines: int = Field(8, gt=0)
     static_split: dict[str, int] = _split(1, 2, 2, 3)
+    # each "pool/role"'s (min_replicas, max_replicas) under our policy; unset: 1 to the budget
+    bounds: dict[str, tuple[int, int]] = {}
     slos: dict[str, PoolSLO] = {"fast": PoolSLO(ttft_s=1.0, itl_s=0.05),
                                 "deep": PoolSLO(ttft_s=4.0, itl_s=0.06)}
     priorities: dict[str, int] = {"fast": 2, "deep": 1}
@@ -78,13 +80,18 @@ def make_controller(name: str, s: SimSettings, requests: list[Request] | None = 
     if name == "ours":
         policies = {k: s.policy.model_copy(update={
             "ttft_slo_s": s.slos[k[0]].ttft_s, "itl_slo_s": s.slos[k[0]].itl_s,
-            "max_replicas": s.budget_engines}) for k in KEYS}
+            **_bounds(s, k)}) for k in KEYS}
         return SloController(split, policies, s.priorities, s.budget_engines, s.arbiter)
     if name == "hindsight":
         if requests is None:
             raise ValueError("the hindsight controller needs the trace's requests")
         return HindsightController(split, requests, s.perf, s.budget_engines, duration_s)
     raise KeyError(f"unknown controller {name!r}; known: {', '.join(CONTROLLERS)}")
+
+
+def _bounds(s: SimSettings, key: Key) -> dict[str, int]:
+    lowest, highest = s.bounds.get("/".join(key), (s.policy.min_replicas, s.budget_engines))
+    return {"min_replicas": lowest, "max_replicas": min(highest, s.budget_engines)}
 
 
 def role_slos(s: SimSettings) -> dict[Key, float]:

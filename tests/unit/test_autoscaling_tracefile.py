@@ -12,6 +12,7 @@ from autoscaling.simulator.tracefile import (TraceFileError, TraceSource, load_t
 from cluster.cli import main
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -203,3 +204,36 @@ def test_small4_simulate_shows_what_prefix_aware_routing_buys(tmp_path, capsys):
     by_routing = {r["routing"]: r for r in json.loads(
         (out / "simulate.json").read_text())["prefix"]["by_routing"]}
     assert by_routing["cache-aware"]["hit_rate"] >= by_routing["random"]["hit_rate"] > 0
+
+
+def test_small4_simulate_runs_a_profiles_split_bounds_and_slos(tmp_path, capsys):
+    """Ops plan with their own profile: its budget, start split, each role's bounds and SLOs
+    (here h200x16's, with the deep pool's TTFT SLO tightened), not the simulator's defaults."""
+    import json
+
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "cluster" / "profiles" / "h200x16.yaml").read_text())
+    profile["pools"]["deep"]["slo"]["ttft_s"] = 2.5
+    profile["pools"]["fast"]["decode"]["max_replicas"] = 4
+    path = write(tmp_path, "ops.yaml", yaml.safe_dump(profile))
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(path), "--kind", "steady", "--policy", "ours",
+                 "--no-answer", "--out", str(out), "--jobs", "1"]) == 0
+    settings = json.loads((out / "simulate.json").read_text())["settings"]
+    assert settings["budget_engines"] == 8
+    assert settings["static_split"] == {"fast/prefill": 1, "fast/decode": 2, "deep/prefill": 2,
+                                        "deep/decode": 3}
+    assert settings["slos"]["deep"]["ttft_s"] == 2.5
+    from autoscaling.simulator.scenario import SimSettings, _bounds
+    from cluster.settings import load_settings
+    from cluster.simulate import from_profile
+
+    s = from_profile(SimSettings(), load_settings(path))
+    assert _bounds(s, ("fast", "decode")) == {"min_replicas": 1, "max_replicas": 4}
+    both = profile | {"routing": {"effort_map": {"none": "none"}, "default_effort": "none"}}
+    both["pools"]["deep"]["effort"] = "none"  # two pools of one effort: not what it models
+    bad = write(tmp_path, "both.yaml", yaml.safe_dump(both))
+    assert main(["simulate", "--config", str(bad), "--kind", "steady"]) == 2
+    assert "one pool of effort none and one of high" in capsys.readouterr().err
+    assert main(["simulate", "--config", str(tmp_path / "none.yaml"), "--kind", "steady"]) == 2
