@@ -208,7 +208,8 @@ class StackSettings(ServiceSettings):
                                routing=self.routing, pools=self.pools, limits=self.limits,
                                auth=self.auth, telemetry=self.telemetry,
                                kv_handoff=self.kv_handoff,
-                               max_images=self.multimodal.images.max_images)
+                               max_images=self.multimodal.images.max_images,
+                               max_image_bytes=self.multimodal.images.max_bytes)
 
 
 def require_serve_app(settings: StackSettings) -> StackSettings:

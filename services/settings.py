@@ -569,5 +569,7 @@ class IngressSettings(Strict):
     auth: AuthSettings
     telemetry: TelemetrySettings = TelemetrySettings()
     kv_handoff: KVHandoffSettings = KVHandoffSettings()
-    # images per request (the multimodal deployment's limit), checked before any is sent there
+    # images per request and bytes per data-URL image (the multimodal deployment's limits),
+    # checked before any is sent there
     max_images: int = Field(8, ge=0)
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0)

@@ -57,7 +57,7 @@ class RequestPlan:
 
 def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingSettings,
           limits: LimitSettings, vocab_size: int | None = None,
-          max_images: int | None = None) -> str:
+          max_images: int | None = None, max_image_bytes: int | None = None) -> str:
     """Check the request against the served model and limits; return the effort to apply.
     Every check here is cheap and runs before the token quota and any encoding: a request
     these refuse gets its 400 (never a quota's 429), and no image of it is decoded."""
@@ -72,6 +72,14 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
             i, j = images[max_images]
             raise InvalidRequest(f"at most {max_images} images per request",
                                  param=f"messages.{i}.content.{j}")
+        for i, j in images if max_image_bytes is not None else ():
+            # a data URL's size is known from its length (as the image service refuses it),
+            # before a copy of the request goes there
+            url = req.messages[i].content[j].image_url.url
+            if url[:5].lower() == "data:" and (
+                    (len(url) - url.find(",") - 1) * 3 // 4 > max_image_bytes + 3):
+                raise InvalidRequest(f"image is larger than {max_image_bytes} bytes",
+                                     param=f"messages.{i}.content.{j}.image_url")
     field = _max_tokens_field(req)
     asked = getattr(req, field)
     if asked is not None and asked <= 0:

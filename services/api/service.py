@@ -180,7 +180,8 @@ class RequestService:
                 req = parse_chat_request(body, limits.max_messages)
                 effort = admit(req, model=self.settings.model, routing=self.settings.routing,
                                limits=limits, vocab_size=self.tokenizer.vocab_size,
-                               max_images=self.settings.max_images if self.multimodal else None)
+                               max_images=self.settings.max_images if self.multimodal else None,
+                               max_image_bytes=self.settings.max_image_bytes)
                 # the least it can cost is charged now (settled once the prompt is known), so
                 # what runs before that charge (images) is paid for, never only checked
                 self.quotas.charge(record.grant, prompt_floor(

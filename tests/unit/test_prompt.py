@@ -365,6 +365,9 @@ def test_counting_a_prompt_past_the_context_stops_soon_after_it(tokenizer, monke
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": [IMAGE, IMAGE, {"type": "text", "text": "x"},
                                                 IMAGE]}]}, "messages.0.content.3"),
+    # a data URL over the image service's byte limit (1 KB here) is refused from its length
+    ({"messages": [{"role": "user", "content": [IMAGE, {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + "A" * 1400}}]}]}, "messages.0.content.1.image_url"),
 ])
 def test_admit_refuses_before_any_image_is_encoded(body, param):
     """admit runs before the token quota and the encoder: its 400 names the field, never a
@@ -373,7 +376,7 @@ def test_admit_refuses_before_any_image_is_encoded(body, param):
             "messages": [{"role": "user", "content": [IMAGE]}]} | body
     with pytest.raises(InvalidRequest) as err:
         admit(parse_chat_request(full), model=ModelSettings(), routing=RoutingSettings(),
-              limits=LimitSettings(), max_images=2)
+              limits=LimitSettings(), max_images=2, max_image_bytes=1024)
     assert err.value.param == param
 
 
