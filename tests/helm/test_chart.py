@@ -794,6 +794,7 @@ def test_a_draft_model_off_the_model_volume_is_refused(render):
         render(stack={"engine": {"speculative": spec | {"draft_model_path": "/data/eagle"}}})
     assert render(stack={"engine": {"speculative": spec | {
         "draft_model_path": "/models/mistral-small-4-119b-2603-eagle"}}})
+    assert render(stack={"engine": {"speculative": None}})  # the settings' own default
 
 
 @pytest.mark.parametrize("stack, says", [

@@ -78,7 +78,8 @@ which takes jobs, to every client. */}}
 {{/* A checkpoint model, and a speculative draft model, lie on the workers' model volume: one
 elsewhere (or no volume) renders, then every engine fails to load it once its GPUs are held. */}}
 {{- define "small4.checkedModel" -}}
-{{- $draft := dig "engine" "speculative" "draft_model_path" "" .Values.stack | toString -}}
+{{- $spec := dig "engine" "speculative" (dict) .Values.stack | default dict -}}
+{{- $draft := get $spec "draft_model_path" | default "" | toString -}}
 {{- if $draft -}}
 {{- $volume := .Values.workers.modelVolume -}}
 {{- $mount := trimSuffix "/" $volume.mountPath -}}
