@@ -28,7 +28,10 @@ def deploy_plan(settings: StackSettings) -> list[dict[str, Any]]:
                 worker.model, worker.engine, role=p.role, tp_size=worker.tensor_parallel,
                 host=NODE_ADDRESS, bootstrap_port=p.bootstrap_port,
                 otlp_endpoint=tracing and tracing.otlp_endpoint())
-            entry["env"] = engine_env(worker.model, worker.kv_handoff, tracing)
+            # a collector's headers are its credentials: shown as set, never printed
+            entry["env"] = {k: "<redacted>" if k.endswith("_HEADERS") else v
+                            for k, v in engine_env(worker.model, worker.kv_handoff,
+                                                   tracing).items()}
         entries.append(entry)
     return entries
 

@@ -22,10 +22,13 @@ class ModelSettings(Strict):
 
     name: str = "mistral-small-4"
     source: Literal["standin", "checkpoint"] = "standin"
-    seed: int = 0
+    seed: int = Field(0, description="the stand-in's weights; on SGLang, its random_seed only "
+                      "where set (else drawn per launch)")
     path: Path | None = Field(None, description="local HF checkpoint directory (source=checkpoint)")
     tokenizer: Path | None = Field(None, description="tekken.json; default: the stand-in's")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the CPU engines'; SGLang's only where set (else `auto`, the "
+        "checkpoint's)")
     context_length: int = Field(32768, gt=0)
 
     @model_validator(mode="after")

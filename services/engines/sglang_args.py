@@ -67,8 +67,11 @@ def server_args(model: ModelSettings, engine: EngineSettings, *, role: str, tp_s
         "tp_size": tp_size,
         "mem_fraction_static": sglang.mem_fraction_static,
         "max_running_requests": engine.max_running_requests,
-        "dtype": model.dtype,
-        "random_seed": model.seed,
+        # where a profile names them: the defaults are the CPU stand-in's (float32 weights,
+        # seed 0), where SGLang's own (`auto`, the checkpoint's dtype; a seed drawn per
+        # launch, so replicas do not sample alike) fit an engine better
+        **({"dtype": model.dtype} if "dtype" in model.model_fields_set else {}),
+        **({"random_seed": model.seed} if "seed" in model.model_fields_set else {}),
         "chunked_prefill_size": sglang.chunked_prefill_size,
         "disaggregation_mode": role,
         "disaggregation_transfer_backend": sglang.transfer_backend,
@@ -132,7 +135,7 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
       and the engine's own roots (its health probes) are sampled at our ratio, not all kept.
       Its exporter takes no headers and its resource names only its service: the collector's
       headers and our resource attributes reach the SDK through its environment variables, as
-      do the service name (where SGLang names none) and the export delay.
+      does the export delay (its spans keep SGLang's own service name, `sglang`).
     - Tenants: SGLang caches vision-tower embeddings by the image's content hash alone, across
       tenants (the radix cache's `cache_salt` does not reach it): a tenant resending another's
       image would skip the tower, a difference in time that tells it the image was sent. The
@@ -160,7 +163,6 @@ def engine_env(model: ModelSettings, kv_handoff: KVHandoffSettings,
             env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = _otel_pairs(tracing.headers)
         if tracing.resource_attributes:
             env["OTEL_RESOURCE_ATTRIBUTES"] = _otel_pairs(tracing.resource_attributes)
-        env["OTEL_SERVICE_NAME"] = tracing.service_name
         env["SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = str(tracing.export_interval_ms)
     return env
 

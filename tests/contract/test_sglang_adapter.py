@@ -63,7 +63,12 @@ def test_server_args_are_sglang_fields_from_the_profile(role):
     assert args["grammar_backend"] == GRAMMAR_BACKEND
     assert "mistral-small-4" in args["model_path"]
     assert ("disaggregation_bootstrap_port" in args) == (role == "prefill")
-    assert args["dtype"] == worker.model.dtype and args["random_seed"] == worker.model.seed
+    assert args["dtype"] == "bfloat16"  # the profile names it
+    assert "random_seed" not in args  # it names none: SGLang draws one per launch
+    unset = worker.model.model_copy()
+    unset.__pydantic_fields_set__.discard("dtype")  # the CPU stand-in's float32 default
+    assert "dtype" not in server_args(unset, worker.engine, role=role, tp_size=2, host="h",
+                                      bootstrap_port=1)
     assert "disable_radix_cache" not in args
     engine = worker.engine.model_copy(update={"prefix_cache": PrefixCacheSettings(enabled=False)})
     assert server_args(worker.model, engine, role=role, tp_size=2, host="h",

@@ -29,7 +29,9 @@ def test_every_engine_of_every_gpu_profile_resolves_cleanly(name, pool, role, ch
     assert unexpected(heard) == []
     assert resolved.disaggregation_mode == role and resolved.skip_tokenizer_init is True
     assert resolved.host == "10.0.0.7" and resolved.tp_size == 2
-    assert resolved.dtype == "bfloat16" and resolved.disable_radix_cache is False
+    decided = resolved.resolved_dict()  # what SGLang made of our arguments
+    assert decided["dtype"] == "bfloat16"
+    assert decided["disable_radix_cache"] is (role == "decode")  # SGLang's own, for decode
     if role == "prefill":
         assert resolved.disaggregation_bootstrap_port == port
 
@@ -42,8 +44,8 @@ def test_the_model_and_engine_settings_sglang_has_fields_for_reach_it(checkpoint
                          "engine": profile["engine"] | {"prefix_cache": {"enabled": False}}}
     for role, port in (("prefill", 8998), ("decode", None)):
         args, env, _ = profile_args(profile, "fast", role, checkpoint, port)
-        resolved = resolve(args, env)
-        assert resolved.random_seed == 7 and resolved.disable_radix_cache is True
+        decided = resolve(args, env).resolved_dict()
+        assert decided["random_seed"] == 7 and decided["disable_radix_cache"] is True
 
 
 def test_the_models_256k_context_is_served(checkpoint):

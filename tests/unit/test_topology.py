@@ -108,6 +108,14 @@ def test_plan_shows_each_engines_placement_port_and_sglang_arguments(capsys, tmp
     bad.write_text(yaml.safe_dump(h200(topology__bootstrap_port_base=7998)))
     assert main(["plan", "--config", str(bad)]) == 2
     assert "include port 8000, used by the HTTP ingress" in capsys.readouterr().err
+    keyed = tmp_path / "keyed.yaml"  # a collector's key reaches the engines, not the screen
+    keyed.write_text(yaml.safe_dump(h200(telemetry__tracing={
+        "enabled": True, "endpoint": "http://collector:4318/v1/traces",
+        "headers": {"authorization": "Bearer sk-collector"}})))
+    for form in (["--json"], []):
+        assert main(["plan", "--config", str(keyed), *form]) == 0
+        shown = capsys.readouterr().out
+        assert "OTEL_EXPORTER_OTLP_TRACES_HEADERS" in shown and "sk-collector" not in shown
 
 
 @pytest.mark.parametrize("command", ["up", "openapi", "generate", "plan"])

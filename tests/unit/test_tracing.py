@@ -409,7 +409,9 @@ def test_the_engines_spans_reach_a_collector_with_its_headers_and_our_resource(m
             monkeypatch.delenv(name)
         for name, value in engine_env(stack.model, stack.kv_handoff, traced).items():
             monkeypatch.setenv(name, value)
-        provider = TracerProvider(resource=Resource.create(attributes={SERVICE_NAME: "sglang"}))
+        # SGLang's name: otlp_service_name (not set by us), else OTEL_SERVICE_NAME, else its own
+        named = os.environ.get("OTEL_SERVICE_NAME", "sglang")
+        provider = TracerProvider(resource=Resource.create(attributes={SERVICE_NAME: named}))
         provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         try:
             provider.get_tracer("sglang server").start_span("engine step").end()
@@ -420,4 +422,4 @@ def test_the_engines_spans_reach_a_collector_with_its_headers_and_our_resource(m
     [spans] = ExportTraceServiceRequest.FromString(body).resource_spans
     resource = {a.key: a.value.string_value for a in spans.resource.attributes}
     assert resource["deployment.environment"] == "prod" and resource["k8s.cluster.name"] == "h200"
-    assert resource["service.name"] == "sglang"  # SGLang names its own
+    assert resource["service.name"] == "sglang"  # not the ingress's: its spans are its own
