@@ -82,11 +82,14 @@ def run(args) -> int:
             print(f"small4 simulate: --config {args.config}: {exc}", file=sys.stderr)
             return 2
     if args.budget_engines is not None:
-        if not 4 <= args.budget_engines <= MAX_BUDGET_ENGINES:
-            print(f"--budget-engines must be 4 to {MAX_BUDGET_ENGINES} (one engine per pool "
-                  "and role at least)", file=sys.stderr)
-            return 2
         s = _budget(s, args.budget_engines)
+    lowest = sum(low for low, _ in s.bounds.values())
+    if not max(4, lowest) <= s.budget_engines <= MAX_BUDGET_ENGINES:
+        where = "--budget-engines" if args.budget_engines is not None else "the profile's budget"
+        print(f"{where} must be 4 to {MAX_BUDGET_ENGINES} (one engine per pool and role at "
+              f"least, and the roles' min_replicas, {lowest}); it is {s.budget_engines}",
+              file=sys.stderr)
+        return 2
     if args.seeds < 1 or args.jobs < 1:
         print(f"--{'seeds' if args.seeds < 1 else 'jobs'} must be at least 1", file=sys.stderr)
         return 2

@@ -201,8 +201,10 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
     split = {k: max(1, math.ceil(peak[k] / 0.85 - 1e-9)) for k in KEYS}
     fixed = _grow(spec, s, n_seeds, split, peak, workers, progress, max_budget, reachable)
     together = max(total for _, total in found)
-    budget = max(len(KEYS), math.ceil(together / 0.95 - 1e-9))
-    ours = None
+    # no budget below the roles' minimums (a profile's `min_replicas`) can hold them
+    start = max(len(KEYS), math.ceil(together / 0.95 - 1e-9),
+                sum(lowest for lowest, _ in s.bounds.values()))
+    budget, ours = start, None
     while budget <= max_budget:
         # started from the fixed split's shape (the traffic's peaks), not the settings' own:
         # a trace shorter than a cold start leaves no time to move engines from a wrong one
@@ -217,7 +219,7 @@ def answer(spec: TraceSpec, s: SimSettings, seeds: int, workers: int = 2,
             "fixed_from": sum(split.values()),
             "never_in_slo": {p: round(1 - share, 4) for p, share in reachable.items()
                              if share < 1},
-            "ours_from": max(len(KEYS), math.ceil(together / 0.95 - 1e-9)),
+            "ours_from": start,
             "busiest_5min_engines": {f"{p}/{r}": round(v, 2) for (p, r), v in peak.items()},
             "busiest_5min_engines_together": round(together, 2)}
 

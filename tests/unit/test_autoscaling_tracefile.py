@@ -209,6 +209,7 @@ def test_small4_simulate_shows_what_prefix_aware_routing_buys(tmp_path, capsys):
 def test_small4_simulate_runs_a_profiles_split_bounds_and_slos(tmp_path, capsys):
     """Ops plan with their own profile: its budget, start split, each role's bounds and SLOs
     (here h200x16's, with the deep pool's TTFT SLO tightened), not the simulator's defaults."""
+    import copy
     import json
 
     import yaml
@@ -231,9 +232,18 @@ def test_small4_simulate_runs_a_profiles_split_bounds_and_slos(tmp_path, capsys)
 
     s = from_profile(SimSettings(), load_settings(path))
     assert _bounds(s, ("fast", "decode")) == {"min_replicas": 1, "max_replicas": 4}
-    both = profile | {"routing": {"effort_map": {"none": "none"}, "default_effort": "none"}}
+    both = copy.deepcopy(profile) | {"routing": {"effort_map": {"none": "none"},
+                                                 "default_effort": "none"}}
     both["pools"]["deep"]["effort"] = "none"  # two pools of one effort: not what it models
     bad = write(tmp_path, "both.yaml", yaml.safe_dump(both))
     assert main(["simulate", "--config", str(bad), "--kind", "steady"]) == 2
     assert "one pool of effort none and one of high" in capsys.readouterr().err
     assert main(["simulate", "--config", str(tmp_path / "none.yaml"), "--kind", "steady"]) == 2
+    capsys.readouterr()
+    # a budget below the roles' minimums would fail inside the study (the arbiter cannot hold
+    # them): refused first
+    profile["pools"]["fast"]["decode"]["min_replicas"] = 2
+    floor = write(tmp_path, "floor.yaml", yaml.safe_dump(profile))
+    assert main(["simulate", "--config", str(floor), "--budget-engines", "4",
+                 "--kind", "steady"]) == 2
+    assert "min_replicas, 5" in capsys.readouterr().err
