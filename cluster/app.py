@@ -82,11 +82,12 @@ def build_app(args: dict[str, Any] | StackSettings | None = None) -> Application
                                   **deployment_options(settings.multimodal),
                                   **multimodal_router_options()).bind(
         settings.multimodal_settings())
+    queue = settings.ingress.max_queued_requests
+    bounded = {} if queue is None else {"max_queued_requests": queue, "backpressure_config":
+                                        BackpressureConfig(status_code=503,
+                                                           retry_after_s=BACKPRESSURE_RETRY_S)}
     return serve.deployment(IngressDeployment, name="ingress",
-                            **deployment_options(settings.ingress),
-                            max_queued_requests=settings.ingress.max_queued_requests,
-                            backpressure_config=BackpressureConfig(
-                                status_code=503, retry_after_s=BACKPRESSURE_RETRY_S)).bind(
+                            **deployment_options(settings.ingress), **bounded).bind(
         settings.ingress_settings(), decoders, multimodal, prefills)
 
 
