@@ -93,12 +93,9 @@ class StackSettings(ServiceSettings):
             from services.engines.sglang_args import server_args  # (imports torch)
 
             for role in ROLES:  # what a replica would refuse at start, after taking its GPUs
-                try:
-                    server_args(self.model, self.engine, role=role,
-                                tp_size=self.topology.tensor_parallel, host="<node address>",
-                                bootstrap_port=1)
-                except ValueError as exc:
-                    raise ValueError(str(exc)) from None
+                server_args(self.model, self.engine, role=role,
+                            tp_size=self.topology.tensor_parallel, host="<node address>",
+                            bootstrap_port=1)
         for field, port in (("http.port", self.http.port),
                             ("ray.metrics_port", self.ray.metrics_port)):
             if port in RAY_PORTS:  # (the chart opens http.port to every client)

@@ -17,7 +17,8 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",  # as `small4 up` sets it
                       "services.guard.http_edge:install")
 # as `small4 up` sets it: replicas take calls as large as the stack's limits allow
-os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(2**31 - 1))
+os.environ.setdefault("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH",
+                      str(__import__("cluster.settings").settings.REPLICA_MESSAGE_BYTES))
 
 
 def pytest_collection_modifyitems(config, items):

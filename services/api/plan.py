@@ -12,6 +12,7 @@ from services.engines.stops import OutputMarks
 from services.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, clip
 from services.grammar import StructuredRequest
 from services.multimodal.budget import PromptBudget, TokenRoom
+from services.multimodal.sources import check_data_url_size
 from services.routing import applied_effort
 from services.settings import LimitSettings, ModelSettings, RoutingSettings
 from services.tokenizer import EncodedPrompt
@@ -73,13 +74,9 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
             raise InvalidRequest(f"at most {max_images} images per request",
                                  param=f"messages.{i}.content.{j}")
         for i, j in images if max_image_bytes is not None else ():
-            # a data URL's size is known from its length (as the image service refuses it),
-            # before a copy of the request goes there
-            url = req.messages[i].content[j].image_url.url
-            if url[:5].lower() == "data:" and (
-                    (len(url) - url.find(",") - 1) * 3 // 4 > max_image_bytes + 3):
-                raise InvalidRequest(f"image is larger than {max_image_bytes} bytes",
-                                     param=f"messages.{i}.content.{j}.image_url")
+            # before a copy of the request goes to the image service, which would refuse it
+            check_data_url_size(req.messages[i].content[j].image_url.url, max_image_bytes,
+                                f"messages.{i}.content.{j}.image_url")
     field = _max_tokens_field(req)
     asked = getattr(req, field)
     if asked is not None and asked <= 0:

@@ -24,13 +24,20 @@ from services.multimodal.addresses import public_address
 from services.settings import ImageSettings
 
 
+def check_data_url_size(url: str, max_bytes: int, param: str) -> None:
+    """Refuse a `data:` URL whose payload decodes to more than `max_bytes`, from its length
+    alone (no decoding): the ingress checks it before sending a request on, the image service
+    before decoding."""
+    if url[:5].lower() == "data:" and (len(url) - url.find(",") - 1) * 3 // 4 > max_bytes + 3:
+        raise InvalidRequest(f"image is larger than {max_bytes} bytes", param=param)
+
+
 def data_url_bytes(url: str, settings: ImageSettings, param: str) -> bytes:
     """Decode a base64 `data:` URL, refusing it before decoding when it is too large."""
     header, _, payload = url.partition(",")
     if ";base64" not in header.lower():  # MIME parameters are case-insensitive (RFC 2397)
         raise InvalidRequest("data: image URLs must be base64-encoded", param=param)
-    if len(payload) * 3 // 4 > settings.max_bytes + 3:
-        raise InvalidRequest(f"image is larger than {settings.max_bytes} bytes", param=param)
+    check_data_url_size(url, settings.max_bytes, param)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
