@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from bench.ports import free_port  # noqa: E402
+
 MODEL = "mistral-small-4"
 READY_TIMEOUT_S = 300.0
 POOL = {"max_queue": 128, "prefill": {"num_cpus": 0.1},
@@ -74,12 +75,6 @@ ENGINES = {
 
 def stack_profile(engine: str) -> dict:
     return BASE | {"engine": ENGINES[engine]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -71,13 +71,11 @@ def ray_session():
 def serve_url(ray_session):
     """Serve's HTTP proxy on a free loopback port, started once per run; every tier deploys its
     apps under their own route prefix beside the others."""
-    import socket
-
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bench.ports import free_port
+
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,13 @@ from pathlib import Path
 import pytest
 
 from autoscaling.simulator.tracefile import TraceSource, load_trace
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_TIMEOUT_S = 600  # a bench's deadline: stack_overhead's smoke alone takes ~230 s here
 # pytest's own limit (300 s for every test) sits above each bench's deadline, so a slow bench
 # fails on its deadline, with its stderr, not on pytest's with only a stack of the wait
 pytestmark = pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_bench(script: str, *args: str, timeout: float = BENCH_TIMEOUT_S) -> dict:

@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from bench.ports import free_port
 from tests.e2e.conftest import SIM_PROFILE
 
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lines_of(process: subprocess.Popen) -> tuple[queue.Queue, threading.Thread]:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import ClientDisconnect
 
+from bench.ports import free_port
 from services.api.http_errors import error_response
 from services.api.schemas import parse_chat_request
 from services.errors import (InvalidRequest, PayloadTooLarge, RateLimited, RequestAborted,
@@ -480,9 +481,7 @@ def edge_server():
     middleware = http_edge.install()
     http_edge.watch_pulls()
     app = middleware[0].cls(_app, proxy=True)  # as in Serve's proxy
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
                                            log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
