@@ -132,7 +132,10 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack, metrics_
                           for a in ray.util.list_named_actors(all_namespaces=True)
                           if f"{load_stack.app}#fast-decode#" in a["name"])
         assert len(replicas) == 2, replicas
-        ray.kill(ray.get_actor(*replicas[0]), no_restart=True)
+        busiest = await asyncio.to_thread(busiest_decode, metrics_url, load_stack.app)
+        victim = next((r for r in replicas if busiest and r[0].endswith(f"#{busiest}")),
+                      replicas[0])
+        ray.kill(ray.get_actor(*victim), no_restart=True)
         return await load
 
     outcomes = asyncio.run(run())
@@ -146,6 +149,31 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack, metrics_
         # Serve's router put every stream under way on the other replica (seen once in CI):
         # the answers were checked, but no resume was
         pytest.skip("the killed replica held no stream: nothing was resumed")
+
+
+def busiest_decode(metrics_url: str, app: str, within_s: float = 4.0) -> str | None:
+    """The fast pool's decode replica (its Serve replica id) with the most calls under way, as
+    Serve's own gauge has them in Ray's exporter (a second or two behind); None if none shows
+    one in time. Serve's router, its queue-length cache stale at a burst's start, sent every
+    stream to one replica in two CI runs: killing the other resumed nothing."""
+    import re
+
+    import httpx
+
+    deadline = time.time() + within_s
+    while True:
+        counts: dict[str, float] = {}
+        for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+            if (line.startswith("ray_serve_replica_processing_queries{")
+                    and 'deployment="fast-decode"' in line and f'application="{app}"' in line):
+                replica = re.search(r'replica="([^"]+)"', line)
+                if replica:
+                    counts[replica.group(1)] = float(re.split(r"\s+", line.strip())[-1])
+        if counts and max(counts.values()) > 0:
+            return max(counts, key=counts.get)
+        if time.time() > deadline:
+            return None
+        time.sleep(0.25)
 
 
 def resumes(metrics_url: str) -> float:
