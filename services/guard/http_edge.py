@@ -27,10 +27,23 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
   limits: there is no queue to bound.) Serve's `x-request-disconnect-disabled` header is
   dropped: a refused request must be cancelled, its queued body with it;
+- `EdgeErrors` answers a request without a valid API key 401 before any of its body is read,
+  where auth is on (`SMALL4_KEYS_FILE`: the stack's `auth.keys_file`, re-read as the ingress
+  re-reads it): the body would otherwise be read whole, queued and handed to an ingress replica
+  before the ingress's own check refused it, so a client with no key could fill the proxy's
+  body budget (503 for everyone) and the ingress replicas' memory. The ingress still checks
+  every key (and its quota): this check only moves a refusal earlier. Probes (`/health`,
+  `/ready`, Serve's `/-/` routes) and CORS preflights need no key, as at the ingress; the 401
+  carries the CORS headers the ingress would add (`SMALL4_CORS_ORIGINS`: `auth.cors_origins`),
+  so a browser shows it, not a CORS failure;
 - `EdgeErrors` also makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
   an SSE error event instead of a bare connection close.
+
+Every answer the edge writes itself is counted in `small4_edge_answers_total` (by status and
+code): these requests never reach the ingress, whose request metrics do not see them (Serve's
+503 for a full queue, `ingress.max_queued_requests`, among them).
 """
 
 from __future__ import annotations
@@ -42,6 +55,10 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
+from services.errors import Unauthorized
+from services.guard.keys import KeyRing
+from services.telemetry.metrics import EDGE_ANSWERS
+
 log = logging.getLogger("small4.edge")
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -52,7 +69,12 @@ WRITE_STALL_S = float(os.environ.get("SMALL4_WRITE_STALL_S", "30"))
 # the stack's `limits.max_body_bytes` and `limits.edge_body_budget_bytes`, passed the same way
 MAX_BODY_BYTES = int(os.environ.get("SMALL4_MAX_BODY_BYTES", str(112 * 1024 * 1024)))
 BODY_BUDGET_BYTES = int(os.environ.get("SMALL4_EDGE_BODY_BUDGET_BYTES", str(1024 ** 3)))
-_STATUS_TYPES = {408: "invalid_request_error", 429: "rate_limit_error",
+# the stack's `auth.keys_file` and `auth.reload_s` where auth is on; unset: keys are checked by
+# the ingress alone
+KEYS_FILE = os.environ.get("SMALL4_KEYS_FILE") or None
+KEYS_RELOAD_S = float(os.environ.get("SMALL4_KEYS_RELOAD_S", "5"))
+CORS_ORIGINS = frozenset(json.loads(os.environ.get("SMALL4_CORS_ORIGINS") or "[]"))
+_STATUS_TYPES = {401: "authentication_error", 408: "invalid_request_error", 429: "rate_limit_error",
                  503: "overloaded_error", 504: "timeout_error"}
 
 
@@ -66,7 +88,19 @@ def install() -> list[Middleware]:
     proxy = _in_serve_proxy()
     if proxy:
         watch_pulls()
-    return [Middleware(EdgeErrors, proxy=proxy)]
+    return [Middleware(EdgeErrors, proxy=proxy, keys=edge_keys())]
+
+
+def edge_keys() -> KeyRing | None:
+    """The key ring of `SMALL4_KEYS_FILE`, or None (no file named; or it cannot be read here,
+    said in the log: the ingress, which refuses to start on such a file, still checks keys)."""
+    if KEYS_FILE is None:
+        return None
+    try:
+        return KeyRing(KEYS_FILE, KEYS_RELOAD_S)
+    except ValueError as exc:
+        log.error("the edge checks no API keys: %s", exc)
+        return None
 
 
 def _in_serve_proxy() -> bool:
@@ -167,6 +201,7 @@ class _HeadLimit:
         self._stop_head_timer()
 
     def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+        EDGE_ANSWERS.inc(status=str(status), code=code)
         body = error_bytes(status, message, code)
         self.transport.write(b"".join([
             f"HTTP/1.1 {status} {reason}\r\n".encode(), b"content-type: application/json\r\n",
@@ -265,9 +300,10 @@ class EdgeErrors:
     edge's own answers as OpenAI-style JSON errors, and a cut event stream ended with an SSE
     error event."""
 
-    def __init__(self, app, proxy: bool = False):
+    def __init__(self, app, proxy: bool = False, keys: KeyRing | None = None):
         self.app = app
         self.proxy = proxy  # Serve's proxy: bodies wait in its queue, bounded by the budget
+        self.keys = keys  # where auth is on: a request without a valid key is refused here
         self.held = 0  # body bytes queued for replicas that have not taken them
 
     async def __call__(self, scope, receive, send) -> None:
@@ -279,6 +315,13 @@ class EdgeErrors:
         declared = _content_length(scope)
         if declared is not None and declared > MAX_BODY_BYTES:
             return await _send_json_error(send, 413, _too_large(declared), _CLOSE)
+        if self.keys is not None and _needs_key(scope):
+            try:
+                self.keys.authenticate(_header(scope, b"authorization"))
+            except Unauthorized as exc:  # its body unread: the connection cannot go on
+                extra = _cors(scope) | (_CLOSE if _has_body(scope, declared) else {})
+                return await _send_json_error(send, exc.status, exc.message, extra,
+                                              code=exc.code)
         scope["headers"] = [(k, v) for k, v in scope.get("headers", ())
                             if k.lower() != b"x-request-disconnect-disabled"]
 
@@ -359,6 +402,7 @@ class EdgeErrors:
                                    state["rewrite"][0]["status"],
                                    "the server failed before answering; retry the request", {})
         elif state["sse"]:
+            EDGE_ANSWERS.inc(status="503", code="stream_interrupted")
             event = json.loads(error_bytes(
                 503, "the stream was cut: the server serving it went away; retry the request",
                 "stream_interrupted"))
@@ -368,6 +412,36 @@ class EdgeErrors:
 
 # an answer sent before the body was read whole: the connection cannot carry another request
 _CLOSE = {b"connection": b"close"}
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _has_body(scope, declared: int | None) -> bool:
+    chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
+    return chunked or bool(declared)
+
+
+def _cors(scope) -> dict[bytes, bytes]:
+    """The CORS headers the ingress's middleware gives an answer to an allowed origin."""
+    origin = _header(scope, b"origin")
+    if origin is None or not ({origin, "*"} & CORS_ORIGINS):
+        return {}
+    allowed = b"*" if "*" in CORS_ORIGINS else origin.encode("latin-1")
+    return {b"access-control-allow-origin": allowed, b"vary": b"Origin"}
+
+
+def _needs_key(scope) -> bool:
+    """Whether the ingress would ask this request for a key: not a probe (its own, or Serve's
+    `/-/` routes, which its proxy answers itself) nor a CORS preflight."""
+    if scope.get("method") == "OPTIONS":
+        return False
+    path = scope.get("path", "").rstrip("/")
+    return not (path.startswith("/-/") or path.endswith(("/health", "/ready")))
 
 
 def _content_length(scope) -> int | None:
@@ -390,10 +464,13 @@ def _extra_headers(start) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in start.get("headers", []) if k.lower() in keep}
 
 
-async def _send_json_error(send, status: int, message: str, extra: dict[bytes, bytes]) -> None:
+async def _send_json_error(send, status: int, message: str, extra: dict[bytes, bytes],
+                           code: str | None = None) -> None:
     codes = {404: "not_found", 408: "request_timeout", 413: "payload_too_large",
              429: "rate_limit_exceeded", 503: "overloaded"}
-    body = error_bytes(status, message.strip() or "error", codes.get(status, "internal_error"))
+    code = code or codes.get(status, "internal_error")
+    EDGE_ANSWERS.inc(status=str(status), code=code)
+    body = error_bytes(status, message.strip() or "error", code)
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), *extra.items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})

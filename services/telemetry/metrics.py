@@ -175,6 +175,12 @@ CACHE_HIT_TOKENS = Gauge("small4_prefix_cache_hit_tokens", "prompt tokens served
                          REPLICA)
 CACHE_TOKENS = Gauge("small4_prefix_cache_tokens", "prompt KV tokens the prefix cache holds",
                      REPLICA)
+EDGE_ANSWERS = Counter("small4_edge_answers_total", "answers the HTTP edge (Serve's proxy, or "
+                       "an ingress replica's own server) wrote itself, not the ingress (its "
+                       "request metrics do not see them): 401 without a valid key, 413, 431, "
+                       "408, 503 for a full queue or body budget, 500 when the ingress died "
+                       "before answering, and the error event (503 stream_interrupted) ending a "
+                       "stream it cut", ("status", "code"))
 PREFILL_RETRIES = Counter("small4_prefill_retries_total", "prefills retried on another "
                           "replica", ("pool",))
 

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from bench.ports import free_port
+from services.guard.keys import digest
 from tests.e2e.conftest import SIM_PROFILE
 
 pytestmark = pytest.mark.ray
@@ -57,14 +59,23 @@ def wait_for(lines: queue.Queue, prefix: str, seen: list[str], timeout: float) -
                          + "\n".join(seen[-40:]))
 
 
+KEY = "sk-cli-e2e"
+KEYED = {"authorization": f"Bearer {KEY}"}
+
+
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
+    folder = tmp_path_factory.mktemp("up")
+    keys = folder / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "e2e", "tenant": "e2e",
+                                              "sha256": digest(KEY)}]}))
     profile = SIM_PROFILE | {"profile": "cli-e2e",
+                             "auth": {"enabled": True, "keys_file": str(keys)},
                              "ray": {"num_cpus": 2, "object_store_mb": 128,
                                      "metrics_port": metrics_port,
                                      "throughput_optimized": False}}
-    path = tmp_path_factory.mktemp("up") / "profile.yaml"
+    path = folder / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_ADDRESS") and k != "RAY_SERVE_THROUGHPUT_OPTIMIZED"}
@@ -126,9 +137,34 @@ def test_prompts_whose_kv_rides_in_the_reply_or_is_held_are_answered(up, words):
     for decode to fetch: both handoffs, in Serve's default mode."""
     body = {"model": "mistral-small-4", "max_tokens": 4,
             "messages": [{"role": "user", "content": "count " * words}]}
-    reply = httpx.post(f"{up['url']}/v1/chat/completions", json=body, timeout=60)
+    reply = httpx.post(f"{up['url']}/v1/chat/completions", json=body, headers=KEYED,
+                       timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_serves_proxy_refuses_a_request_without_a_key_before_its_body(up):
+    """`small4 up` hands its keys file to Serve's proxy: a request declaring a 100 MB body
+    and sending none of it is answered 401 by the proxy itself (counted there, in Prometheus),
+    not queued for an ingress replica to refuse once it has the body."""
+    import re
+
+    port = int(up["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\ncontent-length: 100000000\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert b'"invalid_api_key"' in answer
+    pattern = re.compile(r'^ray_small4_edge_answers_total\{[^}]*status="401"[^}]*\} (\S+)', re.M)
+    deadline, counted = time.monotonic() + 60, 0.0
+    while counted < 1 and time.monotonic() < deadline:  # Ray's exporter: within seconds
+        time.sleep(1)
+        counted = sum(float(v) for v in pattern.findall(httpx.get(up["metrics"], timeout=10)
+                                                        .text))
+    assert counted >= 1
 
 
 def test_sigterm_drains_an_open_stream_then_exits_zero(up):
@@ -136,7 +172,8 @@ def test_sigterm_drains_an_open_stream_then_exits_zero(up):
             "messages": [{"role": "user", "content": "count " * 40}]}
     events: list[str] = []
     with httpx.Client(timeout=httpx.Timeout(60.0)) as client, \
-            client.stream("POST", f"{up['url']}/v1/chat/completions", json=body) as reply:
+            client.stream("POST", f"{up['url']}/v1/chat/completions", json=body,
+                          headers=KEYED) as reply:
         assert reply.status_code == 200
         for line in reply.iter_lines():
             if not line.startswith("data: "):

@@ -758,6 +758,27 @@ def test_the_proxy_bounds_bodies_by_the_stacks_own_limits(render, limits):
     assert out.stdout.split() == [str(want.max_body_bytes), str(want.edge_body_budget_bytes)]
 
 
+def test_every_pods_proxy_checks_keys_from_the_stacks_keys_file_where_auth_is_on(render):
+    """Serve's proxy refuses a request without a valid key before reading its body: every pod
+    (a proxy on each) names the file the stack reads keys from and its reload period, as the
+    edge callback reads them; with auth off, none."""
+    origins = ["https://app.example", "https://b.example"]
+    docs = render(stack={"auth": {"reload_s": 2.5, "cors_origins": origins}})
+    stack = parse_settings(serve_args(docs))
+    names = ("SMALL4_KEYS_FILE", "SMALL4_KEYS_RELOAD_S", "SMALL4_CORS_ORIGINS")
+    (env,) = {tuple(e.get(n) for n in names)
+              for e in (env_of(t["spec"]["containers"][0]) for t in pod_templates(docs))}
+    probe = "from services.guard import http_edge as e; " \
+            "print(repr((e.KEYS_FILE, e.KEYS_RELOAD_S, sorted(e.CORS_ORIGINS))))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(os.environ, **dict(zip(names, env))), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == repr((str(stack.auth.keys_file), stack.auth.reload_s,
+                                       sorted(stack.auth.cors_origins)))
+    for template in pod_templates(render(stack={"auth": {"enabled": False}})):
+        assert "SMALL4_KEYS_FILE" not in env_of(template["spec"]["containers"][0])
+
+
 def test_replicas_take_calls_as_large_as_the_stacks_limits(render):
     """Serve's gRPC between replicas takes 4 MiB in one call by default: a request of a 3 MB
     image failed on its way to the image service. The pods give Serve what `small4 up` gives

@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import ClientDisconnect
@@ -28,6 +29,7 @@ from services.guard.keys import KeyRing, Principal, digest
 from services.guard.quotas import Quotas
 from services.guard.uploads import Uploads
 from services.settings import LimitSettings, QuotaSettings
+from services.telemetry.metrics import EDGE_ANSWERS
 
 SMALL = LimitSettings(max_string_bytes=40, max_json_depth=4, max_json_values=12)
 _REFERENCE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -403,6 +405,7 @@ async def _flood(receive, send) -> None:
         task.cancel()
 
 
+EDGE: dict = {}  # the edge middleware the module's server runs
 HELD = {"now": 0, "seen": [], "take": threading.Event(),  # what /hold saw; when its replica
         "release": threading.Event()}  # takes the body; when it answers
 
@@ -481,6 +484,7 @@ def edge_server():
     middleware = http_edge.install()
     http_edge.watch_pulls()
     app = middleware[0].cls(_app, proxy=True)  # as in Serve's proxy
+    EDGE["app"] = app
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
                                            log_level="critical"))
@@ -618,9 +622,11 @@ def test_headers_under_the_limit_and_pipelined_requests_are_served(edge_server):
 
 
 def _raw_post(port: int, body_parts: list[bytes], declared: int | None = None,
-              path: str = "/hold") -> bytes:
+              path: str = "/hold", headers: dict[str, str] | None = None) -> bytes:
     """POST `path` on a raw socket (chunked unless `declared`), then whatever comes back."""
-    head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n".encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{extra}"
+            .encode()
             + (f"content-length: {declared}\r\n".encode() if declared is not None
                else b"transfer-encoding: chunked\r\n") + b"\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -671,6 +677,46 @@ def test_a_body_over_the_limit_is_413_at_the_edge_declared_or_streamed(edge_serv
     assert own.startswith(b"HTTP/1.1 413"), own[:200]  # not the app's answer to "gone"
     fits = _raw_post(port, [b"x" * 400] * 2)
     assert fits.startswith(b"HTTP/1.1 200") and b'{"read": 800}' in fits
+
+
+def test_a_request_without_a_valid_key_is_401_at_the_edge_before_its_body(edge_server,
+                                                                          tmp_path, monkeypatch):
+    """Where auth is on, a request with no key, an unknown one or another scheme is answered
+    401 from its headers: its body was read whole into the proxy's queue (its budget shared by
+    every client) and handed to an ingress replica before the ingress refused it. A valid key
+    goes on; probes and CORS preflights need none, as at the ingress."""
+    from services.guard import http_edge
+
+    url, port = edge_server
+    key = "sk-edge-test"
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
+                                              "sha256": digest(key)}]}))
+    monkeypatch.setattr(EDGE["app"], "keys", KeyRing(keys))
+    HELD["take"].set()
+    HELD["release"].set()
+    HELD["seen"].clear()
+    before = EDGE_ANSWERS.value(status="401", code="invalid_api_key")
+    for auth in ({}, {"authorization": "Bearer sk-wrong"}, {"authorization": f"Basic {key}"}):
+        for declared in (50_000_000, None):  # declared, and chunked: nothing of it sent
+            answer = _raw_post(port, [], declared=declared, headers=auth)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+            error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+            assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+            assert b"connection: close" in answer.lower()  # its body unread
+    assert HELD["seen"] == []  # the app never ran
+    assert EDGE_ANSWERS.value(status="401", code="invalid_api_key") == before + 6
+    fits = _raw_post(port, [b"x" * 400] * 2, headers={"authorization": f"Bearer {key}"})
+    assert fits.startswith(b"HTTP/1.1 200") and b'{"read": 800}' in fits
+    monkeypatch.setattr(http_edge, "CORS_ORIGINS", frozenset({"https://app.example"}))
+    for origin, allowed in [("https://app.example", "https://app.example"),
+                            ("https://evil.example", None)]:
+        models = httpx.get(f"{url}/v1/models", headers={"origin": origin}, timeout=10)
+        assert models.status_code == 401  # read by a browser only where CORS allows it
+        assert models.headers.get("access-control-allow-origin") == allowed
+    for method, path in [("GET", "/health"), ("HEAD", "/ready"), ("GET", "/-/healthz"),
+                         ("OPTIONS", "/v1/chat/completions")]:
+        assert httpx.request(method, f"{url}{path}", timeout=10).status_code == 200, path
 
 
 def test_bodies_queued_for_replicas_are_bounded_and_freed_as_replicas_take_them(

@@ -154,6 +154,14 @@ the kubelet kills them (Kubernetes' default, 30 s, cut every longer stream). */}
 {{- $budget := dig "limits" "edge_body_budget_bytes" 1073741824 .Values.stack }}
 - name: SMALL4_EDGE_BODY_BUDGET_BYTES  # bodies the proxy may hold for requests not answered
   value: {{ $budget | int64 | toString | quote }}
+{{- if include "small4.mountedKeys" . }}
+- name: SMALL4_KEYS_FILE  # the proxy refuses a request without a valid key before its body
+  value: {{ .Values.stack.auth.keys_file | quote }}
+- name: SMALL4_KEYS_RELOAD_S
+  value: {{ dig "auth" "reload_s" 5 .Values.stack | toString | quote }}
+- name: SMALL4_CORS_ORIGINS  # its 401 carries the CORS headers the ingress would add
+  value: {{ dig "auth" "cors_origins" list .Values.stack | toJson | quote }}
+{{- end }}
 - name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH  # calls between replicas as large as the
   value: "2147483647"                             # limits allow (cluster.settings)
 # on SIGTERM `ray start --block` marks its node draining and waits this long for it to empty
