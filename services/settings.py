@@ -539,6 +539,10 @@ class WorkerSettings(Strict):
     bootstrap_ports: list[int] = []
 
 
+# `data:image/<type>;base64,`, with room for a long media type
+DATA_URL_HEADER_BYTES = 64
+
+
 class ServiceSettings(Strict):
     """Everything a request-path deployment needs; each deployment reads only its own part."""
 
@@ -561,6 +565,21 @@ class ServiceSettings(Strict):
         missing = sorted(set(self.routing.effort_map.values()) - served)
         if missing:
             raise ValueError(f"no pool serves effort {missing}; add a pool with that effort")
+        return self
+
+    @model_validator(mode="after")
+    def _an_image_fits_in_a_string(self):
+        """An image of `multimodal.images.max_bytes` sent as a `data:` URL (base64, a third
+        longer, behind its header) must be a JSON string `limits.max_string_bytes` allows: the
+        body check runs first, so images between the two were refused as an over-long string,
+        never reaching the image limit the profile set."""
+        image = self.multimodal.images.max_bytes
+        url = DATA_URL_HEADER_BYTES + 4 * -(-image // 3)
+        if url > self.limits.max_string_bytes:
+            raise ValueError(
+                f"multimodal.images.max_bytes: an image of {image} bytes is a data: URL of "
+                f"about {url} bytes, over limits.max_string_bytes ({self.limits.max_string_bytes}"
+                f"): give limits.max_string_bytes at least {url}, or a smaller image limit")
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,39 @@ def test_the_edges_body_budget_must_hold_one_largest_body():
     ok = parse_settings({"limits": {"max_body_bytes": 1000, "edge_body_budget_bytes": 1000}}
                         | NO_AUTH)
     assert ok.limits.edge_body_budget_bytes == 1000
+
+
+def test_an_image_at_the_image_limit_fits_in_a_string_the_body_check_allows():
+    """The body check runs before the image limit: an image limit whose data: URL is over
+    `limits.max_string_bytes` is refused at load (images between the two were refused as an
+    over-long string); at the smallest string limit accepted, the body check takes the URL
+    of an image of exactly that size."""
+    import base64
+    import json
+
+    from services.errors import PayloadTooLarge
+    from services.guard.body import ShapeCheck
+
+    image = 300_000
+    with pytest.raises(SettingsError, match="multimodal.images.max_bytes") as err:
+        parse_settings({"multimodal": {"images": {"max_bytes": image}},
+                        "limits": {"max_string_bytes": image}} | NO_AUTH)
+    floor = int(re.search(r"at least (\d+)", str(err.value)).group(1))
+    with pytest.raises(SettingsError):
+        parse_settings({"multimodal": {"images": {"max_bytes": image}},
+                        "limits": {"max_string_bytes": floor - 1}} | NO_AUTH)
+    settings = parse_settings({"multimodal": {"images": {"max_bytes": image}},
+                               "limits": {"max_string_bytes": floor}} | NO_AUTH)
+    url = "data:image/png;base64," + base64.b64encode(bytes(image)).decode()
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
+    check = ShapeCheck(settings.limits)
+    check.feed(body)
+    check.finish()
+    over = ShapeCheck(settings.limits)  # the bound is the string limit's, not a looser one
+    with pytest.raises(PayloadTooLarge):
+        over.feed(json.dumps({"s": "x" * (floor + 1)}).encode())
+        over.finish()
 
 
 def test_sglang_settings_its_replicas_would_refuse_at_start_are_refused_at_load():
