@@ -167,7 +167,9 @@ def run(args) -> int:
 def from_profile(s: SimSettings, stack) -> SimSettings:
     """`s` with a profile's pools as the simulator models them (the pool of effort `none` as
     `fast`, of `high` as `deep`): their start split, each role's bounds, SLOs, priorities,
-    the GPU budget, the policy's and arbiter's settings and the prefill attempt deadline."""
+    the GPU budget, the policy's and arbiter's settings, the prefill attempt deadline, and its
+    engines' tensor parallelism and batch (still timed as SGLang on H200s: a profile of other
+    engines is refused)."""
     by_effort: dict[str, list] = {}
     for pool in stack.pools.values():
         by_effort.setdefault(pool.effort, []).append(pool)
@@ -175,10 +177,21 @@ def from_profile(s: SimSettings, stack) -> SimSettings:
         efforts = sorted(p.effort for p in stack.pools.values())
         raise ValueError("the simulator models one pool of effort none and one of high; "
                          f"this profile's pools serve {efforts}")
+    if stack.engine.kind != "sglang":
+        raise ValueError("the simulator times SGLang engines on H200 GPUs (autoscaling/"
+                         f"simulator/perf.py); this profile's engines are {stack.engine.kind!r}: "
+                         "its answer would not be this profile's")
     pools = {"fast": by_effort["none"][0], "deep": by_effort["high"][0]}
     roles = {f"{name}/{role}": getattr(pool, role) for name, pool in pools.items()
              for role in ("prefill", "decode")}
+    tp, perf = stack.topology.tensor_parallel, s.perf
     return s.model_copy(update={
+        # the profile's engine: its GPUs (their compute, bandwidth and HBM; the weights split
+        # over them) and its batch
+        "perf": perf.model_copy(update={
+            "gpus_per_engine": tp,
+            "weights_bytes_per_gpu": perf.weights_bytes_per_gpu * perf.gpus_per_engine / tp,
+            "max_running": stack.engine.max_running_requests}),
         "budget_engines": stack.budget_engines(),
         "static_split": {k: r.replicas for k, r in roles.items()},
         "bounds": {k: (r.lowest, r.highest) for k, r in roles.items()},

@@ -232,6 +232,25 @@ def test_small4_simulate_runs_a_profiles_split_bounds_and_slos(tmp_path, capsys)
 
     s = from_profile(SimSettings(), load_settings(path))
     assert _bounds(s, ("fast", "decode")) == {"min_replicas": 1, "max_replicas": 4}
+    assert (s.perf.gpus_per_engine, s.perf.max_running) == (2, 128)  # the profile's engine
+    assert s.perf.kv_capacity_tokens == SimSettings().perf.kv_capacity_tokens
+    # TP4 engines: twice the compute per engine, the weights over four GPUs (more room for KV)
+    tp4 = copy.deepcopy(profile)
+    tp4["topology"] |= {"tensor_parallel": 4, "nodes": 4}
+    for pool in tp4["pools"].values():
+        for role in ("prefill", "decode"):
+            pool[role]["num_gpus"] = 4
+    tp4["engine"]["max_running_requests"] = 256
+    wide = from_profile(SimSettings(), load_settings(write(tmp_path, "tp4.yaml",
+                                                           yaml.safe_dump(tp4))))
+    assert (wide.perf.gpus_per_engine, wide.perf.max_running) == (4, 256)
+    assert wide.perf.prefill_flops_per_s == 2 * s.perf.prefill_flops_per_s
+    assert wide.perf.kv_capacity_tokens > 2 * s.perf.kv_capacity_tokens
+    # a profile of CPU engines would be planned as if it had H200s: refused
+    cpu = write(tmp_path, "cpu.yaml", (ROOT / "cluster" / "profiles" / "local.yaml").read_text())
+    capsys.readouterr()
+    assert main(["simulate", "--config", str(cpu), "--kind", "steady"]) == 2
+    assert "times SGLang engines on H200 GPUs" in capsys.readouterr().err
     both = copy.deepcopy(profile) | {"routing": {"effort_map": {"none": "none"},
                                                  "default_effort": "none"}}
     both["pools"]["deep"]["effort"] = "none"  # two pools of one effort: not what it models
