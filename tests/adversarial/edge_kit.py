@@ -31,7 +31,8 @@ def edge_profile(keys_file: str) -> dict:
         "pools": {"fast": {"effort": "none", "prefill": node, "decode": node},
                   "deep": {"effort": "high", "prefill": node, "decode": node}},
         "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 10},
-        "multimodal": node,
+        # an image's data: URL within a string the limits allow (settings refuse it otherwise)
+        "multimodal": node | {"images": {"max_bytes": 512 * 1024}},
         "limits": {"max_body_bytes": 4 * 1024 * 1024, "max_string_bytes": 1024 * 1024,
                    "body_idle_timeout_s": 1.0, "body_timeout_s": 20.0,
                    "max_uploads": 6, "max_uploads_per_key": 3, "upload_wait_s": 0.3},
