@@ -137,10 +137,14 @@ def cmd_up(args) -> int:
         os.environ.setdefault("SMALL4_MAX_BODY_BYTES", str(settings.limits.max_body_bytes))
         os.environ.setdefault("SMALL4_EDGE_BODY_BUDGET_BYTES",
                               str(settings.limits.edge_body_budget_bytes))
-        if settings.auth.enabled:  # ... and refuses a request without a key before its body
-            os.environ.setdefault("SMALL4_KEYS_FILE", str(settings.auth.keys_file.resolve()))
-            os.environ.setdefault("SMALL4_KEYS_RELOAD_S", repr(settings.auth.reload_s))
-            os.environ.setdefault("SMALL4_CORS_ORIGINS", json.dumps(settings.auth.cors_origins))
+        # ... and refuses a request without a key before its body, with this profile's keys
+        # (never a file left in the environment: it would refuse keys the ingress takes)
+        for name in ("SMALL4_KEYS_FILE", "SMALL4_KEYS_RELOAD_S", "SMALL4_CORS_ORIGINS"):
+            os.environ.pop(name, None)
+        if settings.auth.enabled:
+            os.environ["SMALL4_KEYS_FILE"] = str(settings.auth.keys_file.resolve())
+            os.environ["SMALL4_KEYS_RELOAD_S"] = repr(settings.auth.reload_s)
+            os.environ["SMALL4_CORS_ORIGINS"] = json.dumps(settings.auth.cors_origins)
         # ... and the replicas take a call as large as the stack's limits allow
         from cluster.settings import REPLICA_MESSAGE_BYTES
 

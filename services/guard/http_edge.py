@@ -19,11 +19,12 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   `limits.write_stall_s` does this where it owns the socket: a direct-ingress replica);
 - `EdgeErrors` bounds request bodies before any replica sees them: Serve's proxy reads a body
   whole into an unbounded queue as soon as the request arrives, while the request waits for an
-  ingress replica (and before its key is checked), so the ingress's own body limits came too
-  late to bound the proxy's memory. A declared or streamed body over `MAX_BODY_BYTES` (the
-  stack's `limits.max_body_bytes`) is answered 413; in Serve's proxy, body bytes queued for
-  replicas that have not taken them yet may be at most `BODY_BUDGET_BYTES`
-  (`limits.edge_body_budget_bytes`) per proxy: a body that would pass it is answered 503
+  ingress replica (before its key is checked, where the edge checks none), so the ingress's
+  own body limits came too late to bound the proxy's memory. A declared or streamed body over
+  `MAX_BODY_BYTES` (the stack's `limits.max_body_bytes`) is answered 413; in Serve's proxy,
+  body bytes queued for replicas that have not taken them yet may be at most
+  `BODY_BUDGET_BYTES` (`limits.edge_body_budget_bytes`) per proxy: a body that would pass it
+  is answered 503
   (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
   limits: there is no queue to bound.) Serve's `x-request-disconnect-disabled` header is
   dropped: a refused request must be cancelled, its queued body with it;
@@ -32,10 +33,13 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   re-reads it): the body would otherwise be read whole, queued and handed to an ingress replica
   before the ingress's own check refused it, so a client with no key could fill the proxy's
   body budget (503 for everyone) and the ingress replicas' memory. The ingress still checks
-  every key (and its quota): this check only moves a refusal earlier. Probes (`/health`,
-  `/ready`, Serve's `/-/` routes) and CORS preflights need no key, as at the ingress; the 401
+  every key (and its quota): this check only moves a refusal earlier. A probe's read (GET or
+  HEAD of `/health`, `/ready`, Serve's `/-/healthz` and `/-/routes`) and a CORS preflight need
+  no key, as at the ingress; nothing with a body is let through without one. The 401
   carries the CORS headers the ingress would add (`SMALL4_CORS_ORIGINS`: `auth.cors_origins`),
-  so a browser shows it, not a CORS failure;
+  so a browser shows it, not a CORS failure. An answer sent before the body was read (this
+  401, a declared body's 413) is followed by a lingering close (`LINGER_S`): the rest of the
+  body is read and dropped, so a client still sending it reads the answer, not a reset;
 - `EdgeErrors` also makes every answer the proxy itself writes an OpenAI-style JSON error (its own
   503/408/429 texts, and uvicorn's plain-text 500 when the ingress died before answering), and
   ends an event stream that was cut (the ingress replica died or was stopped mid-stream) with
@@ -63,6 +67,8 @@ log = logging.getLogger("small4.edge")
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
+# how long a connection answered before its body was read goes on reading (and dropping) it
+LINGER_S = 5.0
 # the stack's `limits.write_stall_s`: the proxy reads no settings, `small4 up` and the chart
 # pass it in the environment
 WRITE_STALL_S = float(os.environ.get("SMALL4_WRITE_STALL_S", "30"))
@@ -173,6 +179,7 @@ class _HeadLimit:
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = _LingeringClose(transport, self)  # what the request cycles close
         self._await_head()
         # a connection that never sends a byte gets the head's deadline too (uvicorn times a
         # connection out only between requests, once one was answered)
@@ -230,6 +237,7 @@ class _HeadLimit:
     def connection_lost(self, exc) -> None:
         self._stop_head_timer()
         self._stop_stall_timer()
+        self.transport.lost()
         super().connection_lost(exc)
 
     # ---- a response its client stopped reading ----------------------------------------
@@ -261,6 +269,42 @@ class _HeadLimit:
             log.warning("a client read nothing of its response for %g s: closing it",
                         WRITE_STALL_S)
             self.transport.abort()
+
+
+class _LingeringClose:
+    """A connection's transport whose `close` lingers while its request's body is unread (an
+    answer sent from the headers alone: 401, 413): closing a socket with unread bytes makes
+    the kernel reset the connection, and a client still sending its body sees the reset, not
+    the answer. Instead the answer goes out with a FIN, what the client still sends is read
+    and dropped, and the socket closes when the client closes it or after `LINGER_S`."""
+
+    def __init__(self, transport, protocol):
+        self._raw, self._protocol = transport, protocol
+        self._timer = None
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+    def is_closing(self) -> bool:
+        return self._timer is not None or self._raw.is_closing()
+
+    def close(self) -> None:
+        cycle = getattr(self._protocol, "cycle", None)
+        unread = cycle is not None and getattr(cycle, "more_body", False)
+        if (self._timer is not None or self._raw.is_closing() or not unread
+                or not self._raw.can_write_eof()):
+            if self._timer is None:
+                self._raw.close()
+            return
+        self._raw.write_eof()  # after the answer still buffered
+        self._timer = self._protocol.loop.call_later(LINGER_S, self._raw.close)
+        flow = getattr(self._protocol, "flow", None)
+        if flow is not None:  # paused at uvicorn's buffer limit: read on, dropping it
+            flow.resume_reading()
+
+    def lost(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 try:
@@ -315,11 +359,12 @@ class EdgeErrors:
         declared = _content_length(scope)
         if declared is not None and declared > MAX_BODY_BYTES:
             return await _send_json_error(send, 413, _too_large(declared), _CLOSE)
-        if self.keys is not None and _needs_key(scope):
+        body = _has_body(scope, declared)
+        if self.keys is not None and _needs_key(scope, body):
             try:
                 self.keys.authenticate(_header(scope, b"authorization"))
             except Unauthorized as exc:  # its body unread: the connection cannot go on
-                extra = _cors(scope) | (_CLOSE if _has_body(scope, declared) else {})
+                extra = _cors(scope) | (_CLOSE if body else {})
                 return await _send_json_error(send, exc.status, exc.message, extra,
                                               code=exc.code)
         scope["headers"] = [(k, v) for k, v in scope.get("headers", ())
@@ -435,13 +480,20 @@ def _cors(scope) -> dict[bytes, bytes]:
     return {b"access-control-allow-origin": allowed, b"vary": b"Origin"}
 
 
-def _needs_key(scope) -> bool:
-    """Whether the ingress would ask this request for a key: not a probe (its own, or Serve's
-    `/-/` routes, which its proxy answers itself) nor a CORS preflight."""
-    if scope.get("method") == "OPTIONS":
+# what needs no key: the ingress's probes and Serve's own (its proxy answers `/-/` itself)
+_PROBES = frozenset({"/health", "/ready", "/-/healthz", "/-/routes"})
+
+
+def _needs_key(scope, has_body: bool) -> bool:
+    """Whether this request must carry a valid key at the edge: all but a probe read (GET or
+    HEAD of a probe's exact path) and a CORS preflight, and never one with a body (whatever
+    its path or method, the proxy would queue that body for an ingress replica)."""
+    if has_body:
+        return True
+    method = scope.get("method")
+    if method == "OPTIONS":
         return False
-    path = scope.get("path", "").rstrip("/")
-    return not (path.startswith("/-/") or path.endswith(("/health", "/ready")))
+    return not (method in ("GET", "HEAD") and scope.get("path", "") in _PROBES)
 
 
 def _content_length(scope) -> int | None:

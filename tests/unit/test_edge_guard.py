@@ -717,6 +717,34 @@ def test_a_request_without_a_valid_key_is_401_at_the_edge_before_its_body(edge_s
     for method, path in [("GET", "/health"), ("HEAD", "/ready"), ("GET", "/-/healthz"),
                          ("OPTIONS", "/v1/chat/completions")]:
         assert httpx.request(method, f"{url}{path}", timeout=10).status_code == 200, path
+    # ... but nothing with a body, whatever its path or method, nor a path merely like a probe
+    for method, path in [("POST", "/health"), ("POST", "/-/anything"), ("OPTIONS", "/ready"),
+                         ("PUT", "/v1/chat/completions/health")]:
+        assert httpx.request(method, f"{url}{path}", content=b"x" * 100,
+                             timeout=10).status_code == 401, (method, path)
+    assert httpx.get(f"{url}/v1/chat/completions/health", timeout=10).status_code == 401
+
+
+def test_a_client_still_sending_its_body_reads_the_edges_answer_not_a_reset(
+        edge_server, tmp_path, monkeypatch):
+    """The edge answers a keyless request from its headers; a client sending a body of
+    megabytes is still writing when the answer comes. Closing a socket with unread bytes
+    resets it, and the client saw a connection error, not the 401: the edge sends its answer,
+    reads and drops the rest of the body, and closes once the client has it."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
+                                              "sha256": digest("sk-real")}]}))
+    monkeypatch.setattr(EDGE["app"], "keys", KeyRing(keys))
+    _, port = edge_server
+    body = b"x" * (8 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\n"
+                     + f"content-length: {len(body)}\r\n\r\n".encode())
+        sock.sendall(body)  # whole: the server read (and dropped) it after answering
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b'"invalid_api_key"' in answer
 
 
 def test_bodies_queued_for_replicas_are_bounded_and_freed_as_replicas_take_them(
