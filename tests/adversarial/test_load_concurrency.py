@@ -132,7 +132,8 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack, metrics_
                           for a in ray.util.list_named_actors(all_namespaces=True)
                           if f"{load_stack.app}#fast-decode#" in a["name"])
         assert len(replicas) == 2, replicas
-        busiest = await asyncio.to_thread(busiest_decode, metrics_url, load_stack.app)
+        live = [name.rsplit("#", 1)[1] for name, _ in replicas]
+        busiest = await asyncio.to_thread(busiest_decode, metrics_url, load_stack.app, live)
         victim = next((r for r in replicas if busiest and r[0].endswith(f"#{busiest}")),
                       replicas[0])
         ray.kill(ray.get_actor(*victim), no_restart=True)
@@ -151,11 +152,13 @@ def test_image_streams_cut_by_a_dying_decode_replica_resume(load_stack, metrics_
         pytest.skip("the killed replica held no stream: nothing was resumed")
 
 
-def busiest_decode(metrics_url: str, app: str, within_s: float = 4.0) -> str | None:
-    """The fast pool's decode replica (its Serve replica id) with the most calls under way, as
-    Serve's own gauge has them in Ray's exporter (a second or two behind); None if none shows
-    one in time. Serve's router, its queue-length cache stale at a burst's start, sent every
-    stream to one replica in two CI runs: killing the other resumed nothing."""
+def busiest_decode(metrics_url: str, app: str, live: list[str],
+                   within_s: float = 4.0) -> str | None:
+    """Of the `live` decode replicas of the fast pool (Serve replica ids), the one with the
+    most calls under way, as Serve's own gauge has them in Ray's exporter (a second or two
+    behind; replicas gone before keep their last value there); None if none shows one in
+    time. Serve's router, its queue-length cache stale at a burst's start, sent every stream
+    to one replica in two CI runs: killing the other resumed nothing."""
     import re
 
     import httpx
@@ -167,7 +170,7 @@ def busiest_decode(metrics_url: str, app: str, within_s: float = 4.0) -> str | N
             if (line.startswith("ray_serve_replica_processing_queries{")
                     and 'deployment="fast-decode"' in line and f'application="{app}"' in line):
                 replica = re.search(r'replica="([^"]+)"', line)
-                if replica:
+                if replica and replica.group(1) in live:
                     counts[replica.group(1)] = float(re.split(r"\s+", line.strip())[-1])
         if counts and max(counts.values()) > 0:
             return max(counts, key=counts.get)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from bench import ports
 
 
 def test_a_free_port_lies_between_rays_worker_ports_and_the_ephemeral_range():
     start = ports.ephemeral_start()
+    if start <= 20001:
+        pytest.skip(f"the ephemeral range starts at {start}: no room below it")
     for _ in range(20):
         port = ports.free_port()
         assert 20000 <= port < start
