@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -97,15 +98,38 @@ def install() -> list[Middleware]:
     return [Middleware(EdgeErrors, proxy=proxy, keys=edge_keys())]
 
 
-def edge_keys() -> KeyRing | None:
-    """The key ring of `SMALL4_KEYS_FILE`, or None (no file named; or it cannot be read here,
-    said in the log: the ingress, which refuses to start on such a file, still checks keys)."""
+def edge_keys() -> KeyRing | _LateKeys | None:
+    """The key ring of `SMALL4_KEYS_FILE`, or None where no file is named. A file that cannot
+    be read yet is tried again every `KEYS_RELOAD_S`, requests passing meanwhile (said in the
+    log; the ingress, which refuses to start on such a file, still checks every key)."""
     if KEYS_FILE is None:
         return None
-    try:
-        return KeyRing(KEYS_FILE, KEYS_RELOAD_S)
-    except ValueError as exc:
-        log.error("the edge checks no API keys: %s", exc)
+    late = _LateKeys(KEYS_FILE, KEYS_RELOAD_S)
+    return late.ring or late
+
+
+class _LateKeys:
+    """A keys file the edge could not read: read again at most every `reload_s`; until it is,
+    no key is refused here."""
+
+    def __init__(self, path: str, reload_s: float, clock=time.monotonic):
+        self.path, self.reload_s, self.clock = path, reload_s, clock
+        self.ring: KeyRing | None = None
+        self.tried = float("-inf")
+        self._try()
+
+    def _try(self) -> None:
+        self.tried = self.clock()
+        try:
+            self.ring = KeyRing(self.path, self.reload_s)
+        except ValueError as exc:
+            log.error("the edge checks no API keys until its keys file can be read: %s", exc)
+
+    def authenticate(self, authorization: str | None):
+        if self.ring is None and self.clock() - self.tried >= self.reload_s:
+            self._try()
+        if self.ring is not None:
+            return self.ring.authenticate(authorization)
         return None
 
 
@@ -344,7 +368,7 @@ class EdgeErrors:
     edge's own answers as OpenAI-style JSON errors, and a cut event stream ended with an SSE
     error event."""
 
-    def __init__(self, app, proxy: bool = False, keys: KeyRing | None = None):
+    def __init__(self, app, proxy: bool = False, keys: KeyRing | _LateKeys | None = None):
         self.app = app
         self.proxy = proxy  # Serve's proxy: bodies wait in its queue, bounded by the budget
         self.keys = keys  # where auth is on: a request without a valid key is refused here

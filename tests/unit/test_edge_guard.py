@@ -23,7 +23,7 @@ from bench.ports import free_port
 from services.api.http_errors import error_response
 from services.api.schemas import parse_chat_request
 from services.errors import (InvalidRequest, PayloadTooLarge, RateLimited, RequestAborted,
-                             StackError, UnsupportedMediaType, from_exception)
+                             StackError, Unauthorized, UnsupportedMediaType, from_exception)
 from services.guard.body import ShapeCheck, check_encoding, parse_json
 from services.guard.keys import KeyRing, Principal, digest
 from services.guard.quotas import Quotas
@@ -723,6 +723,28 @@ def test_a_request_without_a_valid_key_is_401_at_the_edge_before_its_body(edge_s
         assert httpx.request(method, f"{url}{path}", content=b"x" * 100,
                              timeout=10).status_code == 401, (method, path)
     assert httpx.get(f"{url}/v1/chat/completions/health", timeout=10).status_code == 401
+
+
+def test_a_keys_file_the_edge_cannot_read_yet_is_read_once_it_can_be(tmp_path, monkeypatch):
+    """A proxy that started before its keys file could be read checked no key for its whole
+    life; it now tries again every reload period (letting requests through meanwhile: the
+    ingress checks every key) and refuses keyless requests once it has the file."""
+    from services.guard import http_edge
+
+    path = tmp_path / "keys.yaml"
+    monkeypatch.setattr(http_edge, "KEYS_FILE", str(path))
+    monkeypatch.setattr(http_edge, "KEYS_RELOAD_S", 0.05)
+    keys = http_edge.edge_keys()
+    assert keys is not None
+    keys.authenticate(None)  # not readable yet: no refusal here
+    path.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
+                                              "sha256": digest("sk-late")}]}))
+    time.sleep(0.1)
+    with pytest.raises(Unauthorized):
+        keys.authenticate(None)
+    assert keys.authenticate("Bearer sk-late").tenant == "t"
+    monkeypatch.setattr(http_edge, "KEYS_FILE", None)
+    assert http_edge.edge_keys() is None
 
 
 def test_a_client_still_sending_its_body_reads_the_edges_answer_not_a_reset(
