@@ -24,8 +24,7 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   `MAX_BODY_BYTES` (the stack's `limits.max_body_bytes`) is answered 413; in Serve's proxy,
   body bytes queued for replicas that have not taken them yet may be at most
   `BODY_BUDGET_BYTES` (`limits.edge_body_budget_bytes`) per proxy: a body that would pass it
-  is answered 503
-  (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
+  is answered 503 (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
   limits: there is no queue to bound.) Serve's `x-request-disconnect-disabled` header is
   dropped: a refused request must be cancelled, its queued body with it;
 - `EdgeErrors` answers a request without a valid API key 401 before any of its body is read,
@@ -98,19 +97,15 @@ def install() -> list[Middleware]:
     return [Middleware(EdgeErrors, proxy=proxy, keys=edge_keys())]
 
 
-def edge_keys() -> KeyRing | _LateKeys | None:
-    """The key ring of `SMALL4_KEYS_FILE`, or None where no file is named. A file that cannot
-    be read yet is tried again every `KEYS_RELOAD_S`, requests passing meanwhile (said in the
-    log; the ingress, which refuses to start on such a file, still checks every key)."""
-    if KEYS_FILE is None:
-        return None
-    late = _LateKeys(KEYS_FILE, KEYS_RELOAD_S)
-    return late.ring or late
+def edge_keys() -> EdgeKeys | None:
+    """The keys of `SMALL4_KEYS_FILE`, or None where no file is named."""
+    return None if KEYS_FILE is None else EdgeKeys(KEYS_FILE, KEYS_RELOAD_S)
 
 
-class _LateKeys:
-    """A keys file the edge could not read: read again at most every `reload_s`; until it is,
-    no key is refused here."""
+class EdgeKeys:
+    """The edge's key ring. A file that cannot be read yet is read again at most every
+    `reload_s`, no key refused here meanwhile (said in the log; the ingress, which refuses to
+    start on such a file, still checks every key)."""
 
     def __init__(self, path: str, reload_s: float, clock=time.monotonic):
         self.path, self.reload_s, self.clock = path, reload_s, clock
@@ -368,7 +363,7 @@ class EdgeErrors:
     edge's own answers as OpenAI-style JSON errors, and a cut event stream ended with an SSE
     error event."""
 
-    def __init__(self, app, proxy: bool = False, keys: KeyRing | _LateKeys | None = None):
+    def __init__(self, app, proxy: bool = False, keys: EdgeKeys | KeyRing | None = None):
         self.app = app
         self.proxy = proxy  # Serve's proxy: bodies wait in its queue, bounded by the budget
         self.keys = keys  # where auth is on: a request without a valid key is refused here
@@ -521,13 +516,11 @@ def _needs_key(scope, has_body: bool) -> bool:
 
 
 def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:  # the HTTP parser refuses it before an app is called
-                return None
-    return None
+    value = _header(scope, b"content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:  # the HTTP parser refuses it before an app is called
+        return None
 
 
 def _too_large(size: int) -> str:
