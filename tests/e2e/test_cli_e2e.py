@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from bench.ports import free_port
-from services.guard.keys import digest
 from tests.e2e.conftest import SIM_PROFILE
+from tests.keyfiles import write_keys
 
 pytestmark = pytest.mark.ray
 
@@ -68,8 +68,7 @@ def up(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("up")
     keys = folder / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"name": "e2e", "tenant": "e2e",
-                                              "sha256": digest(KEY)}]}))
+    write_keys(keys, {KEY: {"name": "e2e", "tenant": "e2e"}})
     profile = SIM_PROFILE | {"profile": "cli-e2e",
                              "auth": {"enabled": True, "keys_file": str(keys)},
                              "ray": {"num_cpus": 2, "object_store_mb": 128,

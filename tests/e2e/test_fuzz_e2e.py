@@ -22,7 +22,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
 from tests.e2e.conftest import SIM_PROFILE, deployed
-from tests.e2e.test_reliability_e2e import write_keys
+from tests.keyfiles import write_keys
 
 pytestmark = pytest.mark.ray
 

@@ -15,7 +15,7 @@ from openai import OpenAI
 
 from services.settings import PrefixRoutingSettings
 from tests.e2e.conftest import SIM_PROFILE, deployed
-from tests.e2e.test_reliability_e2e import write_keys
+from tests.keyfiles import write_keys
 
 pytestmark = pytest.mark.ray
 

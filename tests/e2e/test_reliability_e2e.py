@@ -13,10 +13,9 @@ import time
 
 import httpx
 import pytest
-import yaml
 
-from services.guard.keys import digest
 from tests.e2e.conftest import SIM_PROFILE, deploy, deployed, undeploy, wait_ready
+from tests.keyfiles import write_keys
 
 pytestmark = pytest.mark.ray
 
@@ -52,11 +51,6 @@ def guard_profile(keys_file) -> dict:
         "multimodal": {"num_cpus": 0.05},
         "limits": {"max_body_bytes": 200_000, "max_json_depth": 16},
     }
-
-
-def write_keys(path, keys: dict) -> None:
-    entries = [{"sha256": digest(k)} | v for k, v in keys.items()]
-    path.write_text(yaml.safe_dump({"keys": entries}))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import ClientDisconnect
@@ -30,6 +29,7 @@ from services.guard.quotas import Quotas
 from services.guard.uploads import Uploads
 from services.settings import LimitSettings, QuotaSettings
 from services.telemetry.metrics import EDGE_ANSWERS
+from tests.keyfiles import write_keys
 
 SMALL = LimitSettings(max_string_bytes=40, max_json_depth=4, max_json_values=12)
 _REFERENCE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -690,8 +690,7 @@ def test_a_request_without_a_valid_key_is_401_at_the_edge_before_its_body(edge_s
     url, port = edge_server
     key = "sk-edge-test"
     keys = tmp_path / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
-                                              "sha256": digest(key)}]}))
+    write_keys(keys, {key: {"name": "a", "tenant": "t"}})
     monkeypatch.setattr(EDGE["app"], "keys", KeyRing(keys))
     HELD["take"].set()
     HELD["release"].set()
@@ -737,8 +736,7 @@ def test_a_keys_file_the_edge_cannot_read_yet_is_read_once_it_can_be(tmp_path, m
     keys = http_edge.edge_keys()
     assert keys is not None
     keys.authenticate(None)  # not readable yet: no refusal here
-    path.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
-                                              "sha256": digest("sk-late")}]}))
+    write_keys(path, {"sk-late": {"name": "a", "tenant": "t"}})
     time.sleep(0.1)
     with pytest.raises(Unauthorized):
         keys.authenticate(None)
@@ -754,8 +752,7 @@ def test_a_client_still_sending_its_body_reads_the_edges_answer_not_a_reset(
     resets it, and the client saw a connection error, not the 401: the edge sends its answer,
     reads and drops the rest of the body, and closes once the client has it."""
     keys = tmp_path / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"name": "a", "tenant": "t",
-                                              "sha256": digest("sk-real")}]}))
+    write_keys(keys, {"sk-real": {"name": "a", "tenant": "t"}})
     monkeypatch.setattr(EDGE["app"], "keys", KeyRing(keys))
     _, port = edge_server
     body = b"x" * (8 * 1024 * 1024)
