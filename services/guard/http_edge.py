@@ -24,8 +24,9 @@ names it (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=services.guard.http_edge:in
   `MAX_BODY_BYTES` (the stack's `limits.max_body_bytes`) is answered 413; in Serve's proxy,
   body bytes queued for replicas that have not taken them yet may be at most
   `BODY_BUDGET_BYTES` (`limits.edge_body_budget_bytes`) per proxy: a body that would pass it
-  is answered 503 (retry), never waited for. (A direct ingress reads its bodies itself, under its own upload
-  limits: there is no queue to bound.) Serve's `x-request-disconnect-disabled` header is
+  is answered 503 (retry), never waited for. (A direct ingress reads its bodies itself,
+  under its own upload limits: there is no queue to bound.) Serve's
+  `x-request-disconnect-disabled` header is
   dropped: a refused request must be cancelled, its queued body with it;
 - `EdgeErrors` answers a request without a valid API key 401 before any of its body is read,
   where auth is on (`SMALL4_KEYS_FILE`: the stack's `auth.keys_file`, re-read as the ingress
