@@ -105,6 +105,7 @@ class Simulation:
     def _arrive(self, request: Request, now: float) -> None:
         key = (request.pool, "prefill")
         self.windows[key].arrived(request.prompt)
+        self.windows[(request.pool, "decode")].arrived(request.prompt)
         self.queues[key].append(request)
         self._kick_prefill(key, now)
 
@@ -144,7 +145,6 @@ class Simulation:
         for r in batch:
             prefill_window.prefilled(r.prompt, busy, started - r.arrival, now - r.arrival,
                                      engine=id(slot))
-            decode_window.arrived(r.prompt)
             self.streams[r.rid] = decode_window.stream()
         self.queues[decode_key].extend(batch)
         if slot.phase == "draining":
@@ -233,6 +233,7 @@ class Simulation:
         self.resumed += 1
         key = (request.pool, "prefill")
         self.windows[key].arrived(rest.prompt)
+        self.windows[(request.pool, "decode")].arrived(rest.prompt)
         self.queues[key].appendleft(rest)
 
     def _tick(self, now: float) -> None:

@@ -109,6 +109,39 @@ def test_a_stream_on_a_decode_engine_that_outlives_its_drain_is_resumed_on_anoth
     assert resumed.finish > undisturbed.finish
 
 
+class Recording:
+    """A controller that keeps the split and records what each role reported at each tick."""
+
+    name = "recording"
+
+    def __init__(self, split):
+        self.split, self.seen = split, []
+
+    def targets(self, now, metrics):
+        self.seen.append((now, metrics))
+        return self.split
+
+
+def test_decode_counts_a_request_when_it_arrives_not_when_prefill_lets_it_through():
+    """In production (SGLang's PD) the ingress opens the decode leg with the request, so
+    decode reports an arrival before the prompt is prefilled: a prefill backlog must not hide
+    the decode work behind it from the policy (it would give decode's engines to prefill, then
+    take them back a cold start later)."""
+    from autoscaling.simulator.sim import Simulation
+
+    split = {FP: 1, FD: 1, DP: 1, DD: 1}
+    # 40 long prompts in 10 s: one prefill engine has prefilled a handful when the report runs
+    requests = [Request(i, "fast", i * 0.25, 120_000, 200) for i in range(40)]
+    recording = Recording(split)
+    Simulation(requests, recording, PERF, budget=4, initial=split, duration_s=12.0,
+               grace_s=0.0).run()
+    now, metrics = recording.seen[-1]
+    prefill, decode = metrics[FP], metrics[FD]
+    assert prefill.queued_requests > 10  # the backlog is real
+    assert prefill.arrival_requests_per_s > 0
+    assert decode.arrival_requests_per_s == pytest.approx(prefill.arrival_requests_per_s)
+
+
 def test_traces_follow_their_shapes():
     w = Workload()
     step = make_trace("step", 30.0, w)
