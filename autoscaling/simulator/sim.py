@@ -105,7 +105,7 @@ class Simulation:
     def _arrive(self, request: Request, now: float) -> None:
         key = (request.pool, "prefill")
         self.windows[key].arrived(request.prompt)
-        self.windows[(request.pool, "decode")].arrived(request.prompt)
+        self._decode_leg(request)
         self.queues[key].append(request)
         self._kick_prefill(key, now)
 
@@ -129,7 +129,7 @@ class Simulation:
             return
         while queue and now - queue[0].arrival > (self.prefill_timeout_s
                                                   + queue[0].prompt / self.prefill_floor):
-            _abort(queue.popleft())
+            self._fail(queue.popleft())
 
     def _prefill_done(self, now: float, slot: Slot, epoch: int) -> None:
         if slot.epoch != epoch:
@@ -141,11 +141,10 @@ class Simulation:
         self.busy_s += busy
         pool = slot.key[0]
         decode_key = (pool, "decode")
-        prefill_window, decode_window = self.windows[slot.key], self.windows[decode_key]
+        prefill_window = self.windows[slot.key]
         for r in batch:
             prefill_window.prefilled(r.prompt, busy, started - r.arrival, now - r.arrival,
                                      engine=id(slot))
-            self.streams[r.rid] = decode_window.stream()
         self.queues[decode_key].extend(batch)
         if slot.phase == "draining":
             self._release(slot, now)
@@ -217,7 +216,7 @@ class Simulation:
                 self._kick_prefill((slot.key[0], "prefill"), now)
         else:
             for request in slot.engine.finish(now):
-                _abort(request)
+                self._fail(request)
         self._release(slot, now)
 
     def _resume(self, request: Request, generated: int, now: float) -> None:
@@ -233,8 +232,22 @@ class Simulation:
         self.resumed += 1
         key = (request.pool, "prefill")
         self.windows[key].arrived(rest.prompt)
-        self.windows[(request.pool, "decode")].arrived(rest.prompt)
+        self._decode_leg(rest)
         self.queues[key].appendleft(rest)
+
+    def _decode_leg(self, request: Request) -> None:
+        """Decode's side of a request arriving at its pool: under SGLang's PD the ingress opens
+        the decode leg with the request, and the decode worker counts the arrival and starts
+        following its stream then, before the prompt is prefilled."""
+        window = self.windows[(request.pool, "decode")]
+        window.arrived(request.prompt)
+        self.streams[request.rid] = window.stream()
+
+    def _fail(self, request: Request) -> None:
+        """A request failed before decoding: its decode leg ends having sent nothing."""
+        if (stream := self.streams.pop(request.rid, None)) is not None:
+            stream.ended(0)
+        _abort(request)
 
     def _tick(self, now: float) -> None:
         metrics = {k: self._metrics(k, now) for k in self.keys}

@@ -142,6 +142,23 @@ def test_decode_counts_a_request_when_it_arrives_not_when_prefill_lets_it_throug
     assert decode.arrival_requests_per_s == pytest.approx(prefill.arrival_requests_per_s)
 
 
+def test_decode_follows_a_stream_from_its_arrival_and_ends_it_when_prefill_gives_up():
+    """Production's decode worker starts following a stream when its leg opens (for the
+    answer length of the work arriving) and ends it at nothing sent when the leg fails; the
+    simulator does the same for requests that expire in the prefill queue."""
+    from autoscaling.simulator.sim import Simulation
+
+    split = {FP: 1, FD: 1, DP: 1, DD: 1}
+    requests = [Request(i, "fast", i * 0.25, 120_000, 200) for i in range(40)]
+    sim = Simulation(requests, Recording(split), PERF, budget=4, initial=split,
+                     duration_s=12.0, grace_s=0.0, prefill_deadline=(2.0, 1e9))
+    sim.run()
+    streams = list(sim.windows[FD].streams)
+    aborted = [r for r in requests if r.aborted]
+    assert aborted and len(streams) == len(requests)  # one per arrival, prefilled or not
+    assert sum(s.output == 0 for s in streams) == len(aborted)
+
+
 def test_traces_follow_their_shapes():
     w = Workload()
     step = make_trace("step", 30.0, w)
