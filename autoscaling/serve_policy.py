@@ -35,13 +35,16 @@ from autoscaling.policy import (PolicySettings, PolicyState, SharedPolicySetting
 POLICY_PATH = "autoscaling.serve_policy:ServePolicy"
 SUMMED = ("queued_requests", "running_requests", "kv_tokens_used", "arrival_requests_per_s",
           "arrival_prompt_tokens_per_s", "generated_tokens_per_s", "slo_met", "slo_total")
-PER_REPLICA = ("max_running_per_replica", "kv_capacity_per_replica", "prefill_tokens_per_s")
+PER_REPLICA = ("max_running_per_replica", "kv_capacity_per_replica")
 # a replica's mean over its own few requests, pooled weighted by them (the simulator keeps one
 # window per role, which is that pooled mean): the largest of 8 replicas' means of a handful of
-# answers each read 1.3-1.7x high, and a replica with none reports 0, which is not a mean
+# answers each read 1.3-1.7x high, and a replica with none reports 0, which is not a mean.
+# A prefill rate is pooled by the busy seconds behind it (the role's tokens over its busy time):
+# the largest replica's, from a few big batches, read the role's capacity high and its wish low
 POOLED = {"decode_residency_s": "slo_total",  # decode: one per request that left in the window
           "mean_output_tokens": "finished_outputs",
-          "arriving_output_tokens": "arriving_streams"}
+          "arriving_output_tokens": "arriving_streams",
+          "prefill_tokens_per_s": "prefill_busy_s"}
 WORST = ("latency_p90_s", "queue_wait_p90_s")
 _log = logging.getLogger("small4.autoscaling")
 FAILURE_LOG_S = 60.0  # a policy that keeps failing logs it once a minute
@@ -128,7 +131,7 @@ def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: i
         queued_prompt_tokens=int(summed["queued_requests"] * mean_prompt),
         arrival_requests_per_s=arrivals,
         arrival_prompt_tokens_per_s=summed["arrival_prompt_tokens_per_s"],
-        prefill_tokens_per_s=per_replica["prefill_tokens_per_s"],
+        prefill_tokens_per_s=pooled["prefill_tokens_per_s"],
         running_requests=int(summed["running_requests"]),
         max_running_per_replica=int(per_replica["max_running_per_replica"]),
         decode_residency_s=pooled["decode_residency_s"],

@@ -122,6 +122,7 @@ class LoadReport:
     arrival_requests_per_s: float = 0.0
     arrival_prompt_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0  # per busy second; 0 when nothing was prefilled
+    prefill_busy_s: float = 0.0  # the busy seconds behind it (replicas pool by them)
     generated_tokens_per_s: float = 0.0
     decode_residency_s: float = 0.0
     mean_output_tokens: float = 0.0  # over `output_window_s`
@@ -320,6 +321,7 @@ class LoadWindow:
             arrival_requests_per_s=sum(x.arrivals for x in b) / span,
             arrival_prompt_tokens_per_s=sum(x.arrival_tokens for x in b) / span,
             prefill_tokens_per_s=sum(x.prefill_tokens for x in b) / busy if busy else 0.0,
+            prefill_busy_s=busy,
             generated_tokens_per_s=sum(x.generated for x in b) / span,
             decode_residency_s=sum(residencies) / len(residencies) if residencies else 0.0,
             mean_output_tokens=self.mean_output_tokens, finished_outputs=self.output_count,

@@ -89,6 +89,33 @@ def test_means_of_few_requests_are_pooled_over_replicas_by_their_requests():
                         starting=0).decode_residency_s == 0.0
 
 
+def test_a_prefill_rate_is_pooled_over_replicas_by_their_busy_time():
+    """Each prefill replica measures tokens per busy second over its window: one that ran a
+    few large batches reads high. The role's rate is its tokens over its busy time (what the
+    simulator's one window per role computes), not the largest replica's, which read capacity
+    high and asked for too few prefill engines; an older worker without the weight keeps the
+    largest, as before."""
+    a, b, idle = replica("a"), replica("b"), replica("idle")
+    aggregated = {"running_requests": {a: 1, b: 1, idle: 0},
+                  "prefill_tokens_per_s": {a: 60_000.0, b: 30_000.0, idle: 0.0},
+                  "prefill_busy_s": {a: 0.5, b: 8.0, idle: 0.0}}
+    m = role_metrics(aggregated, "prefill", replicas=3, starting=0)
+    assert m.prefill_tokens_per_s == pytest.approx((0.5 * 60_000 + 8 * 30_000) / 8.5)
+    older = aggregated | {"prefill_busy_s": {b: 8.0}}
+    assert role_metrics(older, "prefill", replicas=3, starting=0).prefill_tokens_per_s == 60_000
+
+
+def test_the_window_reports_the_busy_time_behind_its_prefill_rate():
+    clock = Clock()
+    w = LoadWindow(slo_s=1.0, clock=clock)
+    w.prefilled(8_000, 0.2, 0.0, 0.3, engine="e")
+    clock.t += 1
+    w.prefilled(8_000, 0.2, 0.0, 0.3, engine="e")
+    report = w.snapshot()
+    assert report.prefill_busy_s == pytest.approx(0.4)
+    assert report.prefill_tokens_per_s == pytest.approx(16_000 / 0.4)
+
+
 def replica(name: str) -> ReplicaID:
     return ReplicaID(name, DeploymentID("fast-decode", "app"))
 
