@@ -289,8 +289,10 @@ class Simulation:
             full = n / self.perf.decode_step_s(n, n * context)
         report = window.snapshot(len(self.queues[key]), running, self.perf.max_running, int(kv),
                                  self.perf.kv_capacity_tokens)
-        return report.role_metrics(key[1], len(ready), len(self.cluster.of(key, "starting")),
-                                   full)
+        # as Serve reports it, every engine granted and not yet serving: starting, or still
+        # waiting for a donor's drain to free its GPUs (production's target less running)
+        starting = max(self.cluster.targets.get(key, 0) - len(ready), 0)
+        return report.role_metrics(key[1], len(ready), starting, full)
 
 
 def _abort(request: Request) -> None:

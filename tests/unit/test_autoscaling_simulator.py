@@ -142,6 +142,34 @@ def test_decode_counts_a_request_when_it_arrives_not_when_prefill_lets_it_throug
     assert decode.arrival_requests_per_s == pytest.approx(prefill.arrival_requests_per_s)
 
 
+class RecordingMove(MoveAt):
+    """`MoveAt`, recording what each role reported at each tick."""
+
+    def __init__(self, at: float):
+        super().__init__(at)
+        self.seen = []
+
+    def targets(self, now, metrics):
+        self.seen.append((now, metrics))
+        return super().targets(now, metrics)
+
+
+def test_an_engine_granted_while_its_donor_drains_reports_as_starting():
+    """Serve reports a grant as starting from the moment the target rose (target less
+    running), through the donor's drain and the cold start: the policy must not ask again
+    for an engine it was given (its `starting == 0` rule would add one more)."""
+    from autoscaling.simulator.sim import Simulation
+
+    perf = PERF.model_copy(update={"drain_timeout_s": 30.0})
+    # two long streams, one per fast decode engine: the one moved drains until its deadline
+    busy = [Request(i, "fast", 0.0, 1000, 50_000) for i in range(2)]
+    recording = RecordingMove(10.0)
+    Simulation(busy, recording, perf, budget=4, initial={FP: 1, FD: 2, DP: 1, DD: 0},
+               duration_s=60.0, grace_s=0.0).run()
+    draining = [m[DD] for now, m in recording.seen if 12.0 <= now < 38.0]
+    assert draining and all(m.starting == 1 and m.replicas == 0 for m in draining)
+
+
 def test_decode_follows_a_stream_from_its_arrival_and_ends_it_when_prefill_gives_up():
     """Production's decode worker starts following a stream when its leg opens (for the
     answer length of the work arriving) and ends it at nothing sent when the leg fails; the
