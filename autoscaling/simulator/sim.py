@@ -244,10 +244,13 @@ class Simulation:
         self.streams[request.rid] = window.stream()
 
     def _fail(self, request: Request) -> None:
-        """A request failed before decoding: its decode leg ends having sent nothing."""
+        """A request failed before decoding, and with it the client's request it continues;
+        its decode leg ends having sent nothing."""
         if (stream := self.streams.pop(request.rid, None)) is not None:
             stream.ended(0)
-        _abort(request)
+        request.aborted = True
+        if request.resumes is not None:
+            request.resumes.aborted = True
 
     def _tick(self, now: float) -> None:
         metrics = {k: self._metrics(k, now) for k in self.keys}
@@ -293,10 +296,3 @@ class Simulation:
         # waiting for a donor's drain to free its GPUs (production's target less running)
         starting = max(self.cluster.targets.get(key, 0) - len(ready), 0)
         return report.role_metrics(key[1], len(ready), starting, full)
-
-
-def _abort(request: Request) -> None:
-    """The request fails, and with it the client's request it continues."""
-    request.aborted = True
-    if request.resumes is not None:
-        request.resumes.aborted = True
