@@ -38,6 +38,8 @@ def test_engine_decode_bench_runs():
     assert [r["concurrency"] for r in report["batched"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 and r["speedup_vs_generate"] > 0
                for r in report["batched"])
+    assert [(r["concurrency"], r["temperature"]) for r in report["sampled"]] == [(1, 1.0), (2, 1.0)]
+    assert all(r["over_greedy"] > 0 for r in report["sampled"])
 
 
 def test_structured_decoding_bench_runs():
