@@ -111,12 +111,38 @@ def _pick(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        keep = cumulative - sorted_probs < params.top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        probs = nucleus(probs, params.top_p)
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed((params.seed * _SEED_STRIDE + position) % 2**63)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return draw(probs, generator)
+
+
+# How many of the most likely tokens a nucleus is first looked for in: a trained model's
+# nucleus is usually a few of its 131k tokens, and a top-k of them costs a fraction of sorting
+# the whole vocabulary (~0.3 ms against ~11 ms here). A flatter distribution sorts it all.
+NUCLEUS_HEAD = 256
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` kept to the nucleus, unnormalised: the most likely tokens, in order, while the
+    mass before each is below `top_p` (the most likely one always); the rest zero."""
+    values, order = torch.topk(probs, min(NUCLEUS_HEAD, probs.numel()))  # sorted, descending
+    if float(values.sum()) < top_p and values.numel() < probs.numel():
+        values, order = torch.sort(probs, descending=True)  # the nucleus reaches past the head
+    keep = torch.cumsum(values, dim=-1) - values < top_p
+    keep[0] = True
+    return torch.zeros_like(probs).scatter_(0, order[keep], values[keep])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token drawn with probability proportional to `probs` (not necessarily normalised):
+    one uniform number placed on their running sum. `torch.multinomial` draws the same way in
+    distribution but costs ~20x more over a 131k vocabulary on CPU (~2.8 ms a token against
+    0.15). A token of probability zero is never drawn: its running sum equals the one before."""
+    cumulative = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    point = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    token = int(torch.searchsorted(cumulative, point, right=True))
+    if token >= probs.numel():  # the point rounded up onto the total: the last possible token
+        token = int(torch.nonzero(probs)[-1])
+    return token
