@@ -2,7 +2,9 @@
 
 Prefill runs a prompt in chunks of `prefill_chunk_tokens` and exports the KV cache as numpy arrays
 (`KVBlob`); with the prefix cache on, the prompt's leading blocks that an earlier prompt of the same
-salt computed are loaded instead of computed, and its new full blocks are kept for later ones.
+salt computed are loaded instead of computed (and embedded: only the uncached suffix is, and only
+the images with a slot in it go through the vision encoder), and its new full blocks are kept for
+later ones.
 Decode imports such a blob and joins the running batch (`ContinuousBatcher`) at the next step:
 each step groups the running sequences by KV length (`length_groups`: one long sequence must
 not pad every short one to its length), left-pads each group's KV to a common length, runs one
@@ -110,39 +112,44 @@ class ReferenceEngine:
         from transformers import DynamicCache
 
         loop = asyncio.get_running_loop()
-        ids = torch.tensor([request.prompt_ids])
+        prompt = request.prompt_ids
         arrays = [np.asarray(img) for img in request.images]
-        images = [torch.as_tensor(a) for a in arrays]
-        try:
-            embeds = await loop.run_in_executor(self._executor, self._embed, ids, images)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            if not images or isinstance(exc, torch.OutOfMemoryError):
-                raise
-            raise InputRejected(f"the model's vision encoder could not take these images "
-                                f"({type(exc).__name__})", param="messages",
-                                request_id=request.request_id) from None
         cache, prefix = DynamicCache(), self.prefix_cache
         marks = hit = None
         if prefix is not None:
-            marks = image_marks(request.prompt_ids, [image_digest(a) for a in arrays],
+            marks = image_marks(prompt, [image_digest(a) for a in arrays],
                                 self.bundle.image_token_id, self.image_end_id)
             # the last prompt token is always computed: its logits give the first token
-            hit = prefix.acquire(request.prompt_ids, request.cache_salt, marks,
-                                 limit=len(request.prompt_ids) - 1)
+            hit = prefix.acquire(prompt, request.cache_salt, marks, limit=len(prompt) - 1)
         try:
-            if hit is not None and hit.tokens:
-                await loop.run_in_executor(self._executor, _load_blocks, cache, hit.blocks)
             done = hit.tokens if hit is not None else 0
+            # only the uncached suffix is embedded, and only the images with a slot in it go
+            # through the vision encoder (a conversation's earlier images are in the hit)
+            first_image, skip = images_to_encode(prompt, len(arrays), done,
+                                                 self.bundle.image_token_id, self.image_end_id)
+            images = [torch.as_tensor(a) for a in arrays[first_image:]]
+            try:
+                embeds = await loop.run_in_executor(self._executor, self._embed,
+                                                    torch.tensor([prompt[done:]]), images, skip)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                if not arrays or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                raise InputRejected(f"the model's vision encoder could not take these images "
+                                    f"({type(exc).__name__})", param="messages",
+                                    request_id=request.request_id) from None
+            if done:
+                await loop.run_in_executor(self._executor, _load_blocks, cache, hit.blocks)
             self._gate.running[request.request_id] = done  # its KV held from now
             chunk = self.settings.prefill_chunk_tokens
             logits = None
-            for start in range(done, ids.shape[1], chunk):
+            for start in range(done, len(prompt), chunk):
                 if request.request_id in self._aborted:
                     raise asyncio.CancelledError(
                         f"request {request.request_id} aborted in prefill")
-                end = min(start + chunk, ids.shape[1])
+                end = min(start + chunk, len(prompt))
                 logits = await loop.run_in_executor(self._executor, self._forward_chunk,
-                                                    embeds[:, start:end], cache, start)
+                                                    embeds[:, start - done:end - done], cache,
+                                                    start)
                 if request.request_id not in self._aborted:  # (an abort let its KV go)
                     self._gate.running[request.request_id] = end
             if request.request_id in self._aborted:  # during the last chunk: no KV kept
@@ -152,7 +159,7 @@ class ReferenceEngine:
                 prefix.release(hit)
         if prefix is not None:
             size = prefix.block_tokens
-            prefix.insert(request.prompt_ids, request.cache_salt, marks,
+            prefix.insert(prompt, request.cache_salt, marks,
                           lambda i: [(layer.keys[:, :, i * size:(i + 1) * size].clone(),
                                       layer.values[:, :, i * size:(i + 1) * size].clone())
                                      for layer in cache.layers])
@@ -166,8 +173,9 @@ class ReferenceEngine:
         return sample_batch([sampler], logits[None], [len(request.prompt_ids)])[0]
 
     @torch.inference_mode()
-    def _embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
-        return self.bundle.embed(ids, images)
+    def _embed(self, ids: torch.Tensor, images: list[torch.Tensor],
+               skip_rows: int = 0) -> torch.Tensor:
+        return self.bundle.embed(ids, images, skip_rows)
 
     @torch.inference_mode()
     def _forward_chunk(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
@@ -280,6 +288,33 @@ class ReferenceEngine:
 
 
 @torch.inference_mode()
+def images_to_encode(token_ids: list[int], n_images: int, done: int, img: int | None,
+                     end: int | None) -> tuple[int, int]:
+    """For a prefill that computes `token_ids[done:]`: the first image it must run the vision
+    encoder on (the ones before have every slot before `done`), and how many leading rows of
+    that image's features belong to slots before `done`. Images are told apart in the ids by
+    their `[IMG_END]`; without its id every image is encoded (the rows before `done` skipped)."""
+    covered = sum(1 for t in token_ids[:done] if t == img) if n_images and img is not None else 0
+    if not covered:
+        return 0, 0
+    counts, inside = [], False
+    for t in token_ids if end is not None else ():
+        if t == end:
+            inside = False
+        elif t == img:
+            if not inside:
+                counts.append(0)
+                inside = True
+            counts[-1] += 1
+    if len(counts) != n_images:  # unknown end, or ids that the images do not fill
+        return 0, covered
+    first = 0
+    while first < n_images and covered >= counts[first]:
+        covered -= counts[first]
+        first += 1
+    return first, covered
+
+
 def _load_blocks(cache, blocks) -> None:
     """Fill an empty transformers cache with cached blocks' KV, in order."""
     for layer in range(len(blocks[0].kv)):

@@ -41,8 +41,11 @@ class ModelBundle:
         """One forward that extends `cache` and returns the last position's logits."""
         return self.model(**inputs, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
 
-    def embed(self, ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
-        """Input embeddings for `ids` [1, n], with each image's vision features at its `[IMG]` slots."""
+    def embed(self, ids: torch.Tensor, images: list[torch.Tensor],
+              skip_rows: int = 0) -> torch.Tensor:
+        """Input embeddings for `ids` [1, n], with each image's vision features at its `[IMG]`
+        slots. `skip_rows`: leading rows of the first image's features whose slots lie before
+        `ids` (a prefill that starts inside an image, its first slots' KV taken from a cache)."""
         embeds = self.model.get_input_embeddings()(ids)
         if not images:
             return embeds
@@ -50,7 +53,7 @@ class ModelBundle:
             raise InvalidRequest("this model has no vision tower; remove the image parts",
                                  param="messages")
         features = [_image_features(self.model.model, px.to(embeds.dtype)) for px in images]
-        feats = torch.cat(features, dim=0).to(embeds.dtype)
+        feats = torch.cat(features, dim=0).to(embeds.dtype)[skip_rows:]
         mask = ids == self.image_token_id
         if int(mask.sum()) != feats.shape[0]:
             raise InvalidRequest(

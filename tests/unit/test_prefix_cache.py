@@ -13,6 +13,7 @@ import pytest
 
 from services.engines.prefix_cache import PrefixCache, image_marks
 from services.engines.protocol import EngineRequest, SamplingParams
+from services.engines.reference import images_to_encode
 from tests.unit.test_reference_engine import GREEDY, disaggregated, make_engine, prompt_of
 
 BLOCK = 16
@@ -128,6 +129,79 @@ def test_image_marks_find_where_each_image_begins():
     conservative = image_marks(ids, [b"a", b"b"], img, None)
     assert list(conservative) == [2] and conservative[2] not in (b"a", b"b")
     assert image_marks(ids, [], img, end) == {}
+
+
+def test_images_to_encode_skips_the_images_a_hit_covers():
+    img, brk, end = 10, 12, 13
+    ids = [1, img, img, brk, img, img, end, 2, img, img, brk, img, img, brk, img, img, end, 3]
+    assert images_to_encode(ids, 2, 0, img, end) == (0, 0)
+    assert images_to_encode(ids, 2, 3, img, end) == (0, 2)   # inside the first image
+    assert images_to_encode(ids, 2, 8, img, end) == (1, 0)   # the first wholly cached
+    assert images_to_encode(ids, 2, 12, img, end) == (1, 3)  # inside the second
+    assert images_to_encode(ids, 2, 17, img, end) == (2, 0)  # both cached: none encoded
+    assert images_to_encode(ids, 2, 12, img, None) == (0, 7)  # images not told apart
+    assert images_to_encode(ids, 3, 12, img, end) == (0, 7)   # ids the images do not fill
+
+
+def two_image_prompt(tokenizer, words: int, tail: str):
+    """Text, a small image, text, a 112 x 112 image (16 slots and 4 more ids: it spans a block
+    boundary), then `tail`."""
+    from PIL import Image
+
+    parts = [{"type": "text", "text": " ".join(f"w{i}" for i in range(words))}]
+    for seed, (h, w) in enumerate([(56, 84), (112, 112)]):
+        buf = io.BytesIO()
+        pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, "PNG")
+        parts += [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+            {"type": "text", "text": tail if seed else "and then"}]
+    return tokenizer.encode_chat([{"role": "user", "content": parts}], effort="none")
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """How many images went through the vision encoder."""
+    import services.model.loader as loader
+
+    calls, original = [], loader._image_features
+    monkeypatch.setattr(loader, "_image_features",
+                        lambda core, px: calls.append(px.shape) or original(core, px))
+    return calls
+
+
+def test_a_hit_encodes_only_the_images_with_an_uncached_slot(standin, tokenizer, encoded):
+    """A prompt whose hit ends inside its second image runs the encoder on that image alone (its
+    first slots' rows skipped), one that covers both images runs it on none; both answer as a
+    cold prefill does."""
+    end_id = tokenizer.special("[IMG_END]")
+    img = standin.image_token_id
+    for words in range(BLOCK):  # the text before that puts a block boundary inside image two
+        first = two_image_prompt(tokenizer, words, "alpha " + "beta " * 2 * BLOCK)
+        other = two_image_prompt(tokenizer, words, "omega " + "psi " * 2 * BLOCK)
+        slots = [i for i, t in enumerate(first.ids) if t == img]
+        two = [i for i in slots if i > first.ids.index(end_id)]
+        common = next(i for i, (a, b) in enumerate(zip(first.ids, other.ids)) if a != b)
+        if two[0] < common // BLOCK * BLOCK <= two[-1]:
+            break
+    else:
+        pytest.fail("no text length puts a block boundary inside the second image")
+    prefill = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=32,
+                          prefix_cache={"block_tokens": BLOCK})
+    prefill.image_end_id = end_id
+    decode = make_engine(standin, tokenizer, "decode")
+    run(prefill, decode, first.ids, "a", images=first.images)
+    assert len(encoded) == 2
+    encoded.clear()
+    tokens, cached = run(prefill, decode, other.ids, "b", images=other.images)
+    assert cached == common // BLOCK * BLOCK
+    assert encoded == [other.images[1].shape]  # the second image only
+    encoded.clear()
+    assert tokens == cold(standin, tokenizer, other.ids, other.images)
+    encoded.clear()
+    tokens, cached = run(prefill, decode, first.ids, "c", images=first.images)
+    assert cached > slots[-1] and encoded == []
+    assert tokens == cold(standin, tokenizer, first.ids, first.images)
 
 
 class CollidingCache(PrefixCache):
