@@ -287,7 +287,6 @@ class ReferenceEngine:
                             self.settings.kv_capacity_tokens, self.prefix_cache)
 
 
-@torch.inference_mode()
 def images_to_encode(token_ids: list[int], n_images: int, done: int, img: int | None,
                      end: int | None) -> tuple[int, int]:
     """For a prefill that computes `token_ids[done:]`: the first image it must run the vision
@@ -315,6 +314,7 @@ def images_to_encode(token_ids: list[int], n_images: int, done: int, img: int | 
     return first, covered
 
 
+@torch.inference_mode()
 def _load_blocks(cache, blocks) -> None:
     """Fill an empty transformers cache with cached blocks' KV, in order."""
     for layer in range(len(blocks[0].kv)):

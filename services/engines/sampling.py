@@ -17,6 +17,7 @@ replica continues a stream. A resumed stream's sampler replays the tokens alread
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -141,7 +142,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     distribution but costs ~20x more over a 131k vocabulary on CPU (~2.8 ms a token against
     0.15). A token of probability zero is never drawn: its running sum equals the one before."""
     cumulative = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-    point = torch.rand(1, generator=generator, dtype=torch.float64) * cumulative[-1]
+    total = float(cumulative[-1])
+    if not math.isfinite(total) or total <= 0:  # a row that masks every token, or a NaN
+        raise RuntimeError(f"no token can be drawn: the probabilities sum to {total}")
+    point = torch.rand(1, generator=generator, dtype=torch.float64) * total
     token = int(torch.searchsorted(cumulative, point, right=True))
     if token >= probs.numel():  # the point rounded up onto the total: the last possible token
         token = int(torch.nonzero(probs)[-1])

@@ -74,3 +74,14 @@ def test_a_nucleus_pick_stays_in_the_nucleus():
     allowed = sorted_nucleus(torch.softmax(logits / 0.8, -1), 0.7)
     picks = {_pick(logits, params, position) for position in range(300)}
     assert picks <= allowed and len(picks) > 1
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_row_with_no_possible_token_fails_instead_of_drawing_one(top_p):
+    """Every logit -inf (a grammar and banned ids that forbid everything) or a NaN from the
+    model: the draw raises, as torch.multinomial did (the decode step fails and its requests
+    resume elsewhere), rather than emitting a forbidden token."""
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=1)
+    for bad in (torch.full((VOCAB,), float("-inf")), torch.full((VOCAB,), float("nan"))):
+        with pytest.raises(RuntimeError, match="no token can be drawn"):
+            _pick(bad, params, 0)
