@@ -1,4 +1,6 @@
-"""Performance model of one Mistral Small 4 FP8 engine at TP2 on two H200s.
+"""Performance model of one Mistral Small 4 FP8 engine at TP2 on two H200s: the simulator's
+engines, and the decode capacity production's policy reads where its profile asks
+(`autoscaling.decode_capacity: perf_model`).
 
 Prefill is compute-bound: 12.2 GFLOP per token for the matmuls plus attention that grows with
 the prompt (14.6 GF/token at 8K, 21.9 at 32K, 50.8 at 128K: +0.293 GF per 1K tokens of
@@ -21,6 +23,9 @@ not the KV, bound decode at these context lengths.
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# the context a decode engine's capacity is taken at while it runs nothing
+DEFAULT_CONTEXT = 4096.0
 
 
 class PerfModel(BaseModel):
@@ -85,6 +90,13 @@ class PerfModel(BaseModel):
                 + self.kv_bytes_per_token * context_tokens)
         bandwidth = self.gpus_per_engine * self.hbm_bytes_per_s_per_gpu
         return self.step_floor_s + read / (bandwidth * self.decode_bandwidth_efficiency)
+
+    def decode_tokens_per_s(self, context_tokens: float | None) -> float:
+        """Tokens/s of one engine decoding a full batch (`max_running`) whose sequences hold
+        `context_tokens` each (`DEFAULT_CONTEXT` when none is running to say)."""
+        n = self.max_running
+        context = DEFAULT_CONTEXT if context_tokens is None else context_tokens
+        return n / self.decode_step_s(n, n * context)
 
     @property
     def kv_capacity_tokens(self) -> int:

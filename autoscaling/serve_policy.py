@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling import board, control
 from autoscaling.arbiter import ArbiterSettings
 from autoscaling.metrics import RoleMetrics, Wish
+from autoscaling.perf import PerfModel
 from autoscaling.policy import (PolicySettings, PolicyState, SharedPolicySettings, decode_wish,
                                 prefill_wish)
 
@@ -74,6 +76,12 @@ class AutoscalingSettings(BaseModel):
         "that its deprecation names). The simulator's policy reads a report a second old")
     decode_tokens_per_s_per_replica: float = Field(
         0.0, ge=0, description="profiled decode throughput at full batch; 0 = unknown")
+    decode_capacity: Literal["profiled", "perf_model"] = Field(
+        "profiled", description="an engine's full-batch decode tokens/s as the decode policy "
+        "reads it: profiled, decode_tokens_per_s_per_replica; perf_model, the performance "
+        "model of autoscaling/perf.py (SGLang on H200s, the profile's tensor parallelism and "
+        "batch) at the role's current mean context, as the simulator reads it (an engine "
+        "decoding 64K contexts makes ~3.2k tok/s where one at 4K makes ~5.3k)")
     # (a role's SLOs and bounds are its own and its pool's, not settable here)
     policy: SharedPolicySettings = SharedPolicySettings()
     arbiter: ArbiterSettings = ArbiterSettings()
@@ -81,10 +89,17 @@ class AutoscalingSettings(BaseModel):
     def serve_config(self, *, pool: str, role: str, replicas: int, lowest: int, highest: int,
                      ttft_slo_s: float, itl_slo_s: float, budget_engines: int,
                      priorities: dict[str, int], roles: dict[str, list[int]],
-                     fixed: dict[str, int]) -> dict[str, Any]:
+                     fixed: dict[str, int], perf: PerfModel | None = None) -> dict[str, Any]:
         """Serve's `autoscaling_config` for one role running `ServePolicy`: its bounds, and
         the policy's constructor arguments (`roles`: every autoscaled "pool/role" →
-        [replicas, min, max]; `fixed`: the others → replicas)."""
+        [replicas, min, max]; `fixed`: the others → replicas; `perf`: the profile's engines'
+        performance model, which `decode_capacity: perf_model` needs)."""
+        decode_perf = None
+        if role == "decode" and self.decode_capacity == "perf_model":
+            if perf is None:
+                raise ValueError("autoscaling.decode_capacity perf_model needs the engines' "
+                                 "performance model")
+            decode_perf = perf.model_dump()
         policy = PolicySettings(**self.policy.model_dump(), ttft_slo_s=ttft_slo_s,
                                 itl_slo_s=itl_slo_s, min_replicas=lowest, max_replicas=highest)
         return {
@@ -99,7 +114,7 @@ class AutoscalingSettings(BaseModel):
                 "priorities": priorities, "policy": policy.model_dump(),
                 "arbiter": self.arbiter.model_dump(), "roles": roles, "fixed": fixed,
                 "decode_tokens_per_s_per_replica": self.decode_tokens_per_s_per_replica,
-                "report_interval_s": self.report_interval_s}}}
+                "decode_perf": decode_perf, "report_interval_s": self.report_interval_s}}}
 
 
 def role_metrics(aggregated: dict[str, dict[Any, float]], role: str, replicas: int,
@@ -218,7 +233,8 @@ class ServePolicy:
     def __init__(self, pool: str, role: str, budget_engines: int, priorities: dict[str, int],
                  policy: dict[str, Any], arbiter: dict[str, Any],
                  roles: dict[str, list[int]], fixed: dict[str, int] | None = None,
-                 decode_tokens_per_s_per_replica: float = 0.0, report_interval_s: float = 1.0):
+                 decode_tokens_per_s_per_replica: float = 0.0, report_interval_s: float = 1.0,
+                 decode_perf: dict[str, Any] | None = None):
         self.key = (pool, role)
         self.settings = PolicySettings(**policy)
         self.budget, self.priorities = budget_engines, dict(priorities)
@@ -226,6 +242,7 @@ class ServePolicy:
         self.roles = {_split(k): tuple(v) for k, v in roles.items()}
         self.fixed = {_split(k): n for k, n in (fixed or {}).items()}
         self.profiled = decode_tokens_per_s_per_replica
+        self.perf = PerfModel(**decode_perf) if decode_perf and role == "decode" else None
         self.wish = prefill_wish if role == "prefill" else decode_wish
         self.state: PolicyState | None = None
         self.published = 0.0
@@ -268,6 +285,11 @@ class ServePolicy:
         metrics = role_metrics(reports, self.key[1], running,
                                max(ctx.target_num_replicas - running, 0), self.profiled,
                                silent=len(self.reporters - now_reporting))
+        if self.perf is not None:  # at the context the role decodes now, as the simulator
+            context = (metrics.kv_tokens_used / metrics.running_requests
+                       if metrics.running_requests else None)
+            capacity = self.perf.decode_tokens_per_s(context)
+            metrics = replace(metrics, decode_tokens_per_s_per_replica=capacity)
         state = self.state or PolicyState(ctx.target_num_replicas)
         wish, self.state = self.wish(metrics, self.settings, state, now)
         app = ctx.app_name or ""

@@ -1,4 +1,4 @@
-"""The simulator's performance model (`autoscaling/simulator/perf.py`) against one real
+"""The simulator's performance model (`autoscaling/perf.py`) against one real
 Mistral Small 4 decoder layer at the checkpoint's dimensions, on whatever device is here.
 
     python bench/perf_model_check.py [--smoke] [--prompt-tokens 2048 8192]
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autoscaling.simulator.perf import PerfModel  # noqa: E402
+from autoscaling.perf import PerfModel  # noqa: E402
 
 LAYERS = 36  # the checkpoint's decoder layers (reference/model.md)
 # datasheet HBM bandwidth (bytes/s) by device: what a measured read's efficiency divides (the

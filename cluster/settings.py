@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from autoscaling.perf import PerfModel
 from autoscaling.serve_policy import AutoscalingSettings
 from cluster.topology import (RAY_PORTS, TopologyError, TopologySettings, bootstrap_ports,
                               deployment_options, gpu_engines, plan_engines)
@@ -114,6 +115,10 @@ class StackSettings(ServiceSettings):
             raise ValueError(f"autoscaling.budget_engines: {budget} engines, but the topology "
                              f"holds {slots} at tensor_parallel {self.topology.tensor_parallel} "
                              "(engines granted beyond it could never be placed)")
+        if self.autoscaling.decode_capacity == "perf_model" and self.engine.kind != "sglang":
+            raise ValueError("autoscaling.decode_capacity: perf_model times SGLang engines on "
+                             f"H200 GPUs (autoscaling/perf.py); this profile's engines are "
+                             f"{self.engine.kind!r}: give decode_tokens_per_s_per_replica")
         if self.autoscaling.enabled:
             floor = sum(getattr(p, r).lowest for p in self.pools.values() for r in ROLES)
             if floor > self.budget_engines():
@@ -150,6 +155,17 @@ class StackSettings(ServiceSettings):
             return self.topology.engines_per_node * self.topology.nodes
         return sum(getattr(p, r).highest for p in self.pools.values() for r in ROLES)
 
+    def engine_perf(self, base: PerfModel | None = None) -> PerfModel:
+        """`base` (the H200 TP2 model by default) timing this profile's engines: the GPUs of
+        its tensor parallelism (their compute, bandwidth and HBM, the weights split over
+        them) and its batch."""
+        base = base or PerfModel()
+        tp = self.topology.tensor_parallel
+        return base.model_copy(update={
+            "gpus_per_engine": tp,
+            "weights_bytes_per_gpu": base.weights_bytes_per_gpu * base.gpus_per_engine / tp,
+            "max_running": self.engine.max_running_requests})
+
     def role_options(self, pool: str, role: str) -> dict[str, Any]:
         """Serve options of one pool's prefill or decode deployment: its size, placement, and
         our policy when autoscaling is on and the role may scale."""
@@ -175,7 +191,8 @@ class StackSettings(ServiceSettings):
             pool=pool, role=role, replicas=settings.replicas, lowest=settings.lowest,
             highest=settings.highest, ttft_slo_s=slo.ttft_s, itl_slo_s=slo.itl_s,
             budget_engines=self.budget_engines(),
-            priorities={n: p.priority for n, p in self.pools.items()}, roles=roles, fixed=fixed)
+            priorities={n: p.priority for n, p in self.pools.items()}, roles=roles, fixed=fixed,
+            perf=self.engine_perf() if self.autoscaling.decode_capacity == "perf_model" else None)
         return options
 
     def placements(self):

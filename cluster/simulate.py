@@ -179,19 +179,13 @@ def from_profile(s: SimSettings, stack) -> SimSettings:
                          f"this profile's pools serve {efforts}")
     if stack.engine.kind != "sglang":
         raise ValueError("the simulator times SGLang engines on H200 GPUs (autoscaling/"
-                         f"simulator/perf.py); this profile's engines are {stack.engine.kind!r}: "
+                         f"perf.py); this profile's engines are {stack.engine.kind!r}: "
                          "its answer would not be this profile's")
     pools = {"fast": by_effort["none"][0], "deep": by_effort["high"][0]}
     roles = {f"{name}/{role}": getattr(pool, role) for name, pool in pools.items()
              for role in ("prefill", "decode")}
-    tp, perf = stack.topology.tensor_parallel, s.perf
     return s.model_copy(update={
-        # the profile's engine: its GPUs (their compute, bandwidth and HBM; the weights split
-        # over them) and its batch
-        "perf": perf.model_copy(update={
-            "gpus_per_engine": tp,
-            "weights_bytes_per_gpu": perf.weights_bytes_per_gpu * perf.gpus_per_engine / tp,
-            "max_running": stack.engine.max_running_requests}),
+        "perf": stack.engine_perf(s.perf),  # the profile's engines, as production's policy
         "budget_engines": stack.budget_engines(),
         "static_split": {k: r.replicas for k, r in roles.items()},
         "bounds": {k: (r.lowest, r.highest) for k, r in roles.items()},

@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 
 from autoscaling.metrics import Key
-from autoscaling.simulator.perf import PerfModel
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.workload import POOLS, Workload, sample_lengths
 
 KEYS: tuple[Key, ...] = tuple((p, r) for p in POOLS for r in ("prefill", "decode"))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autoscaling.metrics import Key
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.engines import DecodeEngine, PrefillEngine
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixModel
 
 READY, DRAIN_DEADLINE = "ready", "drain_deadline"

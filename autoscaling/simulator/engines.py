@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from autoscaling.simulator.perf import PerfModel
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixCache, PrefixModel
 from autoscaling.simulator.workload import Request
 

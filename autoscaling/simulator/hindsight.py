@@ -25,8 +25,8 @@ from typing import Mapping
 import numpy as np
 
 from autoscaling.metrics import Key, RoleMetrics
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.capacity import KEYS, request_cost, splits
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.workload import Request
 
 

@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.metrics import Key, RoleMetrics
-from autoscaling.simulator.perf import PerfModel
+from autoscaling.perf import PerfModel
 
 
 class PlannerSettings(BaseModel):

@@ -10,13 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.arbiter import ArbiterSettings
 from autoscaling.metrics import Key
+from autoscaling.perf import PerfModel
 from autoscaling.policy import PolicySettings
 from autoscaling.ray_default import RayAutoscalingConfig
 from autoscaling.simulator.capacity import KEYS, best_split
 from autoscaling.simulator.controllers import (Controller, RayDefaultController, SloController,
                                                StaticController)
 from autoscaling.simulator.hindsight import HindsightController
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixModel
 from autoscaling.simulator.planner import PlannerController, PlannerSettings
 from autoscaling.simulator.report import PoolSLO, summarize

@@ -13,10 +13,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from autoscaling.metrics import Key, RoleMetrics
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.cluster import DRAIN_DEADLINE, READY, Cluster, Slot
 from autoscaling.simulator.controllers import Controller
 from autoscaling.simulator.engines import DecodeEngine
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixModel, assign
 from autoscaling.simulator.workload import POOLS, Request
 from autoscaling.window import LoadWindow, Stream
@@ -286,10 +286,8 @@ class Simulation:
                 window.generated(engine.produced, engine.step)
             engine.produced = 0.0
         full = 0.0
-        if key[1] == "decode":
-            context = kv / running if running else 4096.0
-            n = self.perf.max_running
-            full = n / self.perf.decode_step_s(n, n * context)
+        if key[1] == "decode":  # production's policy reads it so too (`decode_capacity`)
+            full = self.perf.decode_tokens_per_s(kv / running if running else None)
         report = window.snapshot(len(self.queues[key]), running, self.perf.max_running, int(kv),
                                  self.perf.kv_capacity_tokens)
         # as Serve reports it, every engine granted and not yet serving: starting, or still

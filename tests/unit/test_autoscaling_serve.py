@@ -524,3 +524,47 @@ def test_a_new_pin_that_does_not_fit_is_refused_alone():
     assert shared.decide(deep, idle, 1, 1.0, lambda: pins, {}) == 1
     assert shared.applied_overrides == {fast: 2}
     assert "overrides ignored (deep/decode)" in shared.error
+
+
+def test_h200_profile_reads_decode_capacity_from_the_perf_model_at_the_current_context():
+    """`decode_capacity: perf_model` (the h200x16 profile): the decode policy takes an engine's
+    full-batch tokens/s from the performance model at the context its role decodes now, as
+    the simulator does, not a fixed 5,000: long reasoning contexts need more engines."""
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.settings import SettingsError
+
+    root = Path(__file__).resolve().parents[2]
+    settings = parse_settings(
+        yaml.safe_load((root / "cluster" / "profiles" / "h200x16.yaml").read_text()))
+    assert settings.autoscaling.decode_capacity == "perf_model"
+    perf = settings.engine_perf()
+    assert (perf.gpus_per_engine, perf.max_running) == (
+        settings.topology.tensor_parallel, settings.engine.max_running_requests)
+    kwargs = settings.role_options("deep", "decode")["autoscaling_config"]["policy"][
+        "policy_kwargs"]
+    assert kwargs["decode_perf"] == perf.model_dump()
+    p = ServePolicy(**kwargs)
+    seen = []
+    wish = p.wish
+    p.wish = lambda m, *rest: (seen.append(m), wish(m, *rest))[1]
+    board_module.BOARDS.clear()
+    a, b = replica("a"), replica("b")
+    for context_tokens in (4096, 65536):
+        load = {"running_requests": 64, "queued_requests": 0, "max_running_per_replica": 128,
+                "kv_tokens_used": 64 * context_tokens, "kv_capacity_per_replica": 9_000_000,
+                "arrival_requests_per_s": 2.0, "arriving_output_tokens": 4000.0,
+                "arriving_streams": 64}
+        p(context({a: load, b: load}, 2, 100.0 + context_tokens / 1000, app="perf"))
+    short, long = (m.decode_tokens_per_s_per_replica for m in seen)
+    assert short == pytest.approx(perf.decode_tokens_per_s(4096))
+    assert long == pytest.approx(perf.decode_tokens_per_s(65536)) and long < 0.7 * short
+    # the prefill roles and a profiled profile take no model
+    assert settings.role_options("deep", "prefill")["autoscaling_config"]["policy"][
+        "policy_kwargs"]["decode_perf"] is None
+    assert ServePolicy(**(kwargs | {"role": "prefill"})).perf is None
+    with pytest.raises(SettingsError, match="decode_capacity"):  # it times SGLang only
+        parse_settings({"autoscaling": {"decode_capacity": "perf_model"},
+                        "auth": {"enabled": False}})

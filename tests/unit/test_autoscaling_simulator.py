@@ -8,10 +8,10 @@ from collections import deque
 import numpy as np
 import pytest
 
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.capacity import best_split, engine_seconds_per_request
 from autoscaling.simulator.cluster import READY, Cluster
 from autoscaling.simulator.engines import DecodeEngine, PrefillEngine
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.report import PoolSLO, meets, recovery_s
 from autoscaling.simulator.scenario import SimSettings, capacity_rps, make_controller, run
 from autoscaling.simulator.workload import Request, Workload, arrivals, make_trace

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from autoscaling.perf import PerfModel
 from autoscaling.simulator.engines import PrefillEngine
-from autoscaling.simulator.perf import PerfModel
 from autoscaling.simulator.prefix import PrefixCache, PrefixModel
 from autoscaling.simulator.scenario import SimSettings, run
 from autoscaling.simulator.workload import Request
