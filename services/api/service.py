@@ -193,6 +193,8 @@ class RequestService:
                             req.n)
                 prompt = await self._encode(req, effort, record, pre, deadline)
                 record.pixels = prompt.pixels_owner
+                if prompt.images:  # decoded: paid for whatever comes of it (below)
+                    record.encoded = len(prompt.ids)
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits,
                                     marks=self.marks)
@@ -384,6 +386,10 @@ class _Record:
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
         self.dispatched = 0  # prompt tokens sent to be prefilled (all choices)
+        # a prompt whose images were decoded and encoded: its tokens are spent whether or not
+        # it reaches an engine (a context it overflows once its text is counted exactly, a
+        # deadline, a client leaving), or a refusal after that work would refund all of it
+        self.encoded = 0
         self.compiled = 0  # the tokens a grammar's schemas were charged: kept whatever happens
         self.pool = "none"
         self.error: StackError | None = None
@@ -485,11 +491,12 @@ class _Record:
                                                                      self.error.type)
         prompt = self.plan.prompt_tokens if self.plan is not None else 0
         if self.grant is not None:
-            # the prefills sent count against the key whether or not a first token came: a
-            # client that leaves (or sets a deadline) just before it spent them all the same;
+            # the prefills sent (or the images encoded) count against the key whether or not
+            # a first token came: a client that leaves (or sets a deadline) just before it
+            # spent them all the same;
             # only a failure of the stack's own (a 5xx but the deadline) gives back what the
             # client did not get: the prompt, and a whole answer never sent (non-streamed)
-            spent = self.dispatched + completion
+            spent = max(self.dispatched, self.encoded) + completion
             if self.error is not None and self.error.status >= 500 \
                     and not isinstance(self.error, DeadlineExceeded):
                 streamed = self.plan is not None and bool(self.plan.request.stream)

@@ -393,6 +393,49 @@ def test_concurrent_image_requests_of_one_key_are_decoded_only_as_far_as_it_can_
     assert state.charged == 0 and state.tokens.level == 7000  # all given back: nothing ran
 
 
+def test_a_request_refused_after_its_images_were_decoded_still_pays_for_them(tokenizer):
+    """Text whose bytes undercount its tokens passes the checks made before decoding (the
+    floor counts its bytes over the longest token's); once its images are decoded and the
+    prompt encoded, it overflows the context: a 400. That 400 refunded every token, so a key
+    could have images decoded again and again for nothing. The encoded prompt is spent, as far
+    as the request held tokens."""
+    import random
+    import string
+
+    import httpx
+
+    from cluster.inprocess import build_inprocess
+    from cluster.settings import parse_settings
+
+    quota = 50_000
+    text = "".join(random.Random(5).choices(string.ascii_letters + string.punctuation,
+                                            k=5500))
+    text_tokens = len(tokenizer.encode_chat([{"role": "user", "content": text}],
+                                            effort="none").ids)
+    image = data_url(encoded(noise((448, 448)), "PNG"))  # 256 tokens
+    context = text_tokens + 128  # it fits as text, not with its image
+    ingress = build_inprocess(parse_settings({
+        "auth": {"enabled": False, "default_quota": {"tokens_per_min": quota}},
+        "model": {"context_length": context}}))
+    ingress.service.quotas.clock = lambda: 1000.0  # no refill
+    body = {"model": "mistral-small-4", "max_tokens": 16, "messages": [{"role": "user",
+            "content": [{"type": "text", "text": text},
+                        {"type": "image_url", "image_url": {"url": image}}]}]}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=ingress.build_asgi_app()), base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=body, timeout=60)
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", reply.text
+    state, = ingress.service.quotas.keys.values()
+    assert state.charged == 0  # nothing held after the request
+    # spent: the encoded prompt, as far as the request held tokens (its text's floor, and the
+    # most its image could take): its image's tokens at least
+    assert quota - state.tokens.level > 256
+
+
 @pytest.mark.parametrize("sizes", [((1540, 28), (28, 1540)), ((640, 480), (300, 900), (33, 33))])
 def test_with_one_image_size_the_headers_count_the_padded_layout_exactly(tokenizer, sizes):
     """With one image size per request (SGLang's Pixtral), every image is laid out at the
