@@ -120,6 +120,14 @@ class PromptTokenizer:
             raise InvalidRequest("this model does not accept images", param="messages")
         return encoder._image_to_num_tokens(_Sized((width, height)))
 
+    @property
+    def image_config(self) -> Any:
+        """mistral-common's image encoder settings (patch size, spatial merge, largest side)."""
+        encoder = self._mt.instruct_tokenizer.image_encoder
+        if encoder is None:
+            raise InvalidRequest("this model does not accept images", param="messages")
+        return encoder.image_config
+
     @cached_property
     def max_image_tokens(self) -> int:
         """Prompt tokens of the largest image the encoder makes (its longest side at

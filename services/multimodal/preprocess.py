@@ -18,6 +18,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,11 +59,13 @@ class MultimodalPreprocessor:
     async def encode(self, messages: list[dict[str, Any]], *, effort: str,
                      tools: list[dict[str, Any]] | None = None,
                      deadline: float | None = None,
-                     budget: PromptBudget | None = None) -> EncodedPrompt:
+                     budget: PromptBudget | None = None,
+                     room: Callable[[int], None] | None = None) -> EncodedPrompt:
         """The encoded chat; `deadline` (epoch seconds) bounds fetching, waiting and decoding.
         Cheapest first: the request's own images (data URLs) are checked from their headers
         before any URL is fetched, and every header, with the tokens the images will take
-        against `budget`, before any image is decoded."""
+        against `budget` and the bytes their pixels will take against `room` (which raises
+        where they do not fit), before any image is decoded."""
         parts = image_parts(messages)
         if len(parts) > self.settings.max_images:
             i, j, _ = parts[self.settings.max_images]
@@ -85,6 +88,8 @@ class MultimodalPreprocessor:
                                               params)
                 if budget is not None:
                     budget.check(self._prompt_tokens(headers))
+                if room is not None:
+                    room(self.pixel_bytes(headers))
                 return await self._in_pool(self._decode_and_encode, messages, parts, raw,
                                            effort, tools, stop)
         except (TimeoutError, DecodeStopped):
@@ -125,16 +130,29 @@ class MultimodalPreprocessor:
                     param=param)
         return headers
 
+    def _grids(self, headers: list[ImageHeader]) -> list[set[tuple[int, int]]]:
+        """Each image's (columns, rows) of `[IMG]` patches: both ways where an EXIF
+        orientation its header cannot tell may turn it."""
+        return [{self.tokenizer.image_grid(*((h.height, h.width) if turn
+                                              else (h.width, h.height)))
+                 for turn in ((False, True) if h.turned is None else (h.turned,))}
+                for h in headers]
+
+    def pixel_bytes(self, headers: list[ImageHeader]) -> int:
+        """The fewest bytes the decoded pixels of these headers' images take (CHW float32,
+        resized to their patch grids), before any padding to one size."""
+        config = self.tokenizer.image_config
+        side = config.image_patch_size * config.spatial_merge_size
+        return 3 * 4 * side * side * sum(min(cols * rows for cols, rows in turns)
+                                         for turns in self._grids(headers))
+
     def _prompt_tokens(self, headers: list[ImageHeader]) -> int:
         """The fewest prompt tokens the images of these headers can take together (an EXIF
         orientation turns one, swapping its rows and columns; both ways where its header
         cannot tell): each its own grid, or, with
         one image size per request, every image at the largest columns and rows among them
         (padding included: it is encoded, computed and charged as the prompt it is)."""
-        grids = [{self.tokenizer.image_grid(*((h.height, h.width) if turn
-                                               else (h.width, h.height)))
-                  for turn in ((False, True) if h.turned is None else (h.turned,))}
-                 for h in headers]
+        grids = self._grids(headers)
         if not self.one_image_size or len(headers) < 2:
             return sum(min(rows * (cols + 1) for cols, rows in turns) for turns in grids)
         return len(headers) * min(

@@ -45,8 +45,8 @@ class MultimodalWorker:
         flight: slow streams of many large images must not fill the object store."""
         if KEEPER.nbytes + nbytes > self.max_held_bytes:
             raise Overloaded(f"the image service keeps {KEEPER.nbytes} bytes of pixels for "
-                             f"requests in flight, its limit is {self.max_held_bytes}",
-                             retry_after=2.0)
+                             f"requests in flight; with this request's {nbytes} that would "
+                             f"pass its limit of {self.max_held_bytes}", retry_after=2.0)
 
     async def encode(self, ctx: RequestContext, messages: list[dict[str, Any]], effort: str,
                      tools: list[dict[str, Any]] | None,
@@ -56,8 +56,10 @@ class MultimodalWorker:
         self._room()  # before any decoding
         with tracing.scope("multimodal", ctx.trace_headers,
                            **{"small4.request_id": ctx.request_id}) as span:
+            # and before decoding, this request's own pixels from its images' headers
             prompt = await self.preprocessor.encode(messages, effort=effort, tools=tools,
-                                                    deadline=ctx.deadline, budget=budget)
+                                                    deadline=ctx.deadline, budget=budget,
+                                                    room=self._room)
             if self.one_image_size:
                 prompt = uniform_image_sizes(prompt, self.image_tokens)
             span.set_attributes({"small4.images": len(prompt.images),

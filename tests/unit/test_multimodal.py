@@ -285,6 +285,49 @@ def test_an_image_service_keeping_its_limit_of_pixels_answers_503_before_decodin
     assert len(asyncio.run(run()).images) == 1
 
 
+def test_a_request_whose_own_pixels_would_pass_the_held_limit_is_refused_from_its_headers(
+        tokenizer, monkeypatch):
+    """The limit was checked before decoding only against what the replica already kept: a
+    request whose own pixels would pass it had its images decoded and encoded (seconds of CPU
+    for 8 large images), then a 503. Its pixels are counted from its headers first (CHW
+    float32 at the patch grid, exactly what decoding makes)."""
+    from types import SimpleNamespace
+
+    from cluster.settings import parse_settings
+    from services.context import RequestContext
+    from services.errors import Overloaded
+    from services.kv.held import KEEPER
+    from services.multimodal import preprocess
+    from services.multimodal.header import read_header
+    from services.workers.multimodal import MultimodalWorker
+
+    image = encoded(noise((448, 448)), "PNG")
+    settings = parse_settings({"multimodal": {"max_held_bytes": 3_000_000},
+                               "auth": {"enabled": False}}).multimodal_settings()
+    worker = MultimodalWorker(settings)
+    header = read_header(image, settings.images, "p")
+    assert worker.preprocessor.pixel_bytes([header]) == 3 * 448 * 448 * 4
+    decoded, decode = [], preprocess.decode_image
+    monkeypatch.setattr(preprocess, "decode_image",
+                        lambda *a: decoded.append(a[2]) or decode(*a))
+    messages = chat(data_url(image))
+
+    async def run():
+        KEEPER.keep(SimpleNamespace(key=b"other-request"), 60, "other", nbytes=1_000_000)
+        try:
+            with pytest.raises(Overloaded) as err:  # 1 MB kept + 2.4 MB of its own > 3 MB
+                await worker.encode(RequestContext("r"), messages, "none", None)
+            assert err.value.status == 503 and decoded == []
+        finally:
+            KEEPER.release_group("other")
+        prompt = await worker.encode(RequestContext("r2"), messages, "none", None)
+        KEEPER.release_group("r2")
+        return prompt
+
+    prompt = asyncio.run(run())
+    assert sum(a.nbytes for a in prompt.images) == 3 * 448 * 448 * 4 and len(decoded) == 1
+
+
 @pytest.mark.parametrize("size", [(1, 1), (28, 28), (29, 29), (640, 480), (1540, 1540),
                                   (2449, 2449), (3000, 100), (100, 3000), (5000, 3)])
 def test_an_images_tokens_follow_from_its_size_as_mistral_common_encodes_it(tokenizer, size):
