@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -86,8 +87,18 @@ class Target:
         return f"{self.scheme}://{literal}:{self.port}{self.path}"
 
 
+# the longest image URL taken (servers and CDNs take ~8 KB request lines): a longer one is
+# refused by its length alone, before any parsing on the image service's event loop (a URL
+# may otherwise be as long as a string of the body: 16 MB cost ~1 s to check here)
+MAX_URL_CHARS = 8192
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_target(url: str, param: str) -> Target:
     """`url`'s scheme, host, port and path, or a 400 naming `param` when it is malformed."""
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidRequest(f"image URL is {len(url)} characters; at most {MAX_URL_CHARS} are "
+                             "taken (send a long one as a data: URL)", param=param)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -102,7 +113,7 @@ def parse_target(url: str, param: str) -> Target:
     except UnicodeError:
         raise InvalidRequest(f"image URL's host {_shown(parts.hostname)} is not a valid "
                              "name", param=param) from None
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+    if _CONTROL.search(url):
         raise InvalidRequest("image URL has a control character", param=param)
     if port == 0:
         raise InvalidRequest("image URL has port 0", param=param)

@@ -162,15 +162,20 @@ def test_urls_to_private_addresses_or_other_hosts_are_refused(tokenizer, url, me
     assert err.value.param == "messages.1.content.1.image_url"
 
 
-def test_a_url_httpx_cannot_send_is_the_clients_400_never_a_500(tokenizer):
-    """httpx refuses a URL it cannot send (too long, say) with `InvalidURL`, which is not one
-    of its `HTTPError`s: it reached the error mapping as the stack's own 500."""
+def test_an_overlong_url_is_the_clients_400_never_a_500_and_costs_nothing_to_refuse(tokenizer):
+    """httpx refuses a URL it cannot send (over 64 KB) with `InvalidURL`, which is not one of
+    its `HTTPError`s: it reached the error mapping as the stack's own 500. And a URL may be as
+    long as a body's string (16 MB), each checked character by character on the image
+    service's event loop (~1 s): past 8 KB one is refused by its length alone, before it is
+    parsed."""
     policy = ImageSettings(allow_urls=True, url_allowlist=("127.0.0.1",),
                            admit_loopback_for_tests=True)
-    url = "http://127.0.0.1:9/" + "a" * 70_000 + ".png"
-    with pytest.raises(InvalidRequest, match="could not be fetched") as err:
-        asyncio.run(MultimodalPreprocessor(tokenizer, policy).encode(chat(url), effort="none"))
-    assert err.value.param == "messages.1.content.1.image_url"
+    for length in (70_000, 16 << 20):
+        url = "http://127.0.0.1:9/" + "a" * length + ".png"
+        with pytest.raises(InvalidRequest, match="at most 8192 are taken") as err:
+            asyncio.run(MultimodalPreprocessor(tokenizer, policy).encode(chat(url),
+                                                                         effort="none"))
+        assert err.value.param == "messages.1.content.1.image_url"
 
 
 def test_a_data_url_is_read_whatever_the_case_of_its_scheme_and_encoding(tokenizer, pre):
