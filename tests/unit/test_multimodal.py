@@ -99,11 +99,24 @@ def png_header_bomb(width=30000, height=30000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def png_text_bomb(chunks=10) -> bytes:
+    """A valid 8 x 8 PNG whose zTXt chunks inflate to 1 MB each (a few KB sent)."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    png = encoded(noise((8, 8)), "PNG")
+    text = b"".join(chunk(b"zTXt", b"k%d\0\0" % i + zlib.compress(b" " * (1 << 20), 9))
+                    for i in range(chunks))
+    return png[:33] + text + png[33:]  # after the signature and IHDR
+
+
 REFUSALS = {
     "corrupt": (lambda: data_url(b"this is not an image at all"), "not a readable image"),
     "truncated-png": (lambda: data_url(encoded(noise((200, 200)), "PNG")[:600]), "corrupt or truncated"),
     "header-bomb": (lambda: data_url(png_header_bomb()), "the limit is 40000000 pixels"),
     "over-pixel-limit": (lambda: data_url(png_header_bomb(9000, 9000)), "9000x9000 pixels"),
+    # 10 MB of text chunks inflated on opening, before any limit: past 8 MiB it is refused
+    "png-text-bomb": (lambda: data_url(png_text_bomb()), "corrupt or truncated"),
     # only the accepted formats' parsers ever read the bytes
     "bmp": (lambda: data_url(encoded(noise((20, 20)), "BMP"), "image/bmp"),
             r"not a readable image in an accepted format \(PNG, JPEG"),
