@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (AssistantMessage, SystemMessage,
@@ -252,11 +254,38 @@ def test_functions_and_tools_do_not_mix(tokenizer, body, param):
 @pytest.mark.parametrize("function, words", [
     (WEATHER | {"parameters": {"type": "objectx"}}, "Invalid tool schema"),
     (WEATHER | {"name": "get weather!"}, "Function name"),
+    (WEATHER | {"parameters": {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "[a-"}}}}, "properties/a/pattern"),
+    (WEATHER | {"parameters": {"type": "object", "patternProperties": {"(": {}}}},
+     "patternProperties"),
 ])
 def test_a_bad_tool_definition_is_refused_naming_tools(tokenizer, function, words):
     with pytest.raises(InvalidRequest) as err:
         plan(tokenizer, tools=[{"type": "function", "function": function}])
     assert err.value.param == "tools" and words in str(err.value), str(err.value)
+
+
+def test_tool_patterns_are_checked_in_rust_never_compiled_with_pythons_re(tokenizer,
+                                                                       monkeypatch):
+    """mistral-common checks a tool's schema with Python's jsonschema, which compiles each
+    `pattern` with `re` on the event loop: 39 case-insensitive classes over a wide range
+    (`(?i:[\\x01-\\uff01])`...) took 0.2 s a tool, for any client. The schema is checked
+    in Rust instead, and mistral-common's own check (the name) sees the function without it."""
+    from mistral_common.protocol.instruct import validator
+
+    seen = []
+    check = validator.validate_json_schema_by_draft7
+    monkeypatch.setattr(validator, "validate_json_schema_by_draft7",
+                        lambda value: seen.append(value) or check(value))
+    costly = "".join("(?i:[\\x%02x-\\uff%02x])" % (i, i) for i in range(1, 40))
+    parameters = {"type": "object", "properties": {"a": {"type": "string", "pattern": costly}},
+                  "patternProperties": {"^x-[a-z]+$": {"type": "string"}}}
+    got = plan(tokenizer, tools=[{"type": "function", "function": WEATHER | {
+        "parameters": parameters}}])
+    assert got.prompt_tokens > 0
+    assert seen and all(value == {} for value in seen)  # the schema never reached Python's re
+    # and the prompt carries the tool's schema as sent
+    assert json.dumps(costly) in tokenizer.decode(got.engine_request.prompt_ids)
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
