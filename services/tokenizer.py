@@ -6,6 +6,7 @@ The ingress owns this; engines only ever see the ids. Decoding keeps control tok
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,7 +51,12 @@ def _check_tool_schemas_in_rust(validator: Any) -> None:
 
     class RustSchemaValidator(base):  # type: ignore[misc, valid-type]
         def _validate_function(self, function: Any) -> None:
-            error = next(iter(meta.iter_errors(function.parameters)), None)
+            try:
+                error = next(iter(meta.iter_errors(function.parameters)), None)
+            except UnicodeEncodeError:  # a lone surrogate, which Rust's strings cannot hold:
+                # checked as U+FFFD (a literal in a pattern too), as mistral-common takes it
+                error = next(iter(meta.iter_errors(_surrogates_replaced(function.parameters))),
+                             None)
             if error is not None:
                 where = "/".join(map(str, error.instance_path)) or "its root"
                 raise InvalidToolSchemaException(f"Invalid tool schema at {where}: "
@@ -58,6 +64,12 @@ def _check_tool_schemas_in_rust(validator: Any) -> None:
             super()._validate_function(function.model_copy(update={"parameters": {}}))
 
     validator.__class__ = RustSchemaValidator  # the one this tokenizer was built with
+
+
+def _surrogates_replaced(value: Any) -> Any:
+    """`value` (JSON) with every lone surrogate in its strings made U+FFFD."""
+    text = json.dumps(value, ensure_ascii=False)
+    return json.loads(text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
 
 
 def standin_tokenizer_path() -> Path:

@@ -93,6 +93,11 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
     return applied_effort(req.reasoning_effort, routing)
 
 
+def text_floor(req: ChatCompletionRequest, token_bytes: int) -> int:
+    """The fewest tokens the request's text can take: its bytes over the longest token's."""
+    return _request_text_bytes(req) // max(token_bytes, 1)
+
+
 def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
                  model: ModelSettings, limits: LimitSettings) -> int:
     """The fewest tokens the request can cost (for each of its `n` choices: its text over
@@ -101,7 +106,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     here, cheaply (a 12 MB prompt is never tokenised), and so is one the key's token quota
     cannot pay (before its images are decoded)."""
     text = _request_text_bytes(req)
-    floor = text // max(token_bytes, 1)
+    floor = text_floor(req, token_bytes)
     field = _max_tokens_field(req)
     asked = max(getattr(req, field) or 0, 0)
     if asked >= model.context_length:  # no prompt could leave that much room
@@ -122,7 +127,7 @@ def prompt_budget(req: ChatCompletionRequest, token_bytes: int, *, model: ModelS
                   limits: LimitSettings, quota: TokenRoom | None) -> PromptBudget:
     """What the request's prompt may cost, for the image service to check against its images'
     tokens before decoding them (`services.multimodal.budget`)."""
-    return _sizing(req, model, limits, _request_text_bytes(req) // max(token_bytes, 1), quota)
+    return _sizing(req, model, limits, text_floor(req, token_bytes), quota)
 
 
 def _sizing(req: ChatCompletionRequest, model: ModelSettings, limits: LimitSettings,

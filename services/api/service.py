@@ -25,7 +25,8 @@ from services.api.http_errors import as_stack_error, sse_error, sse_event
 from services.api.middleware import new_trace_id
 from services.api.output import OutputParser
 from services.api.plan import (RequestPlan, admit, constrain, plan_request, prompt_budget,
-                              prompt_floor, refuse_prefix_under, structured_request, tools_of)
+                              prompt_floor, refuse_prefix_under, structured_request,
+                              text_floor, tools_of)
 from services.api.schemas import parse_chat_request
 from services.context import RequestContext, new_request_id
 from services.engines.protocol import EngineRequest
@@ -191,9 +192,12 @@ class RequestService:
                 self.quotas.take_streams(principal, record.grant, req.n)
                 choose_pool(effort, self.settings.pools, self.in_flight, self.settings.routing,
                             req.n)
+                # encoding is paid for whatever comes of the request (below): the text's least
+                # from here, the whole prompt once images were decoded for it
+                record.encoded = max(text_floor(req, self.token_bytes), 1)
                 prompt = await self._encode(req, effort, record, pre, deadline)
                 record.pixels = prompt.pixels_owner
-                if prompt.images:  # decoded: paid for whatever comes of it (below)
+                if prompt.images:
                     record.encoded = len(prompt.ids)
                 plan = plan_request(req, record.request_id, effort=effort, prompt=prompt,
                                     model=self.settings.model, limits=limits,
@@ -386,9 +390,10 @@ class _Record:
         self.grant: Grant | None = None
         self.plan: RequestPlan | None = None  # set once its first token arrived
         self.dispatched = 0  # prompt tokens sent to be prefilled (all choices)
-        # a prompt whose images were decoded and encoded: its tokens are spent whether or not
-        # it reaches an engine (a context it overflows once its text is counted exactly, a
-        # deadline, a client leaving), or a refusal after that work would refund all of it
+        # a prompt encoded: its text's least tokens (its whole prompt where images were
+        # decoded for it) are spent whether or not it reaches an engine (a context it
+        # overflows once counted exactly, a charge the key cannot pay, a deadline, a client
+        # leaving), as far as the request held them: a refusal after that work refunded all
         self.encoded = 0
         self.compiled = 0  # the tokens a grammar's schemas were charged: kept whatever happens
         self.pool = "none"

@@ -285,3 +285,36 @@ def test_a_pixel_release_waits_for_a_busy_image_service_until_the_deadline(monke
     # the first, within its deadline, waited for its turn; the second, past its deadline
     # (its pixels already gone), was given RELEASE_S only
     assert released == ["within"]
+
+
+def test_a_text_request_refused_after_its_encoding_pays_its_texts_least():
+    """The least a text can cost (its bytes over the longest token's) is charged before it is
+    tokenised; a charge the key cannot pay once the prompt is counted exactly (a 429) refunded
+    it all, so a key short of tokens could have 64 KB prompts tokenised for nothing, again and
+    again. What the encoding cost is kept: the text's least, never its max_tokens."""
+    import random
+    import string
+
+    from services.api.plan import text_floor
+    from services.api.schemas import parse_chat_request
+
+    ingress = build_inprocess(parse_settings(PROFILE | {"auth": {
+        "enabled": False, "default_quota": {"tokens_per_min": 3000}}}))
+    service = ingress.service
+    service.quotas.clock = lambda: 1000.0  # no refill
+    text = "".join(random.Random(3).choices(string.ascii_letters + string.punctuation, k=3000))
+    body = BODY | {"max_tokens": 800, "messages": [{"role": "user", "content": text}]}
+    least = text_floor(parse_chat_request(body, service.settings.limits.max_messages),
+                       service.token_bytes)
+    tokens = len(service.tokenizer.encode_chat(body["messages"], effort="none").ids)
+    assert least + 800 < 3000 < tokens + 800  # the floor can be paid, the prompt cannot
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(
+                app=ingress.build_asgi_app()), base_url="http://small4") as client:
+            return await client.post("/v1/chat/completions", json=body, timeout=30)
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 429, reply.text
+    state, = service.quotas.keys.values()
+    assert state.charged == 0 and state.tokens.level == 3000 - least

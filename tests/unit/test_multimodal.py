@@ -451,7 +451,15 @@ def test_concurrent_image_requests_of_one_key_are_decoded_only_as_far_as_it_can_
     limited = next(r for r in replies if r.status_code == 429).json()["error"]
     assert limited["code"] == "tokens_per_min_exceeded"
     state, = ingress.service.quotas.keys.values()
-    assert state.charged == 0 and state.tokens.level == 7000  # all given back: nothing ran
+    # nothing held after; each paid its text's least (its encoding started: the two decoded,
+    # the one refused from its header), never its max_tokens nor what its images would take
+    from services.api.plan import text_floor
+    from services.api.schemas import parse_chat_request
+
+    service = ingress.service
+    floor = text_floor(parse_chat_request(body, service.settings.limits.max_messages),
+                       service.token_bytes)
+    assert state.charged == 0 and state.tokens.level == 7000 - 3 * max(floor, 1)
 
 
 def test_a_request_refused_after_its_images_were_decoded_still_pays_for_them(tokenizer):
