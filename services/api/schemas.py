@@ -391,6 +391,13 @@ class ChatCompletionRequest(_Wire):
             raise ValueError("stop takes at most 4 non-empty strings")
         if any(len(s.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES for s in stops):
             raise ValueError(f"each stop string is at most {MAX_STOP_BYTES} bytes of UTF-8")
+        for s in stops:
+            # text is matched as it is decoded, where a character cut between tokens reads as
+            # U+FFFD for a moment (a stop on it would end answers at the first split emoji),
+            # and no decoded text holds a lone surrogate (such a stop would never match)
+            if "\ufffd" in s or any("\ud800" <= c <= "\udfff" for c in s):
+                raise ValueError("a stop string may not hold U+FFFD or a lone surrogate: "
+                                 "decoded text never matches them as sent")
         return stops
 
     @property
@@ -508,6 +515,12 @@ NOT_HONOURED: dict[str, list[Any]] = {
     # `include_reasoning`, Qwen's `enable_thinking`, Anthropic's `thinking`): here the effort
     # is `reasoning_effort`, and a request naming it otherwise must not be answered without
     "reasoning": [], "include_reasoning": [True], "enable_thinking": [], "thinking": [],
+    # llama.cpp's and Ollama's sampling names (and OpenRouter's top_a), which their clients
+    # send to any OpenAI-compatible endpoint
+    "grammar": [], "json_schema_grammar": [], "repeat_penalty": [1], "repeat_last_n": [],
+    "typical_p": [1], "tfs_z": [1], "mirostat": [0], "mirostat_tau": [], "mirostat_eta": [],
+    "n_predict": [], "num_predict": [], "penalize_nl": [], "top_a": [0], "dry_multiplier": [0],
+    "xtc_probability": [0],
 }
 # what to send instead, where the endpoint has it under another name
 INSTEAD = {name: "set reasoning_effort (none or high) instead"

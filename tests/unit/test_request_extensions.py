@@ -67,7 +67,10 @@ def test_ignore_eos_with_a_constrained_answer_is_refused(extra):
     ("moderation", {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}),
     ("stop_regex", "\\d"), ("stream_reasoning", False), ("custom_params", {"a": 1}),
     ("mm_processor_kwargs", {"max_pixels": 1}), ("max_dynamic_patch", 4),
-    ("return_tokens_as_token_ids", True)])
+    ("return_tokens_as_token_ids", True),
+    # llama.cpp's and Ollama's names (their clients send them anywhere), OpenRouter's top_a
+    ("repeat_penalty", 1.1), ("typical_p", 0.9), ("mirostat", 2), ("n_predict", 16),
+    ("grammar", 'root ::= "a"'), ("top_a", 0.5)])
 def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 400, reply.text
@@ -84,7 +87,8 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
     ("echo", False), ("verbosity", None), ("verbosity", "medium"), ("stop_token_ids", []),
     ("ignore_eos", False), ("stream_reasoning", True),
     ("safe_prompt", False), ("separate_reasoning", True), ("include_reasoning", True),
-    ("return_tokens_as_token_ids", False), ("some_field_nobody_knows", 3)])
+    ("return_tokens_as_token_ids", False), ("repeat_penalty", 1.0), ("mirostat", 0),
+    ("some_field_nobody_knows", 3)])
 def test_neutral_values_and_unknown_fields_are_answered(field, value):
     [reply] = post(BODY | {field: value})
     assert reply.status_code == 200, reply.text
@@ -113,3 +117,21 @@ def test_a_boolean_is_not_a_neutral_number():
     """`true` is not `1` in JSON, whatever Python says: best_of true is refused."""
     [reply] = post(BODY | {"best_of": True})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "best_of"
+
+
+def test_a_stop_string_decoded_text_cannot_match_as_sent_is_refused():
+    """A character cut between two tokens decodes as U+FFFD until its last byte comes: a stop
+    on U+FFFD ended an answer at its first split emoji (its content cut there, finish_reason
+    stop). A lone surrogate never appears in decoded text: such a stop was silently never
+    matched. Both are refused; an ordinary non-ASCII stop is answered."""
+    import json
+
+    replacement, surrogate, emoji = serve(PROFILE, *[
+        ("POST", "/v1/chat/completions", {"content": json.dumps(body),  # (escaped, as sent)
+                                          "headers": {"content-type": "application/json"}})
+        for body in (BODY | {"stop": ["\ufffd"]}, BODY | {"stop": ["ab", "\ud83d"]},
+                     BODY | {"stop": "\U0001f600"})])
+    for reply in (replacement, surrogate):
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["param"] == "stop"
+    assert emoji.status_code == 200, emoji.text
