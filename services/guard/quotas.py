@@ -150,6 +150,12 @@ class Quotas:
         state = self.keys.get(grant.key)
         if state is None or n <= grant.streams:
             return
+        limit = state.limits.max_concurrent_streams
+        if limit is not None and n > limit:  # not later either: a Retry-After of 1 s looped
+            raise RateLimited(f"the request asks for {n} choices, a stream each; key "
+                              f"{who.key!r} may hold {limit:g} at once, so it can never pass: "
+                              "ask for fewer (n)", retry_after=60.0,
+                              code="concurrency_limit_exceeded")
         self._check_streams(who, state, n - grant.streams)  # its request token is taken
         state.streams += n - grant.streams
         grant.streams = n

@@ -121,8 +121,15 @@ def test_a_keys_stream_limit_counts_every_choice_and_a_requota_refunds_only_its_
     assert err.value.code == "concurrency_limit_exceeded"
     quotas.release(first, 0)
     grant = quotas.admit_request(key)
-    with pytest.raises(RateLimited):
+    with pytest.raises(RateLimited) as err:  # more than the key may ever hold: it says so
         quotas.take_streams(key, grant, 4)
+    assert "never" in str(err.value) and err.value.retry_after == 60.0  # (it said 1 s)
+    quotas.take_streams(key, grant, 2)  # 2 of 3 free: taken
+    other = quotas.admit_request(key)  # the third slot
+    with pytest.raises(RateLimited) as err:
+        quotas.take_streams(key, other, 3)
+    assert "never" not in str(err.value) and err.value.retry_after == 1.0  # busy, not never
+    quotas.release(other, 0)
     quotas.release(grant, 0)
     assert quotas.keys[key.ident].streams == 0
     once_a_second = Principal("k", "t", QuotaSettings(requests_per_s=1), key_id="c" * 64)
