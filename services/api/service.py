@@ -565,6 +565,7 @@ class _Choice:
         self.chunks = None
         self.answered = False  # whether `chunks` has yielded (Serve had placed its call)
         self.prefilled: Prefilled | None = None  # a first leg's prefill run from here
+        self.closed = False  # once closed, no leg opens (a resume that was pausing, say)
 
     def _open(self, request: EngineRequest):
         """A decode leg that prefills `request` itself: a resumed one makes one prefill
@@ -657,6 +658,9 @@ class _Choice:
                 if left is not None and left <= pause:  # no leg opened past the deadline
                     raise _deadline() from None
                 await asyncio.sleep(pause)
+                if self.closed:  # its answer closed it meanwhile (a reader that stalled): a
+                    # leg opened now would run on, its KV held, until the request's deadline
+                    raise RequestAborted("the answer closed while its stream was resuming")
                 self.resumes += 1  # counted once a leg opens (the span and log count it too)
                 metrics.RESUMES.inc(pool=self.pool)
                 self.chunks, self.answered = self._open(self._resumed()), False
@@ -721,6 +725,7 @@ class _Choice:
                                 legacy_functions=self.plan.request.legacy_functions)
 
     async def close(self) -> None:
+        self.closed = True
         if self.chunks is not None:
             await close_stream(self.chunks, answered=self.answered)
         await self._prefilled_close()

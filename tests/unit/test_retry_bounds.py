@@ -173,3 +173,49 @@ def test_tokens_sent_before_a_failure_count_in_the_pools_token_rates():
     assert sent > 0
     assert metrics.COMPLETION_TOKENS.value(pool="fast") - before[0] == sent
     assert metrics.PROMPT_TOKENS.value(pool="fast") > before[1]
+
+
+def test_a_choice_closed_while_its_resume_pauses_opens_no_leg(monkeypatch):
+    """A stalled reader's close closed every choice's stream while a choice whose replica had
+    just failed was pausing before its resume; the pause ended and a new leg opened, with no
+    one left to close it: it ran, its KV held, until the request's deadline. Here the answer
+    is closed as the failed leg is (the pause follows)."""
+    import asyncio
+
+    from services.api import service as module
+    from services.api.service import Answer
+    from services.errors import RequestAborted
+    from services.guard.keys import ANONYMOUS
+
+    _, ingress, decoder = build(engine=PROFILE["engine"] | {
+        "faults": {"decode_fail_every": 1, "decode_fail_after_tokens": 2}})
+    opened, real = [], decoder.generate
+
+    def generate(ctx, request):
+        opened.append(request.request_id)
+        return real(ctx, request)
+
+    decoder.generate = generate
+    answers, closing, close_stream = [], [], module.close_stream
+
+    async def closing_the_answer_too(iterator, **kwargs):
+        await close_stream(iterator, **kwargs)
+        if not closing:  # the failed leg's: its choice pauses next
+            closing.append(asyncio.ensure_future(answers[0].close(RequestAborted("test"))))
+
+    monkeypatch.setattr(module, "close_stream", closing_the_answer_too)
+
+    async def body():
+        return BODY | {"stream": True}
+
+    async def go():
+        answer = await ingress.service.chat(ANONYMOUS, {}, body)
+        assert isinstance(answer, Answer), answer
+        answers.append(answer)
+        events = [event async for event in answer.events()]
+        await asyncio.gather(*closing)
+        return events
+
+    events = asyncio.run(go())
+    assert closing and opened == [], opened  # (the first leg is decode_handed; no resume)
+    assert events and "[DONE]" not in events[-1]  # it ended, and said why
