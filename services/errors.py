@@ -222,6 +222,10 @@ _REPLICA_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError",
                  "WorkerCrashedError", "NodeDiedError", "OwnerDiedError"}
 
 
+# Python's, Ray's object store's and worker OOM killer's, torch's (matched by name)
+_OUT_OF_MEMORY = {"MemoryError", "ObjectStoreFullError", "OutOfMemoryError"}
+
+
 def retryable(exc: BaseException | None) -> bool:
     """Whether `exc` means the replica failed, not the request: another replica may serve it."""
     seen = 0
@@ -248,6 +252,11 @@ def from_exception(exc: BaseException) -> StackError:
         exc, seen = cause, seen + 1
     if type(exc).__name__ == "ClientDisconnect":  # starlette's, matched by name
         return RequestAborted("the client went away before the request was read")
+    if any(c.__name__ in _OUT_OF_MEMORY for c in type(exc).__mro__):
+        # a replica short of memory (an image decode, a full object store, an engine's
+        # allocation): capacity, not a fault of the request or the code; try again later
+        return Overloaded(f"the stack ran out of memory serving the request "
+                          f"({type(exc).__name__}); try again later", retry_after=2.0)
     if retryable(exc):
         return EngineUnavailable(f"a replica failed while serving the request "
                                  f"({type(exc).__name__})")

@@ -192,6 +192,23 @@ def test_client_disconnect_is_an_aborted_request_not_an_internal_error():
     assert isinstance(error, RequestAborted) and error.type == "request_aborted"
 
 
+def test_running_out_of_memory_is_a_503_to_retry_not_an_internal_error():
+    """An image decode that hits a MemoryError, or a full object store, was the stack's 500
+    (`internal error`): it is capacity, and the client may send it again."""
+    import torch
+
+    class ObjectStoreFullError(Exception):  # Ray's, as its name is all that is matched
+        pass
+
+    for exc in (MemoryError(), ObjectStoreFullError("full"), torch.OutOfMemoryError("oom")):
+        wrapped = RuntimeError("in a replica")
+        wrapped.__cause__ = exc
+        error = from_exception(wrapped)
+        assert (error.status, error.type) == (503, "overloaded_error"), exc
+        assert error.retry_after and type(exc).__name__ in error.message
+    assert from_exception(ValueError("x")).status == 500  # the rest as before
+
+
 def test_errors_clip_what_they_quote():
     response = error_response(InvalidRequest("bad " + "x" * 1_000_000, param="p" * 5000))
     assert len(response.body) < 3000
