@@ -115,7 +115,8 @@ class StackSettings(ServiceSettings):
             raise ValueError(f"autoscaling.budget_engines: {budget} engines, but the topology "
                              f"holds {slots} at tensor_parallel {self.topology.tensor_parallel} "
                              "(engines granted beyond it could never be placed)")
-        if self.autoscaling.decode_capacity == "perf_model" and self.engine.kind != "sglang":
+        if self.autoscaling.enabled and self.autoscaling.decode_capacity == "perf_model" \
+                and self.engine.kind != "sglang":
             raise ValueError("autoscaling.decode_capacity: perf_model times SGLang engines on "
                              f"H200 GPUs (autoscaling/perf.py); this profile's engines are "
                              f"{self.engine.kind!r}: give decode_tokens_per_s_per_replica")

@@ -39,14 +39,16 @@ def _check_tool_schemas_in_rust(validator: Any) -> None:
     on the event loop, for a client's input: a character class over a wide range costs
     milliseconds to compile (`[\\x01-\\uffff]` ~4 ms, case-insensitive ~5 ms), so a
     tool of a few KB of them held the loop for seconds, charged nothing. Rust's regex parser
-    takes microseconds. Its dialect is the ECMA-262-like one JSON Schema defines a `pattern`
-    in, not Python's: a Python-only construct (`(?P<name>...)`) is refused."""
+    takes microseconds. Its dialect is close to the ECMA-262 one JSON Schema defines a
+    `pattern` in, not Python's: Python-only syntax (`(?P<name>...)`, a leading `(?i)`, `\\A`,
+    `\\Z`) is refused. No other format is checked (`$id`, `$ref` as URIs), as Python's
+    check did not (its URI checker is not installed)."""
     import jsonschema
     import jsonschema_rs
     from mistral_common.exceptions import InvalidToolSchemaException
 
-    meta = jsonschema_rs.Draft7Validator(jsonschema.Draft7Validator.META_SCHEMA,
-                                         validate_formats=True)
+    meta = jsonschema_rs.Draft7Validator(
+        _regex_formats_only(jsonschema.Draft7Validator.META_SCHEMA), validate_formats=True)
     base = type(validator)
 
     class RustSchemaValidator(base):  # type: ignore[misc, valid-type]
@@ -64,6 +66,16 @@ def _check_tool_schemas_in_rust(validator: Any) -> None:
             super()._validate_function(function.model_copy(update={"parameters": {}}))
 
     validator.__class__ = RustSchemaValidator  # the one this tokenizer was built with
+
+
+def _regex_formats_only(schema: Any) -> Any:
+    """`schema` (a meta-schema) with every `format` but `regex` taken out."""
+    if isinstance(schema, dict):
+        return {k: _regex_formats_only(v) for k, v in schema.items()
+                if not (k == "format" and v != "regex")}
+    if isinstance(schema, list):
+        return [_regex_formats_only(v) for v in schema]
+    return schema
 
 
 def _surrogates_replaced(value: Any) -> Any:
@@ -96,6 +108,11 @@ class PromptTokenizer:
         self._mt = MistralTokenizer.from_file(str(self.path), mode=ValidationMode.test)
         _check_tool_schemas_in_rust(self._mt._chat_completion_request_validator)
         self._raw = self._mt.instruct_tokenizer.tokenizer
+
+    def __reduce__(self):
+        """Rebuilt from its file where it is copied or pickled: mistral-common's own tokenizer
+        pickles as its file too, which would drop the Rust schema check installed here."""
+        return PromptTokenizer, (self.path,)
 
     @property
     def mistral(self):

@@ -517,9 +517,9 @@ NOT_HONOURED: dict[str, list[Any]] = {
     "reasoning": [], "include_reasoning": [True], "enable_thinking": [], "thinking": [],
     # llama.cpp's and Ollama's sampling names (and OpenRouter's top_a), which their clients
     # send to any OpenAI-compatible endpoint
-    "grammar": [], "json_schema_grammar": [], "repeat_penalty": [1], "repeat_last_n": [],
-    "typical_p": [1], "tfs_z": [1], "mirostat": [0], "mirostat_tau": [], "mirostat_eta": [],
-    "n_predict": [], "num_predict": [], "penalize_nl": [], "top_a": [0], "dry_multiplier": [0],
+    # (their settings of a sampler, mirostat's tau and eta, repeat_last_n, only matter with it on)
+    "grammar": [], "repeat_penalty": [1], "typical_p": [1], "tfs_z": [1], "mirostat": [0],
+    "n_predict": [-1], "num_predict": [-1], "top_a": [0], "dry_multiplier": [0],
     "xtc_probability": [0],
 }
 # what to send instead, where the endpoint has it under another name

@@ -132,7 +132,7 @@ class ReferenceEngine:
                 embeds = await loop.run_in_executor(self._executor, self._embed,
                                                     torch.tensor([prompt[done:]]), images, skip)
             except (RuntimeError, ValueError, IndexError) as exc:
-                if not arrays or isinstance(exc, torch.OutOfMemoryError):
+                if not images or isinstance(exc, torch.OutOfMemoryError):
                     raise
                 raise InputRejected(f"the model's vision encoder could not take these images "
                                     f"({type(exc).__name__})", param="messages",

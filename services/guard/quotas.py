@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from services.errors import RateLimited, over_token_quota
+from services.errors import InvalidRequest, RateLimited, over_token_quota
 from services.guard.keys import Principal
 from services.multimodal.budget import TokenRoom
 from services.settings import QuotaSettings
@@ -151,11 +151,11 @@ class Quotas:
         if state is None or n <= grant.streams:
             return
         limit = state.limits.max_concurrent_streams
-        if limit is not None and n > limit:  # not later either: a Retry-After of 1 s looped
-            raise RateLimited(f"the request asks for {n} choices, a stream each; key "
-                              f"{who.key!r} may hold {limit:g} at once, so it can never pass: "
-                              "ask for fewer (n)", retry_after=60.0,
-                              code="concurrency_limit_exceeded")
+        if limit is not None and n > limit:  # never: a 429's Retry-After had clients loop
+            raise InvalidRequest(f"the request asks for {n} choices, a stream each; key "
+                                 f"{who.key!r} may hold {limit:g} at once, so it can never "
+                                 "pass: ask for fewer", param="n",
+                                 code="concurrency_limit_exceeded")
         self._check_streams(who, state, n - grant.streams)  # its request token is taken
         state.streams += n - grant.streams
         grant.streams = n

@@ -22,7 +22,7 @@ from services.settings import ImageSettings
 
 # PNG text chunks (metadata, never read here) inflate as the image is opened, before any limit
 # of ours: Pillow's default allows 64 MB of them an image (~0.15 s of a decode thread, 8 images
-# a request). 8 MiB keeps any real metadata (XMP, ICC notes) and bounds that to an eighth.
+# a request). 8 MiB keeps any real metadata (XMP, EXIF as text) and bounds that to an eighth.
 PNG_TEXT_BYTES = 8 << 20
 
 
@@ -30,6 +30,7 @@ def _bound_png_text() -> None:
     from PIL import PngImagePlugin
 
     PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, PNG_TEXT_BYTES)
+
 
 @dataclass(frozen=True)
 class ImageHeader:

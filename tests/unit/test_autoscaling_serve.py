@@ -566,5 +566,7 @@ def test_h200_profile_reads_decode_capacity_from_the_perf_model_at_the_current_c
         "policy_kwargs"]["decode_perf"] is None
     assert ServePolicy(**(kwargs | {"role": "prefill"})).perf is None
     with pytest.raises(SettingsError, match="decode_capacity"):  # it times SGLang only
-        parse_settings({"autoscaling": {"decode_capacity": "perf_model"},
+        parse_settings({"autoscaling": {"enabled": True, "decode_capacity": "perf_model"},
                         "auth": {"enabled": False}})
+    assert parse_settings({"autoscaling": {"decode_capacity": "perf_model"},  # (unused: off)
+                           "auth": {"enabled": False}})

@@ -313,3 +313,26 @@ def test_a_hit_never_covers_the_last_prompt_token():
     assert cache.acquire([1] * 8, "", limit=7).tokens == 4
     with pytest.raises(ValueError):
         PrefixCache(block_tokens=0, capacity_tokens=1)
+
+
+def test_a_text_embedding_failure_on_a_hit_covering_every_image_is_not_blamed_on_them(
+        standin, tokenizer):
+    """Where the hit covers every image none is encoded: an embedding failure then is the
+    engine's, not a 400 saying the vision encoder could not take the images."""
+    from services.errors import InputRejected
+
+    prompt = two_image_prompt(tokenizer, 3, "alpha " + "beta " * 2 * BLOCK)
+    prefill = make_engine(standin, tokenizer, "prefill", prefill_chunk_tokens=32,
+                          prefix_cache={"block_tokens": BLOCK})
+    prefill.image_end_id = tokenizer.special("[IMG_END]")
+    decode = make_engine(standin, tokenizer, "decode")
+    run(prefill, decode, prompt.ids, "a", images=prompt.images)
+
+    def broken(ids, images, skip_rows=0):
+        assert images == []  # every image is in the hit
+        raise RuntimeError("injected: the text embedding failed")
+
+    prefill._embed = broken
+    with pytest.raises(RuntimeError) as err:
+        run(prefill, decode, prompt.ids, "b", images=prompt.images)
+    assert not isinstance(err.value, InputRejected)

@@ -286,6 +286,12 @@ def test_tool_patterns_are_checked_in_rust_never_compiled_with_pythons_re(tokeni
     assert seen and all(value == {} for value in seen)  # the schema never reached Python's re
     # and the prompt carries the tool's schema as sent
     assert json.dumps(costly) in tokenizer.decode(got.engine_request.prompt_ids)
+    # no format but regex is checked (Python's check had no URI checker): refs and ids that
+    # are not URIs are answered as they were
+    loose = {"$id": "my tool", "$schema": "draft-07", "$ref": "#/definitions/my type",
+             "definitions": {"my type": {"type": "string"}}}
+    assert plan(tokenizer, tools=[{"type": "function", "function": WEATHER | {
+        "parameters": loose}}]).prompt_tokens > 0
 
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}

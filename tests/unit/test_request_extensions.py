@@ -88,6 +88,8 @@ def test_extensions_that_change_the_answer_are_refused_naming_themselves(field, 
     ("ignore_eos", False), ("stream_reasoning", True),
     ("safe_prompt", False), ("separate_reasoning", True), ("include_reasoning", True),
     ("return_tokens_as_token_ids", False), ("repeat_penalty", 1.0), ("mirostat", 0),
+    # llama-server's defaults: settings of samplers that are off, no length limit
+    ("mirostat_tau", 5.0), ("repeat_last_n", 64), ("penalize_nl", False), ("n_predict", -1),
     ("some_field_nobody_knows", 3)])
 def test_neutral_values_and_unknown_fields_are_answered(field, value):
     [reply] = post(BODY | {field: value})
