@@ -304,6 +304,7 @@ def test_a_text_request_refused_after_its_encoding_pays_its_texts_least():
 
     from services.api.plan import text_floor
     from services.api.schemas import parse_chat_request
+    from tests.asgi import post_chat
 
     ingress = build_inprocess(parse_settings(PROFILE | {"auth": {
         "enabled": False, "default_quota": {"tokens_per_min": 3000}}}))
@@ -316,12 +317,7 @@ def test_a_text_request_refused_after_its_encoding_pays_its_texts_least():
     tokens = len(service.tokenizer.encode_chat(body["messages"], effort="none").ids)
     assert least + 800 < 3000 < tokens + 800  # the floor can be paid, the prompt cannot
 
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=ingress.build_asgi_app()), base_url="http://small4") as client:
-            return await client.post("/v1/chat/completions", json=body, timeout=30)
-
-    reply = asyncio.run(go())
+    reply = post_chat(ingress, body)
     assert reply.status_code == 429, reply.text
     state, = service.quotas.keys.values()
     assert state.charged == 0 and state.tokens.level == 3000 - least

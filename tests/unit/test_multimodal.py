@@ -471,10 +471,9 @@ def test_a_request_refused_after_its_images_were_decoded_still_pays_for_them(tok
     import random
     import string
 
-    import httpx
-
     from cluster.inprocess import build_inprocess
     from cluster.settings import parse_settings
+    from tests.asgi import post_chat
 
     quota = 50_000
     text = "".join(random.Random(5).choices(string.ascii_letters + string.punctuation,
@@ -491,12 +490,7 @@ def test_a_request_refused_after_its_images_were_decoded_still_pays_for_them(tok
             "content": [{"type": "text", "text": text},
                         {"type": "image_url", "image_url": {"url": image}}]}]}
 
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(
-                app=ingress.build_asgi_app()), base_url="http://small4") as client:
-            return await client.post("/v1/chat/completions", json=body, timeout=60)
-
-    reply = asyncio.run(go())
+    reply = post_chat(ingress, body, timeout=60)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", reply.text
     state, = ingress.service.quotas.keys.values()
     assert state.charged == 0  # nothing held after the request
