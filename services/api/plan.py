@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,7 +94,7 @@ def admit(req: ChatCompletionRequest, *, model: ModelSettings, routing: RoutingS
 
 def text_floor(req: ChatCompletionRequest, token_bytes: int) -> int:
     """The fewest tokens the request's text can take: its bytes over the longest token's."""
-    return _request_text_bytes(req) // max(token_bytes, 1)
+    return req.text_bytes // max(token_bytes, 1)
 
 
 def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
@@ -105,7 +104,7 @@ def prompt_floor(req: ChatCompletionRequest, token_bytes: int, *,
     it will be set), known before tokenising: a prompt that cannot fit the context is refused
     here, cheaply (a 12 MB prompt is never tokenised), and so is one the key's token quota
     cannot pay (before its images are decoded)."""
-    text = _request_text_bytes(req)
+    text = req.text_bytes
     floor = text_floor(req, token_bytes)
     field = _max_tokens_field(req)
     asked = max(getattr(req, field) or 0, 0)
@@ -141,41 +140,6 @@ def _sizing(req: ChatCompletionRequest, model: ModelSettings, limits: LimitSetti
 
 def _max_tokens_field(req: ChatCompletionRequest) -> str:
     return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-
-
-def _request_text_bytes(req: ChatCompletionRequest) -> int:
-    """Bytes of everything textual that reaches the prompt: contents, earlier turns'
-    reasoning, calls, tools (a refused turn's refusal is its content, `AssistantMessage`)."""
-    text = sum(_text_bytes(m.content) + _calls_bytes(m)
-               + _text_bytes(getattr(m, "reasoning_content", None)) for m in req.messages)
-    return text + sum(_json_bytes(t.model_dump())
-                      for t in (req.tools if req.tools_offered else ()))
-
-
-def _json_bytes(value: Any) -> int:
-    """Bytes of `value` as compact JSON, a lone surrogate (valid in the caller's JSON, not
-    UTF-8) counted as its three bytes, as the texts are."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-               .encode("utf-8", "surrogatepass"))
-
-
-def _text_bytes(content) -> int:
-    if content is None:
-        return 0
-    if isinstance(content, str):
-        return len(content.encode("utf-8", "surrogatepass"))
-    return sum(len(p.text.encode("utf-8", "surrogatepass")) for p in content
-               if getattr(p, "type", None) == "text")
-
-
-def _calls_bytes(message) -> int:
-    """An assistant turn's calls reach the prompt too: their names and arguments (the
-    deprecated `function_call` as a call like the others)."""
-    functions = [c.function for c in getattr(message, "tool_calls", None) or ()]
-    if getattr(message, "function_call", None) is not None:
-        functions.append(message.function_call)
-    return sum(len(f.name.encode("utf-8", "surrogatepass"))
-               + len(f.arguments.encode("utf-8", "surrogatepass")) for f in functions)
 
 
 def tools_of(req: ChatCompletionRequest) -> list[dict] | None:

@@ -16,6 +16,7 @@ errors become `InvalidRequest` naming the field path.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
@@ -441,6 +442,17 @@ class ChatCompletionRequest(_Wire):
         _every_call_answered(out)
         return out
 
+    @cached_property
+    def text_bytes(self) -> int:
+        """Bytes of everything textual that reaches the prompt: contents, earlier turns'
+        reasoning, calls, tools (a refused turn's refusal is its content,
+        `AssistantMessage`). Counted once a request: its floor, its budget and what a refusal
+        keeps all read it (a tool list of 55 KB is dumped as JSON to count it)."""
+        text = sum(_text_bytes(m.content) + _calls_bytes(m)
+                   + _text_bytes(getattr(m, "reasoning_content", None)) for m in self.messages)
+        return text + sum(_json_bytes(t.model_dump())
+                          for t in (self.tools if self.tools_offered else ()))
+
     @property
     def tools_offered(self) -> bool:
         """Whether the model is shown the tools (`tool_choice: none` hides them)."""
@@ -623,3 +635,29 @@ def field_path(loc: tuple) -> list[str]:
             continue
         path.append(str(part))
     return path
+
+
+def _json_bytes(value: Any) -> int:
+    """Bytes of `value` as compact JSON, a lone surrogate (valid in the caller's JSON, not
+    UTF-8) counted as its three bytes, as the texts are."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+               .encode("utf-8", "surrogatepass"))
+
+
+def _text_bytes(content) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content.encode("utf-8", "surrogatepass"))
+    return sum(len(p.text.encode("utf-8", "surrogatepass")) for p in content
+               if getattr(p, "type", None) == "text")
+
+
+def _calls_bytes(message) -> int:
+    """An assistant turn's calls reach the prompt too: their names and arguments (the
+    deprecated `function_call` as a call like the others)."""
+    functions = [c.function for c in getattr(message, "tool_calls", None) or ()]
+    if getattr(message, "function_call", None) is not None:
+        functions.append(message.function_call)
+    return sum(len(f.name.encode("utf-8", "surrogatepass"))
+               + len(f.arguments.encode("utf-8", "surrogatepass")) for f in functions)
